@@ -1,0 +1,134 @@
+"""The backend interface and the lazy registry.
+
+A backend owns one loaded model and does the heavy work *synchronously*; the
+node runs it in worker threads, one generation at a time per chat model and one
+batch at a time per embedding model. Lifecycle::
+
+    b = create_backend(spec, assignment, options, model_path)
+    b.load()      # heavy; may raise TarsError (ModelFailed, MissingDependency)
+    b.warmup()    # one tiny request so the first user request is not slow
+    ...           # stream()/embed()
+    b.unload()
+
+Heavy libraries (llama_cpp, torch, sentence_transformers, transformers) are
+imported inside ``load()`` through ``distributed.optional.require`` — importing a
+backend module is cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..domain import Assignment, GenerateRequest, ModelKind, ModelSpec, TokenChunk
+from ..errors import ConfigError
+
+
+@dataclass
+class BackendOptions:
+    """Per-backend knobs derived from settings + plan + profiler tuning."""
+
+    context: int = 2048
+    threads: int = 0  # 0 = library default
+    batch_size: int = 64  # embedding encode batch
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Backend(ABC):
+    name: ClassVar[str]
+    kind: ClassVar[ModelKind]
+
+    def __init__(self, spec: ModelSpec, assignment: Assignment, options: BackendOptions,
+                 model_path: Path | str | None = None) -> None:
+        self.spec = spec
+        self.assignment = assignment
+        self.options = options
+        self.model_path = model_path
+
+    @abstractmethod
+    def load(self) -> None: ...
+
+    def warmup(self) -> None:  # noqa: B027 - optional hook
+        """Run one tiny request. Default: nothing."""
+
+    @abstractmethod
+    def unload(self) -> None: ...
+
+    def memory_mb(self) -> dict[str, float]:
+        """Memory this model holds now: {"vram_mb": .., "ram_mb": ..} (best effort)."""
+        return {"vram_mb": 0.0, "ram_mb": 0.0}
+
+
+class ChatBackend(Backend):
+    kind = "chat"
+
+    @property
+    @abstractmethod
+    def context_length(self) -> int:
+        """Tokens of context the loaded model was created with."""
+
+    @abstractmethod
+    def prompt_tokens(self, req: GenerateRequest) -> int:
+        """Number of tokens the request's prompt takes (chat template applied)."""
+
+    @abstractmethod
+    def stream(self, req: GenerateRequest, cancel: threading.Event) -> Iterator[TokenChunk]:
+        """Yield text pieces as they are decoded; the last chunk has finish_reason set
+        ("stop", "length" or "cancelled"). Checks ``cancel`` between tokens and stops
+        promptly when it is set. ``req.max_tokens`` is already clamped by the node."""
+
+
+class EmbedBackend(Backend):
+    kind = "embed"
+
+    @property
+    @abstractmethod
+    def dim(self) -> int: ...
+
+    @property
+    def max_seq_length(self) -> int:
+        return 512
+
+    @abstractmethod
+    def embed(self, texts: list[str], normalize: bool = True) -> Any:
+        """Return a float32 numpy array of shape (len(texts), dim)."""
+
+    def count_tokens(self, texts: list[str]) -> int:
+        return sum(len(t.split()) for t in texts)
+
+
+_REGISTRY: dict[str, str] = {
+    "llama_cpp": "distributed.backends.llama_cpp:LlamaCppBackend",
+    "sentence": "distributed.backends.sentence:SentenceBackend",
+    "hf8bit": "distributed.backends.hf8bit:HF8BitBackend",
+    "fake": "distributed.backends.fake:FakeChatBackend",
+    "fake_embed": "distributed.backends.fake:FakeEmbedBackend",
+}
+
+
+def backend_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def backend_class(name: str) -> type[Backend]:
+    try:
+        target = _REGISTRY[name]
+    except KeyError:
+        raise ConfigError(f"unknown backend '{name}'; known backends: {', '.join(backend_names())}") from None
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def create_backend(spec: ModelSpec, assignment: Assignment, options: BackendOptions,
+                   model_path: Path | str | None = None, backend: str | None = None) -> Backend:
+    """Instantiate (not load) the backend for ``spec``. ``backend`` overrides spec.backend;
+    the override "fake" picks the fake backend of the spec's kind."""
+    name = backend or assignment.backend or spec.backend
+    if name == "fake" and spec.kind == "embed":
+        name = "fake_embed"
+    return backend_class(name)(spec, assignment, options, model_path)

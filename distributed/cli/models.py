@@ -1,0 +1,7 @@
+"""Placeholder until implemented."""
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    pass

@@ -1,0 +1,234 @@
+"""Plain data shared by every layer. No behaviour beyond (de)serialisation.
+
+These dataclasses cross process boundaries (JSON-RPC between hosts), so each
+has ``to_dict()`` and ``from_dict()``; unknown keys are ignored on the way in so
+that a newer peer can talk to an older one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+ModelKind = Literal["chat", "embed"]
+Role = Literal["server", "worker", "standalone"]
+
+T = TypeVar("T")
+
+
+def _from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
+class _Data:
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+        return _from_dict(cls, data)
+
+
+# --------------------------------------------------------------------------- hardware
+@dataclass
+class GPUInfo(_Data):
+    index: int
+    name: str
+    vram_total_mb: int
+    vram_used_mb: int = 0
+    vram_free_mb: int = 0
+    uuid: str = ""
+    temperature_c: float | None = None
+    power_w: float | None = None
+    power_limit_w: float | None = None
+    utilization_pct: float | None = None
+    compute_capability: str | None = None  # "8.6"
+    driver_version: str | None = None
+    cuda_version: str | None = None
+
+
+@dataclass
+class HostProfile(_Data):
+    """What one host has. ``source`` says how it was obtained: nvml, torch, cpu, simulated:<preset>."""
+
+    hostname: str
+    cpu_model: str
+    cpu_cores: int
+    ram_total_mb: int
+    ram_free_mb: int
+    gpus: list[GPUInfo] = field(default_factory=list)
+    source: str = "cpu"
+    simulated: bool = False
+    notes: list[str] = field(default_factory=list)  # e.g. "NVML failed: ...; fell back to torch"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "HostProfile":
+        d = dict(data)
+        d["gpus"] = [GPUInfo.from_dict(g) for g in d.get("gpus", [])]
+        return _from_dict(cls, d)
+
+    @property
+    def has_gpu(self) -> bool:
+        return bool(self.gpus)
+
+    @property
+    def best_gpu(self) -> GPUInfo | None:
+        return max(self.gpus, key=lambda g: (g.vram_total_mb, -g.index), default=None)
+
+
+# --------------------------------------------------------------------------- models
+@dataclass
+class ModelSpec(_Data):
+    """One catalog entry (see catalog.toml)."""
+
+    id: str
+    kind: ModelKind
+    backend: str  # "llama_cpp" | "sentence" | "hf8bit" | "fake"
+    params_b: float  # parameter count, billions
+    quant: str  # "Q4_K_M", "int8", "fp16", "fp32"
+    context: int  # native context length
+    chat_format: str | None = None
+    # where it comes from: a hub repo (+ file for GGUF) or an embedded package
+    repo: str | None = None
+    file: str | None = None
+    package: str | None = None
+    path: str | None = None  # a local file/folder the user registered (catalog entry)
+    sha256: str | None = None
+    size_mb: int | None = None  # weights on disk
+    dim: int | None = None  # embedding dimension
+    # architecture hints for the VRAM estimate when the file is not on disk
+    n_layers: int | None = None
+    n_embd: int | None = None
+    n_head_kv: int | None = None
+    head_dim: int | None = None
+    embedded: bool = False  # ships with the package, no download
+    description: str = ""
+
+
+@dataclass
+class Assignment(_Data):
+    """Where one model runs, and why."""
+
+    model: str
+    kind: ModelKind
+    node: str
+    device: str  # "cuda:0" | "cpu"
+    quant: str
+    n_gpu_layers: int  # -1 = all layers; 0 = CPU
+    vram_mb: int  # estimated VRAM on that device
+    reason: str
+    backend: str = ""
+    ram_mb: int = 0  # estimated host RAM when (partly) on CPU
+
+
+@dataclass
+class Unplaced(_Data):
+    model: str
+    reason: str
+
+
+@dataclass
+class Plan(_Data):
+    assignments: list[Assignment] = field(default_factory=list)
+    unplaced: list[Unplaced] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Plan":
+        return cls(
+            assignments=[Assignment.from_dict(a) for a in data.get("assignments", [])],
+            unplaced=[Unplaced.from_dict(u) for u in data.get("unplaced", [])],
+        )
+
+    def for_node(self, node: str) -> list[Assignment]:
+        return [a for a in self.assignments if a.node == node]
+
+    def where(self, model: str) -> Assignment | None:
+        return next((a for a in self.assignments if a.model == model), None)
+
+
+# --------------------------------------------------------------------------- requests
+@dataclass
+class GenerateRequest(_Data):
+    """A chat (``messages``) or completion (``prompt``) request, after validation."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    max_tokens: int = 256
+    temperature: float = 0.8
+    top_p: float = 0.95
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    stream: bool = False
+
+
+@dataclass
+class Timings(_Data):
+    ttft_ms: float = 0.0
+    total_ms: float = 0.0
+    tokens_per_s: float = 0.0
+
+
+@dataclass
+class Usage(_Data):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class Completion(_Data):
+    model: str
+    node: str
+    text: str
+    finish_reason: str  # "stop" | "length" | "cancelled"
+    usage: Usage = field(default_factory=Usage)
+    timings: Timings = field(default_factory=Timings)
+    via: str | None = None
+    fallback: bool = False
+    notes: list[str] = field(default_factory=list)  # e.g. "max_tokens clamped to 1800"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Completion":
+        d = dict(data)
+        d["usage"] = Usage.from_dict(d.get("usage", {}))
+        d["timings"] = Timings.from_dict(d.get("timings", {}))
+        return _from_dict(cls, d)
+
+
+@dataclass
+class TokenChunk(_Data):
+    """One streamed piece. The last chunk of a stream has ``finish_reason`` set."""
+
+    text: str
+    finish_reason: str | None = None
+
+
+@dataclass
+class EmbedRequest(_Data):
+    model: str | None = None
+    input: list[str] = field(default_factory=list)
+    normalize: bool = True
+
+
+@dataclass
+class Embeddings(_Data):
+    """``vectors`` is a float32 numpy array (n, dim) locally; a list of lists on the wire."""
+
+    model: str
+    node: str
+    vectors: Any
+    prompt_tokens: int = 0
+    timings: Timings = field(default_factory=Timings)
+    via: str | None = None
+    fallback: bool = False
+
+    @property
+    def dim(self) -> int:
+        v = self.vectors
+        return int(v.shape[1]) if hasattr(v, "shape") else (len(v[0]) if v else 0)

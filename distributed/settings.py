@@ -1,0 +1,155 @@
+"""Typed settings: the only reader of env files and ``TARS_*`` variables.
+
+Precedence (highest first): explicit overrides (CLI flags) > process environment
+> the env file (``env/.env.pc1`` ...) > defaults. A bad value stops start-up
+with a ``ConfigError`` naming the variable and what it accepts.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from .errors import ConfigError
+
+ENV_PREFIX = "TARS_"
+DEFAULT_MODELS_DIR = Path.home() / ".cache" / "tars" / "models"
+
+
+def _default_node_name() -> str:
+    return (socket.gethostname().split(".")[0] or "node").lower()
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="ignore",
+        env_file_encoding="utf-8",
+        validate_default=True,
+    )
+
+    # --- identity and network
+    node_name: str = Field(default_factory=_default_node_name, min_length=1, max_length=64,
+                           pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                           description="Name of this host in the cluster (letters, digits, . _ -).")
+    host: str = Field("127.0.0.1", description="Address the node binds to (0.0.0.0 for the LAN).")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port of the node (1-65535).")
+    advertise_url: str = Field("", description="URL peers use to reach this node; default http://HOST:PORT.")
+    peers: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated base URLs of peers to join, e.g. http://192.168.1.10:8000.")
+    role: Literal["auto", "server", "worker", "standalone"] = Field(
+        "auto", description="auto (server without peers, worker with peers), server, worker or standalone.")
+
+    # --- security
+    cluster_token: SecretStr = Field(SecretStr(""), description="Shared secret every /rpc call must carry.")
+    api_key: SecretStr = Field(SecretStr(""), description="If set, every endpoint but /health needs 'Authorization: Bearer <key>'.")
+
+    # --- hardware and models
+    gpu_profile: str = Field("", description="Simulated hardware: a preset (rtx3060-12gb, gtx1660s-6gb, cpu, ...) or a path to a JSON profile. Empty = detect.")
+    models_dir: Path = Field(DEFAULT_MODELS_DIR, description="Folder where pulled and assembled models live.")
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated model ids this cluster serves; empty = the embedded defaults.")
+    vram_reserve_mb: int = Field(500, ge=0, le=65536, description="VRAM kept free on every GPU, MB (0-65536).")
+    context: int = Field(2048, ge=128, le=131072, description="Context window for chat models, tokens (128-131072).")
+    threads: int = Field(0, ge=0, le=512, description="CPU threads for llama.cpp; 0 = all physical cores.")
+    fallback: bool = Field(True, description="Load a dead peer's model here when it fits (true/false).")
+    backend_override: str = Field("", description="Force every model onto one backend (e.g. 'fake' for tests).")
+
+    # --- cluster timing
+    heartbeat_s: float = Field(2.0, gt=0, le=300, description="Seconds between heartbeats (>0).")
+    rpc_timeout_s: float = Field(5.0, gt=0, le=600, description="Timeout of a control call to a peer, seconds.")
+
+    # --- serving limits
+    queue_size: int = Field(16, ge=1, le=10000, description="Waiting generations per model before 429.")
+    request_timeout_s: float = Field(300.0, gt=0, le=86400, description="Longest a request may take, seconds.")
+    embed_max_batch: int = Field(64, ge=1, le=4096, description="Most sentences in one embedding batch.")
+    embed_max_wait_ms: float = Field(2.0, ge=0, le=1000, description="Longest an embedding waits for its batch to fill, ms.")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body accepted, bytes.")
+
+    # --- logging
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="debug, info, warning or error.")
+    log_format: Literal["text", "json"] = Field("text", description="text or json (structured, one object a line).")
+
+    @field_validator("peers", "models", mode="before")
+    @classmethod
+    def _split_csv(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [p.strip() for p in v.split(",") if p.strip()]
+        return v
+
+    @field_validator("peers")
+    @classmethod
+    def _check_peers(cls, v: list[str]) -> list[str]:
+        for url in v:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"'{url}' is not a base URL; write it as http://HOST:PORT")
+        return [u.rstrip("/") for u in v]
+
+    @field_validator("log_level", "log_format", "role", mode="before")
+    @classmethod
+    def _lower(cls, v: Any) -> Any:
+        return v.lower() if isinstance(v, str) else v
+
+    # ----------------------------------------------------------------- derived
+    @property
+    def base_url(self) -> str:
+        if self.advertise_url:
+            return self.advertise_url.rstrip("/")
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def effective_role(self) -> str:
+        if self.role != "auto":
+            return self.role
+        return "worker" if self.peers else "server"
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective settings for /config: secrets shown only as set/unset."""
+        out: dict[str, Any] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                out[name] = "***" if value.get_secret_value() else ""
+            elif isinstance(value, Path):
+                out[name] = str(value)
+            else:
+                out[name] = value
+        return out
+
+    def check_for_serving(self) -> None:
+        """Refuse combinations that are unsafe to serve with."""
+        if self.peers and not self.cluster_token.get_secret_value():
+            raise ConfigError(
+                "TARS_PEERS is set but TARS_CLUSTER_TOKEN is empty: the /rpc channel refuses "
+                "unauthenticated peers. Copy the token printed by scripts/setup_pc1.sh into "
+                "TARS_CLUSTER_TOKEN (env/.env.pc2).")
+
+
+def _describe(name: str) -> str:
+    f = Settings.model_fields.get(name)
+    return (f.description or "") if f else ""
+
+
+def load_settings(env_file: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
+    """Build settings from env file + environment + overrides, or raise ConfigError."""
+    if env_file is not None and not Path(env_file).is_file():
+        raise ConfigError(f"env file '{env_file}' does not exist")
+    try:
+        return Settings(_env_file=env_file, **{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            name = str(err["loc"][0]) if err["loc"] else "?"
+            var = ENV_PREFIX + name.upper()
+            got = err.get("input")
+            accepts = _describe(name)
+            problems.append(f"{var}={got!r}: {err['msg']}" + (f" — accepts: {accepts}" if accepts else ""))
+        raise ConfigError("invalid settings: " + "; ".join(problems), variables=[p.split("=")[0] for p in problems]) from None
