@@ -1,0 +1,210 @@
+"""JSON-RPC 2.0 calling side: ``PeerClient`` talks to one peer's ``/rpc``.
+
+One pooled ``httpx.AsyncClient`` per peer (keep-alive connections are reused
+across calls — on loopback a new TCP connection costs more than the call).
+The transport is injectable: ``httpx.ASGITransport(app)`` wires two nodes in one
+process without sockets, ``httpx.MockTransport`` scripts a peer in unit tests.
+
+httpx exceptions never leave this module; they are translated here, at the
+boundary:
+
+    connect error, timeouts, a dropped connection → PeerUnavailable (503) naming the peer
+    an answer that is not JSON-RPC                → PeerError (502) naming the peer
+    HTTP 401                                      → Unauthorized (token mismatch)
+    a JSON-RPC error object                       → the TarsError it encodes (protocol.error_from_rpc)
+
+Only idempotent methods (``protocol.IDEMPOTENT_METHODS``) are retried, with
+exponential backoff, and only on transport failures: a generation that may
+have reached the peer is never sent twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+from ..errors import PeerError, PeerUnavailable, TarsError, Unauthorized
+from . import protocol as p
+
+_HEADERS = {"content-type": "application/json", "accept": f"application/json, {p.NDJSON}"}
+
+
+class PeerClient:
+    """Calls one peer. ``name`` is how errors and logs name it (its node name once
+    known, its URL before)."""
+
+    def __init__(self, base_url: str, token: str, *, transport: httpx.AsyncBaseTransport | None = None,
+                 timeout: float = 5.0, long_timeout: float = 300.0, name: str | None = None,
+                 retries: int = 3, backoff_s: float = 0.1, max_backoff_s: float = 2.0,
+                 max_connections: int = 64) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.name = name or self.base_url
+        self.timeout = timeout
+        self.long_timeout = long_timeout
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self._ids = itertools.count(1)
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url,
+            transport=transport,
+            timeout=httpx.Timeout(timeout),
+            headers={"authorization": f"Bearer {token}", **_HEADERS},
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    def _timeout(self, timeout: float | None, long: bool = False) -> httpx.Timeout:
+        if timeout is None:
+            timeout = self.long_timeout if long else self.timeout
+        # Connecting is always quick or never: a dead peer is found in `self.timeout` at most.
+        return httpx.Timeout(timeout, connect=min(timeout, self.timeout))
+
+    # ------------------------------------------------------------ errors
+    def translate(self, exc: httpx.HTTPError, method: str) -> TarsError:
+        """httpx exception → our tree. The message names the peer and what failed."""
+        who = f"peer {self.name}" + ("" if self.name == self.base_url else f" ({self.base_url})")
+        if isinstance(exc, httpx.ConnectError):
+            return PeerUnavailable(f"{who} is unreachable: {exc or 'connection refused'}", peer=self.name)
+        if isinstance(exc, httpx.TimeoutException):
+            phase = "connect" if isinstance(exc, (httpx.ConnectTimeout, httpx.PoolTimeout)) else "answer"
+            return PeerUnavailable(f"{who} did not {phase} in time ({method})", peer=self.name)
+        if isinstance(exc, (httpx.RemoteProtocolError, httpx.NetworkError)):
+            return PeerUnavailable(f"connection to {who} broke during {method} (did it stop?)", peer=self.name)
+        return PeerError(f"{who} failed during {method}: {type(exc).__name__}", peer=self.name)
+
+    def _decode(self, resp: httpx.Response, rid: Any, method: str) -> Any:
+        """One HTTP answer → the call's result, or raise the error it carries."""
+        if resp.status_code == 401:
+            return self._raise(Unauthorized(
+                f"peer {self.name} rejected this node's cluster token; TARS_CLUSTER_TOKEN must be the same on both hosts"))
+        try:
+            body = p.loads(resp.content)
+        except ValueError:
+            return self._raise(PeerError(
+                f"peer {self.name} answered {method} with HTTP {resp.status_code} that is not JSON-RPC", peer=self.name))
+        if not isinstance(body, dict) or body.get("jsonrpc") != p.JSONRPC:
+            return self._raise(PeerError(f"peer {self.name} answered {method} with a non-JSON-RPC body", peer=self.name))
+        if "error" in body:
+            raise p.error_from_rpc(body["error"], self.name)
+        if body.get("id") != rid or "result" not in body:
+            return self._raise(PeerError(f"peer {self.name} answered {method} with a mismatched response", peer=self.name))
+        return body["result"]
+
+    @staticmethod
+    def _raise(exc: TarsError) -> Any:
+        raise exc
+
+    # ------------------------------------------------------------ calls
+    async def call(self, method: str, params: Any = None, *, timeout: float | None = None,
+                   retries: int | None = None) -> Any:
+        """One request → its result. Retries (idempotent methods only) on transport errors."""
+        idempotent = method in p.IDEMPOTENT_METHODS
+        attempts = 1 + (self.retries if retries is None else retries) if idempotent else 1
+        long = method.startswith(("inference.", "embed."))
+        for attempt in range(attempts):
+            rid = next(self._ids)
+            body = p.dumps(p.request(method, params, rid))
+            try:
+                resp = await self._client.post("/rpc", content=body, timeout=self._timeout(timeout, long))
+            except httpx.HTTPError as exc:
+                err = self.translate(exc, method)
+                if attempt + 1 < attempts and isinstance(err, PeerUnavailable):
+                    await asyncio.sleep(min(self.max_backoff_s, self.backoff_s * 2 ** attempt))
+                    continue
+                raise err from None
+            return self._decode(resp, rid, method)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def notify(self, method: str, params: Any = None, *, timeout: float | None = None) -> None:
+        """A notification: the peer answers nothing (HTTP 204)."""
+        try:
+            resp = await self._client.post("/rpc", content=p.dumps(p.notification(method, params)),
+                                           timeout=self._timeout(timeout))
+        except httpx.HTTPError as exc:
+            raise self.translate(exc, method) from None
+        if resp.status_code == 401:
+            self._decode(resp, None, method)
+        if resp.status_code not in (200, 204):
+            raise PeerError(f"peer {self.name} answered notification {method} with HTTP {resp.status_code}",
+                            peer=self.name)
+
+    async def batch(self, calls: list[tuple[str, Any]], *, timeout: float | None = None) -> list[Any]:
+        """Several calls in one request; each slot holds its result or its TarsError."""
+        ids = [next(self._ids) for _ in calls]
+        body = p.dumps([p.request(m, prm, i) for (m, prm), i in zip(calls, ids)])
+        try:
+            resp = await self._client.post("/rpc", content=body, timeout=self._timeout(timeout))
+        except httpx.HTTPError as exc:
+            raise self.translate(exc, "batch") from None
+        if resp.status_code == 401:
+            self._decode(resp, None, "batch")
+        try:
+            answers = p.loads(resp.content)
+        except ValueError:
+            raise PeerError(f"peer {self.name} answered a batch with a body that is not JSON", peer=self.name) from None
+        if isinstance(answers, dict):  # the whole batch was refused
+            self._decode(resp, answers.get("id"), "batch")
+        by_id = {a.get("id"): a for a in answers if isinstance(a, dict)}
+        out: list[Any] = []
+        for i in ids:
+            a = by_id.get(i)
+            if a is None:
+                out.append(PeerError(f"peer {self.name} left call {i} of a batch unanswered", peer=self.name))
+            elif "error" in a:
+                out.append(p.error_from_rpc(a["error"], self.name))
+            else:
+                out.append(a.get("result"))
+        return out
+
+    async def embed(self, inputs: list[str], model: str | None = None, normalize: bool = True,
+                    *, timeout: float | None = None) -> dict[str, Any]:
+        """embed.encode, vectors as base64 float32 both ways: a numpy array comes back
+        under ``"vectors"`` without a float ever being printed or parsed."""
+        result = await self.call("embed.encode", {"input": inputs, "model": model, "normalize": normalize,
+                                                  "encoding": "base64"}, timeout=timeout)
+        try:
+            result["vectors"] = p.vectors_from_b64(result.pop("vectors_b64"), result.pop("shape"))
+        except (KeyError, ValueError, TypeError) as exc:
+            raise PeerError(f"peer {self.name} sent unreadable vectors ({exc})", peer=self.name) from None
+        return result
+
+    async def stream(self, params: dict[str, Any], *, timeout: float | None = None) -> AsyncIterator[dict[str, Any]]:
+        """``inference.stream``: yields each token notification's params
+        (``{"id","text",["finish_reason"]}``), then ``{"result": completion}`` last.
+        A peer that dies mid-stream ends it with PeerUnavailable, never a hang
+        (the read timeout bounds a silent peer; the cluster can also cancel)."""
+        rid = next(self._ids)
+        body = p.dumps(p.request(p.STREAM_METHOD, params, rid))
+        method = p.STREAM_METHOD
+        try:
+            async with self._client.stream("POST", "/rpc", content=body,
+                                           timeout=self._timeout(timeout, long=True)) as resp:
+                if p.NDJSON not in resp.headers.get("content-type", ""):
+                    await resp.aread()
+                    yield {"result": self._decode(resp, rid, method)}
+                    return
+                async for line in resp.aiter_lines():
+                    if not line:
+                        continue
+                    try:
+                        msg = p.loads(line)
+                    except ValueError:
+                        raise PeerError(f"peer {self.name} sent a broken stream line", peer=self.name) from None
+                    if msg.get("method") == p.TOKEN_METHOD:
+                        yield msg.get("params") or {}
+                    elif "error" in msg:
+                        raise p.error_from_rpc(msg["error"], self.name)
+                    elif "result" in msg:
+                        yield {"result": msg["result"]}
+                        return
+                raise PeerUnavailable(f"peer {self.name} ended the stream without a final result (did it stop?)",
+                                      peer=self.name)
+        except httpx.HTTPError as exc:
+            raise self.translate(exc, method) from None
