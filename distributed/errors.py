@@ -10,6 +10,7 @@ layer and the ``/rpc`` layer translate errors *by type*, in one place each
     ├── ValidationFailed           400  -32602   a request field is wrong (names the field)
     │   └── InputTooLong           400  -32005   prompt longer than the context
     ├── ModelNotFound              404  -32002   unknown model id (lists the known ones)
+    │   └── ModelNotDownloaded     404  -32002   known model, files not on this host (pull it)
     ├── ModelLoading               503  -32003   model exists but is not ready yet
     ├── ModelFailed                503  -32008   model failed to load
     ├── Overloaded                 429  -32004   queue full (carries retry_after)
@@ -18,7 +19,8 @@ layer and the ``/rpc`` layer translate errors *by type*, in one place each
     ├── Unauthorized               401  -32007   missing or wrong token / API key
     ├── RequestTimeout             504  -32010   a request outlived its deadline
     ├── PayloadTooLarge            413  -32011   body over the configured limit
-    └── MissingDependency          500  -32012   an optional heavy library is absent
+    ├── MissingDependency          500  -32012   an optional heavy library is absent
+    └── DownloadFailed             502  -32013   a model pull from the hub failed
 
 Foreign exceptions (httpx, llama_cpp, torch, pynvml) are translated at the
 boundary of the module that owns the library.
@@ -87,6 +89,18 @@ class ModelNotFound(TarsError):
                          model=model, available=sorted(available))
         self.model = model
         self.available = sorted(available)
+
+
+class ModelNotDownloaded(ModelNotFound):
+    """A catalog model whose files are not on this host yet: says how to get them."""
+
+    kind = "model_not_downloaded"
+
+    def __init__(self, model: str, where: str) -> None:
+        TarsError.__init__(self, f"model '{model}' is in the catalog but not on disk (looked in {where}): "
+                                 f"run `tars models pull {model}`", model=model, where=where)
+        self.model = model
+        self.available = []
 
 
 class ModelLoading(TarsError):
@@ -159,6 +173,14 @@ class MissingDependency(TarsError):
         super().__init__(f"{purpose} needs the '{package}' package: install it with `{hint}`",
                          package=package)
         self.package = package
+
+
+class DownloadFailed(TarsError):
+    """Pulling a model from the hub failed (not found, refused, network, verification)."""
+
+    http_status = 502
+    rpc_code = -32013
+    kind = "download_failed"
 
 
 # JSON-RPC application error table, documented in docs/RPC.md (keep in sync).

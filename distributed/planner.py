@@ -1,0 +1,272 @@
+"""The planner: which host serves which model, on which device, and why.
+
+``plan()`` is a pure, deterministic function of host profiles and model specs (plus the
+GGUF files it may read for their metadata). Rules, in the order they are applied:
+
+1. The biggest chat model (4-bit GGUF preferred) goes to the host whose GPU has the most
+   usable VRAM (total minus the reserve). If it does not fit fully, as many layers as fit
+   are offloaded there (``n_gpu_layers``) and the rest runs on that host's CPU.
+2. Embedding models and 8-bit small models go to *another* host when there is one, so the
+   chat host keeps its VRAM for chat (a GPU shared by chat and embeddings is where other
+   tools evict one for the other). The chat host takes them only when no other host can.
+3. Further chat models take whatever GPU has room (chat host first), then a partial
+   offload, then a CPU.
+4. CPU when no GPU has room, checked against the host's RAM; a model that fits nowhere is
+   reported unplaced with the reason.
+5. No GPU is ever over-committed: per GPU, the sum of ``vram_mb`` stays <= total - reserve.
+
+Every assignment carries a one-line reason a person can check against ``tars profile``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .domain import Assignment, HostProfile, ModelSpec, Plan, Unplaced
+from .vram import VramEstimate, estimate, layers_that_fit
+
+FOUR_BIT = ("q4_k_m", "q4_0", "q4_k_s", "int4", "nf4")
+
+
+def _gb(mb: float) -> str:
+    return f"{mb / 1024:.1f} GB"
+
+
+def ram_budget_mb(profile: HostProfile) -> int:
+    """RAM a host can give to models: total minus max(1 GB, 1/8) for the OS and the node."""
+    return max(0, profile.ram_total_mb - max(1024, profile.ram_total_mb // 8))
+
+
+@dataclass
+class _Gpu:
+    node: str
+    index: int
+    name: str
+    capacity: int  # total - reserve
+    used: int = 0
+
+    @property
+    def free(self) -> int:
+        return self.capacity - self.used
+
+    @property
+    def device(self) -> str:
+        return f"cuda:{self.index}"
+
+
+@dataclass
+class _Host:
+    name: str
+    profile: HostProfile
+    gpus: list[_Gpu]
+    ram_free: int
+    order: int = 0  # rank: 0 = most usable VRAM
+
+    @property
+    def best_capacity(self) -> int:
+        return max((g.capacity for g in self.gpus), default=0)
+
+
+@dataclass
+class _State:
+    hosts: list[_Host]  # in rank order
+    reserve_mb: int
+    placed: dict[str, Assignment] = field(default_factory=dict)
+    unplaced: dict[str, Unplaced] = field(default_factory=dict)
+
+    def gpus(self, hosts: list[_Host]) -> list[_Gpu]:
+        """GPUs of ``hosts``, host rank first, then most free VRAM, then index."""
+        return [g for h in hosts for g in sorted(h.gpus, key=lambda g: (-g.free, g.index))]
+
+
+def _is_four_bit(spec: ModelSpec) -> bool:
+    return spec.quant.lower() in FOUR_BIT
+
+
+def _rank_key(spec: ModelSpec, est: VramEstimate) -> tuple:
+    """Bigger first; deterministic tie-break by id."""
+    return (-spec.params_b, -est.total_mb, spec.id)
+
+
+def _assign(st: _State, spec: ModelSpec, host: _Host, gpu: _Gpu | None, n_gpu_layers: int,
+            est: VramEstimate, reason: str) -> None:
+    vram = est.vram_for_layers(n_gpu_layers) if gpu is not None else 0
+    ram = est.ram_for_layers(n_gpu_layers) if gpu is not None else est.ram_mb
+    if gpu is not None:
+        gpu.used += vram
+    host.ram_free -= ram
+    st.placed[spec.id] = Assignment(
+        model=spec.id, kind=spec.kind, node=host.name, device=gpu.device if gpu else "cpu",
+        quant=spec.quant, n_gpu_layers=n_gpu_layers if gpu is not None else 0, vram_mb=vram,
+        reason=reason, backend=spec.backend, ram_mb=ram)
+
+
+def _host_of(st: _State, gpu: _Gpu) -> _Host:
+    return next(h for h in st.hosts if h.name == gpu.node)
+
+
+def _fit_gpu(st: _State, spec: ModelSpec, est: VramEstimate, hosts: list[_Host], why: str) -> bool:
+    for gpu in st.gpus(hosts):
+        if est.total_mb <= gpu.free:
+            reason = (f"{why}: {gpu.node} {gpu.device} ({gpu.name}) has {_gb(gpu.free)} free after the "
+                      f"{st.reserve_mb} MB reserve, needs {_gb(est.total_mb)} at {est.context} tokens")
+            _assign(st, spec, _host_of(st, gpu), gpu, -1, est, reason)
+            return True
+    return False
+
+
+def _fit_partial(st: _State, spec: ModelSpec, est: VramEstimate, hosts: list[_Host], why: str) -> bool:
+    """Offload as many layers as fit on the GPU with the most free VRAM whose host has the RAM."""
+    if not est.partial_ok:
+        return False
+    best: tuple[int, _Gpu] | None = None
+    for gpu in sorted(st.gpus(hosts), key=lambda g: -g.free):
+        n = layers_that_fit(est, gpu.free)
+        if n > 0 and est.ram_for_layers(n) <= _host_of(st, gpu).ram_free and (best is None or n > best[0]):
+            best = (n, gpu)
+    if best is None:
+        return False
+    n, gpu = best
+    reason = (f"{why}: needs {_gb(est.total_mb)}, more than any GPU has free; {n} of {est.n_layers} layers on "
+              f"{gpu.node} {gpu.device} ({_gb(gpu.free)} free), the rest on its CPU")
+    _assign(st, spec, _host_of(st, gpu), gpu, n, est, reason)
+    return True
+
+
+def _fit_cpu(st: _State, spec: ModelSpec, est: VramEstimate, hosts: list[_Host], why: str) -> bool:
+    best = max(hosts, key=lambda h: (h.ram_free, -h.order), default=None)
+    if best is None or est.ram_mb > best.ram_free:
+        return False
+    gpu_note = "no GPU in the cluster" if not any(h.gpus for h in st.hosts) else \
+        f"no GPU has {_gb(est.total_mb)} free"
+    reason = (f"{why}: {gpu_note}; on the CPU of {best.name}, which has {_gb(best.ram_free)} of RAM free "
+              f"for models (needs {_gb(est.ram_mb)})")
+    _assign(st, spec, best, None, 0, est, reason)
+    return True
+
+
+def _unplace(st: _State, spec: ModelSpec, est: VramEstimate) -> None:
+    most_vram = max((g.free for g in st.gpus(st.hosts)), default=0)
+    most_ram = max((h.ram_free for h in st.hosts), default=0)
+    st.unplaced[spec.id] = Unplaced(
+        spec.id, f"fits nowhere: needs {_gb(est.total_mb)} of VRAM (most free on a GPU: {_gb(most_vram)}) "
+                 f"or {_gb(est.ram_mb)} of RAM on a CPU (most free on a host: {_gb(most_ram)})")
+
+
+def _build_hosts(hosts: dict[str, HostProfile], reserve_mb: int) -> list[_Host]:
+    built = [
+        _Host(name, prof,
+              [_Gpu(name, g.index, g.name, max(0, g.vram_total_mb - reserve_mb)) for g in prof.gpus],
+              ram_budget_mb(prof))
+        for name, prof in hosts.items()
+    ]
+    built.sort(key=lambda h: (-h.best_capacity, -h.ram_free, h.name))
+    for i, h in enumerate(built):
+        h.order = i
+    return built
+
+
+def plan(hosts: dict[str, HostProfile], models: list[ModelSpec], *, reserve_mb: int = 500,
+         context: int = 2048, paths: dict[str, Path] | None = None) -> Plan:
+    """Place every model on a host and device, or report it unplaced with the reason."""
+    paths = paths or {}
+    st = _State(_build_hosts(hosts, reserve_mb), reserve_mb)
+    specs: list[ModelSpec] = []
+    for spec in models:
+        if spec.id in {s.id for s in specs}:
+            continue  # listed twice: plan it once
+        specs.append(spec)
+    if not st.hosts:
+        return Plan(unplaced=[Unplaced(s.id, "no hosts to place it on") for s in specs])
+    ests = {s.id: estimate(s, context, paths.get(s.id)) for s in specs}
+    chat_host, others = st.hosts[0], st.hosts[1:]
+    single = not others
+
+    chats = sorted((s for s in specs if s.kind == "chat" and s.backend != "hf8bit"),
+                   key=lambda s: (not _is_four_bit(s), *_rank_key(s, ests[s.id])))
+    primary = chats[0] if chats else None
+    if primary is None:
+        small_chats = sorted((s for s in specs if s.kind == "chat"), key=lambda s: _rank_key(s, ests[s.id]))
+        primary = small_chats[0] if small_chats else None
+    side = sorted((s for s in specs if s is not primary and (s.kind == "embed" or s.backend == "hf8bit")),
+                  key=lambda s: (s.kind != "embed", *_rank_key(s, ests[s.id])))
+    rest = sorted((s for s in specs if s is not primary and s not in side), key=lambda s: _rank_key(s, ests[s.id]))
+
+    # 1. the biggest chat model → the host with the most usable VRAM
+    if primary is not None:
+        est = ests[primary.id]
+        why = "biggest chat model" + (f", {primary.quant}" if _is_four_bit(primary) else "")
+        why_gpu = why + (", to the GPU with the most usable VRAM" if not single else "")
+        if not (_fit_gpu(st, primary, est, [chat_host], why_gpu)
+                or _fit_gpu(st, primary, est, others, why)
+                or _fit_partial(st, primary, est, [chat_host], why)
+                or _fit_partial(st, primary, est, others, why)
+                or _fit_cpu(st, primary, est, st.hosts, why)):
+            _unplace(st, primary, est)
+
+    # 2. embeddings and 8-bit small models → another host, keeping the chat host's VRAM for chat
+    for spec in side:
+        est = ests[spec.id]
+        what = "embedding model" if spec.kind == "embed" else f"{spec.quant} small model"
+        away = f"{what} kept off the chat host {chat_host.name}"
+        only = f"{what} on the only host" if single else f"{what} on the chat host (no other host has room)"
+        ok = (_fit_gpu(st, spec, est, others, away)
+              or (spec.kind == "embed" and _fit_cpu(st, spec, est, others, away))
+              or _fit_gpu(st, spec, est, [chat_host], only)
+              or _fit_cpu(st, spec, est, st.hosts, what))
+        if not ok:
+            _unplace(st, spec, est)
+
+    # 3. the other chat models: first every one that fits fully on some GPU (chat host
+    #    first), then partial offloads, then CPUs — so one partial offload never takes the
+    #    VRAM a smaller model could have used whole
+    waiting = [s for s in rest if not _fit_gpu(st, s, ests[s.id], st.hosts, "chat model")]
+    for spec in waiting:
+        est = ests[spec.id]
+        if not (_fit_partial(st, spec, est, st.hosts, "chat model")
+                or _fit_cpu(st, spec, est, st.hosts, "chat model")):
+            _unplace(st, spec, est)
+
+    return Plan(assignments=[st.placed[s.id] for s in specs if s.id in st.placed],
+                unplaced=[st.unplaced[s.id] for s in specs if s.id in st.unplaced])
+
+
+def usable_vram_mb(profile: HostProfile, reserve_mb: int = 500) -> int:
+    """VRAM of the host's biggest GPU minus the reserve (0 without a GPU)."""
+    best = profile.best_gpu
+    return max(0, best.vram_total_mb - reserve_mb) if best else 0
+
+
+def recommend(hosts: dict[str, HostProfile], catalog: list[ModelSpec], *, reserve_mb: int = 500,
+              context: int = 2048) -> list[ModelSpec]:
+    """The catalog models this set of hosts should serve (and so pull).
+
+    One chat model — the biggest 4-bit GGUF that fits fully on the best GPU, else the
+    embedded default; one embedding model (the embedded default); and, for each other host
+    with a GPU, an 8-bit small model that fits next to the embeddings there.
+    """
+    if not hosts:
+        return []
+    ranked = _build_hosts(hosts, reserve_mb)
+    chat_host, others = ranked[0], ranked[1:]
+    order = {s.id: i for i, s in enumerate(catalog)}
+    by_size = lambda s: (-s.params_b, order[s.id])  # noqa: E731 - a sort key
+    picks: list[ModelSpec] = []
+    gguf_chats = sorted((s for s in catalog if s.kind == "chat" and s.backend == "llama_cpp"), key=by_size)
+    chat = next((s for s in gguf_chats if not s.embedded
+                 and estimate(s, context).total_mb <= chat_host.best_capacity), None)
+    chat = chat or next((s for s in gguf_chats if s.embedded), None)
+    if chat is not None:
+        picks.append(chat)
+    embed = next((s for s in catalog if s.kind == "embed" and s.embedded), None) or \
+        next((s for s in catalog if s.kind == "embed"), None)
+    if embed is not None:
+        picks.append(embed)
+    small = [s for s in sorted(catalog, key=by_size) if s.backend == "hf8bit"]
+    for host in others:
+        room = host.best_capacity - (estimate(embed, context).total_mb if embed is not None and host is others[0] else 0)
+        pick = next((s for s in small if s not in picks and estimate(s, context).total_mb <= room), None)
+        if pick is not None:
+            picks.append(pick)
+    return picks

@@ -1,0 +1,277 @@
+"""How much GPU memory a model needs, and how many of its layers fit in a budget.
+
+VRAM = weights + KV cache at the configured context + compute overhead.
+
+- **GGUF on disk**: the numbers come from the file itself — tensor sizes, block count,
+  embedding length, KV heads, key/value lengths (keys as defined by the ``gguf``
+  package). Users of other tools complain that VRAM estimates are wrong; reading the
+  file we will load is the cheapest way not to be.
+- **Otherwise** (not downloaded yet, or not GGUF): the catalog's hints (``size_mb``,
+  ``n_layers``, ``n_embd``, ``n_head_kv``, ``head_dim``) or ``params_b`` × bytes per
+  parameter of the quantisation.
+
+The KV cache is f16 (llama.cpp's default) for every layer at the full context, which is
+conservative for sliding-window models such as Gemma 3. Overhead is the CUDA runtime
+(context + cuBLAS workspace, ~250 MB, which nvidia-smi shows but no model file mentions)
+plus the compute buffer: for llama.cpp dominated by the attention scores of one
+512-token micro-batch against the whole context (``512 × ctx × heads × 4`` bytes).
+
+``gguf.GGUFReader`` parses every metadata array (a 262k-token vocabulary takes ~10 s on
+a small CPU), so the header is walked here with ``struct`` over an mmap, skipping the
+arrays, using the gguf package's own type and quantisation tables.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import struct
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .domain import ModelSpec
+from .errors import ConfigError
+from .optional import require
+
+MIB = 1024 * 1024
+RUNTIME_MB = 250  # CUDA context + cuBLAS workspace per process using the GPU
+UBATCH = 512  # llama.cpp micro-batch: sets the size of the attention-score buffer
+BYTES_PER_PARAM = {  # weights only; int8 keeps norms/embeddings in fp16 → a little over 1
+    "q4_k_m": 4.85 / 8, "q4_0": 4.5 / 8, "q5_k_m": 5.7 / 8, "q8_0": 8.5 / 8,
+    "int8": 1.1, "int4": 0.6, "nf4": 0.6, "fp16": 2.0, "bf16": 2.0, "f16": 2.0, "fp32": 4.0, "f32": 4.0,
+}
+
+
+@dataclass(frozen=True)
+class VramEstimate:
+    """Memory one model needs on a GPU (MB = MiB). ``total_mb`` = weights + kv + overhead."""
+
+    model: str
+    weights_mb: int
+    kv_mb: int
+    overhead_mb: int  # runtime + compute buffer
+    total_mb: int
+    n_layers: int  # repeating blocks (0 when unknown): the unit of partial offload
+    context: int
+    source: str  # "gguf" | "catalog"
+    compute_mb: int = 0  # part of overhead that is needed on CPU too
+    layer_mb: float = 0.0  # weights + KV of one repeating block
+    partial_ok: bool = False  # llama.cpp can split layers between GPU and CPU
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def ram_mb(self) -> int:
+        """Host RAM when the whole model runs on CPU (no CUDA runtime)."""
+        return self.weights_mb + self.kv_mb + self.compute_mb
+
+    def vram_for_layers(self, n_gpu_layers: int) -> int:
+        """VRAM with ``n_gpu_layers`` blocks offloaded (-1 or >= n_layers: everything)."""
+        if n_gpu_layers < 0 or n_gpu_layers >= self.n_layers:
+            return self.total_mb
+        if n_gpu_layers == 0:
+            return 0
+        return self.overhead_mb + math.ceil(n_gpu_layers * self.layer_mb)
+
+    def ram_for_layers(self, n_gpu_layers: int) -> int:
+        """Host RAM for the part left on CPU."""
+        if n_gpu_layers < 0 or (self.n_layers and n_gpu_layers >= self.n_layers):
+            return 0
+        if n_gpu_layers == 0:
+            return self.ram_mb
+        on_gpu = math.floor(n_gpu_layers * self.layer_mb)
+        return max(0, self.weights_mb + self.kv_mb - on_gpu) + self.compute_mb
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["notes"] = list(self.notes)
+        return d
+
+
+def layers_that_fit(est: VramEstimate, budget_mb: int) -> int:
+    """``n_gpu_layers`` for llama.cpp under ``budget_mb``: -1 when all fit, else 0..n_layers-1."""
+    if est.total_mb <= budget_mb:
+        return -1
+    if not est.partial_ok or est.n_layers <= 0 or est.layer_mb <= 0:
+        return 0
+    n = math.floor((budget_mb - est.overhead_mb) / est.layer_mb)
+    return max(0, min(n, est.n_layers - 1))
+
+
+# --------------------------------------------------------------------------- GGUF header
+@dataclass
+class GGUFMeta:
+    """What the estimate needs from a GGUF header: scalar metadata + tensor sizes."""
+
+    path: Path
+    fields: dict[str, Any]  # scalars and strings; arrays as a list when short, else their length
+    tensor_bytes: dict[str, int]
+    data_offset: int
+
+    @property
+    def arch(self) -> str:
+        return str(self.fields.get("general.architecture", "llama"))
+
+    def arch_field(self, key: str, default: Any = None) -> Any:
+        return self.fields.get(f"{self.arch}.{key}", default)
+
+
+_ARRAY_KEEP = 4096  # numeric arrays up to this length are kept (per-layer head counts)
+
+
+def read_gguf(path: str | Path) -> GGUFMeta:
+    """Walk a GGUF header without loading arrays. Raises ConfigError on a non-GGUF file."""
+    gguf = require("gguf", "gguf", "reading GGUF metadata")
+    vt = gguf.GGUFValueType
+    fmt = {vt.UINT8: "B", vt.INT8: "b", vt.UINT16: "H", vt.INT16: "h", vt.UINT32: "I", vt.INT32: "i",
+           vt.FLOAT32: "f", vt.BOOL: "?", vt.UINT64: "Q", vt.INT64: "q", vt.FLOAT64: "d"}
+    path = Path(path)
+    with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        pos = 0
+
+        def take(f: str) -> Any:
+            nonlocal pos
+            (v,) = struct.unpack_from("<" + f, mm, pos)
+            pos += struct.calcsize(f)
+            return v
+
+        def take_str() -> str:
+            nonlocal pos
+            n = take("Q")
+            s = bytes(mm[pos:pos + n]).decode("utf-8", "replace")
+            pos += n
+            return s
+
+        try:
+            if take("I") != gguf.GGUF_MAGIC:
+                raise ConfigError(f"'{path}' is not a GGUF file (bad magic)")
+            version = take("I")
+            if version & 0xFFFF == 0:
+                raise ConfigError(f"'{path}' is a big-endian GGUF; only little-endian files are supported")
+            n_tensors, n_kv = take("Q"), take("Q")
+            fields: dict[str, Any] = {"GGUF.version": version}
+            for _ in range(n_kv):
+                key = take_str()
+                t = vt(take("I"))
+                if t == vt.STRING:
+                    fields[key] = take_str()
+                elif t == vt.ARRAY:
+                    et, count = vt(take("I")), take("Q")
+                    if et == vt.STRING:
+                        for _ in range(count):
+                            pos += 8 + struct.unpack_from("<Q", mm, pos)[0]
+                        fields[key] = count
+                    elif et == vt.ARRAY:
+                        raise ConfigError(f"'{path}': nested arrays in key '{key}' are not supported")
+                    else:
+                        size = struct.calcsize(fmt[et])
+                        if count <= _ARRAY_KEEP:
+                            fields[key] = list(struct.unpack_from(f"<{count}{fmt[et]}", mm, pos))
+                        else:
+                            fields[key] = count
+                        pos += size * count
+                else:
+                    fields[key] = take(fmt[t])
+            sizes: dict[str, int] = {}
+            for _ in range(n_tensors):
+                name = take_str()
+                dims = [take("Q") for _ in range(take("I"))]
+                qtype = gguf.GGMLQuantizationType(take("I"))
+                take("Q")  # offset within the data section
+                block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+                sizes[name] = math.prod(dims) // block * type_size
+            align = int(fields.get("general.alignment", 32))
+            data_offset = pos + (-pos % align)
+        except (struct.error, ValueError, KeyError) as exc:
+            raise ConfigError(f"'{path}' has a malformed GGUF header: {exc}") from None
+    return GGUFMeta(path=path, fields=fields, tensor_bytes=sizes, data_offset=data_offset)
+
+
+# --------------------------------------------------------------------------- estimate
+def _mb(n_bytes: float) -> int:
+    return math.ceil(n_bytes / MIB)
+
+
+def _attn_compute_mb(context: int, n_head: int) -> int:
+    return 64 + _mb(UBATCH * context * max(1, n_head) * 4)
+
+
+def _from_gguf(spec: ModelSpec, context: int, meta: GGUFMeta) -> VramEstimate:
+    n_layers = int(meta.arch_field("block_count", 0) or 0)
+    n_embd = int(meta.arch_field("embedding_length", 0) or 0)
+    n_head = meta.arch_field("attention.head_count", 0) or 0
+    n_head = max(n_head) if isinstance(n_head, list) else int(n_head)
+    kv = meta.arch_field("attention.head_count_kv", n_head)
+    kv_per_layer = kv if isinstance(kv, list) else [int(kv)] * n_layers
+    head_dim = n_embd // n_head if n_head else 0
+    k_len = int(meta.arch_field("attention.key_length", head_dim) or head_dim)
+    v_len = int(meta.arch_field("attention.value_length", head_dim) or head_dim)
+    kv_bytes = sum(h * (k_len + v_len) for h in kv_per_layer) * context * 2  # f16
+    weights = sum(meta.tensor_bytes.values())
+    blocks = sum(b for name, b in meta.tensor_bytes.items() if name.startswith("blk."))
+    compute = _attn_compute_mb(context, n_head)
+    weights_mb, kv_mb = _mb(weights), _mb(kv_bytes)
+    overhead = RUNTIME_MB + compute
+    return VramEstimate(
+        model=spec.id, weights_mb=weights_mb, kv_mb=kv_mb, overhead_mb=overhead,
+        total_mb=weights_mb + kv_mb + overhead, n_layers=n_layers, context=context, source="gguf",
+        compute_mb=compute, layer_mb=(blocks + kv_bytes) / MIB / n_layers if n_layers else 0.0,
+        partial_ok=n_layers > 0,
+    )
+
+
+def _from_catalog(spec: ModelSpec, context: int, notes: tuple[str, ...]) -> VramEstimate:
+    gguf_like = spec.backend == "llama_cpp"
+    per_param = BYTES_PER_PARAM.get(spec.quant.lower())
+    if gguf_like and spec.size_mb:
+        weights_mb = int(spec.size_mb)
+    elif per_param is not None:
+        weights_mb = _mb(spec.params_b * 1e9 * per_param)
+    else:
+        weights_mb = _mb(spec.params_b * 1e9 * 2.0)
+        notes += (f"unknown quantisation '{spec.quant}': assumed 2 bytes per parameter",)
+    n_layers = spec.n_layers or 0
+    kv_mb = 0
+    if spec.kind == "chat":
+        if n_layers and spec.n_head_kv and spec.head_dim:
+            kv_mb = _mb(2 * n_layers * spec.n_head_kv * spec.head_dim * context * 2)
+        else:
+            notes += ("no architecture hints in the catalog: KV cache not counted",)
+    if gguf_like:
+        n_head = (spec.n_embd // spec.head_dim) if spec.n_embd and spec.head_dim else 32
+        compute = _attn_compute_mb(context, n_head)
+    else:  # activations of a transformers / sentence-transformers forward pass
+        compute = 64 + _mb(weights_mb * MIB * 0.10)
+    overhead = RUNTIME_MB + compute
+    blocks = weights_mb * 0.95 if gguf_like else weights_mb
+    return VramEstimate(
+        model=spec.id, weights_mb=weights_mb, kv_mb=kv_mb, overhead_mb=overhead,
+        total_mb=weights_mb + kv_mb + overhead, n_layers=n_layers, context=context, source="catalog",
+        compute_mb=compute, layer_mb=(blocks + kv_mb) / n_layers if n_layers else 0.0,
+        partial_ok=gguf_like and n_layers > 0, notes=notes,
+    )
+
+
+def effective_context(spec: ModelSpec, context: int) -> int:
+    """The context a model is loaded with: the configured one, capped at the model's native one."""
+    return spec.context if spec.kind == "embed" else max(1, min(context, spec.context))
+
+
+def estimate(spec: ModelSpec, context: int, path: str | Path | None = None) -> VramEstimate:
+    """VRAM estimate for ``spec`` at ``context`` (capped at the model's native context).
+
+    Uses the GGUF file's own metadata when ``path`` is a readable GGUF; falls back to the
+    catalog (with a note saying why) when the file is absent or unreadable.
+    """
+    ctx = effective_context(spec, context)
+    notes: tuple[str, ...] = ()
+    if path is not None and spec.backend == "llama_cpp":
+        p = Path(path)
+        if p.is_file():
+            try:
+                return _from_gguf(spec, ctx, read_gguf(p))
+            except ConfigError as exc:
+                notes = (f"GGUF metadata unreadable ({exc.message}): used catalog hints",)
+        else:
+            notes = (f"'{p}' not on disk: used catalog hints",)
+    return _from_catalog(spec, ctx, notes)
