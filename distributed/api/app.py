@@ -1,0 +1,204 @@
+"""``create_app(settings, node)``: the FastAPI app of one node. Nothing at import time.
+
+Layers, outside in:
+
+1. ``Edge`` — one pure-ASGI middleware doing the per-request chores in a single
+   pass over the headers: API key, body-size limit (Content-Length and the bytes
+   actually streamed), the ``x-tars-via`` header, request metrics by endpoint and
+   model, and the last-resort 500 (generic message to the client, traceback to
+   the log; never a traceback to a client).
+2. Exception handlers — ``TarsError`` → its HTTP status, by type, in the native
+   shape or OpenAI's on ``/v1/*``; FastAPI's validation errors → 400 naming the
+   field; unknown routes → 404 in the same shape.
+3. Routers — native.py, openai.py, ``/rpc`` (rpc/server.py, its own token auth),
+   and the dashboard: ``/`` and ``/dashboard`` serve ``dashboard/index.html``,
+   ``/dashboard/static/<file>`` its assets.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import FileResponse, Response
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .. import __version__
+from ..errors import PayloadTooLarge, TarsError, Unauthorized, ValidationFailed
+from ..logs import get_logger
+from . import native, openai
+from .auth import ApiKey
+from .schemas import error_json
+
+log = get_logger(__name__)
+
+DASHBOARD_DIR = Path(__file__).with_name("dashboard")
+
+
+def _error_response(exc: TarsError, node: str, path: str) -> Response:
+    headers: dict[str, str] = {}
+    retry = exc.details.get("retry_after")
+    if retry is not None:
+        headers["retry-after"] = str(max(1, math.ceil(float(retry))))
+    if isinstance(exc, Unauthorized):
+        headers["www-authenticate"] = "Bearer"
+    return Response(error_json(exc, node, path.startswith("/v1/")), status_code=exc.http_status,
+                    headers=headers, media_type="application/json")
+
+
+class Edge:
+    """Auth, body limit, metrics, via header and the last-resort 500, in one layer."""
+
+    def __init__(self, app: ASGIApp, *, node: Any, api_key: ApiKey, max_body: int, endpoints: set[str]) -> None:
+        self.app = app
+        self.node = node
+        self.api_key = api_key
+        self.max_body = max_body
+        self.endpoints = endpoints
+        self._via = (b"x-tars-via", node.name.encode())
+
+    def _endpoint(self, path: str) -> str:
+        if path in self.endpoints:
+            return path
+        if path.startswith("/dashboard/static/"):
+            return "/dashboard/static"
+        return "other"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        path: str = scope["path"]
+        auth = length = None
+        for k, v in scope["headers"]:
+            if k == b"authorization":
+                auth = v
+            elif k == b"content-length":
+                length = v
+        state = {"status": 500, "started": False}
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                state["status"] = message["status"]
+                state["started"] = True
+                message["headers"] = [*message.get("headers", ()), self._via]
+            await send(message)
+
+        try:
+            self.api_key.check(path, auth)
+            if length is not None:
+                try:
+                    n = int(length)
+                except ValueError:
+                    raise ValidationFailed("the Content-Length header is not a number", field="content-length") from None
+                if n > self.max_body:
+                    raise PayloadTooLarge(f"the request body is {n} bytes; this node accepts at most {self.max_body} "
+                                          "bytes (TARS_MAX_BODY_BYTES)", limit=self.max_body, got=n)
+            await self.app(scope, self._limited(receive) if scope["method"] in ("POST", "PUT", "PATCH") else receive,
+                           send_wrapper)
+        except TarsError as exc:  # raised here in the edge, before the app
+            if not state["started"]:
+                await _error_response(exc, self.node.name, path)(scope, receive, send_wrapper)
+        except Exception:  # noqa: BLE001 - last resort: generic message out, traceback to the log
+            log.exception("unhandled error on %s %s", scope.get("method"), path)
+            if not state["started"]:
+                err = TarsError("internal server error; the node's log has the details")
+                await _error_response(err, self.node.name, path)(scope, receive, send_wrapper)
+        finally:
+            model = scope.get("tars.model", "")
+            self.node.metrics.observe_request(self._endpoint(path), model, state["status"], time.perf_counter() - t0)
+
+    def _limited(self, receive: Receive) -> Receive:
+        seen = 0
+        limit = self.max_body
+
+        async def wrapped() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise PayloadTooLarge(f"the request body exceeds {limit} bytes, the most this node accepts "
+                                          "(TARS_MAX_BODY_BYTES)", limit=limit)
+            return message
+
+        return wrapped
+
+
+def _dashboard_page() -> Response:
+    index = DASHBOARD_DIR / "index.html"
+    if not index.is_file():
+        return Response("dashboard assets are not installed (distributed/api/dashboard/index.html)",
+                        status_code=404, media_type="text/plain")
+    return FileResponse(index, media_type="text/html")
+
+
+def create_app(settings: Any, node: Any) -> Any:
+    """The app of one node. The lifespan starts and stops ``node`` (and nothing else)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> Any:
+        await node.start()
+        log.info("node %s started (role %s)", node.name, node.role)
+        try:
+            yield
+        finally:
+            await node.stop()
+
+    app = FastAPI(title="TARS Distributed", version=__version__, lifespan=lifespan,
+                  description="One local AI service across home PCs. Native API, OpenAI-compatible /v1, "
+                              "JSON-RPC /rpc between nodes.")
+    app.state.node = node
+    app.state.settings = settings
+
+    async def tars_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, TarsError)
+        return _error_response(exc, node.name, request.url.path)
+
+    async def validation_error(request: Request, exc: Exception) -> Response:
+        errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        field = ".".join(str(p) for p in first["loc"] if p not in ("body", "query", "path", "header"))
+        err = ValidationFailed(f"field '{field}': {first['msg']}" if field else str(first["msg"]), field=field or None)
+        return _error_response(err, node.name, request.url.path)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        err = TarsError(f"{request.method} {request.url.path}: {exc.detail}; see /docs for the API")
+        err.http_status = exc.status_code
+        err.kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _error_response(err, node.name, request.url.path)
+
+    app.add_exception_handler(TarsError, tars_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+
+    from ..rpc.server import build_rpc_router
+
+    routers = [native.router, openai.router, build_rpc_router(settings, node)]
+    for router in routers:
+        app.include_router(router)
+
+    @app.get("/", include_in_schema=False)
+    async def root() -> Response:
+        return _dashboard_page()
+
+    @app.get("/dashboard", include_in_schema=False)
+    async def dashboard() -> Response:
+        return _dashboard_page()
+
+    app.mount("/dashboard/static", StaticFiles(directory=DASHBOARD_DIR, check_dir=False), name="dashboard")
+
+    paths = [getattr(r, "path", "") for router in routers for r in router.routes]
+    endpoints = {p for p in paths if p and "{" not in p} | {"/", "/dashboard", "/docs", "/openapi.json"}
+    app.add_middleware(Edge, node=node, api_key=ApiKey(settings.api_key.get_secret_value()),
+                       max_body=settings.max_body_bytes, endpoints=endpoints)
+    return app

@@ -1,0 +1,43 @@
+"""The API key: with ``TARS_API_KEY`` set, every endpoint but the public ones needs
+``Authorization: Bearer <key>``.
+
+Public: ``/health`` (load balancers and ``tars status`` probe it), the dashboard
+page and its static assets (a browser cannot attach a bearer header to a
+``<script>`` tag; the page itself asks for the key and sends it with its API
+calls), and ``/rpc``, which has its own cluster-token check (rpc/server.py).
+The comparison is constant-time (``hmac.compare_digest``).
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from ..errors import Unauthorized
+
+PUBLIC_PATHS = frozenset({"/health", "/", "/dashboard", "/dashboard/", "/favicon.ico"})
+PUBLIC_PREFIXES = ("/dashboard/static/", "/rpc")
+
+
+def is_public(path: str) -> bool:
+    return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
+
+
+class ApiKey:
+    """Checks the bearer token of a request against the configured key (bytes, once)."""
+
+    def __init__(self, key: str) -> None:
+        self._key = key.encode("utf-8")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._key)
+
+    def check(self, path: str, authorization: bytes | None) -> None:
+        """Raise Unauthorized unless ``path`` is public or the header carries the key."""
+        if not self._key or is_public(path):
+            return
+        if not authorization:
+            raise Unauthorized("this node requires an API key: send 'Authorization: Bearer <TARS_API_KEY>'")
+        scheme, _, token = authorization.partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self._key):
+            raise Unauthorized("the API key is wrong: send 'Authorization: Bearer <TARS_API_KEY>'")

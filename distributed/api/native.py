@@ -1,0 +1,153 @@
+"""The native REST API: /health /status /models /config /inference /embed /metrics.
+
+Routes are adapters: read the body, parse it with the wire model from
+``schemas``, call the node on ``request.app.state``, serialise with orjson.
+Errors are raised as ``TarsError`` and mapped to HTTP in app.py.
+
+``POST /inference`` with ``"stream": true`` answers ``text/event-stream``:
+
+    event: token
+    data: {"type":"token","text":"Hello"}
+
+    event: done
+    data: {"type":"done","model":..,"node":..,"via":..,"text":<all>,"finish_reason":..,"usage":..,"timings":..}
+
+and, if something fails after the first token, ``event: error`` with
+``{"type":"error","error":{...}}`` instead of ``done``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from ..domain import Completion, TokenChunk
+from ..errors import TarsError
+from ..logs import get_logger
+from . import schemas as s
+from .streaming import ClientGone, EventStream, until_disconnect
+
+log = get_logger(__name__)
+router = APIRouter()
+
+
+class JSON(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return content if isinstance(content, bytes) else orjson.dumps(content, default=str)
+
+
+def _node(request: Request) -> Any:
+    return request.app.state.node
+
+
+def label(request: Request, model: str | None) -> None:
+    """Name the model for the request metrics (read by the edge middleware)."""
+    request.scope["tars.model"] = model or "default"
+
+
+@router.get("/health", summary="200 when every model assigned here is ready, else 503")
+async def health(request: Request) -> Response:
+    node = _node(request)
+    ok, body = node.health()
+    body["via"] = node.name
+    return JSON(body, status_code=200 if ok else 503)
+
+
+@router.get("/status", summary="Node, live GPU figures, models, peers, plan")
+async def status(request: Request) -> Response:
+    node = _node(request)
+    body = node.status()
+    body["via"] = node.name
+    return JSON(body)
+
+
+@router.get("/models", summary="Every model in the cluster as this node sees it")
+async def models(request: Request) -> Response:
+    node = _node(request)
+    return JSON({"node": node.name, "via": node.name, "models": node.models()})
+
+
+@router.get("/config", summary="Effective settings, secrets redacted")
+async def config(request: Request) -> Response:
+    node = _node(request)
+    return JSON({"node": node.name, "via": node.name, "settings": request.app.state.settings.redacted()})
+
+
+@router.get("/metrics", summary="Prometheus metrics")
+async def metrics(request: Request) -> Response:
+    from ..metrics import CONTENT_TYPE
+
+    return Response(_node(request).metrics.render(), media_type=CONTENT_TYPE)
+
+
+@router.post("/inference", response_model=s.InferenceResponse, summary="Generate text (SSE with stream=true)",
+             openapi_extra={"requestBody": {"content": {"application/json": {
+                 "schema": s.InferenceRequest.model_json_schema(ref_template="#/components/schemas/{model}")}}}})
+async def inference(request: Request) -> Response:
+    node = _node(request)
+    req = s.parse(s.InferenceRequest, await request.body()).to_domain()
+    label(request, req.model)
+    if req.stream:
+        agen = node.stream(req)
+        try:
+            first = await until_disconnect(request.receive, agen.__anext__())
+        except ClientGone:
+            await agen.aclose()
+            return Response(status_code=499)
+        except BaseException:
+            await agen.aclose()
+            raise
+        label(request, first.model if isinstance(first, Completion) else node.resolve(req.model, "chat").model)
+        return EventStream(_events(first, agen, node.name))
+    try:
+        c = await until_disconnect(request.receive, node.generate(req))
+    except ClientGone:
+        return Response(status_code=499)
+    label(request, c.model)
+    return JSON(s.inference_body(c))
+
+
+_TOKEN_HEAD = b'event: token\ndata: {"type":"token","text":'
+
+
+async def _events(first: TokenChunk | Completion, agen: AsyncIterator[Any], node: str) -> AsyncIterator[bytes]:
+    pieces: list[str] = []
+    item: Any = first
+    try:
+        while True:
+            if isinstance(item, Completion):
+                item.text = "".join(pieces)
+                yield b"event: done\ndata: " + orjson.dumps({"type": "done", **s.inference_body(item)}) + b"\n\n"
+                return
+            pieces.append(item.text)
+            yield _TOKEN_HEAD + orjson.dumps(item.text) + b"}\n\n"
+            item = await agen.__anext__()
+    except StopAsyncIteration:
+        err: TarsError = TarsError("the stream ended without a final result")
+        yield b"event: error\ndata: " + orjson.dumps({"type": "error", **s.native_error(err, node)}) + b"\n\n"
+    except TarsError as exc:
+        yield b"event: error\ndata: " + orjson.dumps({"type": "error", **s.native_error(exc, node)}, default=str) + b"\n\n"
+    except Exception:  # noqa: BLE001 - the client gets a generic message, the log the traceback
+        log.exception("stream failed after its first token")
+        err = TarsError("internal error during generation; see the node's log")
+        yield b"event: error\ndata: " + orjson.dumps({"type": "error", **s.native_error(err, node)}) + b"\n\n"
+    finally:
+        await agen.aclose()
+
+
+@router.post("/embed", response_model=s.EmbedResponse, summary="Embed one or more texts",
+             openapi_extra={"requestBody": {"content": {"application/json": {
+                 "schema": s.EmbedBody.model_json_schema(ref_template="#/components/schemas/{model}")}}}})
+async def embed(request: Request) -> Response:
+    node = _node(request)
+    req = s.parse(s.EmbedBody, await request.body()).to_domain()
+    label(request, req.model)
+    result = await node.embed(req)
+    label(request, result.model)
+    return JSON(s.embed_json(result))

@@ -1,0 +1,296 @@
+"""The node: one host's service. Routes each request to a Target, local or remote.
+
+The node owns the table ``model id → Target``. At start a standalone node plans for
+itself (profiler → planner) and loads its share in the background; a node with
+peers loads nothing until the cluster layer hands it a plan (``apply_plan``) and
+installs ``RemoteTarget``s for the peers' models (``set_target``). The HTTP and
+RPC layers only ever call the methods here, so both see the same routing, the
+same limits and the same errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from . import __version__
+from .backends.base import Backend, BackendOptions, create_backend
+from .domain import (Assignment, Completion, EmbedRequest, Embeddings, GenerateRequest, GPUInfo, HostProfile,
+                     ModelKind, ModelSpec, Plan, TokenChunk)
+from .errors import ConfigError, ModelFailed, ModelNotFound, TarsError, ValidationFailed
+from .logs import fields, get_logger
+from .metrics import Metrics
+from .settings import Settings
+from .targets import LocalTarget, Target
+
+log = get_logger(__name__)
+
+
+class Node:
+    def __init__(self, settings: Settings, profile: HostProfile | None = None, catalog: Any = None,
+                 store: Any = None, metrics: Metrics | None = None, *,
+                 backend_extra: dict[str, Any] | None = None) -> None:
+        """``profile``/``catalog``/``store`` default to detecting, the built-in catalog and
+        ``settings.models_dir``. ``backend_extra`` is merged into every backend's
+        ``BackendOptions.extra`` (tests tune the fake backend through it)."""
+        self.settings = settings
+        self.name = settings.node_name
+        self.role = settings.effective_role
+        self.profile = profile
+        if catalog is None:
+            from .catalog import load_catalog
+
+            catalog = load_catalog()
+        self.catalog = catalog
+        if store is None:
+            from .store import ModelStore
+
+            store = ModelStore(settings.models_dir)
+        self.store = store
+        self.metrics = metrics or Metrics(self.name)
+        self.metrics.bind(queue_depths=self._queue_depths, gpus=self.live_gpus)
+        self.backend_extra = dict(backend_extra or {})
+        self.targets: dict[str, Target] = {}
+        self.plan = Plan()
+        self.cluster: Any = None  # the cluster layer attaches itself here
+        self.started_at = time.monotonic()
+        self._started = False
+        self._specs: list[ModelSpec] | None = None
+
+    # ----------------------------------------------------------------- lifecycle
+    def model_specs(self) -> list[ModelSpec]:
+        """The models this cluster serves: TARS_MODELS in order, else the embedded defaults."""
+        if self._specs is None:
+            if self.settings.models:
+                try:
+                    self._specs = [self.catalog.get(m) for m in self.settings.models]
+                except ModelNotFound as exc:
+                    raise ConfigError(f"TARS_MODELS names unknown model '{exc.model}'; known models: "
+                                      f"{', '.join(exc.available)}", variable="TARS_MODELS") from None
+            else:
+                self._specs = list(self.catalog.defaults())
+        return self._specs
+
+    async def start(self, load: bool | None = None) -> None:
+        """Profile (if not given), plan for this host alone and start loading in the
+        background. ``load`` defaults to "no peers configured": a node that joins a
+        cluster waits for the cluster's plan instead. Idempotent."""
+        if self._started:
+            return
+        self._started = True
+        self.started_at = time.monotonic()
+        if self.profile is None:
+            from . import profiler
+
+            self.profile = await asyncio.to_thread(profiler.profile_host, self.settings.gpu_profile, self.name)
+        if load is None:
+            load = not self.settings.peers
+        if load:
+            await self.apply_plan(self.plan_alone())
+
+    def plan_alone(self) -> Plan:
+        """The plan for this host alone (what a standalone node loads)."""
+        from . import planner
+
+        assert self.profile is not None
+        specs = self.model_specs()
+        paths = {}
+        if self.settings.backend_override != "fake":
+            for s in specs:
+                try:
+                    p = self.store.path_for(s)
+                except TarsError:
+                    p = None
+                if p is not None:
+                    paths[s.id] = p
+        return planner.plan({self.name: self.profile}, specs, reserve_mb=self.settings.vram_reserve_mb,
+                            context=self.settings.context, paths=paths)
+
+    async def stop(self) -> None:
+        targets = list(self.targets.values())
+        self.targets.clear()
+        await asyncio.gather(*(t.close() for t in targets), return_exceptions=True)
+        self._started = False
+
+    async def apply_plan(self, plan: Plan) -> None:
+        """Load what ``plan`` assigns to this host, unload local models it does not."""
+        self.plan = plan
+        mine = {a.model: a for a in plan.for_node(self.name)}
+        for model, target in list(self.targets.items()):
+            if isinstance(target, LocalTarget) and model not in mine:
+                log.info("unloading %s: no longer assigned here", model, extra=fields(model=model))
+                del self.targets[model]
+                await target.close()
+        for model, a in mine.items():
+            current = self.targets.get(model)
+            if isinstance(current, LocalTarget) and current.state != "failed" and self._same(current.assignment, a):
+                continue
+            spec = self.catalog.get(model)
+            target = self._local_target(spec, a)
+            old = self.targets.get(model)
+            self.targets[model] = target
+            if old is not None:
+                await old.close()
+            log.info("loading %s on %s (%s)", model, a.device, a.reason,
+                     extra=fields(model=model, backend=a.backend or spec.backend, n_gpu_layers=a.n_gpu_layers))
+            target.start()
+
+    @staticmethod
+    def _same(a: Assignment, b: Assignment) -> bool:
+        return (a.device, a.n_gpu_layers, a.quant, a.backend) == (b.device, b.n_gpu_layers, b.quant, b.backend)
+
+    def _local_target(self, spec: ModelSpec, a: Assignment) -> LocalTarget:
+        s = self.settings
+        fake = s.backend_override == "fake"
+
+        def factory() -> Backend:
+            extra: dict[str, Any] = {}
+            if not fake and self.profile is not None:
+                from . import profiler
+
+                extra.update(profiler.tuning(self.profile) or {})
+            extra.update(self.backend_extra)
+            context = min(s.context, spec.context) if spec.kind == "chat" else spec.context
+            options = BackendOptions(context=context, threads=s.threads, batch_size=s.embed_max_batch, extra=extra)
+            path = None if fake else self.store.ensure(spec)
+            return create_backend(spec, a, options, path, backend=s.backend_override or None)
+
+        return LocalTarget(spec, a, factory, node=self.name, queue_size=s.queue_size,
+                           timeout_s=s.request_timeout_s, embed_max_batch=s.embed_max_batch,
+                           embed_max_wait_ms=s.embed_max_wait_ms, metrics=self.metrics,
+                           backend_name=s.backend_override or None)
+
+    def set_target(self, target: Target) -> None:
+        """Install (or replace) the target for ``target.model`` (the cluster installs RemoteTargets)."""
+        old = self.targets.get(target.model)
+        self.targets[target.model] = target
+        if isinstance(old, LocalTarget) and old is not target:
+            asyncio.get_running_loop().create_task(old.close())
+
+    def remove_target(self, model: str) -> Target | None:
+        old = self.targets.pop(model, None)
+        if isinstance(old, LocalTarget):
+            asyncio.get_running_loop().create_task(old.close())
+        return old
+
+    def target(self, model: str) -> Target:
+        try:
+            return self.targets[model]
+        except KeyError:
+            raise ModelNotFound(model, list(self.targets)) from None
+
+    # ----------------------------------------------------------------- routing
+    def default_model(self, kind: ModelKind) -> str | None:
+        """The first configured model of ``kind`` that has a target, else any target of that kind."""
+        for s in self.model_specs():
+            if s.kind == kind and s.id in self.targets:
+                return s.id
+        return next((m for m, t in self.targets.items() if t.kind == kind), None)
+
+    def resolve(self, model: str | None, kind: ModelKind) -> Target:
+        """The target for ``model`` (None → this node's default of ``kind``)."""
+        if model is None or model == "":
+            default = self.default_model(kind)
+            if default is None:
+                raise ModelNotFound(f"<default {kind} model>", list(self.targets))
+            model = default
+        target = self.targets.get(model)
+        if target is None:
+            unplaced = next((u for u in self.plan.unplaced if u.model == model), None)
+            if unplaced is not None:
+                raise ModelFailed(f"model '{model}' is not served: {unplaced.reason}", model=model)
+            raise ModelNotFound(model, list(self.targets))
+        if target.kind != kind:
+            what = "an embedding model: use /embed or /v1/embeddings" if target.kind == "embed" else \
+                "a chat model: use /inference, /v1/chat/completions or /v1/completions"
+            raise ValidationFailed(f"model '{model}' is {what}", field="model", model=model)
+        return target
+
+    async def generate(self, req: GenerateRequest) -> Completion:
+        completion = await self.resolve(req.model, "chat").generate(req)
+        completion.via = self.name
+        return completion
+
+    async def stream(self, req: GenerateRequest) -> AsyncIterator[TokenChunk | Completion]:
+        """Chunks as they come, then the Completion (with ``via`` set). The first
+        ``__anext__`` raises any error that happens before the first token."""
+        async for item in self.resolve(req.model, "chat").stream(req):
+            if isinstance(item, Completion):
+                item.via = self.name
+            yield item
+
+    async def embed(self, req: EmbedRequest) -> Embeddings:
+        result = await self.resolve(req.model, "embed").embed(req)
+        result.via = self.name
+        return result
+
+    # ----------------------------------------------------------------- reporting
+    def local_targets(self) -> list[LocalTarget]:
+        return [t for t in self.targets.values() if isinstance(t, LocalTarget)]
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """ok only when every local assigned model is ready. Busy is not unhealthy."""
+        states = {t.model: t.state for t in self.local_targets()}
+        failed = {t.model: t.error or t.state for t in self.local_targets() if t.state in ("failed", "unavailable")}
+        loading = [m for m, s in states.items() if s == "loading"]
+        ok = all(s == "ready" for s in states.values())
+        status = "ok" if ok else ("loading" if loading else "failed")
+        body: dict[str, Any] = {"status": status, "node": self.name, "models": states}
+        if loading:
+            body["loading"] = loading
+        if failed:
+            body["failed"] = failed
+        return ok, body
+
+    def live_gpus(self) -> list[GPUInfo]:
+        """Live GPU figures (NVML); a simulated profile reports its own GPUs."""
+        prof = self.profile
+        if prof is not None and prof.simulated:
+            return list(prof.gpus)
+        try:
+            from . import profiler
+
+            live = profiler.live_gpus()
+        except Exception:  # noqa: BLE001 - reporting must not break /status
+            live = []
+        return live or (list(prof.gpus) if prof is not None else [])
+
+    def _queue_depths(self) -> dict[str, int]:
+        return {m: t.queue_depth for m, t in self.targets.items() if isinstance(t, LocalTarget)}
+
+    def models(self) -> list[dict[str, Any]]:
+        return [t.info() for t in self.targets.values()]
+
+    def status(self) -> dict[str, Any]:
+        from .optional import require
+
+        psutil = require("psutil", purpose="memory figures in /status")
+        vm = psutil.virtual_memory()
+        models = self.models()
+        local = self.local_targets()
+        peers: list[dict[str, Any]] = []
+        if self.cluster is not None and hasattr(self.cluster, "peers_status"):
+            peers = self.cluster.peers_status()
+        ok, _ = self.health()
+        return {
+            "node": self.name,
+            "role": getattr(self.cluster, "role", None) or self.role,
+            "version": __version__,
+            "uptime_s": round(time.monotonic() - self.started_at, 3),
+            "healthy": ok,
+            "url": self.settings.base_url,
+            "profile": self.profile.to_dict() if self.profile is not None else None,
+            "gpus": [g.to_dict() for g in self.live_gpus()],
+            "ram": {"total_mb": vm.total // 2**20, "free_mb": vm.available // 2**20},
+            "models": models,
+            "totals": {
+                "tokens_per_s": round(sum(t.tokens_per_s() for t in local), 3),
+                "embeddings_per_s": round(sum(t.embeddings_per_s() for t in local), 3),
+                "queue_depth": sum(t.queue_depth for t in local),
+                "requests": sum(t.requests for t in local),
+            },
+            "peers": peers,
+            "plan": self.plan.to_dict(),
+        }

@@ -1,0 +1,345 @@
+"""A model as the node sees it: ``Target``, and ``LocalTarget`` (a backend on this host).
+
+The node routes every request to a Target without caring where it computes:
+``LocalTarget`` runs a backend here behind its ``GenerationQueue`` or
+``MicroBatcher``; ``rpc/remote.py``'s ``RemoteTarget`` forwards to a peer.
+
+``LocalTarget`` loads its backend in a background thread (the node answers
+``/health`` 503 "loading" meanwhile), keeps the error text when loading fails
+(the node stays up and reports it), and does the context checks before a request
+queues, so a prompt that can never fit is refused at once instead of after a wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from .backends.base import Backend, ChatBackend, EmbedBackend
+from .batching import GenerationQueue, MicroBatcher
+from .domain import (Assignment, Completion, EmbedRequest, Embeddings, GenerateRequest, ModelKind,
+                     ModelSpec, Timings, TokenChunk, Usage)
+from .errors import InputTooLong, ModelFailed, ModelLoading, TarsError, ValidationFailed
+from .logs import fields, get_logger
+from .metrics import Metrics
+
+log = get_logger(__name__)
+
+
+class Rate:
+    """Events per second over a sliding window (records per request, not per token)."""
+
+    def __init__(self, window_s: float = 10.0) -> None:
+        self.window_s = window_s
+        self._events: collections.deque[tuple[float, float]] = collections.deque()
+
+    def add(self, amount: float) -> None:
+        now = time.monotonic()
+        self._events.append((now, amount))
+        self._trim(now)
+
+    def _trim(self, now: float) -> None:
+        cutoff = now - self.window_s
+        while self._events and self._events[0][0] < cutoff:
+            self._events.popleft()
+
+    def per_s(self) -> float:
+        self._trim(time.monotonic())
+        return sum(a for _, a in self._events) / self.window_s
+
+
+class Target(ABC):
+    """One model, local or remote. See docs/ARCHITECTURE.md for the contract."""
+
+    model: str
+    kind: ModelKind
+    node: str
+
+    @property
+    @abstractmethod
+    def state(self) -> str:
+        """"loading" | "ready" | "failed" | "unavailable"."""
+
+    @abstractmethod
+    def stream(self, req: GenerateRequest) -> AsyncIterator[TokenChunk | Completion]:
+        """Yield a TokenChunk per piece, then exactly one Completion (text "", stats filled)."""
+
+    async def generate(self, req: GenerateRequest) -> Completion:
+        """The whole answer at once (default: drain ``stream``)."""
+        pieces: list[str] = []
+        async for item in self.stream(req):
+            if isinstance(item, Completion):
+                item.text = "".join(pieces)
+                return item
+            pieces.append(item.text)
+        raise TarsError(f"model '{self.model}' ended its stream without a result")
+
+    @abstractmethod
+    async def embed(self, req: EmbedRequest) -> Embeddings: ...
+
+    @abstractmethod
+    def info(self) -> dict[str, Any]:
+        """{"id","kind","backend","quant","node","state","queue_depth","requests",
+        "tokens_generated","last_tokens_per_s","error"?}"""
+
+    @property
+    def queue_depth(self) -> int:
+        return 0
+
+    def tokens_per_s(self) -> float:
+        """Recent generation rate (tokens/s over a short window)."""
+        return 0.0
+
+    def embeddings_per_s(self) -> float:
+        return 0.0
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release what the target holds (default: nothing)."""
+
+
+class LocalTarget(Target):
+    """A backend on this host. ``factory`` builds the (unloaded) backend; it runs in the
+    loading thread, so resolving model files (which may assemble a GGUF) happens there too."""
+
+    def __init__(self, spec: ModelSpec, assignment: Assignment, factory: Callable[[], Backend], *,
+                 node: str, queue_size: int = 16, timeout_s: float = 300.0, embed_max_batch: int = 64,
+                 embed_max_wait_ms: float = 2.0, metrics: Metrics | None = None,
+                 backend_name: str | None = None) -> None:
+        self.model = spec.id
+        self.kind = spec.kind
+        self.node = node
+        self.spec = spec
+        self.assignment = assignment
+        self.metrics = metrics
+        self.backend_name = backend_name or assignment.backend or spec.backend
+        self.backend: Backend | None = None
+        self.error: str | None = None
+        self._factory = factory
+        self._state = "loading"
+        self._loaded = threading.Event()
+        self._closed = False
+        self.requests = 0
+        self.tokens_generated = 0
+        self.embeddings = 0
+        self.last_tokens_per_s = 0.0
+        self.load_s: float | None = None
+        self._token_rate = Rate()
+        self._embed_rate = Rate()
+        self.queue: GenerationQueue | None = None
+        self.batcher: MicroBatcher | None = None
+        if self.kind == "chat":
+            self.queue = GenerationQueue(self._run_stream, max_waiting=queue_size, timeout_s=timeout_s, name=self.model)
+        else:
+            self.batcher = MicroBatcher(self._encode, max_batch=embed_max_batch, max_wait_ms=embed_max_wait_ms,
+                                        max_queue=max(queue_size * embed_max_batch, embed_max_batch),
+                                        timeout_s=timeout_s, name=self.model)
+
+    # ----------------------------------------------------------------- lifecycle
+    @property
+    def state(self) -> str:
+        return self._state
+
+    def start(self) -> None:
+        """Load in a background thread; returns at once."""
+        threading.Thread(target=self._load, name=f"load-{self.model}", daemon=True).start()
+
+    def _load(self) -> None:
+        t0 = time.monotonic()
+        try:
+            backend = self._factory()
+            backend.load()
+            backend.warmup()
+            if self._closed:
+                backend.unload()
+                return
+            self.backend = backend
+            self.load_s = time.monotonic() - t0
+            self._state = "ready"
+            log.info("model %s ready in %.1f s", self.model, self.load_s,
+                     extra=fields(model=self.model, backend=backend.name))
+        except Exception as exc:  # noqa: BLE001 - the node stays up and reports the failure
+            self.error = exc.message if isinstance(exc, TarsError) else f"{type(exc).__name__}: {exc}"
+            self._state = "failed"
+            log.error("model %s failed to load: %s", self.model, self.error, exc_info=not isinstance(exc, TarsError),
+                      extra=fields(model=self.model))
+        finally:
+            self._loaded.set()
+
+    async def wait_loaded(self, timeout: float | None = None) -> str:
+        """Wait until loading has finished (ready or failed); returns the state."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while not self._loaded.is_set():
+            if deadline is not None and loop.time() > deadline:
+                break
+            await asyncio.sleep(0.02)
+        return self._state
+
+    async def close(self) -> None:
+        self._closed = True
+        self._state = "unavailable" if self._state != "failed" else self._state
+        if self.queue is not None:
+            self.queue.close()
+        if self.batcher is not None:
+            self.batcher.close()
+        backend, self.backend = self.backend, None
+        if backend is not None:
+            await asyncio.to_thread(backend.unload)
+
+    def _check_ready(self) -> Backend:
+        backend = self.backend
+        if self._state == "ready" and backend is not None:
+            return backend
+        if self._state == "failed":
+            raise ModelFailed(f"model '{self.model}' failed to load on {self.node}: {self.error}",
+                              model=self.model, node=self.node)
+        if self._state == "loading":
+            raise ModelLoading(f"model '{self.model}' is still loading on {self.node}; retry in a few seconds",
+                               model=self.model, node=self.node)
+        raise ModelFailed(f"model '{self.model}' is not available on {self.node} ({self._state})",
+                          model=self.model, node=self.node)
+
+    # ----------------------------------------------------------------- chat
+    def _run_stream(self, req: GenerateRequest, cancel: threading.Event) -> Any:
+        backend = self.backend
+        if backend is None:
+            raise ModelFailed(f"model '{self.model}' was unloaded", model=self.model)
+        return backend.stream(req, cancel)  # type: ignore[attr-defined]
+
+    def prepare(self, req: GenerateRequest) -> tuple[GenerateRequest, int, list[str]]:
+        """Context checks: refuse a prompt that cannot fit, clamp max_tokens that cannot."""
+        backend = self._check_ready()
+        if self.kind != "chat" or not isinstance(backend, ChatBackend):
+            raise ValidationFailed(f"model '{self.model}' is an embedding model; it cannot generate text",
+                                   field="model")
+        if not req.messages and not (req.prompt or "").strip():
+            raise ValidationFailed("the prompt is empty; send a non-empty 'prompt' or 'messages'", field="prompt")
+        n = backend.prompt_tokens(req)
+        ctx = backend.context_length
+        if n >= ctx:
+            raise InputTooLong(f"the prompt is {n} tokens but model '{self.model}' has a context of {ctx} tokens; "
+                               f"shorten it to fewer than {ctx} tokens", limit=ctx, got=n,
+                               field="messages" if req.messages else "prompt")
+        notes: list[str] = []
+        if n + req.max_tokens > ctx:
+            room = ctx - n
+            notes.append(f"max_tokens clamped from {req.max_tokens} to {room}: the prompt ({n} tokens) plus "
+                         f"max_tokens must fit the context of {ctx} tokens")
+            req = dataclasses.replace(req, max_tokens=room)
+        return req, n, notes
+
+    async def stream(self, req: GenerateRequest) -> AsyncIterator[TokenChunk | Completion]:
+        t0 = time.perf_counter()
+        req, prompt_tokens, notes = self.prepare(req)
+        assert self.queue is not None
+        self.requests += 1
+        n = 0
+        first: float | None = None
+        finish = "stop"
+        try:
+            async for chunk in self.queue.stream(req):
+                if chunk.finish_reason:
+                    finish = chunk.finish_reason
+                if chunk.text:
+                    if first is None:
+                        first = time.perf_counter()
+                    n += 1
+                    yield chunk
+        finally:
+            end = time.perf_counter()
+            self.tokens_generated += n
+            self._token_rate.add(n)
+            ttft = (first - t0) if first is not None else None
+            if n > 1 and first is not None and end > first:
+                tps = (n - 1) / (end - first)
+            else:
+                tps = n / (end - t0) if end > t0 else 0.0
+            if n:
+                self.last_tokens_per_s = tps
+            if self.metrics is not None:
+                self.metrics.observe_generation(self.model, n, ttft)
+        yield Completion(model=self.model, node=self.node, text="", finish_reason=finish,
+                         usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=n),
+                         timings=Timings(ttft_ms=round((ttft or 0.0) * 1000, 3), total_ms=round((end - t0) * 1000, 3),
+                                         tokens_per_s=round(tps, 3)),
+                         notes=notes)
+
+    # ----------------------------------------------------------------- embeddings
+    def _encode(self, texts: list[str], normalize: bool) -> tuple[Any, list[int] | None]:
+        backend = self.backend
+        if backend is None:
+            raise ModelFailed(f"model '{self.model}' was unloaded", model=self.model)
+        assert isinstance(backend, EmbedBackend)
+        vecs = backend.embed(texts, normalize)
+        counter = getattr(backend, "count_tokens_each", None)
+        counts = counter(texts) if counter is not None else [backend.count_tokens([t]) for t in texts]
+        return vecs, counts
+
+    async def embed(self, req: EmbedRequest) -> Embeddings:
+        t0 = time.perf_counter()
+        backend = self._check_ready()
+        if self.kind != "embed":
+            raise ValidationFailed(f"model '{self.model}' is a chat model; it cannot embed", field="model")
+        if not req.input:
+            raise ValidationFailed("'input' is empty; send a string or a list of strings", field="input")
+        for i, text in enumerate(req.input):
+            if not isinstance(text, str) or not text:
+                raise ValidationFailed(f"input[{i}] is empty; every input must be a non-empty string",
+                                       field=f"input[{i}]")
+        assert self.batcher is not None
+        del backend
+        self.requests += 1
+        vecs, counts = await self.batcher.embed(req.input, req.normalize)
+        n = len(req.input)
+        self.embeddings += n
+        self._embed_rate.add(n)
+        if self.metrics is not None:
+            self.metrics.observe_embeddings(self.model, n)
+        total = (time.perf_counter() - t0) * 1000
+        return Embeddings(model=self.model, node=self.node, vectors=vecs, prompt_tokens=sum(counts or ()),
+                          timings=Timings(total_ms=round(total, 3)))
+
+    # ----------------------------------------------------------------- reporting
+    @property
+    def queue_depth(self) -> int:
+        if self.queue is not None:
+            return self.queue.depth
+        return self.batcher.depth if self.batcher is not None else 0
+
+    def tokens_per_s(self) -> float:
+        return self._token_rate.per_s()
+
+    def embeddings_per_s(self) -> float:
+        return self._embed_rate.per_s()
+
+    def info(self) -> dict[str, Any]:
+        a = self.assignment
+        out: dict[str, Any] = {
+            "id": self.model, "kind": self.kind, "backend": self.backend_name,
+            "quant": a.quant or self.spec.quant, "node": self.node, "state": self._state,
+            "local": True, "device": a.device, "n_gpu_layers": a.n_gpu_layers,
+            "queue_depth": self.queue_depth, "requests": self.requests,
+            "tokens_generated": self.tokens_generated, "last_tokens_per_s": round(self.last_tokens_per_s, 3),
+            "embeddings": self.embeddings, "load_s": None if self.load_s is None else round(self.load_s, 3),
+        }
+        b = self.backend
+        if b is not None:
+            if isinstance(b, ChatBackend):
+                out["context"] = b.context_length
+            elif isinstance(b, EmbedBackend):
+                out["dim"] = b.dim
+            if getattr(b, "notes", None):
+                out["notes"] = list(b.notes)
+            try:
+                out["memory"] = b.memory_mb()
+            except Exception:  # noqa: BLE001 - best effort figure
+                pass
+        if self.error:
+            out["error"] = self.error
+        return out
