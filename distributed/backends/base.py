@@ -49,6 +49,9 @@ class Backend(ABC):
         self.assignment = assignment
         self.options = options
         self.model_path = model_path
+        # Things an operator should know about how this model actually runs (e.g. "asked
+        # for cuda:0, no CUDA here: running on CPU"). Targets show them in info().
+        self.notes: list[str] = []
 
     @abstractmethod
     def load(self) -> None: ...

@@ -1,0 +1,249 @@
+"""GGUF chat and completion through llama-cpp-python.
+
+Why this module is thin on purpose: the decode loop, the stop-string handling and the
+UTF-8-safe piece splitting are llama-cpp-python's own ``create_completion(stream=True)``.
+The benchmark compares our whole HTTP stack against that very call in process, so the
+backend adds one dataclass and one ``Event.is_set()`` per token and nothing else.
+
+Chat requests are formatted *once* with llama-cpp-python's formatter for the configured
+chat format (or the GGUF's own template), tokenized, and those exact tokens are both
+counted (``prompt_tokens``) and generated from (``stream``) — counting and generation can
+never disagree.
+
+GPU offload: ``n_gpu_layers`` comes from the plan. It only has effect with a CUDA build of
+llama-cpp-python, installed with ``CMAKE_ARGS="-DGGML_CUDA=on" pip install llama-cpp-python
+--no-binary llama-cpp-python --force-reinstall``. A CPU-only build ignores the setting;
+``load()`` detects that (``llama_supports_gpu_offload()``), logs a warning and records a
+note, and the model runs on the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Callable
+
+from ..domain import GenerateRequest, TokenChunk
+from ..errors import ConfigError, InputTooLong, ModelFailed, TarsError, ValidationFailed
+from ..logs import fields, get_logger
+from ..optional import require
+from .base import ChatBackend
+
+log = get_logger(__name__)
+
+_PURPOSE = "GGUF chat models (llama_cpp backend)"
+
+
+def _import_llama_cpp() -> Any:
+    return require("llama_cpp", "llama-cpp-python", _PURPOSE)
+
+
+def _formatter_of(handler: Callable[..., Any]) -> Callable[..., Any] | None:
+    """The prompt formatter inside a llama-cpp-python chat handler.
+
+    llama-cpp-python registers chat formats as *handlers* (format + generate), built by
+    ``chat_formatter_to_chat_completion_handler(formatter)``; the formatter itself is
+    only reachable as that closure's ``chat_formatter`` cell. We need the formatter alone
+    so that we tokenize once and drive generation ourselves. Custom handlers (function
+    calling, llava) have no such cell and are not usable for plain chat here.
+    """
+    code = getattr(handler, "__code__", None)
+    cells = getattr(handler, "__closure__", None)
+    if code is None or not cells:
+        return None
+    found = dict(zip(code.co_freevars, cells)).get("chat_formatter")
+    return found.cell_contents if found is not None else None
+
+
+def _fold_system(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Gemma has no system role: its official template prepends the system text to the
+    first user turn. llama-cpp-python's "gemma" format drops system messages instead, so
+    we fold them in first rather than lose the user's instructions."""
+    system = "\n\n".join(str(m.get("content") or "") for m in messages if m.get("role") == "system")
+    rest = [m for m in messages if m.get("role") != "system"]
+    if not system:
+        return rest
+    for i, m in enumerate(rest):
+        if m.get("role") == "user":
+            rest[i] = {**m, "content": f"{system}\n\n{m.get('content') or ''}"}
+            return rest
+    return [{"role": "user", "content": system}, *rest]
+
+
+class LlamaCppBackend(ChatBackend):
+    """One GGUF model in one ``llama_cpp.Llama``. Not thread-safe: the node runs one
+    generation at a time per instance (``prompt_tokens`` may run beside it: it only
+    reads the vocabulary)."""
+
+    name = "llama_cpp"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._llm: Any = None
+        self._formatter: Callable[..., Any] | None = None
+        self._chat_format: str = ""
+        self._format_stops: list[str] = []
+        self._gpu_offload = False
+        # (request, tokens, stops): prompt_tokens() then stream() of the same request
+        # tokenizes once. Identity, not equality: we hold the request, so no id reuse.
+        self._last: tuple[GenerateRequest, list[int], list[str]] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def load(self) -> None:
+        llama_cpp = _import_llama_cpp()
+        if self.model_path is None:
+            raise ModelFailed(f"model '{self.spec.id}': no GGUF file given to the llama_cpp backend")
+        path = Path(self.model_path)
+        if not path.is_file():
+            raise ModelFailed(f"model '{self.spec.id}': GGUF file not found: {path}", path=str(path))
+        n_gpu_layers = int(self.assignment.n_gpu_layers)
+        self._gpu_offload = bool(llama_cpp.llama_supports_gpu_offload())
+        if n_gpu_layers != 0 and not self._gpu_offload:
+            note = (f"n_gpu_layers={n_gpu_layers} requested but this llama-cpp-python build has no GPU "
+                    "offload; running on CPU (reinstall with CMAKE_ARGS=-DGGML_CUDA=on)")
+            self.notes.append(note)
+            log.warning(note, extra=fields(model=self.spec.id))
+        context = int(self.options.context)
+        try:
+            self._llm = llama_cpp.Llama(
+                model_path=str(path),
+                n_ctx=context,
+                n_batch=min(512, context),
+                n_gpu_layers=n_gpu_layers,
+                n_threads=self.options.threads or None,
+                chat_format=self.spec.chat_format,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise ModelFailed(f"model '{self.spec.id}' failed to load from {path}: {exc}", path=str(path)) from exc
+        self._bind_formatter(llama_cpp)
+        log.info("loaded GGUF", extra=fields(model=self.spec.id, n_ctx=context, n_gpu_layers=n_gpu_layers,
+                                             gpu_offload=self._gpu_offload, chat_format=self._chat_format))
+
+    def _bind_formatter(self, llama_cpp: Any) -> None:
+        """Find the prompt formatter for the chat format the Llama settled on (the one we
+        asked for, else the GGUF's template, else llama-cpp-python's fallback)."""
+        chat_format = self._llm.chat_format or ""
+        handler = self._llm._chat_handlers.get(chat_format)
+        if handler is None:
+            try:
+                handler = llama_cpp.llama_chat_format.get_chat_completion_handler(chat_format)
+            except Exception as exc:  # LlamaChatCompletionHandlerNotFoundException lists valid names
+                self.unload()
+                raise ConfigError(f"model '{self.spec.id}': unknown chat_format '{chat_format}': {exc}") from exc
+        formatter = _formatter_of(handler)
+        if formatter is None:
+            self.unload()
+            raise ConfigError(f"model '{self.spec.id}': chat_format '{chat_format}' is a custom llama-cpp-python "
+                              "handler without a plain prompt formatter; pick a template format such as "
+                              "'gemma', 'chatml' or 'llama-3'")
+        self._formatter = formatter
+        self._chat_format = chat_format
+
+    def warmup(self) -> None:
+        for _ in self.stream(GenerateRequest(prompt="Hello", max_tokens=2, temperature=0.0), threading.Event()):
+            pass
+
+    def unload(self) -> None:
+        llm, self._llm = self._llm, None
+        self._last = None
+        if llm is not None and hasattr(llm, "close"):
+            llm.close()
+
+    def memory_mb(self) -> dict[str, float]:
+        """Weights only, split by the offloaded fraction of layers (the KV cache and
+        compute buffers come on top)."""
+        if self._llm is None or self.model_path is None:
+            return {"vram_mb": 0.0, "ram_mb": 0.0}
+        size_mb = os.path.getsize(self.model_path) / 2**20
+        frac = 0.0
+        if self._gpu_offload and self.assignment.n_gpu_layers != 0:
+            n_layers = max(1, int(self._llm._model.n_layer()) if hasattr(self._llm._model, "n_layer") else 1)
+            wanted = self.assignment.n_gpu_layers
+            frac = 1.0 if wanted < 0 else min(1.0, wanted / n_layers)
+        return {"vram_mb": round(size_mb * frac, 1), "ram_mb": round(size_mb * (1 - frac), 1)}
+
+    # ------------------------------------------------------------------ requests
+    @property
+    def context_length(self) -> int:
+        return int(self._require_llm().n_ctx())
+
+    def format_chat(self, messages: list[dict[str, Any]]) -> tuple[str, list[str], bool]:
+        """Prompt text, the format's own stop strings, and whether the text already
+        carries its special tokens (then no BOS is added)."""
+        if self._formatter is None:
+            raise ModelFailed(f"model '{self.spec.id}' is not loaded")
+        msgs = _fold_system(messages) if self._chat_format == "gemma" else messages
+        try:
+            result = self._formatter(messages=msgs)
+        except Exception as exc:  # a jinja template may reject roles or orderings
+            raise ValidationFailed(f"messages do not fit the '{self._chat_format}' chat template: {exc}",
+                                   field="messages") from exc
+        stop = result.stop
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        return result.prompt, stops, bool(result.added_special)
+
+    def _encode(self, req: GenerateRequest) -> tuple[list[int], list[str]]:
+        last = self._last
+        if last is not None and last[0] is req:
+            return last[1], last[2]
+        llm = self._require_llm()
+        if req.messages is not None:
+            text, stops, added_special = self.format_chat(req.messages)
+            tokens = llm.tokenize(text.encode("utf-8"), add_bos=not added_special, special=True)
+        else:
+            stops = []
+            tokens = llm.tokenize((req.prompt or "").encode("utf-8"), add_bos=True, special=True)
+        self._last = (req, tokens, stops)
+        return tokens, stops
+
+    def prompt_tokens(self, req: GenerateRequest) -> int:
+        return len(self._encode(req)[0])
+
+    def stream(self, req: GenerateRequest, cancel: threading.Event) -> Iterator[TokenChunk]:
+        llm = self._require_llm()
+        tokens, format_stops = self._encode(req)
+        if self._last is not None and self._last[0] is req:
+            self._last = None
+        n_ctx = llm.n_ctx()
+        if len(tokens) >= n_ctx:
+            raise InputTooLong(f"prompt is {len(tokens)} tokens; the context of '{self.spec.id}' is {n_ctx}",
+                               limit=n_ctx, got=len(tokens))
+        if cancel.is_set():
+            yield TokenChunk("", "cancelled")
+            return
+        if req.seed is not None:
+            # Reusing the KV cache of a shared prompt prefix evaluates the prompt in other
+            # batch shapes, which moves the logits slightly (measured: up to 1.0 on Gemma 3
+            # 270M Q4_K_M) and can change the sampled text. A seed asks for reproducible
+            # output, so those requests evaluate their whole prompt afresh.
+            llm.reset()
+        stop = [s for s in (*req.stop, *format_stops) if s]
+        # A generator: nothing runs until the first next(), which evaluates the prompt.
+        chunks = llm.create_completion(prompt=tokens, max_tokens=req.max_tokens, temperature=req.temperature,
+                                       top_p=req.top_p, stop=stop, seed=req.seed, stream=True)
+        finish: str | None = None
+        try:
+            for chunk in chunks:
+                choice = chunk["choices"][0]
+                text = choice["text"]
+                finish = choice["finish_reason"]
+                if text:
+                    yield TokenChunk(text)
+                if finish is not None:
+                    break
+                if cancel.is_set():
+                    finish = "cancelled"
+                    break
+        except (ValueError, RuntimeError) as exc:  # llama_decode failures, sampler errors
+            raise TarsError(f"generation failed in llama.cpp for '{self.spec.id}': {exc}") from exc
+        finally:
+            chunks.close()
+        yield TokenChunk("", finish or "stop")
+
+    def _require_llm(self) -> Any:
+        if self._llm is None:
+            raise ModelFailed(f"model '{self.spec.id}' is not loaded")
+        return self._llm
