@@ -1,0 +1,163 @@
+#!/usr/bin/env bash
+# Set up PC1, the server host (the bigger GPU), in this checkout:
+#
+#   bash scripts/setup_pc1.sh && ./run_pc1.sh
+#
+# Checks Python, creates .venv, installs the CUDA builds of torch and llama-cpp-python
+# where an NVIDIA driver (nvidia-smi) and the CUDA toolkit (nvcc) are present and the CPU
+# builds elsewhere, installs this project, shows the hardware profile and the model plan,
+# writes env/.env.pc1 with a new cluster token (printed for PC2), writes ./run_pc1.sh and
+# finishes with a self-check: the node starts, /health answers 200, the node stops.
+# Safe to run again: every step that is already done is skipped, and the end says so.
+# Asks nothing when stdin is not a terminal or CI is set.
+#
+# Overrides (environment variables):
+#   PYTHON=/path/to/python3.11      interpreter used to create .venv (default: newest python3.1x found)
+#   TARS_VENV=/path/to/venv         use this virtual environment instead of ./.venv
+#   TARS_SETUP_BUILD=auto|cuda|cpu  force the build kind (default auto)
+#   TARS_SETUP_SKIP_INSTALL=1       run no pip command; show what would be installed
+#   TARS_SETUP_VERBOSE=1            pip -v (the full compiler log of llama-cpp-python)
+#   TARS_TORCH_CPU_INDEX=URL        extra index for the CPU torch wheel ("" = PyPI only)
+#   TARS_SETUP_SELFCHECK=0          skip the final self-check
+#   TARS_SETUP_SELFCHECK_TIMEOUT=S  seconds to wait for /health 200 (default 300)
+#   TARS_NODE_NAME, TARS_HOST, TARS_PORT, TARS_ADVERTISE_URL
+#                                   written into env/.env.pc1 when it is created (defaults pc1,
+#                                   0.0.0.0, 8000, this host's LAN address); they also override
+#                                   the file for the self-check, exactly as they do for the node
+#   Any other TARS_* variable reaches the node started by the self-check.
+set -euo pipefail
+# shellcheck source=lib/setup_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/setup_common.sh"
+
+ENV_FILE=env/.env.pc1
+
+case "${1:-}" in
+  -h|--help) sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
+  "") ;;
+  *) die "unknown argument '$1'" "setup_pc1.sh takes no arguments; see bash scripts/setup_pc1.sh --help" ;;
+esac
+
+printf '%sTARS Distributed — setting up PC1 (server) in %s%s\n' "$_B" "$ROOT" "$_0"
+
+check_python
+ensure_venv
+detect_build
+install_torch
+install_llama
+install_project
+profile_and_plan
+
+# ----------------------------------------------------------------------------- 8. env file
+step "Settings file $ENV_FILE"
+mkdir -p "$ROOT/env"
+TOKEN=$(env_get "$ROOT/$ENV_FILE" TARS_CLUSTER_TOKEN)
+if [ -n "$TOKEN" ]; then
+  unchanged "$ENV_FILE exists; its cluster token is kept (delete the file to start over)"
+else
+  [ -f "$ROOT/$ENV_FILE" ] && die "$ENV_FILE exists but has no TARS_CLUSTER_TOKEN" \
+    "add a line TARS_CLUSTER_TOKEN=<token> or delete $ENV_FILE and re-run to generate one"
+  TOKEN=$("$VPY" "$PROBE" token)
+  host=${TARS_HOST:-0.0.0.0}
+  port=${TARS_PORT:-8000}
+  if [ -n "${TARS_ADVERTISE_URL:-}" ]; then advertise=$TARS_ADVERTISE_URL
+  elif [ "$host" = 0.0.0.0 ]; then advertise="http://$("$VPY" "$PROBE" lan-ip):$port"
+  else advertise="http://$host:$port"; fi
+  (umask 077 && cat >"$ROOT/$ENV_FILE" <<EOF
+# TARS Distributed — PC1, the server. Written by scripts/setup_pc1.sh on $(date '+%Y-%m-%d %H:%M').
+# Every setting is listed in README.md ("Settings"); TARS_* environment variables override this file.
+TARS_NODE_NAME=${TARS_NODE_NAME:-pc1}
+TARS_ROLE=server
+# 0.0.0.0 listens on the LAN so PC2 can join; 127.0.0.1 keeps the node to this machine.
+TARS_HOST=$host
+TARS_PORT=$port
+# The address PC2 uses to reach this node.
+TARS_ADVERTISE_URL=$advertise
+# Shared secret of the /rpc channel: PC2 needs the same value (setup_pc2.sh --token ...).
+TARS_CLUSTER_TOKEN=$TOKEN
+# Set to require 'Authorization: Bearer <key>' on every endpoint but /health.
+TARS_API_KEY=
+# Comma-separated model ids to serve; empty = the embedded defaults (tars models list).
+TARS_MODELS=
+EOF
+  )
+  changed "wrote $ENV_FILE with a new cluster token"
+fi
+HOST=${TARS_HOST:-$(env_get "$ROOT/$ENV_FILE" TARS_HOST)}; HOST=${HOST:-127.0.0.1}
+PORT=${TARS_PORT:-$(env_get "$ROOT/$ENV_FILE" TARS_PORT)}; PORT=${PORT:-8000}
+ADVERTISE=${TARS_ADVERTISE_URL:-$(env_get "$ROOT/$ENV_FILE" TARS_ADVERTISE_URL)}
+PC1_ADDR=${ADVERTISE#http://}; PC1_ADDR=${PC1_ADDR#https://}; PC1_ADDR=${PC1_ADDR%/}
+[ "${PC1_ADDR##*:}" = 8000 ] && PC1_ADDR=${PC1_ADDR%:8000}
+info ""
+info "${_B}Cluster token for PC2:${_0} $TOKEN"
+info "On PC2 run:  bash scripts/setup_pc2.sh ${PC1_ADDR:-<PC1 address>} --token $TOKEN"
+
+write_launcher pc1 "$ENV_FILE"
+
+# ----------------------------------------------------------------------------- 10. self-check
+step "Self-check: start the node, wait for /health, stop it"
+if ! selfcheck_enabled; then
+  info "TARS_SETUP_SELFCHECK=0: skipped"
+  summary
+  exit 0
+fi
+CHECK_HOST=$HOST
+[ "$CHECK_HOST" = 0.0.0.0 ] && CHECK_HOST=127.0.0.1
+URL="http://$CHECK_HOST:$PORT"
+TIMEOUT=${TARS_SETUP_SELFCHECK_TIMEOUT:-300}
+NODE_PID=""
+LOG=""
+stop_node() {
+  [ -n "$NODE_PID" ] || return 0
+  kill -TERM "$NODE_PID" 2>/dev/null || true
+  local i
+  for i in $(seq 1 30); do kill -0 "$NODE_PID" 2>/dev/null || break; sleep 0.5; done
+  kill -KILL "$NODE_PID" 2>/dev/null || true
+  wait "$NODE_PID" 2>/dev/null || true
+  NODE_PID=""
+}
+trap stop_node EXIT
+
+if ! probe_port "$HOST" "$PORT"; then
+  http_get "$URL/health"
+  if [ "$HTTP_STATUS" != unreachable ] && [[ "$HTTP_BODY" == *'"node"'* ]]; then
+    info "a TARS node already listens on $URL: checking that one instead of starting another"
+  else
+    die "port $PORT on $HOST is already in use ($PORT_REASON) by another program" \
+      "find it with: ss -ltnp 'sport = :$PORT' — stop it, or choose another port: set TARS_PORT in $ENV_FILE (or TARS_PORT=8010 bash scripts/setup_pc1.sh)"
+  fi
+else
+  LOG=$(mktemp "${TMPDIR:-/tmp}/tars-selfcheck-pc1.XXXXXX")
+  info "starting: $VPY -m distributed serve --env-file $ENV_FILE (log: $LOG)"
+  (cd "$ROOT" && exec "$VPY" -m distributed serve --env-file "$ENV_FILE") >"$LOG" 2>&1 &
+  NODE_PID=$!
+fi
+
+start=$(date +%s)
+last_note=0
+while :; do
+  http_get "$URL/health"
+  now=$(date +%s); waited=$((now - start))
+  if [ "$HTTP_STATUS" = 200 ]; then break; fi
+  if [ -n "$NODE_PID" ] && ! kill -0 "$NODE_PID" 2>/dev/null; then
+    printf '\n      last lines of the node log (%s):\n' "$LOG" >&2
+    tail -n 25 "$LOG" | sed 's/^/        /' >&2
+    die "the node exited during the self-check (see its log above)" \
+      "run ./run_pc1.sh in the foreground to see the whole error; a port clash is fixed with TARS_PORT in $ENV_FILE"
+  fi
+  if [ "$waited" -ge "$TIMEOUT" ]; then
+    die "the node did not report healthy within ${TIMEOUT}s (last /health: $HTTP_STATUS $HTTP_BODY)" \
+      "see the log $LOG; a slow first start is normal while models are assembled: raise TARS_SETUP_SELFCHECK_TIMEOUT"
+  fi
+  if [ $((waited - last_note)) -ge 5 ]; then
+    info "waiting for $URL/health (${waited}s): ${HTTP_STATUS} ${HTTP_BODY:0:120}"
+    last_note=$waited
+  fi
+  sleep 1
+done
+ok "self-check passed: $URL/health answered 200 after $(( $(date +%s) - start ))s: ${HTTP_BODY:0:200}"
+stop_node
+trap - EXIT
+[ -n "$LOG" ] && rm -f "$LOG"
+
+summary
+printf '\nStart PC1 with:  ./run_pc1.sh      (then open %s/ for the dashboard)\n' "$URL"

@@ -1,0 +1,184 @@
+#!/usr/bin/env bash
+# Set up PC2, the worker host, in this checkout, joined to PC1:
+#
+#   bash scripts/setup_pc2.sh <PC1 address> [--token TOKEN] && ./run_pc2.sh
+#
+# <PC1 address> is PC1's LAN address (192.168.1.10), optionally with a port
+# (192.168.1.10:8000) or as a URL (http://192.168.1.10:8000). TOKEN is the cluster token
+# setup_pc1.sh printed on PC1; without --token it is asked for (when a person is there)
+# or taken from an existing env/.env.pc2.
+#
+# Checks Python, creates .venv, installs the CUDA or CPU builds (as setup_pc1.sh), installs
+# this project, shows the hardware profile and the model plan, writes env/.env.pc2
+# (TARS_PEERS=http://<PC1>:8000 and the token), writes ./run_pc2.sh and finishes with a
+# self-check: PC1's /health is reachable and PC1 accepts the token on /rpc.
+# Safe to run again: what is already done is skipped, and the end says so.
+# Asks nothing when stdin is not a terminal or CI is set.
+#
+# Overrides (environment variables):
+#   PYTHON, TARS_VENV, TARS_SETUP_BUILD, TARS_SETUP_SKIP_INSTALL, TARS_SETUP_VERBOSE,
+#   TARS_TORCH_CPU_INDEX, TARS_SETUP_SELFCHECK=0   as in setup_pc1.sh
+#   TARS_PC1_PORT=8000              PC1's port when the address has none
+#   TARS_NODE_NAME, TARS_HOST, TARS_PORT, TARS_ADVERTISE_URL
+#                                   written into env/.env.pc2 when it is created (defaults pc2,
+#                                   0.0.0.0, 8001, this host's address on the route to PC1)
+set -euo pipefail
+# shellcheck source=lib/setup_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/setup_common.sh"
+
+ENV_FILE=env/.env.pc2
+usage="usage: bash scripts/setup_pc2.sh <PC1 address> [--token TOKEN]"
+
+PC1_ARG=""; TOKEN_ARG=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
+    --token) [ $# -ge 2 ] || die "--token needs a value" "$usage"; TOKEN_ARG=$2; shift 2 ;;
+    --token=*) TOKEN_ARG=${1#--token=}; shift ;;
+    -*) die "unknown option '$1'" "$usage" ;;
+    *) [ -z "$PC1_ARG" ] || die "unexpected argument '$1'" "$usage"; PC1_ARG=$1; shift ;;
+  esac
+done
+
+# PC1's base URL from an address, address:port or URL.
+EXISTING_PEERS=$(env_get "$ROOT/$ENV_FILE" TARS_PEERS)
+if [ -z "$PC1_ARG" ]; then
+  if [ -n "$EXISTING_PEERS" ]; then
+    PC1_URL=${EXISTING_PEERS%%,*}
+  elif interactive; then
+    read -r -p "PC1 address (its LAN IP, e.g. 192.168.1.10): " PC1_ARG
+  fi
+  [ -n "$PC1_ARG" ] || [ -n "${PC1_URL:-}" ] || die "PC1's address is missing" \
+    "$usage   (on PC1, 'hostname -I' shows its address)"
+fi
+if [ -n "$PC1_ARG" ]; then
+  case "$PC1_ARG" in
+    http://*|https://*) PC1_URL=${PC1_ARG%/} ;;
+    *:*) PC1_URL="http://$PC1_ARG" ;;
+    *) PC1_URL="http://$PC1_ARG:${TARS_PC1_PORT:-8000}" ;;
+  esac
+fi
+[[ "$PC1_URL" =~ ^https?://[A-Za-z0-9._-]+(:[0-9]+)?$ ]] || die "'$PC1_URL' is not a valid PC1 address" \
+  "give PC1's IP address or host name, e.g. 192.168.1.10 or 192.168.1.10:8000"
+
+printf '%sTARS Distributed — setting up PC2 (worker) in %s, joining %s%s\n' "$_B" "$ROOT" "$PC1_URL" "$_0"
+
+check_python
+ensure_venv
+detect_build
+install_torch
+install_llama
+install_project
+profile_and_plan
+
+# ----------------------------------------------------------------------------- 8. env file
+step "Settings file $ENV_FILE"
+TOKEN=${TOKEN_ARG:-$(env_get "$ROOT/$ENV_FILE" TARS_CLUSTER_TOKEN)}
+if [ -z "$TOKEN" ] && interactive; then
+  read -r -p "Cluster token (printed by setup_pc1.sh on PC1): " TOKEN
+fi
+[ -n "$TOKEN" ] || die "no cluster token" \
+  "pass the token setup_pc1.sh printed on PC1: $usage   (on PC1: grep TARS_CLUSTER_TOKEN env/.env.pc1)"
+[[ "$TOKEN" =~ ^[A-Za-z0-9._~+/=-]+$ ]] || die "the cluster token contains spaces or quotes" \
+  "copy it exactly as printed by setup_pc1.sh (letters, digits, - and _)"
+
+mkdir -p "$ROOT/env"
+if [ -f "$ROOT/$ENV_FILE" ]; then
+  if [ "$EXISTING_PEERS" = "$PC1_URL" ] && [ "$(env_get "$ROOT/$ENV_FILE" TARS_CLUSTER_TOKEN)" = "$TOKEN" ]; then
+    unchanged "$ENV_FILE already joins $PC1_URL with this token"
+  else
+    # Only the two lines this script owns change; the rest of the file is the user's.
+    "$VPY" - "$ROOT/$ENV_FILE" "$PC1_URL" "$TOKEN" <<'PY'
+import pathlib, sys
+path, peers, token = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+want = {"TARS_PEERS": peers, "TARS_CLUSTER_TOKEN": token}
+lines = path.read_text().splitlines()
+out, seen = [], set()
+for line in lines:
+    key = line.split("=", 1)[0]
+    if key in want:
+        if key in seen:
+            continue
+        line, _ = f"{key}={want[key]}", seen.add(key)
+    out.append(line)
+out += [f"{k}={v}" for k, v in want.items() if k not in seen]
+path.write_text("\n".join(out) + "\n")
+PY
+    changed "updated TARS_PEERS / TARS_CLUSTER_TOKEN in $ENV_FILE"
+  fi
+else
+  host=${TARS_HOST:-0.0.0.0}
+  port=${TARS_PORT:-8001}
+  pc1_host=${PC1_URL#*://}; pc1_host=${pc1_host%:*}
+  if [ -n "${TARS_ADVERTISE_URL:-}" ]; then advertise=$TARS_ADVERTISE_URL
+  elif [ "$host" = 0.0.0.0 ]; then advertise="http://$("$VPY" "$PROBE" lan-ip "$pc1_host"):$port"
+  else advertise="http://$host:$port"; fi
+  (umask 077 && cat >"$ROOT/$ENV_FILE" <<EOF
+# TARS Distributed — PC2, the worker. Written by scripts/setup_pc2.sh on $(date '+%Y-%m-%d %H:%M').
+# Every setting is listed in README.md ("Settings"); TARS_* environment variables override this file.
+TARS_NODE_NAME=${TARS_NODE_NAME:-pc2}
+TARS_ROLE=worker
+# 0.0.0.0 listens on the LAN so PC1 can forward requests here.
+TARS_HOST=$host
+TARS_PORT=$port
+# The address PC1 uses to reach this node.
+TARS_ADVERTISE_URL=$advertise
+# PC1, the node this one joins (comma-separated base URLs).
+TARS_PEERS=$PC1_URL
+# Shared secret of the /rpc channel: the value from PC1's env/.env.pc1.
+TARS_CLUSTER_TOKEN=$TOKEN
+# Set to require 'Authorization: Bearer <key>' on every endpoint but /health.
+TARS_API_KEY=
+EOF
+  )
+  changed "wrote $ENV_FILE (joins $PC1_URL)"
+fi
+HOST=${TARS_HOST:-$(env_get "$ROOT/$ENV_FILE" TARS_HOST)}; HOST=${HOST:-127.0.0.1}
+PORT=${TARS_PORT:-$(env_get "$ROOT/$ENV_FILE" TARS_PORT)}; PORT=${PORT:-8001}
+
+write_launcher pc2 "$ENV_FILE"
+
+# ----------------------------------------------------------------------------- 10. self-check
+step "Self-check: PC1 reachable and the token accepted"
+if ! selfcheck_enabled; then
+  info "TARS_SETUP_SELFCHECK=0: skipped"
+  summary
+  exit 0
+fi
+if ! probe_port "$HOST" "$PORT"; then
+  check_host=$HOST; [ "$check_host" = 0.0.0.0 ] && check_host=127.0.0.1
+  http_get "http://$check_host:$PORT/health"
+  if [ "$HTTP_STATUS" != unreachable ] && [[ "$HTTP_BODY" == *'"node"'* ]]; then
+    ok "a TARS node already runs on port $PORT here (./run_pc2.sh is up)"
+  else
+    die "port $PORT on $HOST, which this node will use, is already in use ($PORT_REASON)" \
+      "find the program with: ss -ltnp 'sport = :$PORT' — stop it, or set TARS_PORT in $ENV_FILE to a free port"
+  fi
+else
+  ok "port $PORT is free for this node"
+fi
+
+http_get "$PC1_URL/health"
+case "$HTTP_STATUS" in
+  unreachable)
+    die "PC1 is unreachable at $PC1_URL ($HTTP_BODY)" \
+      "start PC1 first (./run_pc1.sh on PC1); check the address ('hostname -I' on PC1) and that PC1's firewall lets TCP ${PC1_URL##*:} in (sudo ufw allow ${PC1_URL##*:}/tcp); 'ping ${PC1_URL#*://}' should answer" ;;
+  200) ok "PC1 answers at $PC1_URL/health: ${HTTP_BODY:0:160}" ;;
+  503) ok "PC1 answers at $PC1_URL/health (still loading its models): ${HTTP_BODY:0:160}" ;;
+  *) die "$PC1_URL/health answered HTTP $HTTP_STATUS: is a TARS Distributed node listening there? (${HTTP_BODY:0:160})" \
+       "check the address and port of PC1 (TARS_PORT in PC1's env/.env.pc1)" ;;
+esac
+
+http_rpc "$PC1_URL" "$TOKEN" node.health
+case "$HTTP_STATUS" in
+  200) ok "PC1 accepted the cluster token on /rpc (node.health: ${HTTP_BODY:0:160})" ;;
+  401|403)
+    die "token rejected: PC1 answered $HTTP_STATUS on /rpc — this token is not PC1's cluster token" \
+      "copy the token from PC1 (grep TARS_CLUSTER_TOKEN env/.env.pc1 on PC1) and re-run: bash scripts/setup_pc2.sh ${PC1_ARG:-${PC1_URL#*://}} --token <token>" ;;
+  unreachable) die "PC1's /rpc did not answer ($HTTP_BODY)" "check that PC1 is still running and reachable at $PC1_URL" ;;
+  *) die "PC1's /rpc answered HTTP $HTTP_STATUS (${HTTP_BODY:0:160})" \
+       "PC1 may run an older version: update both hosts to the same checkout and re-run" ;;
+esac
+
+summary
+printf '\nStart PC2 with:  ./run_pc2.sh      (it joins %s; the dashboard of either host shows both)\n' "$PC1_URL"
