@@ -261,16 +261,21 @@ def _tqdm_class(progress: Progress) -> Any:
     callback = progress if callable(progress) else None
 
     class _Reporter(tqdm):  # type: ignore[misc, valid-type]
+        """Silent bar; byte bars report to ``callback`` (snapshot_download also makes a
+        file-count bar and a network-transfer bar: those are ignored)."""
+
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             kwargs["disable"] = True
             super().__init__(*args, **kwargs)
             self._done = int(kwargs.get("initial") or 0)
-            self._total = kwargs.get("total")
+            desc = str(kwargs.get("desc") or "")
+            self._report = callback is not None and kwargs.get("unit") == "B" and not desc.startswith("Downloading bytes")
 
         def update(self, n: float | None = 1) -> bool | None:
             self._done += int(n or 0)
-            if callback is not None:
-                callback(self._done, self._total)
+            if self._report:
+                total = getattr(self, "total", None)
+                callback(self._done, int(total) if total else None)  # type: ignore[misc]
             return None
 
     return _Reporter

@@ -1,7 +1,207 @@
-"""Placeholder until implemented."""
+"""`tars profile` and `tars plan`: what this hardware is, and what each host should serve.
+
+Both read settings (env file + ``TARS_*``) for the simulated profile, the VRAM reserve,
+the context and the models folder; flags override them. Errors are ``TarsError`` and are
+printed by the CLI root without a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Optional
 
 import typer
 
+from ..domain import HostProfile, Plan
+from ..errors import ConfigError, TarsError
+
+EnvFile = typer.Option(None, "--env-file", help="Env file to read settings from (e.g. env/.env.pc1).")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _settings(env_file: Optional[Path]) -> Any:
+    from ..settings import load_settings
+
+    return load_settings(env_file)
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(width=160, soft_wrap=False, highlight=False)
+
+
+def _fmt_mb(mb: Optional[float]) -> str:
+    return "n/a" if mb is None else f"{mb / 1024:.1f} GB"
+
+
+def _opt(v: Any, unit: str = "") -> str:
+    return "n/a" if v is None else f"{v}{unit}"
+
+
+# --------------------------------------------------------------------------- profile
+def render_profile(prof: HostProfile, tune: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    con = _console()
+    label = f"  [bold yellow]SIMULATED ({prof.source.split(':', 1)[-1]})[/]" if prof.simulated else ""
+    con.print(f"[bold]{prof.hostname}[/]{label}   source: {prof.source}")
+    con.print(f"CPU: {prof.cpu_model} · {prof.cpu_cores} cores · RAM {_fmt_mb(prof.ram_total_mb)} "
+              f"({_fmt_mb(prof.ram_free_mb)} free)")
+    if prof.gpus:
+        t = Table(title="GPUs" + (" (SIMULATED)" if prof.simulated else ""))
+        for col in ("#", "name", "VRAM total", "used", "free", "temp", "power / limit", "util", "CC", "driver",
+                    "CUDA", "UUID"):
+            t.add_column(col)
+        for g in prof.gpus:
+            t.add_row(str(g.index), g.name, _fmt_mb(g.vram_total_mb), _fmt_mb(g.vram_used_mb),
+                      _fmt_mb(g.vram_free_mb), _opt(g.temperature_c, " °C"),
+                      f"{_opt(g.power_w, ' W')} / {_opt(g.power_limit_w, ' W')}", _opt(g.utilization_pct, " %"),
+                      _opt(g.compute_capability), _opt(g.driver_version), _opt(g.cuda_version), g.uuid or "n/a")
+        con.print(t)
+    for note in prof.notes:
+        con.print(f"[bold]{note}[/]" if note.startswith("no GPU") else f"note: {note}")
+    t = Table(title="Tuning")
+    t.add_column("setting")
+    t.add_column("value")
+    for k, v in tune.items():
+        t.add_row(k, "n/a" if v is None else str(v))
+    con.print(t)
+
+
+def profile_cmd(
+    as_json: bool = typer.Option(False, "--json", help="Print the profile (with tuning) as JSON."),
+    simulate: str = typer.Option("", "--simulate", help="A preset (rtx3060-12gb, gtx1660s-6gb, cpu, ...) or a JSON profile path."),
+    env_file: Optional[Path] = EnvFile,
+) -> None:
+    """Show this host's hardware (NVML → torch.cuda → CPU) and the GPU tuning derived from it."""
+    from .. import profiler
+
+    settings = _settings(env_file)
+    prof = profiler.profile_host(simulate or settings.gpu_profile, settings.node_name)
+    tune = profiler.tuning(prof, settings.vram_reserve_mb)
+    if as_json:
+        typer.echo(json.dumps({**prof.to_dict(), "tuning": tune}, indent=2))
+    else:
+        render_profile(prof, tune)
+
+
+# --------------------------------------------------------------------------- plan
+def parse_hosts(specs: list[str]) -> dict[str, HostProfile]:
+    """``["pc1=rtx3060-12gb", "pc2=/path/p.json"]`` → {name: simulated profile}."""
+    from .. import profiler
+
+    hosts: dict[str, HostProfile] = {}
+    for item in specs:
+        name, sep, prof = item.partition("=")
+        name, prof = name.strip(), prof.strip()
+        if not sep or not name or not prof:
+            raise ConfigError(f"--host '{item}' must be NAME=PRESET_OR_JSON, e.g. pc1=rtx3060-12gb; "
+                              f"presets: {', '.join(profiler.PRESETS)}")
+        if not _NAME.match(name):
+            raise ConfigError(f"--host '{item}': host name '{name}' may use letters, digits, '.', '_' and '-'")
+        if name in hosts:
+            raise ConfigError(f"--host: host name '{name}' is given twice")
+        hosts[name] = profiler.profile_host(prof, name)
+    return hosts
+
+
+def plan_json(plan: Plan) -> dict[str, Any]:
+    """The documented `tars plan --json` shape."""
+    keys = ("model", "kind", "node", "device", "quant", "n_gpu_layers", "vram_mb", "reason")
+    return {"assignments": [{k: getattr(a, k) for k in keys} for a in plan.assignments],
+            "unplaced": [{"model": u.model, "reason": u.reason} for u in plan.unplaced]}
+
+
+def _layers(a: Any, n_layers: dict[str, int]) -> str:
+    if a.device == "cpu":
+        return "CPU"
+    if a.n_gpu_layers < 0:
+        return "all"
+    return f"{a.n_gpu_layers} of {n_layers.get(a.model, '?')}"
+
+
+def render_plan(hosts: dict[str, HostProfile], plan: Plan, reserve_mb: int, context: int,
+                rec: list[Any], rec_plan: Plan, on_disk: dict[str, bool], specs: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from ..planner import usable_vram_mb
+    from ..vram import estimate
+
+    con = _console()
+    t = Table(title=f"Hosts (reserve {reserve_mb} MB per GPU, context {context})")
+    for col in ("host", "profile", "GPU", "usable VRAM", "RAM"):
+        t.add_column(col)
+    for name, prof in hosts.items():
+        gpu = prof.best_gpu
+        src = f"SIMULATED {prof.source.split(':', 1)[-1]}" if prof.simulated else prof.source
+        t.add_row(name, src, gpu.name if gpu else "none (CPU mode)", _fmt_mb(usable_vram_mb(prof, reserve_mb)),
+                  _fmt_mb(prof.ram_total_mb))
+    con.print(t)
+
+    def table(title: str, p: Plan) -> None:
+        n_layers = {a.model: estimate(specs[a.model], context).n_layers for a in p.assignments if a.model in specs}
+        t = Table(title=title)
+        for col in ("model", "kind", "host", "device", "quant", "GPU layers", "VRAM", "reason"):
+            t.add_column(col, overflow="fold")
+        for a in p.assignments:
+            t.add_row(a.model, a.kind, a.node, a.device, a.quant, _layers(a, n_layers),
+                      f"{a.vram_mb} MB", a.reason)
+        con.print(t)
+        for u in p.unplaced:
+            con.print(f"[red]unplaced[/] {u.model}: {u.reason}")
+
+    table("Plan", plan)
+    if rec:
+        table("Recommended for this hardware", rec_plan)
+        missing = [s.id for s in rec if not on_disk.get(s.id)]
+        if missing:
+            con.print("pull these: " + "; ".join(f"tars models pull {m}" for m in missing))
+        else:
+            con.print("every recommended model is already on disk")
+
+
+def plan_cmd(
+    host: list[str] = typer.Option([], "--host", help="NAME=PRESET_OR_JSON; repeat per host. Default: this host."),
+    models: str = typer.Option("", "--models", help="Comma-separated model ids. Default: TARS_MODELS or the embedded defaults."),
+    as_json: bool = typer.Option(False, "--json", help='Print {"assignments": [...], "unplaced": [...]}.'),
+    env_file: Optional[Path] = EnvFile,
+) -> None:
+    """Show which model each host serves, on which device, and why (plus what to pull)."""
+    from .. import profiler
+    from ..catalog import load_catalog
+    from ..planner import plan, recommend
+    from ..store import ModelStore
+
+    settings = _settings(env_file)
+    catalog = load_catalog(user_file=settings.models_dir / "catalog.toml")
+    hosts = parse_hosts(host) if host else {
+        settings.node_name: profiler.profile_host(settings.gpu_profile, settings.node_name)}
+    ids = [m.strip() for m in models.split(",") if m.strip()] if models else list(settings.models)
+    specs = catalog.select(ids) if ids else catalog.defaults()
+    store = ModelStore(settings.models_dir, catalog)
+    paths: dict[str, Path] = {}
+    on_disk: dict[str, bool] = {}
+    for s in catalog.all():
+        try:
+            p = store.path_for(s)
+        except TarsError:
+            p = None
+        on_disk[s.id] = p is not None
+        if p is not None:
+            paths[s.id] = p
+    kw = {"reserve_mb": settings.vram_reserve_mb, "context": settings.context}
+    result = plan(hosts, specs, paths=paths, **kw)
+    if as_json:
+        typer.echo(json.dumps(plan_json(result), indent=2))
+        return
+    rec = recommend(hosts, catalog.all(), **kw)
+    render_plan(hosts, result, settings.vram_reserve_mb, settings.context, rec,
+                plan(hosts, rec, paths=paths, **kw), on_disk, {s.id: s for s in catalog.all()})
+
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("profile")(profile_cmd)
+    app.command("plan")(plan_cmd)
