@@ -144,7 +144,7 @@ def render_status(data: dict[str, Any], console: Any) -> None:
     hosts = _table("Hosts", ("Host", "Role", "State", "Heartbeat", "RTT", "URL", "Models"), ("Heartbeat", "RTT"))
     gpus = _table("GPUs", ("Host", "GPU", "VRAM used / total", "Temp", "Power", "Util"), ("Temp", "Power", "Util"))
     hosts.add_row(f"{me} (this)", str(data.get("role", "?")), _state("ready" if data.get("healthy") else "loading"),
-                  "–", "–", "", ", ".join(str(m.get("id")) for m in models if m.get("node") == me) or "–")
+                  "–", "–", str(data.get("url", "")), ", ".join(str(m.get("id")) for m in models if m.get("node") == me) or "–")
     for row in _gpu_rows(me, _gpus(data.get("gpus")) or _gpus(profile.get("gpus"))):
         gpus.add_row(*row)
     for p in data.get("peers") or []:

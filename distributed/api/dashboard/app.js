@@ -267,7 +267,7 @@
       role: d.role,
       state: d.healthy ? "ready" : "loading",
       simulated: !!profile.simulated,
-      url: location.origin + BASE,
+      url: d.url || location.origin + BASE,
       gpus: live.length ? live : gpuList(profile.gpus),
       cpu: profile.cpu_model ? profile.cpu_model + (profile.cpu_cores ? " · " + profile.cpu_cores + " cores" : "") : "",
       ram: d.ram || (isNum(profile.ram_total_mb) ? { total_mb: profile.ram_total_mb, free_mb: profile.ram_free_mb } : null),
