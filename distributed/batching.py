@@ -164,6 +164,7 @@ class GenerationQueue:
             while True:
                 for item in await chan.get_all():
                     if item is _END:
+                        self._running = False  # for reporting; the slot frees when the thread returns
                         return
                     if isinstance(item, BaseException):
                         raise item

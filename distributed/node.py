@@ -134,7 +134,8 @@ class Node:
             if old is not None:
                 await old.close()
             log.info("loading %s on %s (%s)", model, a.device, a.reason,
-                     extra=fields(model=model, backend=a.backend or spec.backend, n_gpu_layers=a.n_gpu_layers))
+                     extra=fields(model=model, backend=self.settings.backend_override or a.backend or spec.backend,
+                                 n_gpu_layers=a.n_gpu_layers))
             target.start()
 
     @staticmethod
@@ -150,7 +151,7 @@ class Node:
             if not fake and self.profile is not None:
                 from . import profiler
 
-                extra.update(profiler.tuning(self.profile) or {})
+                extra.update(profiler.tuning(self.profile, s.vram_reserve_mb) or {})
             extra.update(self.backend_extra)
             context = min(s.context, spec.context) if spec.kind == "chat" else spec.context
             options = BackendOptions(context=context, threads=s.threads, batch_size=s.embed_max_batch, extra=extra)
@@ -252,7 +253,7 @@ class Node:
         try:
             from . import profiler
 
-            live = profiler.live_gpus()
+            live = profiler.live_gpus(prof)
         except Exception:  # noqa: BLE001 - reporting must not break /status
             live = []
         return live or (list(prof.gpus) if prof is not None else [])

@@ -1,0 +1,299 @@
+"""GenerationQueue and MicroBatcher: ordering, bounds, cancellation, timeouts, batching."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from distributed.backends.base import BackendOptions
+from distributed.backends.fake import FakeChatBackend
+from distributed.batching import GenerationQueue, MicroBatcher, _Channel
+from distributed.domain import Assignment, GenerateRequest, ModelSpec
+from distributed.errors import Overloaded, RequestTimeout, TarsError
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def _chat(token_delay: float = 0.0, reply_tokens: int | None = 5) -> FakeChatBackend:
+    spec = ModelSpec(id="m", kind="chat", backend="fake", params_b=0.1, quant="Q4_K_M", context=512)
+    a = Assignment(model="m", kind="chat", node="n", device="cpu", quant="Q4_K_M", n_gpu_layers=0, vram_mb=0, reason="t")
+    extra = {"token_delay_s": token_delay}
+    if reply_tokens is not None:
+        extra["reply_tokens"] = reply_tokens
+    b = FakeChatBackend(spec, a, BackendOptions(context=512, extra=extra))
+    b.load()
+    return b
+
+
+def _queue(b: FakeChatBackend, max_waiting: int = 4, timeout_s: float = 10.0) -> GenerationQueue:
+    return GenerationQueue(b.stream, max_waiting=max_waiting, timeout_s=timeout_s, name="m")
+
+
+async def _collect(q: GenerationQueue, req: GenerateRequest, log: list | None = None, tag: str = "") -> list:
+    out = []
+    async for chunk in q.stream(req):
+        if log is not None and not out:
+            log.append(tag)
+        out.append(chunk)
+    return out
+
+
+# --------------------------------------------------------------------------- channel
+async def test_channel_hands_over_everything_queued_in_one_wake_up():
+    chan = _Channel(asyncio.get_running_loop())
+    t = threading.Thread(target=lambda: [chan.put(i) for i in range(50)])
+    t.start()
+    t.join()
+    got = await chan.get_all()
+    assert got == list(range(50))  # one wake-up, all items, in order
+
+
+async def test_channel_wakes_a_waiting_consumer_from_a_thread():
+    loop = asyncio.get_running_loop()
+    chan = _Channel(loop)
+    loop.call_later(0.02, lambda: threading.Thread(target=chan.put, args=("x",)).start())
+    assert await asyncio.wait_for(chan.get_all(), 2) == ["x"]
+
+
+# --------------------------------------------------------------------------- generation queue
+async def test_one_generation_at_a_time_in_fifo_order():
+    b = _chat(token_delay=0.005)
+    q = _queue(b)
+    order: list[str] = []
+    reqs = [GenerateRequest(prompt=f"p{i}", max_tokens=5) for i in range(4)]
+    tasks = []
+    for i, r in enumerate(reqs):
+        tasks.append(asyncio.create_task(_collect(q, r, order, f"r{i}")))
+        await asyncio.sleep(0)  # submission order = creation order
+    results = await asyncio.gather(*tasks)
+    assert b.max_active == 1
+    assert order == ["r0", "r1", "r2", "r3"]
+    for chunks in results:
+        assert [c.text for c in chunks if c.text] and chunks[-1].finish_reason == "stop"
+        assert sum(1 for c in chunks if c.text) == 5
+
+
+async def test_full_queue_raises_overloaded_with_retry_after():
+    b = _chat(token_delay=0.02, reply_tokens=20)
+    q = _queue(b, max_waiting=1)
+    running = asyncio.create_task(_collect(q, GenerateRequest(prompt="a", max_tokens=20)))
+    await asyncio.sleep(0.05)
+    waiting = asyncio.create_task(_collect(q, GenerateRequest(prompt="b", max_tokens=20)))
+    await asyncio.sleep(0.01)
+    assert q.depth == 2 and q.waiting == 1
+    with pytest.raises(Overloaded) as ei:
+        await _collect(q, GenerateRequest(prompt="c", max_tokens=2))
+    assert ei.value.retry_after >= 1
+    assert ei.value.http_status == 429
+    await asyncio.gather(running, waiting)  # the two admitted ones still finish
+    await asyncio.sleep(0.05)
+    assert q.depth == 0
+
+
+async def test_a_running_stream_is_never_interrupted_by_a_newer_one():
+    b = _chat(token_delay=0.01, reply_tokens=10)
+    q = _queue(b)
+    first = asyncio.create_task(_collect(q, GenerateRequest(prompt="first", max_tokens=10)))
+    await asyncio.sleep(0.03)
+    second = asyncio.create_task(_collect(q, GenerateRequest(prompt="second", max_tokens=10)))
+    a, c = await asyncio.gather(first, second)
+    assert sum(1 for x in a if x.text) == 10 and a[-1].finish_reason == "stop"
+    assert sum(1 for x in c if x.text) == 10
+
+
+async def test_leaving_early_cancels_the_generation_and_frees_the_slot():
+    b = _chat(token_delay=0.01, reply_tokens=200)
+    q = _queue(b)
+    got = 0
+    async for chunk in q.stream(GenerateRequest(prompt="long", max_tokens=200)):
+        got += 1
+        if got == 3:
+            break
+    for _ in range(100):  # the worker notices the event between tokens
+        if b.active == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert b.active == 0 and b.cancelled == 1
+    assert b.tokens_produced < 20
+    nxt = await _collect(q, GenerateRequest(prompt="next", max_tokens=3))  # the slot is free again
+    assert sum(1 for c in nxt if c.text) == 3
+
+
+async def test_cancelling_the_consumer_task_stops_generation():
+    b = _chat(token_delay=0.01, reply_tokens=200)
+    q = _queue(b)
+    task = asyncio.create_task(_collect(q, GenerateRequest(prompt="long", max_tokens=200)))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(100):
+        if b.active == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert b.active == 0 and b.cancelled == 1 and b.tokens_produced < 50
+
+
+async def test_request_timeout_while_generating():
+    b = _chat(token_delay=0.05, reply_tokens=100)
+    q = _queue(b, timeout_s=0.2)
+    t0 = time.monotonic()
+    with pytest.raises(RequestTimeout) as ei:
+        await _collect(q, GenerateRequest(prompt="slow", max_tokens=100))
+    assert time.monotonic() - t0 < 1.0
+    assert "0.2 s" in ei.value.message
+    for _ in range(100):
+        if b.active == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert b.active == 0
+
+
+async def test_request_timeout_while_waiting_in_the_queue():
+    b = _chat(token_delay=0.05, reply_tokens=20)
+    q = _queue(b, timeout_s=0.3)
+    running = asyncio.create_task(_collect(q, GenerateRequest(prompt="a", max_tokens=20)))
+    await asyncio.sleep(0.02)
+    with pytest.raises(RequestTimeout):
+        await _collect(q, GenerateRequest(prompt="b", max_tokens=2))
+    with pytest.raises(RequestTimeout):
+        await running
+    assert q.waiting == 0
+
+
+async def test_backend_error_reaches_the_consumer():
+    def broken(req, cancel):
+        yield from ()
+        raise TarsError("llama exploded")
+
+    q = GenerationQueue(broken, max_waiting=2, timeout_s=5, name="m")
+    with pytest.raises(TarsError, match="llama exploded"):
+        await _collect(q, GenerateRequest(prompt="x"))
+    for _ in range(100):  # the slot frees when the worker thread has returned
+        if q.depth == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert q.depth == 0
+
+
+# --------------------------------------------------------------------------- micro-batcher
+class Encoder:
+    """Deterministic vectors (first component = text length) and a record of every call."""
+
+    def __init__(self, delay: float = 0.0, fail: bool = False) -> None:
+        self.calls: list[list[str]] = []
+        self.delay = delay
+        self.fail = fail
+
+    def __call__(self, texts: list[str], normalize: bool):
+        self.calls.append(list(texts))
+        if self.delay:
+            time.sleep(self.delay)
+        if self.fail:
+            raise TarsError("encode failed")
+        v = np.zeros((len(texts), 4), dtype=np.float32)
+        for i, t in enumerate(texts):
+            v[i] = [len(t), sum(map(ord, t)) % 97, 1.0, 2.0]
+        if normalize:
+            v /= np.linalg.norm(v, axis=1, keepdims=True)
+        return v, [len(t.split()) for t in texts]
+
+
+def _batcher(enc: Encoder, max_batch: int = 8, max_wait_ms: float = 2.0, max_queue: int = 1000) -> MicroBatcher:
+    return MicroBatcher(enc, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, timeout_s=10, name="e")
+
+
+async def test_concurrent_requests_are_merged_while_the_worker_is_busy():
+    enc = Encoder(delay=0.05)
+    mb = _batcher(enc, max_batch=64)
+    first = asyncio.create_task(mb.embed(["warm"], False))
+    await asyncio.sleep(0.01)  # the first batch is running (alone: the worker was idle)
+    rest = [asyncio.create_task(mb.embed([f"text {i}"], False)) for i in range(10)]
+    await asyncio.gather(first, *rest)
+    assert [len(c) for c in enc.calls] == [1, 10]
+    assert mb.batches == 2
+
+
+async def test_max_batch_is_respected_and_results_map_back_to_their_callers():
+    enc = Encoder(delay=0.01)
+    mb = _batcher(enc, max_batch=8)
+    texts = [("x" * (i % 7 + 1)) + f" {i}" for i in range(30)]
+    results = await asyncio.gather(*(mb.embed([t], False) for t in texts))
+    assert all(len(c) <= 8 for c in enc.calls)
+    assert sum(len(c) for c in enc.calls) == 30
+    for t, (vecs, counts) in zip(texts, results):
+        assert vecs.shape == (1, 4)
+        assert vecs[0, 0] == len(t) and vecs[0, 1] == sum(map(ord, t)) % 97
+        assert counts == [len(t.split())]
+
+
+async def test_each_batch_is_sorted_by_length_and_multi_text_requests_keep_their_order():
+    enc = Encoder(delay=0.02)
+    mb = _batcher(enc, max_batch=64)
+    blocker = asyncio.create_task(mb.embed(["b"], False))
+    await asyncio.sleep(0.005)
+    a = asyncio.create_task(mb.embed(["s", "a much longer text here", "mid text"], False))
+    b = asyncio.create_task(mb.embed(["tiny", "the longest text of them all, really"], False))
+    await blocker
+    (va, ca), (vb, cb) = await asyncio.gather(a, b)
+    second = enc.calls[1]
+    assert [len(t) for t in second] == sorted((len(t) for t in second), reverse=True)
+    assert [int(x) for x in va[:, 0]] == [1, 23, 8]
+    assert [int(x) for x in vb[:, 0]] == [4, 36]
+    assert ca == [1, 5, 2] and cb == [1, 7]
+
+
+async def test_idle_worker_starts_at_once_without_waiting_for_the_batch_to_fill():
+    enc = Encoder()
+    mb = _batcher(enc, max_wait_ms=500)
+    t0 = time.monotonic()
+    await mb.embed(["alone"], True)
+    assert time.monotonic() - t0 < 0.2
+
+
+async def test_mixed_normalize_flags_in_one_batch():
+    enc = Encoder(delay=0.02)
+    mb = _batcher(enc)
+    blocker = asyncio.create_task(mb.embed(["b"], False))
+    await asyncio.sleep(0.005)
+    raw, unit = await asyncio.gather(mb.embed(["hello"], False), mb.embed(["hello"], True))
+    await blocker
+    assert raw[0][0, 0] == 5
+    assert np.isclose(np.linalg.norm(unit[0][0]), 1.0)
+    assert np.allclose(unit[0][0], raw[0][0] / np.linalg.norm(raw[0][0]))
+
+
+async def test_full_batcher_queue_raises_overloaded():
+    enc = Encoder(delay=0.1)
+    mb = _batcher(enc, max_batch=4, max_queue=6)
+    running = asyncio.create_task(mb.embed(["a"], False))
+    await asyncio.sleep(0.02)
+    waiting = [asyncio.create_task(mb.embed([f"w{i}"], False)) for i in range(6)]
+    await asyncio.sleep(0)
+    with pytest.raises(Overloaded) as ei:
+        await mb.embed(["one too many"], False)
+    assert ei.value.retry_after >= 1
+    await asyncio.gather(running, *waiting)
+
+
+async def test_encode_error_reaches_every_caller_of_the_batch():
+    enc = Encoder(fail=True)
+    mb = _batcher(enc)
+    results = await asyncio.gather(mb.embed(["a"], False), mb.embed(["b"], False), return_exceptions=True)
+    assert all(isinstance(r, TarsError) and "encode failed" in r.message for r in results)
+
+
+async def test_embed_timeout():
+    enc = Encoder(delay=0.3)
+    mb = MicroBatcher(enc, max_batch=4, max_wait_ms=1, max_queue=100, timeout_s=0.1, name="e")
+    with pytest.raises(RequestTimeout):
+        await mb.embed(["slow"], False)
