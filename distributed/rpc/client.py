@@ -68,15 +68,20 @@ class PeerClient:
 
     # ------------------------------------------------------------ errors
     def translate(self, exc: httpx.HTTPError, method: str) -> TarsError:
-        """httpx exception → our tree. The message names the peer and what failed."""
+        """httpx exception → our tree. The message names the peer and what failed.
+        ``details["phase"]`` says whether the call can have reached the peer:
+        "connect" (it did not: safe to serve elsewhere) or "answer"."""
         who = f"peer {self.name}" + ("" if self.name == self.base_url else f" ({self.base_url})")
         if isinstance(exc, httpx.ConnectError):
-            return PeerUnavailable(f"{who} is unreachable: {exc or 'connection refused'}", peer=self.name)
+            return PeerUnavailable(f"{who} is unreachable: {exc or 'connection refused'}", peer=self.name,
+                                   phase="connect")
+        if isinstance(exc, (httpx.ConnectTimeout, httpx.PoolTimeout)):
+            return PeerUnavailable(f"{who} did not connect in time ({method})", peer=self.name, phase="connect")
         if isinstance(exc, httpx.TimeoutException):
-            phase = "connect" if isinstance(exc, (httpx.ConnectTimeout, httpx.PoolTimeout)) else "answer"
-            return PeerUnavailable(f"{who} did not {phase} in time ({method})", peer=self.name)
+            return PeerUnavailable(f"{who} did not answer in time ({method})", peer=self.name, phase="answer")
         if isinstance(exc, (httpx.RemoteProtocolError, httpx.NetworkError)):
-            return PeerUnavailable(f"connection to {who} broke during {method} (did it stop?)", peer=self.name)
+            return PeerUnavailable(f"connection to {who} broke during {method} (did it stop?)", peer=self.name,
+                                   phase="answer")
         return PeerError(f"{who} failed during {method}: {type(exc).__name__}", peer=self.name)
 
     def _decode(self, resp: httpx.Response, rid: Any, method: str) -> Any:
@@ -164,11 +169,14 @@ class PeerClient:
         return out
 
     async def embed(self, inputs: list[str], model: str | None = None, normalize: bool = True,
-                    *, timeout: float | None = None) -> dict[str, Any]:
-        """embed.encode, vectors as base64 float32 both ways: a numpy array comes back
-        under ``"vectors"`` without a float ever being printed or parsed."""
-        result = await self.call("embed.encode", {"input": inputs, "model": model, "normalize": normalize,
-                                                  "encoding": "base64"}, timeout=timeout)
+                    *, groups: list[int] | None = None, timeout: float | None = None) -> dict[str, Any]:
+        """embed.encode with vectors as base64 float32: a numpy array comes back under
+        ``"vectors"`` without a float ever being printed or parsed. ``groups`` marks a
+        coalesced call (see rpc/remote.py); the answer then has ``group_tokens``."""
+        params: dict[str, Any] = {"input": inputs, "model": model, "normalize": normalize, "encoding": "base64"}
+        if groups is not None:
+            params["groups"] = groups
+        result = await self.call("embed.encode", params, timeout=timeout)
         try:
             result["vectors"] = p.vectors_from_b64(result.pop("vectors_b64"), result.pop("shape"))
         except (KeyError, ValueError, TypeError) as exc:

@@ -68,8 +68,23 @@ TOKEN_METHOD = "inference.token"
 NDJSON = "application/x-ndjson"
 
 # --------------------------------------------------------------------------- error table
-#: code -> class. ValidationFailed owns -32602 (the spec's "invalid params").
-ERROR_TABLE: dict[int, type[TarsError]] = {cls.rpc_code: cls for cls in RPC_ERROR_CLASSES}
+def _subclasses(cls: type[TarsError]) -> list[type[TarsError]]:
+    out = [cls]
+    for sub in cls.__subclasses__():
+        out.extend(_subclasses(sub))
+    return out
+
+
+#: code -> class (the first class listed for a code wins, so a shared code maps to the
+#: base class). ValidationFailed owns -32602 (the spec's "invalid params").
+ERROR_TABLE: dict[int, type[TarsError]] = {}
+for _cls in (*RPC_ERROR_CLASSES, *_subclasses(TarsError)):
+    ERROR_TABLE.setdefault(_cls.rpc_code, _cls)
+
+#: data.type (``kind``) -> class: exact even where two classes share a code
+#: (ModelNotDownloaded is a ModelNotFound with the same -32002).
+KIND_TABLE: dict[str, type[TarsError]] = {c.kind: c for c in reversed(_subclasses(TarsError))}
+
 
 # Attributes some subclasses keep besides message/details; restored from details.
 _ATTRS = ("field", "limit", "got", "retry_after", "peer", "model", "available", "package")
@@ -127,6 +142,10 @@ def error_from_rpc(error: Any, peer: str) -> TarsError:
     data = error.get("data")
     typed = isinstance(data, dict) and isinstance(data.get("type"), str)
     cls = ERROR_TABLE.get(code)
+    if typed:
+        by_kind = KIND_TABLE.get(data["type"])
+        if by_kind is not None and (cls is None or issubclass(by_kind, cls)):
+            cls = by_kind
     if cls is not None and typed:
         details = data.get("details") if isinstance(data.get("details"), dict) else {}
         return _rebuild(cls, message, dict(details))

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
+from contextlib import asynccontextmanager
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -121,6 +122,7 @@ EMBED_PARAMS: dict[str, Param] = {
     "model": Param(S + N),
     "normalize": Param(B, default=True),
     "encoding": Param(S, default="float", choices=("float", "base64")),
+    "groups": Param(L + N, items=int),
 }
 
 
@@ -270,15 +272,39 @@ class RpcServer:
         return completion.to_dict()
 
     async def encode(self, input: list[str], model: str | None, normalize: bool,
-                     encoding: str) -> dict[str, Any]:
-        req = EmbedRequest(model=self._local(model, "embed").model, input=input, normalize=normalize)
-        emb = await self.node.embed(req)
-        out: dict[str, Any] = {"model": emb.model, "node": emb.node, "prompt_tokens": emb.prompt_tokens,
-                               "timings": emb.timings.to_dict(), "fallback": emb.fallback}
-        if encoding == "base64":
-            out["vectors_b64"], out["shape"] = p.vectors_to_b64(emb.vectors)
+                     encoding: str, groups: list[int] | None) -> dict[str, Any]:
+        """Vectors for ``input``. ``groups`` (sizes summing to len(input)) says the call
+        carries several callers' requests, coalesced by the sender's RemoteTarget:
+        each group is embedded as its own request (this node's micro-batcher merges
+        them back into one encode), so each gets its exact token count back."""
+        model = self._local(model, "embed").model
+        if groups is None:
+            emb = await self.node.embed(EmbedRequest(model=model, input=input, normalize=normalize))
+            vectors, node, tokens, fallback = emb.vectors, emb.node, emb.prompt_tokens, emb.fallback
+            group_tokens = None
         else:
-            out["vectors"] = emb.vectors  # numpy → JSON straight from the buffer (orjson)
+            if sum(groups) != len(input) or any(g <= 0 for g in groups):
+                raise ValidationFailed(f"embed.encode: 'groups' must be positive sizes summing to "
+                                       f"len(input) = {len(input)}", field="groups")
+            bounds = [0]
+            for g in groups:
+                bounds.append(bounds[-1] + g)
+            parts = await asyncio.gather(*(
+                self.node.embed(EmbedRequest(model=model, input=input[a:b], normalize=normalize))
+                for a, b in zip(bounds, bounds[1:])))
+            import numpy as np
+
+            vectors = np.concatenate([np.asarray(e.vectors, dtype=np.float32) for e in parts])
+            node, fallback = parts[0].node, parts[0].fallback
+            group_tokens = [e.prompt_tokens for e in parts]
+            tokens = sum(group_tokens)
+        out: dict[str, Any] = {"model": model, "node": node, "prompt_tokens": tokens, "fallback": fallback}
+        if group_tokens is not None:
+            out["group_tokens"] = group_tokens
+        if encoding == "base64":
+            out["vectors_b64"], out["shape"] = p.vectors_to_b64(vectors)
+        else:
+            out["vectors"] = vectors  # numpy → JSON straight from the buffer (orjson)
         return out
 
     # ------------------------------------------------------------ streaming
@@ -349,9 +375,31 @@ def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) ->
 
 
 def build_rpc_router(settings: Any, node: Any) -> APIRouter:
-    """The ``POST /rpc`` route of one node (its own methods dict, no globals)."""
+    """The ``POST /rpc`` route of one node (its own methods dict, no globals).
+
+    It also attaches the cluster layer: ``node.cluster`` is created here unless
+    the caller set one (tests inject a Cluster with in-process clients), and the
+    router's lifespan starts it after the app's own lifespan started the node and
+    stops it (``cluster.leave`` to peers) before the node stops. FastAPI merges
+    an included router's lifespan into the app's, so ``create_app`` needs no
+    cluster-specific code.
+    """
+    if getattr(node, "cluster", None) is None:
+        from ..cluster import Cluster
+
+        node.cluster = Cluster(node, settings)
     server = RpcServer(settings, node)
-    router = APIRouter()
+
+    @asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        cluster = node.cluster
+        await cluster.start()
+        try:
+            yield
+        finally:
+            await cluster.stop()
+
+    router = APIRouter(lifespan=lifespan)
     router.add_api_route("/rpc", server.handle, methods=["POST"], include_in_schema=False)
-    router.rpc_server = server  # type: ignore[attr-defined]  # for tests and the cluster
+    router.rpc_server = server  # type: ignore[attr-defined]  # for tests
     return router

@@ -209,9 +209,15 @@ async def test_node_info_and_models_list(http):
     assert [m["id"] for m in local] == ["chat-a", "emb-a"]
 
 
-async def test_cluster_methods_without_a_cluster_say_so(http):
-    err = (await post(http, req("cluster.leave", {"name": "pc2"}))).json()["error"]
-    assert err["code"] == -32001 and "no cluster" in err["message"]
+async def test_the_router_attaches_a_cluster_and_serves_its_methods(http, node):
+    from distributed.cluster import Cluster
+
+    assert isinstance(node.cluster, Cluster)
+    assert (await post(http, req("cluster.leave", {"name": "pc9"}))).json()["result"] == {"ok": True, "known": False}
+    beat = (await post(http, req("cluster.heartbeat", {"name": "pc9", "url": "http://x"}))).json()["result"]
+    assert beat == {"known": False, "name": "pc1"}  # the server tells an unknown host to join
+    err = (await post(http, req("cluster.join", {"name": "pc1", "url": "http://x", "profile": {}}))).json()["error"]
+    assert err["code"] == -32602 and "TARS_NODE_NAME" in err["message"]
 
 
 async def test_generate(http, node):

@@ -1,0 +1,373 @@
+"""``RemoteTarget``: a model computed on a peer, as the node sees it.
+
+The node routes to it like to any ``Target``; it forwards over the peer's
+``PeerClient``. Three things make it more than a forwarder:
+
+* **Liveness.** Its state follows the peer (the cluster's ``Peer``): a dead or
+  departed peer makes the model "unavailable". While a request is in flight,
+  the peer being declared dead ends it at once with ``PeerUnavailable`` (a peer
+  that hangs without closing its socket never hangs our client).
+* **Failover.** When the peer is down (known dead, or the connection is refused
+  before the request reached it), the target asks its ``failover`` callback
+  (the cluster) for a local stand-in: the model loaded here, answers marked
+  ``fallback: true``; the callback raises ``PeerUnavailable`` naming the peer
+  when fallback is off or the model does not fit. The stand-in is dropped once
+  the peer is back and reports the model ready (make before break).
+* **Embedding coalescing.** A channel call costs about as much CPU as a small
+  encode, so one call per client request would halve throughput on a small
+  machine. ``_Coalescer`` sends a lone request at once; while a call is in
+  flight, the next requests wait and go together as one ``embed.encode`` with
+  ``groups`` (one group per request), and the answer is split back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..domain import Completion, EmbedRequest, Embeddings, GenerateRequest, ModelKind, Timings, TokenChunk
+from ..errors import PeerError, PeerUnavailable, TarsError
+from ..logs import get_logger
+from ..targets import Target
+from .client import PeerClient
+
+log = get_logger(__name__)
+
+DOWN = ("dead", "left")
+
+
+class PeerView(Protocol):
+    """What a RemoteTarget needs to know about its peer (cluster.Peer provides it)."""
+
+    name: str
+    state: str  # "alive" | "suspect" | "dead" | "left"
+    client: PeerClient
+    gone: asyncio.Event  # set while the peer is dead or has left
+
+    def model_info(self, model: str) -> dict[str, Any] | None: ...
+
+
+Failover = Callable[["RemoteTarget", PeerUnavailable], Awaitable[Target]]
+
+
+def _reached(exc: PeerUnavailable) -> bool:
+    return exc.details.get("phase") != "connect"
+
+
+async def _cancel(task: asyncio.Future[Any]) -> None:
+    """Cancel and give it a moment to unwind (closing its connection), without
+    letting its CancelledError pass for ours."""
+    task.cancel()
+    await asyncio.wait({task}, timeout=1.0)
+    if task.done() and not task.cancelled():
+        task.exception()  # retrieved: no "never retrieved" warning
+
+
+# --------------------------------------------------------------------------- coalescer
+@dataclass
+class _Job:
+    texts: list[str]
+    future: asyncio.Future[Any]
+
+
+@dataclass
+class _Lane:
+    """Requests with the same ``normalize`` flag (they can share one call)."""
+
+    waiting: list[_Job] = field(default_factory=list)
+    inflight: int = 0
+
+
+class _Coalescer:
+    """Merge concurrent embed requests bound for one peer into one channel call.
+
+    ``send(texts, normalize, groups)`` performs the call and returns the client's
+    embed() answer (numpy ``vectors`` + ``group_tokens``). At most ``max_inflight``
+    calls run at once per lane; ``max_items`` caps the sentences in one call.
+    """
+
+    def __init__(self, send: Callable[[list[str], bool, list[int]], Awaitable[dict[str, Any]]], *,
+                 max_items: int = 256, max_inflight: int = 1) -> None:
+        self._send = send
+        self.max_items = max_items
+        self.max_inflight = max_inflight
+        self._lanes: dict[bool, _Lane] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.calls = 0
+
+    async def submit(self, texts: list[str], normalize: bool) -> tuple[Any, int, str]:
+        loop = asyncio.get_running_loop()
+        job = _Job(texts, loop.create_future())
+        lane = self._lanes.setdefault(normalize, _Lane())
+        lane.waiting.append(job)
+        if lane.inflight < self.max_inflight:
+            self._launch(normalize, lane)
+        return await job.future
+
+    def _launch(self, normalize: bool, lane: _Lane) -> None:
+        batch: list[_Job] = []
+        n = 0
+        while lane.waiting and (not batch or n + len(lane.waiting[0].texts) <= self.max_items):
+            job = lane.waiting.pop(0)
+            if job.future.done():  # its caller went away while it waited
+                continue
+            batch.append(job)
+            n += len(job.texts)
+        if not batch:
+            return
+        lane.inflight += 1
+        task = asyncio.get_running_loop().create_task(self._run(normalize, lane, batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, normalize: bool, lane: _Lane, batch: list[_Job]) -> None:
+        try:
+            await self._deliver(normalize, batch)
+        finally:
+            lane.inflight -= 1
+            if lane.waiting:
+                self._launch(normalize, lane)
+
+    async def _deliver(self, normalize: bool, batch: list[_Job]) -> None:
+        texts = [t for job in batch for t in job.texts]
+        groups = [len(job.texts) for job in batch]
+        self.calls += 1
+        try:
+            res = await self._send(texts, normalize, groups)
+        except TarsError as exc:
+            if len(batch) > 1 and not isinstance(exc, (PeerUnavailable, PeerError)):
+                # One request may be at fault (e.g. an empty input): let each get its own answer.
+                await asyncio.gather(*(self._deliver(normalize, [job]) for job in batch))
+                return
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+            return
+        except BaseException as exc:
+            err = exc if isinstance(exc, asyncio.CancelledError) else PeerError(
+                f"embedding call failed: {type(exc).__name__}")
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(err)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            log.exception("coalesced embed call failed")
+            return
+        vectors, tokens, node = res["vectors"], res.get("group_tokens") or [0] * len(batch), res.get("node", "")
+        start = 0
+        for job, count in zip(batch, tokens):
+            end = start + len(job.texts)
+            if not job.future.done():
+                job.future.set_result((vectors[start:end], count, node))
+            start = end
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for lane in self._lanes.values():
+            for job in lane.waiting:
+                if not job.future.done():
+                    job.future.cancel()
+            lane.waiting.clear()
+
+
+# --------------------------------------------------------------------------- target
+class RemoteTarget(Target):
+    """One model assigned to a peer. ``failover`` is called when the peer is down."""
+
+    def __init__(self, model: str, kind: ModelKind, peer: PeerView, *, failover: Failover | None = None,
+                 assignment: dict[str, Any] | None = None, max_batch: int = 256, max_inflight: int = 1) -> None:
+        self.model = model
+        self.kind = kind
+        self.peer = peer
+        self.failover = failover
+        self.assignment = dict(assignment or {})
+        self.standin: Target | None = None  # the local copy serving while the peer is down
+        self.requests = 0
+        self.forwarded = 0
+        self._coalescer = _Coalescer(self._send_embed, max_items=max_batch, max_inflight=max_inflight)
+
+    @property
+    def node(self) -> str:  # type: ignore[override]
+        return self.peer.name
+
+    # ------------------------------------------------------------ state and routing
+    @property
+    def remote_state(self) -> str:
+        info = self.peer.model_info(self.model)
+        return str(info.get("state", "loading")) if info else "loading"
+
+    @property
+    def state(self) -> str:
+        if self.peer.state in DOWN:
+            if self.standin is not None:
+                return self.standin.state
+            return "unavailable"
+        return self.remote_state
+
+    async def _route(self) -> Target | None:
+        """None → forward to the peer; a Target → serve with this local stand-in."""
+        up = self.peer.state not in DOWN
+        if up and self.remote_state == "ready":
+            if self.standin is not None:
+                self._drop_standin(f"{self.peer.name} serves it again")
+            return None
+        if not up:  # the failover callback reuses (and waits for) an existing stand-in
+            return await self._failover(PeerUnavailable(
+                f"model '{self.model}' runs on {self.peer.name}, which is {self.peer.state}",
+                peer=self.peer.name, model=self.model))
+        if self.standin is not None and self.standin.state == "ready":
+            return self.standin  # the peer is back but still loading it: keep serving here
+        return None  # up but not ready there: the peer answers why (loading, failed)
+
+    async def _failover(self, exc: PeerUnavailable) -> Target:
+        if self.failover is None:
+            raise exc
+        target = await self.failover(self, exc)
+        self.standin = target
+        return target
+
+    def _drop_standin(self, why: str) -> None:
+        standin, self.standin = self.standin, None
+        if standin is not None:
+            log.info("dropping the local stand-in of %s: %s", self.model, why)
+            asyncio.get_running_loop().create_task(standin.close())
+
+    async def _watch(self, aw: Awaitable[Any]) -> Any:
+        """Await ``aw`` unless the peer is declared dead first."""
+        task = asyncio.ensure_future(aw)
+        if self.peer.gone.is_set():
+            await _cancel(task)
+            raise self._gone()
+        gone = asyncio.ensure_future(self.peer.gone.wait())
+        try:
+            done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            await _cancel(task)
+            raise
+        finally:
+            gone.cancel()
+        if task in done:
+            return task.result()
+        await _cancel(task)
+        raise self._gone()
+
+    def _gone(self) -> PeerUnavailable:
+        return PeerUnavailable(f"peer {self.peer.name} stopped answering while computing '{self.model}'",
+                               peer=self.peer.name, model=self.model, phase="answer")
+
+    # ------------------------------------------------------------ chat
+    @staticmethod
+    def _params(req: GenerateRequest) -> dict[str, Any]:
+        d = req.to_dict()
+        d.pop("stream", None)
+        return d
+
+    async def generate(self, req: GenerateRequest) -> Completion:
+        self.requests += 1
+        standin = await self._route()
+        if standin is None:
+            try:
+                self.forwarded += 1
+                result = await self._watch(self.peer.client.call("inference.generate", self._params(req)))
+                return Completion.from_dict(result)
+            except PeerUnavailable as exc:
+                if _reached(exc):
+                    raise
+                standin = await self._failover(exc)
+        completion = await standin.generate(req)
+        completion.fallback = True
+        return completion
+
+    async def stream(self, req: GenerateRequest) -> AsyncIterator[TokenChunk | Completion]:
+        self.requests += 1
+        standin = await self._route()
+        if standin is None:
+            self.forwarded += 1
+            agen = self.peer.client.stream(self._params(req)).__aiter__()
+            started = False
+            try:
+                while True:
+                    try:
+                        msg = await self._watch(agen.__anext__())
+                    except StopAsyncIteration:
+                        raise PeerUnavailable(f"peer {self.peer.name} ended the stream early",
+                                              peer=self.peer.name) from None
+                    except PeerUnavailable as exc:
+                        if started or _reached(exc):
+                            raise
+                        standin = await self._failover(exc)
+                        break
+                    if "result" in msg:
+                        yield Completion.from_dict(msg["result"])
+                        return
+                    started = True
+                    yield TokenChunk(text=msg.get("text", ""), finish_reason=msg.get("finish_reason"))
+            finally:
+                try:
+                    await agen.aclose()  # our caller left: closing the connection stops the peer
+                except RuntimeError:  # still unwinding from a cancellation
+                    pass
+        async for item in standin.stream(req):
+            if isinstance(item, Completion):
+                item.fallback = True
+            yield item
+
+    # ------------------------------------------------------------ embeddings
+    async def _send_embed(self, texts: list[str], normalize: bool, groups: list[int]) -> dict[str, Any]:
+        return await self._watch(self.peer.client.embed(texts, self.model, normalize, groups=groups))
+
+    async def embed(self, req: EmbedRequest) -> Embeddings:
+        t0 = time.perf_counter()
+        self.requests += 1
+        standin = await self._route()
+        if standin is None:
+            try:
+                self.forwarded += 1
+                vectors, tokens, node = await self._coalescer.submit(list(req.input), req.normalize)
+                return Embeddings(model=self.model, node=node or self.peer.name, vectors=vectors,
+                                  prompt_tokens=tokens,
+                                  timings=Timings(total_ms=round((time.perf_counter() - t0) * 1000, 3)))
+            except PeerUnavailable as exc:
+                if _reached(exc) and self.peer.state not in DOWN:
+                    raise
+                standin = await self._failover(exc)
+        result = await standin.embed(req)
+        result.fallback = True
+        return result
+
+    # ------------------------------------------------------------ reporting
+    @property
+    def queue_depth(self) -> int:
+        info = self.peer.model_info(self.model) or {}
+        return int(info.get("queue_depth", 0) or 0)
+
+    def info(self) -> dict[str, Any]:
+        remote = self.peer.model_info(self.model) or {}
+        a = self.assignment
+        out: dict[str, Any] = {
+            "id": self.model, "kind": self.kind,
+            "backend": remote.get("backend") or a.get("backend", ""),
+            "quant": remote.get("quant") or a.get("quant", ""),
+            "node": self.peer.name, "state": self.state, "local": False, "peer_state": self.peer.state,
+            "device": remote.get("device") or a.get("device"),
+            "queue_depth": self.queue_depth, "requests": remote.get("requests", 0),
+            "tokens_generated": remote.get("tokens_generated", 0),
+            "last_tokens_per_s": remote.get("last_tokens_per_s", 0.0),
+            "forwarded": self.forwarded,
+        }
+        for key in ("embeddings", "dim", "context", "error"):
+            if key in remote:
+                out[key] = remote[key]
+        if self.standin is not None:
+            out["fallback"] = {"node": self.standin.node, "state": self.standin.state}
+        return out
+
+    async def close(self) -> None:
+        await self._coalescer.close()
+        standin, self.standin = self.standin, None
+        if standin is not None:
+            await standin.close()

@@ -1,0 +1,383 @@
+"""Two nodes in one process, wired through httpx.ASGITransport, with the fake backends.
+
+A small in-process "network" routes each peer call to the target node's app and
+can cut a node off (every call to or from it fails like a refused connection),
+which is how a crash is simulated. The apps, nodes, clusters, planner and the
+/rpc channel are the real ones; only the sockets and the models are not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from contextlib import AsyncExitStack
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from distributed.api.app import create_app
+from distributed.cluster import Cluster
+from distributed.node import Node
+from distributed.profiler import profile_host
+from distributed.rpc.client import PeerClient
+from distributed.rpc.remote import RemoteTarget
+from distributed.settings import load_settings
+
+pytestmark = pytest.mark.anyio
+
+TOKEN = "cluster-secret"
+CHAT, EMB = "gemma-3-270m", "all-MiniLM-L6-v2"
+PC1_URL, PC2_URL = "http://127.0.0.2:18501", "http://127.0.0.3:18502"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class Net:
+    """Which node apps exist at which URL, and which are reachable."""
+
+    def __init__(self) -> None:
+        self.apps: dict[str, Any] = {}
+        self.up: dict[str, bool] = {}
+
+    def link(self, src: str, dst: str) -> httpx.AsyncBaseTransport:
+        return _Link(self, src, dst)
+
+
+class _Link(httpx.AsyncBaseTransport):
+    def __init__(self, net: Net, src: str, dst: str) -> None:
+        self.net, self.src, self.dst = net, src, dst
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if not (self.net.up.get(self.src) and self.net.up.get(self.dst)):
+            raise httpx.ConnectError("[Errno 111] Connection refused (simulated)", request=request)
+        return await httpx.ASGITransport(self.net.apps[self.dst]).handle_async_request(request)
+
+
+class Host:
+    def __init__(self, net: Net, name: str, url: str, preset: str, peers: tuple[str, ...] = (),
+                 extra: dict[str, Any] | None = None, **overrides: Any) -> None:
+        host, port = url.removeprefix("http://").split(":")
+        self.net, self.name, self.url = net, name, url
+        self.settings = load_settings(node_name=name, host=host, port=int(port), peers=",".join(peers) or None,
+                                      cluster_token=TOKEN, backend_override="fake", heartbeat_s=0.1,
+                                      rpc_timeout_s=1.0, **overrides)
+        self.extra = dict(extra or {})
+        self.node = Node(self.settings, profile=profile_host(preset, name), backend_extra=self.extra)
+        self.node.cluster = Cluster(self.node, self.settings, client_factory=self._client)
+        self.app = create_app(self.settings, self.node)
+        self.http = httpx.AsyncClient(transport=httpx.ASGITransport(self.app), base_url=url, timeout=10)
+        self._stack = AsyncExitStack()
+
+    def _client(self, url: str) -> PeerClient:
+        return PeerClient(url, TOKEN, transport=self.net.link(self.url, url), timeout=1.0, backoff_s=0.01)
+
+    @property
+    def cluster(self) -> Cluster:
+        return self.node.cluster
+
+    async def start(self) -> "Host":
+        self.net.apps[self.url] = self.app
+        self.net.up[self.url] = True
+        await self._stack.enter_async_context(self.app.router.lifespan_context(self.app))
+        return self
+
+    async def crash(self) -> None:
+        """As if the process died: unreachable at once, no goodbye."""
+        self.net.up[self.url] = False
+        await self._stack.aclose()
+
+    async def stop(self) -> None:
+        await self._stack.aclose()
+        self.net.up[self.url] = False
+        await self.http.aclose()
+
+    # ---- API helpers
+    async def embed(self, texts: list[str] | str, **kw: Any) -> httpx.Response:
+        return await self.http.post("/embed", json={"input": texts, **kw})
+
+    async def infer(self, prompt: str, **kw: Any) -> httpx.Response:
+        return await self.http.post("/inference", json={"prompt": prompt, "max_tokens": 12, "seed": 1, **kw})
+
+    def peer(self, name: str) -> dict[str, Any]:
+        return next(p for p in self.node.status()["peers"] if p["name"] == name)
+
+
+async def until(cond, timeout: float = 5.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def ready_everywhere(*hosts: Host) -> bool:
+    return all(h.node.health()[0] and len(h.node.targets) == 2 and
+               all(t.state == "ready" for t in h.node.targets.values()) for h in hosts)
+
+
+@pytest.fixture
+async def pair():
+    net = Net()
+    hosts: list[Host] = []
+
+    async def make(fallback: bool = True, pc1_extra: dict[str, Any] | None = None,
+                   pc2_extra: dict[str, Any] | None = None) -> tuple[Host, Host]:
+        pc1 = await Host(net, "pc1", PC1_URL, "rtx3060-12gb", fallback=fallback, extra=pc1_extra).start()
+        pc2 = await Host(net, "pc2", PC2_URL, "gtx1660s-6gb", peers=(PC1_URL,), extra=pc2_extra).start()
+        hosts.extend([pc1, pc2])
+        await until(lambda: ready_everywhere(pc1, pc2), what="both hosts ready with both models")
+        return pc1, pc2
+
+    make.net = net  # type: ignore[attr-defined]
+    make.hosts = hosts  # type: ignore[attr-defined]
+    yield make
+    for h in hosts:
+        try:
+            await h.stop()
+        except Exception:  # noqa: BLE001 - already crashed
+            pass
+
+
+# ----------------------------------------------------------------------------- join and plan
+async def test_join_splits_the_plan_and_both_hosts_know_the_routing(pair):
+    pc1, pc2 = await pair()
+    for h in (pc1, pc2):
+        plan = {a.model: a.node for a in h.node.plan.assignments}
+        assert plan == {CHAT: "pc1", EMB: "pc2"}
+        assert h.cluster.routing() == {CHAT: "pc1", EMB: "pc2"}
+    assert pc1.cluster.role == "server" and pc2.cluster.role == "worker"
+    assert pc1.cluster.plan_id == pc2.cluster.plan_id != ""
+    # each host loaded only its share
+    assert [t.model for t in pc1.node.local_targets()] == [CHAT]
+    assert [t.model for t in pc2.node.local_targets()] == [EMB]
+    assert isinstance(pc1.node.targets[EMB], RemoteTarget) and isinstance(pc2.node.targets[CHAT], RemoteTarget)
+
+    status = (await pc2.http.get("/status")).json()
+    (peer,) = status["peers"]
+    assert peer["name"] == "pc1" and peer["role"] == "server" and peer["state"] == "alive"
+    assert peer["url"] == PC1_URL and peer["gpu"]["name"] == "NVIDIA GeForce RTX 3060"
+    assert peer["rtt_ms"] is not None and peer["last_heartbeat_s"] < 1.0
+    assert [m["id"] for m in peer["models"]] == [CHAT]
+    assert status["role"] == "worker"
+    models = {m["id"]: m for m in (await pc1.http.get("/models")).json()["models"]}
+    assert models[CHAT]["node"] == "pc1" and models[CHAT]["local"] is True
+    assert models[EMB]["node"] == "pc2" and models[EMB]["local"] is False and models[EMB]["state"] == "ready"
+
+
+async def test_routing_both_ways_with_node_and_via(pair):
+    pc1, pc2 = await pair()
+    direct = (await pc1.infer("hello there")).json()
+    routed = (await pc2.infer("hello there")).json()
+    assert (direct["node"], direct["via"]) == ("pc1", "pc1")
+    assert (routed["node"], routed["via"]) == ("pc1", "pc2")
+    assert routed["text"] == direct["text"] and routed["usage"] == direct["usage"]
+    assert routed["fallback"] is False
+
+    e_direct = (await pc2.embed(["a sentence", "another"])).json()
+    e_routed = (await pc1.embed(["a sentence", "another"])).json()
+    assert (e_direct["node"], e_direct["via"]) == ("pc2", "pc2")
+    assert (e_routed["node"], e_routed["via"]) == ("pc2", "pc1")
+    np.testing.assert_allclose(e_routed["embeddings"], e_direct["embeddings"], rtol=1e-6)
+    assert e_routed["usage"] == e_direct["usage"]
+
+    # the OpenAI surface routes too
+    r = await pc2.http.post("/v1/chat/completions", json={"model": CHAT, "max_tokens": 5,
+                                                           "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+    r = await pc1.http.post("/v1/embeddings", json={"model": EMB, "input": ["x", "y"]})
+    assert r.status_code == 200 and len(r.json()["data"]) == 2
+
+    # errors cross the channel with their type: unknown model is 404 listing both
+    r = await pc2.http.post("/inference", json={"model": "nope", "prompt": "x"})
+    assert r.status_code == 404 and CHAT in r.json()["error"]["message"] and EMB in r.json()["error"]["message"]
+
+
+async def test_streaming_across_hosts(pair):
+    pc1, pc2 = await pair()
+
+    async def sse(host: Host) -> list[dict[str, Any]]:
+        async with host.http.stream("POST", "/inference", json={"prompt": "stream me", "max_tokens": 10,
+                                                                "seed": 3, "stream": True}) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            return [json.loads(line[6:]) async for line in r.aiter_lines() if line.startswith("data: ")]
+
+    direct, routed = await sse(pc1), await sse(pc2)
+    assert [e["text"] for e in routed if e["type"] == "token"] == [e["text"] for e in direct if e["type"] == "token"]
+    assert len([e for e in routed if e["type"] == "token"]) >= 2
+    done = routed[-1]
+    assert done["type"] == "done" and (done["node"], done["via"]) == ("pc1", "pc2")
+    assert done["usage"] == direct[-1]["usage"]
+
+
+async def test_concurrent_embeddings_are_coalesced_into_few_channel_calls(pair):
+    pc1, pc2 = await pair(pc2_extra={"batch_delay_s": 0.02})
+    remote = pc1.node.targets[EMB]
+    assert isinstance(remote, RemoteTarget)
+    texts = [f"sentence number {i}" for i in range(32)]
+    answers = await asyncio.gather(*(pc1.embed(t) for t in texts))
+    assert all(a.status_code == 200 for a in answers)
+    calls = remote._coalescer.calls
+    assert calls <= 8, f"{calls} channel calls for 32 requests"
+    direct = (await pc2.embed(texts)).json()["embeddings"]
+    for i, a in enumerate(answers):
+        body = a.json()
+        assert body["node"] == "pc2" and body["via"] == "pc1"
+        np.testing.assert_allclose(body["embeddings"][0], direct[i], rtol=1e-6)
+        assert body["usage"]["prompt_tokens"] == (await pc2.embed(texts[i])).json()["usage"]["prompt_tokens"]
+
+
+# ----------------------------------------------------------------------------- liveness and failover
+async def test_heartbeat_states_alive_suspect_dead(pair):
+    pc1, pc2 = await pair()
+    assert pc1.peer("pc2")["state"] == "alive"
+    seen: list[str] = []
+    await pc2.crash()
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 3 and "dead" not in seen:
+        state = pc1.peer("pc2")["state"]
+        if not seen or seen[-1] != state:
+            seen.append(state)
+        await asyncio.sleep(0.01)
+    assert seen[seen.index("suspect") - 1:] == ["alive", "suspect", "dead"] or seen[:2] == ["suspect", "dead"]
+    assert time.monotonic() - t0 < 1.5  # 3 beats of 0.1 s, plus slack
+    assert pc1.peer("pc2")["missed_heartbeats"] >= 3
+    assert pc1.node.targets[EMB].state == "unavailable"
+
+
+async def test_dead_peer_model_falls_back_here(pair):
+    pc1, pc2 = await pair()
+    await pc2.crash()
+    await until(lambda: pc1.peer("pc2")["state"] == "dead", what="pc2 dead")
+    r = await pc1.embed(["still works"])
+    assert r.status_code == 200
+    body = r.json()
+    assert body["fallback"] is True and body["node"] == "pc1" and body["via"] == "pc1"
+    models = {m["id"]: m for m in (await pc1.http.get("/models")).json()["models"]}
+    assert models[EMB]["fallback"] == {"node": "pc1", "state": "ready"}
+    # the chat model, local, is untouched
+    assert (await pc1.infer("hi")).json()["fallback"] is False
+
+
+async def test_request_in_the_window_before_dead_also_falls_back(pair):
+    pc1, pc2 = await pair()
+    await pc2.crash()  # connection refused at once; not yet declared dead
+    r = await pc1.embed(["quick"])
+    assert r.status_code == 200 and r.json()["fallback"] is True
+
+
+async def test_dead_peer_without_fallback_is_503_naming_the_peer_fast(pair):
+    pc1, pc2 = await pair(fallback=False)
+    await pc2.crash()
+    for _ in range(2):  # before and after the peer is declared dead
+        t0 = time.monotonic()
+        r = await pc1.embed(["x"])
+        assert time.monotonic() - t0 < 3.0
+        assert r.status_code == 503
+        err = r.json()["error"]
+        assert err["type"] == "peer_unavailable" and "pc2" in err["message"] and err["details"]["peer"] == "pc2"
+        await until(lambda: pc1.peer("pc2")["state"] == "dead", what="pc2 dead")
+    assert "TARS_FALLBACK=false" in err["message"]
+    r = await pc1.http.post("/v1/embeddings", json={"input": "x"})
+    assert r.status_code == 503 and "pc2" in r.json()["error"]["message"]
+
+
+async def test_model_that_does_not_fit_here_is_503_with_the_reason(pair):
+    pc1, pc2 = await pair()
+    pc1.node.profile.gpus = []
+    pc1.node.profile.ram_total_mb = 1100  # leaves ~76 MB for models
+    await pc2.crash()
+    r = await pc1.embed(["x"])
+    assert r.status_code == 503
+    msg = r.json()["error"]["message"]
+    assert "pc2" in msg and "cannot run on pc1" in msg
+
+
+async def test_peer_dying_mid_stream_ends_the_stream_cleanly(pair):
+    pc1, pc2 = await pair(pc1_extra={"token_delay_s": 0.05, "reply_tokens": 200})
+
+    async def go() -> tuple[int, list[dict[str, Any]]]:
+        async with pc2.http.stream("POST", "/inference", json={"prompt": "long", "max_tokens": 200,
+                                                               "stream": True}) as r:
+            return r.status_code, [json.loads(x[6:]) async for x in r.aiter_lines() if x.startswith("data: ")]
+
+    task = asyncio.ensure_future(go())
+    await asyncio.sleep(0.3)
+    t0 = time.monotonic()
+    pc1.net.up[pc1.url] = False  # pc1 stops answering (its in-flight stream is never finished)
+    status, events = await asyncio.wait_for(task, timeout=5)
+    assert time.monotonic() - t0 < 2.0
+    if status == 200:  # the stream had started: it ends with an error event naming the peer
+        assert events[-1]["type"] == "error" and events[-1]["error"]["type"] == "peer_unavailable"
+        assert "pc1" in events[-1]["error"]["message"]
+    else:
+        assert status in (502, 503)
+    pc1.net.up[pc1.url] = True
+
+
+async def test_generation_in_flight_when_the_peer_dies_is_a_clean_503(pair):
+    pc1, pc2 = await pair(pc1_extra={"token_delay_s": 0.05, "reply_tokens": 200})
+    task = asyncio.ensure_future(pc2.infer("long", max_tokens=200))
+    await asyncio.sleep(0.3)
+    pc1.net.up[pc1.url] = False
+    r = await asyncio.wait_for(task, timeout=5)
+    assert r.status_code == 503 and "pc1" in r.json()["error"]["message"]
+    pc1.net.up[pc1.url] = True
+
+
+# ----------------------------------------------------------------------------- rejoin
+async def test_restarted_worker_rejoins_and_serves_again(pair):
+    pc1, pc2 = await pair()
+    await pc2.crash()
+    await until(lambda: pc1.peer("pc2")["state"] == "dead", what="pc2 dead")
+    assert (await pc1.embed(["during"])).json()["fallback"] is True
+
+    pc2b = await Host(pair.net, "pc2", PC2_URL, "gtx1660s-6gb", peers=(PC1_URL,)).start()
+    pair.hosts.append(pc2b)
+    await until(lambda: pc1.peer("pc2")["state"] == "alive" and ready_everywhere(pc1, pc2b), what="rejoin")
+    await until(lambda: (pc1.node.targets[EMB].remote_state == "ready"), what="pc2 reports its model")
+    body = (await pc1.embed(["after"])).json()
+    assert body["node"] == "pc2" and body["fallback"] is False
+    await until(lambda: pc1.node.targets[EMB].standin is None, what="stand-in dropped")
+    assert [t.model for t in pc1.node.local_targets()] == [CHAT]
+    assert (await pc2b.infer("hi")).json()["node"] == "pc1"
+
+
+async def test_restarted_server_is_rejoined_by_the_worker(pair):
+    pc1, pc2 = await pair()
+    await pc1.crash()
+    await until(lambda: pc2.peer("pc1")["state"] == "dead", what="pc1 dead on pc2")
+    pc1b = await Host(pair.net, "pc1", PC1_URL, "rtx3060-12gb").start()
+    pair.hosts.append(pc1b)
+    await until(lambda: "pc2" in pc1b.cluster.peers and ready_everywhere(pc1b, pc2), timeout=8,
+                what="worker rejoined the restarted server")
+    assert {a.model: a.node for a in pc1b.node.plan.assignments} == {CHAT: "pc1", EMB: "pc2"}
+    assert (await pc1b.embed(["x"])).json()["node"] == "pc2"
+    assert (await pc2.infer("x")).json()["node"] == "pc1"
+
+
+async def test_graceful_leave_marks_the_peer_left(pair):
+    pc1, pc2 = await pair(fallback=False)
+    await pc2.stop()
+    assert pc1.peer("pc2")["state"] == "left"
+    r = await pc1.embed(["x"])
+    assert r.status_code == 503 and "pc2" in r.json()["error"]["message"]
+
+
+async def test_wrong_token_never_joins(pair):
+    net = pair.net
+    pc1 = await Host(net, "pc1", PC1_URL, "rtx3060-12gb").start()
+    pair.hosts.append(pc1)
+    bad = Host(net, "pc2", PC2_URL, "gtx1660s-6gb", peers=(PC1_URL,))
+    bad._client = lambda url: PeerClient(url, "wrong", transport=net.link(PC2_URL, url), timeout=1.0)  # type: ignore
+    bad.node.cluster._factory = bad._client
+    await bad.start()
+    pair.hosts.append(bad)
+    await asyncio.sleep(0.6)
+    assert pc1.cluster.peers == {} and bad.cluster.server is None
+    assert not bad.node.targets
