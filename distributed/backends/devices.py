@@ -35,3 +35,26 @@ def pick_device(torch: Any, requested: str, model_id: str, notes: list[str], log
     notes.append(note)
     log.warning(note, extra=fields(model=model_id))
     return "cpu"
+
+
+def apply_cuda_tuning(torch: Any, device: str, extra: dict[str, Any]) -> None:
+    """Apply the profiler's GPU knobs (``profiler.tuning``) before a model lands on
+    ``device``: TF32 matmuls on Ampere+, cuDNN autotuning, and the share of the card this
+    process may take (the rest is the reserve for the desktop and other processes).
+    A no-op on the CPU. The first two are process-wide torch switches."""
+    if not device.startswith("cuda"):
+        return
+    if extra.get("tf32"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if extra.get("cudnn_benchmark"):
+        torch.backends.cudnn.benchmark = True
+    fraction = extra.get("memory_fraction")
+    if fraction:
+        torch.cuda.set_per_process_memory_fraction(float(fraction), int(device.split(":", 1)[1]))
+
+
+def wants_fp16(device: str, extra: dict[str, Any]) -> bool:
+    """fp16 on CUDA unless the profiler says the card is better off in fp32 (pre-Volta
+    cards, compute capability < 7.0, have slow fp16 arithmetic)."""
+    return device.startswith("cuda") and extra.get("dtype", "float16") != "float32"

@@ -28,7 +28,7 @@ from ..errors import InputTooLong, ModelFailed, TarsError, ValidationFailed
 from ..logs import fields, get_logger
 from ..optional import require
 from .base import ChatBackend
-from .devices import pick_device
+from .devices import apply_cuda_tuning, pick_device
 
 log = get_logger(__name__)
 
@@ -115,6 +115,7 @@ class HF8BitBackend(ChatBackend):
         if not Path(source).exists():
             raise ModelFailed(f"model '{self.spec.id}': folder not found: {source}", path=source)
         self._device = pick_device(torch, self.assignment.device, self.spec.id, self.notes, log)
+        apply_cuda_tuning(torch, self._device, self.options.extra)
         if self._device == "cpu" and _version_tuple(bnb.__version__) < _MIN_BNB_CPU:
             raise ModelFailed(f"model '{self.spec.id}': 8-bit on the CPU needs bitsandbytes >= 0.45 "
                               f"(installed {bnb.__version__}): pip install -U 'bitsandbytes>=0.45'")

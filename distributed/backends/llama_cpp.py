@@ -112,7 +112,7 @@ class LlamaCppBackend(ChatBackend):
                 n_ctx=context,
                 n_batch=min(512, context),
                 n_gpu_layers=n_gpu_layers,
-                n_threads=self.options.threads or None,
+                n_threads=self.threads,
                 chat_format=self.spec.chat_format,
                 verbose=False,
             )
@@ -120,7 +120,14 @@ class LlamaCppBackend(ChatBackend):
             raise ModelFailed(f"model '{self.spec.id}' failed to load from {path}: {exc}", path=str(path)) from exc
         self._bind_formatter(llama_cpp)
         log.info("loaded GGUF", extra=fields(model=self.spec.id, n_ctx=context, n_gpu_layers=n_gpu_layers,
-                                             gpu_offload=self._gpu_offload, chat_format=self._chat_format))
+                                             threads=self.threads, gpu_offload=self._gpu_offload,
+                                             chat_format=self._chat_format))
+
+    @property
+    def threads(self) -> int | None:
+        """CPU threads: the setting (TARS_THREADS), else the profiler's physical cores
+        (``options.extra["threads"]``), else llama-cpp-python's own default."""
+        return self.options.threads or int(self.options.extra.get("threads") or 0) or None
 
     def _bind_formatter(self, llama_cpp: Any) -> None:
         """Find the prompt formatter for the chat format the Llama settled on (the one we
@@ -153,16 +160,18 @@ class LlamaCppBackend(ChatBackend):
             llm.close()
 
     def memory_mb(self) -> dict[str, float]:
-        """Weights only, split by the offloaded fraction of layers (the KV cache and
-        compute buffers come on top)."""
-        if self._llm is None or self.model_path is None:
+        """Weights only, split by the offloaded share of the layers (the KV cache and the
+        compute buffers come on top). Layers a CPU-only build was asked to offload stay in RAM."""
+        llm = self._llm
+        if llm is None or self.model_path is None:
             return {"vram_mb": 0.0, "ram_mb": 0.0}
         size_mb = os.path.getsize(self.model_path) / 2**20
         frac = 0.0
-        if self._gpu_offload and self.assignment.n_gpu_layers != 0:
-            n_layers = max(1, int(self._llm._model.n_layer()) if hasattr(self._llm._model, "n_layer") else 1)
-            wanted = self.assignment.n_gpu_layers
-            frac = 1.0 if wanted < 0 else min(1.0, wanted / n_layers)
+        wanted = int(self.assignment.n_gpu_layers)
+        if self._gpu_offload and wanted != 0:
+            arch = llm.metadata.get("general.architecture", "")
+            n_layers = int(llm.metadata.get(f"{arch}.block_count", 0) or 0)
+            frac = 1.0 if wanted < 0 or n_layers <= 0 else min(1.0, wanted / n_layers)
         return {"vram_mb": round(size_mb * frac, 1), "ram_mb": round(size_mb * (1 - frac), 1)}
 
     # ------------------------------------------------------------------ requests

@@ -1,8 +1,8 @@
 """Sentence embeddings through sentence-transformers.
 
 One ``SentenceTransformer`` per backend, on the device from the plan ("cuda:N" or "cpu"),
-in fp16 on CUDA (half the VRAM, faster on every NVIDIA card we target; cosine ranking is
-unchanged at the precision embeddings are compared at). ``embed`` is one ``encode`` call:
+in fp16 on CUDA (half the VRAM and faster from Volta on; the profiler's ``dtype`` knob keeps
+older cards in fp32). Cosine ranking is unchanged at the precision embeddings are compared at. ``embed`` is one ``encode`` call:
 the node's micro-batcher has already merged concurrent requests into ``texts``.
 
 Local folders load with ``local_files_only`` (and ``HF_HUB_OFFLINE=1`` when nobody set it)
@@ -24,7 +24,7 @@ from ..errors import ModelFailed
 from ..logs import fields, get_logger
 from ..optional import require
 from .base import EmbedBackend
-from .devices import pick_device
+from .devices import apply_cuda_tuning, pick_device, wants_fp16
 
 log = get_logger(__name__)
 
@@ -55,11 +55,12 @@ class SentenceBackend(EmbedBackend):
         torch = require("torch", purpose=_PURPOSE)
         st = require("sentence_transformers", "sentence-transformers", _PURPOSE)
         self._device = pick_device(torch, self.assignment.device, self.spec.id, self.notes, log)
+        apply_cuda_tuning(torch, self._device, self.options.extra)
         try:
             model = st.SentenceTransformer(source, device=self._device, local_files_only=local)
         except (OSError, ValueError, RuntimeError) as exc:
             raise ModelFailed(f"model '{self.spec.id}' failed to load from {source}: {exc}", path=source) from exc
-        if self._device.startswith("cuda"):
+        if wants_fp16(self._device, self.options.extra):
             model.half()
         model.eval()
         self._model = model
@@ -114,9 +115,14 @@ class SentenceBackend(EmbedBackend):
 
     def count_tokens(self, texts: list[str]) -> int:
         """Tokens the model sees (special tokens included, truncation applied)."""
+        return sum(self.count_tokens_each(texts))
+
+    def count_tokens_each(self, texts: list[str]) -> list[int]:
+        """Per-text token counts in one tokenizer call (the micro-batcher splits usage
+        back to the requests it merged)."""
         if self._counter is None:
-            return super().count_tokens(texts)
-        return sum(len(e.ids) for e in self._counter.encode_batch(texts))
+            return [super(SentenceBackend, self).count_tokens([t]) for t in texts]
+        return [len(e.ids) for e in self._counter.encode_batch(texts)]
 
     def memory_mb(self) -> dict[str, float]:
         if self._model is None:

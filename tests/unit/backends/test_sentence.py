@@ -78,6 +78,7 @@ def test_count_tokens_matches_model_tokenizer(minilm):
     assert got == expected
     assert minilm.count_tokens(["hello world"]) == 4  # [CLS] hello world [SEP]
     assert minilm.count_tokens(["x " * 1000]) == 256  # truncated like encode()
+    assert minilm.count_tokens_each(texts) == [4, len(tok(texts[1])["input_ids"]), 256]
 
 
 @pytest.mark.slow
