@@ -201,7 +201,7 @@ class LocalTarget(Target):
                               model=self.model, node=self.node)
         if self._state == "loading":
             raise ModelLoading(f"model '{self.model}' is still loading on {self.node}; retry in a few seconds",
-                               model=self.model, node=self.node)
+                               model=self.model, node=self.node, retry_after=2)
         raise ModelFailed(f"model '{self.model}' is not available on {self.node} ({self._state})",
                           model=self.model, node=self.node)
 
