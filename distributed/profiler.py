@@ -203,8 +203,7 @@ def _cpu_profile(hostname: str) -> HostProfile:
 def _reason(exc: Exception) -> str:
     if isinstance(exc, MissingDependency):
         return f"not installed ({exc.package})"
-    text = str(exc) or type(exc).__name__
-    return text if type(exc).__name__ in text else f"{type(exc).__name__}: {text}"
+    return str(exc) or type(exc).__name__  # NVMLError_* strings already say what failed
 
 
 def profile_host(gpu_profile: str = "", node_name: str | None = None) -> HostProfile:

@@ -92,6 +92,11 @@ class Settings(BaseSettings):
                 raise ValueError(f"'{url}' is not a base URL; write it as http://HOST:PORT")
         return [u.rstrip("/") for u in v]
 
+    @field_validator("models_dir")
+    @classmethod
+    def _expand_home(cls, v: Path) -> Path:
+        return v.expanduser()  # "~/models" in an env file means the user's home
+
     @field_validator("log_level", "log_format", "role", mode="before")
     @classmethod
     def _lower(cls, v: Any) -> Any:

