@@ -154,7 +154,9 @@ class Node:
                 extra.update(profiler.tuning(self.profile, s.vram_reserve_mb) or {})
             extra.update(self.backend_extra)
             context = min(s.context, spec.context) if spec.kind == "chat" else spec.context
-            options = BackendOptions(context=context, threads=s.threads, batch_size=s.embed_max_batch, extra=extra)
+            # TARS_THREADS=0 means "all physical cores" (the profile counts them)
+            threads = s.threads or int(extra.get("threads") or (self.profile.cpu_cores if self.profile else 0))
+            options = BackendOptions(context=context, threads=threads, batch_size=s.embed_max_batch, extra=extra)
             path = None if fake else self.store.ensure(spec)
             return create_backend(spec, a, options, path, backend=s.backend_override or None)
 
@@ -195,6 +197,11 @@ class Node:
         if model is None or model == "":
             default = self.default_model(kind)
             if default is None:
+                kinds = {sp.id: sp.kind for sp in self.model_specs()}
+                unplaced = [u for u in self.plan.unplaced if kinds.get(u.model) == kind]
+                if unplaced:
+                    raise ModelFailed(f"no {kind} model is served here: " +
+                                      "; ".join(f"'{u.model}' is not placed: {u.reason}" for u in unplaced))
                 raise ModelNotFound(f"<default {kind} model>", list(self.targets))
             model = default
         target = self.targets.get(model)
