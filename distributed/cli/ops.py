@@ -173,9 +173,25 @@ def render_status(data: dict[str, Any], console: Any) -> None:
     for u in (data.get("plan") or {}).get("unplaced") or []:
         console.print(f"[yellow]not placed: {u.get('model')}: {u.get('reason')}[/yellow]")
 
-    t = data.get("totals") or {}
-    console.print(f"tokens/s {_num(t.get('tokens_per_s'), 1)} · embeddings/s {_num(t.get('embeddings_per_s'), 1)}"
-                  f" · queue {_num(t.get('queue_depth'))} · requests {_num(t.get('requests'))}")
+    t = cluster_totals(data)
+    console.print(f"{t['scope']}: tokens/s {_num(t['tokens_per_s'], 1)} · embeddings/s {_num(t['embeddings_per_s'], 1)}"
+                  f" · queue {_num(t['queue_depth'])} · requests {_num(t['requests'])}")
+
+
+def cluster_totals(data: dict[str, Any]) -> dict[str, Any]:
+    """This node's totals plus those of live peers that report theirs (in heartbeats)."""
+    keys = ("tokens_per_s", "embeddings_per_s", "queue_depth", "requests")
+    own = data.get("totals") or {}
+    out: dict[str, Any] = {k: own.get(k) or 0 for k in keys}
+    counted = 0
+    for p in data.get("peers") or []:
+        t = p.get("totals")
+        if isinstance(t, dict) and p.get("state") in ("alive", "suspect"):
+            counted += 1
+            for k in keys:
+                out[k] += t.get(k) or 0
+    out["scope"] = f"whole cluster ({counted + 1} hosts)" if counted else "this node"
+    return out
 
 
 def status(url: str = URL_ARG, json_out: bool = typer.Option(False, "--json", help="Print /status as JSON."),

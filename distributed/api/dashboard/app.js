@@ -186,6 +186,19 @@
     var eps = isNum(totals.embeddings_per_s) ? totals.embeddings_per_s : 0;
     var queue = isNum(totals.queue_depth) ? totals.queue_depth
       : models.reduce(function (a, m) { return a + (m.queue_depth || 0); }, 0);
+    var requests = isNum(totals.requests) ? totals.requests : 0;
+    // Peers that report their own totals (in their heartbeats) add to the cluster's figures.
+    var counted = 0;
+    (Array.isArray(d.peers) ? d.peers : []).forEach(function (p) {
+      var t = p && p.totals;
+      if (!t || (p.state !== "alive" && p.state !== "suspect")) return;
+      counted++;
+      tps += isNum(t.tokens_per_s) ? t.tokens_per_s : 0;
+      eps += isNum(t.embeddings_per_s) ? t.embeddings_per_s : 0;
+      queue += isNum(t.queue_depth) ? t.queue_depth : 0;
+      requests += isNum(t.requests) ? t.requests : 0;
+    });
+    $("#scope").textContent = counted ? "whole cluster (" + (counted + 1) + " hosts)" : "this node";
 
     history.push({ t: now, tps: tps, eps: eps, queue: queue });
     while (history.length && history[0].t < now - WINDOW_S) history.shift();
@@ -193,7 +206,7 @@
     $("#stat-tps [data-value]").textContent = fmt(tps, 1);
     $("#stat-eps [data-value]").textContent = fmt(eps, 1);
     $("#stat-queue [data-value]").textContent = fmt(queue);
-    $("#stat-misc [data-value]").textContent = fmt(totals.requests);
+    $("#stat-misc [data-value]").textContent = fmt(requests);
     $("#uptime").textContent = fmtDuration(d.uptime_s);
     drawCharts();
   }
