@@ -121,3 +121,12 @@ def test_vectors_b64_round_trip_and_numpy_json():
     back = np.asarray(p.loads(p.dumps({"v": v[:2]}))["v"], dtype=np.float32)
     np.testing.assert_array_equal(back, v[:2])  # float32 printed shortest-exact by orjson
     assert p.dumps_line({"a": 1}) == b'{"a":1}\n'
+
+
+def test_docs_error_table_lists_every_class_with_its_code():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[3] / "docs" / "RPC.md").read_text()
+    for cls in ALL:
+        row = f"| {cls.rpc_code} | {cls.__name__} | {cls.kind} | {cls.http_status} |"
+        assert row in doc, f"docs/RPC.md is missing the row {row!r}"
