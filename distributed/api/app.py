@@ -27,6 +27,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import FileResponse, Response
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -120,6 +121,8 @@ class Edge:
         except TarsError as exc:  # raised here in the edge, before the app
             if not state["started"]:
                 await _error_response(exc, self.node.name, path)(scope, receive, send_wrapper)
+        except ClientDisconnect:  # the client left while sending its body: nobody to answer
+            state["status"] = 499
         except Exception:  # noqa: BLE001 - last resort: generic message out, traceback to the log
             log.exception("unhandled error on %s %s", scope.get("method"), path)
             if not state["started"]:

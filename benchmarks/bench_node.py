@@ -1,0 +1,273 @@
+"""One node through HTTP vs the same libraries in process (issue 3's speed targets).
+
+Starts ``python -m distributed serve`` as a real process on 127.0.0.2 with the
+embedded models, then measures, alternating with the in-process baselines of
+``benchmarks/inprocess.py`` in the same run so both see the same machine load:
+
+* chat — decode tokens/s and time to first token of a streamed
+  ``/v1/chat/completions`` (temperature 0) vs llama-cpp-python
+  ``create_chat_completion(stream=True)`` on the same GGUF, context and threads;
+* embeddings — ``--clients`` concurrent clients, one sentence per request, through
+  ``/v1/embeddings`` vs one sentence-transformers ``encode`` over the same
+  sentences in batches of 32. The load client is a minimal keep-alive HTTP/1.1
+  client on asyncio (it shares the CPU with the server, so it must be cheap);
+  ``encoding_format`` base64 is what the official openai client sends by default;
+* the node's start → ``/health`` 200 time and its idle RSS.
+
+Run from the repository root::
+
+    .venv/bin/python -m benchmarks.bench_node            # full run (several minutes)
+    .venv/bin/python -m benchmarks.bench_node --rounds 2 --sentences 500   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+from benchmarks.inprocess import default_threads, embedded_gguf, llama_decode, st_encode
+
+ROOT = Path(__file__).resolve().parents[1]
+HOST = "127.0.0.2"
+CHAT, EMBED = "gemma-3-270m", "all-MiniLM-L6-v2"
+
+
+# --------------------------------------------------------------------------- server
+def free_port(start: int = 18450, end: int = 18500) -> int:
+    for port in range(start, end):
+        with socket.socket() as s:
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                continue
+            return port
+    raise SystemExit(f"no free port in {start}-{end - 1} on {HOST}")
+
+
+def start_server(port: int, models_dir: Path, threads: int | None, context: int) -> tuple[subprocess.Popen, float]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TARS_")}
+    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TARS_CONTEXT": str(context)})
+    if threads:
+        env["TARS_THREADS"] = str(threads)
+    cmd = [sys.executable, "-m", "distributed", "serve", "--host", HOST, "--port", str(port), "--name", "bench",
+           "--models-dir", str(models_dir), "--log-level", "warning"]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://{HOST}:{port}/health"
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return proc, time.perf_counter() - t0
+        except httpx.HTTPError:
+            pass
+        if time.perf_counter() - t0 > 300:
+            proc.kill()
+            raise SystemExit("the node did not become healthy in 300 s")
+        time.sleep(0.05)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def rss_mb(pid: int) -> float:
+    import psutil
+
+    return psutil.Process(pid).memory_info().rss / 2**20
+
+
+# --------------------------------------------------------------------------- chat
+def http_chat(client: httpx.Client, prompt: str, n_tokens: int) -> dict[str, float]:
+    """Stream one chat completion; TTFT from sending the request to the first content delta."""
+    body = {"model": CHAT, "messages": [{"role": "user", "content": prompt}], "max_tokens": n_tokens,
+            "temperature": 0.0, "stream": True}
+    t0 = time.perf_counter()
+    first = None
+    n = 0
+    with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = orjson.loads(line[6:])
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                n += 1
+                if first is None:
+                    first = time.perf_counter()
+    end = time.perf_counter()
+    assert first is not None, "no content streamed"
+    return {"ttft_ms": (first - t0) * 1000, "tokens_per_s": (n - 1) / (end - first) if n > 1 else 0.0, "tokens": n}
+
+
+def bench_chat(base_url: str, gguf: Path, rounds: int, n_tokens: int, threads: int | None, context: int) -> dict:
+    names = ["Tom", "Mia", "Leo", "Zoe", "Max", "Ivy", "Sam", "Ada", "Ben", "Eva"]
+    client = httpx.Client(base_url=base_url, timeout=600)
+    llama_decode(gguf, 8, "Hello", threads=threads, n_ctx=context)  # load + warm the in-process model
+    http_chat(client, "Hello", 8)  # warm the connection and the server's model
+    base: list[dict[str, float]] = []
+    http: list[dict[str, float]] = []
+    for r in range(rounds):
+        prompt = f"Write a short story about a cat named {names[r % len(names)]}."
+        order = ("base", "http") if r % 2 == 0 else ("http", "base")
+        for side in order:
+            if side == "base":
+                base.append(llama_decode(gguf, n_tokens, prompt, threads=threads, n_ctx=context))
+            else:
+                http.append(http_chat(client, prompt, n_tokens))
+        print(f"  chat round {r + 1}: in-process {base[-1]['tokens_per_s']:.1f} tok/s ttft {base[-1]['ttft_ms']:.1f} ms"
+              f" | http {http[-1]['tokens_per_s']:.1f} tok/s ttft {http[-1]['ttft_ms']:.1f} ms", flush=True)
+    client.close()
+    med = lambda rows, k: statistics.median(x[k] for x in rows)  # noqa: E731
+    return {
+        "base_tps": med(base, "tokens_per_s"), "http_tps": med(http, "tokens_per_s"),
+        "base_ttft_ms": med(base, "ttft_ms"), "http_ttft_ms": med(http, "ttft_ms"),
+        "decode_ratio": med(http, "tokens_per_s") / med(base, "tokens_per_s"),
+        "ttft_delta_ms": med(http, "ttft_ms") - med(base, "ttft_ms"),
+        "tokens": med(http, "tokens"), "rounds": rounds,
+    }
+
+
+# --------------------------------------------------------------------------- embeddings
+def sentences(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    words = ("the a quick lazy brown dog cat runs jumps over under near market price rises falls today "
+             "yesterday model server network local home computer graphics card memory fast slow new old "
+             "river mountain city music book reads writes sings small large bright dark morning evening").split()
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(6, 20))).capitalize() + "." for _ in range(n)]
+
+
+async def _load(host: str, port: int, texts: list[str], clients: int, fmt: str) -> float:
+    """Requests/s of ``clients`` keep-alive connections, one sentence per request."""
+    bodies = [orjson.dumps({"model": EMBED, "input": t, "encoding_format": fmt}) for t in texts]
+    it = iter(bodies)
+    errors: list[str] = []
+
+    async def conn() -> None:
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            for body in it:
+                writer.write(b"POST /v1/embeddings HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\n"
+                             b"content-length: %d\r\n\r\n%s" % (len(body), body))
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line[:15].lower() == b"content-length:":
+                        length = int(line[15:])
+                data = await reader.readexactly(length)
+                if head[9:12] != b"200":
+                    errors.append(data.decode()[:200])
+        finally:
+            writer.close()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(conn() for _ in range(clients)))
+    dt = time.perf_counter() - t0
+    if errors:
+        raise SystemExit(f"{len(errors)} embedding requests failed, e.g. {errors[0]}")
+    return len(texts) / dt
+
+
+def bench_embed(port: int, n: int, clients: int, rounds: int) -> dict:
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    texts = sentences(n)
+    st_encode(texts[:64])  # load + warm the in-process model
+    runner(_load(HOST, port, texts[:256], clients, "base64"))  # warm the server
+    check = httpx.post(f"http://{HOST}:{port}/v1/embeddings", json={"input": texts[0]}).json()
+    assert len(check["data"][0]["embedding"]) == 384
+    base, b64, flt = [], [], []
+    for r in range(rounds):
+        base.append(st_encode(texts, batch_size=32))
+        b64.append(runner(_load(HOST, port, texts, clients, "base64")))
+        flt.append(runner(_load(HOST, port, texts, clients, "float")))
+        print(f"  embed round {r + 1}: in-process {base[-1]:.0f}/s | http base64 {b64[-1]:.0f}/s | "
+              f"http float {flt[-1]:.0f}/s", flush=True)
+    med = statistics.median
+    return {"base_per_s": med(base), "http_b64_per_s": med(b64), "http_float_per_s": med(flt),
+            "ratio_b64": med(b64) / med(base), "ratio_float": med(flt) / med(base), "sentences": n,
+            "clients": clients, "rounds": rounds}
+
+
+# --------------------------------------------------------------------------- main
+def markdown(res: dict[str, Any]) -> str:
+    out = [f"Machine: {res['machine']}; threads {res['threads']}; context {res['context']}.", "",
+           "| measure | in process | through the node | ratio / delta | target |", "|---|---|---|---|---|"]
+    c = res.get("chat")
+    if c:
+        out.append(f"| chat decode, tok/s (median of {c['rounds']}, {c['tokens']:.0f} tokens) | {c['base_tps']:.1f} | "
+                   f"{c['http_tps']:.1f} | **{c['decode_ratio']:.3f}x** | >= 0.95x |")
+        out.append(f"| chat time to first token, ms | {c['base_ttft_ms']:.1f} | {c['http_ttft_ms']:.1f} | "
+                   f"**{c['ttft_delta_ms']:+.1f} ms** | <= +10 ms |")
+    e = res.get("embed")
+    if e:
+        out.append(f"| embeddings, sentences/s ({e['clients']} clients, 1 sentence/request, base64) | "
+                   f"{e['base_per_s']:.0f} | {e['http_b64_per_s']:.0f} | **{e['ratio_b64']:.2f}x** | >= 0.5x |")
+        out.append(f"| embeddings, same with encoding_format float | {e['base_per_s']:.0f} | "
+                   f"{e['http_float_per_s']:.0f} | {e['ratio_float']:.2f}x | |")
+    out.append(f"| node start → /health 200 (both models loaded), s | | {res['start_to_health_s']:.1f} | | |")
+    out.append(f"| node idle RSS (both models loaded), MiB | | {res['idle_rss_mb']:.0f} | | |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--sentences", type=int, default=2000)
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=0, help="llama.cpp threads, both sides (0: physical cores)")
+    ap.add_argument("--context", type=int, default=2048)
+    ap.add_argument("--models-dir", type=Path, default=ROOT / ".test-cache" / "models")
+    ap.add_argument("--skip-chat", action="store_true")
+    ap.add_argument("--skip-embed", action="store_true")
+    args = ap.parse_args()
+
+    threads = args.threads or default_threads()
+    gguf = embedded_gguf(args.models_dir)
+    port = free_port()
+    print(f"starting the node on {HOST}:{port} ...", flush=True)
+    proc, startup = start_server(port, args.models_dir, threads, args.context)
+    try:
+        time.sleep(2.0)
+        res: dict[str, Any] = {"start_to_health_s": startup, "idle_rss_mb": rss_mb(proc.pid),
+                               "threads": threads, "context": args.context,
+                               "machine": f"{os.cpu_count()} CPUs, {os.uname().machine}, Python {sys.version.split()[0]}"}
+        print(f"  start → /health 200: {startup:.1f} s; idle RSS {res['idle_rss_mb']:.0f} MiB", flush=True)
+        if not args.skip_chat:
+            res["chat"] = bench_chat(f"http://{HOST}:{port}", gguf, args.rounds, args.tokens, threads, args.context)
+        if not args.skip_embed:
+            res["embed"] = bench_embed(port, args.sentences, args.clients, max(1, args.rounds - 2))
+    finally:
+        stop_server(proc)
+    print(json.dumps(res, indent=2))
+    print()
+    print(markdown(res))
+
+
+if __name__ == "__main__":
+    main()
