@@ -14,7 +14,9 @@
 # Overrides (environment variables):
 #   PYTHON=/path/to/python3.11      interpreter used to create .venv (default: newest python3.1x found)
 #   TARS_VENV=/path/to/venv         use this virtual environment instead of ./.venv
-#   TARS_SETUP_BUILD=auto|cuda|cpu  force the build kind (default auto)
+#   TARS_SETUP_BUILD=auto|cuda|cpu  force the build kind (default auto: CUDA when nvidia-smi lists a
+#                                   GPU and nvcc is on PATH or in $CUDA_HOME/bin, else CPU)
+#   CUDA_HOME=/usr/local/cuda       where the CUDA toolkit lives when nvcc is not on PATH
 #   TARS_SETUP_SKIP_INSTALL=1       run no pip command; show what would be installed
 #   TARS_SETUP_VERBOSE=1            pip -v (the full compiler log of llama-cpp-python)
 #   TARS_TORCH_CPU_INDEX=URL        extra index for the CPU torch wheel ("" = PyPI only)

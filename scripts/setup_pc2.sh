@@ -16,7 +16,7 @@
 # Asks nothing when stdin is not a terminal or CI is set.
 #
 # Overrides (environment variables):
-#   PYTHON, TARS_VENV, TARS_SETUP_BUILD, TARS_SETUP_SKIP_INSTALL, TARS_SETUP_VERBOSE,
+#   PYTHON, TARS_VENV, TARS_SETUP_BUILD, CUDA_HOME, TARS_SETUP_SKIP_INSTALL, TARS_SETUP_VERBOSE,
 #   TARS_TORCH_CPU_INDEX, TARS_SETUP_SELFCHECK=0   as in setup_pc1.sh
 #   TARS_PC1_PORT=8000              PC1's port when the address has none
 #   TARS_NODE_NAME, TARS_HOST, TARS_PORT, TARS_ADVERTISE_URL

@@ -28,8 +28,12 @@ TIMEOUT_S = 5.0
 def port_free(host: str, port: int) -> int:
     bind_host = "" if host in ("0.0.0.0", "") else host
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As servers do (uvicorn too): connections of a stopped server in TIME_WAIT do not
+        # block the port; another program listening on it still does.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((bind_host, port))
+            s.listen(1)
         except OSError as exc:
             reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
             print(f"in-use {reason}")

@@ -100,7 +100,8 @@ ensure_venv() {
 }
 
 # ----------------------------------------------------------------------------- 3. build kind
-have_nvcc() { command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; }
+CUDA_BIN=${CUDA_HOME:-/usr/local/cuda}/bin
+have_nvcc() { command -v nvcc >/dev/null 2>&1 || [ -x "$CUDA_BIN/nvcc" ]; }
 
 detect_build() {
   step "GPU build or CPU build"
@@ -113,7 +114,7 @@ detect_build() {
       if [ $gpu = 1 ] && have_nvcc; then
         BUILD=cuda
         nvidia-smi -L | sed 's/^/      /'
-        info "CUDA toolkit: $( (command -v nvcc >/dev/null 2>&1 && nvcc --version || /usr/local/cuda/bin/nvcc --version) | tail -n 1)"
+        info "CUDA toolkit: $( (command -v nvcc >/dev/null 2>&1 && nvcc --version || "$CUDA_BIN/nvcc" --version) | tail -n 1)"
       elif [ $gpu = 1 ]; then
         BUILD=cpu
         warn "an NVIDIA driver works but the CUDA toolkit (nvcc) is missing: building for CPU."
@@ -124,8 +125,8 @@ detect_build() {
       fi ;;
     *) die "TARS_SETUP_BUILD=${TARS_SETUP_BUILD} is not one of auto, cuda, cpu" "unset it or set it to auto, cuda or cpu" ;;
   esac
-  if [ "$BUILD" = cuda ] && ! command -v nvcc >/dev/null 2>&1 && [ -x /usr/local/cuda/bin/nvcc ]; then
-    export PATH="/usr/local/cuda/bin:$PATH"
+  if [ "$BUILD" = cuda ] && ! command -v nvcc >/dev/null 2>&1 && [ -x "$CUDA_BIN/nvcc" ]; then
+    export PATH="$CUDA_BIN:$PATH"   # CMake finds nvcc on PATH
   fi
   ok "build: $BUILD"
 }

@@ -1,0 +1,360 @@
+"""scripts/setup_pc1.sh and scripts/setup_pc2.sh, run for real in a scratch copy of the repo.
+
+CPU mode, non-interactive (CI=1, stdin closed). The scripts reuse the virtual
+environment running these tests (TARS_VENV) so llama-cpp-python is not compiled
+again, and TARS_SETUP_SKIP_INSTALL=1 keeps them from pointing that shared venv's
+editable install at the scratch copy; every other step runs as on a user's
+machine: Python check, build detection, the "already installed" checks, the
+profiler and planner, the env files, the launchers and the self-checks (PC1: a
+real node with the embedded models starts and answers /health; PC2: a real PC1
+node accepts the token on /rpc). The pip commands themselves are checked from
+what the scripts print in the CUDA / CPU / fresh-venv cases.
+"""
+
+from __future__ import annotations
+
+import http.server
+import os
+import re
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+ROOT = Path(__file__).resolve().parents[2]
+PC1_HOST, PC2_HOST = "127.0.0.2", "127.0.0.3"
+PORTS = range(18630, 18650)  # this file's share of 18600-18699
+_taken: set[int] = set()
+
+if sys.prefix == sys.base_prefix:
+    pytest.skip("the setup-script tests reuse the virtual environment running them; run them from .venv",
+                allow_module_level=True)
+
+
+def _free_port(host: str = PC1_HOST) -> int:
+    for port in PORTS:
+        if port in _taken:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _taken.add(port)
+        return port
+    pytest.skip(f"no free port in {PORTS.start}-{PORTS.stop - 1}")
+
+
+def copy_repo(dest: Path) -> Path:
+    """The working tree (tracked + untracked, not ignored) copied to a scratch folder."""
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, check=True).stdout.split(b"\0")
+    for rel in filter(None, files):
+        src = ROOT / os.fsdecode(rel)
+        if not src.is_file():
+            continue  # deleted in the working tree
+        target = dest / os.fsdecode(rel)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(src.read_bytes())
+        target.chmod(src.stat().st_mode)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """The scratch copy the PC1 → PC2 sequence of tests shares."""
+    return copy_repo(tmp_path_factory.mktemp("setup") / "repo")
+
+
+@pytest.fixture
+def fresh_repo(tmp_path: Path) -> Path:
+    """A scratch copy of its own, for tests that must not touch the shared one."""
+    return copy_repo(tmp_path / "repo")
+
+
+@pytest.fixture(scope="module")
+def ports() -> dict[str, int]:
+    return {"pc1": _free_port(PC1_HOST), "pc2": _free_port(PC2_HOST)}
+
+
+def _env(models_dir: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TARS_", "PYTHON", "CUDA_HOME"))}
+    env.update({"CI": "1", "PYTHON": sys.executable, "TARS_VENV": sys.prefix, "TARS_SETUP_SKIP_INSTALL": "1",
+                "TARS_MODELS_DIR": str(models_dir), "HF_HUB_OFFLINE": "1", "TARS_SETUP_SELFCHECK_TIMEOUT": "240"})
+    env.update(extra)
+    return env
+
+
+def run(repo: Path, script: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run(["bash", f"scripts/{script}", *args], cwd=repo, env=env, stdin=subprocess.DEVNULL,
+                       capture_output=True, text=True, timeout=600)
+    r.all = r.stdout + r.stderr  # type: ignore[attr-defined]
+    return r
+
+
+def env_file(path: Path) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in path.read_text().splitlines() if line and not line.startswith("#"))
+
+
+# ----------------------------------------------------------------------------- PC1
+@pytest.fixture(scope="module")
+def pc1_first(repo: Path, ports: dict[str, int], models_dir: Path, gemma_gguf: Path):  # noqa: ANN201
+    env = _env(models_dir, TARS_HOST=PC1_HOST, TARS_PORT=str(ports["pc1"]))
+    return run(repo, "setup_pc1.sh", env=env), env
+
+
+def test_pc1_setup_writes_env_file_launcher_and_passes_the_self_check(repo: Path, pc1_first, ports) -> None:  # noqa: ANN001
+    r, _ = pc1_first
+    assert r.returncode == 0, r.all
+    for n in range(1, 11):
+        assert f"[{n}/10]" in r.stdout
+    assert "build: cpu" in r.stdout
+    assert "torch 2.13.0" in r.stdout and "llama-cpp-python" in r.stdout
+    assert "TARS_SETUP_SKIP_INSTALL=1, not running: pip install -e" in r.stdout
+    assert "gemma-3-270m" in r.stdout and "all-MiniLM-L6-v2" in r.stdout  # the plan was printed
+
+    path = repo / "env" / ".env.pc1"
+    values = env_file(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600  # it holds a secret
+    token = values["TARS_CLUSTER_TOKEN"]
+    assert re.fullmatch(r"[A-Za-z0-9_-]{43}", token)  # secrets.token_urlsafe(32)
+    assert values["TARS_ROLE"] == "server" and values["TARS_NODE_NAME"] == "pc1"
+    assert values["TARS_HOST"] == PC1_HOST and values["TARS_PORT"] == str(ports["pc1"])
+    assert values["TARS_ADVERTISE_URL"] == f"http://{PC1_HOST}:{ports['pc1']}"
+    assert f"Cluster token for PC2: {token}" in r.stdout
+    assert f"bash scripts/setup_pc2.sh {PC1_HOST}:{ports['pc1']} --token {token}" in r.stdout
+
+    from distributed.settings import load_settings  # the file is valid settings
+
+    s = load_settings(path)
+    assert s.cluster_token.get_secret_value() == token and s.effective_role == "server"
+
+    launcher = repo / "run_pc1.sh"
+    assert launcher.stat().st_mode & stat.S_IXUSR
+    text = launcher.read_text()
+    assert f"exec {sys.prefix}/bin/python -m distributed serve --env-file env/.env.pc1" in text
+    assert re.search(r"self-check passed: http://127\.0\.0\.2:\d+/health answered 200", r.stdout)
+    assert "Changed 2 thing(s)" in r.stdout
+
+
+def test_pc1_second_run_changes_nothing_and_keeps_the_token(repo: Path, pc1_first) -> None:  # noqa: ANN001
+    _, env = pc1_first
+    before = {p: (repo / p).read_bytes() for p in ("env/.env.pc1", "run_pc1.sh")}
+    r = run(repo, "setup_pc1.sh", env=env)
+    assert r.returncode == 0, r.all
+    assert "Nothing changed: everything was already set up." in r.stdout
+    assert r.stdout.count("already done, unchanged") == 5  # venv, torch, llama, env file, launcher
+    assert {p: (repo / p).read_bytes() for p in before} == before
+    assert "self-check passed" in r.stdout
+
+
+def test_pc1_port_held_by_another_program_is_a_clear_error(repo: Path, pc1_first, models_dir: Path) -> None:  # noqa: ANN001
+    port = _free_port(PC1_HOST)
+
+    class Other(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"some other web server")
+
+        def log_message(self, *a: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer((PC1_HOST, port), Other)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        r = run(repo, "setup_pc1.sh", env=_env(models_dir, TARS_HOST=PC1_HOST, TARS_PORT=str(port)))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert r.returncode == 1
+    assert f"port {port} on {PC1_HOST} is already in use" in r.stderr
+    assert "fix:" in r.stderr and "TARS_PORT" in r.stderr and "ss -ltnp" in r.stderr
+
+
+# ----------------------------------------------------------------------------- PC1 running, PC2
+@pytest.fixture(scope="module")
+def pc1_node(repo: Path, pc1_first, tmp_path_factory):  # noqa: ANN001, ANN201
+    """./run_pc1.sh, started the way a user starts it, serving the embedded models."""
+    r, env = pc1_first
+    assert r.returncode == 0, r.all
+    values = env_file(repo / "env" / ".env.pc1")
+    log = (tmp_path_factory.mktemp("pc1") / "pc1.log").open("w")
+    proc = subprocess.Popen(["./run_pc1.sh"], cwd=repo, env={k: v for k, v in env.items() if not k.startswith("TARS_")}
+                            | {"TARS_MODELS_DIR": env["TARS_MODELS_DIR"]},
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://{values['TARS_HOST']}:{values['TARS_PORT']}"
+    deadline = time.monotonic() + 240
+    try:
+        while True:
+            assert proc.poll() is None, f"run_pc1.sh exited {proc.returncode}"
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "run_pc1.sh did not become healthy"
+            time.sleep(0.5)
+        yield {"url": url, "token": values["TARS_CLUSTER_TOKEN"], "port": values["TARS_PORT"]}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def test_pc1_rerun_while_the_node_runs_checks_that_node(repo: Path, pc1_first, pc1_node) -> None:  # noqa: ANN001
+    _, env = pc1_first
+    r = run(repo, "setup_pc1.sh", env=env)
+    assert r.returncode == 0, r.all
+    assert "a TARS node already listens on" in r.stdout and "self-check passed" in r.stdout
+    assert "Nothing changed" in r.stdout
+
+
+def test_pc2_without_a_token_says_where_to_find_it(repo: Path, pc1_node, ports, models_dir: Path) -> None:  # noqa: ANN001
+    assert not (repo / "env" / ".env.pc2").exists()
+    env = _env(models_dir, TARS_HOST=PC2_HOST, TARS_PORT=str(ports["pc2"]), TARS_PC1_PORT=pc1_node["port"])
+    r = run(repo, "setup_pc2.sh", PC1_HOST, env=env)
+    assert r.returncode == 1
+    assert "no cluster token" in r.stderr and "--token" in r.stderr and "TARS_CLUSTER_TOKEN" in r.stderr
+    assert not (repo / "env" / ".env.pc2").exists()
+
+
+@pytest.fixture(scope="module")
+def pc2_first(repo: Path, pc1_node, ports, models_dir: Path):  # noqa: ANN001, ANN201
+    env = _env(models_dir, TARS_HOST=PC2_HOST, TARS_PORT=str(ports["pc2"]), TARS_PC1_PORT=pc1_node["port"])
+    return run(repo, "setup_pc2.sh", PC1_HOST, "--token", pc1_node["token"], env=env), env
+
+
+def test_pc2_setup_joins_pc1_and_the_token_is_accepted(repo: Path, pc1_node, pc2_first, ports) -> None:  # noqa: ANN001
+    r, _ = pc2_first
+    assert r.returncode == 0, r.all
+    assert f"PC1 answers at {pc1_node['url']}/health" in r.stdout
+    assert "PC1 accepted the cluster token on /rpc" in r.stdout
+    values = env_file(repo / "env" / ".env.pc2")
+    assert values["TARS_PEERS"] == pc1_node["url"]
+    assert values["TARS_CLUSTER_TOKEN"] == pc1_node["token"]
+    assert values["TARS_ROLE"] == "worker" and values["TARS_NODE_NAME"] == "pc2"
+    assert values["TARS_HOST"] == PC2_HOST and values["TARS_PORT"] == str(ports["pc2"])
+    assert stat.S_IMODE((repo / "env" / ".env.pc2").stat().st_mode) == 0o600
+    launcher = repo / "run_pc2.sh"
+    assert launcher.stat().st_mode & stat.S_IXUSR
+    assert "-m distributed serve --env-file env/.env.pc2" in launcher.read_text()
+
+    from distributed.settings import load_settings
+
+    s = load_settings(repo / "env" / ".env.pc2")
+    s.check_for_serving()  # peers + token: a worker that may start
+    assert s.peers == [pc1_node["url"]] and s.effective_role == "worker"
+
+
+def test_pc2_second_run_changes_nothing(repo: Path, pc1_node, pc2_first) -> None:  # noqa: ANN001
+    _, env = pc2_first
+    before = (repo / "env" / ".env.pc2").read_bytes()
+    r = run(repo, "setup_pc2.sh", PC1_HOST, "--token", pc1_node["token"], env=env)
+    assert r.returncode == 0, r.all
+    assert "Nothing changed" in r.stdout and "already joins" in r.stdout
+    assert (repo / "env" / ".env.pc2").read_bytes() == before
+    # and with no arguments at all it reuses what env/.env.pc2 says
+    r = run(repo, "setup_pc2.sh", env=env)
+    assert r.returncode == 0, r.all
+    assert "Nothing changed" in r.stdout and "PC1 accepted the cluster token" in r.stdout
+
+
+def test_pc2_unreachable_pc1_is_a_clear_error(repo: Path, pc2_first, ports, models_dir: Path) -> None:  # noqa: ANN001
+    _, env = pc2_first
+    closed = _free_port(PC1_HOST)
+    r = run(repo, "setup_pc2.sh", f"{PC1_HOST}:{closed}", "--token", "whatever", env=env)
+    assert r.returncode == 1
+    assert f"PC1 is unreachable at http://{PC1_HOST}:{closed}" in r.stderr
+    assert "fix:" in r.stderr and "./run_pc1.sh" in r.stderr and "firewall" in r.stderr
+
+
+def test_pc2_wrong_token_is_rejected_with_the_fix(repo: Path, pc1_node, pc2_first) -> None:  # noqa: ANN001
+    _, env = pc2_first
+    r = run(repo, "setup_pc2.sh", PC1_HOST, "--token", "not-the-token", env=env)
+    assert r.returncode == 1
+    assert "token rejected" in r.stderr and "401" in r.stderr
+    assert "grep TARS_CLUSTER_TOKEN env/.env.pc1" in r.stderr and "--token" in r.stderr
+    # the right token again repairs the env file
+    r = run(repo, "setup_pc2.sh", PC1_HOST, "--token", pc1_node["token"], env=env)
+    assert r.returncode == 0, r.all
+    assert "updated TARS_PEERS / TARS_CLUSTER_TOKEN" in r.stdout
+    assert env_file(repo / "env" / ".env.pc2")["TARS_CLUSTER_TOKEN"] == pc1_node["token"]
+
+
+# ----------------------------------------------------------------------------- Python and builds
+def test_no_suitable_python_names_the_fix(fresh_repo: Path, tmp_path: Path, models_dir: Path) -> None:
+    old = tmp_path / "python3.8"
+    old.write_text("#!/bin/sh\ncase \"$2\" in *SystemExit*) exit 1 ;; *) echo 3.8.18 ;; esac\n")
+    old.chmod(0o755)
+    r = run(fresh_repo, "setup_pc1.sh", env=_env(models_dir, PYTHON=str(old)))
+    assert r.returncode == 1
+    assert f"PYTHON={old} is Python 3.8.18; TARS Distributed needs 3.10 or newer" in r.stderr
+    assert "fix:" in r.stderr and "python3.11" in r.stderr
+
+
+def _fake_bin(tmp_path: Path, nvcc: bool) -> Path:
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: NVIDIA GeForce RTX 3060 (UUID: GPU-fake-0)'\n")
+    if nvcc:
+        (bin_dir / "nvcc").write_text("#!/bin/sh\necho 'Cuda compilation tools, release 12.4, V12.4.131'\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    return bin_dir
+
+
+def _path_without_nvcc(extra: Path) -> str:
+    dirs = [d for d in os.environ["PATH"].split(os.pathsep) if d and not (Path(d) / "nvcc").exists()]
+    return os.pathsep.join([str(extra), *dirs])
+
+
+def test_cuda_builds_are_chosen_with_a_driver_and_the_toolkit(fresh_repo: Path, tmp_path: Path, models_dir: Path) -> None:
+    env = _env(models_dir, PATH=_path_without_nvcc(_fake_bin(tmp_path, nvcc=True)), TARS_SETUP_SELFCHECK="0",
+               CUDA_HOME=str(tmp_path / "no-cuda"))
+    r = run(fresh_repo, "setup_pc1.sh", env=env)
+    assert r.returncode == 0, r.all
+    assert "GPU 0: NVIDIA GeForce RTX 3060" in r.stdout and "release 12.4" in r.stdout
+    assert "build: cuda" in r.stdout
+    # the installed torch and llama-cpp-python are CPU builds: the CUDA ones would replace them
+    assert "not running: pip install torch==2.13.0\n" in r.stdout
+    assert ("not running: CMAKE_ARGS=-DGGML_CUDA=on FORCE_CMAKE=1 pip install --no-cache-dir --force-reinstall "
+            "--no-deps llama-cpp-python>=0.3.8") in r.stdout
+    assert "TARS_SETUP_SELFCHECK=0: skipped" in r.stdout
+
+
+def test_cpu_builds_when_the_driver_has_no_toolkit(fresh_repo: Path, tmp_path: Path, models_dir: Path) -> None:
+    env = _env(models_dir, PATH=_path_without_nvcc(_fake_bin(tmp_path, nvcc=False)), TARS_SETUP_SELFCHECK="0",
+               CUDA_HOME=str(tmp_path / "no-cuda"))
+    r = run(fresh_repo, "setup_pc1.sh", env=env)
+    assert r.returncode == 0, r.all
+    assert "CUDA toolkit (nvcc) is missing: building for CPU" in r.stdout and "build: cpu" in r.stdout
+    assert "torch 2.13.0 cpu installed — already done, unchanged" in r.stdout
+
+
+def test_fresh_venv_is_created_and_the_cpu_install_commands_are_the_right_ones(fresh_repo: Path, tmp_path: Path,
+                                                                              models_dir: Path) -> None:
+    venv = tmp_path / "fresh-venv"
+    env = _env(models_dir, TARS_VENV=str(venv), TARS_SETUP_BUILD="cpu", TARS_SETUP_SELFCHECK="0")
+    r = run(fresh_repo, "setup_pc1.sh", env=env)
+    assert (venv / "bin" / "python").exists()
+    assert f"created virtual environment {venv}" in r.stdout
+    assert ("not running: pip install torch==2.13.0 --extra-index-url https://download.pytorch.org/whl/cpu"
+            in r.stdout)
+    assert "not running: CMAKE_ARGS=-DGGML_NATIVE=OFF pip install llama-cpp-python>=0.3.8" in r.stdout
+    assert f"not running: pip install -e {fresh_repo}" in r.stdout
+    # with the installs skipped the new venv is empty, so the profiler cannot run: a clear stop
+    assert r.returncode == 1 and "the hardware profiler failed" in r.stderr and "fix:" in r.stderr
