@@ -13,7 +13,9 @@ are merged into one ``encode`` call (up to ``max_batch`` sentences), sorted by
 length to cut padding, run one batch at a time in a worker thread, and the rows
 are handed back to each caller. An idle worker starts at once (no added latency
 for a lone request); while it is busy, requests coalesce for the next batch,
-which waits at most ``max_wait_ms`` (counted from its oldest request) to fill.
+which waits at most ``max_wait_ms`` (counted from its oldest request) to fill —
+as does a batch that starts right after another one ended (a burst: the clients
+just answered are about to send again).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import numpy as np
 from .errors import Overloaded, RequestTimeout
 
 _END = object()
+BURST_WINDOW_S = 0.05  # a batch that ended this recently means more requests are on their way
 
 
 class _Channel:
@@ -220,6 +223,7 @@ class MicroBatcher:
         self._full: asyncio.Future[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"embed-{name}")
         self._batch_s = _Ewma(0.05)
+        self._last_end = -1e9  # loop time the last batch finished
         self.batches = 0
 
     @property
@@ -274,7 +278,10 @@ class MicroBatcher:
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
-        first = True
+        # A lone request on an idle worker starts at once. During a burst (a batch ended
+        # moments ago), the clients it answered are about to send their next requests, so
+        # the batch waits up to max_wait for them instead of going out nearly empty.
+        first = loop.time() - self._last_end > BURST_WINDOW_S
         try:
             while self._pending:
                 if not first and self._pending_n < self.max_batch and self.max_wait > 0:
@@ -290,6 +297,7 @@ class MicroBatcher:
                 batch = self._take()
                 if batch:
                     await self._run_batch(loop, batch)
+                    self._last_end = loop.time()
         finally:
             self._task = None
 

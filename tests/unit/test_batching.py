@@ -297,3 +297,23 @@ async def test_embed_timeout():
     mb = MicroBatcher(enc, max_batch=4, max_wait_ms=1, max_queue=100, timeout_s=0.1, name="e")
     with pytest.raises(RequestTimeout):
         await mb.embed(["slow"], False)
+
+
+async def test_during_a_burst_the_next_batch_waits_up_to_max_wait_to_fill():
+    enc = Encoder()
+    mb = _batcher(enc, max_batch=8, max_wait_ms=40)
+    await mb.embed(["first"], False)  # a batch just ended: we are in a burst
+    a = asyncio.create_task(mb.embed(["a"], False))
+    await asyncio.sleep(0.01)
+    b = asyncio.create_task(mb.embed(["b"], False))
+    await asyncio.gather(a, b)
+    assert [len(c) for c in enc.calls] == [1, 2]  # a waited for b (within 40 ms)
+
+
+async def test_a_full_batch_does_not_wait():
+    enc = Encoder()
+    mb = _batcher(enc, max_batch=4, max_wait_ms=1000)
+    await mb.embed(["first"], False)
+    t0 = time.monotonic()
+    await asyncio.gather(*(mb.embed([f"t{i}"], False) for i in range(4)))
+    assert time.monotonic() - t0 < 0.5 and [len(c) for c in enc.calls] == [1, 4]
