@@ -6,7 +6,7 @@ the same library called directly in one Python process. These helpers are the
 
 * ``llama_decode`` — llama-cpp-python ``create_chat_completion(stream=True)`` with
   chat_format "gemma", n_ctx 2048, temperature 0, the same threads the node picks
-  (TARS_THREADS, else the physical cores). Returns time to first token and decode
+  (TARS_THREADS, else llama-cpp-python's default). Returns time to first token and decode
   tokens/s (tokens after the first / time after the first).
 * ``st_encode`` — sentence-transformers ``encode`` over the sentences in batches.
 
@@ -20,7 +20,9 @@ run so both see the same machine load, and report the ratio::
 
 Or from the shell: ``python -m benchmarks.inprocess`` prints one measurement of each on the
 embedded default models; ``python -m benchmarks.inprocess backend`` compares our
-``LlamaCppBackend.stream`` with ``llama_decode`` (alternating, 3 runs each, 128 tokens). Each call loads its model once and caches it, so repeated calls
+``LlamaCppBackend.stream`` with ``llama_decode`` (alternating, 3 runs each, 128 tokens;
+``backend 9`` for 9 runs); ``python -m benchmarks.inprocess overhead`` times what the
+backend layer adds per token with no model at all. Each call loads its model once and caches it, so repeated calls
 time the work, not the load.
 """
 
@@ -38,16 +40,9 @@ N_CTX = 2048
 
 
 def default_threads() -> int | None:
-    """What the node uses: TARS_THREADS, else the physical cores (as the profiler counts)."""
-    env = int(os.environ.get("TARS_THREADS", "0") or 0)
-    if env:
-        return env
-    try:
-        import psutil
-
-        return psutil.cpu_count(logical=False) or os.cpu_count()
-    except ImportError:
-        return None
+    """What the node's llama backend uses: TARS_THREADS, else None (llama-cpp-python's
+    default, half the logical CPUs)."""
+    return int(os.environ.get("TARS_THREADS", "0") or 0) or None
 
 
 @functools.lru_cache(maxsize=4)
@@ -151,9 +146,13 @@ def backend_vs_raw(path: str | Path, n_tokens: int = 128, prompt: str = "Write a
     llama_decode(path, 8, prompt)
     ours()  # warm both
     raw_runs, our_runs = [], []
-    for _ in range(runs):
-        raw_runs.append(llama_decode(path, n_tokens, prompt))
-        our_runs.append(ours())
+    for i in range(runs):  # alternate, and alternate who goes first
+        if i % 2:
+            our_runs.append(ours())
+            raw_runs.append(llama_decode(path, n_tokens, prompt))
+        else:
+            raw_runs.append(llama_decode(path, n_tokens, prompt))
+            our_runs.append(ours())
     backend.unload()
 
     def median(rows: list[dict[str, float]], key: str) -> float:
@@ -165,9 +164,54 @@ def backend_vs_raw(path: str | Path, n_tokens: int = 128, prompt: str = "Write a
             "ttft_delta_ms": median(our_runs, "ttft_ms") - median(raw_runs, "ttft_ms")}
 
 
+def backend_overhead_us(n: int = 200_000) -> float:
+    """Microseconds LlamaCppBackend.stream adds per token on top of llama-cpp-python's own
+    generator, measured with a stand-in that yields ready-made chunks (no model, no noise
+    from decode speed): what our layer costs, isolated."""
+    import threading
+
+    from distributed.backends.base import BackendOptions
+    from distributed.backends.llama_cpp import LlamaCppBackend
+    from distributed.domain import Assignment, GenerateRequest, ModelSpec
+
+    piece = {"choices": [{"text": "tok", "finish_reason": None}]}
+    last = {"choices": [{"text": "", "finish_reason": "length"}]}
+
+    def chunks(**_: Any) -> Any:
+        for _ in range(n):
+            yield piece
+        yield last
+
+    class _Standin:
+        def n_ctx(self) -> int:
+            return N_CTX
+
+        def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> list[int]:
+            return [2, 3]
+
+        create_completion = staticmethod(chunks)
+
+    spec = ModelSpec(id="o", kind="chat", backend="llama_cpp", params_b=0, quant="-", context=N_CTX)
+    a = Assignment(model="o", kind="chat", node="o", device="cpu", quant="-", n_gpu_layers=0, vram_mb=0, reason="")
+    backend = LlamaCppBackend(spec, a, BackendOptions())
+    backend._llm = _Standin()
+    t0 = time.perf_counter()
+    for _ in backend.stream(GenerateRequest(prompt="x", max_tokens=n), threading.Event()):
+        pass
+    ours = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in chunks():
+        pass
+    bare = time.perf_counter() - t0
+    return (ours - bare) / n * 1e6
+
+
 if __name__ == "__main__":
     import sys
 
+    if sys.argv[1:2] == ["overhead"]:
+        print(f"LlamaCppBackend.stream adds {backend_overhead_us():.3f} us per token")
+        raise SystemExit(0)
     gguf = embedded_gguf()
     if sys.argv[1:2] == ["backend"]:
         out = backend_vs_raw(gguf, runs=int(sys.argv[2]) if len(sys.argv) > 2 else 3)

@@ -84,7 +84,6 @@ class LlamaCppBackend(ChatBackend):
         self._llm: Any = None
         self._formatter: Callable[..., Any] | None = None
         self._chat_format: str = ""
-        self._format_stops: list[str] = []
         self._gpu_offload = False
         # (request, tokens, stops): prompt_tokens() then stream() of the same request
         # tokenizes once. Identity, not equality: we hold the request, so no id reuse.
@@ -125,9 +124,14 @@ class LlamaCppBackend(ChatBackend):
 
     @property
     def threads(self) -> int | None:
-        """CPU threads: the setting (TARS_THREADS), else the profiler's physical cores
-        (``options.extra["threads"]``), else llama-cpp-python's own default."""
-        return self.options.threads or int(self.options.extra.get("threads") or 0) or None
+        """CPU threads: the setting (TARS_THREADS), else llama-cpp-python's default, half
+        the logical CPUs — the physical cores on an SMT desktop, and one core left free
+        on a small VM. The profiler's ``extra["threads"]`` (all physical cores) is not
+        used on purpose: llama.cpp's threads wait for each other at every layer, so one
+        preempted thread stalls them all. Measured on the 2-core dev VM while other
+        processes ran: 2 threads 3-12 tokens/s, 1 thread 50-64 tokens/s (both ~78 when
+        the machine is idle) — and a node always has its HTTP server beside the model."""
+        return self.options.threads or None
 
     def _bind_formatter(self, llama_cpp: Any) -> None:
         """Find the prompt formatter for the chat format the Llama settled on (the one we
