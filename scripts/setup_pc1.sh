@@ -28,7 +28,7 @@
 #                                   the file for the self-check, exactly as they do for the node
 #   Any other TARS_* variable reaches the node started by the self-check.
 set -euo pipefail
-# shellcheck source=lib/setup_common.sh
+# shellcheck source-path=SCRIPTDIR source=lib/setup_common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib/setup_common.sh"
 
 ENV_FILE=env/.env.pc1
@@ -111,8 +111,7 @@ LOG=""
 stop_node() {
   [ -n "$NODE_PID" ] || return 0
   kill -TERM "$NODE_PID" 2>/dev/null || true
-  local i
-  for i in $(seq 1 30); do kill -0 "$NODE_PID" 2>/dev/null || break; sleep 0.5; done
+  for _ in $(seq 1 30); do kill -0 "$NODE_PID" 2>/dev/null || break; sleep 0.5; done
   kill -KILL "$NODE_PID" 2>/dev/null || true
   wait "$NODE_PID" 2>/dev/null || true
   NODE_PID=""

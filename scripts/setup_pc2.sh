@@ -23,7 +23,7 @@
 #                                   written into env/.env.pc2 when it is created (defaults pc2,
 #                                   0.0.0.0, 8001, this host's address on the route to PC1)
 set -euo pipefail
-# shellcheck source=lib/setup_common.sh
+# shellcheck source-path=SCRIPTDIR source=lib/setup_common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib/setup_common.sh"
 
 ENV_FILE=env/.env.pc2

@@ -1,4 +1,4 @@
-# shellcheck shell=bash
+# shellcheck shell=bash disable=SC2034  # the variables set here are read by the scripts that source it
 # Shared steps of scripts/setup_pc1.sh and scripts/setup_pc2.sh (sourced, not run).
 #
 # Every step first checks whether its work is already done and says so, so a
@@ -114,7 +114,9 @@ detect_build() {
       if [ $gpu = 1 ] && have_nvcc; then
         BUILD=cuda
         nvidia-smi -L | sed 's/^/      /'
-        info "CUDA toolkit: $( (command -v nvcc >/dev/null 2>&1 && nvcc --version || "$CUDA_BIN/nvcc" --version) | tail -n 1)"
+        local nvcc=nvcc
+        command -v nvcc >/dev/null 2>&1 || nvcc=$CUDA_BIN/nvcc
+        info "CUDA toolkit: $("$nvcc" --version | tail -n 1)"
       elif [ $gpu = 1 ]; then
         BUILD=cpu
         warn "an NVIDIA driver works but the CUDA toolkit (nvcc) is missing: building for CPU."
@@ -243,7 +245,7 @@ write_launcher() {
   local content
   content=$(cat <<EOF
 #!/usr/bin/env bash
-# Start TARS Distributed on $(printf %s "$name" | tr a-z A-Z). Written by scripts/setup_$name.sh (re-run it to regenerate).
+# Start TARS Distributed on $(printf %s "$name" | tr "[:lower:]" "[:upper:]"). Written by scripts/setup_$name.sh (re-run it to regenerate).
 # Settings: $envfile (TARS_* environment variables override it). Extra arguments go to 'serve'.
 cd "\$(dirname "\$0")"
 exec $py -m distributed serve --env-file $envfile "\$@"

@@ -1,8 +1,8 @@
 """The dashboard in headless Chromium, served by real node processes.
 
 Two nodes form a cluster (pc1 on 127.0.0.2 with a simulated RTX 3060, pc2 on
-127.0.0.3 with a simulated GTX 1660 Super, fake backends for speed) while a
-thread sends chat and embedding traffic. The page must show both hosts with
+127.0.0.3 with a simulated GTX 1660 Super, the real embedded models, computed on
+this machine's CPU) while a thread sends chat and embedding traffic. The page must show both hosts with
 their GPUs, every model with its host and state, live figures that move, and a
 chart; the theme toggle must switch to dark and stay there. A third node with an
 API key checks the key form. The light screenshot is kept as docs/dashboard.png.
@@ -48,13 +48,13 @@ def _free_port(host: str, taken: set[int]) -> int:
 class NodeProc:
     """`python -m distributed serve` in a subprocess, its log in a file."""
 
-    def __init__(self, name: str, host: str, port: int, log_dir: Path, **env: str) -> None:
+    def __init__(self, name: str, host: str, port: int, log_dir: Path, models_dir: Path, **env: str) -> None:
         self.name, self.url = name, f"http://{host}:{port}"
         self.log_path = log_dir / f"{name}.log"
         full = {k: v for k, v in os.environ.items() if not k.startswith("TARS_")}
-        full.update({"TARS_NODE_NAME": name, "TARS_HOST": host, "TARS_PORT": str(port),
-                     "TARS_BACKEND_OVERRIDE": "fake", "TARS_CLUSTER_TOKEN": TOKEN, "TARS_HEARTBEAT_S": "0.5",
-                     "TARS_MODELS_DIR": str(log_dir / "models"), **env})
+        full.update({"TARS_NODE_NAME": name, "TARS_HOST": host, "TARS_PORT": str(port), "HF_HUB_OFFLINE": "1",
+                     "TARS_CLUSTER_TOKEN": TOKEN, "TARS_HEARTBEAT_S": "0.5", "TARS_MODELS_DIR": str(models_dir),
+                     **env})
         self._log = self.log_path.open("w")
         self.proc = subprocess.Popen([sys.executable, "-m", "distributed", "serve"], cwd=ROOT, env=full,
                                      stdout=self._log, stderr=subprocess.STDOUT)
@@ -95,15 +95,16 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster(tmp_path_factory, models_dir: Path, gemma_gguf: Path, minilm_dir: Path):  # noqa: ANN001, ANN201
     logs = tmp_path_factory.mktemp("dashboard-nodes")
     taken: set[int] = set()
-    pc1 = NodeProc("pc1", "127.0.0.2", _free_port("127.0.0.2", taken), logs, TARS_GPU_PROFILE="rtx3060-12gb")
+    pc1 = NodeProc("pc1", "127.0.0.2", _free_port("127.0.0.2", taken), logs, models_dir,
+                   TARS_GPU_PROFILE="rtx3060-12gb")
     pc2 = None
     try:
-        pc1.wait(lambda: httpx.get(f"{pc1.url}/health", timeout=2).status_code == 200)
-        pc2 = NodeProc("pc2", "127.0.0.3", _free_port("127.0.0.3", taken), logs, TARS_GPU_PROFILE="gtx1660s-6gb",
-                       TARS_PEERS=pc1.url)
+        pc1.wait(lambda: httpx.get(f"{pc1.url}/health", timeout=2).status_code == 200, 180)
+        pc2 = NodeProc("pc2", "127.0.0.3", _free_port("127.0.0.3", taken), logs, models_dir,
+                       TARS_GPU_PROFILE="gtx1660s-6gb", TARS_PEERS=pc1.url)
 
         def joined() -> bool:
             s = httpx.get(f"{pc1.url}/status", timeout=2).json()
@@ -111,7 +112,7 @@ def cluster(tmp_path_factory):
             return any(p["name"] == "pc2" and p["state"] == "alive" for p in s["peers"]) and \
                 where.get("all-MiniLM-L6-v2") == ("pc2", "ready")
 
-        pc1.wait(joined, 60, "joined by pc2 with the embedding model ready")
+        pc1.wait(joined, 180, "joined by pc2 with the embedding model ready")
         yield pc1, pc2
     finally:
         for n in (pc2, pc1):
@@ -260,7 +261,8 @@ def test_worker_dashboard_shows_its_embeddings_per_second(browser, cluster, traf
 
 
 def test_api_key_form_then_data_then_unreachable_banner(browser, tmp_path) -> None:  # noqa: ANN001
-    node = NodeProc("keyed", "127.0.0.2", _free_port("127.0.0.2", set()), tmp_path, TARS_API_KEY="s3cret-key")
+    node = NodeProc("keyed", "127.0.0.2", _free_port("127.0.0.2", set()), tmp_path, tmp_path / "models",
+                    TARS_API_KEY="s3cret-key", TARS_BACKEND_OVERRIDE="fake")  # the page, not the models, is tested
     try:
         node.wait(lambda: httpx.get(f"{node.url}/health", timeout=2).status_code == 200)
         errors: list[str] = []

@@ -236,10 +236,12 @@
       : (isNum(total) && isNum(g.vram_free_mb) ? total - g.vram_free_mb : null);
     var power = isNum(g.power_w)
       ? fmt(g.power_w) + (isNum(g.power_limit_w) ? " / " + fmt(g.power_limit_w) : "") + " W" : "–";
+    var live = isNum(used) || isNum(g.temperature_c) || isNum(g.power_w);
     return h("div", { class: "gpu" },
       h("div", { class: "gpu-name", text: (isNum(g.index) ? "GPU " + g.index + " · " : "") + (g.name || "GPU") }),
       bar(used, total, "VRAM"),
-      h("div", { class: "figures" },
+      live ? null : h("div", { class: "figures", text: "this host does not report live GPU figures to its peers" }),
+      !live ? null : h("div", { class: "figures" },
         h("span", null, "temp ", h("b", { class: "temp", text: isNum(g.temperature_c) ? fmt(g.temperature_c) + " °C" : "–" })),
         h("span", null, "power ", h("b", { class: "power", text: power })),
         h("span", null, "util ", h("b", { text: isNum(g.utilization_pct) ? fmt(g.utilization_pct) + " %" : "–" }))));
