@@ -154,8 +154,9 @@ class Node:
                 extra.update(profiler.tuning(self.profile, s.vram_reserve_mb) or {})
             extra.update(self.backend_extra)
             context = min(s.context, spec.context) if spec.kind == "chat" else spec.context
-            # TARS_THREADS=0 means "all physical cores" (the profile counts them)
-            threads = s.threads or int(extra.get("threads") or (self.profile.cpu_cores if self.profile else 0))
+            # TARS_THREADS=0 leaves the choice to the backend (llama.cpp: half the logical
+            # cores, i.e. the physical ones on SMT desktops); see LlamaCppBackend.threads.
+            threads = s.threads
             options = BackendOptions(context=context, threads=threads, batch_size=s.embed_max_batch, extra=extra)
             path = None if fake else self.store.ensure(spec)
             return create_backend(spec, a, options, path, backend=s.backend_override or None)
