@@ -17,7 +17,8 @@ The node routes to it like to any ``Target``; it forwards over the peer's
   encode, so one call per client request would halve throughput on a small
   machine. ``_Coalescer`` sends a lone request at once; while a call is in
   flight, the next requests wait and go together as one ``embed.encode`` with
-  ``groups`` (one group per request), and the answer is split back.
+  ``groups`` (one group per request), pipelined so the peer's encoder always
+  has the next batch (see ``_Coalescer``), and the answer is split back.
 """
 
 from __future__ import annotations
@@ -78,32 +79,53 @@ class _Lane:
     """Requests with the same ``normalize`` flag (they can share one call)."""
 
     waiting: list[_Job] = field(default_factory=list)
-    inflight: int = 0
+    waiting_n: int = 0  # sentences waiting
+    sizes: list[int] = field(default_factory=list)  # sentences of each call in flight
+
+    @property
+    def inflight(self) -> int:
+        return len(self.sizes)
 
 
 class _Coalescer:
     """Merge concurrent embed requests bound for one peer into one channel call.
 
     ``send(texts, normalize, groups)`` performs the call and returns the client's
-    embed() answer (numpy ``vectors`` + ``group_tokens``). At most ``max_inflight``
-    calls run at once per lane; ``max_items`` caps the sentences in one call.
+    embed() answer (numpy ``vectors`` + ``group_tokens``); ``max_items`` caps the
+    sentences in one call.
+
+    When to send: at once when nothing is in flight (a lone request waits for
+    nothing). While a call is in flight, requests wait — and a second call goes
+    out as soon as a full batch's worth (as many sentences as the call in flight)
+    is waiting, so it reaches the peer while the first is still being encoded and
+    the peer's encoder never idles for a network round trip between batches.
+    At most ``max_inflight`` calls run at once; a returning call sends whatever
+    waits when nothing else is in flight.
     """
 
     def __init__(self, send: Callable[[list[str], bool, list[int]], Awaitable[dict[str, Any]]], *,
-                 max_items: int = 256, max_inflight: int = 1) -> None:
+                 max_items: int = 256, max_inflight: int = 2) -> None:
         self._send = send
         self.max_items = max_items
-        self.max_inflight = max_inflight
+        self.max_inflight = max(1, max_inflight)
         self._lanes: dict[bool, _Lane] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.calls = 0
+
+    def _ready(self, lane: _Lane) -> bool:
+        if not lane.waiting:
+            return False
+        if not lane.sizes:
+            return True
+        return lane.inflight < self.max_inflight and lane.waiting_n >= min(min(lane.sizes), self.max_items)
 
     async def submit(self, texts: list[str], normalize: bool) -> tuple[Any, int, str]:
         loop = asyncio.get_running_loop()
         job = _Job(texts, loop.create_future())
         lane = self._lanes.setdefault(normalize, _Lane())
         lane.waiting.append(job)
-        if lane.inflight < self.max_inflight:
+        lane.waiting_n += len(texts)
+        if self._ready(lane):
             self._launch(normalize, lane)
         return await job.future
 
@@ -112,26 +134,37 @@ class _Coalescer:
         n = 0
         while lane.waiting and (not batch or n + len(lane.waiting[0].texts) <= self.max_items):
             job = lane.waiting.pop(0)
+            lane.waiting_n -= len(job.texts)
             if job.future.done():  # its caller went away while it waited
                 continue
             batch.append(job)
             n += len(job.texts)
         if not batch:
             return
-        lane.inflight += 1
-        task = asyncio.get_running_loop().create_task(self._run(normalize, lane, batch))
+        lane.sizes.append(n)
+        task = asyncio.get_running_loop().create_task(self._run(normalize, lane, batch, n))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, normalize: bool, lane: _Lane, batch: list[_Job]) -> None:
-        try:
-            await self._deliver(normalize, batch)
-        finally:
-            lane.inflight -= 1
-            if lane.waiting:
-                self._launch(normalize, lane)
+    async def _run(self, normalize: bool, lane: _Lane, batch: list[_Job], n: int) -> None:
+        released = False
 
-    async def _deliver(self, normalize: bool, batch: list[_Job]) -> None:
+        def release() -> None:
+            # Send the next batch *before* handing this one's rows back, so the peer
+            # starts on it while this node writes the answers (the two overlap).
+            nonlocal released
+            if not released:
+                released = True
+                lane.sizes.remove(n)
+                if self._ready(lane):
+                    self._launch(normalize, lane)
+
+        try:
+            await self._deliver(normalize, batch, release)
+        finally:
+            release()
+
+    async def _deliver(self, normalize: bool, batch: list[_Job], on_answer: Callable[[], None] | None = None) -> None:
         texts = [t for job in batch for t in job.texts]
         groups = [len(job.texts) for job in batch]
         self.calls += 1
@@ -156,6 +189,8 @@ class _Coalescer:
                 raise
             log.exception("coalesced embed call failed")
             return
+        if on_answer is not None:
+            on_answer()
         vectors, tokens, node = res["vectors"], res.get("group_tokens") or [0] * len(batch), res.get("node", "")
         start = 0
         for job, count in zip(batch, tokens):
@@ -172,6 +207,7 @@ class _Coalescer:
                 if not job.future.done():
                     job.future.cancel()
             lane.waiting.clear()
+            lane.waiting_n = 0
 
 
 # --------------------------------------------------------------------------- target
@@ -179,7 +215,7 @@ class RemoteTarget(Target):
     """One model assigned to a peer. ``failover`` is called when the peer is down."""
 
     def __init__(self, model: str, kind: ModelKind, peer: PeerView, *, failover: Failover | None = None,
-                 assignment: dict[str, Any] | None = None, max_batch: int = 256, max_inflight: int = 1) -> None:
+                 assignment: dict[str, Any] | None = None, max_batch: int = 256, max_inflight: int = 2) -> None:
         self.model = model
         self.kind = kind
         self.peer = peer
@@ -359,6 +395,8 @@ class RemoteTarget(Target):
             "last_tokens_per_s": remote.get("last_tokens_per_s", 0.0),
             "forwarded": self.forwarded,
         }
+        if self.kind == "embed":
+            out["channel_calls"] = self._coalescer.calls  # < forwarded: requests were coalesced
         for key in ("embeddings", "dim", "context", "error"):
             if key in remote:
                 out[key] = remote[key]
