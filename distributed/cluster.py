@@ -96,6 +96,16 @@ class Peer:
         }
 
 
+_BACKGROUND: set[asyncio.Task[Any]] = set()
+
+
+def _background(coro: Any) -> None:
+    """Fire and forget, keeping a reference so the task is not garbage-collected mid-way."""
+    task = asyncio.get_running_loop().create_task(coro)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
+
+
 def plan_id(plan: Plan) -> str:
     return hashlib.sha1(orjson.dumps(plan.to_dict(), option=orjson.OPT_SORT_KEYS)).hexdigest()[:12]
 
@@ -347,7 +357,7 @@ class Cluster:
             old = peer.client
             peer.url, peer.client = url, client or self._factory(url)
             peer.client.name = name
-            asyncio.get_running_loop().create_task(old.aclose())
+            _background(old.aclose())
         peer.role = role
         if profile is not None:
             peer.profile = profile if isinstance(profile, HostProfile) else HostProfile.from_dict(profile)

@@ -222,6 +222,7 @@ class RemoteTarget(Target):
         self.failover = failover
         self.assignment = dict(assignment or {})
         self.standin: Target | None = None  # the local copy serving while the peer is down
+        self._closing: set[asyncio.Task[None]] = set()
         self.requests = 0
         self.forwarded = 0
         self._coalescer = _Coalescer(self._send_embed, max_items=max_batch, max_inflight=max_inflight)
@@ -270,7 +271,9 @@ class RemoteTarget(Target):
         standin, self.standin = self.standin, None
         if standin is not None:
             log.info("dropping the local stand-in of %s: %s", self.model, why)
-            asyncio.get_running_loop().create_task(standin.close())
+            task = asyncio.get_running_loop().create_task(standin.close())
+            self._closing.add(task)  # keep a reference until it is done
+            task.add_done_callback(self._closing.discard)
 
     async def _watch(self, aw: Awaitable[Any]) -> Any:
         """Await ``aw`` unless the peer is declared dead first."""
