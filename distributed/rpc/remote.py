@@ -275,20 +275,23 @@ class RemoteTarget(Target):
             self._closing.add(task)  # keep a reference until it is done
             task.add_done_callback(self._closing.discard)
 
-    async def _watch(self, aw: Awaitable[Any]) -> Any:
-        """Await ``aw`` unless the peer is declared dead first."""
+    async def _watch(self, aw: Awaitable[Any], gone: asyncio.Future[Any] | None = None) -> Any:
+        """Await ``aw`` unless the peer is declared dead first. A stream passes one
+        ``gone`` waiter for all its tokens instead of making one per token."""
         task = asyncio.ensure_future(aw)
         if self.peer.gone.is_set():
             await _cancel(task)
             raise self._gone()
-        gone = asyncio.ensure_future(self.peer.gone.wait())
+        own = gone is None
+        waiter = asyncio.ensure_future(self.peer.gone.wait()) if gone is None else gone
         try:
-            done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
         except BaseException:
             await _cancel(task)
             raise
         finally:
-            gone.cancel()
+            if own:
+                waiter.cancel()
         if task in done:
             return task.result()
         await _cancel(task)
@@ -327,11 +330,12 @@ class RemoteTarget(Target):
         if standin is None:
             self.forwarded += 1
             agen = self.peer.client.stream(self._params(req)).__aiter__()
+            gone = asyncio.ensure_future(self.peer.gone.wait())
             started = False
             try:
                 while True:
                     try:
-                        msg = await self._watch(agen.__anext__())
+                        msg = await self._watch(agen.__anext__(), gone)
                     except StopAsyncIteration:
                         raise PeerUnavailable(f"peer {self.peer.name} ended the stream early",
                                               peer=self.peer.name) from None
@@ -346,6 +350,7 @@ class RemoteTarget(Target):
                     started = True
                     yield TokenChunk(text=msg.get("text", ""), finish_reason=msg.get("finish_reason"))
             finally:
+                gone.cancel()
                 try:
                     await agen.aclose()  # our caller left: closing the connection stops the peer
                 except RuntimeError:  # still unwinding from a cancellation
