@@ -269,6 +269,20 @@ def live_gpus(profile: HostProfile | None = None) -> list[GPUInfo]:
 
 
 # --------------------------------------------------------------------------- tuning
+def usable_cores() -> int:
+    """The CPU cores this process can really run on, whatever profile is in use: the
+    physical cores (SMT siblings share one core's units), never more than the CPUs the
+    process is allowed on (a taskset or container CPU set)."""
+    try:
+        psutil = require("psutil", "psutil", "counting CPU cores")
+        cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except MissingDependency:
+        cores = os.cpu_count() or 1
+    if hasattr(os, "sched_getaffinity"):  # Linux; absent on macOS and Windows
+        cores = min(cores, len(os.sched_getaffinity(0)) or cores)
+    return max(1, int(cores))
+
+
 def tuning(profile: HostProfile, reserve_mb: int = 500) -> dict[str, Any]:
     """Runtime knobs derived from the profile (reported by ``tars profile``, used by backends).
 
@@ -276,10 +290,12 @@ def tuning(profile: HostProfile, reserve_mb: int = 500) -> dict[str, Any]:
     - ``memory_fraction``: the share of the GPU one process may take in torch, leaving the
       reserve (``TARS_VRAM_RESERVE_MB``) for the desktop and other processes.
     - ``embed_batch_size``: bigger batches on bigger cards (6 GB → 64, 12 GB → 128), 32 on CPU.
-    - ``threads``: the physical cores, for llama.cpp and torch on CPU.
+    - ``threads``: the profile's physical cores, capped by the cores this process really
+      has (``usable_cores()``): a simulated profile describes another machine's GPUs *and*
+      CPU, and running 6 threads on a 2-core VM only makes them wait for each other.
     - ``dtype``/``tf32``: fp16 from compute capability 7.0, TF32 matmuls from 8.0 (Ampere).
     """
-    threads = max(1, int(profile.cpu_cores or 1))
+    threads = max(1, min(int(profile.cpu_cores or 1), usable_cores()))
     best = profile.best_gpu
     if best is None:
         return {"device": "cpu", "cudnn_benchmark": False, "memory_fraction": None, "embed_batch_size": 32,

@@ -264,10 +264,43 @@ def test_tuning_by_vram() -> None:
     assert t12["cudnn_benchmark"] and t6["cudnn_benchmark"] and not tcpu["cudnn_benchmark"]
     assert t12["memory_fraction"] == pytest.approx((12288 - 500) / 12288, abs=1e-3)
     assert t12["tf32"] and not t6["tf32"] and t6["dtype"] == "float16"
-    assert tcpu["memory_fraction"] is None and tcpu["threads"] == 8
+    assert tcpu["memory_fraction"] is None and tcpu["threads"] == min(8, profiler.usable_cores())
 
 
 def test_tuning_respects_the_reserve() -> None:
     prof = profiler.profile_host("gtx1660s-6gb")
     assert profiler.tuning(prof, reserve_mb=1024)["memory_fraction"] == pytest.approx((6144 - 1024) / 6144, abs=1e-3)
     assert profiler.tuning(prof, reserve_mb=10_000)["memory_fraction"] == 0.0
+
+
+def test_tuning_threads_never_exceed_the_real_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A simulated preset describes another machine's CPU (6 cores): on a 2-core host the
+    # threads it suggests are this host's 2, on a 16-core host the profile's 6.
+    prof = profiler.profile_host("rtx3060-12gb")
+    assert prof.cpu_cores == 6
+    monkeypatch.setattr(profiler, "usable_cores", lambda: 2)
+    assert profiler.tuning(prof)["threads"] == 2
+    assert profiler.tuning(profiler.profile_host("cpu"))["threads"] == 2
+    monkeypatch.setattr(profiler, "usable_cores", lambda: 16)
+    assert profiler.tuning(prof)["threads"] == 6
+
+
+def test_tuning_threads_on_this_machine_fit_its_cpus() -> None:
+    import os
+
+    real = profiler.usable_cores()
+    assert 1 <= real <= (os.cpu_count() or 1)
+    for preset in profiler.PRESETS:
+        assert profiler.tuning(profiler.profile_host(preset))["threads"] <= real
+
+
+def test_usable_cores_is_physical_cores_within_the_cpu_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    psutil = pytest.importorskip("psutil")
+    monkeypatch.setattr(psutil, "cpu_count", lambda logical=True: 8 if not logical else 16)
+    monkeypatch.setattr(profiler.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert profiler.usable_cores() == 3  # pinned (taskset / container) to 3 CPUs
+    monkeypatch.setattr(profiler.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert profiler.usable_cores() == 8  # the physical cores, not the SMT siblings
+    monkeypatch.setattr(psutil, "cpu_count", lambda logical=True: None)  # psutil cannot tell
+    monkeypatch.setattr(profiler.os, "cpu_count", lambda: 4)
+    assert profiler.usable_cores() == 4
