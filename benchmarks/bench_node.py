@@ -17,7 +17,7 @@ embedded models, then measures, alternating with the in-process baselines of
 Run from the repository root::
 
     .venv/bin/python -m benchmarks.bench_node            # full run (several minutes)
-    .venv/bin/python -m benchmarks.bench_node --rounds 2 --sentences 500   # quick
+    .venv/bin/python -m benchmarks.bench_node --rounds 3 --embed-rounds 1 --sentences 500   # quick
 """
 
 from __future__ import annotations
@@ -215,7 +215,9 @@ def bench_embed(port: int, n: int, clients: int, rounds: int) -> dict:
 
 # --------------------------------------------------------------------------- main
 def markdown(res: dict[str, Any]) -> str:
-    out = [f"Machine: {res['machine']}; threads {res['threads']}; context {res['context']}.", "",
+    threads = res["threads"] or "llama-cpp-python default"
+    out = [f"Machine: {res['machine']}; llama.cpp threads: {threads} (both sides); context {res['context']}; "
+           f"load average before/after: {res['load_before']} / {res['load_after']}.", "",
            "| measure | in process | through the node | ratio / delta | target |", "|---|---|---|---|---|"]
     c = res.get("chat")
     if c:
@@ -236,11 +238,13 @@ def markdown(res: dict[str, Any]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=7, help="chat rounds (each side once per round)")
+    ap.add_argument("--embed-rounds", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--sentences", type=int, default=2000)
+    ap.add_argument("--sentences", type=int, default=1000)
     ap.add_argument("--clients", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=0, help="llama.cpp threads, both sides (0: physical cores)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="llama.cpp threads, both sides (0: TARS_THREADS, else llama-cpp-python's default)")
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--models-dir", type=Path, default=ROOT / ".test-cache" / "models")
     ap.add_argument("--skip-chat", action="store_true")
@@ -255,13 +259,15 @@ def main() -> None:
     try:
         time.sleep(2.0)
         res: dict[str, Any] = {"start_to_health_s": startup, "idle_rss_mb": rss_mb(proc.pid),
+                               "load_before": round(os.getloadavg()[0], 2),
                                "threads": threads, "context": args.context,
                                "machine": f"{os.cpu_count()} CPUs, {os.uname().machine}, Python {sys.version.split()[0]}"}
         print(f"  start → /health 200: {startup:.1f} s; idle RSS {res['idle_rss_mb']:.0f} MiB", flush=True)
         if not args.skip_chat:
             res["chat"] = bench_chat(f"http://{HOST}:{port}", gguf, args.rounds, args.tokens, threads, args.context)
         if not args.skip_embed:
-            res["embed"] = bench_embed(port, args.sentences, args.clients, max(1, args.rounds - 2))
+            res["embed"] = bench_embed(port, args.sentences, args.clients, args.embed_rounds)
+        res["load_after"] = round(os.getloadavg()[0], 2)
     finally:
         stop_server(proc)
     print(json.dumps(res, indent=2))
