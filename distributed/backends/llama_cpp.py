@@ -15,10 +15,25 @@ llama-cpp-python, installed with ``CMAKE_ARGS="-DGGML_CUDA=on" pip install llama
 --no-binary llama-cpp-python --force-reinstall``. A CPU-only build ignores the setting;
 ``load()`` detects that (``llama_supports_gpu_offload()``), logs a warning and records a
 note, and the model runs on the CPU.
+
+llama.cpp's own output: llama-cpp-python quiets a ``verbose=False`` model by pointing file
+descriptors 1 and 2 at /dev/null around the model load (``suppress_stdout_stderr``). Those
+are the *process's* stdout and stderr, so every other thread's output — the cluster's
+"peer joined", uvicorn, a stack trace — vanished for as long as a model loaded, and two
+overlapping loads could leave stderr pointing at /dev/null for good. We keep
+``verbose=False`` (it also switches off llama-cpp-python's Python prints: system info, a
+metadata dump per load, a line per request), make that helper redirect nothing, and route
+llama.cpp's native log through ``llama_log_set`` into our logger instead (logger
+``distributed.backends.llama_cpp.native``): errors at WARNING (a failed load says why
+there), all else at DEBUG, so an info-level console stays quiet and a debug log level
+shows everything.
 """
 
 from __future__ import annotations
 
+import ctypes
+import importlib
+import logging
 import os
 import threading
 from collections.abc import Iterator
@@ -37,7 +52,85 @@ _PURPOSE = "GGUF chat models (llama_cpp backend)"
 
 
 def _import_llama_cpp() -> Any:
-    return require("llama_cpp", "llama-cpp-python", _PURPOSE)
+    llama_cpp = require("llama_cpp", "llama-cpp-python", _PURPOSE)
+    _route_native_output(llama_cpp)
+    return llama_cpp
+
+
+# --------------------------------------------------------------------------- native output
+_native_log = get_logger(__name__ + ".native")
+# ggml_log_level of the bundled llama.cpp: 0 none, 1 debug, 2 info, 3 warn, 4 error, 5 cont.
+# (llama-cpp-python's own _logger.py still assumes the older order with error = 3, which
+# is why its default callback printed warnings such as "using full-size SWA cache" raw
+# even with verbose=False.) Warnings here are per-load notes about the model file.
+_GGML_ERROR, _GGML_CONT = 4, 5
+# Per OS thread: the level and the unfinished line of the message llama.cpp is writing.
+_pending: dict[int, tuple[int, str]] = {}
+_callback: list[Any] = []  # the ctypes callback; llama.cpp holds a raw pointer to it
+_install_lock = threading.Lock()
+# The modules that bound llama-cpp-python's fd-redirecting helper by name at import.
+_REDIRECTING_MODULES = ("llama_cpp.llama", "llama_cpp._internals", "llama_cpp.llama_chat_format")
+
+
+class _KeepStdStreams:
+    """Takes the place of llama-cpp-python's ``suppress_stdout_stderr`` (same call
+    shape) and redirects nothing: the output it hid now goes through ``_on_native_log``."""
+
+    def __init__(self, disable: bool = True) -> None:
+        self.disable = disable
+
+    def __enter__(self) -> "_KeepStdStreams":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _emit(level: int, text: str) -> None:
+    py_level = logging.WARNING if level == _GGML_ERROR else logging.DEBUG
+    if not _native_log.isEnabledFor(py_level):
+        return
+    for line in text.splitlines():
+        if line.strip(". "):  # a line of progress dots says nothing in a log
+            _native_log.log(py_level, line.rstrip())
+
+
+def _on_native_log(level: int, text: bytes | None, _user_data: Any) -> None:
+    """llama.cpp's (and ggml's) log callback: one record per line. llama.cpp writes a
+    line in pieces at times (CONT continues the previous message at its level), so a
+    piece without a newline waits for the rest. Runs inside C: it must never raise."""
+    try:
+        tid = threading.get_ident()
+        prev_level, buf = _pending.pop(tid, (level, ""))
+        if level != _GGML_CONT:
+            if buf:
+                _emit(prev_level, buf)
+            prev_level, buf = level, ""
+        buf += (text or b"").decode("utf-8", "replace")
+        if buf.endswith("\n"):
+            _emit(prev_level, buf)
+        elif buf:
+            _pending[tid] = (prev_level, buf)
+    except Exception:  # noqa: BLE001 - an exception cannot cross back into C
+        pass
+
+
+def _route_native_output(llama_cpp: Any) -> None:
+    """Once per process: llama.cpp logs into ``_on_native_log``, and llama-cpp-python's
+    ``suppress_stdout_stderr`` never again repoints fd 1 and 2 (see the module docstring)."""
+    with _install_lock:
+        if _callback:
+            return
+        callback = llama_cpp.llama_log_callback(_on_native_log)
+        llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+        _callback.append(callback)
+        for name in _REDIRECTING_MODULES:
+            try:
+                module = importlib.import_module(name)
+            except ImportError:
+                continue
+            if hasattr(module, "suppress_stdout_stderr"):
+                module.suppress_stdout_stderr = _KeepStdStreams
 
 
 def _formatter_of(handler: Callable[..., Any]) -> Callable[..., Any] | None:

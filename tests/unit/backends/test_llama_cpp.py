@@ -204,3 +204,116 @@ def test_missing_llama_cpp_says_what_to_install(monkeypatch, tmp_path: Path):
         b.load()
     assert "pip install llama-cpp-python" in err.value.message
     assert err.value.http_status == 500
+
+
+# A node process whose cluster thread logs while a model loads in another thread. The
+# model load itself is hooked so that the other thread writes exactly while llama.cpp is
+# inside its load call (where llama-cpp-python's verbose=False used to point fd 1 and 2
+# at /dev/null for the whole process).
+_LOAD_WHILE_LOGGING = r"""
+import os, sys, threading
+from pathlib import Path
+import llama_cpp.llama_cpp as native
+from distributed import logs
+from distributed.backends.base import BackendOptions, create_backend
+from distributed.domain import Assignment, ModelSpec
+
+logs.configure("pc1", sys.argv[2])
+cluster_log = logs.get_logger("cluster")
+real_load = native.llama_model_load_from_file
+
+def other_thread():
+    cluster_log.info("peer pc2 joined")
+    os.write(2, b"raw stderr from another thread\n")
+    os.write(1, b"raw stdout from another thread\n")
+
+def load_while_another_thread_writes(*args):
+    t = threading.Thread(target=other_thread)
+    t.start()
+    t.join()
+    return real_load(*args)
+
+native.llama_model_load_from_file = load_while_another_thread_writes
+spec = ModelSpec(id="gemma-test", kind="chat", backend="llama_cpp", params_b=0.27, quant="Q4_K_M",
+                 context=32768, chat_format="gemma")
+a = Assignment(model="gemma-test", kind="chat", node="pc1", device="cpu", quant="Q4_K_M",
+               n_gpu_layers=0, vram_mb=0, reason="test", backend="llama_cpp")
+b = create_backend(spec, a, BackendOptions(context=256, threads=1), Path(sys.argv[1]))
+b.load()
+b.unload()
+print("done")
+"""
+
+_OUR_LINE = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR) +pc1 "
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("level", ["info", "debug"])
+def test_loading_never_swallows_other_threads_output(gemma_gguf: Path, level: str):
+    import re
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-c", _LOAD_WHILE_LOGGING, str(gemma_gguf), level],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    err_lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert any(re.match(_OUR_LINE + r"cluster: peer pc2 joined$", line) for line in err_lines), proc.stderr
+    assert "raw stderr from another thread" in err_lines, proc.stderr
+    assert proc.stdout.splitlines() == ["raw stdout from another thread", "done"], proc.stdout
+    # llama.cpp's own output never reaches the console raw: only through our logger
+    stray = [line for line in err_lines if line != "raw stderr from another thread" and not re.match(_OUR_LINE, line)]
+    assert not stray, stray
+    native = [line for line in err_lines if re.match(_OUR_LINE + r"backends\.llama_cpp\.native: ", line)]
+    if level == "info":
+        assert not native, native  # quiet at info: llama.cpp's load chatter is debug
+    else:
+        assert any("llama_model_loader" in line for line in native), err_lines
+
+
+def test_llama_cpp_python_can_no_longer_repoint_fd_1_and_2():
+    import os
+
+    from distributed.backends import llama_cpp as ours
+
+    lib = ours._import_llama_cpp()
+    import llama_cpp._internals
+    import llama_cpp.llama
+
+    for module in (llama_cpp.llama, llama_cpp._internals):
+        before = (os.fstat(1).st_ino, os.fstat(2).st_ino, sys.stdout, sys.stderr)
+        with module.suppress_stdout_stderr(disable=False):  # what verbose=False runs around a load
+            inside = (os.fstat(1).st_ino, os.fstat(2).st_ino, sys.stdout, sys.stderr)
+        assert inside == before
+    assert ours._callback and lib.llama_log_callback is type(ours._callback[0])
+
+
+def test_native_log_lines_are_joined_and_levelled():
+    import logging
+
+    from distributed.backends import llama_cpp as ours
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Keep()
+    native = ours._native_log
+    old_level = native.level
+    native.addHandler(handler)
+    native.setLevel(logging.DEBUG)
+    try:
+        # ggml levels: 1 debug, 2 info, 3 warn, 4 error, 5 continues the previous message
+        for level, text in [(2, b"load_tensors: buffer"), (5, b" size = 235 MiB\n"), (2, b"."), (5, b"."),
+                            (5, b"\n"), (3, b"using full-size SWA cache\n"), (4, b"error loading model\n"),
+                            (2, b"two\nlines\n"), (2, None)]:
+            ours._on_native_log(level, text, None)
+    finally:
+        native.removeHandler(handler)
+        native.setLevel(old_level)
+    got = [(r.levelno, r.getMessage()) for r in records]
+    assert got == [(logging.DEBUG, "load_tensors: buffer size = 235 MiB"),
+                   (logging.DEBUG, "using full-size SWA cache"),
+                   (logging.WARNING, "error loading model"),
+                   (logging.DEBUG, "two"), (logging.DEBUG, "lines")]
