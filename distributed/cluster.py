@@ -41,7 +41,7 @@ from typing import Any
 import orjson
 
 from . import __version__
-from .domain import Assignment, HostProfile, ModelSpec, Plan
+from .domain import Assignment, GPUInfo, HostProfile, ModelSpec, Plan
 from .errors import ConfigError, ModelFailed, PeerUnavailable, TarsError, Unauthorized, ValidationFailed
 from .logs import fields, get_logger
 from .rpc.client import PeerClient
@@ -54,6 +54,28 @@ ClientFactory = Callable[[str], PeerClient]
 
 DEAD_AFTER = 3  # missed heartbeats in a row
 LIVE = ("alive", "suspect")
+VITALS = ("gpus", "totals", "ram")  # live figures a heartbeat carries (optional: older peers send none)
+
+
+def _numbers(value: Any) -> dict[str, Any] | None:
+    """A reported figures dict, keeping only numeric values (a peer's word is not trusted blindly)."""
+    if not isinstance(value, dict):
+        return None
+    return {str(k): v for k, v in value.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _gpu_dicts(value: Any) -> list[dict[str, Any]] | None:
+    """Reported live GPU figures: entries that read as a GPUInfo, passed on as sent."""
+    if not isinstance(value, list):
+        return None
+    out = []
+    for g in value:
+        try:
+            GPUInfo.from_dict(g)
+        except (TypeError, ValueError, AttributeError):
+            continue
+        out.append(g)
+    return out
 
 
 class Peer:
@@ -73,6 +95,21 @@ class Peer:
         self.rtt_ms: float | None = None
         self.gone = asyncio.Event()  # set while dead or left: in-flight calls end at once
         self._models: dict[str, dict[str, Any]] = {}
+        # Live figures from its heartbeats; None until it reports them (an older peer never does).
+        self.gpus: list[dict[str, Any]] | None = None
+        self.totals: dict[str, Any] | None = None
+        self.ram: dict[str, Any] | None = None
+        self.takes_vitals = True  # False once it refused them (an older version): beats go without
+
+    def set_vitals(self, gpus: Any = None, totals: Any = None, ram: Any = None) -> None:
+        """Keep what the peer reported; a figure it did not send keeps its last value."""
+        gpus, totals, ram = _gpu_dicts(gpus), _numbers(totals), _numbers(ram)
+        if gpus is not None:
+            self.gpus = gpus
+        if totals is not None:
+            self.totals = totals
+        if ram is not None:
+            self.ram = ram
 
     def model_info(self, model: str) -> dict[str, Any] | None:
         return self._models.get(model)
@@ -93,6 +130,7 @@ class Peer:
             "gpu": None if gpu is None else {"name": gpu.name, "vram_total_mb": gpu.vram_total_mb},
             "models": [{"id": m, "state": i.get("state"), "kind": i.get("kind")} for m, i in self._models.items()],
             "missed_heartbeats": self.missed, "version": self.version,
+            "gpus": self.gpus, "totals": self.totals, "ram": self.ram,
         }
 
 
@@ -130,6 +168,8 @@ class Cluster:
         self._plan_lock = asyncio.Lock()
         self._fallback_locks: dict[str, asyncio.Lock] = {}
         self._running = False
+        self._vitals: dict[str, Any] = {}
+        self._vitals_at = -1e9
 
     def _default_client(self, url: str) -> PeerClient:
         s = self.settings
@@ -262,7 +302,9 @@ class Cluster:
                 "models": self._local_models(), "peers": self._peer_list(exclude=name)}
 
     async def handle_heartbeat(self, name: str, url: str = "", models: list[dict[str, Any]] | None = None,
-                               plan_id: str = "", sent_at: float = 0.0) -> dict[str, Any]:
+                               plan_id: str = "", sent_at: float = 0.0, gpus: list[dict[str, Any]] | None = None,
+                               totals: dict[str, Any] | None = None,
+                               ram: dict[str, Any] | None = None) -> dict[str, Any]:
         peer = self.peers.get(name)
         if peer is None or peer.state == "left":
             if self.is_planner or not url:
@@ -270,8 +312,9 @@ class Cluster:
             peer = self._upsert(name, url)
         self._alive(peer)
         peer.set_models(models or [])
+        peer.set_vitals(gpus, totals, ram)
         out: dict[str, Any] = {"known": True, "name": self.name, "models": self._local_models(),
-                               "plan_id": self.plan_id}
+                               "plan_id": self.plan_id, **self.vitals()}
         if self.is_planner:
             if plan_id != self.plan_id:
                 out["plan"] = self.node.plan.to_dict()
@@ -297,18 +340,50 @@ class Cluster:
             if peers:
                 await asyncio.gather(*(self._beat(p) for p in peers), return_exceptions=True)
 
+    def vitals(self) -> dict[str, Any]:
+        """This host's live figures for heartbeats: ``gpus`` (live GPUInfo dicts), ``totals``
+        (as in /status) and ``ram``. Cached for half a heartbeat interval, so answering
+        several peers' beats costs one NVML read."""
+        now = time.monotonic()
+        if now - self._vitals_at < self.interval / 2:
+            return self._vitals
+        out: dict[str, Any] = {}
+        try:
+            out["gpus"] = [g.to_dict() for g in self.node.live_gpus()]
+            out["totals"] = self.node.totals()
+            out["ram"] = self.node.ram()
+        except Exception as exc:  # noqa: BLE001 - figures are a nicety; the beat itself must go out
+            log.debug("live figures unavailable: %s", exc)
+        self._vitals, self._vitals_at = out, now
+        return out
+
     async def _beat(self, peer: Peer) -> None:
         params = {"name": self.name, "url": self.settings.base_url, "models": self._local_models(),
                   "plan_id": self.plan_id, "sent_at": time.time()}
+        if peer.takes_vitals:
+            params.update(self.vitals())
+        timeout = min(self.settings.rpc_timeout_s, self.interval)
         t0 = time.perf_counter()
         try:
-            answer = await peer.client.call("cluster.heartbeat", params,
-                                            timeout=min(self.settings.rpc_timeout_s, self.interval), retries=0)
+            try:
+                answer = await peer.client.call("cluster.heartbeat", params, timeout=timeout, retries=0)
+            except ValidationFailed as exc:
+                if exc.details.get("field") not in VITALS:
+                    raise
+                # An older peer refuses parameters it does not know: beat without the figures from now on.
+                log.info("%s does not take live figures in heartbeats (an older version): sending none",
+                         peer.name, extra=fields(peer=peer.name))
+                peer.takes_vitals = False
+                for key in VITALS:
+                    params.pop(key, None)
+                t0 = time.perf_counter()
+                answer = await peer.client.call("cluster.heartbeat", params, timeout=timeout, retries=0)
         except TarsError as exc:
             self._missed(peer, exc)
             return
         peer.rtt_ms = (time.perf_counter() - t0) * 1000
         self._alive(peer)
+        peer.set_vitals(answer.get("gpus"), answer.get("totals"), answer.get("ram"))
         if not answer.get("known", True):
             if peer.name == self.server or peer.url in self.seeds:
                 log.warning("%s does not know us (it restarted?): joining again", peer.name,

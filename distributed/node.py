@@ -272,13 +272,26 @@ class Node:
     def models(self) -> list[dict[str, Any]]:
         return [t.info() for t in self.targets.values()]
 
-    def status(self) -> dict[str, Any]:
+    def totals(self) -> dict[str, Any]:
+        """Live figures of the models computed here (``/status`` → totals; heartbeats carry them)."""
+        local = self.local_targets()
+        return {
+            "tokens_per_s": round(sum(t.tokens_per_s() for t in local), 3),
+            "embeddings_per_s": round(sum(t.embeddings_per_s() for t in local), 3),
+            "queue_depth": sum(t.queue_depth for t in local),
+            "requests": sum(t.requests for t in local),
+        }
+
+    def ram(self) -> dict[str, int]:
+        """{"total_mb", "free_mb"} of this host now (``/status`` → ram; heartbeats carry it)."""
         from .optional import require
 
         psutil = require("psutil", purpose="memory figures in /status")
         vm = psutil.virtual_memory()
+        return {"total_mb": vm.total // 2**20, "free_mb": vm.available // 2**20}
+
+    def status(self) -> dict[str, Any]:
         models = self.models()
-        local = self.local_targets()
         peers: list[dict[str, Any]] = []
         if self.cluster is not None and hasattr(self.cluster, "peers_status"):
             peers = self.cluster.peers_status()
@@ -292,14 +305,9 @@ class Node:
             "url": self.settings.base_url,
             "profile": self.profile.to_dict() if self.profile is not None else None,
             "gpus": [g.to_dict() for g in self.live_gpus()],
-            "ram": {"total_mb": vm.total // 2**20, "free_mb": vm.available // 2**20},
+            "ram": self.ram(),
             "models": models,
-            "totals": {
-                "tokens_per_s": round(sum(t.tokens_per_s() for t in local), 3),
-                "embeddings_per_s": round(sum(t.embeddings_per_s() for t in local), 3),
-                "queue_depth": sum(t.queue_depth for t in local),
-                "requests": sum(t.requests for t in local),
-            },
+            "totals": self.totals(),
             "peers": peers,
             "plan": self.plan.to_dict(),
         }

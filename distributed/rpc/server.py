@@ -59,10 +59,11 @@ class Param:
     def describe(self) -> str:
         names = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
                  list: "an array", dict: "an object", type(None): "null"}
-        kind = " or ".join(names.get(t, t.__name__) for t in self.types)
-        if self.items is not None:
-            kind += f" of {names.get(self.items, self.items.__name__).split(' ', 1)[-1]}s"
-        return kind
+        parts = [names.get(t, t.__name__) for t in self.types]
+        if self.items is not None and list in self.types:
+            item = names.get(self.items, self.items.__name__).split(" ", 1)[-1]
+            parts[self.types.index(list)] += f" of {item}s"
+        return " or ".join(parts)
 
 
 def _fits(value: Any, types: tuple[type, ...]) -> bool:
@@ -74,13 +75,19 @@ def _fits(value: Any, types: tuple[type, ...]) -> bool:
 
 
 def check_params(method: str, schema: dict[str, Param], args: tuple[Any, ...],
-                 params: dict[str, Any]) -> dict[str, Any]:
-    """Validate named params against ``schema``; raise ValidationFailed naming the param."""
+                 params: dict[str, Any], *, ignore_unknown: bool = False) -> dict[str, Any]:
+    """Validate named params against ``schema``; raise ValidationFailed naming the param.
+
+    ``ignore_unknown`` drops parameters the schema does not know instead of refusing
+    them: the membership methods use it, so a newer peer that sends more (say, a
+    figure added to heartbeats in a later version) still joins and beats."""
     if args:
         raise ValidationFailed(f"{method}: params must be an object of named parameters "
                                f"({', '.join(schema) or 'none'}), not an array", field="params")
     unknown = sorted(set(params) - set(schema))
-    if unknown:
+    if unknown and ignore_unknown:
+        params = {k: v for k, v in params.items() if k in schema}
+    elif unknown:
         raise ValidationFailed(f"{method}: unknown parameter '{unknown[0]}'; accepted: "
                                f"{', '.join(schema) or 'none'}", field=unknown[0])
     out: dict[str, Any] = {}
@@ -138,17 +145,22 @@ class RpcServer:
         self.methods: dict[str, Callable[..., Awaitable[Any]]] = {
             "node.health": self._wrap("node.health", {}, self.health),
             "node.info": self._wrap("node.info", {}, self.info),
+            # Membership methods ignore unknown params (hosts of different versions must still
+            # join and beat); everything else refuses them (-32602 naming the parameter).
             "cluster.join": self._wrap("cluster.join", {
                 "name": Param(S, required=True), "url": Param(S, required=True),
                 "profile": Param(D, required=True), "role": Param(S, default="worker"),
                 "version": Param(S, default=""), "models": Param(L, default=list, items=dict),
-            }, self.join),
+            }, self.join, ignore_unknown=True),
             "cluster.heartbeat": self._wrap("cluster.heartbeat", {
                 "name": Param(S, required=True), "url": Param(S, default=""),
                 "models": Param(L, default=list, items=dict), "plan_id": Param(S, default=""),
                 "sent_at": Param(F, default=0.0),
-            }, self.heartbeat),
-            "cluster.leave": self._wrap("cluster.leave", {"name": Param(S, required=True)}, self.leave),
+                # the sender's live figures (optional: an older peer sends none)
+                "gpus": Param(L + N, items=dict), "totals": Param(D + N), "ram": Param(D + N),
+            }, self.heartbeat, ignore_unknown=True),
+            "cluster.leave": self._wrap("cluster.leave", {"name": Param(S, required=True)}, self.leave,
+                                        ignore_unknown=True),
             "models.list": self._wrap("models.list", {"local": Param(B, default=False)}, self.models_list),
             "inference.generate": self._wrap("inference.generate", GENERATE_PARAMS, self.generate),
             "embed.encode": self._wrap("embed.encode", EMBED_PARAMS, self.encode),
@@ -156,11 +168,11 @@ class RpcServer:
         }
 
     # ------------------------------------------------------------ plumbing
-    def _wrap(self, name: str, schema: dict[str, Param],
-              fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    def _wrap(self, name: str, schema: dict[str, Param], fn: Callable[..., Awaitable[Any]], *,
+              ignore_unknown: bool = False) -> Callable[..., Awaitable[Any]]:
         async def method(*args: Any, **params: Any) -> Any:
             try:
-                return Success(await fn(**check_params(name, schema, args, params)))
+                return Success(await fn(**check_params(name, schema, args, params, ignore_unknown=ignore_unknown)))
             except TarsError as exc:
                 return Error(exc.rpc_code, exc.message, exc.to_dict())
             except Exception:  # noqa: BLE001 - the one place unexpected errors become -32603

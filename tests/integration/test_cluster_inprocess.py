@@ -381,3 +381,97 @@ async def test_wrong_token_never_joins(pair):
     await asyncio.sleep(0.6)
     assert pc1.cluster.peers == {} and bad.cluster.server is None
     assert not bad.node.targets
+
+
+# ----------------------------------------------------------------------------- live peer figures
+async def test_heartbeats_carry_live_gpu_figures_totals_and_ram_both_ways(pair):
+    pc1, pc2 = await pair()
+    assert (await pc1.infer("warm up the counters")).status_code == 200
+    await until(lambda: (pc2.peer("pc1")["totals"] or {}).get("requests", 0) >= 1, what="pc1's totals on pc2")
+    for host, other, gpu in ((pc1, "pc2", "NVIDIA GeForce GTX 1660 SUPER"), (pc2, "pc1", "NVIDIA GeForce RTX 3060")):
+        status = (await host.http.get("/status")).json()
+        (peer,) = status["peers"]
+        assert peer["name"] == other
+        (g,) = peer["gpus"]  # live figures, not just the profile's name and size
+        assert g["name"] == gpu and g["vram_used_mb"] > 0 and g["temperature_c"] is not None
+        assert g["power_w"] is not None and g["vram_total_mb"] > g["vram_used_mb"]
+        assert set(peer["totals"]) >= {"tokens_per_s", "embeddings_per_s", "queue_depth", "requests"}
+        assert peer["ram"]["total_mb"] > 0 and 0 <= peer["ram"]["free_mb"] <= peer["ram"]["total_mb"]
+    # the figures are the peer's own: pc1's totals as pc2 sees them count pc1's chat request
+    own = pc1.node.totals()
+    seen = pc2.peer("pc1")["totals"]
+    assert seen["requests"] >= 1 and seen["requests"] <= own["requests"]
+
+
+async def test_live_figures_are_cached_for_half_a_beat(pair, monkeypatch):
+    pc1, _ = await pair()
+    calls = []
+    real = pc1.node.live_gpus
+    monkeypatch.setattr(pc1.node, "live_gpus", lambda: calls.append(1) or real())
+    pc1.cluster._vitals_at = -1e9
+    for _ in range(5):
+        pc1.cluster.vitals()
+    assert len(calls) == 1
+
+
+def _rpc_server(host: Host) -> Any:
+    """The node's RpcServer (build_rpc_router hangs it on its router)."""
+    routers = [getattr(r, "original_router", None) for r in host.app.routes]
+    return next(r.rpc_server for r in routers if hasattr(r, "rpc_server"))
+
+
+async def test_an_older_peer_that_refuses_the_new_heartbeat_params_still_works(pair):
+    """pc1 plays a node of the previous version: its cluster.heartbeat refuses unknown
+    params (-32602) and answers without live figures."""
+    from distributed.rpc.server import Param
+
+    net = pair.net
+    pc1 = Host(net, "pc1", PC1_URL, "rtx3060-12gb")
+    srv = _rpc_server(pc1)
+    old_schema = {"name": Param((str,), required=True), "url": Param((str,), default=""),
+                  "models": Param((list,), default=list, items=dict), "plan_id": Param((str,), default=""),
+                  "sent_at": Param((float,), default=0.0)}
+    refused: list[str] = []
+
+    async def old_heartbeat(**params: Any) -> dict[str, Any]:
+        answer = await pc1.cluster.handle_heartbeat(**params)
+        return {k: v for k, v in answer.items() if k not in ("gpus", "totals", "ram")}
+
+    strict = srv._wrap("cluster.heartbeat", old_schema, old_heartbeat)
+
+    async def counting(*args: Any, **params: Any) -> Any:
+        if set(params) - set(old_schema):
+            refused.append(params["name"])
+        return await strict(*args, **params)
+
+    srv.methods["cluster.heartbeat"] = counting
+    pc1.cluster.vitals = lambda: {}  # nor does it send any in its own beats
+    await pc1.start()
+    pc2 = await Host(net, "pc2", PC2_URL, "gtx1660s-6gb", peers=(PC1_URL,)).start()
+    pair.hosts.extend([pc1, pc2])
+    await until(lambda: ready_everywhere(pc1, pc2), what="both ready")
+    await asyncio.sleep(0.5)  # several beats
+    assert refused == ["pc2"]  # refused once, then pc2 beats without the figures
+    assert pc2.cluster.peers["pc1"].takes_vitals is False
+    me = pc2.peer("pc1")
+    assert me["state"] == "alive" and me["missed_heartbeats"] == 0
+    assert me["gpus"] is None and me["totals"] is None  # an older peer reports none
+    assert me["gpu"]["name"] == "NVIDIA GeForce RTX 3060"  # the profile still says which card
+    assert pc1.peer("pc2")["state"] == "alive"
+    assert (await pc2.embed(["x"])).json()["node"] == "pc2" and (await pc1.embed(["x"])).json()["node"] == "pc2"
+
+
+async def test_tars_status_shows_the_peers_live_figures_and_cluster_totals(pair):
+    from rich.console import Console
+
+    from distributed.cli.ops import render_status
+
+    pc1, pc2 = await pair()
+    assert (await pc2.embed(["counted on pc2"])).status_code == 200
+    await until(lambda: (pc1.peer("pc2")["totals"] or {}).get("requests", 0) >= 1, what="pc2's totals on pc1")
+    console = Console(record=True, width=200)
+    render_status((await pc1.http.get("/status")).json(), console)
+    text = console.export_text()
+    gpu_row = next(line for line in text.splitlines() if "GTX 1660" in line)
+    assert "°C" in gpu_row and " W" in gpu_row and "250" in gpu_row  # pc2's live VRAM, temperature, power
+    assert "whole cluster (2 hosts)" in text

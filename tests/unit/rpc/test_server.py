@@ -129,6 +129,8 @@ async def test_method_not_found_keeps_the_id(http):
     ("inference.generate", {"prompt": "hi", "max_tokens": True}, "max_tokens", "must be an integer"),
     ("inference.generate", {"prompt": "hi", "temperatur": 0.1}, "temperatur", "unknown parameter 'temperatur'"),
     ("cluster.leave", ["pc2"], "params", "named parameters"),
+    ("cluster.heartbeat", {"name": "pc2", "gpus": {"index": 0}}, "gpus", "must be an array of objects or null"),
+    ("cluster.heartbeat", {"name": "pc2", "totals": [1]}, "totals", "must be an object or null"),
 ])
 async def test_invalid_params_names_the_param(http, method, params, field, text):
     body = (await post(http, req(method, params))).json()
@@ -218,6 +220,19 @@ async def test_the_router_attaches_a_cluster_and_serves_its_methods(http, node):
     assert beat == {"known": False, "name": "pc1"}  # the server tells an unknown host to join
     err = (await post(http, req("cluster.join", {"name": "pc1", "url": "http://x", "profile": {}}))).json()["error"]
     assert err["code"] == -32602 and "TARS_NODE_NAME" in err["message"]
+
+
+async def test_membership_methods_ignore_unknown_params_from_newer_peers(http):
+    """A newer peer may send more than this version knows: it still joins, beats and leaves."""
+    beat = (await post(http, req("cluster.heartbeat", {"name": "pc9", "url": "http://x", "gpus": [],
+                                                       "totals": {"requests": 1}, "ram": None,
+                                                       "from_the_future": {"x": 1}}))).json()
+    assert beat["result"] == {"known": False, "name": "pc1"}
+    left = (await post(http, req("cluster.leave", {"name": "pc9", "reason": "shutdown"}))).json()
+    assert left["result"] == {"ok": True, "known": False}
+    # ... while every other method still refuses a parameter it does not know
+    err = (await post(http, req("models.list", {"local": True, "extra": 1}))).json()["error"]
+    assert err["code"] == -32602 and err["data"]["details"]["field"] == "extra"
 
 
 async def test_generate(http, node):
