@@ -46,7 +46,7 @@ from .errors import ConfigError, ModelFailed, PeerUnavailable, TarsError, Unauth
 from .logs import fields, get_logger
 from .rpc.client import PeerClient
 from .rpc.remote import RemoteTarget
-from .targets import Target
+from .targets import LocalTarget, Target
 
 log = get_logger(__name__)
 
@@ -142,6 +142,10 @@ def _background(coro: Any) -> None:
     task = asyncio.get_running_loop().create_task(coro)
     _BACKGROUND.add(task)
     task.add_done_callback(_BACKGROUND.discard)
+
+
+def _same_assignment(a: Assignment, b: Assignment) -> bool:
+    return (a.device, a.n_gpu_layers, a.quant, a.backend) == (b.device, b.n_gpu_layers, b.quant, b.backend)
 
 
 def plan_id(plan: Plan) -> str:
@@ -313,6 +317,7 @@ class Cluster:
         self._alive(peer)
         peer.set_models(models or [])
         peer.set_vitals(gpus, totals, ram)
+        self._settle(peer)
         out: dict[str, Any] = {"known": True, "name": self.name, "models": self._local_models(),
                                "plan_id": self.plan_id, **self.vitals()}
         if self.is_planner:
@@ -391,6 +396,7 @@ class Cluster:
                 self._spawn_join(peer.url if peer.url in self.seeds else self.seeds[0] if self.seeds else peer.url)
             return
         peer.set_models(answer.get("models", []))
+        self._settle(peer)
         for other in answer.get("peers", []):
             self._learn(other)
         new_plan = answer.get("plan")
@@ -476,10 +482,30 @@ class Cluster:
                             paths=self._paths(specs))
 
     async def _apply(self, plan: Plan, pid: str) -> None:
-        """This host's share via the node; a RemoteTarget for every model on another host."""
+        """This host's share via the node; a RemoteTarget for every model on another host.
+
+        Make before break, both ways. A model leaving this host for a peer: the copy here
+        becomes the RemoteTarget's handoff stand-in and keeps serving until the peer reports
+        the model ready (``_settle``), so its requests never see a "loading" gap. A model
+        coming here from a peer that still serves it: the node keeps routing there until
+        the copy here has loaded (``Node.apply_plan``); a local stand-in (fallback) that
+        already runs it with the same assignment is adopted instead of loaded again."""
         async with self._plan_lock:
             self.plan_id = pid
-            await self.node.apply_plan(plan)
+            for a in plan.for_node(self.name):
+                current = self.node.targets.get(a.model)
+                if not isinstance(current, RemoteTarget) or current.standin is None:
+                    continue
+                standin = current.standin
+                if isinstance(standin, LocalTarget) and standin.state in ("ready", "loading") and \
+                        _same_assignment(standin.assignment, a):
+                    current.release_standin()
+                    self.node.set_target(standin)
+                    _background(current.close())
+                    log.info("%s is assigned here: keeping the copy already loaded", a.model,
+                             extra=fields(model=a.model))
+                else:  # loaded differently than planned: the node loads it as planned
+                    current.drop_standin(f"the plan assigns it to {self.name} ({a.device})")
             for a in plan.assignments:
                 if a.node == self.name:
                     continue
@@ -491,14 +517,32 @@ class Cluster:
                 if isinstance(current, RemoteTarget) and current.peer is peer:
                     current.assignment = a.to_dict()
                     continue
-                self.node.set_target(RemoteTarget(a.model, a.kind, peer, failover=self.failover,
-                                                  assignment=a.to_dict(), max_batch=4 * self.settings.embed_max_batch))
+                # Only a copy that serves already is kept: one still loading would just compete
+                # with the peer's load for the same cores.
+                handoff = current if isinstance(current, LocalTarget) and current.state == "ready" else None
+                remote = RemoteTarget(a.model, a.kind, peer, failover=self.failover, assignment=a.to_dict(),
+                                      max_batch=4 * self.settings.embed_max_batch, handoff=handoff)
+                self.node.set_target(remote, close_old=handoff is None)
+                if handoff is not None:
+                    log.info("%s moves to %s: serving it here until %s reports it ready", a.model, peer.name,
+                             peer.name, extra=fields(model=a.model, peer=peer.name))
                 if isinstance(current, RemoteTarget):
-                    await current.close()
+                    _background(current.close())
+            await self.node.apply_plan(plan)
             for model, target in list(self.node.targets.items()):
                 if isinstance(target, RemoteTarget) and plan.where(model) is None:
-                    self.node.targets.pop(model, None)
-                    await target.close()
+                    self.node.remove_target(model)
+                    _background(target.close())
+            for peer in self.peers.values():
+                self._settle(peer)
+
+    def _settle(self, peer: Peer) -> None:
+        """Drop the local stand-ins of models that ``peer`` now reports ready: routing
+        switches to it and the copies here unload (once their requests in flight end)."""
+        for target in list(self.node.targets.values()):
+            if isinstance(target, RemoteTarget) and target.peer is peer and target.standin is not None \
+                    and peer.state in LIVE and target.remote_state == "ready":
+                target.drop_standin(f"{peer.name} reports it ready")
 
     # ----------------------------------------------------------------- failover
     async def failover(self, remote: RemoteTarget, cause: PeerUnavailable) -> Target:

@@ -53,6 +53,9 @@ class Node:
         self.metrics.bind(queue_depths=self._queue_depths, gpus=self.live_gpus)
         self.backend_extra = dict(backend_extra or {})
         self.targets: dict[str, Target] = {}
+        # Copies loading here while a peer still serves the model (make before break, apply_plan).
+        self._incoming: dict[str, LocalTarget] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
         self.plan = Plan()
         self.cluster: Any = None  # the cluster layer attaches itself here
         self.started_at = time.monotonic()
@@ -109,15 +112,24 @@ class Node:
                             context=self.settings.context, paths=paths)
 
     async def stop(self) -> None:
-        targets = list(self.targets.values())
+        for task in list(self._tasks):
+            task.cancel()
+        targets = list(self.targets.values()) + list(self._incoming.values())
         self.targets.clear()
+        self._incoming.clear()
         await asyncio.gather(*(t.close() for t in targets), return_exceptions=True)
         self._started = False
 
     async def apply_plan(self, plan: Plan) -> None:
-        """Load what ``plan`` assigns to this host, unload local models it does not."""
+        """Load what ``plan`` assigns to this host, unload local models it does not.
+
+        Make before break: a model that moves here from a peer that still serves it
+        (its current target is remote and ready) keeps being routed there while the
+        copy here loads; the copy takes over once it has loaded (``_take_over``)."""
         self.plan = plan
         mine = {a.model: a for a in plan.for_node(self.name)}
+        for model in [m for m in self._incoming if m not in mine]:
+            await self._incoming.pop(model).close()
         for model, target in list(self.targets.items()):
             if isinstance(target, LocalTarget) and model not in mine:
                 log.info("unloading %s: no longer assigned here", model, extra=fields(model=model))
@@ -127,16 +139,49 @@ class Node:
             current = self.targets.get(model)
             if isinstance(current, LocalTarget) and current.state != "failed" and self._same(current.assignment, a):
                 continue
+            incoming = self._incoming.get(model)
+            if incoming is not None and incoming.state != "failed" and self._same(incoming.assignment, a):
+                continue
             spec = self.catalog.get(model)
             target = self._local_target(spec, a)
+            if current is not None and not isinstance(current, LocalTarget) and current.state == "ready":
+                if incoming is not None:
+                    await self._incoming.pop(model).close()
+                self._incoming[model] = target
+                log.info("loading %s on %s (%s); %s serves it until then", model, a.device, a.reason,
+                         current.node, extra=fields(model=model, n_gpu_layers=a.n_gpu_layers))
+                target.start()
+                self._spawn(self._take_over(model, target))
+                continue
             old = self.targets.get(model)
             self.targets[model] = target
-            if old is not None:
-                await old.close()
+            if isinstance(old, LocalTarget):
+                await old.close()  # unload before loading again (VRAM)
+            elif old is not None:
+                self._spawn(old.close())  # a remote target finishes its requests in flight
             log.info("loading %s on %s (%s)", model, a.device, a.reason,
                      extra=fields(model=model, backend=self.settings.backend_override or a.backend or spec.backend,
                                  n_gpu_layers=a.n_gpu_layers))
             target.start()
+
+    async def _take_over(self, model: str, target: LocalTarget) -> None:
+        """Route ``model`` to the copy loaded here once it has loaded (ready or failed: a
+        failure is then reported like any local one); the remote target it replaces
+        finishes its requests in flight before it closes."""
+        state = await target.wait_loaded()
+        if self._incoming.get(model) is not target:
+            return  # a newer plan replaced or dropped it
+        del self._incoming[model]
+        old = self.targets.get(model)
+        self.targets[model] = target
+        log.info("%s is %s here: routing it here from now on", model, state, extra=fields(model=model))
+        if old is not None and old is not target:
+            await old.close()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)  # keep a reference until it is done
+        task.add_done_callback(self._tasks.discard)
 
     @staticmethod
     def _same(a: Assignment, b: Assignment) -> bool:
@@ -166,17 +211,22 @@ class Node:
                            embed_max_wait_ms=s.embed_max_wait_ms, metrics=self.metrics,
                            backend_name=s.backend_override or None)
 
-    def set_target(self, target: Target) -> None:
-        """Install (or replace) the target for ``target.model`` (the cluster installs RemoteTargets)."""
+    def set_target(self, target: Target, *, close_old: bool = True) -> Target | None:
+        """Install (or replace) the target for ``target.model`` (the cluster installs
+        RemoteTargets); returns the one it replaced. A replaced local target is closed
+        unless ``close_old`` is False (the caller keeps it, e.g. as a handoff copy)."""
         old = self.targets.get(target.model)
         self.targets[target.model] = target
-        if isinstance(old, LocalTarget) and old is not target:
-            asyncio.get_running_loop().create_task(old.close())
+        if close_old and isinstance(old, LocalTarget) and old is not target:
+            self._spawn(old.close())
+        return old
 
-    def remove_target(self, model: str) -> Target | None:
+    def remove_target(self, model: str, *, close: bool = True) -> Target | None:
+        """Stop routing ``model``; returns the target removed. A local one is closed
+        unless ``close`` is False."""
         old = self.targets.pop(model, None)
-        if isinstance(old, LocalTarget):
-            asyncio.get_running_loop().create_task(old.close())
+        if close and isinstance(old, LocalTarget):
+            self._spawn(old.close())
         return old
 
     def target(self, model: str) -> Target:

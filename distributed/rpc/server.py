@@ -271,7 +271,9 @@ class RpcServer:
         forwarded again: while routing tables converge two hosts could
         otherwise bounce a request between them."""
         target = self.node.resolve(model, kind)
-        if target.node != self.node.name:
+        # ``serves_here``: the model moved to the caller, which still loads it and forwards
+        # to the copy here until then (the handoff, rpc/remote.py); a stand-in computes it.
+        if target.node != self.node.name and not getattr(target, "serves_here", False):
             raise ModelLoading(f"model '{target.model}' is not served by {self.node.name} "
                                f"(its routing points to {target.node}); the cluster is re-planning, retry shortly",
                                model=target.model, node=self.node.name)

@@ -475,3 +475,103 @@ async def test_tars_status_shows_the_peers_live_figures_and_cluster_totals(pair)
     gpu_row = next(line for line in text.splitlines() if "GTX 1660" in line)
     assert "°C" in gpu_row and " W" in gpu_row and "250" in gpu_row  # pc2's live VRAM, temperature, power
     assert "whole cluster (2 hosts)" in text
+
+
+# ----------------------------------------------------------------------------- handoff (make before break)
+async def _hammer(host: Host, stop: asyncio.Event, log: list[tuple[float, int, str, bool]]) -> None:
+    """Embed through ``host`` every 20 ms until ``stop``: (time, status, node, fallback) each."""
+    while not stop.is_set():
+        r = await host.embed(["handoff probe"])
+        body = r.json()
+        log.append((time.monotonic(), r.status_code, body.get("node", ""), body.get("fallback")))
+        await asyncio.sleep(0.02)
+
+
+async def test_a_joining_worker_takes_a_model_over_without_a_loading_gap(pair):
+    net = pair.net
+    pc1 = await Host(net, "pc1", PC1_URL, "rtx3060-12gb").start()
+    pair.hosts.append(pc1)
+    await until(lambda: pc1.node.health()[0] and len(pc1.node.local_targets()) == 2, what="pc1 alone, both models")
+    first_copy = pc1.node.targets[EMB]
+    stop, log = asyncio.Event(), []
+    hammer = asyncio.ensure_future(_hammer(pc1, stop, log))
+    await asyncio.sleep(0.1)
+    pc2 = await Host(net, "pc2", PC2_URL, "gtx1660s-6gb", peers=(PC1_URL,), extra={"load_delay_s": 1.0}).start()
+    pair.hosts.append(pc2)
+    await until(lambda: isinstance(pc1.node.targets[EMB], RemoteTarget), what="the plan moves EMB to pc2")
+    joined_at = time.monotonic()
+    # while pc2 loads: pc1 keeps serving its own copy, reported as a handoff, not a fallback
+    await asyncio.sleep(0.3)
+    assert pc2.node.targets[EMB].state == "loading"
+    info = next(m for m in (await pc1.http.get("/models")).json()["models"] if m["id"] == EMB)
+    assert info["node"] == "pc2" and info["state"] == "loading" and info["handoff"] == {"node": "pc1", "state": "ready"}
+    assert "fallback" not in info
+    await until(lambda: any(node == "pc2" for _, _, node, _ in log), timeout=5, what="answers from pc2")
+    await asyncio.sleep(0.1)
+    stop.set()
+    await hammer
+    assert all(status == 200 for _, status, _, _ in log), [x for x in log if x[1] != 200][:3]
+    during = [node for t, _, node, _ in log if t > joined_at and node == "pc1"]
+    assert len(during) >= 10, "pc1 did not keep serving while pc2 loaded"
+    nodes = [node for _, _, node, _ in log]
+    switch = nodes.index("pc2")
+    assert set(nodes[:switch]) == {"pc1"} and set(nodes[switch:]) == {"pc2"}  # one clean switch
+    assert not any(fallback for _, _, _, fallback in log)
+    # then pc1's copy is unloaded: routing goes to pc2 only
+    await until(lambda: pc1.node.targets[EMB].standin is None, what="the handoff copy dropped")
+    await until(lambda: first_copy.state == "unavailable", what="the handoff copy unloaded")
+    assert [t.model for t in pc1.node.local_targets()] == [CHAT]
+    assert (await pc2.embed(["x"])).json()["node"] == "pc2"
+
+
+async def test_a_model_moving_back_from_a_live_peer_is_served_there_until_loaded_here(pair):
+    """The reverse direction: pc2 rejoins with a profile that no longer fits the embedding
+    model, so the plan moves it to pc1; pc2 keeps computing it (for both hosts) until pc1
+    has loaded its copy, then everything goes to pc1."""
+    pc1, pc2 = await pair(pc1_extra={"load_delay_s": 1.0})
+    pc2_copy = pc2.node.targets[EMB]
+    stop, log1, log2 = asyncio.Event(), [], []
+    hammers = [asyncio.ensure_future(_hammer(pc1, stop, log1)), asyncio.ensure_future(_hammer(pc2, stop, log2))]
+    await asyncio.sleep(0.1)
+    pc2.node.profile.gpus = []
+    pc2.node.profile.ram_total_mb = 1100  # room for nothing: the embedding model must move
+    pc2.cluster._spawn_join(PC1_URL)
+    await until(lambda: pc1.node.plan.where(EMB) is not None and pc1.node.plan.where(EMB).node == "pc1",
+                what="the plan moves EMB to pc1")
+    moved_at = time.monotonic()
+    await asyncio.sleep(0.3)
+    assert isinstance(pc1.node.targets[EMB], RemoteTarget)  # still routed to pc2 while loading here
+    await until(lambda: isinstance(pc2.node.targets[EMB], RemoteTarget), what="pc2 applies the plan")
+    assert pc2.node.targets[EMB].standin is pc2_copy and pc2.node.targets[EMB].serves_here
+    await until(lambda: any(node == "pc1" for _, _, node, _ in log1) and any(node == "pc1" for _, _, node, _ in log2),
+                timeout=5, what="answers from pc1 on both hosts")
+    await asyncio.sleep(0.1)
+    stop.set()
+    await asyncio.gather(*hammers)
+    for log in (log1, log2):
+        assert all(status == 200 for _, status, _, _ in log), [x for x in log if x[1] != 200][:3]
+        assert any(t > moved_at + 0.2 and node == "pc2" for t, _, node, _ in log)  # pc2 served during the load
+        nodes = [node for _, _, node, _ in log]
+        switch = nodes.index("pc1")
+        assert set(nodes[:switch]) == {"pc2"} and set(nodes[switch:]) == {"pc1"}
+        assert not any(fallback for _, _, _, fallback in log)
+    await until(lambda: pc2_copy.state == "unavailable", what="pc2's copy unloaded")
+    assert sorted(t.model for t in pc1.node.local_targets()) == sorted([CHAT, EMB])
+    assert pc2.node.local_targets() == []
+
+
+async def test_a_fallback_copy_is_kept_when_the_plan_then_assigns_the_model_here(pair):
+    pc1, pc2 = await pair()
+    await pc2.crash()
+    assert (await pc1.embed(["x"])).json()["fallback"] is True
+    copy = pc1.node.targets[EMB].standin
+    assert copy is not None and copy.state == "ready"
+    small = Host(pair.net, "pc2", PC2_URL, "gtx1660s-6gb", peers=(PC1_URL,))
+    small.node.profile.gpus = []
+    small.node.profile.ram_total_mb = 1100  # the embedding model no longer fits there
+    await small.start()
+    pair.hosts.append(small)
+    await until(lambda: pc1.node.targets.get(EMB) is copy, what="pc1 adopts its fallback copy")
+    body = (await pc1.embed(["y"])).json()
+    assert body["node"] == "pc1" and body["fallback"] is False
+    assert (await small.embed(["z"])).json()["node"] == "pc1"

@@ -274,3 +274,70 @@ async def test_embed_through_the_coalescer_and_fallback_when_the_peer_dies():
     e = await t.embed(EmbedRequest(input=["a"]))
     assert e.fallback is True and e.node == "pc1"
     assert t.info()["fallback"] == {"node": "pc1", "state": "ready"}
+
+
+class SlowStandin(Standin):
+    """A local copy whose answers take until the test releases them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+
+    async def generate(self, req):
+        await self.gate.wait()
+        if self.closed:
+            raise AssertionError("computed on a closed copy")
+        return await super().generate(req)
+
+
+async def test_handoff_copy_serves_unmarked_until_the_peer_is_ready_and_finishes_its_requests():
+    peer = FakePeer()
+    peer.models["m"]["state"] = "loading"  # the peer is taking the model over
+    copy = SlowStandin()
+    t = RemoteTarget("m", "chat", peer, handoff=copy)
+    assert t.state == "loading" and t.serves_here and t.info()["handoff"] == {"node": "pc1", "state": "ready"}
+    inflight = asyncio.ensure_future(t.generate(GenerateRequest(prompt="x")))
+    await spin()
+    peer.models["m"]["state"] = "ready"
+    assert not t.serves_here
+    assert t.drop_standin("ready there") is copy and t.standin is None
+    await spin()
+    assert not copy.closed  # a request is still being computed on it
+    c = await t.generate(GenerateRequest(prompt="x"))
+    assert c.text == "remote"  # new requests go to the peer
+    copy.gate.set()
+    c = await inflight
+    assert c.text == "local" and c.fallback is False  # a handoff copy is not a fallback
+    for _ in range(10):
+        await asyncio.sleep(0.03)
+    assert copy.closed
+
+
+async def test_a_handoff_copy_becomes_a_fallback_when_the_peer_dies_first():
+    peer = FakePeer()
+    peer.models["m"]["state"] = "loading"
+    copy = Standin()
+
+    async def failover(remote, exc):
+        return remote.standin  # the cluster reuses the copy that is already loaded
+
+    t = RemoteTarget("m", "chat", peer, failover=failover, handoff=copy)
+    assert (await t.generate(GenerateRequest(prompt="x"))).fallback is False
+    peer.state = "dead"
+    peer.gone.set()
+    c = await t.generate(GenerateRequest(prompt="x"))
+    assert c.text == "local" and c.fallback is True and "fallback" in t.info()
+
+
+async def test_close_lets_requests_in_flight_finish():
+    peer = FakePeer()
+    peer.client.block.clear()
+    t = target(peer)
+    inflight = asyncio.ensure_future(t.generate(GenerateRequest(prompt="x")))
+    await spin()
+    closing = asyncio.ensure_future(t.close())
+    await asyncio.sleep(0.1)
+    assert not closing.done()
+    peer.client.block.set()
+    assert (await inflight).text == "remote"
+    await asyncio.wait_for(closing, 1.0)
