@@ -563,7 +563,7 @@ class Cluster:
                                           model=model)
                 log.warning("fallback: loading %s on %s (%s) because %s", model, self.name, assignment.device,
                             cause.message, extra=fields(model=model, peer=peer.name))
-                standin = self.node._local_target(spec, assignment)
+                standin = self.node.local_target(spec, assignment)
                 standin.start()
                 remote.standin = standin
         state = await standin.wait_loaded(timeout=self.settings.request_timeout_s)

@@ -143,7 +143,7 @@ class Node:
             if incoming is not None and incoming.state != "failed" and self._same(incoming.assignment, a):
                 continue
             spec = self.catalog.get(model)
-            target = self._local_target(spec, a)
+            target = self.local_target(spec, a)
             if current is not None and not isinstance(current, LocalTarget) and current.state == "ready":
                 if incoming is not None:
                     await self._incoming.pop(model).close()
@@ -187,7 +187,10 @@ class Node:
     def _same(a: Assignment, b: Assignment) -> bool:
         return (a.device, a.n_gpu_layers, a.quant, a.backend) == (b.device, b.n_gpu_layers, b.quant, b.backend)
 
-    def _local_target(self, spec: ModelSpec, a: Assignment) -> LocalTarget:
+    def local_target(self, spec: ModelSpec, a: Assignment) -> LocalTarget:
+        """A LocalTarget for ``spec`` placed as ``a``, not started (``.start()`` loads it in the
+        background) and not routed to: the caller decides (apply_plan installs it; the
+        cluster keeps fallback copies inside RemoteTargets)."""
         s = self.settings
         fake = s.backend_override == "fake"
 
