@@ -1,4 +1,8 @@
-"""Membership: join, heartbeats, liveness, the routing table, failover.
+"""The cluster's orchestration: join, heartbeat loops, applying plans, failover.
+
+What is known about each peer (liveness alive → suspect → dead, the models it
+reports, its live figures) lives in ``peers.py``; this module decides when things
+happen and what the node does about them.
 
 Two roles (``settings.effective_role``):
 
@@ -7,18 +11,15 @@ Two roles (``settings.effective_role``):
 * a **worker** (``TARS_PEERS=http://pc1:8000``) joins it, retrying with
   exponential backoff until it answers, then applies the plan it got.
 
-Both apply the same plan: ``node.apply_plan`` loads this host's share and unloads
-what moved away, and the cluster installs a ``RemoteTarget`` for every model
-assigned to another host, so either host answers every request.
+Both apply the same plan (``_apply``): the node loads this host's share, and the
+cluster installs a ``RemoteTarget`` for every model assigned to another host, so
+either host answers every request. Re-plans are make before break: a model moving
+away keeps being served by the copy here until its new host reports it ready.
 
 Heartbeats go both ways every ``TARS_HEARTBEAT_S``. Each carries the sender's
-local models (id, state, queue, rates) — that is the shared routing table — and
-the plan id; the server answers a worker whose plan id is stale with the
-current plan. Liveness per peer, from the calls *we* make to it::
-
-    alive --1 missed beat--> suspect --3 missed in a row--> dead
-      ^------------------- any answered beat ----------------'
-
+local models (id, state, queue, rates) — that is the shared routing table — its
+live figures and the plan id; the server answers a worker whose plan id is stale
+with the current plan. A missed beat makes a peer suspect, three in a row dead.
 A dead peer stays in the table and keeps being probed, so it is noticed when it
 returns. A restarted worker simply joins again; a restarted server answers the
 worker's next heartbeat with ``known: false`` and the worker rejoins. Nothing
@@ -29,119 +30,27 @@ here when ``TARS_FALLBACK`` is on and the planner says it fits beside what this
 host already runs; the answer says ``fallback: true``. Otherwise it fails at
 once with ``PeerUnavailable`` (503) naming the peer.
 """
-
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import time
-from collections.abc import Callable
 from typing import Any
 
 import orjson
 
 from . import __version__
-from .domain import Assignment, GPUInfo, HostProfile, ModelSpec, Plan
+from .domain import Assignment, HostProfile, ModelSpec, Plan
 from .errors import ConfigError, ModelFailed, PeerUnavailable, TarsError, Unauthorized, ValidationFailed
 from .logs import fields, get_logger
+from .peers import VITALS, ClientFactory, Peer, PeerTable, background
 from .rpc.client import PeerClient
 from .rpc.remote import RemoteTarget
 from .targets import LocalTarget, Target
 
 log = get_logger(__name__)
 
-ClientFactory = Callable[[str], PeerClient]
-
-DEAD_AFTER = 3  # missed heartbeats in a row
-LIVE = ("alive", "suspect")
-VITALS = ("gpus", "totals", "ram")  # live figures a heartbeat carries (optional: older peers send none)
-
-
-def _numbers(value: Any) -> dict[str, Any] | None:
-    """A reported figures dict, keeping only numeric values (a peer's word is not trusted blindly)."""
-    if not isinstance(value, dict):
-        return None
-    return {str(k): v for k, v in value.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
-def _gpu_dicts(value: Any) -> list[dict[str, Any]] | None:
-    """Reported live GPU figures: entries that read as a GPUInfo, passed on as sent."""
-    if not isinstance(value, list):
-        return None
-    out = []
-    for g in value:
-        try:
-            GPUInfo.from_dict(g)
-        except (TypeError, ValueError, AttributeError):
-            continue
-        out.append(g)
-    return out
-
-
-class Peer:
-    """Another host as this node knows it (RemoteTargets hold a reference, so a
-    peer that rejoins keeps the same object and its targets come back by themselves)."""
-
-    def __init__(self, name: str, url: str, client: PeerClient, role: str = "worker") -> None:
-        self.name = name
-        self.url = url
-        self.client = client
-        self.role = role
-        self.profile: HostProfile | None = None
-        self.version = ""
-        self.state = "alive"
-        self.missed = 0
-        self.last_seen: float | None = None
-        self.rtt_ms: float | None = None
-        self.gone = asyncio.Event()  # set while dead or left: in-flight calls end at once
-        self._models: dict[str, dict[str, Any]] = {}
-        # Live figures from its heartbeats; None until it reports them (an older peer never does).
-        self.gpus: list[dict[str, Any]] | None = None
-        self.totals: dict[str, Any] | None = None
-        self.ram: dict[str, Any] | None = None
-        self.takes_vitals = True  # False once it refused them (an older version): beats go without
-
-    def set_vitals(self, gpus: Any = None, totals: Any = None, ram: Any = None) -> None:
-        """Keep what the peer reported; a figure it did not send keeps its last value."""
-        gpus, totals, ram = _gpu_dicts(gpus), _numbers(totals), _numbers(ram)
-        if gpus is not None:
-            self.gpus = gpus
-        if totals is not None:
-            self.totals = totals
-        if ram is not None:
-            self.ram = ram
-
-    def model_info(self, model: str) -> dict[str, Any] | None:
-        return self._models.get(model)
-
-    def set_models(self, models: list[dict[str, Any]]) -> None:
-        self._models = {m["id"]: m for m in models if isinstance(m, dict) and "id" in m}
-
-    @property
-    def models(self) -> list[str]:
-        return list(self._models)
-
-    def status(self) -> dict[str, Any]:
-        gpu = self.profile.best_gpu if self.profile is not None else None
-        return {
-            "name": self.name, "url": self.url, "role": self.role, "state": self.state,
-            "last_heartbeat_s": None if self.last_seen is None else round(time.monotonic() - self.last_seen, 3),
-            "rtt_ms": None if self.rtt_ms is None else round(self.rtt_ms, 3),
-            "gpu": None if gpu is None else {"name": gpu.name, "vram_total_mb": gpu.vram_total_mb},
-            "models": [{"id": m, "state": i.get("state"), "kind": i.get("kind")} for m, i in self._models.items()],
-            "missed_heartbeats": self.missed, "version": self.version,
-            "gpus": self.gpus, "totals": self.totals, "ram": self.ram,
-        }
-
-
-_BACKGROUND: set[asyncio.Task[Any]] = set()
-
-
-def _background(coro: Any) -> None:
-    """Fire and forget, keeping a reference so the task is not garbage-collected mid-way."""
-    task = asyncio.get_running_loop().create_task(coro)
-    _BACKGROUND.add(task)
-    task.add_done_callback(_BACKGROUND.discard)
+__all__ = ["Cluster", "Peer", "plan_id"]
 
 
 def _same_assignment(a: Assignment, b: Assignment) -> bool:
@@ -162,7 +71,7 @@ class Cluster:
         self.name: str = node.name
         self.seeds: list[str] = list(settings.peers)
         self.role: str = settings.effective_role
-        self.peers: dict[str, Peer] = {}
+        self.table = PeerTable(self.name, lambda url: self._factory(url))
         self.server: str | None = None if self.seeds else self.name  # who plans
         self.plan_id = ""
         self.interval = float(settings.heartbeat_s)
@@ -179,6 +88,11 @@ class Cluster:
         s = self.settings
         return PeerClient(url, s.cluster_token.get_secret_value(), timeout=s.rpc_timeout_s,
                           long_timeout=s.request_timeout_s)
+
+    @property
+    def peers(self) -> dict[str, Peer]:
+        """name -> Peer (the table's own dict)."""
+        return self.table.peers
 
     @property
     def is_planner(self) -> bool:
@@ -212,9 +126,8 @@ class Cluster:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
-        live = [p for p in self.peers.values() if p.state in LIVE]
-        await asyncio.gather(*(self._leave(p) for p in live), return_exceptions=True)
-        await asyncio.gather(*(p.client.aclose() for p in self.peers.values()), return_exceptions=True)
+        await asyncio.gather(*(self._leave(p) for p in self.table.live()), return_exceptions=True)
+        await self.table.close()
 
     async def _leave(self, peer: Peer) -> None:
         try:
@@ -259,23 +172,16 @@ class Cluster:
         except (KeyError, TypeError, ValueError):
             raise ValidationFailed(f"peer at {url} sent a join answer without server/plan") from None
         client.name = server
-        peer = self._upsert(server, url, role=str(answer.get("role", "server")), client=client,
-                            profile=answer.get("profile"), models=answer.get("models", []),
-                            version=str(answer.get("version", "")))
-        self._alive(peer)
+        peer = self.table.upsert(server, url, role=str(answer.get("role", "server")), client=client,
+                                 profile=answer.get("profile"), models=answer.get("models", []),
+                                 version=str(answer.get("version", "")))
+        peer.answered()
         self.server = server
         for other in answer.get("peers", []):
-            self._learn(other)
+            self.table.learn(other)
         log.info("joined %s at %s: plan %s", server, url, answer.get("plan_id", ""),
                  extra=fields(peer=server, assignments=len(plan.assignments)))
         await self._apply(plan, str(answer.get("plan_id") or plan_id(plan)))
-
-    def _learn(self, other: Any) -> None:
-        """A peer we heard of through the server (clusters of 3+ hosts)."""
-        if not isinstance(other, dict) or not other.get("name") or not other.get("url"):
-            return
-        if other["name"] != self.name and other["name"] not in self.peers:
-            self._upsert(str(other["name"]), str(other["url"]), role=str(other.get("role", "worker")))
 
     # ----------------------------------------------------------------- RPC handlers
     async def handle_join(self, name: str, url: str, profile: dict[str, Any], role: str = "worker",
@@ -294,8 +200,8 @@ class Cluster:
         except (TypeError, ValueError, KeyError) as exc:
             raise ValidationFailed(f"cluster.join: 'profile' is not a host profile ({exc})", field="profile") from None
         known = name in self.peers
-        peer = self._upsert(name, url, role=role, profile=host, models=models or [], version=version)
-        self._alive(peer)
+        peer = self.table.upsert(name, url, role=role, profile=host, models=models or [], version=version)
+        peer.answered()
         log.info("peer %s %s from %s", name, "rejoined" if known else "joined", url,
                  extra=fields(peer=name, gpu=host.best_gpu.name if host.best_gpu else "cpu"))
         plan = self._replan()
@@ -303,34 +209,33 @@ class Cluster:
         return {"server": self.name, "role": self.role, "url": self.settings.base_url, "version": __version__,
                 "plan": plan.to_dict(), "plan_id": self.plan_id,
                 "profile": self.node.profile.to_dict() if self.node.profile is not None else None,
-                "models": self._local_models(), "peers": self._peer_list(exclude=name)}
+                "models": self._local_models(), "peers": self.table.listing(exclude=name)}
 
     async def handle_heartbeat(self, name: str, url: str = "", models: list[dict[str, Any]] | None = None,
                                plan_id: str = "", sent_at: float = 0.0, gpus: list[dict[str, Any]] | None = None,
                                totals: dict[str, Any] | None = None,
                                ram: dict[str, Any] | None = None) -> dict[str, Any]:
-        peer = self.peers.get(name)
+        peer = self.table.get(name)
         if peer is None or peer.state == "left":
             if self.is_planner or not url:
                 return {"known": False, "name": self.name}  # → the sender joins (again)
-            peer = self._upsert(name, url)
-        self._alive(peer)
-        peer.set_models(models or [])
-        peer.set_vitals(gpus, totals, ram)
+            peer = self.table.upsert(name, url)
+        peer.answered()
+        peer.report(models or [], gpus, totals, ram)
         self._settle(peer)
         out: dict[str, Any] = {"known": True, "name": self.name, "models": self._local_models(),
                                "plan_id": self.plan_id, **self.vitals()}
         if self.is_planner:
             if plan_id != self.plan_id:
                 out["plan"] = self.node.plan.to_dict()
-            out["peers"] = self._peer_list(exclude=name)
+            out["peers"] = self.table.listing(exclude=name)
         return out
 
     async def handle_leave(self, name: str) -> dict[str, Any]:
-        peer = self.peers.get(name)
+        peer = self.table.get(name)
         if peer is None:
             return {"ok": True, "known": False}
-        self._set_state(peer, "left", "it said goodbye")
+        peer.set_state("left", "it said goodbye")
         return {"ok": True, "known": True}
 
     # ----------------------------------------------------------------- heartbeats
@@ -341,7 +246,7 @@ class Cluster:
             next_at += self.interval
             await asyncio.sleep(max(0.0, next_at - loop.time()))
             next_at = max(next_at, loop.time() - self.interval)  # never try to "catch up" a burst
-            peers = [p for p in self.peers.values() if p.state != "left"]
+            peers = [p for p in self.table if p.state != "left"]
             if peers:
                 await asyncio.gather(*(self._beat(p) for p in peers), return_exceptions=True)
 
@@ -384,73 +289,23 @@ class Cluster:
                 t0 = time.perf_counter()
                 answer = await peer.client.call("cluster.heartbeat", params, timeout=timeout, retries=0)
         except TarsError as exc:
-            self._missed(peer, exc)
+            peer.missed_beat(exc.message)
             return
-        peer.rtt_ms = (time.perf_counter() - t0) * 1000
-        self._alive(peer)
-        peer.set_vitals(answer.get("gpus"), answer.get("totals"), answer.get("ram"))
+        peer.answered(rtt_ms=(time.perf_counter() - t0) * 1000)
         if not answer.get("known", True):
             if peer.name == self.server or peer.url in self.seeds:
                 log.warning("%s does not know us (it restarted?): joining again", peer.name,
                             extra=fields(peer=peer.name))
                 self._spawn_join(peer.url if peer.url in self.seeds else self.seeds[0] if self.seeds else peer.url)
             return
-        peer.set_models(answer.get("models", []))
+        peer.report(answer.get("models", []), answer.get("gpus"), answer.get("totals"), answer.get("ram"))
         self._settle(peer)
         for other in answer.get("peers", []):
-            self._learn(other)
+            self.table.learn(other)
         new_plan = answer.get("plan")
         if new_plan is not None and peer.name == self.server and answer.get("plan_id") != self.plan_id:
             log.info("plan changed on %s: applying %s", peer.name, answer.get("plan_id"))
             await self._apply(Plan.from_dict(new_plan), str(answer.get("plan_id")))
-
-    def _alive(self, peer: Peer) -> None:
-        peer.missed = 0
-        peer.last_seen = time.monotonic()
-        if peer.state != "alive":
-            self._set_state(peer, "alive", "it answers again" if peer.state in ("dead", "suspect") else "joined")
-
-    def _missed(self, peer: Peer, exc: TarsError) -> None:
-        peer.missed += 1
-        new = "dead" if peer.missed >= DEAD_AFTER else "suspect"
-        if new != peer.state and peer.state != "dead":
-            self._set_state(peer, new, f"{peer.missed} missed heartbeat(s): {exc.message}")
-
-    def _set_state(self, peer: Peer, state: str, why: str) -> None:
-        old, peer.state = peer.state, state
-        if state in ("dead", "left"):
-            peer.gone.set()
-        else:
-            peer.gone.clear()
-        level = log.warning if state in ("suspect", "dead") else log.info
-        level("peer %s is %s (was %s): %s", peer.name, state, old, why, extra=fields(peer=peer.name))
-
-    # ----------------------------------------------------------------- peers
-    def _upsert(self, name: str, url: str, *, role: str = "worker", client: PeerClient | None = None,
-                profile: Any = None, models: list[dict[str, Any]] | None = None, version: str = "") -> Peer:
-        peer = self.peers.get(name)
-        url = url.rstrip("/")
-        if peer is None:
-            peer = Peer(name, url, client or self._factory(url), role)
-            peer.client.name = name
-            self.peers[name] = peer
-        elif peer.url != url or (client is not None and client is not peer.client):
-            old = peer.client
-            peer.url, peer.client = url, client or self._factory(url)
-            peer.client.name = name
-            _background(old.aclose())
-        peer.role = role
-        if profile is not None:
-            peer.profile = profile if isinstance(profile, HostProfile) else HostProfile.from_dict(profile)
-        if models is not None:
-            peer.set_models(models)
-        if version:
-            peer.version = version
-        return peer
-
-    def _peer_list(self, exclude: str = "") -> list[dict[str, Any]]:
-        return [{"name": p.name, "url": p.url, "role": p.role} for p in self.peers.values()
-                if p.name != exclude and p.state != "left"]
 
     def _local_models(self) -> list[dict[str, Any]]:
         return [t.info() for t in self.node.local_targets()]
@@ -474,8 +329,8 @@ class Cluster:
         from . import planner
 
         hosts: dict[str, HostProfile] = {self.name: self.node.profile}
-        for peer in sorted(self.peers.values(), key=lambda p: p.name):
-            if peer.state in LIVE and peer.profile is not None:
+        for peer in sorted(self.table.live(), key=lambda p: p.name):
+            if peer.profile is not None:
                 hosts[peer.name] = peer.profile
         specs = self.node.model_specs()
         return planner.plan(hosts, specs, reserve_mb=self.settings.vram_reserve_mb, context=self.settings.context,
@@ -501,7 +356,7 @@ class Cluster:
                         _same_assignment(standin.assignment, a):
                     current.release_standin()
                     self.node.set_target(standin)
-                    _background(current.close())
+                    background(current.close())
                     log.info("%s is assigned here: keeping the copy already loaded", a.model,
                              extra=fields(model=a.model))
                 else:  # loaded differently than planned: the node loads it as planned
@@ -509,7 +364,7 @@ class Cluster:
             for a in plan.assignments:
                 if a.node == self.name:
                     continue
-                peer = self.peers.get(a.node)
+                peer = self.table.get(a.node)
                 if peer is None:
                     log.warning("plan puts %s on %s, a host this node does not know yet", a.model, a.node)
                     continue
@@ -527,13 +382,13 @@ class Cluster:
                     log.info("%s moves to %s: serving it here until %s reports it ready", a.model, peer.name,
                              peer.name, extra=fields(model=a.model, peer=peer.name))
                 if isinstance(current, RemoteTarget):
-                    _background(current.close())
+                    background(current.close())
             await self.node.apply_plan(plan)
             for model, target in list(self.node.targets.items()):
                 if isinstance(target, RemoteTarget) and plan.where(model) is None:
                     self.node.remove_target(model)
-                    _background(target.close())
-            for peer in self.peers.values():
+                    background(target.close())
+            for peer in self.table:
                 self._settle(peer)
 
     def _settle(self, peer: Peer) -> None:
@@ -541,7 +396,7 @@ class Cluster:
         switches to it and the copies here unload (once their requests in flight end)."""
         for target in list(self.node.targets.values()):
             if isinstance(target, RemoteTarget) and target.peer is peer and target.standin is not None \
-                    and peer.state in LIVE and target.remote_state == "ready":
+                    and peer.live and target.remote_state == "ready":
                 target.drop_standin(f"{peer.name} reports it ready")
 
     # ----------------------------------------------------------------- failover
@@ -590,7 +445,7 @@ class Cluster:
 
     # ----------------------------------------------------------------- reporting
     def peers_status(self) -> list[dict[str, Any]]:
-        return [p.status() for p in sorted(self.peers.values(), key=lambda p: p.name)]
+        return self.table.status()
 
     def routing(self) -> dict[str, str]:
         """model id → host that computes it (this node's view)."""

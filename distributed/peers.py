@@ -1,0 +1,220 @@
+"""Membership bookkeeping: the peers a node knows, their liveness, what they report.
+
+``cluster.py`` decides *when* things happen (join, heartbeats, plans, failover);
+this module keeps *what is known* about each other host:
+
+* ``Peer``: one host — URL, client, role, profile, version; its liveness state; the
+  routing-table entries it reports (its local models: id, state, queue, rates) and its
+  live figures (GPUs, totals, RAM). ``RemoteTarget``s hold a reference to their Peer,
+  so a peer that rejoins keeps the same object and its targets follow it.
+* ``PeerTable``: the peers by name — added or updated from joins and heartbeats,
+  learned second-hand from the server's peer list (clusters of 3+ hosts), listed for
+  ``/status`` and for other peers.
+
+Liveness per peer, from the calls *we* make to it::
+
+    alive --1 missed beat--> suspect --DEAD_AFTER missed in a row--> dead
+      ^---------------------- any answered beat ------------------------'
+
+``left`` (it said goodbye) holds until it beats or joins again. ``Peer.gone`` is set
+while a peer is dead or has left, so calls in flight to it end at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from .domain import GPUInfo, HostProfile
+from .logs import fields, get_logger
+from .rpc.client import PeerClient
+
+log = get_logger(__name__)
+
+ClientFactory = Callable[[str], PeerClient]
+
+DEAD_AFTER = 3  # missed heartbeats in a row
+LIVE = ("alive", "suspect")
+VITALS = ("gpus", "totals", "ram")  # live figures a heartbeat carries (optional: older peers send none)
+
+_BACKGROUND: set[asyncio.Task[Any]] = set()
+
+
+def background(coro: Any) -> None:
+    """Fire and forget, keeping a reference so the task is not garbage-collected mid-way."""
+    task = asyncio.get_running_loop().create_task(coro)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
+
+
+def _numbers(value: Any) -> dict[str, Any] | None:
+    """A reported figures dict, keeping only numeric values (a peer's word is not trusted blindly)."""
+    if not isinstance(value, dict):
+        return None
+    return {str(k): v for k, v in value.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _gpu_dicts(value: Any) -> list[dict[str, Any]] | None:
+    """Reported live GPU figures: entries that read as a GPUInfo, passed on as sent."""
+    if not isinstance(value, list):
+        return None
+    out = []
+    for g in value:
+        try:
+            GPUInfo.from_dict(g)
+        except (TypeError, ValueError, AttributeError):
+            continue
+        out.append(g)
+    return out
+
+
+class Peer:
+    """Another host as this node knows it."""
+
+    def __init__(self, name: str, url: str, client: PeerClient, role: str = "worker") -> None:
+        self.name = name
+        self.url = url
+        self.client = client
+        self.role = role
+        self.profile: HostProfile | None = None
+        self.version = ""
+        self.state = "alive"
+        self.missed = 0
+        self.last_seen: float | None = None
+        self.rtt_ms: float | None = None
+        self.gone = asyncio.Event()  # set while dead or left: in-flight calls end at once
+        self._models: dict[str, dict[str, Any]] = {}
+        # Live figures from its heartbeats; None until it reports them (an older peer never does).
+        self.gpus: list[dict[str, Any]] | None = None
+        self.totals: dict[str, Any] | None = None
+        self.ram: dict[str, Any] | None = None
+        self.takes_vitals = True  # False once it refused them (an older version): beats go without
+
+    # ------------------------------------------------------------ what it reports
+    def report(self, models: Any = None, gpus: Any = None, totals: Any = None, ram: Any = None) -> None:
+        """Merge one heartbeat (call or answer): its routing-table entries (``models``, the
+        whole list each time) and its live figures (a figure it did not send keeps its
+        last value)."""
+        if models is not None:
+            self.set_models(models)
+        gpus, totals, ram = _gpu_dicts(gpus), _numbers(totals), _numbers(ram)
+        if gpus is not None:
+            self.gpus = gpus
+        if totals is not None:
+            self.totals = totals
+        if ram is not None:
+            self.ram = ram
+
+    def set_models(self, models: Any) -> None:
+        self._models = {m["id"]: m for m in models or [] if isinstance(m, dict) and "id" in m}
+
+    def model_info(self, model: str) -> dict[str, Any] | None:
+        return self._models.get(model)
+
+    @property
+    def models(self) -> list[str]:
+        return list(self._models)
+
+    # ------------------------------------------------------------ liveness
+    def answered(self, rtt_ms: float | None = None) -> None:
+        """It answered a call (or called us): alive, missed count reset."""
+        self.missed = 0
+        self.last_seen = time.monotonic()
+        if rtt_ms is not None:
+            self.rtt_ms = rtt_ms
+        if self.state != "alive":
+            self.set_state("alive", "it answers again" if self.state in ("dead", "suspect") else "joined")
+
+    def missed_beat(self, why: str) -> None:
+        self.missed += 1
+        new = "dead" if self.missed >= DEAD_AFTER else "suspect"
+        if new != self.state and self.state != "dead":
+            self.set_state(new, f"{self.missed} missed heartbeat(s): {why}")
+
+    def set_state(self, state: str, why: str) -> None:
+        old, self.state = self.state, state
+        if state in ("dead", "left"):
+            self.gone.set()
+        else:
+            self.gone.clear()
+        level = log.warning if state in ("suspect", "dead") else log.info
+        level("peer %s is %s (was %s): %s", self.name, state, old, why, extra=fields(peer=self.name))
+
+    @property
+    def live(self) -> bool:
+        return self.state in LIVE
+
+    # ------------------------------------------------------------ reporting
+    def status(self) -> dict[str, Any]:
+        gpu = self.profile.best_gpu if self.profile is not None else None
+        return {
+            "name": self.name, "url": self.url, "role": self.role, "state": self.state,
+            "last_heartbeat_s": None if self.last_seen is None else round(time.monotonic() - self.last_seen, 3),
+            "rtt_ms": None if self.rtt_ms is None else round(self.rtt_ms, 3),
+            "gpu": None if gpu is None else {"name": gpu.name, "vram_total_mb": gpu.vram_total_mb},
+            "models": [{"id": m, "state": i.get("state"), "kind": i.get("kind")} for m, i in self._models.items()],
+            "missed_heartbeats": self.missed, "version": self.version,
+            "gpus": self.gpus, "totals": self.totals, "ram": self.ram,
+        }
+
+
+class PeerTable:
+    """The peers of one node, by name. ``factory(url)`` makes a client for a new peer."""
+
+    def __init__(self, me: str, factory: ClientFactory) -> None:
+        self.me = me
+        self.peers: dict[str, Peer] = {}
+        self._factory = factory
+
+    def get(self, name: str) -> Peer | None:
+        return self.peers.get(name)
+
+    def __iter__(self) -> Iterator[Peer]:
+        return iter(list(self.peers.values()))
+
+    def upsert(self, name: str, url: str, *, role: str = "worker", client: PeerClient | None = None,
+               profile: Any = None, models: list[dict[str, Any]] | None = None, version: str = "") -> Peer:
+        """Add a peer or update what is known of it. A new URL or client replaces the old
+        client (closed in the background); the Peer object itself is kept."""
+        peer = self.peers.get(name)
+        url = url.rstrip("/")
+        if peer is None:
+            peer = Peer(name, url, client or self._factory(url), role)
+            peer.client.name = name
+            self.peers[name] = peer
+        elif peer.url != url or (client is not None and client is not peer.client):
+            old = peer.client
+            peer.url, peer.client = url, client or self._factory(url)
+            peer.client.name = name
+            background(old.aclose())
+        peer.role = role
+        if profile is not None:
+            peer.profile = profile if isinstance(profile, HostProfile) else HostProfile.from_dict(profile)
+        if models is not None:
+            peer.set_models(models)
+        if version:
+            peer.version = version
+        return peer
+
+    def learn(self, other: Any) -> None:
+        """A peer we heard of through the server (clusters of 3+ hosts)."""
+        if not isinstance(other, dict) or not other.get("name") or not other.get("url"):
+            return
+        if other["name"] != self.me and other["name"] not in self.peers:
+            self.upsert(str(other["name"]), str(other["url"]), role=str(other.get("role", "worker")))
+
+    def listing(self, exclude: str = "") -> list[dict[str, Any]]:
+        """name, url and role of every peer that has not left (what the server tells others)."""
+        return [{"name": p.name, "url": p.url, "role": p.role} for p in self.peers.values()
+                if p.name != exclude and p.state != "left"]
+
+    def live(self) -> list[Peer]:
+        return [p for p in self.peers.values() if p.live]
+
+    def status(self) -> list[dict[str, Any]]:
+        return [p.status() for p in sorted(self.peers.values(), key=lambda p: p.name)]
+
+    async def close(self) -> None:
+        await asyncio.gather(*(p.client.aclose() for p in self.peers.values()), return_exceptions=True)
