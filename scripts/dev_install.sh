@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Install what the test suite needs into .venv (idempotent: a second run installs nothing).
+# Used by .ci/run and by scripts/test.sh on a fresh checkout. CPU builds: torch 2.13.0 and
+# llama-cpp-python with GGML_NATIVE=OFF (a native build segfaults in batched decode on some
+# CPUs). For a CUDA host, use scripts/setup_pc1.sh, which picks the CUDA builds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+PY=${PYTHON:-python3}
+
+step() { printf '\n==> %s (%s)\n' "$*" "$(date +%H:%M:%S)"; }
+
+if [ ! -x .venv/bin/python ]; then
+  step "Python virtual environment (.venv)"
+  "$PY" -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip wheel
+fi
+
+step "PyTorch (CPU build)"
+.venv/bin/pip install -q "torch==2.13.0"
+
+step "llama-cpp-python (compiles once, ~4 min; later runs reuse pip's wheel cache)"
+CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" .venv/bin/pip install -q "llama-cpp-python>=0.3.8"
+
+step "tars-distributed with its test extras"
+.venv/bin/pip install -q -e ".[test]"
+
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  step "Chromium for the dashboard test"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || echo "chromium could not be installed; the dashboard browser test will skip"
+fi
