@@ -9,20 +9,25 @@ Layout under ``models_dir`` (``TARS_MODELS_DIR``)::
     catalog.toml                      optional user catalog (see catalog.py)
 
 Pulls go through ``huggingface_hub`` (its HTTP stack, token handling, ``HF_ENDPOINT``,
-progress bars). A single GGUF is downloaded into ``<file>.part`` with huggingface_hub's
-``http_get`` so that an interrupted pull — even a killed process — resumes where it
-stopped (``hf_hub_download`` in huggingface_hub 2.x deletes partial files), and it is
-verified before it takes its final name: sha256 against the catalog, else against the
-hub's own LFS sha256 (the ETag), else the size. huggingface_hub errors are translated into
-``TarsError`` subclasses here, at the boundary, with the repo and file named.
+progress bars). Every file — the one GGUF of a llama.cpp model, or each file of a
+transformers repo (resolved to one commit first) — is downloaded into ``<name>.part``
+with huggingface_hub's ``http_get``, so that an interrupted pull, even a killed process,
+resumes where it stopped (``hf_hub_download``/``snapshot_download`` in huggingface_hub
+2.x delete partial files). Each file is verified before it takes its final name: sha256
+against the catalog, else against the hub's own LFS sha256, else the size the hub
+announced. huggingface_hub errors are translated into ``TarsError`` subclasses here, at
+the boundary, with the repo and file named; a network failure says so and that a second
+run resumes.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
 import re
+import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -140,7 +145,8 @@ class ModelStore:
         """Download ``spec`` into the models folder (resumable, verified) and return its path.
 
         ``progress``: True shows huggingface_hub's progress bar, False nothing, a callable
-        is called with (bytes done, bytes total) as data arrives.
+        is called with (bytes done, bytes total) as data arrives — over the whole model,
+        so a repo of several files reports one growing count.
         """
         if spec.embedded or spec.path:
             return self.ensure(spec)
@@ -150,9 +156,11 @@ class ModelStore:
         if not spec.repo:
             raise ConfigError(f"model '{spec.id}' has no hub repo in the catalog: nothing to pull")
         hub = require("huggingface_hub", "huggingface_hub", "pulling models")
-        if hub.constants.is_offline_mode():
-            raise DownloadFailed(f"cannot pull '{spec.id}': offline mode is on (HF_HUB_OFFLINE=1); unset it to download",
-                                 model=spec.id)
+        from huggingface_hub import constants as hub_constants  # a lazy attribute of the package: import it by name
+
+        if hub_constants.is_offline_mode():
+            raise DownloadFailed(f"cannot pull '{spec.id}': offline mode is on (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE "
+                                 "is set); unset it to download", model=spec.id)
         endpoint = os.environ.get("HF_ENDPOINT") or None
         try:
             if spec.file:
@@ -161,54 +169,92 @@ class ModelStore:
         except TarsError:
             raise
         except Exception as exc:  # noqa: BLE001 - the boundary: every hub/network error is translated
-            raise _translate(exc, spec) from None
+            raise _translate(exc, spec, endpoint or hub_constants.ENDPOINT) from None
 
-    def _pull_file(self, hub: Any, spec: ModelSpec, endpoint: str | None, progress: Progress) -> Path:
+    def _download(self, hub: Any, spec: ModelSpec, url: str, dest: Path, *, endpoint: str | None, label: str,
+                  progress: Progress, offset: int = 0, grand_total: int | None = None,
+                  lfs_sha256: str | None = None) -> dict[str, Any]:
+        """One hub file into ``dest``: resumed from ``dest.part``, verified, then renamed.
+
+        Verification: the catalog's sha256 (single-file models), else the hub's LFS sha256
+        (the tree listing or the ETag of an LFS file), else the size the hub announced.
+        Returns what was checked, for the completion marker.
+        """
         from huggingface_hub.file_download import http_get
         from huggingface_hub.utils import build_hf_headers
 
-        assert spec.repo and spec.file
-        url = hub.hf_hub_url(spec.repo, spec.file, endpoint=endpoint)
         meta = hub.get_hf_file_metadata(url, endpoint=endpoint)
-        dest = self._hub_path(spec)
+        size = meta.size
         part = dest.with_name(dest.name + ".part")
         dest.parent.mkdir(parents=True, exist_ok=True)
-        size = meta.size
         done = part.stat().st_size if part.exists() else 0
         if size is not None and done > size:  # a different file was there: start over
             part.unlink()
             done = 0
+        if size is not None:
+            _check_disk_space(dest.parent, size - done, spec)
         with part.open("ab") as fh:
             http_get(meta.location, fh, resume_size=done, headers=build_hf_headers(), expected_size=size,
-                     displayed_filename=spec.file, tqdm_class=_tqdm_class(progress))
-        expected_sha = spec.sha256 or (meta.etag if meta.etag and SHA256_RE.match(meta.etag) else None)
+                     displayed_filename=label, tqdm_class=_tqdm_class(progress, offset, grand_total))
         got_size = part.stat().st_size
         if size is not None and got_size != size:
             part.unlink(missing_ok=True)
-            raise DownloadFailed(f"'{spec.repo}/{spec.file}': got {got_size} bytes, the hub says {size}; "
+            raise DownloadFailed(f"'{spec.repo}/{label}': got {got_size} bytes, the hub says {size}; "
                                  "partial download removed, run the pull again", model=spec.id)
+        etag_sha = meta.etag if meta.etag and SHA256_RE.match(meta.etag) else None
+        expected_sha = lfs_sha256 or etag_sha
         if expected_sha:
             got = _sha256(part)
             if got != expected_sha:
                 part.unlink(missing_ok=True)
-                raise DownloadFailed(f"'{spec.repo}/{spec.file}' failed verification: sha256 {got} != expected "
+                raise DownloadFailed(f"'{spec.repo}/{label}' failed verification: sha256 {got} != expected "
                                      f"{expected_sha}; the download was removed", model=spec.id)
         part.replace(dest)
-        self._write_marker(dest.parent, spec, commit=meta.commit_hash, sha256=expected_sha, size=got_size,
-                           verified="sha256" if expected_sha else "size")
+        return {"commit": meta.commit_hash, "sha256": expected_sha, "size": got_size,
+                "verified": "sha256" if expected_sha else "size"}
+
+    def _pull_file(self, hub: Any, spec: ModelSpec, endpoint: str | None, progress: Progress) -> Path:
+        assert spec.repo and spec.file
+        url = hub.hf_hub_url(spec.repo, spec.file, endpoint=endpoint)
+        dest = self._hub_path(spec)
+        info = self._download(hub, spec, url, dest, endpoint=endpoint, label=spec.file, progress=progress,
+                              lfs_sha256=spec.sha256)
+        self._write_marker(dest.parent, spec, **info)
         return dest
 
     def _pull_snapshot(self, hub: Any, spec: ModelSpec, endpoint: str | None, progress: Progress) -> Path:
+        """A transformers / sentence-transformers repo, file by file, each resumable and verified.
+
+        The files come from one commit (resolved first), so a repo updated half way
+        through a pull cannot mix versions. Files finished by an earlier, interrupted run
+        are kept (they were verified before they took their name).
+        """
+        from huggingface_hub.hf_api import RepoFile
+
         assert spec.repo
-        dest = self._hub_path(spec)
-        folder = hub.snapshot_download(spec.repo, local_dir=dest, endpoint=endpoint,
-                                       allow_patterns=SNAPSHOT_PATTERNS, tqdm_class=_tqdm_class(progress))
-        dest = Path(folder)
-        if not (dest / "config.json").is_file() and not (dest / "modules.json").is_file():
-            raise DownloadFailed(f"'{spec.repo}' downloaded but has no config.json: not a transformers repo",
+        api = hub.HfApi(endpoint=endpoint)
+        commit = api.repo_info(spec.repo, revision="main").sha or "main"
+        files = sorted((f for f in api.list_repo_tree(spec.repo, revision=commit, recursive=True)
+                        if isinstance(f, RepoFile) and _wanted(f.path)), key=lambda f: f.path)
+        if not any(f.path in ("config.json", "modules.json") for f in files):
+            raise DownloadFailed(f"'{spec.repo}' has no config.json: not a transformers repo (check the catalog entry)",
                                  model=spec.id)
-        # huggingface_hub checked each file's size against the hub while downloading
-        self._write_marker(dest, spec, commit=None, sha256=None, size=_dir_size(dest), verified="size")
+        dest = self._hub_path(spec)
+        total = sum(int(f.size or 0) for f in files)
+        offset, sha_checked = 0, 0
+        for f in files:
+            target = dest / f.path
+            lfs_sha = getattr(f.lfs, "sha256", None) if f.lfs is not None else None
+            if not (target.is_file() and target.stat().st_size == f.size):
+                url = hub.hf_hub_url(spec.repo, f.path, revision=commit, endpoint=endpoint)
+                info = self._download(hub, spec, url, target, endpoint=endpoint, label=f.path, progress=progress,
+                                      offset=offset, grand_total=total, lfs_sha256=lfs_sha)
+                sha_checked += info["verified"] == "sha256"
+            elif callable(progress):
+                progress(offset + int(f.size or 0), total)
+            offset += int(f.size or 0)
+        self._write_marker(dest, spec, commit=commit, sha256=None, size=_dir_size(dest), files=len(files),
+                           verified="sha256+size" if sha_checked else "size")
         return dest
 
     def _write_marker(self, folder: Path, spec: ModelSpec, **info: Any) -> None:
@@ -252,8 +298,31 @@ def _source(spec: ModelSpec) -> str:
     return "unknown"
 
 
-def _tqdm_class(progress: Progress) -> Any:
-    """huggingface_hub's own bar (True), none (False), or a bar that reports to a callback."""
+def _wanted(path: str) -> bool:
+    """Files of a repo a pull fetches (SNAPSHOT_PATTERNS), never hidden ones."""
+    if any(part.startswith(".") for part in Path(path).parts):
+        return False
+    return any(fnmatch.fnmatch(Path(path).name, pat) for pat in SNAPSHOT_PATTERNS)
+
+
+def _check_disk_space(folder: Path, needed: int, spec: ModelSpec) -> None:
+    """Refuse up front when the rest of a download cannot fit (plus 100 MB to spare)."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if needed + 100 * 2**20 > free:
+        raise DownloadFailed(f"not enough disk space for '{spec.id}': {needed / 2**30:.1f} GB still to download, "
+                             f"{free / 2**30:.1f} GB free in {folder}; free some space or set TARS_MODELS_DIR to a "
+                             "bigger disk", model=spec.id)
+
+
+def _tqdm_class(progress: Progress, offset: int = 0, grand_total: int | None = None) -> Any:
+    """huggingface_hub's own bar (True), none (False), or a bar that reports to a callback.
+
+    ``offset``/``grand_total``: this file's place in a pull of several files, so the
+    callback sees one count over the whole model.
+    """
     if progress is True:
         return None
     from tqdm.auto import tqdm
@@ -261,44 +330,66 @@ def _tqdm_class(progress: Progress) -> Any:
     callback = progress if callable(progress) else None
 
     class _Reporter(tqdm):  # type: ignore[misc, valid-type]
-        """Silent bar; byte bars report to ``callback`` (snapshot_download also makes a
-        file-count bar and a network-transfer bar: those are ignored)."""
+        """Silent bar; byte bars report to ``callback``."""
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             kwargs["disable"] = True
             super().__init__(*args, **kwargs)
             self._done = int(kwargs.get("initial") or 0)
-            desc = str(kwargs.get("desc") or "")
-            self._report = callback is not None and kwargs.get("unit") == "B" and not desc.startswith("Downloading bytes")
+            self._report = callback is not None and kwargs.get("unit") == "B"
 
         def update(self, n: float | None = 1) -> bool | None:
             self._done += int(n or 0)
             if self._report:
-                total = getattr(self, "total", None)
-                callback(self._done, int(total) if total else None)  # type: ignore[misc]
+                own = getattr(self, "total", None)
+                total = grand_total if grand_total is not None else (int(own) if own else None)
+                callback(offset + self._done, total)  # type: ignore[misc]
             return None
 
     return _Reporter
 
 
-def _translate(exc: Exception, spec: ModelSpec) -> TarsError:
+_NETWORK_ERRORS = ("ConnectError", "ConnectTimeout", "ReadTimeout", "TimeoutException", "NetworkError",
+                   "RemoteProtocolError", "ProxyError", "ConnectionError", "SSLError", "gaierror")
+
+
+def _network_cause(exc: BaseException) -> BaseException | None:
+    """The network failure behind ``exc`` (itself or a cause/context), if there is one."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if any(c.__name__ in _NETWORK_ERRORS for c in type(e).__mro__) or isinstance(e, (ConnectionError, TimeoutError)):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _translate(exc: Exception, spec: ModelSpec, endpoint: str = "https://huggingface.co") -> TarsError:
     """A huggingface_hub / network exception → a TarsError naming the repo and file."""
     from huggingface_hub import errors as hf
 
     what = f"'{spec.repo}'" + (f" file '{spec.file}'" if spec.file else "")
+    if isinstance(exc, hf.OfflineModeIsEnabled):
+        return DownloadFailed(f"cannot pull {what}: offline mode is on (HF_HUB_OFFLINE=1)", model=spec.id)
     if isinstance(exc, hf.GatedRepoError):
         return DownloadFailed(f"{what} is gated: accept its licence on the hub and set HF_TOKEN", model=spec.id)
     if isinstance(exc, hf.RepositoryNotFoundError):
         return DownloadFailed(f"repository {what} not found on the hub (check the catalog entry)", model=spec.id)
     if isinstance(exc, hf.RevisionNotFoundError):
         return DownloadFailed(f"{what}: revision not found on the hub", model=spec.id)
+    net = _network_cause(exc)
+    if net is not None or isinstance(exc, hf.LocalEntryNotFoundError):
+        why = f"{type(net).__name__}: {net}" if net is not None else str(exc).splitlines()[0]
+        return DownloadFailed(
+            f"cannot reach the model hub at {endpoint} to pull {what} ({why}). Check this machine's network "
+            "connection (and HF_ENDPOINT or HTTPS_PROXY if you set them), then run the same command again: "
+            "the download resumes where it stopped", model=spec.id, endpoint=endpoint)
     if isinstance(exc, hf.EntryNotFoundError):
         return DownloadFailed(f"{what} not found on the hub (check the catalog entry)", model=spec.id)
     if isinstance(exc, hf.HfHubHTTPError):
         status = getattr(getattr(exc, "response", None), "status_code", None)
         return DownloadFailed(f"the hub refused {what} (HTTP {status})", model=spec.id, status=status)
-    if isinstance(exc, hf.OfflineModeIsEnabled):
-        return DownloadFailed(f"cannot pull {what}: offline mode is on (HF_HUB_OFFLINE=1)", model=spec.id)
     if isinstance(exc, OSError) and "Consistency check failed" not in str(exc):
         if getattr(exc, "errno", None) is not None:
             return DownloadFailed(f"cannot write {what} into the models folder: {exc}", model=spec.id)

@@ -38,6 +38,8 @@ class FakeHub:
         self.repos: dict[str, dict[str, bytes]] = {}
         self.etag_override: dict[tuple[str, str], str] = {}
         self.truncate_first_get: set[tuple[str, str]] = set()
+        self.lfs: dict[tuple[str, str], str] = {}  # (repo, file) → sha256 listed in the tree
+        self.refuse: set[tuple[str, str]] = set()  # files whose GET answers 503 (until removed)
         self.log: list[dict[str, Any]] = []
         hub = self
 
@@ -85,6 +87,12 @@ class FakeHub:
         if not head:
             h.wfile.write(body)
 
+    def _tree_entry(self, repo: str, f: str, b: bytes) -> dict[str, Any]:
+        entry: dict[str, Any] = {"type": "file", "path": f, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
+        if (repo, f) in self.lfs:  # what the hub lists for an LFS file: its sha256
+            entry["lfs"] = {"oid": self.lfs[(repo, f)], "size": len(b), "pointerSize": 134}
+        return entry
+
     def _serve(self, h: BaseHTTPRequestHandler, head: bool) -> None:
         path = unquote(urlparse(h.path).path)
         self.log.append({"method": h.command, "path": path, "range": h.headers.get("Range")})
@@ -95,8 +103,7 @@ class FakeHub:
                     return self._json(h, {"id": repo, "sha": COMMIT,
                                           "siblings": [{"rfilename": f} for f in files]})
                 if rest.startswith(repo + "/tree/"):
-                    return self._json(h, [{"type": "file", "path": f, "size": len(b),
-                                           "oid": hashlib.sha1(b).hexdigest()} for f, b in files.items()])
+                    return self._json(h, [self._tree_entry(repo, f, b) for f, b in files.items()])
             return self._missing(h, "RepoNotFound", head)
         repo, sep, tail = path.lstrip("/").partition("/resolve/")
         if not sep or repo not in self.repos:
@@ -106,6 +113,8 @@ class FakeHub:
         if data is None:
             return self._missing(h, "EntryNotFound", head)
         etag = self.etag_override.get((repo, filename), hashlib.sha256(data).hexdigest())
+        if (repo, filename) in self.refuse and not head:
+            return self._json(h, {"error": "unavailable (fake hub)"}, status=503)
         start = 0
         rng = h.headers.get("Range")
         if rng and not head:
@@ -370,3 +379,112 @@ def test_list_shows_catalog_and_disk(hub: FakeHub, tmp_path: Path) -> None:
     assert rows["stray"]["source"] == "local (not in the catalog)"
     for r in rows.values():
         assert set(r) >= {"id", "kind", "on_disk", "path", "size_mb", "source"}
+
+
+# --------------------------------------------------------------------------- pull: a repo, resumed and verified
+def _snapshot_spec() -> ModelSpec:
+    return ModelSpec(id="tiny-8bit", kind="chat", backend="hf8bit", params_b=0.001, quant="int8", context=256,
+                     repo="tars-test/tiny-8bit")
+
+
+def test_pull_snapshot_resumes_each_file_and_keeps_finished_ones(hub: FakeHub, tmp_path: Path) -> None:
+    files = {"config.json": b'{"model_type": "llama"}', "model.safetensors": payload(24 * 1024 * 1024 + 5),
+             "tokenizer.json": b"{}"}
+    hub.repos["tars-test/tiny-8bit"] = files
+    hub.truncate_first_get.add(("tars-test/tiny-8bit", "model.safetensors"))  # the connection drops once
+    spec = _snapshot_spec()
+    store = store_for(tmp_path, spec)
+
+    path = store.pull(spec, progress=False)
+
+    assert (path / "model.safetensors").read_bytes() == files["model.safetensors"]
+    gets = hub.gets("model.safetensors")
+    assert len(gets) == 2 and gets[1]["range"] and gets[1]["range"] != "bytes=0-"  # resumed, not restarted
+    assert not list(path.rglob("*.part"))
+
+
+def test_pull_snapshot_interrupted_then_run_again_fetches_only_the_rest(hub: FakeHub, tmp_path: Path) -> None:
+    files = {"config.json": b'{"model_type": "llama"}', "model.safetensors": payload(300_000),
+             "tokenizer.json": b"{}"}
+    hub.repos["tars-test/tiny-8bit"] = files
+    hub.refuse.add(("tars-test/tiny-8bit", "tokenizer.json"))  # the last file fails the first time
+    spec = _snapshot_spec()
+    store = store_for(tmp_path, spec)
+    with pytest.raises(DownloadFailed):
+        store.pull(spec, progress=False)
+    assert store.path_for(spec) is None  # not complete: no marker, so nothing uses it
+    n_before = len(hub.gets("model.safetensors"))
+    hub.refuse.clear()
+
+    path = store.pull(spec, progress=False)
+
+    assert len(hub.gets("model.safetensors")) == n_before  # finished files are not fetched again
+    assert (path / "tokenizer.json").read_bytes() == b"{}" and store.path_for(spec) == path
+
+
+def test_pull_snapshot_verifies_lfs_sha256(hub: FakeHub, tmp_path: Path) -> None:
+    repo = "tars-test/tiny-8bit"
+    files = {"config.json": b"{}", "model.safetensors": payload(100_000)}
+    hub.repos[repo] = files
+    hub.lfs[(repo, "model.safetensors")] = hashlib.sha256(files["model.safetensors"]).hexdigest()
+    spec = _snapshot_spec()
+    store = store_for(tmp_path, spec)
+    path = store.pull(spec, progress=False)
+    marker = json.loads((path / MARKER).read_text())
+    assert marker["verified"] == "sha256+size" and marker["commit"] == COMMIT and marker["files"] == 2
+
+    # the hub lists another sha256 for the weights than what arrives: refused, nothing kept
+    other = tmp_path / "other"
+    hub.lfs[(repo, "model.safetensors")] = "e" * 64
+    with pytest.raises(DownloadFailed, match="failed verification") as err:
+        store_for(other, spec).pull(spec, progress=False)
+    assert "model.safetensors" in err.value.message
+    folder = other / "models" / "tiny-8bit"
+    assert not (folder / "model.safetensors").exists() and not list(folder.rglob("*.part"))
+
+
+def test_pull_snapshot_of_a_repo_without_config_is_refused(hub: FakeHub, tmp_path: Path) -> None:
+    hub.repos["tars-test/tiny-8bit"] = {"README.md": b"hi", "weights.bin": b"x"}
+    spec = _snapshot_spec()
+    with pytest.raises(DownloadFailed, match="no config.json"):
+        store_for(tmp_path, spec).pull(spec, progress=False)
+
+
+def test_pull_without_the_disk_space_stops_before_downloading(hub: FakeHub, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+    from collections import namedtuple
+
+    hub.repos[REPO] = {FILE: payload()}
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 2**20, 2**20))
+    spec = gguf_spec()
+    with pytest.raises(DownloadFailed, match="not enough disk space") as err:
+        store_for(tmp_path, spec).pull(spec, progress=False)
+    assert "TARS_MODELS_DIR" in err.value.message
+    assert hub.gets(FILE) == []  # nothing was downloaded
+
+
+@pytest.mark.parametrize("kind", ["file", "snapshot"])
+def test_unreachable_hub_says_so_and_that_a_rerun_resumes(kind: str, monkeypatch: pytest.MonkeyPatch,
+                                                          tmp_path: Path) -> None:
+    import socket
+    import time
+
+    import huggingface_hub.constants as hf_constants
+
+    with socket.socket() as s:  # a port with nothing listening: connection refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    spec = gguf_spec() if kind == "file" else _snapshot_spec()
+    t0 = time.monotonic()
+    with pytest.raises(DownloadFailed) as err:
+        store_for(tmp_path, spec).pull(spec, progress=False)
+    assert time.monotonic() - t0 < 10
+    msg = err.value.message
+    assert f"cannot reach the model hub at http://127.0.0.1:{port}" in msg and spec.repo in msg
+    assert "network connection" in msg and "resumes" in msg
+    assert "not found" not in msg  # a network failure is not reported as a missing repo
