@@ -47,30 +47,64 @@ def _check_int(where: str, obj: dict[str, Any], key: str, minimum: int, required
         raise _bad(where, f"field '{key}' must be an integer >= {minimum}, got {v!r}")
 
 
+def _check_types(where: str, obj: dict[str, Any], strings: tuple[str, ...], numbers: tuple[str, ...]) -> None:
+    """Optional fields: text fields must be strings, figures numbers (null allowed)."""
+    for key in strings:
+        if obj.get(key) is not None and not isinstance(obj[key], str):
+            raise _bad(where, f"field '{key}' must be a string, got {obj[key]!r}")
+    for key in numbers:
+        v = obj.get(key)
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0):
+            raise _bad(where, f"field '{key}' must be a number >= 0 (or null), got {v!r}")
+
+
+_GPU_STRINGS = ("name", "uuid", "compute_capability", "driver_version", "cuda_version")
+_GPU_NUMBERS = ("temperature_c", "power_w", "power_limit_w", "utilization_pct")
+
+
+def _gpu_from_json(g: Any, i: int, where: str) -> GPUInfo:
+    at = f"{where} gpus[{i}]"
+    if not isinstance(g, dict):
+        raise _bad(at, "each GPU must be a JSON object")
+    _check_int(at, g, "vram_total_mb", 1)
+    g = {"index": i, "name": f"GPU {i}", **g}
+    _check_int(at, g, "index", 0)
+    _check_int(at, g, "vram_used_mb", 0, required=False)
+    _check_int(at, g, "vram_free_mb", 0, required=False)
+    _check_types(at, g, _GPU_STRINGS, _GPU_NUMBERS)
+    total = g["vram_total_mb"]
+    g.setdefault("vram_used_mb", 0)
+    g.setdefault("vram_free_mb", total - g["vram_used_mb"])
+    for key in ("vram_used_mb", "vram_free_mb"):
+        if g[key] > total:
+            raise _bad(at, f"field '{key}' ({g[key]}) is more than vram_total_mb ({total})")
+    return GPUInfo.from_dict(g)
+
+
 def _profile_from_json(data: Any, where: str) -> HostProfile:
     if not isinstance(data, dict):
         raise _bad(where, f"the top level must be a JSON object, got {type(data).__name__}")
     _check_int(where, data, "cpu_cores", 1)
     _check_int(where, data, "ram_total_mb", 1)
     _check_int(where, data, "ram_free_mb", 0, required=False)
+    _check_types(where, data, ("hostname", "cpu_model", "description"), ())
+    if data.get("ram_free_mb", 0) > data["ram_total_mb"]:
+        raise _bad(where, f"field 'ram_free_mb' ({data['ram_free_mb']}) is more than ram_total_mb ({data['ram_total_mb']})")
+    notes = data.get("notes", [])
+    if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
+        raise _bad(where, "field 'notes' must be a list of strings")
     gpus = data.get("gpus", [])
     if not isinstance(gpus, list):
         raise _bad(where, "field 'gpus' must be a list of GPU objects")
-    parsed = []
-    for i, g in enumerate(gpus):
-        at = f"{where} gpus[{i}]"
-        if not isinstance(g, dict):
-            raise _bad(at, "each GPU must be a JSON object")
-        _check_int(at, g, "vram_total_mb", 1)
-        g = {"index": i, "name": f"GPU {i}", **g}
-        _check_int(at, g, "index", 0)
-        g.setdefault("vram_free_mb", g["vram_total_mb"] - int(g.get("vram_used_mb", 0) or 0))
-        parsed.append(GPUInfo.from_dict(g))
+    parsed = [_gpu_from_json(g, i, where) for i, g in enumerate(gpus)]
+    indexes = [g.index for g in parsed]
+    if len(set(indexes)) != len(indexes):
+        raise _bad(where, f"two GPUs share an index ({indexes}); each GPU needs its own 'index'")
     d = {"hostname": "simulated", "cpu_model": "simulated CPU", **data}
     d.setdefault("ram_free_mb", d["ram_total_mb"])
     prof = HostProfile.from_dict({**d, "gpus": []})
     prof.gpus = parsed
-    prof.notes = [str(n) for n in data.get("notes", [])] if isinstance(data.get("notes"), list) else []
+    prof.notes = list(notes)
     return prof
 
 
@@ -81,6 +115,9 @@ def load_simulated(gpu_profile: str) -> HostProfile:
     if looks_like_path:
         path = Path(value).expanduser()
         name = path.stem
+        if path.is_dir():
+            raise ConfigError(f"GPU profile '{path}' is a folder, not a JSON file (or give a preset: "
+                              f"{', '.join(PRESETS)})", file=str(path))
         if not path.is_file():
             raise ConfigError(f"GPU profile file '{path}' does not exist (or give a preset: {', '.join(PRESETS)})",
                               file=str(path))
@@ -99,9 +136,12 @@ def load_simulated(gpu_profile: str) -> HostProfile:
     prof = _profile_from_json(data, f"'{path}'")
     prof.simulated = True
     prof.source = f"simulated:{name}"
-    prof.notes = [f"simulated profile '{name}': no hardware was queried", *prof.notes]
+    # a saved `tars profile --json` is a valid profile: drop the notes of its own simulation
+    notes = [f"simulated profile '{name}': no hardware was queried",
+             *(n for n in prof.notes if not n.startswith("simulated profile '") and n != CPU_NOTE)]
     if not prof.gpus:
-        prof.notes.append(CPU_NOTE)
+        notes.append(CPU_NOTE)
+    prof.notes = list(dict.fromkeys(notes))
     return prof
 
 

@@ -241,6 +241,20 @@ def test_malformed_json_names_the_file_and_the_problem(tmp_path: Path) -> None:
     ({"cpu_cores": 2, "ram_total_mb": "lots"}, "'ram_total_mb' must be an integer"),
     ({"cpu_cores": 2, "ram_total_mb": 1024, "gpus": [{"name": "x"}]}, "gpus[0]"),
     ({"cpu_cores": 2, "ram_total_mb": 1024, "gpus": {"name": "x"}}, "'gpus' must be a list"),
+    # every field is type-checked: a wrong one is named, never a traceback later in a table
+    ({"cpu_cores": 2, "ram_total_mb": 1024, "gpus": [{"vram_total_mb": 6000, "vram_used_mb": "x"}]},
+     "gpus[0]: field 'vram_used_mb' must be an integer"),
+    ({"cpu_cores": 2, "ram_total_mb": 1024, "gpus": [{"vram_total_mb": 6000, "name": 5}]},
+     "gpus[0]: field 'name' must be a string"),
+    ({"cpu_cores": 2, "ram_total_mb": 1024, "gpus": [{"vram_total_mb": 6000, "temperature_c": "hot"}]},
+     "field 'temperature_c' must be a number"),
+    ({"cpu_cores": 2, "ram_total_mb": 1024, "gpus": [{"vram_total_mb": 6000, "vram_free_mb": 9000}]},
+     "'vram_free_mb' (9000) is more than vram_total_mb (6000)"),
+    ({"cpu_cores": 2, "ram_total_mb": 1024, "ram_free_mb": 4096}, "'ram_free_mb' (4096) is more than"),
+    ({"cpu_cores": 2, "ram_total_mb": 1024, "hostname": 3}, "field 'hostname' must be a string"),
+    ({"cpu_cores": 2, "ram_total_mb": 1024, "notes": "x"}, "'notes' must be a list of strings"),
+    ({"cpu_cores": 2, "ram_total_mb": 1024, "gpus": [{"vram_total_mb": 6000, "index": 0},
+                                                      {"vram_total_mb": 6000, "index": 0}]}, "share an index"),
 ])
 def test_wrong_shape_names_the_field(tmp_path: Path, doc: Any, problem: str) -> None:
     f = tmp_path / "p.json"
@@ -253,6 +267,25 @@ def test_wrong_shape_names_the_field(tmp_path: Path, doc: Any, problem: str) -> 
 def test_missing_json_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         profiler.profile_host(str(tmp_path / "nope.json"))
+
+
+def test_a_folder_is_not_a_profile(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is a folder, not a JSON file"):
+        profiler.profile_host(str(tmp_path))
+
+
+def test_a_saved_profile_json_is_a_valid_profile(tmp_path: Path) -> None:
+    """What `tars profile --json` prints on one machine plans that machine from another."""
+    saved = profiler.profile_host("gtx1660s-6gb", "pc2")
+    f = tmp_path / "pc2.json"
+    f.write_text(json.dumps({**saved.to_dict(), "tuning": profiler.tuning(saved)}))
+    prof = profiler.profile_host(str(f))
+    assert prof.simulated and prof.source == "simulated:pc2" and prof.hostname == "pc2"
+    assert [g.to_dict() for g in prof.gpus] == [g.to_dict() for g in saved.gpus]
+    assert prof.notes == ["simulated profile 'pc2': no hardware was queried"]  # not the old note again
+    cpu = tmp_path / "cpu.json"
+    cpu.write_text(json.dumps(profiler.profile_host("cpu").to_dict()))
+    assert profiler.profile_host(str(cpu)).notes.count(profiler.CPU_NOTE) == 1
 
 
 # --------------------------------------------------------------------------- tuning
