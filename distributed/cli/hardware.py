@@ -28,9 +28,21 @@ def _settings(env_file: Optional[Path]) -> Any:
 
 
 def _console() -> Any:
+    """Rich console at the terminal's width (COLUMNS, else 80 when piped): every view here
+    is laid out to read well from 80 columns up."""
     from rich.console import Console
 
-    return Console(width=160, soft_wrap=False, highlight=False)
+    return Console(highlight=False)
+
+
+def _kv_table(title: str = "") -> Any:
+    from rich import box
+    from rich.table import Table
+
+    t = Table(title=title or None, title_justify="left", box=box.SIMPLE_HEAD, show_header=False, pad_edge=False)
+    t.add_column("key", style="bold", no_wrap=True)
+    t.add_column("value", overflow="fold")
+    return t
 
 
 def _fmt_mb(mb: Optional[float]) -> str:
@@ -43,29 +55,26 @@ def _opt(v: Any, unit: str = "") -> str:
 
 # --------------------------------------------------------------------------- profile
 def render_profile(prof: HostProfile, tune: dict[str, Any]) -> None:
-    from rich.table import Table
-
     con = _console()
     label = f"  [bold yellow]SIMULATED ({prof.source.split(':', 1)[-1]})[/]" if prof.simulated else ""
     con.print(f"[bold]{prof.hostname}[/]{label}   source: {prof.source}")
     con.print(f"CPU: {prof.cpu_model} · {prof.cpu_cores} cores · RAM {_fmt_mb(prof.ram_total_mb)} "
               f"({_fmt_mb(prof.ram_free_mb)} free)")
-    if prof.gpus:
-        t = Table(title="GPUs" + (" (SIMULATED)" if prof.simulated else ""))
-        for col in ("#", "name", "VRAM total", "used", "free", "temp", "power / limit", "util", "CC", "driver",
-                    "CUDA", "UUID"):
-            t.add_column(col)
-        for g in prof.gpus:
-            t.add_row(str(g.index), g.name, _fmt_mb(g.vram_total_mb), _fmt_mb(g.vram_used_mb),
-                      _fmt_mb(g.vram_free_mb), _opt(g.temperature_c, " °C"),
-                      f"{_opt(g.power_w, ' W')} / {_opt(g.power_limit_w, ' W')}", _opt(g.utilization_pct, " %"),
-                      _opt(g.compute_capability), _opt(g.driver_version), _opt(g.cuda_version), g.uuid or "n/a")
+    for g in prof.gpus:
+        con.print(f"[bold]GPU {g.index}: {g.name}[/]" + (" [yellow](SIMULATED)[/]" if prof.simulated else ""))
+        t = _kv_table()
+        t.add_row("VRAM", f"{_fmt_mb(g.vram_total_mb)} total · {_fmt_mb(g.vram_used_mb)} used · "
+                          f"{_fmt_mb(g.vram_free_mb)} free")
+        t.add_row("now", f"{_opt(g.temperature_c, ' °C')} · {_opt(g.power_w, ' W')} of "
+                         f"{_opt(g.power_limit_w, ' W')} · {_opt(g.utilization_pct, ' %')} busy")
+        t.add_row("compute", f"capability {_opt(g.compute_capability)} · driver {_opt(g.driver_version)} · "
+                             f"CUDA {_opt(g.cuda_version)}")
+        t.add_row("UUID", g.uuid or "n/a")
         con.print(t)
     for note in prof.notes:
         con.print(f"[bold]{note}[/]" if note.startswith("no GPU") else f"note: {note}")
-    t = Table(title="Tuning")
-    t.add_column("setting")
-    t.add_column("value")
+    con.print("[bold]Tuning[/] (derived from this profile)")
+    t = _kv_table()
     for k, v in tune.items():
         t.add_row(k, "n/a" if v is None else str(v))
     con.print(t)
@@ -123,50 +132,92 @@ def _layers(a: Any, n_layers: dict[str, int]) -> str:
     return f"{a.n_gpu_layers} of {n_layers.get(a.model, '?')}"
 
 
+def _needs(a: Any) -> str:
+    if a.device == "cpu":
+        return f"{a.ram_mb} MB RAM"
+    return f"{a.vram_mb} MB VRAM" + (f" + {a.ram_mb} MB RAM" if a.ram_mb else "")
+
+
+def _plan_table(con: Any, title: str, p: Plan, n_layers: dict[str, int]) -> None:
+    """Where each model goes (a table that fits 80 columns), then why, one line each."""
+    from rich import box
+    from rich.table import Table
+
+    con.print(f"[bold]{title}[/]")
+    t = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("model", "kind", "host", "device", "quant", "GPU layers", "needs"):
+        t.add_column(col, overflow="fold")
+    for a in p.assignments:
+        t.add_row(a.model, a.kind, a.node, a.device, a.quant, _layers(a, n_layers), _needs(a))
+    con.print(t)
+    why = Table.grid(padding=(0, 1))
+    why.add_column(no_wrap=True)
+    why.add_column(overflow="fold")
+    for a in p.assignments:
+        why.add_row(f"  [bold]{a.model}[/]", a.reason)
+    for u in p.unplaced:
+        why.add_row(f"  [bold red]{u.model}[/]", f"[red]not placed:[/] {u.reason}")
+    if why.row_count:
+        con.print("Why:")
+        con.print(why)
+
+
 def render_plan(hosts: dict[str, HostProfile], plan: Plan, reserve_mb: int, context: int,
-                rec: list[Any], rec_plan: Plan, on_disk: dict[str, bool], specs: dict[str, Any]) -> None:
+                rec: list[Any], rec_plan: Plan, on_disk: dict[str, bool], specs: dict[str, Any],
+                this_host: bool = False) -> None:
+    from rich import box
     from rich.table import Table
 
     from ..planner import usable_vram_mb
     from ..vram import estimate
 
     con = _console()
-    t = Table(title=f"Hosts (reserve {reserve_mb} MB per GPU, context {context})")
+    con.print(f"[bold]Hosts[/] (reserve {reserve_mb} MB per GPU, context {context} tokens)")
+    t = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     for col in ("host", "profile", "GPU", "usable VRAM", "RAM"):
-        t.add_column(col)
+        t.add_column(col, overflow="fold")
     for name, prof in hosts.items():
         gpu = prof.best_gpu
-        src = f"SIMULATED {prof.source.split(':', 1)[-1]}" if prof.simulated else prof.source
+        src = f"[yellow]SIMULATED {prof.source.split(':', 1)[-1]}[/]" if prof.simulated else prof.source
         t.add_row(name, src, gpu.name if gpu else "none (CPU mode)", _fmt_mb(usable_vram_mb(prof, reserve_mb)),
                   _fmt_mb(prof.ram_total_mb))
     con.print(t)
 
-    def table(title: str, p: Plan) -> None:
-        n_layers = {a.model: estimate(specs[a.model], context).n_layers for a in p.assignments if a.model in specs}
-        t = Table(title=title)
-        for col in ("model", "kind", "host", "device", "quant", "GPU layers", "VRAM", "reason"):
-            t.add_column(col, overflow="fold")
-        for a in p.assignments:
-            t.add_row(a.model, a.kind, a.node, a.device, a.quant, _layers(a, n_layers),
-                      f"{a.vram_mb} MB", a.reason)
-        con.print(t)
-        for u in p.unplaced:
-            con.print(f"[red]unplaced[/] {u.model}: {u.reason}")
+    def layers_of(p: Plan) -> dict[str, int]:
+        return {a.model: estimate(specs[a.model], context).n_layers for a in p.assignments if a.model in specs}
 
-    table("Plan", plan)
-    if rec:
-        table("Recommended for this hardware", rec_plan)
-        missing = [s.id for s in rec if not on_disk.get(s.id)]
-        if missing:
-            con.print("pull these: " + "; ".join(f"tars models pull {m}" for m in missing))
-        else:
-            con.print("every recommended model is already on disk")
+    _plan_table(con, "Plan for the models to serve (TARS_MODELS, else the embedded defaults)", plan, layers_of(plan))
+    if not rec:
+        return
+    con.print()
+    if [a.model for a in rec_plan.assignments] == [a.model for a in plan.assignments] and \
+            [(a.model, a.node) for a in rec_plan.assignments] == [(a.model, a.node) for a in plan.assignments]:
+        con.print("[bold]Recommended for this hardware:[/] what the plan above already serves.")
+        return
+    _plan_table(con, "Recommended for this hardware (from the catalog)", rec_plan, layers_of(rec_plan))
+    con.print()
+    missing: dict[str, list[str]] = {}
+    for a in rec_plan.assignments:
+        if not on_disk.get(a.model):
+            missing.setdefault(a.node, []).append(a.model)
+    if missing:
+        con.print("[bold]To run it[/], pull the models on the host that serves each one:")
+        for node, ids in missing.items():
+            where = "on this host" if this_host else f"on {node}"
+            con.print(f"  {where}: " + " && ".join(f"tars models pull {m}" for m in ids))
+    else:
+        con.print("[bold]To run it[/]: every recommended model is already on disk.")
+    ids = ",".join(s.id for s in rec)
+    con.print(f"  then set [bold]TARS_MODELS={ids}[/]\n  in env/.env.pc1 (the server's env file) and restart it.")
 
 
 def plan_cmd(
     host: list[str] = typer.Option([], "--host", help="NAME=PRESET_OR_JSON; repeat per host. Default: this host."),
     models: str = typer.Option("", "--models", help="Comma-separated model ids. Default: TARS_MODELS or the embedded defaults."),
     as_json: bool = typer.Option(False, "--json", help='Print {"assignments": [...], "unplaced": [...]}.'),
+    recommended: bool = typer.Option(False, "--recommended",
+                                     help="Plan the catalog models recommended for this hardware instead "
+                                          "(with --json: the same shape, for scripts)."),
     env_file: Optional[Path] = EnvFile,
 ) -> None:
     """Show which model each host serves, on which device, and why (plus what to pull)."""
@@ -193,13 +244,17 @@ def plan_cmd(
         if p is not None:
             paths[s.id] = p
     kw = {"reserve_mb": settings.vram_reserve_mb, "context": settings.context}
+    if recommended:
+        if models:
+            raise ConfigError("--recommended and --models do not go together: --recommended picks the models")
+        specs = recommend(hosts, catalog.all(), **kw)
     result = plan(hosts, specs, paths=paths, **kw)
     if as_json:
         typer.echo(json.dumps(plan_json(result), indent=2))
         return
     rec = recommend(hosts, catalog.all(), **kw)
     render_plan(hosts, result, settings.vram_reserve_mb, settings.context, rec,
-                plan(hosts, rec, paths=paths, **kw), on_disk, {s.id: s for s in catalog.all()})
+                plan(hosts, rec, paths=paths, **kw), on_disk, {s.id: s for s in catalog.all()}, this_host=not host)
 
 
 def register(app: typer.Typer) -> None:

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import typer
 
-from ..errors import TarsError
+from ..errors import ConfigError, TarsError
 
 
 def _uvicorn_server(app: Any, host: str, port: int, log: Any) -> Any:
@@ -49,6 +49,13 @@ def serve(env_file: Optional[Path] = None, host: Optional[str] = None, port: Opt
                                  peers=peers, models=models, models_dir=models_dir, backend_override=backend,
                                  log_level=log_level, log_format=log_format)
         settings.check_for_serving()
+        if settings.gpu_profile:  # a bad preset or JSON file stops start-up here, not in the app's lifespan
+            from ..profiler import load_simulated
+
+            try:
+                load_simulated(settings.gpu_profile)
+            except TarsError as exc:
+                raise ConfigError(f"TARS_GPU_PROFILE={settings.gpu_profile!r}: {exc.message}", **exc.details) from None
     except TarsError as exc:
         typer.secho(f"error: {exc.message}", fg="red", err=True)
         sys.exit(2)

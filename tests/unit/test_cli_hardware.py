@@ -84,11 +84,52 @@ def test_plan_with_models_flag(app: typer.Typer) -> None:
     assert rows["all-MiniLM-L6-v2"]["node"] == "pc2" and rows["phi-2"]["node"] == "pc2"
 
 
-def test_plan_table_recommends_what_to_pull(app: typer.Typer) -> None:
+def test_plan_table_recommends_what_to_pull_on_which_host(app: typer.Typer) -> None:
     r = runner.invoke(app, ["plan", "--host", "pc1=rtx3060-12gb", "--host", "pc2=gtx1660s-6gb"])
     assert r.exit_code == 0, r.output
     assert "SIMULATED rtx3060-12gb" in r.output and "Recommended for this hardware" in r.output
-    assert "pull these: tars models pull mistral-7b-instruct" in r.output
+    # each model is pulled on the host that will serve it, then listed in TARS_MODELS on the server
+    assert "on pc1: tars models pull mistral-7b-instruct" in r.output
+    assert "on pc2: tars models pull stablelm-3b" in r.output
+    assert "TARS_MODELS=mistral-7b-instruct,all-MiniLM-L6-v2,stablelm-3b" in r.output
+    assert "Why:" in r.output and "kept off the chat host pc1" in r.output
+
+
+def test_plan_of_this_cpu_host_says_the_plan_is_already_right(app: typer.Typer,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TARS_GPU_PROFILE", "cpu")
+    r = runner.invoke(app, ["plan"])
+    assert r.exit_code == 0, r.output
+    assert "what the plan above already serves" in r.output and "tars models pull" not in r.output
+    assert "CPU" in r.output and "MB RAM" in r.output  # a CPU placement shows RAM, not "0 MB" of VRAM
+
+
+def test_plan_recommended_json_has_the_documented_shape(app: typer.Typer) -> None:
+    r = runner.invoke(app, ["plan", "--host", "pc1=rtx3060-12gb", "--host", "pc2=gtx1660s-6gb", "--recommended",
+                            "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output)
+    assert set(doc) == {"assignments", "unplaced"}
+    assert {(a["model"], a["node"]) for a in doc["assignments"]} == {
+        ("mistral-7b-instruct", "pc1"), ("all-MiniLM-L6-v2", "pc2"), ("stablelm-3b", "pc2")}
+    bad = runner.invoke(app, ["plan", "--recommended", "--models", "phi-2"])
+    assert isinstance(bad.exception, ConfigError) and "--recommended" in bad.exception.message
+
+
+@pytest.mark.parametrize("args", [
+    ["profile", "--simulate", "rtx3060-12gb"],
+    ["plan", "--host", "pc1=rtx3060-12gb", "--host", "pc2=gtx1660s-6gb", "--host", "pc3=cpu"],
+    ["plan", "--host", "pc1=gtx1660s-6gb", "--models", "mistral-7b-instruct,llama2-7b-chat,all-MiniLM-L6-v2"],
+    ["models", "list"],
+])
+@pytest.mark.parametrize("columns", [80, 100])
+def test_tables_fit_the_terminal(app: typer.Typer, monkeypatch: pytest.MonkeyPatch, args: list[str],
+                                 columns: int) -> None:
+    monkeypatch.setenv("COLUMNS", str(columns))
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    widest = max(len(line.rstrip()) for line in r.output.splitlines())
+    assert widest <= columns, f"{widest} columns > {columns}:\n{r.output}"
 
 
 def test_plan_this_host_by_default(app: typer.Typer, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -125,7 +166,8 @@ def test_models_list(app: typer.Typer) -> None:
     assert rows["all-MiniLM-L6-v2"]["on_disk"] is True
     assert rows["mistral-7b-instruct"]["on_disk"] is False
     table = runner.invoke(app, ["models", "list"])
-    assert table.exit_code == 0 and "tars models pull mistral-7b-instruct" in table.output
+    assert table.exit_code == 0 and "tars models pull ID" in table.output
+    assert "(hub:" in table.output and "TARS_MODELS=" in table.output
 
 
 def test_models_pull_unknown_id_lists_valid_ids(app: typer.Typer) -> None:
@@ -149,3 +191,38 @@ def test_entry_point_prints_errors_without_traceback(tmp_path: Path) -> None:
     assert p.returncode == 2
     assert "unknown GPU profile preset 'rtx9999'" in p.stderr and "rtx3060-12gb" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+@pytest.mark.slow
+def test_entry_point_pull_without_network_is_a_clear_error_in_seconds(tmp_path: Path) -> None:
+    """The real `tars models pull` with a hub that cannot be reached: one line saying what to
+    do, exit 2, no traceback, no progress bar left on stdout."""
+    import socket
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TARS_", "HF_", "TRANSFORMERS_OFFLINE"))}
+    env.update({"TARS_MODELS_DIR": str(tmp_path), "HF_ENDPOINT": f"http://127.0.0.1:{port}", "NO_PROXY": "127.0.0.1"})
+    for model in ("mistral-7b-instruct", "phi-2"):  # one GGUF file, one transformers repo
+        t0 = time.monotonic()
+        p = subprocess.run([sys.executable, "-m", "distributed", "models", "pull", model], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert time.monotonic() - t0 < 30
+        assert p.returncode == 2, p.stderr
+        assert "Traceback" not in p.stderr and p.stdout == ""
+        assert f"cannot reach the model hub at http://127.0.0.1:{port}" in p.stderr
+        assert "run the same command again" in p.stderr
+
+
+@pytest.mark.slow
+def test_serve_with_a_bad_gpu_profile_stops_before_listening(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TARS_")}
+    env.update({"TARS_MODELS_DIR": str(tmp_path), "TARS_GPU_PROFILE": "rtx9999", "TARS_HOST": "127.0.0.2",
+                "TARS_PORT": "18849"})
+    p = subprocess.run([sys.executable, "-m", "distributed", "serve"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 2
+    assert "TARS_GPU_PROFILE='rtx9999'" in p.stderr and "rtx3060-12gb" in p.stderr
+    assert "Traceback" not in p.stderr and "listening" not in p.stderr
