@@ -154,6 +154,7 @@ class Peer:
             "last_heartbeat_s": None if self.last_seen is None else round(time.monotonic() - self.last_seen, 3),
             "rtt_ms": None if self.rtt_ms is None else round(self.rtt_ms, 3),
             "gpu": None if gpu is None else {"name": gpu.name, "vram_total_mb": gpu.vram_total_mb},
+            "simulated": bool(self.profile is not None and self.profile.simulated),
             "models": [{"id": m, "state": i.get("state"), "kind": i.get("kind")} for m, i in self._models.items()],
             "missed_heartbeats": self.missed, "version": self.version,
             "gpus": self.gpus, "totals": self.totals, "ram": self.ram,

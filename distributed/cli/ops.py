@@ -99,7 +99,7 @@ def _gpus(x: Any) -> list[dict[str, Any]]:
     return [g if isinstance(g, dict) else {"name": str(g)} for g in x]
 
 
-def _gpu_rows(host: str, gpus: list[dict[str, Any]]) -> list[tuple[str, ...]]:
+def _gpu_rows(host: str, gpus: list[dict[str, Any]], simulated: bool = False) -> list[tuple[str, ...]]:
     rows = []
     for g in gpus:
         total, used = g.get("vram_total_mb"), g.get("vram_used_mb")
@@ -109,6 +109,7 @@ def _gpu_rows(host: str, gpus: list[dict[str, Any]]) -> list[tuple[str, ...]]:
         if isinstance(g.get("power_limit_w"), (int, float)):
             power += f" / {g['power_limit_w']:.0f}"
         name = str(g.get("name", "GPU")).replace("NVIDIA ", "").replace("GeForce ", "")
+        name += " [magenta](simulated)[/magenta]" if simulated else ""
         rows.append((host, f"{g.get('index', '?')}: {name}", f"{_mb(used)} / {_mb(total)}",
                      _num(g.get("temperature_c"), 0, " °C"), power + (" W" if power != "–" else ""),
                      _num(g.get("utilization_pct"), 0, " %")))
@@ -121,13 +122,13 @@ def _state(s: Any) -> str:
     return f"[{color}]{s or 'unknown'}[/{color}]"
 
 
-def _table(title: str, cols: tuple[str, ...], right: tuple[str, ...] = ()) -> Any:
+def _table(title: str, cols: tuple[str, ...], right: tuple[str, ...] = (), no_wrap: tuple[str, ...] = ()) -> Any:
     from rich import box
     from rich.table import Table
 
     t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     for c in cols:
-        t.add_column(c, justify="right" if c in right else "left", overflow="fold")
+        t.add_column(c, justify="right" if c in right else "left", overflow="fold", no_wrap=c in no_wrap)
     return t
 
 
@@ -141,11 +142,12 @@ def render_status(data: dict[str, Any], console: Any) -> None:
                   + (" · [magenta]simulated hardware[/magenta]" if profile.get("simulated") else ""))
 
     me = str(data.get("node", "?"))
-    hosts = _table("Hosts", ("Host", "Role", "State", "Heartbeat", "RTT", "URL", "Models"), ("Heartbeat", "RTT"))
+    hosts = _table("Hosts", ("Host", "Role", "State", "Heartbeat", "RTT", "URL", "Models"), ("Heartbeat", "RTT"),
+                   no_wrap=("URL",))
     gpus = _table("GPUs", ("Host", "GPU", "VRAM used / total", "Temp", "Power", "Util"), ("Temp", "Power", "Util"))
     hosts.add_row(f"{me} (this)", str(data.get("role", "?")), _state("ready" if data.get("healthy") else "loading"),
                   "–", "–", str(data.get("url", "")), ", ".join(str(m.get("id")) for m in models if m.get("node") == me) or "–")
-    for row in _gpu_rows(me, _gpus(data.get("gpus")) or _gpus(profile.get("gpus"))):
+    for row in _gpu_rows(me, _gpus(data.get("gpus")) or _gpus(profile.get("gpus")), bool(profile.get("simulated"))):
         gpus.add_row(*row)
     for p in data.get("peers") or []:
         name = str(p.get("name", "?"))
@@ -153,7 +155,8 @@ def render_status(data: dict[str, Any], console: Any) -> None:
         peer_models = peer_models or [str(m.get("id")) for m in models if m.get("node") == name]
         hosts.add_row(name, str(p.get("role", "?")), _state(p.get("state")), _num(p.get("last_heartbeat_s"), 1, " s"),
                       _num(p.get("rtt_ms"), 1, " ms"), str(p.get("url", "")), ", ".join(peer_models) or "–")
-        for row in _gpu_rows(name, _gpus(p.get("gpus") or p.get("gpu") or (p.get("profile") or {}).get("gpus"))):
+        for row in _gpu_rows(name, _gpus(p.get("gpus") or p.get("gpu") or (p.get("profile") or {}).get("gpus")),
+                             bool(p.get("simulated"))):
             gpus.add_row(*row)
     console.print(hosts)
     console.print(gpus)
@@ -303,7 +306,11 @@ async def run_bench(url: str, *, api_key: str = "", chat_requests: int = 3, max_
                     out["notes"].append("no chat model in this cluster: chat not measured")
                 else:
                     await _chat_once(client, m["id"], "Hello", 4)  # warm-up, not counted
-                    runs = [await _chat_once(client, m["id"], prompt, max_tokens) for _ in range(chat_requests)]
+                    # Each prompt starts differently: llama.cpp reuses the KV cache of a repeated
+                    # prompt prefix, which would make every run after the first skip the prompt
+                    # and report a time to first token no real request sees.
+                    runs = [await _chat_once(client, m["id"], f"Request {i + 1}. {prompt}", max_tokens)
+                            for i in range(chat_requests)]
                     med = lambda k: statistics.median([r[k] for r in runs if r[k] is not None] or [0.0])  # noqa: E731
                     out["chat"] = {"model": m["id"], "node": m.get("node"), "runs": runs, "max_tokens": max_tokens,
                                    "ttft_ms_median": med("ttft_ms"),

@@ -105,6 +105,34 @@ def test_status_table_shows_node_gpu_models_and_health(node_url: str) -> None:
     assert "Hosts" in out and "GPUs" in out and "Models" in out
 
 
+def test_status_fits_a_100_column_terminal_and_labels_simulated_gpus(node_url: str) -> None:
+    r = tars("status", node_url, "--api-key", API_KEY, env={"COLUMNS": "100"})
+    assert r.returncode == 0, r.stderr
+    assert max(len(line.rstrip()) for line in r.stdout.splitlines()) <= 100, r.stdout
+    assert node_url in r.stdout  # the URL is never folded in the middle
+    assert "RTX 3060 (simulated)" in r.stdout
+
+
+def test_bench_chat_prompts_differ_so_no_run_reuses_the_prompt_cache(node_url: str,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    from distributed.cli import ops
+
+    prompts: list[str] = []
+    real = ops._chat_once
+
+    async def spy(client, model, prompt, max_tokens):  # noqa: ANN001, ANN202
+        prompts.append(prompt)
+        return await real(client, model, prompt, max_tokens)
+
+    monkeypatch.setattr(ops, "_chat_once", spy)
+    result = asyncio.run(ops.run_bench(node_url, api_key=API_KEY, chat_requests=3, max_tokens=8, embed=False))
+    measured = prompts[1:]  # the first one is the warm-up
+    assert len(result["chat"]["runs"]) == 3 == len(measured) == len(set(measured))
+    assert all(p.endswith(ops.DEFAULT_PROMPT) for p in measured)
+
+
 def test_status_json_is_the_node_status(node_url: str) -> None:
     r = tars("status", node_url, "--json", env={"TARS_API_KEY": API_KEY})  # key from the environment
     assert r.returncode == 0, r.stderr
