@@ -337,6 +337,9 @@ def _tqdm_class(progress: Progress, offset: int = 0, grand_total: int | None = N
             super().__init__(*args, **kwargs)
             self._done = int(kwargs.get("initial") or 0)
             self._report = callback is not None and kwargs.get("unit") == "B"
+            if self._report:  # at once, so a bar shows (and a resumed pull starts where it was)
+                update_total = grand_total if grand_total is not None else kwargs.get("total")
+                callback(offset + self._done, int(update_total) if update_total else None)  # type: ignore[misc]
 
         def update(self, n: float | None = 1) -> bool | None:
             self._done += int(n or 0)

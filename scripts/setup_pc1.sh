@@ -20,6 +20,9 @@
 #   TARS_SETUP_SKIP_INSTALL=1       run no pip command; show what would be installed
 #   TARS_SETUP_VERBOSE=1            pip -v (the full compiler log of llama-cpp-python)
 #   TARS_TORCH_CPU_INDEX=URL        extra index for the CPU torch wheel ("" = PyPI only)
+#   TARS_WHEEL_CACHE=DIR            where built llama-cpp-python wheels are kept, one folder per
+#                                   build kind (default ~/.cache/tars/wheels); pip's own cache is
+#                                   not used for them, as it ignores CMAKE_ARGS (CPU vs CUDA)
 #   TARS_SETUP_SELFCHECK=0          skip the final self-check
 #   TARS_SETUP_SELFCHECK_TIMEOUT=S  seconds to wait for /health 200 (default 300)
 #   TARS_NODE_NAME, TARS_HOST, TARS_PORT, TARS_ADVERTISE_URL
@@ -47,7 +50,7 @@ detect_build
 install_torch
 install_llama
 install_project
-profile_and_plan
+profile_and_plan pc1
 
 # ----------------------------------------------------------------------------- 8. env file
 step "Settings file $ENV_FILE"

@@ -17,7 +17,7 @@
 #
 # Overrides (environment variables):
 #   PYTHON, TARS_VENV, TARS_SETUP_BUILD, CUDA_HOME, TARS_SETUP_SKIP_INSTALL, TARS_SETUP_VERBOSE,
-#   TARS_TORCH_CPU_INDEX, TARS_SETUP_SELFCHECK=0   as in setup_pc1.sh
+#   TARS_TORCH_CPU_INDEX, TARS_WHEEL_CACHE, TARS_SETUP_SELFCHECK=0   as in setup_pc1.sh
 #   TARS_PC1_PORT=8000              PC1's port when the address has none
 #   TARS_NODE_NAME, TARS_HOST, TARS_PORT, TARS_ADVERTISE_URL
 #                                   written into env/.env.pc2 when it is created (defaults pc2,
@@ -69,7 +69,8 @@ detect_build
 install_torch
 install_llama
 install_project
-profile_and_plan
+profile_and_plan pc2
+info "this is the plan of PC2 alone: once it joins, PC1 plans both hosts together (tars status, the dashboard)"
 
 # ----------------------------------------------------------------------------- 8. env file
 step "Settings file $ENV_FILE"

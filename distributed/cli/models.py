@@ -96,8 +96,9 @@ def pull_cmd(
         raise DownloadFailed(f"pull of '{spec.id}' interrupted; run `tars models pull {spec.id}` again to resume "
                              "where it stopped", model=spec.id) from None
     typer.echo(f"{spec.id}: {path}")
-    typer.secho(f"to serve it, add it to TARS_MODELS in your env file (e.g. TARS_MODELS={spec.id},all-MiniLM-L6-v2)",
-                err=True)
+    if not spec.embedded:
+        typer.secho(f"to serve it, list it in TARS_MODELS on the server (env/.env.pc1), e.g. "
+                    f"TARS_MODELS={spec.id},all-MiniLM-L6-v2; `tars plan` shows where it will run", err=True)
 
 
 def _pull_with_bar(store: Any, spec: Any) -> Path:

@@ -7,7 +7,7 @@
 #
 # Overrides (environment variables) — see the header of each setup script:
 #   PYTHON, TARS_VENV, TARS_SETUP_BUILD, TARS_SETUP_SKIP_INSTALL, TARS_TORCH_CPU_INDEX,
-#   TARS_SETUP_SELFCHECK, TARS_SETUP_SELFCHECK_TIMEOUT, TARS_SETUP_VERBOSE, CI
+#   TARS_WHEEL_CACHE, TARS_SETUP_SELFCHECK, TARS_SETUP_SELFCHECK_TIMEOUT, TARS_SETUP_VERBOSE, CI
 
 set -euo pipefail
 
@@ -107,6 +107,7 @@ detect_build() {
   step "GPU build or CPU build"
   local gpu=0
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then gpu=1; fi
+  HAVE_GPU=$gpu
   case "${TARS_SETUP_BUILD:-auto}" in
     cuda) BUILD=cuda; info "TARS_SETUP_BUILD=cuda: CUDA builds forced" ;;
     cpu) BUILD=cpu; info "TARS_SETUP_BUILD=cpu: CPU builds forced" ;;
@@ -153,6 +154,19 @@ pip_install() {
   changed "installed $label"
 }
 
+# pip_run LABEL -- PIP SUBCOMMAND ARGS...: any other pip command, shown under
+# TARS_SETUP_SKIP_INSTALL=1 instead of run.
+pip_run() {
+  local label=$1; shift 2
+  if skip_install; then
+    info "TARS_SETUP_SKIP_INSTALL=1, not running: pip $*"
+    return 0
+  fi
+  info "$label: pip $*"
+  "$VPY" -m pip "$@" || return 1
+  changed "$label"
+}
+
 # ----------------------------------------------------------------------------- 4. torch
 install_torch() {
   step "PyTorch $TORCH_VERSION ($BUILD build)"
@@ -162,7 +176,12 @@ install_torch() {
     unchanged "torch $have installed"
     return
   fi
-  [ -n "$have" ] && info "found torch $have, want $TORCH_VERSION ($BUILD)"
+  if [ -n "$have" ]; then
+    info "found torch $have, want $TORCH_VERSION ($BUILD)"
+    # torch 2.13.0+cpu satisfies "torch==2.13.0" for pip, which would then keep it: remove it first
+    pip_run "removal of torch $have" -- uninstall -y torch || die "could not uninstall torch $have" \
+      "remove it by hand: $VPY -m pip uninstall -y torch, then re-run"
+  fi
   local args=("torch==$TORCH_VERSION")
   if [ "$BUILD" = cpu ] && [ -n "${TARS_TORCH_CPU_INDEX-https://download.pytorch.org/whl/cpu}" ]; then
     # The CPU wheel is a tenth of the size of the default CUDA one.
@@ -174,31 +193,131 @@ install_torch() {
 }
 
 # ----------------------------------------------------------------------------- 5. llama-cpp-python
+# pip caches a wheel it built keyed by the sdist alone, not by CMAKE_ARGS: a CPU wheel built
+# once would be reused, silently, by a later CUDA install (and a CUDA one by a CPU install).
+# So llama-cpp-python is never built through pip's cache: it is built once per kind with
+# --no-cache-dir --no-binary into a cache of our own, one folder per build kind, CUDA
+# release and Python version, and installed from there. Every wheel is checked for what it
+# holds (libggml-cuda or not) before it is used, and the installed build is checked after.
+LLAMA_WHEELS=${TARS_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tars/wheels}
+HAVE_GPU=0
+
+# "<version> cuda|cpu|broken", or nothing when llama-cpp-python is not installed.
+llama_probe() {
+  "$VPY" - <<'PY' 2>/dev/null || true
+import importlib.metadata as md
+try:
+    version = md.version("llama-cpp-python")
+except md.PackageNotFoundError:
+    raise SystemExit(0)
+try:
+    import llama_cpp
+    print(version, "cuda" if llama_cpp.llama_supports_gpu_offload() else "cpu")
+except Exception:  # installed, but its native library does not load (e.g. CUDA libraries gone)
+    print(version, "broken")
+PY
+}
+
+# The cache folder of this build: llama-cpp-python-cpu-py3.11, llama-cpp-python-cuda12.4-py3.11.
+llama_wheel_dir() {
+  local kind=$BUILD pyv
+  if [ "$BUILD" = cuda ]; then
+    local nvcc=nvcc rel
+    command -v nvcc >/dev/null 2>&1 || nvcc=$CUDA_BIN/nvcc
+    rel=$("$nvcc" --version 2>/dev/null | sed -n 's/.*release \([0-9][0-9.]*\).*/\1/p' | head -n 1)
+    kind=cuda${rel:-unknown}
+  fi
+  pyv=$("$VPY" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || echo unknown)
+  printf '%s/llama-cpp-python-%s-py%s' "$LLAMA_WHEELS" "$kind" "$pyv"
+}
+
+# wheel_kind WHEEL: cuda when it ships the CUDA library (libggml-cuda.so), else cpu. Every
+# build ships the header include/ggml-cuda.h: only the library counts.
+wheel_kind() {
+  "$VPY" - "$1" <<'PY'
+import re, sys, zipfile
+names = zipfile.ZipFile(sys.argv[1]).namelist()
+cuda = any(re.search(r"(^|/)(lib)?ggml-cuda\.(so|dll|dylib)", n) for n in names)
+print("cuda" if cuda else "cpu")
+PY
+}
+
 install_llama() {
   step "llama-cpp-python ($BUILD build)"
-  local have
-  have=$("$VPY" -c 'import llama_cpp; print(llama_cpp.__version__, "cuda" if llama_cpp.llama_supports_gpu_offload() else "cpu")' 2>/dev/null || true)
-  if [ -n "$have" ] && { [ "$BUILD" = cpu ] || [ "${have#* }" = cuda ]; }; then
+  local have kind
+  have=$(llama_probe)
+  kind=${have#* }
+  if [ -n "$have" ] && [ "$kind" = "$BUILD" ]; then
     unchanged "llama-cpp-python $have installed"
     return
   fi
-  if ! skip_install; then
+  if [ "$kind" = cuda ] && [ "$BUILD" = cpu ] && [ "$HAVE_GPU" = 1 ] && [ "${TARS_SETUP_BUILD:-auto}" = auto ]; then
+    unchanged "llama-cpp-python $have installed: a working CUDA build is kept (TARS_SETUP_BUILD=cpu replaces it)"
+    return
+  fi
+  [ -n "$have" ] && info "found llama-cpp-python $have, want the $BUILD build: replacing it"
+
+  local dir wheel=""
+  dir=$(llama_wheel_dir)
+  if [ -d "$dir" ]; then
+    local w
+    for w in "$dir"/llama_cpp_python-*.whl; do
+      [ -f "$w" ] || continue
+      if [ "$(wheel_kind "$w" 2>/dev/null)" = "$BUILD" ]; then wheel=$w; else
+        warn "removing $w from the wheel cache: it is not a $BUILD build"; rm -f "$w"; fi
+    done
+  fi
+
+  local fix="CPU: sudo apt-get install build-essential cmake; CUDA: the toolkit (nvcc --version) must not be newer than the driver supports (nvidia-smi, top right); or build for CPU with TARS_SETUP_BUILD=cpu. Re-run with TARS_SETUP_VERBOSE=1 for the full compiler log"
+  local cmake="-DGGML_NATIVE=OFF"
+  [ "$BUILD" = cuda ] && cmake="-DGGML_CUDA=on"
+  if [ -n "$wheel" ]; then
+    info "reusing the $BUILD wheel built earlier on this machine: $wheel"
+  elif skip_install; then
+    info "TARS_SETUP_SKIP_INSTALL=1, not running: CMAKE_ARGS=$cmake FORCE_CMAKE=1 pip wheel --no-cache-dir --no-deps --no-binary llama-cpp-python -w $dir $LLAMA_SPEC"
+    wheel="$dir/llama_cpp_python-*.whl"
+  else
     command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 || command -v clang >/dev/null 2>&1 || die \
       "no C/C++ compiler: llama-cpp-python is compiled on this machine" \
       "Debian/Ubuntu: sudo apt-get install build-essential cmake; macOS: xcode-select --install; then re-run"
+    if [ "$BUILD" = cuda ]; then info "compiling with CUDA: 10-30 minutes the first time"
+    else info "compiling for CPU: 5-15 minutes the first time"; fi
+    info "(the wheel is kept in $dir, so the next install of this build is instant)"
+    local tmp w verbose=()
+    [ "${TARS_SETUP_VERBOSE:-0}" = "1" ] && verbose=(-v)
+    mkdir -p "$dir"
+    tmp=$(mktemp -d "$dir.build.XXXXXX")
+    info "running: CMAKE_ARGS=$cmake FORCE_CMAKE=1 pip wheel --no-cache-dir --no-deps --no-binary llama-cpp-python -w $tmp $LLAMA_SPEC"
+    if ! CMAKE_ARGS="$cmake" FORCE_CMAKE=1 "$VPY" -m pip wheel --progress-bar on --no-cache-dir --no-deps \
+        --no-binary llama-cpp-python ${verbose[@]+"${verbose[@]}"} -w "$tmp" "$LLAMA_SPEC"; then
+      rm -rf "$tmp"
+      die "building llama-cpp-python ($BUILD) failed (see the compiler output above)" "$fix"
+    fi
+    wheel=""
+    for w in "$tmp"/llama_cpp_python-*.whl; do [ -f "$w" ] && wheel=$w; done
+    if [ -z "$wheel" ] || [ "$(wheel_kind "$wheel")" != "$BUILD" ]; then
+      rm -rf "$tmp"
+      die "the llama-cpp-python build finished but is not a $BUILD build (CMake did not pick up $cmake)" \
+        "check that nvcc works (nvcc --version) and re-run with TARS_SETUP_VERBOSE=1 to see what CMake found"
+    fi
+    mv "$wheel" "$dir/" && rm -rf "$tmp"
+    wheel="$dir/$(basename "$wheel")"
   fi
-  local fix="CPU: sudo apt-get install build-essential cmake; CUDA: the toolkit (nvcc --version) must not be newer than the driver supports (nvidia-smi, top right); or build for CPU with TARS_SETUP_BUILD=cpu. Re-run with TARS_SETUP_VERBOSE=1 for the full compiler log"
-  if [ "$BUILD" = cuda ]; then
-    local extra=(--no-cache-dir)   # a cached CPU wheel must not be reused for the CUDA build
-    [ -n "$have" ] && { info "found a CPU-only llama-cpp-python ($have): rebuilding with CUDA"; extra+=(--force-reinstall --no-deps); }
-    info "compiling with CUDA: 10-30 minutes the first time"
-    pip_install "llama-cpp-python (CUDA)" CMAKE_ARGS="-DGGML_CUDA=on" FORCE_CMAKE=1 -- "${extra[@]}" "$LLAMA_SPEC" \
-      || die "building llama-cpp-python with CUDA failed (see the compiler output above)" "$fix"
-  else
-    info "compiling for CPU: 5-15 minutes the first time (pip's wheel cache makes later installs instant)"
-    pip_install "llama-cpp-python (CPU)" CMAKE_ARGS="-DGGML_NATIVE=OFF" -- "$LLAMA_SPEC" \
-      || die "building llama-cpp-python failed (see the compiler output above)" "$fix"
+
+  if [ -n "$have" ]; then
+    pip_run "removal of llama-cpp-python $have" -- uninstall -y llama-cpp-python || die \
+      "could not uninstall the old llama-cpp-python ($have)" "remove it by hand: $VPY -m pip uninstall -y llama-cpp-python"
   fi
+  pip_install "llama-cpp-python ($BUILD)" -- --no-cache-dir "$wheel" || die \
+    "installing the llama-cpp-python wheel $wheel failed (see pip's output above)" \
+    "check the network connection to the package index (its dependencies come from there) and re-run"
+  skip_install && return 0
+  have=$(llama_probe)
+  if [ "${have#* }" != "$BUILD" ]; then
+    die "llama-cpp-python was installed but reports '${have:-nothing}' instead of a working $BUILD build" \
+      "a CUDA build needs the NVIDIA driver's libraries (nvidia-smi must work); rm -f '$wheel' and re-run to rebuild, or TARS_SETUP_BUILD=cpu"
+  fi
+  ok "llama-cpp-python $have works"
 }
 
 # ----------------------------------------------------------------------------- 6. the project
@@ -228,11 +347,15 @@ install_project() {
 }
 
 # ----------------------------------------------------------------------------- 7. profile + plan
+# profile_and_plan NAME: this host's profile and plan, under the node name it will have
+# (TARS_NODE_NAME, else the one in its env file, else NAME).
 profile_and_plan() {
   step "Hardware profile and model plan"
-  (cd "$ROOT" && "$VPY" -m distributed profile) || die "the hardware profiler failed (see above)" \
+  local name=${TARS_NODE_NAME:-$(env_get "$ROOT/$ENV_FILE" TARS_NODE_NAME)}
+  name=${name:-$1}
+  (cd "$ROOT" && TARS_NODE_NAME=$name "$VPY" -m distributed profile) || die "the hardware profiler failed (see above)" \
     "run it alone for details: .venv/bin/python -m distributed profile; TARS_GPU_PROFILE=cpu forces CPU mode"
-  (cd "$ROOT" && "$VPY" -m distributed plan) || die "the planner failed (see above)" \
+  (cd "$ROOT" && TARS_NODE_NAME=$name "$VPY" -m distributed plan) || die "the planner failed (see above)" \
     "run it alone for details: .venv/bin/python -m distributed plan"
 }
 

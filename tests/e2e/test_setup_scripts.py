@@ -89,7 +89,8 @@ def ports() -> dict[str, int]:
 def _env(models_dir: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TARS_", "PYTHON", "CUDA_HOME"))}
     env.update({"CI": "1", "PYTHON": sys.executable, "TARS_VENV": sys.prefix, "TARS_SETUP_SKIP_INSTALL": "1",
-                "TARS_MODELS_DIR": str(models_dir), "HF_HUB_OFFLINE": "1", "TARS_SETUP_SELFCHECK_TIMEOUT": "240"})
+                "TARS_MODELS_DIR": str(models_dir), "HF_HUB_OFFLINE": "1", "TARS_SETUP_SELFCHECK_TIMEOUT": "240",
+                "TARS_WHEEL_CACHE": str(models_dir.parent / "setup-test-wheels")})
     env.update(extra)
     return env
 
@@ -121,6 +122,7 @@ def test_pc1_setup_writes_env_file_launcher_and_passes_the_self_check(repo: Path
     assert "torch 2.13.0" in r.stdout and "llama-cpp-python" in r.stdout
     assert "TARS_SETUP_SKIP_INSTALL=1, not running: pip install -e" in r.stdout
     assert "gemma-3-270m" in r.stdout and "all-MiniLM-L6-v2" in r.stdout  # the plan was printed
+    assert re.search(r"^ pc1 ", r.stdout, re.M)  # ... for this host under the name it will have
 
     path = repo / "env" / ".env.pc1"
     values = env_file(path)
@@ -243,6 +245,7 @@ def test_pc2_setup_joins_pc1_and_the_token_is_accepted(repo: Path, pc1_node, pc2
     assert r.returncode == 0, r.all
     assert f"PC1 answers at {pc1_node['url']}/health" in r.stdout
     assert "PC1 accepted the cluster token on /rpc" in r.stdout
+    assert "plan of PC2 alone" in r.stdout and re.search(r"^ pc2 ", r.stdout, re.M)
     values = env_file(repo / "env" / ".env.pc2")
     assert values["TARS_PEERS"] == pc1_node["url"]
     assert values["TARS_CLUSTER_TOKEN"] == pc1_node["token"]
@@ -329,10 +332,17 @@ def test_cuda_builds_are_chosen_with_a_driver_and_the_toolkit(fresh_repo: Path, 
     assert r.returncode == 0, r.all
     assert "GPU 0: NVIDIA GeForce RTX 3060" in r.stdout and "release 12.4" in r.stdout
     assert "build: cuda" in r.stdout
-    # the installed torch and llama-cpp-python are CPU builds: the CUDA ones would replace them
+    # the installed torch and llama-cpp-python are CPU builds: the CUDA ones replace them. torch 2.13.0+cpu
+    # satisfies "torch==2.13.0", so it is uninstalled first; llama-cpp-python is built with CUDA outside
+    # pip's cache (which ignores CMAKE_ARGS) into a wheel cache of its own per build kind
+    assert "not running: pip uninstall -y torch\n" in r.stdout
     assert "not running: pip install torch==2.13.0\n" in r.stdout
-    assert ("not running: CMAKE_ARGS=-DGGML_CUDA=on FORCE_CMAKE=1 pip install --no-cache-dir --force-reinstall "
-            "--no-deps llama-cpp-python>=0.3.8") in r.stdout
+    assert re.search(r"not running: CMAKE_ARGS=-DGGML_CUDA=on FORCE_CMAKE=1 pip wheel --no-cache-dir --no-deps "
+                     r"--no-binary llama-cpp-python -w \S+/llama-cpp-python-cuda12\.4-py3\.\d+ llama-cpp-python>=0\.3\.8",
+                     r.stdout)
+    assert "not running: pip uninstall -y llama-cpp-python\n" in r.stdout
+    assert re.search(r"not running: pip install --no-cache-dir \S+/llama-cpp-python-cuda12\.4-py3\.\d+/"
+                     r"llama_cpp_python-\*\.whl", r.stdout)
     assert "TARS_SETUP_SELFCHECK=0: skipped" in r.stdout
 
 
@@ -354,7 +364,10 @@ def test_fresh_venv_is_created_and_the_cpu_install_commands_are_the_right_ones(f
     assert f"created virtual environment {venv}" in r.stdout
     assert ("not running: pip install torch==2.13.0 --extra-index-url https://download.pytorch.org/whl/cpu"
             in r.stdout)
-    assert "not running: CMAKE_ARGS=-DGGML_NATIVE=OFF pip install llama-cpp-python>=0.3.8" in r.stdout
+    assert re.search(r"not running: CMAKE_ARGS=-DGGML_NATIVE=OFF FORCE_CMAKE=1 pip wheel --no-cache-dir --no-deps "
+                     r"--no-binary llama-cpp-python -w \S+/llama-cpp-python-cpu-py3\.\d+ llama-cpp-python>=0\.3\.8",
+                     r.stdout)
+    assert "pip uninstall" not in r.stdout  # nothing was installed in the fresh venv
     assert f"not running: pip install -e {fresh_repo}" in r.stdout
     # with the installs skipped the new venv is empty, so the profiler cannot run: a clear stop
     assert r.returncode == 1 and "the hardware profiler failed" in r.stderr and "fix:" in r.stderr
