@@ -215,6 +215,25 @@ def test_hosts_models_and_live_figures_render(browser, cluster, traffic, tmp_pat
     page.close()
 
 
+def test_phone_width_dark_page_fits_and_loads_nothing_external(browser, cluster) -> None:  # noqa: ANN001
+    """On a 390-px phone in dark mode: no sideways scrolling of the page (wide tables scroll
+    in their own box), every request goes to the node, and the simulated peer says so."""
+    pc1, _ = cluster
+    requests: list[str] = []
+    page = browser.new_page(viewport={"width": 390, "height": 844}, color_scheme="dark")
+    page.on("request", lambda r: requests.append(r.url))
+    page.goto(pc1.url + "/")
+    page.wait_for_selector('#hosts .host[data-host="pc2"]', timeout=15000)
+    page.wait_for_timeout(2500)  # a refresh or two
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    assert _luminance(page.evaluate("getComputedStyle(document.body).backgroundColor")) < 0.2
+    # the text is light on the dark page: readable
+    assert _luminance(page.evaluate("getComputedStyle(document.querySelector('#models td')).color")) > 0.6
+    assert "simulated" in page.locator('#hosts .host[data-host="pc2"]').inner_text()
+    assert requests and all(u.startswith(pc1.url + "/") for u in requests), requests
+    page.close()
+
+
 def test_dark_mode_toggle_switches_and_persists(browser, cluster) -> None:  # noqa: ANN001
     pc1, _ = cluster
     errors: list[str] = []
@@ -284,6 +303,12 @@ def test_api_key_form_then_data_then_unreachable_banner(browser, tmp_path) -> No
         page.click("#key-form button[type=submit]")
         page.wait_for_selector('#hosts .host[data-host="keyed"]', timeout=10000)
         assert page.evaluate("localStorage.getItem('tars.apiKey')") == "s3cret-key"
+        # on a host without a GPU the plan says CPU, not "0" GPU layers and "0 MB" of VRAM
+        page.wait_for_selector("#plan tbody tr[data-model]")
+        status = httpx.get(f"{node.url}/status", headers={"Authorization": "Bearer s3cret-key"}, timeout=5).json()
+        if not status["profile"]["gpus"]:
+            assert all("CPU" in row.inner_text() and "0 MB" not in row.inner_text()
+                       for row in page.locator("#plan tbody tr[data-model]").all())
         assert page.is_hidden("#key-form") and page.is_hidden("#banner")
 
         node.stop()
