@@ -5,7 +5,7 @@ embedded models, then measures, alternating with the in-process baselines of
 ``benchmarks/inprocess.py`` in the same run so both see the same machine load:
 
 * chat — decode tokens/s and time to first token of a streamed
-  ``/v1/chat/completions`` (temperature 0) vs llama-cpp-python
+  ``/v1/chat/completions`` (temperature 0; read by a minimal socket client) vs llama-cpp-python
   ``create_chat_completion(stream=True)`` on the same GGUF, context and threads;
 * embeddings — ``--clients`` concurrent clients, one sentence per request, through
   ``/v1/embeddings`` vs one sentence-transformers ``encode`` over the same
@@ -58,8 +58,10 @@ def free_port(start: int = 18450, end: int = 18500) -> int:
     raise SystemExit(f"no free port in {start}-{end - 1} on {HOST}")
 
 
-def start_server(port: int, models_dir: Path, threads: int | None, context: int) -> tuple[subprocess.Popen, float]:
+def start_server(port: int, models_dir: Path, threads: int | None, context: int,
+                 extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, float]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TARS_")}
+    env.update(extra_env or {})
     env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TARS_CONTEXT": str(context)})
     if threads:
         env["TARS_THREADS"] = str(threads)
@@ -98,31 +100,62 @@ def rss_mb(pid: int) -> float:
 
 
 # --------------------------------------------------------------------------- chat
-def http_chat(client: httpx.Client, prompt: str, n_tokens: int) -> dict[str, float]:
+class RawStream:
+    """A keep-alive HTTP/1.1 connection that streams SSE with almost no client CPU
+    (httpx spends ~0.3 ms of CPU per event, which on 2 cores is taken from the server)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.sock = socket.create_connection((host, port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.rf = self.sock.makefile("rb")
+
+    def post_stream(self, path: str, body: bytes):  # yields the data payload of each SSE event
+        self.sock.sendall(b"POST %s HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\n"
+                          b"content-length: %d\r\n\r\n%s" % (path.encode(), len(body), body))
+        status = self.rf.readline()
+        if b" 200 " not in status:
+            raise SystemExit(f"chat request failed: {status!r}")
+        while self.rf.readline() not in (b"\r\n", b""):
+            pass  # headers (uvicorn streams with chunked transfer encoding)
+        while True:
+            size = int(self.rf.readline().strip(), 16)
+            if size == 0:
+                self.rf.readline()
+                return
+            data = self.rf.read(size)
+            self.rf.read(2)
+            for event in data.split(b"\n\n"):
+                if event.startswith(b"data: "):
+                    yield event[6:]
+
+    def close(self) -> None:
+        self.rf.close()
+        self.sock.close()
+
+
+def http_chat(client: RawStream, prompt: str, n_tokens: int) -> dict[str, float]:
     """Stream one chat completion; TTFT from sending the request to the first content delta."""
-    body = {"model": CHAT, "messages": [{"role": "user", "content": prompt}], "max_tokens": n_tokens,
-            "temperature": 0.0, "stream": True}
+    body = orjson.dumps({"model": CHAT, "messages": [{"role": "user", "content": prompt}], "max_tokens": n_tokens,
+                         "temperature": 0.0, "stream": True})
     t0 = time.perf_counter()
     first = None
     n = 0
-    with client.stream("POST", "/v1/chat/completions", json=body) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = orjson.loads(line[6:])
-            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                n += 1
-                if first is None:
-                    first = time.perf_counter()
+    for data in client.post_stream("/v1/chat/completions", body):
+        if data == b"[DONE]":
+            continue  # read on to the end of the chunked body (the connection is reused)
+        chunk = orjson.loads(data)
+        if chunk["choices"] and chunk["choices"][0].get("delta", {}).get("content"):
+            n += 1
+            if first is None:
+                first = time.perf_counter()
     end = time.perf_counter()
     assert first is not None, "no content streamed"
     return {"ttft_ms": (first - t0) * 1000, "tokens_per_s": (n - 1) / (end - first) if n > 1 else 0.0, "tokens": n}
 
 
-def bench_chat(base_url: str, gguf: Path, rounds: int, n_tokens: int, threads: int | None, context: int) -> dict:
+def bench_chat(port: int, gguf: Path, rounds: int, n_tokens: int, threads: int | None, context: int) -> dict:
     names = ["Tom", "Mia", "Leo", "Zoe", "Max", "Ivy", "Sam", "Ada", "Ben", "Eva"]
-    client = httpx.Client(base_url=base_url, timeout=600)
+    client = RawStream(HOST, port)
     llama_decode(gguf, 8, "Hello", threads=threads, n_ctx=context)  # load + warm the in-process model
     http_chat(client, "Hello", 8)  # warm the connection and the server's model
     base: list[dict[str, float]] = []
@@ -217,7 +250,8 @@ def bench_embed(port: int, n: int, clients: int, rounds: int) -> dict:
 def markdown(res: dict[str, Any]) -> str:
     threads = res["threads"] or "llama-cpp-python default"
     out = [f"Machine: {res['machine']}; llama.cpp threads: {threads} (both sides); context {res['context']}; "
-           f"load average before/after: {res['load_before']} / {res['load_after']}.", "",
+           f"load average before/after: {res['load_before']} / {res['load_after']}"
+           + (f"; node environment {res['server_env']}" if res.get("server_env") else "") + ".", "",
            "| measure | in process | through the node | ratio / delta | target |", "|---|---|---|---|---|"]
     c = res.get("chat")
     if c:
@@ -247,6 +281,8 @@ def main() -> None:
                     help="llama.cpp threads, both sides (0: TARS_THREADS, else llama-cpp-python's default)")
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--models-dir", type=Path, default=ROOT / ".test-cache" / "models")
+    ap.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra environment for the node only (e.g. OMP_NUM_THREADS=1); repeatable")
     ap.add_argument("--skip-chat", action="store_true")
     ap.add_argument("--skip-embed", action="store_true")
     args = ap.parse_args()
@@ -255,16 +291,17 @@ def main() -> None:
     gguf = embedded_gguf(args.models_dir)
     port = free_port()
     print(f"starting the node on {HOST}:{port} ...", flush=True)
-    proc, startup = start_server(port, args.models_dir, threads, args.context)
+    server_env = dict(kv.split("=", 1) for kv in args.server_env)
+    proc, startup = start_server(port, args.models_dir, threads, args.context, server_env)
     try:
         time.sleep(2.0)
         res: dict[str, Any] = {"start_to_health_s": startup, "idle_rss_mb": rss_mb(proc.pid),
-                               "load_before": round(os.getloadavg()[0], 2),
+                               "load_before": round(os.getloadavg()[0], 2), "server_env": server_env,
                                "threads": threads, "context": args.context,
                                "machine": f"{os.cpu_count()} CPUs, {os.uname().machine}, Python {sys.version.split()[0]}"}
         print(f"  start → /health 200: {startup:.1f} s; idle RSS {res['idle_rss_mb']:.0f} MiB", flush=True)
         if not args.skip_chat:
-            res["chat"] = bench_chat(f"http://{HOST}:{port}", gguf, args.rounds, args.tokens, threads, args.context)
+            res["chat"] = bench_chat(port, gguf, args.rounds, args.tokens, threads, args.context)
         if not args.skip_embed:
             res["embed"] = bench_embed(port, args.sentences, args.clients, args.embed_rounds)
         res["load_after"] = round(os.getloadavg()[0], 2)
