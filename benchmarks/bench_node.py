@@ -18,6 +18,7 @@ Run from the repository root::
 
     .venv/bin/python -m benchmarks.bench_node            # full run (several minutes)
     .venv/bin/python -m benchmarks.bench_node --rounds 3 --embed-rounds 1 --sentences 500   # quick
+    .venv/bin/python -m benchmarks.bench_node --overhead   # the node's own cost, fake backends
 """
 
 from __future__ import annotations
@@ -246,6 +247,60 @@ def bench_embed(port: int, n: int, clients: int, rounds: int) -> dict:
             "clients": clients, "rounds": rounds}
 
 
+# --------------------------------------------------------------------------- overhead
+async def _asgi_call(app: Any, path: str, body: bytes) -> list[dict[str, Any]]:
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if pending:
+            return pending.pop()
+        await asyncio.sleep(3600)  # never disconnects
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "root_path": "", "client": ("127.0.0.1", 1), "server": ("bench", 80),
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+    await app(scope, receive, send)
+    assert sent[0]["status"] == 200, sent
+    return sent
+
+
+async def _overhead() -> dict[str, float]:
+    """The node's own cost, without a model or sockets: the fake backends through the app."""
+    from distributed.api.app import create_app
+    from distributed.domain import HostProfile
+    from distributed.node import Node
+    from distributed.settings import load_settings
+
+    settings = load_settings(None, node_name="probe", backend_override="fake", context=8192)
+    node = Node(settings, HostProfile("probe", "cpu", 2, 16000, 16000), backend_extra={"reply_tokens": 4000})
+    app = create_app(settings, node)
+    async with app.router.lifespan_context(app):
+        for t in node.local_targets():
+            await t.wait_loaded(10)
+        chat = orjson.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4000, "stream": True})
+        await _asgi_call(app, "/v1/chat/completions", chat)
+        t0 = time.perf_counter()
+        await _asgi_call(app, "/v1/chat/completions", chat)
+        per_token = (time.perf_counter() - t0) / 4000
+        emb = orjson.dumps({"input": "a sentence of a few words", "encoding_format": "base64"})
+
+        async def client(n: int) -> None:
+            for _ in range(n):
+                await _asgi_call(app, "/v1/embeddings", emb)
+
+        await asyncio.gather(*(client(10) for _ in range(32)))
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(60) for _ in range(32)))
+        per_request = (time.perf_counter() - t0) / (32 * 60)
+    return {"us_per_streamed_token": per_token * 1e6, "us_per_embedding_request": per_request * 1e6}
+
+
 # --------------------------------------------------------------------------- main
 def markdown(res: dict[str, Any]) -> str:
     threads = res["threads"] or "llama-cpp-python default"
@@ -285,7 +340,13 @@ def main() -> None:
                     help="extra environment for the node only (e.g. OMP_NUM_THREADS=1); repeatable")
     ap.add_argument("--skip-chat", action="store_true")
     ap.add_argument("--skip-embed", action="store_true")
+    ap.add_argument("--overhead", action="store_true",
+                    help="only the node's own cost per streamed token and per embedding request, in process "
+                         "with the fake backends (no models, no sockets)")
     args = ap.parse_args()
+    if args.overhead:
+        print(json.dumps({k: round(v, 1) for k, v in asyncio.run(_overhead()).items()}))
+        return
 
     threads = args.threads or default_threads()
     gguf = embedded_gguf(args.models_dir)
