@@ -157,6 +157,31 @@ def _dashboard_page() -> Response:
     return FileResponse(index, media_type="text/html")
 
 
+def _document_request_models(app: FastAPI) -> None:
+    """Routes read their bodies themselves (one pydantic pass over the raw bytes), so FastAPI
+    does not know the request models; their nested models go into the OpenAPI components here
+    (the routes' ``openapi_extra`` refers to them)."""
+    from . import schemas
+
+    base = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            doc = base()
+            comps = doc.setdefault("components", {}).setdefault("schemas", {})
+            for model in (schemas.InferenceRequest, schemas.EmbedBody, schemas.ChatCompletionRequest,
+                          schemas.CompletionRequest, schemas.EmbeddingsRequest):
+                comps.update(model.model_json_schema(ref_template="#/components/schemas/{model}").get("$defs", {}))
+            for path in doc.get("paths", {}).values():
+                for op in path.values():
+                    body = op.get("requestBody", {}).get("content", {}).get("application/json", {})
+                    body.get("schema", {}).pop("$defs", None)
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def create_app(settings: Any, node: Any) -> Any:
     """The app of one node. The lifespan starts and stops ``node`` (and nothing else)."""
 
@@ -217,6 +242,7 @@ def create_app(settings: Any, node: Any) -> Any:
 
     app.mount("/dashboard/static", StaticFiles(directory=DASHBOARD_DIR, check_dir=False), name="dashboard")
 
+    _document_request_models(app)
     paths = [getattr(r, "path", "") for router in routers for r in router.routes]
     endpoints = {p for p in paths if p and "{" not in p} | {"/", "/dashboard", "/docs", "/openapi.json"}
     # The request path of the hot endpoints, dispatched straight from the edge (the FastAPI

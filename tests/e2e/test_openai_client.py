@@ -129,3 +129,17 @@ def test_errors_reach_the_client_as_openai_errors(client):
         client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
     with pytest.raises(openai.BadRequestError, match="context"):
         client.completions.create(model="gemma-3-270m", prompt="word " * 2000)
+
+
+@pytest.mark.parametrize("env, flag, expect", [
+    ({"TARS_PORT": "eighty"}, [], "TARS_PORT"),
+    ({"TARS_MODELS": "no-such-model"}, [], "no-such-model"),
+    ({}, ["--env-file", "/nonexistent/.env"], "does not exist"),
+])
+def test_bad_settings_stop_start_up_with_exit_code_2(env, flag, expect, tmp_path):
+    base = {k: v for k, v in os.environ.items() if not k.startswith("TARS_")}
+    base.update({"TARS_MODELS_DIR": str(tmp_path), "TARS_HOST": HOST, "TARS_PORT": "18499", **env})
+    r = subprocess.run([sys.executable, "-m", "distributed", "serve", *flag],
+                       cwd=ROOT, env=base, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert expect in r.stderr and "Traceback" not in r.stderr

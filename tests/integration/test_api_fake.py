@@ -485,3 +485,17 @@ async def test_client_disconnect_stops_a_non_streamed_generation(tmp_path):
         await _raw(c.app, "/inference", {"prompt": "go on", "max_tokens": 500}, None, disconnect_after_s=0.1)
         backend = await _wait_idle(node)
         assert backend.cancelled == 1 and backend.tokens_produced < 100
+
+
+async def test_openapi_document_is_complete(tmp_path):
+    import re
+
+    async with serve(tmp_path) as (c, node):
+        r = await c.get("/openapi.json")
+        assert r.status_code == 200
+        doc = r.json()
+        for path in ("/inference", "/embed", "/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
+            assert "requestBody" in doc["paths"][path]["post"], path
+        refs = set(re.findall(r"#/components/schemas/([A-Za-z0-9_]+)", r.text))
+        assert refs and refs <= set(doc["components"]["schemas"])
+        assert (await c.get("/docs")).status_code == 200
