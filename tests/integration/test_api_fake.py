@@ -364,11 +364,18 @@ async def test_body_over_the_limit_is_413(tmp_path):
 async def test_full_queue_is_429_with_retry_after(tmp_path):
     async with serve(tmp_path, queue_size=1, extra={"token_delay_s": 0.02, "reply_tokens": 15}) as (c, node):
         body = {"prompt": "slow one", "max_tokens": 15}
+        target = node.targets[CHAT]
         running = asyncio.create_task(c.post("/inference", json=body))
-        await asyncio.sleep(0.05)
+        for _ in range(1000):
+            if target.queue_depth == 1:
+                break
+            await asyncio.sleep(0.002)
         waiting = asyncio.create_task(c.post("/inference", json=body))
-        await asyncio.sleep(0.02)
-        assert node.targets[CHAT].queue_depth == 2
+        for _ in range(1000):
+            if target.queue_depth == 2:
+                break
+            await asyncio.sleep(0.002)
+        assert target.queue_depth == 2
         r = await c.post("/inference", json=body)
         err = _error(r, 429, "overloaded")
         assert int(r.headers["retry-after"]) >= 1 and err["details"]["retry_after"] >= 1

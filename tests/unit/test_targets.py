@@ -142,10 +142,12 @@ async def test_embed_returns_vectors_counts_and_records_metrics():
 async def test_queue_depth_counts_waiting_and_running():
     t = await _ready(CHAT, reply_tokens=30, token_delay_s=0.01)
     tasks = [asyncio.create_task(t.generate(GenerateRequest(prompt=f"p{i}", max_tokens=30))) for i in range(3)]
-    await asyncio.sleep(0.05)
+    for _ in range(500):
+        if t.queue_depth == 3:
+            break
+        await asyncio.sleep(0.002)
     assert t.queue_depth == 3 and t.info()["queue_depth"] == 3
     await asyncio.gather(*tasks)
-    await asyncio.sleep(0.02)
     assert t.queue_depth == 0
 
 
