@@ -29,7 +29,7 @@ from ..domain import Completion, TokenChunk
 from ..errors import TarsError
 from ..logs import get_logger
 from . import schemas as s
-from .streaming import ClientGone, EventStream, until_disconnect
+from .streaming import ClientGone, EventStream, first_item, until_disconnect
 
 log = get_logger(__name__)
 router = APIRouter()
@@ -96,13 +96,9 @@ async def inference(request: Request) -> Response:
     if req.stream:
         agen = node.stream(req)
         try:
-            first = await until_disconnect(request.receive, agen.__anext__())
+            first = await first_item(request.receive, agen)
         except ClientGone:
-            await agen.aclose()
             return Response(status_code=499)
-        except BaseException:
-            await agen.aclose()
-            raise
         label(request, first.model if isinstance(first, Completion) else node.resolve(req.model, "chat").model)
         return EventStream(_events(first, agen, node.name))
     try:

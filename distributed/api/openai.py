@@ -22,7 +22,7 @@ from ..errors import TarsError, ValidationFailed
 from ..logs import get_logger
 from . import schemas as s
 from .native import JSON, label
-from .streaming import ClientGone, EventStream, until_disconnect
+from .streaming import ClientGone, EventStream, first_item, until_disconnect
 
 log = get_logger(__name__)
 router = APIRouter(prefix="/v1")
@@ -66,13 +66,9 @@ async def _generate(request: Request, kind: Literal["chat", "completion"], req: 
     if req.stream:
         agen = node.stream(req)
         try:
-            first = await until_disconnect(request.receive, agen.__anext__())
+            first = await first_item(request.receive, agen)
         except ClientGone:
-            await agen.aclose()
             return Response(status_code=499)
-        except BaseException:
-            await agen.aclose()
-            raise
         model = first.model if isinstance(first, Completion) else node.resolve(req.model, "chat").model
         label(request, model)
         enc = s.ChunkEncoder(kind, model, rid, created)

@@ -57,6 +57,17 @@ async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
     raise ClientGone()
 
 
+async def first_item(receive: Receive, agen: Any) -> Any:
+    """The first item of a node stream (which is when a streamed answer may start), or
+    raise ClientGone if the client left first. On any failure the stream is closed, so its
+    generation stops and its queue slot is freed."""
+    try:
+        return await until_disconnect(receive, agen.__anext__())
+    except BaseException:
+        await agen.aclose()
+        raise
+
+
 class EventStream(Response):
     """``text/event-stream`` from an async iterator of ready-made event bytes."""
 

@@ -191,6 +191,18 @@ class RemoteTarget(Target):
         else:
             self._using.pop(key, None)
 
+    async def _on_standin(self, standin: Target, call: Awaitable[Any]) -> Any:
+        """Await a one-shot call (generate/embed) on the copy here, counted as in use so a
+        handoff does not unload it mid-request; a fallback answer is marked as one."""
+        fallback = not self.handoff
+        self._use(standin, 1)
+        try:
+            result = await call
+        finally:
+            self._use(standin, -1)
+        result.fallback = fallback
+        return result
+
     async def _watch(self, aw: Awaitable[Any], gone: asyncio.Future[Any] | None = None) -> Any:
         """Await ``aw`` unless the peer is declared dead first. A stream passes one
         ``gone`` waiter for all its tokens instead of making one per token."""
@@ -238,14 +250,7 @@ class RemoteTarget(Target):
                     if _reached(exc):
                         raise
                     standin = await self._failover(exc)
-            fallback = not self.handoff
-            self._use(standin, 1)
-            try:
-                completion = await standin.generate(req)
-            finally:
-                self._use(standin, -1)
-            completion.fallback = fallback
-            return completion
+            return await self._on_standin(standin, standin.generate(req))
         finally:
             self._active -= 1
 
@@ -319,14 +324,7 @@ class RemoteTarget(Target):
                     if _reached(exc) and self.peer.state not in DOWN:
                         raise
                     standin = await self._failover(exc)
-            fallback = not self.handoff
-            self._use(standin, 1)
-            try:
-                result = await standin.embed(req)
-            finally:
-                self._use(standin, -1)
-            result.fallback = fallback
-            return result
+            return await self._on_standin(standin, standin.embed(req))
         finally:
             self._active -= 1
 
