@@ -11,7 +11,6 @@ API key checks the key form. The light screenshot is kept as docs/dashboard.png.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.support import free_port
+
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,20 +30,6 @@ PORTS = range(18620, 18630)  # this file's share of 18600-18699
 TOKEN = "dashboard-test-token"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync"]
-
-
-def _free_port(host: str, taken: set[int]) -> int:
-    for port in PORTS:
-        if port in taken:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                continue
-        taken.add(port)
-        return port
-    pytest.skip(f"no free port in {PORTS.start}-{PORTS.stop - 1} on {host}")
 
 
 class NodeProc:
@@ -98,12 +85,12 @@ def browser():
 def cluster(tmp_path_factory, models_dir: Path, gemma_gguf: Path, minilm_dir: Path):  # noqa: ANN001, ANN201
     logs = tmp_path_factory.mktemp("dashboard-nodes")
     taken: set[int] = set()
-    pc1 = NodeProc("pc1", "127.0.0.2", _free_port("127.0.0.2", taken), logs, models_dir,
+    pc1 = NodeProc("pc1", "127.0.0.2", free_port("127.0.0.2", PORTS, taken), logs, models_dir,
                    TARS_GPU_PROFILE="rtx3060-12gb")
     pc2 = None
     try:
         pc1.wait(lambda: httpx.get(f"{pc1.url}/health", timeout=2).status_code == 200, 180)
-        pc2 = NodeProc("pc2", "127.0.0.3", _free_port("127.0.0.3", taken), logs, models_dir,
+        pc2 = NodeProc("pc2", "127.0.0.3", free_port("127.0.0.3", PORTS, taken), logs, models_dir,
                        TARS_GPU_PROFILE="gtx1660s-6gb", TARS_PEERS=pc1.url)
 
         def joined() -> bool:
@@ -284,7 +271,7 @@ def test_worker_dashboard_shows_its_embeddings_per_second(browser, cluster, traf
 
 
 def test_api_key_form_then_data_then_unreachable_banner(browser, tmp_path) -> None:  # noqa: ANN001
-    node = NodeProc("keyed", "127.0.0.2", _free_port("127.0.0.2", set()), tmp_path, tmp_path / "models",
+    node = NodeProc("keyed", "127.0.0.2", free_port("127.0.0.2", PORTS, set()), tmp_path, tmp_path / "models",
                     TARS_API_KEY="s3cret-key", TARS_BACKEND_OVERRIDE="fake")  # the page, not the models, is tested
     try:
         node.wait(lambda: httpx.get(f"{node.url}/health", timeout=2).status_code == 200)

@@ -17,7 +17,6 @@ import http.server
 import os
 import re
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -27,6 +26,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.support import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -38,20 +39,6 @@ _taken: set[int] = set()
 if sys.prefix == sys.base_prefix:
     pytest.skip("the setup-script tests reuse the virtual environment running them; run them from .venv",
                 allow_module_level=True)
-
-
-def _free_port(host: str = PC1_HOST) -> int:
-    for port in PORTS:
-        if port in _taken:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                continue
-        _taken.add(port)
-        return port
-    pytest.skip(f"no free port in {PORTS.start}-{PORTS.stop - 1}")
 
 
 def copy_repo(dest: Path) -> Path:
@@ -83,7 +70,7 @@ def fresh_repo(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def ports() -> dict[str, int]:
-    return {"pc1": _free_port(PC1_HOST), "pc2": _free_port(PC2_HOST)}
+    return {"pc1": free_port(PC1_HOST, PORTS, _taken), "pc2": free_port(PC2_HOST, PORTS, _taken)}
 
 
 def _env(models_dir: Path, **extra: str) -> dict[str, str]:
@@ -160,7 +147,7 @@ def test_pc1_second_run_changes_nothing_and_keeps_the_token(repo: Path, pc1_firs
 
 
 def test_pc1_port_held_by_another_program_is_a_clear_error(repo: Path, pc1_first, models_dir: Path) -> None:  # noqa: ANN001
-    port = _free_port(PC1_HOST)
+    port = free_port(PC1_HOST, PORTS, _taken)
 
     class Other(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802
@@ -278,7 +265,7 @@ def test_pc2_second_run_changes_nothing(repo: Path, pc1_node, pc2_first) -> None
 
 def test_pc2_unreachable_pc1_is_a_clear_error(repo: Path, pc2_first, ports, models_dir: Path) -> None:  # noqa: ANN001
     _, env = pc2_first
-    closed = _free_port(PC1_HOST)
+    closed = free_port(PC1_HOST, PORTS, _taken)
     r = run(repo, "setup_pc2.sh", f"{PC1_HOST}:{closed}", "--token", "whatever", env=env)
     assert r.returncode == 1
     assert f"PC1 is unreachable at http://{PC1_HOST}:{closed}" in r.stderr

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -21,23 +20,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.support import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.2"
 PORTS = range(18610, 18620)  # this file's share of 18600-18699
 API_KEY = "ops-test-key"
-
-
-def _free_port(exclude: set[int] = frozenset()) -> int:
-    for port in PORTS:
-        if port in exclude:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind((HOST, port))
-            except OSError:
-                continue
-            return port
-    pytest.skip(f"no free port in {PORTS.start}-{PORTS.stop - 1} on {HOST}")
 
 
 def _wait_healthy(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
@@ -74,7 +62,7 @@ def node_url(models_dir: Path):
     from distributed.node import Node
     from distributed.settings import load_settings
 
-    port = _free_port()
+    port = free_port(HOST, PORTS)
     settings = load_settings(None, host=HOST, port=port, node_name="opsnode", backend_override="fake",
                              gpu_profile="rtx3060-12gb", models_dir=models_dir, api_key=API_KEY)
     app = create_app(settings, Node(settings))
@@ -151,7 +139,7 @@ def test_status_without_the_api_key_says_how_to_pass_it(node_url: str) -> None:
 
 
 def test_status_of_an_unreachable_node_is_a_clear_error(node_url: str) -> None:
-    port = _free_port(exclude={int(node_url.rsplit(":", 1)[1])})
+    port = free_port(HOST, PORTS, {int(node_url.rsplit(":", 1)[1])})
     r = tars("status", f"http://{HOST}:{port}")
     assert r.returncode == 2
     assert f"cannot reach the node at http://{HOST}:{port}" in r.stderr
@@ -217,7 +205,7 @@ def test_bench_unknown_model_lists_the_models(node_url: str) -> None:
 
 
 def test_bench_unreachable_node_is_a_clear_error(node_url: str) -> None:
-    port = _free_port(exclude={int(node_url.rsplit(":", 1)[1])})
+    port = free_port(HOST, PORTS, {int(node_url.rsplit(":", 1)[1])})
     r = tars("bench", f"http://{HOST}:{port}")
     assert r.returncode == 2 and "cannot reach the node" in r.stderr and "Traceback" not in r.stderr
 
@@ -226,7 +214,7 @@ def test_bench_unreachable_node_is_a_clear_error(node_url: str) -> None:
 @pytest.mark.slow
 def test_status_and_bench_against_a_node_with_the_real_models(models_dir: Path, gemma_gguf: Path,
                                                               minilm_dir: Path, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port(HOST, PORTS)
     env = {k: v for k, v in os.environ.items() if not k.startswith("TARS_")}
     env.update({"TARS_HOST": HOST, "TARS_PORT": str(port), "TARS_NODE_NAME": "realops",
                 "TARS_MODELS_DIR": str(models_dir), "TARS_GPU_PROFILE": "cpu", "HF_HUB_OFFLINE": "1"})
