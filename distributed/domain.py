@@ -121,6 +121,14 @@ class Assignment(_Data):
     reason: str
     backend: str = ""
     ram_mb: int = 0  # estimated host RAM when (partly) on CPU
+    # a model split across hosts (pooled VRAM): one share per GPU, the engine's host first —
+    # [{"node", "device", "layers", "vram_mb"}]; None = the model runs on ``node`` alone
+    split: list[dict[str, Any]] | None = None
+
+    @property
+    def split_nodes(self) -> list[str]:
+        """Hosts other than ``node`` that this model needs (its RPC workers)."""
+        return [s["node"] for s in self.split or [] if s["node"] != self.node]
 
 
 @dataclass
@@ -162,6 +170,30 @@ class GenerateRequest(_Data):
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     stream: bool = False
+    # The OpenAI chat surface (api/schemas.py validates; an engine honours each or refuses
+    # it by name with ValidationFailed). All plain JSON, so they cross hosts unchanged.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # {"type": "text" | "json_object"} or {"type": "json_schema", "json_schema": {"name", "schema", "strict"?}}
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None  # OpenAI function tools: [{"type": "function", "function": {..}}]
+    tool_choice: str | dict[str, Any] | None = None  # "none" | "auto" | "required" | {"type": "function", ..}
+    logprobs: bool = False
+    top_logprobs: int = 0  # alternatives per token (0-20) when logprobs
+    n: int = 1  # choices; the API fans n > 1 out into n requests of n=1
+
+    # The fields above are left out of to_rpc() while at their defaults, so a request
+    # without them still reaches a peer of the previous version.
+    _SURFACE = ("presence_penalty", "frequency_penalty", "response_format", "tools", "tool_choice",
+                "logprobs", "top_logprobs", "n")
+
+    def to_rpc(self) -> dict[str, Any]:
+        d = self.to_dict()
+        defaults = GenerateRequest()
+        for name in self._SURFACE:
+            if d.get(name) == getattr(defaults, name):
+                d.pop(name, None)
+        return d
 
 
 @dataclass
@@ -186,12 +218,16 @@ class Completion(_Data):
     model: str
     node: str
     text: str
-    finish_reason: str  # "stop" | "length" | "cancelled"
+    finish_reason: str  # "stop" | "length" | "tool_calls" | "cancelled"
     usage: Usage = field(default_factory=Usage)
     timings: Timings = field(default_factory=Timings)
     via: str | None = None
     fallback: bool = False
     notes: list[str] = field(default_factory=list)  # e.g. "max_tokens clamped to 1800"
+    # finish_reason "tool_calls": [{"id", "type": "function", "function": {"name", "arguments": "<json>"}}]
+    tool_calls: list[dict[str, Any]] | None = None
+    # OpenAI chat "content" logprobs: [{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}]
+    logprobs: list[dict[str, Any]] | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Completion":
@@ -207,6 +243,9 @@ class TokenChunk(_Data):
 
     text: str
     finish_reason: str | None = None
+    logprobs: list[dict[str, Any]] | None = None  # entries for the tokens of this piece (Completion.logprobs shape)
+    tool_calls: list[dict[str, Any]] | None = None  # set on the piece that completes the tool calls (text "")
+    tokens: int | None = None  # tokens this piece stands for when not one text piece (a tool-call piece)
 
 
 @dataclass

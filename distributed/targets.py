@@ -73,11 +73,21 @@ class Target(ABC):
     async def generate(self, req: GenerateRequest) -> Completion:
         """The whole answer at once (default: drain ``stream``)."""
         pieces: list[str] = []
+        logprobs: list[dict[str, Any]] = []
+        tool_calls: list[dict[str, Any]] | None = None
         async for item in self.stream(req):
             if isinstance(item, Completion):
                 item.text = "".join(pieces)
+                if logprobs and item.logprobs is None:
+                    item.logprobs = logprobs
+                if tool_calls and item.tool_calls is None:
+                    item.tool_calls = tool_calls
                 return item
             pieces.append(item.text)
+            if item.logprobs:
+                logprobs.extend(item.logprobs)
+            if item.tool_calls:
+                tool_calls = item.tool_calls
         raise TarsError(f"model '{self.model}' ended its stream without a result")
 
     @abstractmethod
@@ -220,6 +230,7 @@ class LocalTarget(Target):
                                    field="model")
         if not req.messages and not (req.prompt or "").strip():
             raise ValidationFailed("the prompt is empty; send a non-empty 'prompt' or 'messages'", field="prompt")
+        backend.check_request(req)  # a parameter this engine cannot honour → 400 naming it
         n = backend.prompt_tokens(req)
         ctx = backend.context_length
         if n >= ctx:
@@ -242,11 +253,16 @@ class LocalTarget(Target):
         n = 0
         first: float | None = None
         finish = "stop"
+        tool_calls = None
         try:
             async for chunk in self.queue.stream(req):
                 if chunk.finish_reason:
                     finish = chunk.finish_reason
-                if chunk.text:
+                if chunk.tool_calls:  # the hidden text of the call(s) counts as generated tokens
+                    tool_calls = chunk.tool_calls
+                    n += chunk.tokens or 0
+                    yield chunk
+                elif chunk.text:
                     if first is None:
                         first = time.perf_counter()
                     n += 1
@@ -268,7 +284,7 @@ class LocalTarget(Target):
                          usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=n),
                          timings=Timings(ttft_ms=round((ttft or 0.0) * 1000, 3), total_ms=round((end - t0) * 1000, 3),
                                          tokens_per_s=round(tps, 3)),
-                         notes=notes)
+                         notes=notes, tool_calls=tool_calls)
 
     # ----------------------------------------------------------------- embeddings
     def _encode(self, texts: list[str], normalize: bool) -> tuple[Any, list[int] | None]:

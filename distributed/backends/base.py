@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..domain import Assignment, GenerateRequest, ModelKind, ModelSpec, TokenChunk
-from ..errors import ConfigError
+from ..errors import ConfigError, ValidationFailed
 
 
 @dataclass
@@ -67,8 +67,50 @@ class Backend(ABC):
         return {"vram_mb": 0.0, "ram_mb": 0.0}
 
 
+# The optional parts of the OpenAI chat surface, by the request fields that ask for them.
+FEATURE_FIELDS: dict[str, tuple[str, ...]] = {
+    "penalties": ("presence_penalty", "frequency_penalty"),
+    "response_format": ("response_format",),
+    "tools": ("tools", "tool_choice"),
+    "logprobs": ("logprobs", "top_logprobs"),
+}
+
+
+def requested_features(req: GenerateRequest) -> dict[str, str]:
+    """{feature: the first field that asks for it} for the features ``req`` uses."""
+    used: dict[str, str] = {}
+    if req.presence_penalty:
+        used["penalties"] = "presence_penalty"
+    elif req.frequency_penalty:
+        used["penalties"] = "frequency_penalty"
+    if req.response_format and req.response_format.get("type", "text") != "text":
+        used["response_format"] = "response_format"
+    if req.tools:
+        used["tools"] = "tools"
+    elif req.tool_choice not in (None, "none", "auto"):
+        used["tools"] = "tool_choice"
+    if req.logprobs:
+        used["logprobs"] = "logprobs"
+    elif req.top_logprobs:
+        used["logprobs"] = "top_logprobs"
+    return used
+
+
 class ChatBackend(Backend):
     kind = "chat"
+    # Which of FEATURE_FIELDS this backend honours; check_request refuses the rest by name.
+    features: ClassVar[frozenset[str]] = frozenset()
+
+    def check_request(self, req: GenerateRequest) -> None:
+        """Raise ValidationFailed (400) naming the first field this backend cannot honour.
+        Runs before the request is queued; a backend adds its own checks (a bad schema)."""
+        for feature, field_name in requested_features(req).items():
+            if feature not in self.features:
+                raise ValidationFailed(
+                    f"'{field_name}' is not supported by the {self.name} engine that serves model "
+                    f"'{self.spec.id}'; leave it out", field=field_name, engine=self.name)
+        if req.n != 1:
+            raise ValidationFailed("only n=1 reaches an engine (the API serves n > 1 as n requests)", field="n")
 
     @property
     @abstractmethod

@@ -232,7 +232,7 @@ class RemoteTarget(Target):
     # ------------------------------------------------------------ chat
     @staticmethod
     def _params(req: GenerateRequest) -> dict[str, Any]:
-        d = req.to_dict()
+        d = req.to_rpc()
         d.pop("stream", None)
         return d
 
@@ -280,7 +280,8 @@ class RemoteTarget(Target):
                             yield Completion.from_dict(msg["result"])
                             return
                         started = True
-                        yield TokenChunk(text=msg.get("text", ""), finish_reason=msg.get("finish_reason"))
+                        yield TokenChunk(text=msg.get("text", ""), finish_reason=msg.get("finish_reason"),
+                                         logprobs=msg.get("logprobs"), tool_calls=msg.get("tool_calls"))
                 finally:
                     gone.cancel()
                     try:

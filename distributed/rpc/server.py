@@ -123,6 +123,15 @@ GENERATE_PARAMS: dict[str, Param] = {
     "top_p": Param(F, default=0.95),
     "stop": Param(L, default=list, items=str),
     "seed": Param(I + N),
+    # the OpenAI chat surface (domain.GenerateRequest; sent only when not at their defaults)
+    "presence_penalty": Param(F, default=0.0),
+    "frequency_penalty": Param(F, default=0.0),
+    "response_format": Param(D + N),
+    "tools": Param(L + N, items=dict),
+    "tool_choice": Param(S + D + N),
+    "logprobs": Param(B, default=False),
+    "top_logprobs": Param(I, default=0),
+    "n": Param(I, default=1),
 }
 EMBED_PARAMS: dict[str, Param] = {
     "input": Param(L, required=True, items=str),
@@ -361,6 +370,10 @@ class RpcServer:
                 params: dict[str, Any] = {"id": rid, "text": item.text}
                 if item.finish_reason:
                     params["finish_reason"] = item.finish_reason
+                if item.logprobs:
+                    params["logprobs"] = item.logprobs
+                if item.tool_calls:
+                    params["tool_calls"] = item.tool_calls
                 yield p.dumps_line({"jsonrpc": p.JSONRPC, "method": p.TOKEN_METHOD, "params": params})
                 try:
                     item = await agen.__anext__()
