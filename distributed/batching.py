@@ -16,6 +16,10 @@ for a lone request); while it is busy, requests coalesce for the next batch,
 which waits at most ``max_wait_ms`` (counted from its oldest request) to fill —
 as does a batch that starts right after another one ended (a burst: the clients
 just answered are about to send again).
+
+``SlotQueue`` — admission in front of an engine that runs ``slots`` generations at
+once itself (llama-server ``-np``): up to ``slots`` requests hold a slot, the rest wait
+in a bounded FIFO (``max_waiting``, → ``Overloaded`` with ``retry_after``), no thread.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import math
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -189,6 +194,95 @@ class GenerationQueue:
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
+
+
+class SlotQueue:
+    """Up to ``slots`` requests at once; up to ``max_waiting`` more wait in FIFO order.
+
+    ``async with queue.slot():`` holds a slot for the block. Waiting longer than
+    ``timeout_s`` → ``RequestTimeout``; a full queue → ``Overloaded`` (``retry_after`` from
+    the recent time a slot was held, times the queue ahead over the slots). ``on_change``
+    (busy, waiting) is called whenever either changes (metrics gauges).
+    """
+
+    def __init__(self, slots: int, *, max_waiting: int, timeout_s: float, name: str = "model",
+                 on_change: Callable[[int, int], None] | None = None) -> None:
+        self.slots = max(1, int(slots))
+        self.max_waiting = max_waiting
+        self.timeout_s = timeout_s
+        self.name = name
+        self.on_change = on_change
+        self.busy = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._held = _Ewma(2.0)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting plus those holding a slot."""
+        return self.busy + len(self._waiters)
+
+    def retry_after(self) -> float:
+        ahead = len(self._waiters) + 1
+        return float(min(120, max(1, math.ceil(self._held.value * ahead / self.slots))))
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change(self.busy, len(self._waiters))
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        await self.acquire()
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            self._held.add(time.monotonic() - t0)
+            self.release()
+
+    async def acquire(self) -> None:
+        if self.busy < self.slots and not self._waiters:
+            self.busy += 1
+            self._changed()
+            return
+        if len(self._waiters) >= self.max_waiting:
+            raise Overloaded(f"model '{self.name}' has all {self.slots} slots busy and {len(self._waiters)} "
+                             f"requests waiting (queue size {self.max_waiting}); retry later",
+                             retry_after=self.retry_after(), model=self.name, queue_size=self.max_waiting,
+                             slots=self.slots)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        self._changed()
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), self.timeout_s)
+        except BaseException as exc:
+            if fut.done() and not fut.cancelled():
+                self.release()  # handed a slot just as we gave up: pass it on
+            else:
+                fut.cancel()
+                try:
+                    self._waiters.remove(fut)
+                except ValueError:
+                    pass
+                self._changed()
+            if isinstance(exc, asyncio.TimeoutError):
+                raise RequestTimeout(f"request waited {self.timeout_s:g} s for a slot of model '{self.name}' "
+                                     "and timed out", timeout_s=self.timeout_s) from None
+            raise
+
+    def release(self) -> None:
+        """Free a slot: hand it straight to the oldest waiter (busy stays), else busy - 1."""
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                self._changed()
+                return
+        self.busy = max(0, self.busy - 1)
+        self._changed()
 
 @dataclass
 class _Item:
