@@ -19,8 +19,18 @@ fi
 step "PyTorch (CPU build)"
 .venv/bin/pip install -q "torch==2.13.0"
 
-step "llama-cpp-python (compiles once, ~4 min; later runs reuse pip's wheel cache)"
-CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" .venv/bin/pip install -q "llama-cpp-python>=0.3.8"
+step "llama-cpp-python (CPU build: compiled once, ~4 min, into ~/.cache/tars/wheels)"
+# Built exactly as the setup scripts build it (scripts/lib/setup_common.sh ensure_llama):
+# pip wheel --no-cache-dir --no-binary with -DGGML_NATIVE=OFF into a wheel folder per build
+# kind (TARS_WHEEL_CACHE), never through pip's wheel cache, which ignores CMAKE_ARGS. A CPU
+# build already installed is kept, and so is a working CUDA one where nvidia-smi sees a GPU.
+(
+  export TARS_VENV="$PWD/.venv"
+  source scripts/lib/setup_common.sh
+  BUILD=cpu
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then HAVE_GPU=1; fi
+  ensure_llama
+)
 
 step "tars-distributed with its test extras"
 .venv/bin/pip install -q -e ".[test]"

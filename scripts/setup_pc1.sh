@@ -54,7 +54,6 @@ profile_and_plan pc1
 
 # ----------------------------------------------------------------------------- 8. env file
 step "Settings file $ENV_FILE"
-mkdir -p "$ROOT/env"
 TOKEN=$(env_get "$ROOT/$ENV_FILE" TARS_CLUSTER_TOKEN)
 if [ -n "$TOKEN" ]; then
   unchanged "$ENV_FILE exists; its cluster token is kept (delete the file to start over)"
@@ -62,33 +61,13 @@ else
   [ -f "$ROOT/$ENV_FILE" ] && die "$ENV_FILE exists but has no TARS_CLUSTER_TOKEN" \
     "add a line TARS_CLUSTER_TOKEN=<token> or delete $ENV_FILE and re-run to generate one"
   TOKEN=$("$VPY" "$PROBE" token)
-  host=${TARS_HOST:-0.0.0.0}
-  port=${TARS_PORT:-8000}
-  if [ -n "${TARS_ADVERTISE_URL:-}" ]; then advertise=$TARS_ADVERTISE_URL
-  elif [ "$host" = 0.0.0.0 ]; then advertise="http://$("$VPY" "$PROBE" lan-ip):$port"
-  else advertise="http://$host:$port"; fi
-  (umask 077 && cat >"$ROOT/$ENV_FILE" <<EOF
-# TARS Distributed — PC1, the server. Written by scripts/setup_pc1.sh on $(date '+%Y-%m-%d %H:%M').
-# Every setting is listed in README.md ("Settings"); TARS_* environment variables override this file.
-TARS_NODE_NAME=${TARS_NODE_NAME:-pc1}
-TARS_ROLE=server
-# 0.0.0.0 listens on the LAN so PC2 can join; 127.0.0.1 keeps the node to this machine.
-TARS_HOST=$host
-TARS_PORT=$port
-# The address PC2 uses to reach this node.
-TARS_ADVERTISE_URL=$advertise
-# Shared secret of the /rpc channel: PC2 needs the same value (setup_pc2.sh --token ...).
-TARS_CLUSTER_TOKEN=$TOKEN
-# Set to require 'Authorization: Bearer <key>' on every endpoint but /health.
-TARS_API_KEY=
-# Comma-separated model ids to serve; empty = the embedded defaults (tars models list).
-TARS_MODELS=
-EOF
-  )
+  write_env_file pc1 server 8000 "" \
+    "0.0.0.0 listens on the LAN so PC2 can join; 127.0.0.1 keeps the node to this machine." PC2 \
+    "Shared secret of the /rpc channel: PC2 needs the same value (setup_pc2.sh --token ...)." \
+    "# Comma-separated model ids to serve; empty = the embedded defaults (tars models list)." "TARS_MODELS="
   changed "wrote $ENV_FILE with a new cluster token"
 fi
-HOST=${TARS_HOST:-$(env_get "$ROOT/$ENV_FILE" TARS_HOST)}; HOST=${HOST:-127.0.0.1}
-PORT=${TARS_PORT:-$(env_get "$ROOT/$ENV_FILE" TARS_PORT)}; PORT=${PORT:-8000}
+node_address 8000
 ADVERTISE=${TARS_ADVERTISE_URL:-$(env_get "$ROOT/$ENV_FILE" TARS_ADVERTISE_URL)}
 PC1_ADDR=${ADVERTISE#http://}; PC1_ADDR=${PC1_ADDR#https://}; PC1_ADDR=${PC1_ADDR%/}
 [ "${PC1_ADDR##*:}" = 8000 ] && PC1_ADDR=${PC1_ADDR%:8000}

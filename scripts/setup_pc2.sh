@@ -83,59 +83,22 @@ fi
 [[ "$TOKEN" =~ ^[A-Za-z0-9._~+/=-]+$ ]] || die "the cluster token contains spaces or quotes" \
   "copy it exactly as printed by setup_pc1.sh (letters, digits, - and _)"
 
-mkdir -p "$ROOT/env"
 if [ -f "$ROOT/$ENV_FILE" ]; then
   if [ "$EXISTING_PEERS" = "$PC1_URL" ] && [ "$(env_get "$ROOT/$ENV_FILE" TARS_CLUSTER_TOKEN)" = "$TOKEN" ]; then
     unchanged "$ENV_FILE already joins $PC1_URL with this token"
   else
     # Only the two lines this script owns change; the rest of the file is the user's.
-    "$VPY" - "$ROOT/$ENV_FILE" "$PC1_URL" "$TOKEN" <<'PY'
-import pathlib, sys
-path, peers, token = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-want = {"TARS_PEERS": peers, "TARS_CLUSTER_TOKEN": token}
-lines = path.read_text().splitlines()
-out, seen = [], set()
-for line in lines:
-    key = line.split("=", 1)[0]
-    if key in want:
-        if key in seen:
-            continue
-        line, _ = f"{key}={want[key]}", seen.add(key)
-    out.append(line)
-out += [f"{k}={v}" for k, v in want.items() if k not in seen]
-path.write_text("\n".join(out) + "\n")
-PY
+    "$VPY" "$PROBE" env-set "$ROOT/$ENV_FILE" "TARS_PEERS=$PC1_URL" "TARS_CLUSTER_TOKEN=$TOKEN"
     changed "updated TARS_PEERS / TARS_CLUSTER_TOKEN in $ENV_FILE"
   fi
 else
-  host=${TARS_HOST:-0.0.0.0}
-  port=${TARS_PORT:-8001}
   pc1_host=${PC1_URL#*://}; pc1_host=${pc1_host%:*}
-  if [ -n "${TARS_ADVERTISE_URL:-}" ]; then advertise=$TARS_ADVERTISE_URL
-  elif [ "$host" = 0.0.0.0 ]; then advertise="http://$("$VPY" "$PROBE" lan-ip "$pc1_host"):$port"
-  else advertise="http://$host:$port"; fi
-  (umask 077 && cat >"$ROOT/$ENV_FILE" <<EOF
-# TARS Distributed — PC2, the worker. Written by scripts/setup_pc2.sh on $(date '+%Y-%m-%d %H:%M').
-# Every setting is listed in README.md ("Settings"); TARS_* environment variables override this file.
-TARS_NODE_NAME=${TARS_NODE_NAME:-pc2}
-TARS_ROLE=worker
-# 0.0.0.0 listens on the LAN so PC1 can forward requests here.
-TARS_HOST=$host
-TARS_PORT=$port
-# The address PC1 uses to reach this node.
-TARS_ADVERTISE_URL=$advertise
-# PC1, the node this one joins (comma-separated base URLs).
-TARS_PEERS=$PC1_URL
-# Shared secret of the /rpc channel: the value from PC1's env/.env.pc1.
-TARS_CLUSTER_TOKEN=$TOKEN
-# Set to require 'Authorization: Bearer <key>' on every endpoint but /health.
-TARS_API_KEY=
-EOF
-  )
+  write_env_file pc2 worker 8001 "$pc1_host" "0.0.0.0 listens on the LAN so PC1 can forward requests here." PC1 \
+    "Shared secret of the /rpc channel: the value from PC1's env/.env.pc1." \
+    "# PC1, the node this one joins (comma-separated base URLs)." "TARS_PEERS=$PC1_URL"
   changed "wrote $ENV_FILE (joins $PC1_URL)"
 fi
-HOST=${TARS_HOST:-$(env_get "$ROOT/$ENV_FILE" TARS_HOST)}; HOST=${HOST:-127.0.0.1}
-PORT=${TARS_PORT:-$(env_get "$ROOT/$ENV_FILE" TARS_PORT)}; PORT=${PORT:-8001}
+node_address 8001
 
 write_launcher pc2 "$ENV_FILE"
 

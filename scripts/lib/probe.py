@@ -1,26 +1,38 @@
-"""Small network probes for the setup scripts (standard library only).
+"""The Python side of the setup scripts (standard library only).
 
 The setup scripts run before anything is installed, on machines that may lack
-curl, so every check that touches the network goes through this file and the
-Python the script already validated. Each sub-command prints one line a shell
-can parse and exits 0 on success, 3 when the other end cannot be reached.
+curl, so every check that touches the network, a wheel, an installed package or an
+env file goes through this file and the Python the script already validated (the
+venv's, for the checks of what is installed there). Each sub-command prints one line
+a shell can parse; network probes exit 3 when the other end cannot be reached.
 
     probe.py port-free HOST PORT        -> "free" | "in-use <reason>"   (exit 0 | 1)
     probe.py get URL                    -> "<status> <body>"            (exit 0 | 3)
     probe.py rpc URL TOKEN METHOD       -> "<status> <body>"            (exit 0 | 3)
     probe.py lan-ip [TARGET_HOST]       -> the local address used to reach TARGET
     probe.py token                      -> a new URL-safe cluster token
+    probe.py llama-build                -> "<version> cuda|cpu|broken", nothing when not installed
+    probe.py wheel-kind WHEEL           -> "cuda" when the wheel ships libggml-cuda, else "cpu"
+    probe.py project-installed ROOT     -> exit 0 when tars-distributed is installed from ROOT
+                                           (editable) with every dependency, else 1
+    probe.py env-set FILE KEY=VALUE...  -> sets those keys in an env file (the first line of
+                                           each, later duplicates dropped, missing keys appended);
+                                           every other line is kept as it is
 """
 
 from __future__ import annotations
 
 import errno
+import importlib.metadata as md
 import json
+import re
 import secrets
 import socket
 import sys
 import urllib.error
 import urllib.request
+import zipfile
+from pathlib import Path
 
 TIMEOUT_S = 5.0
 
@@ -77,6 +89,59 @@ def lan_ip(target: str = "192.0.2.1") -> int:
     return 0
 
 
+def llama_build() -> int:
+    try:
+        version = md.version("llama-cpp-python")
+    except md.PackageNotFoundError:
+        return 0
+    try:
+        import llama_cpp
+
+        print(version, "cuda" if llama_cpp.llama_supports_gpu_offload() else "cpu")
+    except Exception:  # noqa: BLE001 - installed, but its native library does not load (e.g. CUDA libraries gone)
+        print(version, "broken")
+    return 0
+
+
+def wheel_kind(wheel: str) -> int:
+    """Every build ships the header include/ggml-cuda.h: only the library counts."""
+    names = zipfile.ZipFile(wheel).namelist()
+    cuda = any(re.search(r"(^|/)(lib)?ggml-cuda\.(so|dll|dylib)", n) for n in names)
+    print("cuda" if cuda else "cpu")
+    return 0
+
+
+def project_installed(root: str) -> int:
+    try:
+        dist = md.distribution("tars-distributed")
+        url = json.loads(dist.read_text("direct_url.json") or "{}").get("url", "")
+        if url.rstrip("/") != Path(root).resolve().as_uri():
+            return 1  # installed from another checkout
+        for req in dist.requires or []:
+            if "extra ==" not in req:
+                md.version(re.split(r"[ ;<>=!~\[(]", req, maxsplit=1)[0])
+    except md.PackageNotFoundError:
+        return 1
+    return 0
+
+
+def env_set(path: str, pairs: list[str]) -> int:
+    want = dict(pair.split("=", 1) for pair in pairs)
+    file = Path(path)
+    out, seen = [], set()
+    for line in file.read_text().splitlines():
+        key = line.split("=", 1)[0]
+        if key in want:
+            if key in seen:
+                continue
+            line = f"{key}={want[key]}"
+            seen.add(key)
+        out.append(line)
+    out += [f"{k}={v}" for k, v in want.items() if k not in seen]
+    file.write_text("\n".join(out) + "\n")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     if not argv:
         print(__doc__)
@@ -93,6 +158,14 @@ def main(argv: list[str]) -> int:
     if cmd == "token":
         print(secrets.token_urlsafe(32))
         return 0
+    if cmd == "llama-build" and not args:
+        return llama_build()
+    if cmd == "wheel-kind" and len(args) == 1:
+        return wheel_kind(args[0])
+    if cmd == "project-installed" and len(args) == 1:
+        return project_installed(args[0])
+    if cmd == "env-set" and len(args) >= 2 and all("=" in a for a in args[1:]):
+        return env_set(args[0], args[1:])
     print(f"unknown probe: {' '.join(argv)}", file=sys.stderr)
     return 2
 

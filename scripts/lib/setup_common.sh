@@ -203,20 +203,7 @@ LLAMA_WHEELS=${TARS_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tars/wheels}
 HAVE_GPU=0
 
 # "<version> cuda|cpu|broken", or nothing when llama-cpp-python is not installed.
-llama_probe() {
-  "$VPY" - <<'PY' 2>/dev/null || true
-import importlib.metadata as md
-try:
-    version = md.version("llama-cpp-python")
-except md.PackageNotFoundError:
-    raise SystemExit(0)
-try:
-    import llama_cpp
-    print(version, "cuda" if llama_cpp.llama_supports_gpu_offload() else "cpu")
-except Exception:  # installed, but its native library does not load (e.g. CUDA libraries gone)
-    print(version, "broken")
-PY
-}
+llama_probe() { "$VPY" "$PROBE" llama-build 2>/dev/null || true; }
 
 # The cache folder of this build: llama-cpp-python-cpu-py3.11, llama-cpp-python-cuda12.4-py3.11.
 llama_wheel_dir() {
@@ -231,19 +218,17 @@ llama_wheel_dir() {
   printf '%s/llama-cpp-python-%s-py%s' "$LLAMA_WHEELS" "$kind" "$pyv"
 }
 
-# wheel_kind WHEEL: cuda when it ships the CUDA library (libggml-cuda.so), else cpu. Every
-# build ships the header include/ggml-cuda.h: only the library counts.
-wheel_kind() {
-  "$VPY" - "$1" <<'PY'
-import re, sys, zipfile
-names = zipfile.ZipFile(sys.argv[1]).namelist()
-cuda = any(re.search(r"(^|/)(lib)?ggml-cuda\.(so|dll|dylib)", n) for n in names)
-print("cuda" if cuda else "cpu")
-PY
-}
+# wheel_kind WHEEL: cuda when it ships the CUDA library (libggml-cuda.so), else cpu.
+wheel_kind() { "$VPY" "$PROBE" wheel-kind "$1"; }
 
 install_llama() {
   step "llama-cpp-python ($BUILD build)"
+  ensure_llama
+}
+
+# ensure_llama: the work of install_llama without the step header (scripts/dev_install.sh
+# runs it with BUILD=cpu, so the dev install builds exactly as the setup scripts do).
+ensure_llama() {
   local have kind
   have=$(llama_probe)
   kind=${have#* }
@@ -321,19 +306,7 @@ install_llama() {
 }
 
 # ----------------------------------------------------------------------------- 6. the project
-project_installed() {
-  "$VPY" - "$ROOT" <<'PY' >/dev/null 2>&1
-import importlib.metadata as md, json, pathlib, re, sys
-root = pathlib.Path(sys.argv[1]).resolve()
-dist = md.distribution("tars-distributed")
-url = json.loads(dist.read_text("direct_url.json") or "{}").get("url", "")
-assert url.rstrip("/") == root.as_uri(), f"installed from {url}"
-for req in dist.requires or []:
-    if "extra ==" in req:
-        continue
-    md.version(re.split(r"[ ;<>=!~\[(]", req, maxsplit=1)[0])
-PY
-}
+project_installed() { "$VPY" "$PROBE" project-installed "$ROOT" >/dev/null 2>&1; }
 
 install_project() {
   step "TARS Distributed and its dependencies (pip install -e .)"
@@ -357,6 +330,49 @@ profile_and_plan() {
     "run it alone for details: .venv/bin/python -m distributed profile; TARS_GPU_PROFILE=cpu forces CPU mode"
   (cd "$ROOT" && TARS_NODE_NAME=$name "$VPY" -m distributed plan) || die "the planner failed (see above)" \
     "run it alone for details: .venv/bin/python -m distributed plan"
+}
+
+# ----------------------------------------------------------------------------- 8. env file
+# write_env_file NODE ROLE DEFAULT_PORT ROUTE_TO LISTEN_NOTE OTHER TOKEN_NOTE [LINE...]:
+# a new $ROOT/$ENV_FILE for node NODE (pc1|pc2) with role ROLE, readable by its owner only
+# (it holds the cluster token $TOKEN). It listens on TARS_HOST:TARS_PORT (default
+# 0.0.0.0:DEFAULT_PORT) and advertises TARS_ADVERTISE_URL, else — when it listens on
+# 0.0.0.0 — this host's address on the route to ROUTE_TO ("" for any LAN route).
+# LISTEN_NOTE comments TARS_HOST, OTHER names the host that reaches this one, TOKEN_NOTE
+# comments the token; the LINEs (comments and KEY=VALUE) end the file.
+write_env_file() {
+  local node=$1 role=$2 port=${TARS_PORT:-$3} route=$4 listen_note=$5 other=$6 token_note=$7 host advertise line
+  shift 7
+  host=${TARS_HOST:-0.0.0.0}
+  if [ -n "${TARS_ADVERTISE_URL:-}" ]; then advertise=$TARS_ADVERTISE_URL
+  elif [ "$host" = 0.0.0.0 ]; then advertise="http://$("$VPY" "$PROBE" lan-ip ${route:+"$route"}):$port"
+  else advertise="http://$host:$port"; fi
+  mkdir -p "$(dirname "$ROOT/$ENV_FILE")"
+  (umask 077 && {
+    cat <<EOF
+# TARS Distributed — $(printf %s "$node" | tr "[:lower:]" "[:upper:]"), the $role. Written by scripts/setup_$node.sh on $(date '+%Y-%m-%d %H:%M').
+# Every setting is listed in README.md ("Settings"); TARS_* environment variables override this file.
+TARS_NODE_NAME=${TARS_NODE_NAME:-$node}
+TARS_ROLE=$role
+# $listen_note
+TARS_HOST=$host
+TARS_PORT=$port
+# The address $other uses to reach this node.
+TARS_ADVERTISE_URL=$advertise
+# $token_note
+TARS_CLUSTER_TOKEN=$TOKEN
+# Set to require 'Authorization: Bearer <key>' on every endpoint but /health.
+TARS_API_KEY=
+EOF
+    for line in "$@"; do printf '%s\n' "$line"; done
+  } >"$ROOT/$ENV_FILE")
+}
+
+# node_address DEFAULT_PORT: HOST and PORT this node listens on (TARS_HOST / TARS_PORT,
+# else its env file, else 127.0.0.1 and DEFAULT_PORT).
+node_address() {
+  HOST=${TARS_HOST:-$(env_get "$ROOT/$ENV_FILE" TARS_HOST)}; HOST=${HOST:-127.0.0.1}
+  PORT=${TARS_PORT:-$(env_get "$ROOT/$ENV_FILE" TARS_PORT)}; PORT=${PORT:-$1}
 }
 
 # ----------------------------------------------------------------------------- 9. launcher

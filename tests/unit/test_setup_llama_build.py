@@ -8,7 +8,8 @@ build after. These tests run the real shell function with the venv's `python` re
 by a stand-in that plays pip: `pip wheel` writes a real wheel (a zip) holding
 libggml-cuda.so exactly when CMAKE_ARGS asks for CUDA, `pip install` records which
 build got installed, and the probe reports it — so what is checked is the decision
-logic: which command runs, with which flags, from which cache folder.
+logic: which command runs, with which flags, from which cache folder. scripts/dev_install.sh
+runs the same step (ensure_llama), checked the same way.
 """
 
 from __future__ import annotations
@@ -54,15 +55,10 @@ PY
   esac
   exit 0
 fi
-if [ "$1" = "-" ]; then
-  script=$(cat)
-  if [[ "$script" == *'md.version("llama-cpp-python")'* ]]; then
-    k=$(cat "$STATE" 2>/dev/null)
-    [ -n "$k" ] && echo "0.3.36 $k"
-    exit 0
-  fi
-  shift
-  exec "$REAL" - "$@" <<<"$script"
+if [ "${2:-}" = "llama-build" ]; then  # scripts/lib/probe.py llama-build: what is installed
+  k=$(cat "$STATE" 2>/dev/null)
+  [ -n "$k" ] && echo "0.3.36 $k"
+  exit 0
 fi
 exec "$REAL" "$@"
 """
@@ -94,13 +90,13 @@ class Box:
             return []
         return [line for line in self.log.read_text().splitlines() if line.startswith("-m pip")]
 
-    def run(self, build: str, *, have_gpu: int = 0, **env: str) -> subprocess.CompletedProcess[str]:
+    def run(self, build: str, *, have_gpu: int = 0, script: str = "", **env: str) -> subprocess.CompletedProcess[str]:
         if self.log.exists():
             self.log.unlink()
         full = {k: v for k, v in os.environ.items() if not k.startswith(("TARS_", "CMAKE_ARGS"))}
         full.update({"TARS_VENV": str(self.venv), "TARS_WHEEL_CACHE": str(self.cache), "CUDA_HOME": str(self.tmp),
                      "PATH": f"{self.bin}{os.pathsep}{os.environ['PATH']}", **env})
-        script = f'source scripts/lib/setup_common.sh; BUILD={build}; HAVE_GPU={have_gpu}; install_llama'
+        script = script or f'source scripts/lib/setup_common.sh; BUILD={build}; HAVE_GPU={have_gpu}; install_llama'
         r = subprocess.run(["bash", "-c", script], cwd=ROOT, env=full, capture_output=True, text=True, timeout=120)
         r.all = r.stdout + r.stderr  # type: ignore[attr-defined]
         return r
@@ -211,3 +207,24 @@ def test_a_failed_build_says_how_to_fix_it(box: Box) -> None:
     assert "building llama-cpp-python (cpu) failed" in r.stderr
     assert "build-essential cmake" in r.stderr and "TARS_SETUP_BUILD=cpu" in r.stderr
     assert _wheels(box, "cpu") == []
+
+
+def _dev_install_llama_step() -> str:
+    """The llama-cpp-python block of scripts/dev_install.sh (the subshell after its step
+    line), with the venv it names pointed at the box's."""
+    text = (ROOT / "scripts" / "dev_install.sh").read_text()
+    start = text.index("\n(", text.index('step "llama-cpp-python'))
+    block = text[start + 1:text.index("\n)\n", start) + 2]
+    assert "ensure_llama" in block and "pip install" not in block
+    return block.replace('export TARS_VENV="$PWD/.venv"', ":")
+
+
+def test_dev_install_builds_like_the_setup_scripts(box: Box) -> None:
+    r = box.run("", script=_dev_install_llama_step())
+    assert r.returncode == 0, r.all
+    wheel = next(c for c in box.pip_calls() if c.startswith("-m pip wheel"))
+    assert "--no-cache-dir" in wheel and "--no-binary llama-cpp-python" in wheel
+    assert wheel.endswith("CMAKE_ARGS=-DGGML_NATIVE=OFF")
+    assert box.state.read_text().strip() == "cpu" and len(_wheels(box, "cpu")) == 1
+    r = box.run("", script=_dev_install_llama_step())  # a second run installs nothing
+    assert r.returncode == 0 and box.pip_calls() == [], r.all
