@@ -334,7 +334,7 @@ class Cluster:
                 hosts[peer.name] = peer.profile
         specs = self.node.model_specs()
         return planner.plan(hosts, specs, reserve_mb=self.settings.vram_reserve_mb, context=self.settings.context,
-                            paths=self._paths(specs))
+                            paths=self._paths(specs), split=self.settings.split != "off")
 
     async def _apply(self, plan: Plan, pid: str) -> None:
         """This host's share via the node; a RemoteTarget for every model on another host.

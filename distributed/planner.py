@@ -9,8 +9,14 @@ GGUF files it may read for their metadata). Rules, in the order they are applied
 2. Embedding models and 8-bit small models go to *another* host when there is one, so the
    chat host keeps its VRAM for chat (a GPU shared by chat and embeddings is where other
    tools evict one for the other). The chat host takes them only when no other host can.
-3. Further chat models take whatever GPU has room (chat host first), then a partial
-   offload, then a CPU.
+3. Further chat models take whatever GPU has room (chat host first), then a split, then
+   a partial offload, then a CPU.
+3a. Split (pooled VRAM, ``split=True``, TARS_SPLIT=auto): a GGUF chat model that fits no
+   single GPU but fits the GPUs of several hosts together is split by layers across them
+   (llama.cpp RPC) — preferred over a partial offload into RAM. The fewest hosts that hold
+   it, most free VRAM first; layers in proportion to each GPU's room after its own runtime
+   and compute buffer; the engine (and the layers that are not repeating blocks) on the
+   host with the most free VRAM.
 4. CPU when no GPU has room, checked against the host's RAM; a model that fits nowhere is
    reported unplaced with the reason.
 5. No GPU is ever over-committed: per GPU, the sum of ``vram_mb`` stays <= total - reserve.
@@ -20,6 +26,7 @@ Every assignment carries a one-line reason a person can check against ``tars pro
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,6 +79,7 @@ class _Host:
 class _State:
     hosts: list[_Host]  # in rank order
     reserve_mb: int
+    split: bool = True  # TARS_SPLIT: may a model be split across hosts
     placed: dict[str, Assignment] = field(default_factory=dict)
     unplaced: dict[str, Unplaced] = field(default_factory=dict)
 
@@ -149,9 +157,77 @@ def _fit_cpu(st: _State, spec: ModelSpec, est: VramEstimate, hosts: list[_Host],
 def _unplace(st: _State, spec: ModelSpec, est: VramEstimate) -> None:
     most_vram = max((g.free for g in st.gpus(st.hosts)), default=0)
     most_ram = max((h.ram_free for h in st.hosts), default=0)
+    pooled = ""
+    if st.split and sum(1 for h in st.hosts if h.gpus) > 1:
+        pooled = f"; split across hosts: {_gb(sum(_best_gpu(h).free for h in st.hosts if h.gpus))} free together"
     st.unplaced[spec.id] = Unplaced(
-        spec.id, f"fits nowhere: needs {_gb(est.total_mb)} of VRAM (most free on a GPU: {_gb(most_vram)}) "
+        spec.id, f"fits nowhere: needs {_gb(est.total_mb)} of VRAM (most free on a GPU: {_gb(most_vram)}{pooled}) "
                  f"or {_gb(est.ram_mb)} of RAM on a CPU (most free on a host: {_gb(most_ram)})")
+
+
+# --------------------------------------------------------------------------- split (pooled VRAM)
+def _short_name(gpu_name: str) -> str:
+    for prefix in ("NVIDIA GeForce ", "NVIDIA ", "GeForce "):
+        if gpu_name.startswith(prefix):
+            return gpu_name[len(prefix):]
+    return gpu_name
+
+
+def _best_gpu(host: _Host) -> _Gpu:
+    return max(host.gpus, key=lambda g: (g.free, -g.index))
+
+
+def split_layers(n_layers: int, rooms: list[float], caps: list[int]) -> list[int] | None:
+    """``n_layers`` over devices in proportion to ``rooms``, device i taking at most ``caps[i]``.
+
+    Rounds down, then hands the remaining layers one by one to the device furthest below
+    its proportional share that still has room (ties: the earlier device). None when the
+    caps together cannot hold every layer.
+    """
+    if n_layers <= 0 or sum(caps) < n_layers or sum(rooms) <= 0:
+        return None
+    ideal = [n_layers * r / sum(rooms) for r in rooms]
+    layers = [min(c, math.floor(x)) for c, x in zip(caps, ideal)]
+    while sum(layers) < n_layers:
+        i = max((i for i in range(len(layers)) if layers[i] < caps[i]), key=lambda i: (ideal[i] - layers[i], -i))
+        layers[i] += 1
+    return layers
+
+
+def _fit_split(st: _State, spec: ModelSpec, est: VramEstimate, hosts: list[_Host], why: str) -> bool:
+    """Split the model by layers across the GPUs of the fewest hosts that hold it together.
+
+    Each share costs the runtime and compute buffer (``overhead_mb``) plus its layers (weights
+    and KV cache); the share of the engine host — the GPU with the most free VRAM — also
+    carries what is not a repeating block (token embeddings, output layer).
+    """
+    if not st.split or spec.kind != "chat" or not est.partial_ok or est.layer_mb <= 0:
+        return False
+    rest_mb = max(0, est.total_mb - est.overhead_mb - math.ceil(est.n_layers * est.layer_mb))
+    gpus = sorted((_best_gpu(h) for h in hosts if h.gpus), key=lambda g: (-g.free, _host_of(st, g).order))
+    gpus = [g for i, g in enumerate(gpus) if g.free - est.overhead_mb - (rest_mb if i == 0 else 0) >= est.layer_mb]
+    for k in range(2, len(gpus) + 1):
+        chosen = gpus[:k]
+        rooms = [g.free - est.overhead_mb - (rest_mb if i == 0 else 0) for i, g in enumerate(chosen)]
+        if min(rooms) < est.layer_mb:
+            continue
+        layers = split_layers(est.n_layers, rooms, [math.floor(r / est.layer_mb) for r in rooms])
+        if layers is None or min(layers) < 1:
+            continue
+        shares = [{"node": g.node, "device": g.device, "layers": n,
+                   "vram_mb": est.overhead_mb + math.ceil(n * est.layer_mb) + (rest_mb if i == 0 else 0)}
+                  for i, (g, n) in enumerate(zip(chosen, layers))]
+        for g, share in zip(chosen, shares):
+            g.used += share["vram_mb"]
+        where = ", ".join(f"{s['layers']}{f' of {est.n_layers}' if i == 0 else ''} layers on {g.node} "
+                          f"{_short_name(g.name)}" for i, (g, s) in enumerate(zip(chosen, shares)))
+        reason = (f"{why}: needs {_gb(est.total_mb)} at {est.context} tokens; no GPU has it free; split "
+                  f"across {k} hosts, engine on {chosen[0].node}: {where}")
+        st.placed[spec.id] = Assignment(
+            model=spec.id, kind=spec.kind, node=chosen[0].node, device=chosen[0].device, quant=spec.quant,
+            n_gpu_layers=-1, vram_mb=shares[0]["vram_mb"], reason=reason, backend=spec.backend, split=shares)
+        return True
+    return False
 
 
 def _build_hosts(hosts: dict[str, HostProfile], reserve_mb: int) -> list[_Host]:
@@ -167,67 +243,79 @@ def _build_hosts(hosts: dict[str, HostProfile], reserve_mb: int) -> list[_Host]:
     return built
 
 
-def plan(hosts: dict[str, HostProfile], models: list[ModelSpec], *, reserve_mb: int = 500,
-         context: int = 2048, paths: dict[str, Path] | None = None) -> Plan:
-    """Place every model on a host and device, or report it unplaced with the reason."""
-    paths = paths or {}
-    st = _State(_build_hosts(hosts, reserve_mb), reserve_mb)
-    specs: list[ModelSpec] = []
-    for spec in models:
-        if spec.id in {s.id for s in specs}:
-            continue  # listed twice: plan it once
-        specs.append(spec)
-    if not st.hosts:
-        return Plan(unplaced=[Unplaced(s.id, "no hosts to place it on") for s in specs])
-    ests = {s.id: estimate(s, context, paths.get(s.id)) for s in specs}
-    chat_host, others = st.hosts[0], st.hosts[1:]
-    single = not others
-
+def _order(specs: list[ModelSpec], ests: dict[str, VramEstimate]) -> tuple:
+    """(primary chat model, side models in placement order, the other chat models)."""
     chats = sorted((s for s in specs if s.kind == "chat" and s.backend != "hf8bit"),
                    key=lambda s: (not _is_four_bit(s), *_rank_key(s, ests[s.id])))
     primary = chats[0] if chats else None
     if primary is None:
         small_chats = sorted((s for s in specs if s.kind == "chat"), key=lambda s: _rank_key(s, ests[s.id]))
         primary = small_chats[0] if small_chats else None
-    side = sorted((s for s in specs if s is not primary and (s.kind == "embed" or s.backend == "hf8bit")),
-                  key=lambda s: (s.kind != "embed", *_rank_key(s, ests[s.id])))
+    side = sorted((s for s in specs if s is not primary and (s.kind in ("embed", "rerank") or s.backend == "hf8bit")),
+                  key=lambda s: (s.kind not in ("embed", "rerank"), *_rank_key(s, ests[s.id])))
     rest = sorted((s for s in specs if s is not primary and s not in side), key=lambda s: _rank_key(s, ests[s.id]))
+    return primary, side, rest
 
-    # 1. the biggest chat model → the host with the most usable VRAM
-    if primary is not None:
-        est = ests[primary.id]
-        why = "biggest chat model" + (f", {primary.quant}" if _is_four_bit(primary) else "")
-        why_gpu = why + (", to the GPU with the most usable VRAM" if not single else "")
-        if not (_fit_gpu(st, primary, est, [chat_host], why_gpu)
-                or _fit_gpu(st, primary, est, others, why)
-                or _fit_partial(st, primary, est, [chat_host], why)
-                or _fit_partial(st, primary, est, others, why)
-                or _fit_cpu(st, primary, est, st.hosts, why)):
-            _unplace(st, primary, est)
 
-    # 2. embeddings and 8-bit small models → another host, keeping the chat host's VRAM for chat
-    for spec in side:
-        est = ests[spec.id]
-        what = "embedding model" if spec.kind == "embed" else f"{spec.quant} small model"
-        away = f"{what} kept off the chat host {chat_host.name}"
-        only = f"{what} on the only host" if single else f"{what} on the chat host (no other host has room)"
-        ok = (_fit_gpu(st, spec, est, others, away)
-              or (spec.kind == "embed" and _fit_cpu(st, spec, est, others, away))
-              or _fit_gpu(st, spec, est, [chat_host], only)
-              or _fit_cpu(st, spec, est, st.hosts, what))
-        if not ok:
-            _unplace(st, spec, est)
+def _place_primary(st: _State, spec: ModelSpec, est: VramEstimate) -> None:
+    """1. The biggest chat model → the host with the most usable VRAM; else split; else offload."""
+    chat_host, others = st.hosts[0], st.hosts[1:]
+    why = "biggest chat model" + (f", {spec.quant}" if _is_four_bit(spec) else "")
+    why_gpu = why + (", to the GPU with the most usable VRAM" if others else "")
+    if not (_fit_gpu(st, spec, est, [chat_host], why_gpu)
+            or _fit_gpu(st, spec, est, others, why)
+            or _fit_split(st, spec, est, st.hosts, why)
+            or _fit_partial(st, spec, est, [chat_host], why)
+            or _fit_partial(st, spec, est, others, why)
+            or _fit_cpu(st, spec, est, st.hosts, why)):
+        _unplace(st, spec, est)
 
-    # 3. the other chat models: first every one that fits fully on some GPU (chat host
-    #    first), then partial offloads, then CPUs — so one partial offload never takes the
-    #    VRAM a smaller model could have used whole
+
+def _place_side(st: _State, spec: ModelSpec, est: VramEstimate) -> None:
+    """2. Embeddings and 8-bit small models → another host, keeping the chat host's VRAM for chat."""
+    chat_host, others = st.hosts[0], st.hosts[1:]
+    what = {"embed": "embedding model", "rerank": "reranker"}.get(spec.kind, f"{spec.quant} small model")
+    away = f"{what} kept off the chat host {chat_host.name}"
+    only = f"{what} on the chat host (no other host has room)" if others else f"{what} on the only host"
+    if not (_fit_gpu(st, spec, est, others, away)
+            or (spec.kind in ("embed", "rerank") and _fit_cpu(st, spec, est, others, away))
+            or _fit_gpu(st, spec, est, [chat_host], only)
+            or _fit_cpu(st, spec, est, st.hosts, what)):
+        _unplace(st, spec, est)
+
+
+def _place_rest(st: _State, rest: list[ModelSpec], ests: dict[str, VramEstimate]) -> None:
+    """3. The other chat models: first every one that fits whole on some GPU (chat host first),
+    then splits, partial offloads and CPUs — so a split or a partial offload never takes the
+    VRAM a smaller model could have used whole."""
     waiting = [s for s in rest if not _fit_gpu(st, s, ests[s.id], st.hosts, "chat model")]
     for spec in waiting:
         est = ests[spec.id]
-        if not (_fit_partial(st, spec, est, st.hosts, "chat model")
+        if not (_fit_split(st, spec, est, st.hosts, "chat model")
+                or _fit_partial(st, spec, est, st.hosts, "chat model")
                 or _fit_cpu(st, spec, est, st.hosts, "chat model")):
             _unplace(st, spec, est)
 
+
+def plan(hosts: dict[str, HostProfile], models: list[ModelSpec], *, reserve_mb: int = 500,
+         context: int = 2048, paths: dict[str, Path] | None = None, split: bool = True) -> Plan:
+    """Place every model on a host and device (or split it across hosts' GPUs when ``split``),
+    or report it unplaced with the reason."""
+    paths = paths or {}
+    st = _State(_build_hosts(hosts, reserve_mb), reserve_mb, split=split)
+    specs: list[ModelSpec] = []
+    for spec in models:
+        if spec.id not in {s.id for s in specs}:  # listed twice: plan it once
+            specs.append(spec)
+    if not st.hosts:
+        return Plan(unplaced=[Unplaced(s.id, "no hosts to place it on") for s in specs])
+    ests = {s.id: estimate(s, context, paths.get(s.id)) for s in specs}
+    primary, side, rest = _order(specs, ests)
+    if primary is not None:
+        _place_primary(st, primary, ests[primary.id])
+    for spec in side:
+        _place_side(st, spec, ests[spec.id])
+    _place_rest(st, rest, ests)
     return Plan(assignments=[st.placed[s.id] for s in specs if s.id in st.placed],
                 unplaced=[st.unplaced[s.id] for s in specs if s.id in st.unplaced])
 
@@ -256,7 +344,7 @@ def recommend(hosts: dict[str, HostProfile], catalog: list[ModelSpec], *, reserv
     gguf_chats = sorted((s for s in catalog if s.kind == "chat" and s.backend == "llama_cpp"), key=by_size)
     chat = next((s for s in gguf_chats if not s.embedded
                  and estimate(s, context).total_mb <= chat_host.best_capacity), None)
-    chat = chat or next((s for s in gguf_chats if s.embedded), None)
+    chat = chat or next((s for s in catalog if s.kind == "chat" and s.backend == "llama_cpp" and s.embedded), None)
     if chat is not None:
         picks.append(chat)
     embed = next((s for s in catalog if s.kind == "embed" and s.embedded), None) or \

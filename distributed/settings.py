@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     context: int = Field(2048, ge=128, le=131072, description="Context window for chat models, tokens (128-131072).")
     threads: int = Field(0, ge=0, le=512, description="CPU threads for llama.cpp; 0 = its default (half the logical cores).")
     fallback: bool = Field(True, description="Load a dead peer's model here when it fits (true/false).")
+    split: Literal["auto", "off"] = Field(
+        "auto", description="auto: a GGUF chat model no single GPU holds is split by layers across hosts' GPUs (llama.cpp RPC through the token-checked relay); off: never.")
+    split_port: int = Field(0, ge=0, le=65535, description="TCP port of this host's split relay (peers' engines reach its RPC worker through it, cluster token first); 0 = TARS_PORT + 1.")
     backend_override: str = Field("", description="Force every model onto one backend (e.g. 'fake' for tests).")
 
     # --- cluster timing
@@ -97,7 +100,7 @@ class Settings(BaseSettings):
     def _expand_home(cls, v: Path) -> Path:
         return v.expanduser()  # "~/models" in an env file means the user's home
 
-    @field_validator("log_level", "log_format", "role", mode="before")
+    @field_validator("log_level", "log_format", "role", "split", mode="before")
     @classmethod
     def _lower(cls, v: Any) -> Any:
         return v.lower() if isinstance(v, str) else v
@@ -109,6 +112,11 @@ class Settings(BaseSettings):
             return self.advertise_url.rstrip("/")
         host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
         return f"http://{host}:{self.port}"
+
+    @property
+    def relay_port(self) -> int:
+        """The split relay's port (TARS_SPLIT_PORT, else TARS_PORT + 1)."""
+        return self.split_port or (self.port + 1 if self.port < 65535 else self.port - 1)
 
     @property
     def effective_role(self) -> str:

@@ -118,15 +118,18 @@ def parse_hosts(specs: list[str]) -> dict[str, HostProfile]:
 
 
 def plan_json(plan: Plan) -> dict[str, Any]:
-    """The documented `tars plan --json` shape."""
+    """The documented `tars plan --json` shape (a split model adds "split": [{node, device, layers, vram_mb}])."""
     keys = ("model", "kind", "node", "device", "quant", "n_gpu_layers", "vram_mb", "reason")
-    return {"assignments": [{k: getattr(a, k) for k in keys} for a in plan.assignments],
+    return {"assignments": [{**{k: getattr(a, k) for k in keys}, **({"split": a.split} if a.split else {})}
+                            for a in plan.assignments],
             "unplaced": [{"model": u.model, "reason": u.reason} for u in plan.unplaced]}
 
 
 def _layers(a: Any, n_layers: dict[str, int]) -> str:
     if a.device == "cpu":
         return "CPU"
+    if a.split:
+        return " + ".join(f"{s['layers']} {s['node']}" for s in a.split)
     if a.n_gpu_layers < 0:
         return "all"
     return f"{a.n_gpu_layers} of {n_layers.get(a.model, '?')}"
@@ -135,6 +138,8 @@ def _layers(a: Any, n_layers: dict[str, int]) -> str:
 def _needs(a: Any) -> str:
     if a.device == "cpu":
         return f"{a.ram_mb} MB RAM"
+    if a.split:
+        return " + ".join(f"{s['vram_mb']} MB" for s in a.split) + " VRAM"
     return f"{a.vram_mb} MB VRAM" + (f" + {a.ram_mb} MB RAM" if a.ram_mb else "")
 
 
@@ -248,13 +253,14 @@ def plan_cmd(
         if models:
             raise ConfigError("--recommended and --models do not go together: --recommended picks the models")
         specs = recommend(hosts, catalog.all(), **kw)
-    result = plan(hosts, specs, paths=paths, **kw)
+    split = settings.split != "off"
+    result = plan(hosts, specs, paths=paths, split=split, **kw)
     if as_json:
         typer.echo(json.dumps(plan_json(result), indent=2))
         return
     rec = recommend(hosts, catalog.all(), **kw)
     render_plan(hosts, result, settings.vram_reserve_mb, settings.context, rec,
-                plan(hosts, rec, paths=paths, **kw), on_disk, {s.id: s for s in catalog.all()}, this_host=not host)
+                plan(hosts, rec, paths=paths, split=split, **kw), on_disk, {s.id: s for s in catalog.all()}, this_host=not host)
 
 
 def register(app: typer.Typer) -> None:

@@ -84,14 +84,29 @@ def test_plan_with_models_flag(app: typer.Typer) -> None:
     assert rows["all-MiniLM-L6-v2"]["node"] == "pc2" and rows["phi-2"]["node"] == "pc2"
 
 
+def test_plan_shows_a_split_across_the_reference_pair(app: typer.Typer) -> None:
+    args = ["plan", "--host", "pc1=rtx3060-12gb", "--host", "pc2=gtx1660s-6gb", "--models", "mistral-small-24b"]
+    r = runner.invoke(app, [*args, "--json"])
+    assert r.exit_code == 0, r.output
+    (a,) = json.loads(r.output)["assignments"]
+    assert a["node"] == "pc1" and [s["node"] for s in a["split"]] == ["pc1", "pc2"]
+    assert set(a["split"][0]) == {"node", "device", "layers", "vram_mb"}
+    assert sum(s["layers"] for s in a["split"]) == 40
+    table = runner.invoke(app, args, env={"COLUMNS": "100"})
+    assert table.exit_code == 0, table.output
+    assert "split across 2 hosts" in table.output and "GTX 1660 SUPER" in table.output
+    off = runner.invoke(app, [*args, "--json"], env={"TARS_SPLIT": "off"})
+    assert "split" not in json.loads(off.output)["assignments"][0]
+
+
 def test_plan_table_recommends_what_to_pull_on_which_host(app: typer.Typer) -> None:
     r = runner.invoke(app, ["plan", "--host", "pc1=rtx3060-12gb", "--host", "pc2=gtx1660s-6gb"])
     assert r.exit_code == 0, r.output
     assert "SIMULATED rtx3060-12gb" in r.output and "Recommended for this hardware" in r.output
     # each model is pulled on the host that will serve it, then listed in TARS_MODELS on the server
-    assert "on pc1: tars models pull mistral-7b-instruct" in r.output
+    assert "on pc1: tars models pull qwen2.5-14b-instruct" in r.output
     assert "on pc2: tars models pull stablelm-3b" in r.output
-    assert "TARS_MODELS=mistral-7b-instruct,all-MiniLM-L6-v2,stablelm-3b" in r.output
+    assert "TARS_MODELS=qwen2.5-14b-instruct,all-MiniLM-L6-v2,stablelm-3b" in r.output
     assert "Why:" in r.output and "kept off the chat host pc1" in r.output
 
 
@@ -111,7 +126,7 @@ def test_plan_recommended_json_has_the_documented_shape(app: typer.Typer) -> Non
     doc = json.loads(r.output)
     assert set(doc) == {"assignments", "unplaced"}
     assert {(a["model"], a["node"]) for a in doc["assignments"]} == {
-        ("mistral-7b-instruct", "pc1"), ("all-MiniLM-L6-v2", "pc2"), ("stablelm-3b", "pc2")}
+        ("qwen2.5-14b-instruct", "pc1"), ("all-MiniLM-L6-v2", "pc2"), ("stablelm-3b", "pc2")}
     bad = runner.invoke(app, ["plan", "--recommended", "--models", "phi-2"])
     assert isinstance(bad.exception, ConfigError) and "--recommended" in bad.exception.message
 
