@@ -40,6 +40,9 @@ class Metrics:
                               "(queue wait included).", ["model"], buckets=_TTFT_BUCKETS, registry=r)
         self.embeddings = Counter("tars_embeddings", "Texts embedded by models on this node.", ["model"], registry=r)
         self.queue_depth = Gauge("tars_queue_depth", "Requests waiting or running per model.", ["model"], registry=r)
+        self.slots_busy = Gauge("tars_slots_busy", "Engine slots generating now per model (llama-server).",
+                                ["model"], registry=r)
+        self.slots_total = Gauge("tars_slots_total", "Engine slots per model (llama-server -np).", ["model"], registry=r)
         self.vram_used = Gauge("tars_gpu_vram_used_mb", "VRAM in use, MB.", ["gpu", "name"], registry=r)
         self.vram_free = Gauge("tars_gpu_vram_free_mb", "VRAM free, MB.", ["gpu", "name"], registry=r)
         self.temperature = Gauge("tars_gpu_temperature_celsius", "GPU temperature.", ["gpu", "name"], registry=r)
@@ -73,6 +76,11 @@ class Metrics:
             self._child(self.tokens, model).inc(tokens)
         if ttft_s is not None:
             self._child(self.ttft, model).observe(ttft_s)
+
+    def observe_slots(self, model: str, busy: int, total: int) -> None:
+        """An engine's slots changed (set on admission and release, not polled)."""
+        self._child(self.slots_busy, model).set(busy)
+        self._child(self.slots_total, model).set(total)
 
     def observe_embeddings(self, model: str, count: int) -> None:
         self._child(self.embeddings, model).inc(count)

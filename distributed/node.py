@@ -190,7 +190,13 @@ class Node:
     def local_target(self, spec: ModelSpec, a: Assignment) -> LocalTarget:
         """A LocalTarget for ``spec`` placed as ``a``, not started (``.start()`` loads it in the
         background) and not routed to: the caller decides (apply_plan installs it; the
-        cluster keeps fallback copies inside RemoteTargets)."""
+        cluster keeps fallback copies inside RemoteTargets). A GGUF chat model gets an
+        ``engine.target.EngineTarget`` (a llama-server child) when TARS_CHAT_ENGINE picks it."""
+        from .engine.choice import engine_target
+
+        served = engine_target(self, spec, a)
+        if served is not None:
+            return served
         s = self.settings
         fake = s.backend_override == "fake"
 

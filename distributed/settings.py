@@ -64,6 +64,13 @@ class Settings(BaseSettings):
         "auto", description="auto: a GGUF chat model no single GPU holds is split by layers across hosts' GPUs (llama.cpp RPC through the token-checked relay); off: never.")
     split_port: int = Field(0, ge=0, le=65535, description="TCP port of this host's split relay (peers' engines reach its RPC worker through it, cluster token first); 0 = TARS_PORT + 1.")
     backend_override: str = Field("", description="Force every model onto one backend (e.g. 'fake' for tests).")
+    chat_engine: Literal["auto", "server", "inprocess"] = Field(
+        "auto", description="GGUF chat engine: server (llama.cpp's llama-server child per model, many requests at once), "
+                            "inprocess (llama-cpp-python, one at a time) or auto (server when built, else inprocess).")
+    parallel: int = Field(4, ge=1, le=256, description="Slots of a llama-server chat engine: requests it generates at once "
+                          "(each with TARS_CONTEXT tokens of context; the planner may lower it where VRAM is short).")
+    engine_bin: str = Field("", description="The llama-server binary (or its folder); empty = the scripts/build_engine.sh "
+                            "build matching the installed llama-cpp-python.")
 
     # --- cluster timing
     heartbeat_s: float = Field(2.0, gt=0, le=300, description="Seconds between heartbeats (>0).")
@@ -100,7 +107,7 @@ class Settings(BaseSettings):
     def _expand_home(cls, v: Path) -> Path:
         return v.expanduser()  # "~/models" in an env file means the user's home
 
-    @field_validator("log_level", "log_format", "role", "split", mode="before")
+    @field_validator("log_level", "log_format", "role", "split", "chat_engine", mode="before")
     @classmethod
     def _lower(cls, v: Any) -> Any:
         return v.lower() if isinstance(v, str) else v

@@ -1,0 +1,102 @@
+"""Which engine serves a GGUF chat model: llama-server (a child per model) or in process.
+
+``TARS_CHAT_ENGINE``: ``server`` (llama-server; not built → the model fails saying so),
+``inprocess`` (llama-cpp-python, one request at a time), ``auto`` (server when a build is
+found, else in process). The choice and its reason are logged once per node at start.
+
+API::
+
+    decide(settings) -> Decision(engine "server"|"inprocess", binary | None, reason)
+    engine_target(node, spec, assignment) -> EngineTarget | None   # None: in-process LocalTarget
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..domain import Assignment, ModelSpec
+from ..errors import ConfigError
+from ..logs import fields, get_logger
+from .binary import EngineBinary, locate, why_not
+
+log = get_logger(__name__)
+_logged: set[tuple[str, str, str]] = set()
+
+
+@dataclass(frozen=True)
+class Decision:
+    engine: str  # "server" | "inprocess"
+    binary: EngineBinary | None
+    reason: str
+
+
+def decide(settings: Any) -> Decision:
+    mode = getattr(settings, "chat_engine", "auto")
+    override = getattr(settings, "engine_bin", "")
+    if mode == "inprocess":
+        return Decision("inprocess", None, "TARS_CHAT_ENGINE=inprocess")
+    binary = locate(override)
+    if binary is not None:
+        return Decision("server", binary, f"TARS_CHAT_ENGINE={mode}; {binary.describe()}")
+    reason = why_not(override)
+    if mode == "server":
+        return Decision("server", None, f"TARS_CHAT_ENGINE=server but {reason}")
+    return Decision("inprocess", None, f"{reason}; GGUF chat runs in process (llama-cpp-python, one request at a time)")
+
+
+def _log_once(node: str, d: Decision) -> None:
+    key = (node, d.engine, d.reason)
+    if key in _logged:
+        return
+    _logged.add(key)
+    level = log.warning if d.engine == "inprocess" and "TARS_CHAT_ENGINE=inprocess" not in d.reason else log.info
+    what = "llama-server" if d.engine == "server" else "in-process llama-cpp-python"
+    level("chat engine: %s (%s)", what, d.reason, extra=fields(engine=d.engine))
+
+
+def engine_target(node: Any, spec: ModelSpec, a: Assignment) -> Any:
+    """An EngineTarget for a GGUF chat model when the server engine is chosen, else None."""
+    s = node.settings
+    backend = s.backend_override or a.backend or spec.backend
+    if spec.kind != "chat" or backend != "llama_cpp":
+        return None
+    d = decide(s)
+    _log_once(node.name, d)
+    if d.engine != "server":
+        return None
+    from .target import EngineTarget
+
+    context = min(s.context, spec.context)
+    threads = s.threads or _physical_cores()
+    binary = d.binary
+    if binary is None:  # TARS_CHAT_ENGINE=server without a build: the model fails, saying why
+        reason = d.reason
+
+        def missing() -> Any:
+            raise ConfigError(reason, variable="TARS_CHAT_ENGINE")
+
+        from pathlib import Path
+
+        binary = EngineBinary(server=Path("llama-server"), rpc_server=None, version="", kind="", build="",
+                              source="missing")
+        return EngineTarget(spec, a, binary=binary, model_path=missing, node=node.name, parallel=s.parallel,
+                            context=context, threads=threads, queue_size=s.queue_size,
+                            timeout_s=s.request_timeout_s, metrics=node.metrics)
+    return EngineTarget(spec, a, binary=binary, model_path=lambda: node.store.ensure(spec), node=node.name,
+                        parallel=_parallel(a, s.parallel), context=context, threads=threads,
+                        queue_size=s.queue_size, timeout_s=s.request_timeout_s, metrics=node.metrics)
+
+
+def _parallel(a: Assignment, default: int) -> int:
+    """The plan may lower the slots where VRAM is short (``Assignment.parallel``)."""
+    planned = getattr(a, "parallel", None)
+    return int(planned) if planned else default
+
+
+def _physical_cores() -> int | None:
+    try:
+        from ..cpus import physical_cores
+    except ImportError:
+        return None  # llama-server's own default is the same rule
+    return physical_cores()

@@ -1,0 +1,178 @@
+"""Our domain request/answers ⇄ llama-server's OpenAI-compatible JSON.
+
+``payload(req, alias)`` → (path, body) for ``/v1/chat/completions`` (messages) or
+``/v1/completions`` (prompt). The OpenAI parameters beyond the basic ones
+(``presence_penalty``, ``frequency_penalty``, ``response_format``, ``tools``,
+``tool_choice``, ``logprobs``, ``top_logprobs``, ``n``) are forwarded when the request
+carries them: llama-server does grammars / JSON schema, tool calls through the GGUF's
+template (``--jinja``) and logprobs itself. ``answer(body)`` maps a whole answer,
+``StreamState.feed(chunk)`` maps stream chunks, ``engine_error(...)`` maps a refusal to
+our exception tree (context too long → ``InputTooLong``; other 400s → ``ValidationFailed``
+with the engine's reason).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ..domain import Completion, GenerateRequest, TokenChunk
+from ..errors import InputTooLong, ModelFailed, ModelLoading, Overloaded, TarsError, ValidationFailed
+
+# Forwarded as-is when the request carries them at other than their defaults (the API
+# surface validates them). ``n`` is not: the API fans n > 1 out into requests of n = 1.
+OPTIONAL = ("presence_penalty", "frequency_penalty", "response_format", "tools", "tool_choice",
+            "parallel_tool_calls", "logprobs", "top_logprobs")
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GenerateRequest)}
+_COMPLETION_FIELDS = {f.name for f in dataclasses.fields(Completion)}
+_CHUNK_FIELDS = {f.name for f in dataclasses.fields(TokenChunk)}
+
+
+def payload(req: GenerateRequest, alias: str) -> tuple[str, dict[str, Any]]:
+    body: dict[str, Any] = {"model": alias, "max_tokens": req.max_tokens, "temperature": req.temperature,
+                            "top_p": req.top_p, "stream": bool(req.stream)}
+    if req.stop:
+        body["stop"] = list(req.stop)
+    if req.seed is not None:
+        body["seed"] = req.seed
+    for name in OPTIONAL:
+        value = getattr(req, name, None)
+        if value is not None and value != _DEFAULTS.get(name):
+            body[name] = value
+    if body.get("top_logprobs") and not body.get("logprobs"):
+        body.pop("top_logprobs")
+    if req.stream:
+        body["stream_options"] = {"include_usage": True}
+    if req.messages is not None:
+        body["messages"] = req.messages
+        return "/v1/chat/completions", body
+    body["prompt"] = req.prompt or ""
+    return "/v1/completions", body
+
+
+def _choice(body: dict[str, Any]) -> dict[str, Any]:
+    choices = body.get("choices") or []
+    return choices[0] if choices else {}
+
+
+def extras(choice: dict[str, Any], message: dict[str, Any]) -> dict[str, Any]:
+    """Fields the Completion may carry (tool calls, logprobs) when the domain has them."""
+    out: dict[str, Any] = {}
+    if message.get("tool_calls") and "tool_calls" in _COMPLETION_FIELDS:
+        out["tool_calls"] = message["tool_calls"]
+    lp = choice.get("logprobs")
+    content = lp.get("content") if isinstance(lp, dict) else lp
+    if content and "logprobs" in _COMPLETION_FIELDS:
+        out["logprobs"] = content
+    return out
+
+
+def answer(body: dict[str, Any]) -> tuple[str, str, dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """A whole (non-streamed) answer → (text, finish_reason, usage, timings, extras)."""
+    choice = _choice(body)
+    message = choice.get("message") or {}
+    text = message.get("content") if "message" in choice else choice.get("text")
+    return (text or "", choice.get("finish_reason") or "stop", body.get("usage") or {},
+            body.get("timings") or {}, extras(choice, message))
+
+
+class StreamState:
+    """Folds the chunks of one stream: the text pieces go out as TokenChunks, tool-call
+    deltas are joined, usage/timings/finish_reason are kept for the final Completion."""
+
+    def __init__(self) -> None:
+        self.finish_reason: str | None = None
+        self.usage: dict[str, Any] = {}
+        self.timings: dict[str, Any] = {}
+        self.tool_calls: list[dict[str, Any]] = []
+        self.logprobs: list[Any] = []
+        self.tool_pieces = 0  # stream chunks that carried tool-call deltas (~ tokens)
+
+    def feed(self, chunk: dict[str, Any]) -> TokenChunk | None:
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+        if chunk.get("timings"):
+            self.timings = chunk["timings"]
+        choice = _choice(chunk)
+        if not choice:
+            return None
+        if choice.get("finish_reason"):
+            self.finish_reason = choice["finish_reason"]
+        delta = choice.get("delta")
+        text = (delta.get("content") if delta is not None else choice.get("text")) or ""
+        for call in (delta or {}).get("tool_calls") or []:
+            self._add_call(call)
+            self.tool_pieces += 1
+        lp = choice.get("logprobs")
+        content_lp = lp.get("content") if isinstance(lp, dict) else None
+        if content_lp:
+            self.logprobs.extend(content_lp)
+        if not text:
+            return None
+        piece = TokenChunk(text)
+        if content_lp and "logprobs" in _CHUNK_FIELDS:
+            piece.logprobs = content_lp  # type: ignore[attr-defined]
+        return piece
+
+    def _add_call(self, delta: dict[str, Any]) -> None:
+        i = int(delta.get("index", len(self.tool_calls)))
+        while len(self.tool_calls) <= i:
+            self.tool_calls.append({"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+        call = self.tool_calls[i]
+        if delta.get("id"):
+            call["id"] = delta["id"]
+        fn = delta.get("function") or {}
+        if fn.get("name"):
+            call["function"]["name"] += fn["name"]
+        if fn.get("arguments"):
+            call["function"]["arguments"] += fn["arguments"]
+
+    def tool_chunk(self) -> TokenChunk | None:
+        """The piece that completes the tool calls (text ""), when the answer made any."""
+        if not self.tool_calls:
+            return None
+        piece = TokenChunk("")
+        if "tool_calls" in _CHUNK_FIELDS:
+            piece.tool_calls = self.tool_calls  # type: ignore[attr-defined]
+        if "tokens" in _CHUNK_FIELDS:
+            piece.tokens = self.tool_pieces  # type: ignore[attr-defined]
+        return piece
+
+    def extras(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.tool_calls and "tool_calls" in _COMPLETION_FIELDS:
+            out["tool_calls"] = self.tool_calls
+        if self.logprobs and "logprobs" in _COMPLETION_FIELDS:
+            out["logprobs"] = self.logprobs
+        return out
+
+
+def _field_of(message: str) -> str | None:
+    low = message.lower()
+    for words, field in ((("grammar", "schema", "json"), "response_format"), (("tool",), "tools"),
+                         (("logprob",), "logprobs"), (("n_probs",), "top_logprobs")):
+        if any(w in low for w in words):
+            return field
+    return None
+
+
+def engine_error(status: int, body: Any, model: str, node: str, *, messages: bool) -> TarsError:
+    """The engine refused a request: map its answer to our exception tree by status and type."""
+    err = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(err, dict):
+        err = {"message": str(body)[:500]}
+    msg = str(err.get("message") or "no reason given")
+    if err.get("type") == "exceed_context_size_error" or "exceeds the available context" in msg:
+        n_ctx = int(err.get("n_ctx") or 0)
+        got = err.get("n_prompt_tokens")
+        return InputTooLong(f"the prompt is {got} tokens but model '{model}' has a context of {n_ctx} tokens; "
+                            f"shorten it to fewer than {n_ctx} tokens", limit=n_ctx, got=got,
+                            field="messages" if messages else "prompt")
+    if status == 400 or status == 501:
+        return ValidationFailed(f"model '{model}' refused the request: {msg}", field=_field_of(msg), model=model)
+    if status == 503:
+        return ModelLoading(f"model '{model}' is not ready on {node}: {msg}", model=model, node=node, retry_after=2)
+    if status == 429:
+        return Overloaded(f"model '{model}' is busy on {node}: {msg}", retry_after=2, model=model)
+    return ModelFailed(f"the engine of model '{model}' on {node} failed the request (HTTP {status}): {msg}",
+                       model=model, node=node)

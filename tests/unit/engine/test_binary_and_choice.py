@@ -1,0 +1,89 @@
+"""Engine binary discovery (override, build cache by version and kind) and the engine choice."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from distributed.engine import binary, choice
+from distributed.settings import load_settings
+
+
+def _fake_server(folder: Path, version_text: str = "version: 42 (abc123)\nbuilt with cc for x86_64") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    exe = folder / "llama-server"
+    exe.write_text(f"#!/bin/sh\ncat >&2 <<'EOF'\n{version_text}\nEOF\n")
+    exe.chmod(0o755)
+    return exe
+
+
+def test_override_file_or_folder(tmp_path):
+    exe = _fake_server(tmp_path / "bin")
+    for given in (str(exe), str(exe.parent)):
+        b = binary.locate(given)
+        assert b is not None and b.server == exe and b.source == "TARS_ENGINE_BIN"
+        assert b.build == "version: 42 (abc123); built with cc for x86_64"
+        assert b.rpc_server is None
+    assert binary.locate(str(tmp_path / "nope")) is None
+    assert "is not an executable llama-server" in binary.why_not(str(tmp_path / "nope"))
+
+
+def test_cache_by_version_and_kind(tmp_path, monkeypatch):
+    monkeypatch.setenv("TARS_ENGINE_CACHE", str(tmp_path))
+    monkeypatch.setattr(binary, "llama_cpp_python_version", lambda: "9.9.9")
+    monkeypatch.setattr(binary, "llama_cpp_python_kind", lambda: "cuda")
+    assert binary.locate() is None
+    assert "no llama-server built for llama-cpp-python 9.9.9 (cuda)" in binary.why_not()
+    assert "build_engine.sh --kind cuda" in binary.why_not()
+    cpu = _fake_server(tmp_path / "9.9.9-cpu" / "bin")
+    (cpu.parent / "ggml-rpc-server").write_text("")
+    b = binary.locate()
+    assert b is not None and b.kind == "cpu" and b.version == "9.9.9" and b.rpc_server == cpu.parent / "ggml-rpc-server"
+    cuda = _fake_server(tmp_path / "9.9.9-cuda" / "bin")
+    assert binary.locate().server == cuda  # the same kind as llama-cpp-python first
+    assert "9.9.9" in binary.locate().describe() and "cuda" in binary.locate().to_dict()["kind"]
+
+
+def test_decide_follows_tars_chat_engine(tmp_path, monkeypatch):
+    exe = _fake_server(tmp_path / "bin")
+    d = choice.decide(load_settings(chat_engine="inprocess", engine_bin=str(exe)))
+    assert (d.engine, d.binary) == ("inprocess", None)
+    d = choice.decide(load_settings(chat_engine="auto", engine_bin=str(exe)))
+    assert d.engine == "server" and d.binary.server == exe
+    d = choice.decide(load_settings(chat_engine="AUTO", engine_bin=str(tmp_path / "missing")))
+    assert d.engine == "inprocess" and "not an executable" in d.reason and "in process" in d.reason
+    d = choice.decide(load_settings(chat_engine="server", engine_bin=str(tmp_path / "missing")))
+    assert d.engine == "server" and d.binary is None and d.reason.startswith("TARS_CHAT_ENGINE=server but")
+
+
+def test_settings_validate_the_new_knobs():
+    from distributed.errors import ConfigError
+
+    s = load_settings()
+    assert (s.chat_engine, s.parallel, s.engine_bin) == ("auto", 4, "")
+    with pytest.raises(ConfigError, match="TARS_PARALLEL"):
+        load_settings(parallel=0)
+    with pytest.raises(ConfigError, match="TARS_CHAT_ENGINE"):
+        load_settings(chat_engine="gpu")
+
+
+def test_the_engine_target_command_line(tmp_path):
+    from distributed.catalog import load_catalog
+    from distributed.domain import Assignment
+    from distributed.engine.target import EngineTarget
+
+    exe = _fake_server(tmp_path / "bin")
+    spec = load_catalog().get("gemma-3-270m")
+    a = Assignment(model=spec.id, kind="chat", node="n", device="cuda:1", quant="Q4_K_M", n_gpu_layers=-1,
+                   vram_mb=1, reason="t", backend="llama_cpp")
+    t = EngineTarget(spec, a, binary=binary.locate(str(exe)), model_path=lambda: tmp_path / "m.gguf", node="n",
+                     parallel=3, context=1000, threads=2)
+    argv = t.argv(tmp_path / "m.gguf")
+    pairs = {flag: argv[argv.index(flag) + 1] for flag in ("-m", "--host", "--port", "-np", "-c", "-t", "-ngl")}
+    assert argv[0] == str(exe) and pairs["-m"] == str(tmp_path / "m.gguf")
+    assert pairs["--host"] == "127.0.0.1" and int(pairs["--port"]) == t._port > 0
+    assert (pairs["-np"], pairs["-c"], pairs["-t"], pairs["-ngl"]) == ("3", "3000", "2", "999")
+    assert argv[argv.index("-mg") + 1] == "1" and "--jinja" in argv and "--slots" in argv and "--metrics" in argv
+    assert os.environ.get("LLAMA_ARG_API_KEY") is None
