@@ -1,0 +1,292 @@
+"""The split relay: llama.cpp RPC between hosts, only behind the cluster token.
+
+llama.cpp's RPC worker (``rpc-server``) has no authentication. So it listens on the worker
+host's 127.0.0.1 only, and engine → worker traffic crosses hosts through two relays run
+by the nodes::
+
+    llama-server --rpc 127.0.0.1:T ──► Tunnel (engine host, 127.0.0.1:T)
+        ──TCP, token preface──► RelayServer (worker host, TARS_HOST:TARS_SPLIT_PORT)
+        ──► rpc-server (worker host, 127.0.0.1 only)
+
+**Preface** (client first, 64 bytes, so a client without the token is answered nothing at
+all): ``MAGIC (8) | unix time, u64 big-endian (8) | random nonce (16) |
+HMAC-SHA256(token, MAGIC | time | nonce | target) (32)``. The server checks the MAC with
+``hmac.compare_digest`` (constant time), the time within ``SKEW_S`` of its clock and the
+nonce against those seen in that window (a captured preface cannot be replayed). Anything
+else — a short read, a wrong MAC, a stale or replayed preface, no token configured — and
+the connection is closed without a byte sent. Only then does the server connect to its
+local target and answer ``HMAC-SHA256(token, "ok" | nonce)`` (32 bytes), which proves to
+the client that it reached a holder of the token; after that, bytes flow both ways
+unchanged. The MAC covers the target name, so a preface for one worker opens no other.
+The bytes after the preface are not encrypted: the token decides who may open a channel,
+as it decides who may call ``/rpc`` (docs/RPC.md, *Pooled VRAM*).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import os
+import socket
+import struct
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import PeerUnavailable, Unauthorized
+from ..logs import fields, get_logger
+
+log = get_logger(__name__)
+
+MAGIC = b"TARSRLY1"
+PREFACE_LEN = 8 + 8 + 16 + 32
+SKEW_S = 300.0  # clocks of the two hosts may differ this much (seconds)
+HANDSHAKE_TIMEOUT_S = 5.0
+CHUNK = 256 * 1024
+
+Targets = Callable[[], "dict[str, tuple[str, int]]"]  # the local targets now: name -> (host, port)
+
+
+def _mac(token: bytes, *parts: bytes) -> bytes:
+    return hmac.new(token, b"".join(parts), hashlib.sha256).digest()
+
+
+def make_preface(token: str, target: str, *, now: float | None = None, nonce: bytes | None = None) -> bytes:
+    """The 64 bytes a client sends first (see the module doc)."""
+    stamp = struct.pack(">Q", int(time.time() if now is None else now))
+    nonce = os.urandom(16) if nonce is None else nonce
+    return MAGIC + stamp + nonce + _mac(token.encode(), MAGIC, stamp, nonce, target.encode())
+
+
+def _nodelay(writer: asyncio.StreamWriter) -> None:
+    sock = writer.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, count: list[int]) -> None:
+    try:
+        while data := await reader.read(CHUNK):
+            writer.write(data)
+            count[0] += len(data)
+            if writer.transport.get_write_buffer_size() > CHUNK:
+                await writer.drain()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        try:
+            if writer.can_write_eof():
+                writer.write_eof()
+        except (ConnectionError, OSError, RuntimeError):
+            pass
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    try:
+        await asyncio.wait_for(writer.wait_closed(), 1.0)
+    except (ConnectionError, OSError, asyncio.TimeoutError):
+        pass
+
+
+async def splice(a: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+                 b: tuple[asyncio.StreamReader, asyncio.StreamWriter], stats: dict[str, int]) -> None:
+    """Copy bytes both ways until either side closes; then close both."""
+    up, down = [0], [0]
+    try:
+        tasks = [asyncio.ensure_future(_pipe(a[0], b[1], up)), asyncio.ensure_future(_pipe(b[0], a[1], down))]
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        # one direction ended: give the other a moment to flush, then end the channel
+        if pending:
+            await asyncio.wait(pending, timeout=0.5)
+        for t in tasks:
+            t.cancel()
+    finally:
+        stats["bytes_up"] = stats.get("bytes_up", 0) + up[0]
+        stats["bytes_down"] = stats.get("bytes_down", 0) + down[0]
+        await asyncio.gather(_close(a[1]), _close(b[1]))
+
+
+class _Channels:
+    """The live connections of one listener, so close() ends them all."""
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    def track(self) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def close(self) -> None:
+        for t in list(self.tasks):
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+class RelayServer:
+    """Worker side: accepts token-checked channels and forwards each to a local target.
+
+    ``targets()`` gives the local targets a preface may name, ``{name: (host, port)}`` — the
+    RPC workers running on 127.0.0.1 now. ``host`` is the node's own address.
+    """
+
+    def __init__(self, token: str, host: str, port: int, targets: Targets, *, name: str = "relay",
+                 skew_s: float = SKEW_S, handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S) -> None:
+        self._token = token.encode()
+        self.host, self.port, self.name = host, port, name
+        self._targets = targets
+        self._skew = skew_s
+        self._timeout = handshake_timeout_s
+        self._seen: dict[bytes, float] = {}
+        self._server: asyncio.base_events.Server | None = None
+        self._channels = _Channels()
+        self.stats: dict[str, int] = {"accepted": 0, "refused": 0, "open": 0}
+
+    async def start(self) -> None:
+        if self._server is None:
+            self._server = await asyncio.start_server(self._handle, self.host, self.port)
+            self.port = self._server.sockets[0].getsockname()[1]
+            log.info("split relay listening on %s:%d (cluster token first)", self.host, self.port,
+                     extra=fields(relay=self.name))
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._channels.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    def info(self) -> dict[str, Any]:
+        return {"listen": f"{self.host}:{self.port}", **self.stats}
+
+    def _check(self, preface: bytes, targets: dict[str, tuple[str, int]]) -> tuple[str, int] | None:
+        """The local address the preface opens, or None. Constant-time MAC check."""
+        if not self._token or len(preface) != PREFACE_LEN or preface[:8] != MAGIC:
+            return None
+        stamp, nonce, mac = preface[8:16], preface[16:32], preface[32:]
+        now = time.time()
+        self._seen = {n: t for n, t in self._seen.items() if now - t <= 2 * self._skew}
+        where = None
+        for name, address in targets.items():
+            if hmac.compare_digest(mac, _mac(self._token, MAGIC, stamp, nonce, name.encode())):
+                where = address
+        if where is None or abs(now - struct.unpack(">Q", stamp)[0]) > self._skew or nonce in self._seen:
+            return None
+        self._seen[nonce] = now
+        return where
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._channels.track()
+        peer = writer.get_extra_info("peername")
+        try:
+            preface = await asyncio.wait_for(reader.readexactly(PREFACE_LEN), self._timeout)
+        except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError, OSError):
+            preface = b""
+        targets = self._targets()
+        where = self._check(preface, targets)
+        if where is None:
+            self.stats["refused"] += 1
+            log.warning("split relay refused %s: no valid cluster-token preface%s", peer,
+                        "" if targets else " (and no RPC worker runs here)", extra=fields(relay=self.name))
+            await _close(writer)
+            return
+        try:
+            local = await asyncio.wait_for(asyncio.open_connection(*where), self._timeout)
+        except (OSError, asyncio.TimeoutError) as exc:
+            self.stats["refused"] += 1
+            log.warning("split relay: RPC worker at %s:%d does not answer (%s)", *where, exc, extra=fields(relay=self.name))
+            await _close(writer)
+            return
+        self.stats["accepted"] += 1
+        self.stats["open"] += 1
+        _nodelay(writer)
+        _nodelay(local[1])
+        writer.write(_mac(self._token, b"ok", preface[16:32]))
+        try:
+            await splice((reader, writer), local, self.stats)
+        finally:
+            self.stats["open"] -= 1
+
+
+async def open_channel(host: str, port: int, token: str, target: str = "worker",
+                       timeout: float = HANDSHAKE_TIMEOUT_S) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Client side of the preface: a stream to ``target`` behind the relay at host:port.
+
+    Raises PeerUnavailable when the relay cannot be reached, Unauthorized when it closes
+    the connection instead of proving that it holds the token too.
+    """
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except (OSError, asyncio.TimeoutError) as exc:
+        raise PeerUnavailable(f"split relay at {host}:{port} unreachable: {exc or 'timeout'}",
+                              peer=f"{host}:{port}") from None
+    _nodelay(writer)
+    preface = make_preface(token, target)
+    writer.write(preface)
+    try:
+        proof = await asyncio.wait_for(reader.readexactly(32), timeout)
+    except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError, OSError):
+        await _close(writer)
+        raise Unauthorized(f"split relay at {host}:{port} closed the channel: wrong cluster token, clocks "
+                           f"more than {SKEW_S:.0f} s apart, or no RPC worker running there") from None
+    if not hmac.compare_digest(proof, _mac(token.encode(), b"ok", preface[16:32])):
+        await _close(writer)
+        raise Unauthorized(f"split relay at {host}:{port} does not hold the cluster token")
+    return reader, writer
+
+
+class Tunnel:
+    """Engine side: a 127.0.0.1 listener whose every connection becomes a token-checked
+    channel to ``target`` behind the relay at ``remote`` (host, port). The engine's
+    ``--rpc`` points at ``.address``."""
+
+    def __init__(self, token: str, remote: tuple[str, int], *, target: str = "worker", port: int = 0,
+                 name: str = "tunnel", timeout: float = HANDSHAKE_TIMEOUT_S) -> None:
+        self._token, self.remote, self.target, self.port, self.name = token, remote, target, port, name
+        self._timeout = timeout
+        self._server: asyncio.base_events.Server | None = None
+        self._channels = _Channels()
+        self.stats: dict[str, int] = {"accepted": 0, "failed": 0, "open": 0}
+        self.last_error: str | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        if self._server is None:
+            self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+            self.port = self._server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._channels.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    def info(self) -> dict[str, Any]:
+        return {"listen": self.address, "remote": f"{self.remote[0]}:{self.remote[1]}", **self.stats,
+                **({"error": self.last_error} if self.last_error else {})}
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._channels.track()
+        _nodelay(writer)
+        try:
+            remote = await open_channel(*self.remote, self._token, self.target, self._timeout)
+        except (PeerUnavailable, Unauthorized) as exc:
+            self.stats["failed"] += 1
+            self.last_error = exc.message
+            log.warning("split tunnel %s: %s", self.name, exc.message, extra=fields(relay=self.name))
+            await _close(writer)
+            return
+        self.last_error = None
+        self.stats["accepted"] += 1
+        self.stats["open"] += 1
+        try:
+            await splice((reader, writer), remote, self.stats)
+        finally:
+            self.stats["open"] -= 1
