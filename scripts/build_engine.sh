@@ -7,10 +7,11 @@
 # and -DGGML_RPC=ON always (pooled VRAM needs it). Cached per version and kind under
 # ${TARS_ENGINE_CACHE:-~/.cache/tars/engine}/<version>-<kind>/bin; a second run builds nothing.
 #
-# usage: scripts/build_engine.sh [--kind cpu|cuda] [--python PY] [--sdist FILE]
+# usage: scripts/build_engine.sh [--kind auto|cpu|cuda] [--python PY] [--sdist FILE]
+#   --kind auto (default): the kind of the installed llama-cpp-python (cuda when it carries libggml-cuda)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-KIND=cpu; PY=.venv/bin/python; SDIST=""
+KIND=auto; PY=.venv/bin/python; SDIST=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --kind) KIND="$2"; shift 2;;
@@ -20,12 +21,15 @@ while [ $# -gt 0 ]; do
     *) echo "build_engine: unknown argument $1" >&2; exit 2;;
   esac
 done
-case "$KIND" in cpu|cuda) ;; *) echo "build_engine: --kind must be cpu or cuda, not $KIND" >&2; exit 2;; esac
+case "$KIND" in auto|cpu|cuda) ;; *) echo "build_engine: --kind must be auto, cpu or cuda, not $KIND" >&2; exit 2;; esac
 
 VERSION=$("$PY" -c "import importlib.metadata as m; print(m.version('llama-cpp-python'))" 2>/dev/null || true)
 if [ -z "$VERSION" ]; then
   echo "build_engine: llama-cpp-python is not installed in $PY; install it first (scripts/dev_install.sh)" >&2
   exit 1
+fi
+if [ "$KIND" = auto ]; then
+  KIND=$("$PY" -c "import importlib.util as u, pathlib as p; s = u.find_spec('llama_cpp'); print('cuda' if s and any(any(p.Path(d).glob('lib/libggml-cuda*')) for d in s.submodule_search_locations) else 'cpu')")
 fi
 CACHE="${TARS_ENGINE_CACHE:-$HOME/.cache/tars/engine}"
 DEST="$CACHE/$VERSION-$KIND"

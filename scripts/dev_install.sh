@@ -32,6 +32,9 @@ step "llama-cpp-python (CPU build: compiled once, ~4 min, into ~/.cache/tars/whe
   ensure_llama
 )
 
+step "llama-server engine (the llama.cpp llama-cpp-python vendors, same build kind: compiled once, ~10 min, into ~/.cache/tars/engine)"
+bash scripts/build_engine.sh --python .venv/bin/python
+
 step "tars-distributed with its test extras"
 .venv/bin/pip install -q -e ".[test]"
 
