@@ -49,6 +49,14 @@ ensure_venv
 detect_build
 install_torch
 install_llama
+# llama.cpp's own server from the same llama.cpp source, same build kind (part of this step)
+if skip_install; then
+  info "TARS_SETUP_SKIP_INSTALL=1, not running: scripts/build_engine.sh --python $VPY"
+elif bash "$ROOT/scripts/build_engine.sh" --python "$VPY" | sed 's/^/      /'; then
+  ok "llama-server built (GGUF chat serves several requests at once)"
+else
+  warn "llama-server did not build (output above); GGUF chat runs in process, one request at a time, until: bash scripts/build_engine.sh"
+fi
 install_project
 profile_and_plan pc1
 
