@@ -108,14 +108,12 @@ stop_node() {
 }
 trap stop_node EXIT
 
-if ! probe_port "$HOST" "$PORT"; then
-  http_get "$URL/health"
-  if [ "$HTTP_STATUS" != unreachable ] && [[ "$HTTP_BODY" == *'"node"'* ]]; then
-    info "a TARS node already listens on $URL: checking that one instead of starting another"
-  else
-    die "port $PORT on $HOST is already in use ($PORT_REASON) by another program" \
-      "find it with: ss -ltnp 'sport = :$PORT' — stop it, or choose another port: set TARS_PORT in $ENV_FILE (or TARS_PORT=8010 bash scripts/setup_pc1.sh)"
-  fi
+check_port "$HOST" "$PORT"
+if [ "$PORT_STATE" = node ]; then
+  info "a TARS node already listens on $URL: checking that one instead of starting another"
+elif [ "$PORT_STATE" = other ]; then
+  die "port $PORT on $HOST is already in use ($PORT_REASON) by another program" \
+    "find it with: ss -ltnp 'sport = :$PORT' — stop it, or choose another port: set TARS_PORT in $ENV_FILE (or TARS_PORT=8010 bash scripts/setup_pc1.sh)"
 else
   LOG=$(mktemp "${TMPDIR:-/tmp}/tars-selfcheck-pc1.XXXXXX")
   info "starting: $VPY -m distributed serve --env-file $ENV_FILE (log: $LOG)"

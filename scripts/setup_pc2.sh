@@ -117,18 +117,13 @@ if ! selfcheck_enabled; then
   summary
   exit 0
 fi
-if ! probe_port "$HOST" "$PORT"; then
-  check_host=$HOST; [ "$check_host" = 0.0.0.0 ] && check_host=127.0.0.1
-  http_get "http://$check_host:$PORT/health"
-  if [ "$HTTP_STATUS" != unreachable ] && [[ "$HTTP_BODY" == *'"node"'* ]]; then
-    ok "a TARS node already runs on port $PORT here (./run_pc2.sh is up)"
-  else
-    die "port $PORT on $HOST, which this node will use, is already in use ($PORT_REASON)" \
-      "find the program with: ss -ltnp 'sport = :$PORT' — stop it, or set TARS_PORT in $ENV_FILE to a free port"
-  fi
-else
-  ok "port $PORT is free for this node"
-fi
+check_port "$HOST" "$PORT"
+case "$PORT_STATE" in
+  node) ok "a TARS node already runs on port $PORT here (./run_pc2.sh is up)" ;;
+  other) die "port $PORT on $HOST, which this node will use, is already in use ($PORT_REASON)" \
+           "find the program with: ss -ltnp 'sport = :$PORT' — stop it, or set TARS_PORT in $ENV_FILE to a free port" ;;
+  *) ok "port $PORT is free for this node" ;;
+esac
 
 http_get "$PC1_URL/health"
 case "$HTTP_STATUS" in
