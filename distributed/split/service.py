@@ -1,0 +1,115 @@
+"""What one node does for pooled VRAM, both sides of a split.
+
+- **Worker side** (the host lending its GPU): on ``split.worker_start`` over ``/rpc`` it
+  runs an RPC worker for the model (``worker.WorkerPool``, 127.0.0.1 only) and, while any
+  worker runs, the relay in front of them (``relay.RelayServer`` on ``TARS_HOST`` :
+  ``TARS_SPLIT_PORT``, cluster token first). The last ``split.worker_stop`` stops both, so
+  a host that lends nothing listens on nothing extra.
+- **Engine side** (the host running llama-server): ``tunnel(host, port, model)`` gives a
+  127.0.0.1 listener for the engine's ``--rpc`` that reaches that model's worker through
+  the peer's relay.
+
+Both hosts must run one llama.cpp version (llama.cpp's RPC protocol changes between
+releases): ``worker_start`` refuses a caller whose version differs, naming both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from ..errors import ConfigError
+from ..logs import get_logger
+from .relay import RelayServer, Tunnel
+from .worker import WorkerPool
+
+log = get_logger(__name__)
+
+
+class SplitService:
+    def __init__(self, settings: Any, *, binary: Any = None) -> None:
+        self.settings = settings
+        self.name = settings.node_name
+        self._token = settings.cluster_token.get_secret_value()
+        self.pool = WorkerPool(settings, binary)
+        self.relay: RelayServer | None = None
+        self.tunnels: dict[str, Tunnel] = {}
+        self._lock = asyncio.Lock()
+
+    @property
+    def version(self) -> str:
+        return self.pool.version
+
+    # ------------------------------------------------------------------ worker side
+    async def worker_start(self, model: str, device: str = "", caller: str = "", version: str = "") -> dict[str, Any]:
+        mine = self.version
+        if version and mine and version != mine:
+            raise ConfigError(f"llama.cpp versions differ: {caller or 'the engine host'} runs {version}, "
+                              f"{self.name} runs {mine}; a split needs one llama.cpp version on both hosts "
+                              f"(install the same llama-cpp-python and rebuild the engine)",
+                              caller_version=version, version=mine)
+        if not self._token:
+            raise ConfigError(f"{self.name} has no TARS_CLUSTER_TOKEN: its split relay would accept no channel")
+        info = await self.pool.start_worker(model, device, caller)
+        async with self._lock:
+            if self.relay is None:
+                self.relay = RelayServer(self._token, self.settings.host, self.settings.relay_port, self.pool.targets,
+                                         name=f"{self.name}-relay")
+                try:
+                    await self.relay.start()
+                except OSError as exc:
+                    self.relay = None
+                    raise ConfigError(f"{self.name} cannot open its split relay on {self.settings.host}:"
+                                      f"{self.settings.relay_port} ({exc.strerror or exc}); set TARS_SPLIT_PORT "
+                                      f"to a free port") from None
+        return {"node": self.name, "model": model, "target": model, "relay_port": self.relay.port,
+                "version": mine, "worker": info}
+
+    async def worker_stop(self, model: str) -> dict[str, Any]:
+        stopped = await self.pool.stop_worker(model)
+        async with self._lock:
+            if not len(self.pool) and self.relay is not None:
+                await self.relay.close()
+                self.relay = None
+        return {"node": self.name, "model": model, "stopped": stopped}
+
+    # ------------------------------------------------------------------ engine side
+    async def tunnel(self, host: str, port: int, model: str) -> Tunnel:
+        """A 127.0.0.1 listener reaching ``model``'s worker behind the relay at host:port
+        (replaces an older tunnel of the model)."""
+        old = self.tunnels.pop(model, None)
+        if old is not None:
+            await old.close()
+        t = Tunnel(self._token, (host, port), target=model, name=f"{self.name}->{host}:{port}/{model}")
+        await t.start()
+        self.tunnels[model] = t
+        return t
+
+    async def close_tunnel(self, model: str) -> None:
+        t = self.tunnels.pop(model, None)
+        if t is not None:
+            await t.close()
+
+    # ------------------------------------------------------------------ both
+    def info(self) -> dict[str, Any]:
+        return {"version": self.version,
+                "relay": self.relay.info() if self.relay is not None else None,
+                "workers": self.pool.info(),
+                "tunnels": {m: t.info() for m, t in self.tunnels.items()}}
+
+    async def close(self) -> None:
+        for model in list(self.tunnels):
+            await self.close_tunnel(model)
+        await self.pool.close()
+        if self.relay is not None:
+            await self.relay.close()
+            self.relay = None
+
+
+def service_of(node: Any, settings: Any) -> SplitService:
+    """The node's split service (created on first use; ``node.split``)."""
+    svc = getattr(node, "split", None)
+    if svc is None:
+        svc = SplitService(settings)
+        node.split = svc
+    return svc
