@@ -55,6 +55,11 @@ def _spec_from_entry(entry: Any, where: str) -> ModelSpec:
         raise ConfigError(f"{at}: unknown field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(_FIELDS))}")
     if not isinstance(entry["id"], str) or not entry["id"].strip():
         raise ConfigError(f"{at}: field 'id' must be a non-empty string")
+    for name in ("id", "file"):  # both name things on disk: never a path that leaves the models folder
+        value = entry.get(name)
+        if isinstance(value, str) and ("/" in value or "\\" in value or ".." in value or "\x00" in value):
+            raise ConfigError(f"{at}: field '{name}' must be a plain name without path separators or '..' "
+                              f"(got {value!r}); use 'path' for a local file")
     if entry["kind"] not in KINDS:
         raise ConfigError(f"{at}: field 'kind' is {entry['kind']!r}; accepts {', '.join(KINDS)}")
     if entry["backend"] not in BACKENDS:

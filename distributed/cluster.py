@@ -39,13 +39,14 @@ from typing import Any
 
 import orjson
 
-from . import __version__
+from . import __version__, peer_urls
 from .domain import Assignment, HostProfile, ModelSpec, Plan
 from .errors import ConfigError, ModelFailed, PeerUnavailable, TarsError, Unauthorized, ValidationFailed
 from .logs import fields, get_logger
 from .peers import VITALS, ClientFactory, Peer, PeerTable, background
 from .rpc.client import PeerClient
 from .rpc.remote import RemoteTarget
+from .tls import Pins
 from .targets import LocalTarget, Target
 
 log = get_logger(__name__)
@@ -83,11 +84,12 @@ class Cluster:
         self._running = False
         self._vitals: dict[str, Any] = {}
         self._vitals_at = -1e9
+        self.pins = Pins.from_settings(settings)  # TLS fingerprints trusted for https:// peers (tls.py)
 
     def _default_client(self, url: str) -> PeerClient:
         s = self.settings
         return PeerClient(url, s.cluster_token.get_secret_value(), timeout=s.rpc_timeout_s,
-                          long_timeout=s.request_timeout_s)
+                          long_timeout=s.request_timeout_s, pins=self.pins)
 
     @property
     def peers(self) -> dict[str, Peer]:
@@ -140,7 +142,8 @@ class Cluster:
     def _join_params(self) -> dict[str, Any]:
         profile = self.node.profile
         return {"name": self.name, "url": self.settings.base_url, "role": self.role, "version": __version__,
-                "profile": profile.to_dict() if profile is not None else {}, "models": self._local_models()}
+                "profile": profile.to_dict() if profile is not None else {}, "models": self._local_models(),
+                "fingerprint": self.pins.own}
 
     async def _join_loop(self, url: str) -> None:
         """cluster.join until it answers; backoff 0.25 s doubling to 5 s; each attempt logged."""
@@ -167,7 +170,7 @@ class Cluster:
 
     async def _joined(self, url: str, client: PeerClient, answer: dict[str, Any]) -> None:
         try:
-            server = str(answer["server"])
+            server = peer_urls.check_name(answer["server"], "server")
             plan = Plan.from_dict(answer["plan"])
         except (KeyError, TypeError, ValueError):
             raise ValidationFailed(f"peer at {url} sent a join answer without server/plan") from None
@@ -185,16 +188,22 @@ class Cluster:
 
     # ----------------------------------------------------------------- RPC handlers
     async def handle_join(self, name: str, url: str, profile: dict[str, Any], role: str = "worker",
-                          version: str = "", models: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                          version: str = "", models: list[dict[str, Any]] | None = None,
+                          fingerprint: str = "") -> dict[str, Any]:
         """A host joins (or rejoins after a restart): replan over every live host, apply, answer the plan."""
         if self.role == "standalone":
             raise ConfigError(f"node {self.name} runs standalone (TARS_ROLE=standalone) and accepts no peers")
         if not self.is_planner:
             raise ValidationFailed(f"node {self.name} is a worker; join the server {self.server or '(unknown)'} "
                                    "instead", field="TARS_PEERS")
+        name = peer_urls.check_name(name)
         if name == self.name:
             raise ValidationFailed(f"node name '{name}' is already taken by the node you are joining; give each "
                                    "host its own TARS_NODE_NAME", field="name")
+        url = peer_urls.check_url(url)
+        await peer_urls.check_join_origin(url)  # the URL must point back at the host that sent the join
+        if fingerprint and url.startswith("https://"):  # its TLS certificate, told over the token-checked channel
+            self.pins.add(fingerprint)
         try:
             host = HostProfile.from_dict(profile)
         except (TypeError, ValueError, KeyError) as exc:
@@ -202,6 +211,7 @@ class Cluster:
         known = name in self.peers
         peer = self.table.upsert(name, url, role=role, profile=host, models=models or [], version=version)
         peer.answered()
+        peer_urls.recheck_vram(peer, log)
         log.info("peer %s %s from %s", name, "rejoined" if known else "joined", url,
                  extra=fields(peer=name, gpu=host.best_gpu.name if host.best_gpu else "cpu"))
         plan = self._replan()
@@ -215,13 +225,15 @@ class Cluster:
                                plan_id: str = "", sent_at: float = 0.0, gpus: list[dict[str, Any]] | None = None,
                                totals: dict[str, Any] | None = None,
                                ram: dict[str, Any] | None = None) -> dict[str, Any]:
-        peer = self.table.get(name)
+        peer = self.table.get(peer_urls.check_name(name))
         if peer is None or peer.state == "left":
             if self.is_planner or not url:
                 return {"known": False, "name": self.name}  # → the sender joins (again)
-            peer = self.table.upsert(name, url)
+            peer = self.table.upsert(name, peer_urls.check_url(url))
         peer.answered()
         peer.report(models or [], gpus, totals, ram)
+        if peer_urls.recheck_vram(peer, log) and self.is_planner:  # its live VRAM now (dis)agrees with its profile
+            background(self._reapply())
         self._settle(peer)
         out: dict[str, Any] = {"known": True, "name": self.name, "models": self._local_models(),
                                "plan_id": self.plan_id, **self.vitals()}
@@ -330,11 +342,15 @@ class Cluster:
 
         hosts: dict[str, HostProfile] = {self.name: self.node.profile}
         for peer in sorted(self.table.live(), key=lambda p: p.name):
-            if peer.profile is not None:
+            if peer.profile is not None and peer_urls.trusted(peer):  # no models until its figures agree
                 hosts[peer.name] = peer.profile
         specs = self.node.model_specs()
         return planner.plan(hosts, specs, reserve_mb=self.settings.vram_reserve_mb, context=self.settings.context,
                             paths=self._paths(specs), split=self.settings.split != "off")
+
+    async def _reapply(self) -> None:
+        plan = self._replan()
+        await self._apply(plan, plan_id(plan))
 
     async def _apply(self, plan: Plan, pid: str) -> None:
         """This host's share via the node; a RemoteTarget for every model on another host.

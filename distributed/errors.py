@@ -8,7 +8,8 @@ layer and the ``/rpc`` layer translate errors *by type*, in one place each
     TarsError                      500  -32000
     ├── ConfigError                500  -32001   bad settings, presets, profiles
     ├── ValidationFailed           400  -32602   a request field is wrong (names the field)
-    │   └── InputTooLong           400  -32005   prompt longer than the context
+    │   ├── InputTooLong           400  -32005   prompt longer than the context
+    │   └── UnsupportedMediaType   415  -32602   body not declared application/json
     ├── ModelNotFound              404  -32002   unknown model id (lists the known ones)
     │   └── ModelNotDownloaded     404  -32002   known model, files not on this host (pull it)
     ├── ModelLoading               503  -32003   model exists but is not ready yet
@@ -76,6 +77,13 @@ class InputTooLong(ValidationFailed):
         super().__init__(message, field=field, limit=limit, got=got)
         self.limit = limit
         self.got = got
+
+
+class UnsupportedMediaType(ValidationFailed):
+    """A state-changing request whose body is not declared ``application/json`` (HTTP 415)."""
+
+    http_status = 415
+    kind = "unsupported_media_type"
 
 
 class ModelNotFound(TarsError):

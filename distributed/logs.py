@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 _NODE = "-"
+_CONTROL = {i: f"\\x{i:02x}" for i in [*range(0x20), 0x7F, 0x85]} | {0x2028: "\\u2028", 0x2029: "\\u2029"}
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
 
@@ -48,7 +49,9 @@ class _TextFormatter(logging.Formatter):
         extra = dict(getattr(record, "fields", {}) or {})
         extra.update({k: v for k, v in record.__dict__.items() if k not in _RESERVED and k != "fields"})
         tail = "".join(f" {k}={v}" for k, v in extra.items())
-        line = f"{ts} {record.levelname:<5} {_NODE} {record.name.removeprefix('distributed.')}: {record.getMessage()}{tail}"
+        # one record = one line: control characters (a newline in a peer's name ...) are escaped
+        text = f"{record.getMessage()}{tail}".translate(_CONTROL)
+        line = f"{ts} {record.levelname:<5} {_NODE} {record.name.removeprefix('distributed.')}: {text}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line

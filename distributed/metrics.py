@@ -5,11 +5,15 @@ label children (a dict lookup, no label parsing per request). Gauges that
 describe *state* — queue depth, VRAM, temperature — are read from the node when
 ``/metrics`` is scraped, through the callables given to ``bind()``, so nothing
 polls in the background.
+
+Label values come only from models that exist: a model name a client made up (a 404)
+is counted under ``unknown``, so random names cannot grow ``/metrics`` without bound
+(``bind(models=...)`` says which ids exist; ``default`` and ``""`` are kept as they are).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -21,6 +25,8 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 _TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+UNKNOWN = "unknown"
+_FIXED = frozenset({"", "default", UNKNOWN})
 
 
 class Metrics:
@@ -50,14 +56,28 @@ class Metrics:
         self._children: dict[tuple[Any, ...], Any] = {}
         self._queue_fn: Callable[[], dict[str, int]] = dict
         self._gpu_fn: Callable[[], Iterable[GPUInfo]] = list
+        self._models: Callable[[], Container[str]] | None = None  # unbound: every label value is kept
 
     def bind(self, queue_depths: Callable[[], dict[str, int]] | None = None,
-             gpus: Callable[[], Iterable[GPUInfo]] | None = None) -> None:
-        """Tell the collectors where the state gauges come from (read at scrape time)."""
+             gpus: Callable[[], Iterable[GPUInfo]] | None = None,
+             models: Callable[[], Container[str]] | None = None) -> None:
+        """Tell the collectors where the state gauges come from (read at scrape time) and
+        which model ids exist (``models``: a container of ids, e.g. the node's targets)."""
         if queue_depths is not None:
             self._queue_fn = queue_depths
         if gpus is not None:
             self._gpu_fn = gpus
+        if models is not None:
+            self._models = models
+
+    def model_label(self, model: str) -> str:
+        """``model`` when it exists (or is a fixed label), else ``unknown``."""
+        if model in _FIXED or self._models is None:
+            return model
+        try:
+            return model if model in self._models() else UNKNOWN
+        except Exception:  # noqa: BLE001 - a label must never fail a request
+            return UNKNOWN
 
     def _child(self, metric: Any, *labels: str) -> Any:
         key = (id(metric), *labels)
@@ -68,6 +88,7 @@ class Metrics:
 
     # ----------------------------------------------------------------- request path
     def observe_request(self, endpoint: str, model: str, status: int, seconds: float) -> None:
+        model = self.model_label(model)
         self._child(self.requests, endpoint, model, str(status)).inc()
         self._child(self.latency, endpoint, model).observe(seconds)
 

@@ -50,7 +50,7 @@ class Node:
             store = ModelStore(settings.models_dir)
         self.store = store
         self.metrics = metrics or Metrics(self.name)
-        self.metrics.bind(queue_depths=self._queue_depths, gpus=self.live_gpus)
+        self.metrics.bind(queue_depths=self._queue_depths, gpus=self.live_gpus, models=lambda: self.targets)
         self.backend_extra = dict(backend_extra or {})
         self.targets: dict[str, Target] = {}
         # Copies loading here while a peer still serves the model (make before break, apply_plan).

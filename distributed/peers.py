@@ -27,7 +27,9 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from . import peer_urls
 from .domain import GPUInfo, HostProfile
+from .errors import ValidationFailed
 from .logs import fields, get_logger
 from .rpc.client import PeerClient
 
@@ -203,8 +205,13 @@ class PeerTable:
         """A peer we heard of through the server (clusters of 3+ hosts)."""
         if not isinstance(other, dict) or not other.get("name") or not other.get("url"):
             return
-        if other["name"] != self.me and other["name"] not in self.peers:
-            self.upsert(str(other["name"]), str(other["url"]), role=str(other.get("role", "worker")))
+        try:  # a peer list is taken only with valid names and base URLs
+            name, url = peer_urls.check_name(other["name"]), peer_urls.check_url(other["url"])
+        except ValidationFailed as exc:
+            log.warning("ignoring a listed peer: %s", exc.message)
+            return
+        if name != self.me and name not in self.peers:
+            self.upsert(name, url, role=str(other.get("role", "worker")))
 
     def listing(self, exclude: str = "") -> list[dict[str, Any]]:
         """name, url and role of every peer that has not left (what the server tells others)."""

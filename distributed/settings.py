@@ -49,6 +49,16 @@ class Settings(BaseSettings):
     # --- security
     cluster_token: SecretStr = Field(SecretStr(""), description="Shared secret every /rpc call must carry.")
     api_key: SecretStr = Field(SecretStr(""), description="If set, every endpoint but /health needs 'Authorization: Bearer <key>'.")
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Extra comma-separated names this node answers to in the Host header (besides loopback, its own "
+                    "addresses, its node and host name); '.example.lan' allows a domain, '*' anything.")
+    tls_cert: str = Field("", description="PEM certificate file: serve HTTPS (with TARS_TLS_KEY). scripts/setup_pc1.sh --tls writes one.")
+    tls_key: str = Field("", description="PEM private key file of TARS_TLS_CERT.")
+    tls_pins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated SHA-256 fingerprints of peer certificates this node trusts for https:// peers "
+                    "(self-signed, pinned; no CA). Its own certificate is always trusted.")
 
     # --- hardware and models
     gpu_profile: str = Field("", description="Simulated hardware: a preset (rtx3060-12gb, gtx1660s-6gb, cpu, ...) or a path to a JSON profile. Empty = detect.")
@@ -83,11 +93,15 @@ class Settings(BaseSettings):
     embed_max_wait_ms: float = Field(2.0, ge=0, le=1000, description="Longest an embedding waits for its batch to fill, ms.")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body accepted, bytes.")
 
+    embed_max_inputs: int = Field(2048, ge=1, le=1_000_000, description="Most texts in one embedding request (400 beyond).")
+    max_connections: int = Field(0, ge=0, le=1_000_000, description="Open client connections at most; 0 = derived from the process's file limit (RLIMIT_NOFILE).")
+    header_timeout_s: float = Field(10.0, gt=0, le=600, description="Seconds a client has to send a request's headers, and the longest pause while it sends a body.")
+    keepalive_s: float = Field(5.0, gt=0, le=600, description="Seconds an idle keep-alive connection stays open.")
     # --- logging
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="debug, info, warning or error.")
     log_format: Literal["text", "json"] = Field("text", description="text or json (structured, one object a line).")
 
-    @field_validator("peers", "models", mode="before")
+    @field_validator("peers", "models", "allowed_hosts", "tls_pins", mode="before")
     @classmethod
     def _split_csv(cls, v: Any) -> Any:
         if isinstance(v, str):
@@ -103,6 +117,17 @@ class Settings(BaseSettings):
         return [u.rstrip("/") for u in v]
 
     @field_validator("models_dir")
+    @field_validator("tls_pins")
+    @classmethod
+    def _check_pins(cls, v: list[str]) -> list[str]:
+        out = []
+        for fp in v:
+            hexfp = fp.lower().removeprefix("sha256:").replace(":", "")
+            if len(hexfp) != 64 or any(c not in "0123456789abcdef" for c in hexfp):
+                raise ValueError(f"'{fp[:80]}' is not a SHA-256 certificate fingerprint (64 hex digits)")
+            out.append(hexfp)
+        return out
+
     @classmethod
     def _expand_home(cls, v: Path) -> Path:
         return v.expanduser()  # "~/models" in an env file means the user's home
@@ -147,6 +172,12 @@ class Settings(BaseSettings):
     def check_for_serving(self) -> None:
         """Refuse combinations that are unsafe to serve with."""
         if self.peers and not self.cluster_token.get_secret_value():
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("TARS_TLS_CERT and TARS_TLS_KEY go together: set both (scripts/setup_pc1.sh --tls "
+                              "writes them) or neither")
+        for var, path in (("TARS_TLS_CERT", self.tls_cert), ("TARS_TLS_KEY", self.tls_key)):
+            if path and not Path(path).expanduser().is_file():
+                raise ConfigError(f"{var}={path}: no such file")
             raise ConfigError(
                 "TARS_PEERS is set but TARS_CLUSTER_TOKEN is empty: the /rpc channel refuses "
                 "unauthenticated peers. Copy the token printed by scripts/setup_pc1.sh into "

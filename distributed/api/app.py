@@ -37,6 +37,7 @@ from ..errors import PayloadTooLarge, TarsError, Unauthorized, ValidationFailed
 from ..logs import get_logger
 from . import native, openai
 from .auth import ApiKey
+from .guards import Guards, host_policy
 from .schemas import error_json
 
 log = get_logger(__name__)
@@ -252,4 +253,5 @@ def create_app(settings: Any, node: Any) -> Any:
             ("POST", "/v1/embeddings"): openai.embeddings, ("GET", "/health"): native.health}
     app.add_middleware(Edge, node=node, api_key=ApiKey(settings.api_key.get_secret_value()),
                        max_body=settings.max_body_bytes, endpoints=endpoints, fast=fast)
+    app.add_middleware(Guards, node_name=node.name, hosts=host_policy(settings))  # outermost: api/guards.py
     return app

@@ -142,7 +142,7 @@ async def _events(first: TokenChunk | Completion, agen: AsyncIterator[Any], node
                  "schema": s.EmbedBody.model_json_schema(ref_template="#/components/schemas/{model}")}}}})
 async def embed(request: Request) -> Response:
     node = _node(request)
-    req = s.parse(s.EmbedBody, await request.body()).to_domain()
+    req = s.parse(s.EmbedBody, await request.body()).to_domain(request.app.state.settings.embed_max_inputs)
     label(request, req.model)
     result = await node.embed(req)
     label(request, result.model)

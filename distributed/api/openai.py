@@ -114,7 +114,7 @@ def _error_event(exc: TarsError, node: str) -> bytes:
 async def embeddings(request: Request) -> Response:
     node = _node(request)
     r = s.parse(s.EmbeddingsRequest, await request.body())
-    req = r.to_domain()
+    req = r.to_domain(request.app.state.settings.embed_max_inputs)
     label(request, req.model)
     result = await node.embed(req)
     label(request, result.model)

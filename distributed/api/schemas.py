@@ -165,11 +165,11 @@ class EmbedBody(_Native):
     input: str | list[str]
     normalize: bool = True
 
-    def to_domain(self) -> EmbedRequest:
-        return EmbedRequest(model=self.model or None, input=_inputs(self.input), normalize=self.normalize)
+    def to_domain(self, max_inputs: int = 0) -> EmbedRequest:
+        return EmbedRequest(model=self.model or None, input=_inputs(self.input, max_inputs), normalize=self.normalize)
 
 
-def _inputs(value: Any) -> list[str]:
+def _inputs(value: Any, max_inputs: int = 0) -> list[str]:
     texts = [value] if isinstance(value, str) else list(value)
     if not texts:
         raise ValidationFailed("'input' is empty; send a string or a non-empty list of strings", field="input")
@@ -184,6 +184,9 @@ def _inputs(value: Any) -> list[str]:
 
 
 class StreamOptions(BaseModel):
+    if max_inputs and len(texts) > max_inputs:
+        raise ValidationFailed(f"'input' has {len(texts)} texts; this node embeds at most {max_inputs} per request "
+                               "(TARS_EMBED_MAX_INPUTS): split it", field="input", limit=max_inputs, got=len(texts))
     include_usage: bool = False
 
 
@@ -251,8 +254,8 @@ class EmbeddingsRequest(_OpenAI):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
 
-    def to_domain(self) -> EmbedRequest:
-        return EmbedRequest(model=self.model or None, input=_inputs(self.input), normalize=True)
+    def to_domain(self, max_inputs: int = 0) -> EmbedRequest:
+        return EmbedRequest(model=self.model or None, input=_inputs(self.input, max_inputs), normalize=True)
 
 
 # =========================================================================== responses

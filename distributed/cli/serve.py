@@ -18,24 +18,6 @@ import typer
 from ..errors import ConfigError, TarsError
 
 
-def _uvicorn_server(app: Any, host: str, port: int, log: Any) -> Any:
-    import uvicorn
-
-    from ..optional import available
-
-    class Server(uvicorn.Server):
-        async def startup(self, sockets: Any = None) -> None:
-            await super().startup(sockets=sockets)
-            if not self.should_exit:
-                log.info("listening on http://%s:%d", host, port)
-
-    config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
-                            loop="uvloop" if available("uvloop") else "asyncio",
-                            http="httptools" if available("httptools") else "h11",
-                            timeout_graceful_shutdown=5, server_header=False)
-    return Server(config)
-
-
 def serve(env_file: Optional[Path] = None, host: Optional[str] = None, port: Optional[int] = None,
           name: Optional[str] = None, gpu_profile: Optional[str] = None, peers: Optional[str] = None,
           models: Optional[str] = None, models_dir: Optional[Path] = None, backend: Optional[str] = None,
@@ -73,9 +55,11 @@ def serve(env_file: Optional[Path] = None, host: Optional[str] = None, port: Opt
         typer.secho(f"error: {exc.message}", fg="red", err=True)
         sys.exit(2)
     app = create_app(settings, node)
-    log.info("starting node %s on http://%s:%d (role %s)", settings.node_name, settings.host, settings.port,
-             settings.effective_role)
-    server = _uvicorn_server(app, settings.host, settings.port, log)
+    log.info("starting node %s on %s://%s:%d (role %s)", settings.node_name, "https" if settings.tls_cert else "http",
+             settings.host, settings.port, settings.effective_role)
+    from .http_server import build_server
+
+    server = build_server(app, settings, log)  # connection deadlines and bound, TLS (cli/http_server.py)
     server.run()
     if getattr(server, "started", True) is False:  # e.g. the port is taken: uvicorn logged why
         sys.exit(1)

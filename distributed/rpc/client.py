@@ -16,6 +16,11 @@ boundary:
 Only idempotent methods (``protocol.IDEMPOTENT_METHODS``) are retried, with
 exponential backoff, and only on transport failures: a generation that may
 have reached the peer is never sent twice.
+
+An ``https://`` peer with ``pins`` (``tls.Pins``) is pinned: before the first call
+the client reads the peer's certificate in a handshake that sends nothing and
+trusts exactly that certificate if its SHA-256 fingerprint is pinned (no CA, no
+host name check); a different certificate fails before the token is sent.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ class PeerClient:
     def __init__(self, base_url: str, token: str, *, transport: httpx.AsyncBaseTransport | None = None,
                  timeout: float = 5.0, long_timeout: float = 300.0, name: str | None = None,
                  retries: int = 3, backoff_s: float = 0.1, max_backoff_s: float = 2.0,
-                 max_connections: int = 64) -> None:
+                 max_connections: int = 64, pins: Any = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.name = name or self.base_url
         self.timeout = timeout
@@ -49,7 +54,9 @@ class PeerClient:
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         self._ids = itertools.count(1)
+        self._pinned = pins.context() if pins and self.base_url.startswith("https://") else None
         self._client = httpx.AsyncClient(
+            verify=self._pinned.ssl if self._pinned is not None else True,
             base_url=self.base_url,
             transport=transport,
             timeout=httpx.Timeout(timeout),
@@ -59,6 +66,11 @@ class PeerClient:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+    async def _pin(self) -> None:
+        """Pin the peer's certificate before the first request (https peers with pins)."""
+        if self._pinned is not None and not self._pinned.pinned:
+            await self._pinned.pin(self.base_url, self.name, self.timeout)
 
     def _timeout(self, timeout: float | None, long: bool = False) -> httpx.Timeout:
         if timeout is None:
@@ -117,6 +129,7 @@ class PeerClient:
             rid = next(self._ids)
             body = p.dumps(p.request(method, params, rid))
             try:
+                await self._pin()
                 resp = await self._client.post("/rpc", content=body, timeout=self._timeout(timeout, long))
             except httpx.HTTPError as exc:
                 err = self.translate(exc, method)
@@ -130,6 +143,7 @@ class PeerClient:
     async def notify(self, method: str, params: Any = None, *, timeout: float | None = None) -> None:
         """A notification: the peer answers nothing (HTTP 204)."""
         try:
+            await self._pin()
             resp = await self._client.post("/rpc", content=p.dumps(p.notification(method, params)),
                                            timeout=self._timeout(timeout))
         except httpx.HTTPError as exc:
@@ -145,6 +159,7 @@ class PeerClient:
         ids = [next(self._ids) for _ in calls]
         body = p.dumps([p.request(m, prm, i) for (m, prm), i in zip(calls, ids)])
         try:
+            await self._pin()
             resp = await self._client.post("/rpc", content=body, timeout=self._timeout(timeout))
         except httpx.HTTPError as exc:
             raise self.translate(exc, "batch") from None
@@ -191,6 +206,7 @@ class PeerClient:
         rid = next(self._ids)
         body = p.dumps(p.request(p.STREAM_METHOD, params, rid))
         method = p.STREAM_METHOD
+        await self._pin()
         try:
             async with self._client.stream("POST", "/rpc", content=body,
                                            timeout=self._timeout(timeout, long=True)) as resp:

@@ -160,6 +160,7 @@ class RpcServer:
                 "name": Param(S, required=True), "url": Param(S, required=True),
                 "profile": Param(D, required=True), "role": Param(S, default="worker"),
                 "version": Param(S, default=""), "models": Param(L, default=list, items=dict),
+                "fingerprint": Param(S, default=""),  # its TLS certificate's SHA-256 (tls.py), if it serves https
             }, self.join, ignore_unknown=True),
             "cluster.heartbeat": self._wrap("cluster.heartbeat", {
                 "name": Param(S, required=True), "url": Param(S, default=""),
