@@ -92,11 +92,11 @@ class Settings(BaseSettings):
     embed_max_batch: int = Field(64, ge=1, le=4096, description="Most sentences in one embedding batch.")
     embed_max_wait_ms: float = Field(2.0, ge=0, le=1000, description="Longest an embedding waits for its batch to fill, ms.")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body accepted, bytes.")
-
     embed_max_inputs: int = Field(2048, ge=1, le=1_000_000, description="Most texts in one embedding request (400 beyond).")
     max_connections: int = Field(0, ge=0, le=1_000_000, description="Open client connections at most; 0 = derived from the process's file limit (RLIMIT_NOFILE).")
     header_timeout_s: float = Field(10.0, gt=0, le=600, description="Seconds a client has to send a request's headers, and the longest pause while it sends a body.")
     keepalive_s: float = Field(5.0, gt=0, le=600, description="Seconds an idle keep-alive connection stays open.")
+
     # --- logging
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="debug, info, warning or error.")
     log_format: Literal["text", "json"] = Field("text", description="text or json (structured, one object a line).")
@@ -116,7 +116,6 @@ class Settings(BaseSettings):
                 raise ValueError(f"'{url}' is not a base URL; write it as http://HOST:PORT")
         return [u.rstrip("/") for u in v]
 
-    @field_validator("models_dir")
     @field_validator("tls_pins")
     @classmethod
     def _check_pins(cls, v: list[str]) -> list[str]:
@@ -128,6 +127,7 @@ class Settings(BaseSettings):
             out.append(hexfp)
         return out
 
+    @field_validator("models_dir")
     @classmethod
     def _expand_home(cls, v: Path) -> Path:
         return v.expanduser()  # "~/models" in an env file means the user's home
@@ -171,13 +171,13 @@ class Settings(BaseSettings):
 
     def check_for_serving(self) -> None:
         """Refuse combinations that are unsafe to serve with."""
-        if self.peers and not self.cluster_token.get_secret_value():
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("TARS_TLS_CERT and TARS_TLS_KEY go together: set both (scripts/setup_pc1.sh --tls "
                               "writes them) or neither")
         for var, path in (("TARS_TLS_CERT", self.tls_cert), ("TARS_TLS_KEY", self.tls_key)):
             if path and not Path(path).expanduser().is_file():
                 raise ConfigError(f"{var}={path}: no such file")
+        if self.peers and not self.cluster_token.get_secret_value():
             raise ConfigError(
                 "TARS_PEERS is set but TARS_CLUSTER_TOKEN is empty: the /rpc channel refuses "
                 "unauthenticated peers. Copy the token printed by scripts/setup_pc1.sh into "

@@ -173,6 +173,9 @@ def _inputs(value: Any, max_inputs: int = 0) -> list[str]:
     texts = [value] if isinstance(value, str) else list(value)
     if not texts:
         raise ValidationFailed("'input' is empty; send a string or a non-empty list of strings", field="input")
+    if max_inputs and len(texts) > max_inputs:
+        raise ValidationFailed(f"'input' has {len(texts)} texts; this node embeds at most {max_inputs} per request "
+                               "(TARS_EMBED_MAX_INPUTS): split it", field="input", limit=max_inputs, got=len(texts))
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             raise ValidationFailed(f"input[{i}] is not a string: token-id input is not supported, send text",
@@ -184,9 +187,6 @@ def _inputs(value: Any, max_inputs: int = 0) -> list[str]:
 
 
 class StreamOptions(BaseModel):
-    if max_inputs and len(texts) > max_inputs:
-        raise ValidationFailed(f"'input' has {len(texts)} texts; this node embeds at most {max_inputs} per request "
-                               "(TARS_EMBED_MAX_INPUTS): split it", field="input", limit=max_inputs, got=len(texts))
     include_usage: bool = False
 
 
