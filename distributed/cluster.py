@@ -11,10 +11,12 @@ Two roles (``settings.effective_role``):
 * a **worker** (``TARS_PEERS=http://pc1:8000``) joins it, retrying with
   exponential backoff until it answers, then applies the plan it got.
 
-Both apply the same plan (``_apply``): the node loads this host's share, and the
-cluster installs a ``RemoteTarget`` for every model assigned to another host, so
-either host answers every request. Re-plans are make before break: a model moving
-away keeps being served by the copy here until its new host reports it ready.
+Both apply the same plan (``_apply``): the node loads this host's share, and every
+model assigned to another host is routed to it (``Routes.route_to_peer``), so either
+host answers every request. Every change of which target serves a model goes through
+the node's ``targets.Routes`` (the one owner of target swaps): re-plans are make
+before break, a model moving away keeps being served by the copy here until its new
+host reports it ready.
 
 Heartbeats go both ways every ``TARS_HEARTBEAT_S``. Each carries the sender's
 local models (id, state, queue, rates) — that is the shared routing table — its
@@ -25,10 +27,12 @@ returns. A restarted worker simply joins again; a restarted server answers the
 worker's next heartbeat with ``known: false`` and the worker rejoins. Nothing
 else restarts. ``cluster.leave`` (sent on shutdown) marks a peer "left".
 
-Failover (``failover``): a request for a model whose host is down is served
-here when ``TARS_FALLBACK`` is on and the planner says it fits beside what this
-host already runs; the answer says ``fallback: true``. Otherwise it fails at
-once with ``PeerUnavailable`` (503) naming the peer.
+Failover (``failover``): a request for a model whose host is down (dead, or it
+refused a connection since it last answered) is served here when ``TARS_FALLBACK``
+is on and the planner says it fits beside what this host already runs; the answer
+says ``fallback: true``. One stand-in per model, loaded once and kept until the peer
+is back and has answered (``Routes.fallback``/``Routes.settle``). Otherwise it fails
+at once with ``PeerUnavailable`` (503) naming the peer.
 """
 from __future__ import annotations
 
@@ -43,19 +47,16 @@ from . import __version__, peer_urls
 from .domain import Assignment, HostProfile, ModelSpec, Plan
 from .errors import ConfigError, ModelFailed, PeerUnavailable, TarsError, Unauthorized, ValidationFailed
 from .logs import fields, get_logger
-from .peers import VITALS, ClientFactory, Peer, PeerTable, background
+from .peers import VITALS, ClientFactory, Peer, PeerState, PeerTable
 from .rpc.client import PeerClient
-from .rpc.remote import RemoteTarget
+from .seams import ClusterNode
+from .targets import RemoteTarget, Target, TargetState
+from .tasks import TaskSet, background
 from .tls import Pins
-from .targets import LocalTarget, Target
 
 log = get_logger(__name__)
 
 __all__ = ["Cluster", "Peer", "plan_id"]
-
-
-def _same_assignment(a: Assignment, b: Assignment) -> bool:
-    return (a.device, a.n_gpu_layers, a.quant, a.backend) == (b.device, b.n_gpu_layers, b.quant, b.backend)
 
 
 def plan_id(plan: Plan) -> str:
@@ -66,7 +67,7 @@ class Cluster:
     """The cluster layer of one node. ``client_factory(url) -> PeerClient`` is how it
     reaches a peer (tests pass one wired to in-process apps)."""
 
-    def __init__(self, node: Any, settings: Any, client_factory: ClientFactory | None = None) -> None:
+    def __init__(self, node: ClusterNode, settings: Any, client_factory: ClientFactory | None = None) -> None:
         self.node = node
         self.settings = settings
         self.name: str = node.name
@@ -77,10 +78,9 @@ class Cluster:
         self.plan_id = ""
         self.interval = float(settings.heartbeat_s)
         self._factory = client_factory or self._default_client
-        self._tasks: list[asyncio.Task[Any]] = []
+        self._tasks = TaskSet(f"cluster-{self.name}")
         self._joining: set[str] = set()
         self._plan_lock = asyncio.Lock()
-        self._fallback_locks: dict[str, asyncio.Lock] = {}
         self._running = False
         self._vitals: dict[str, Any] = {}
         self._vitals_at = -1e9
@@ -106,17 +106,15 @@ class Cluster:
             return
         self._running = True
         await self.node.start()  # idempotent: the app lifespan normally did it already
-        loop = asyncio.get_running_loop()
         for url in self.seeds:
             self._spawn_join(url)
-        self._tasks.append(loop.create_task(self._heartbeat_loop(), name=f"heartbeat-{self.name}"))
+        self._tasks.spawn(self._heartbeat_loop(), name=f"heartbeat-{self.name}")
 
     def _spawn_join(self, url: str) -> None:
         if url in self._joining or not self._running:
             return
         self._joining.add(url)
-        task = asyncio.get_running_loop().create_task(self._join_loop(url), name=f"join-{url}")
-        self._tasks.append(task)
+        task = self._tasks.spawn(self._join_loop(url), name=f"join-{url}")
         task.add_done_callback(lambda t: self._joining.discard(url))
 
     async def stop(self) -> None:
@@ -124,10 +122,7 @@ class Cluster:
         if not self._running:
             return
         self._running = False
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
+        await asyncio.gather(*self._tasks.cancel(), return_exceptions=True)
         await asyncio.gather(*(self._leave(p) for p in self.table.live()), return_exceptions=True)
         await self.table.close()
 
@@ -226,7 +221,7 @@ class Cluster:
                                totals: dict[str, Any] | None = None,
                                ram: dict[str, Any] | None = None) -> dict[str, Any]:
         peer = self.table.get(peer_urls.check_name(name))
-        if peer is None or peer.state == "left":
+        if peer is None or peer.state == PeerState.LEFT:
             if self.is_planner or not url:
                 return {"known": False, "name": self.name}  # → the sender joins (again)
             peer = self.table.upsert(name, peer_urls.check_url(url))
@@ -247,7 +242,7 @@ class Cluster:
         peer = self.table.get(name)
         if peer is None:
             return {"ok": True, "known": False}
-        peer.set_state("left", "it said goodbye")
+        peer.set_state(PeerState.LEFT, "it said goodbye")
         return {"ok": True, "known": True}
 
     # ----------------------------------------------------------------- heartbeats
@@ -258,7 +253,7 @@ class Cluster:
             next_at += self.interval
             await asyncio.sleep(max(0.0, next_at - loop.time()))
             next_at = max(next_at, loop.time() - self.interval)  # never try to "catch up" a burst
-            peers = [p for p in self.table if p.state != "left"]
+            peers = [p for p in self.table if p.state != PeerState.LEFT]
             if peers:
                 await asyncio.gather(*(self._beat(p) for p in peers), return_exceptions=True)
 
@@ -301,7 +296,8 @@ class Cluster:
                 t0 = time.perf_counter()
                 answer = await peer.client.call("cluster.heartbeat", params, timeout=timeout, retries=0)
         except TarsError as exc:
-            peer.missed_beat(exc.message)
+            peer.missed_beat(exc.message, refused=isinstance(exc, PeerUnavailable) and
+                             exc.details.get("phase") == "connect")
             return
         peer.answered(rtt_ms=(time.perf_counter() - t0) * 1000)
         if not answer.get("known", True):
@@ -323,20 +319,6 @@ class Cluster:
         return [t.info() for t in self.node.local_targets()]
 
     # ----------------------------------------------------------------- planning
-    def _paths(self, specs: list[ModelSpec]) -> dict[str, Any]:
-        """Model files on this host, so the planner reads GGUF metadata when it can."""
-        if self.settings.backend_override == "fake":
-            return {}
-        out = {}
-        for spec in specs:
-            try:
-                path = self.node.store.path_for(spec)
-            except TarsError:
-                path = None
-            if path is not None:
-                out[spec.id] = path
-        return out
-
     def _replan(self) -> Plan:
         from . import planner
 
@@ -346,37 +328,26 @@ class Cluster:
                 hosts[peer.name] = peer.profile
         specs = self.node.model_specs()
         return planner.plan(hosts, specs, reserve_mb=self.settings.vram_reserve_mb, context=self.settings.context,
-                            paths=self._paths(specs), split=self.settings.split != "off")
+                            paths=self.node.model_paths(specs), split=self.settings.split != "off")
 
     async def _reapply(self) -> None:
         plan = self._replan()
         await self._apply(plan, plan_id(plan))
 
     async def _apply(self, plan: Plan, pid: str) -> None:
-        """This host's share via the node; a RemoteTarget for every model on another host.
+        """This host's share via the node; every model on another host routed to it.
 
-        Make before break, both ways. A model leaving this host for a peer: the copy here
-        becomes the RemoteTarget's handoff stand-in and keeps serving until the peer reports
-        the model ready (``_settle``), so its requests never see a "loading" gap. A model
-        coming here from a peer that still serves it: the node keeps routing there until
-        the copy here has loaded (``Node.apply_plan``); a local stand-in (fallback) that
-        already runs it with the same assignment is adopted instead of loaded again."""
+        Make before break, both ways (``targets/routes.py`` does each swap). A model
+        leaving this host for a peer: the copy here becomes the RemoteTarget's handoff
+        stand-in and keeps serving until the peer reports the model ready (``settle``). A
+        model coming here from a peer that still serves it: the node keeps routing there
+        until the copy here has loaded; a fallback copy that already runs it as planned is
+        adopted instead of loaded again."""
+        routes = self.node.routes
         async with self._plan_lock:
             self.plan_id = pid
             for a in plan.for_node(self.name):
-                current = self.node.targets.get(a.model)
-                if not isinstance(current, RemoteTarget) or current.standin is None:
-                    continue
-                standin = current.standin
-                if isinstance(standin, LocalTarget) and standin.state in ("ready", "loading") and \
-                        _same_assignment(standin.assignment, a):
-                    current.release_standin()
-                    self.node.set_target(standin)
-                    background(current.close())
-                    log.info("%s is assigned here: keeping the copy already loaded", a.model,
-                             extra=fields(model=a.model))
-                else:  # loaded differently than planned: the node loads it as planned
-                    current.drop_standin(f"the plan assigns it to {self.name} ({a.device})")
+                routes.adopt_standin(a)
             for a in plan.assignments:
                 if a.node == self.name:
                     continue
@@ -384,63 +355,44 @@ class Cluster:
                 if peer is None:
                     log.warning("plan puts %s on %s, a host this node does not know yet", a.model, a.node)
                     continue
-                current = self.node.targets.get(a.model)
-                if isinstance(current, RemoteTarget) and current.peer is peer:
-                    current.assignment = a.to_dict()
-                    continue
-                # Only a copy that serves already is kept: one still loading would just compete
-                # with the peer's load for the same cores.
-                handoff = current if isinstance(current, LocalTarget) and current.state == "ready" else None
-                remote = RemoteTarget(a.model, a.kind, peer, failover=self.failover, assignment=a.to_dict(),
-                                      max_batch=4 * self.settings.embed_max_batch, handoff=handoff)
-                self.node.set_target(remote, close_old=handoff is None)
-                if handoff is not None:
-                    log.info("%s moves to %s: serving it here until %s reports it ready", a.model, peer.name,
-                             peer.name, extra=fields(model=a.model, peer=peer.name))
-                if isinstance(current, RemoteTarget):
-                    background(current.close())
+                routes.route_to_peer(a, peer, lambda handoff, a=a, peer=peer: RemoteTarget(
+                    a.model, a.kind, peer, failover=self.failover, assignment=a.to_dict(),
+                    max_batch=4 * self.settings.embed_max_batch, handoff=handoff))
             await self.node.apply_plan(plan)
-            for model, target in list(self.node.targets.items()):
-                if isinstance(target, RemoteTarget) and plan.where(model) is None:
-                    self.node.remove_target(model)
-                    background(target.close())
+            routes.forget_unplanned({a.model for a in plan.assignments})
             for peer in self.table:
-                self._settle(peer)
+                routes.settle(peer)
 
     def _settle(self, peer: Peer) -> None:
-        """Drop the local stand-ins of models that ``peer`` now reports ready: routing
-        switches to it and the copies here unload (once their requests in flight end)."""
-        for target in list(self.node.targets.values()):
-            if isinstance(target, RemoteTarget) and target.peer is peer and target.standin is not None \
-                    and peer.live and target.remote_state == "ready":
-                target.drop_standin(f"{peer.name} reports it ready")
+        """``peer`` answered with a fresh report: drop the stand-ins of the models it serves again."""
+        self.node.routes.settle(peer)
 
     # ----------------------------------------------------------------- failover
     async def failover(self, remote: RemoteTarget, cause: PeerUnavailable) -> Target:
-        """Serve ``remote.model`` here while its host is down, or raise PeerUnavailable naming it."""
+        """Serve ``remote.model`` here while its host is down, or raise PeerUnavailable naming it.
+        One stand-in per model (``Routes.fallback``): loaded once, shared by every request."""
         peer, model = remote.peer, remote.model
-        down = f"model '{model}' runs on {peer.name}, which is {peer.state if peer.state != 'alive' else 'unreachable'}"
+        why = peer.state if peer.state != PeerState.ALIVE else "unreachable"
+        down = f"model '{model}' runs on {peer.name}, which is {why}"
         if not self.settings.fallback:
             raise PeerUnavailable(f"{down}; fallback is off on {self.name} (TARS_FALLBACK=false)",
                                   peer=peer.name, model=model)
-        lock = self._fallback_locks.setdefault(model, asyncio.Lock())
-        async with lock:
-            standin = remote.standin
-            if standin is None or standin.state in ("failed", "unavailable"):
-                spec = self.node.catalog.get(model)
-                assignment, why = self._fits_here(spec)
-                if assignment is None:
-                    raise PeerUnavailable(f"{down}, and it cannot run on {self.name}: {why}", peer=peer.name,
-                                          model=model)
-                log.warning("fallback: loading %s on %s (%s) because %s", model, self.name, assignment.device,
-                            cause.message, extra=fields(model=model, peer=peer.name))
-                standin = self.node.local_target(spec, assignment)
-                standin.start()
-                remote.standin = standin
+
+        def load() -> Target:
+            spec = self.node.catalog.get(model)
+            assignment, reason = self._fits_here(spec)
+            if assignment is None:
+                raise PeerUnavailable(f"{down}, and it cannot run on {self.name}: {reason}", peer=peer.name,
+                                      model=model)
+            log.warning("fallback: loading %s on %s (%s) because %s", model, self.name, assignment.device,
+                        cause.message, extra=fields(model=model, peer=peer.name))
+            return self.node.local_target(spec, assignment)
+
+        standin = await self.node.routes.fallback(remote, load)
         state = await standin.wait_loaded(timeout=self.settings.request_timeout_s)
-        if state != "ready":
+        if state != TargetState.READY:
             raise ModelFailed(f"{down}; loading it on {self.name} as a fallback failed: "
-                              f"{getattr(standin, 'error', None) or state}", model=model, peer=peer.name)
+                              f"{standin.error or state}", model=model, peer=peer.name)
         return standin
 
     def _fits_here(self, spec: ModelSpec) -> tuple[Assignment | None, str]:
@@ -448,11 +400,11 @@ class Cluster:
         from . import planner
 
         ids = [a.model for a in self.node.plan.for_node(self.name)]
-        ids += [t.model for t in self.node.targets.values() if isinstance(t, RemoteTarget) and t.standin is not None]
+        ids += [t.model for t in self.node.routes.standins()]
         ids.append(spec.id)
         specs = [self.node.catalog.get(m) for m in dict.fromkeys(ids)]
         plan = planner.plan({self.name: self.node.profile}, specs, reserve_mb=self.settings.vram_reserve_mb,
-                            context=self.settings.context, paths=self._paths(specs))
+                            context=self.settings.context, paths=self.node.model_paths(specs))
         found = plan.where(spec.id)
         if found is not None:
             return found, ""

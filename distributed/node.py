@@ -1,11 +1,12 @@
 """The node: one host's service. Routes each request to a Target, local or remote.
 
-The node owns the table ``model id → Target``. At start a standalone node plans for
-itself (profiler → planner) and loads its share in the background; a node with
-peers loads nothing until the cluster layer hands it a plan (``apply_plan``) and
-installs ``RemoteTarget``s for the peers' models (``set_target``). The HTTP and
-RPC layers only ever call the methods here, so both see the same routing, the
-same limits and the same errors.
+The node's table ``model id → Target`` is owned by ``targets.Routes`` (``node.routes``),
+the one place where targets are installed, swapped and dropped. At start a standalone
+node plans for itself (profiler → planner) and loads its share in the background; a
+node with peers loads nothing until the cluster layer hands it a plan (``apply_plan``)
+and routes the peers' models (``Routes.route_to_peer``). The HTTP and RPC layers only
+ever call the methods here, so both see the same routing, the same limits and the
+same errors.
 """
 
 from __future__ import annotations
@@ -19,45 +20,52 @@ from . import __version__
 from .backends.base import Backend, BackendOptions, create_backend
 from .domain import (Assignment, Completion, EmbedRequest, Embeddings, GenerateRequest, GPUInfo, HostProfile,
                      ModelKind, ModelSpec, Plan, TokenChunk)
-from .errors import ConfigError, ModelFailed, ModelNotFound, TarsError, ValidationFailed
+from .errors import ConfigError, ModelFailed, ModelLoading, ModelNotFound, TarsError, ValidationFailed
 from .logs import fields, get_logger
 from .metrics import Metrics
 from .settings import Settings
-from .targets import LocalTarget, Target
+from .seams import ClusterView
+from .targets import LocalTarget, Routes, Target, TargetState
 
 log = get_logger(__name__)
+
+
+def user_catalog(settings: Settings) -> Any:
+    """The one catalog of a host: built-in entries, then ``TARS_MODELS_DIR/catalog.toml``
+    (the user's own models, e.g. a local GGUF by ``path``). The composition root builds it
+    once and hands it to the node, the store and the planner (``tars plan`` / ``models``
+    read the same file)."""
+    from .catalog import load_catalog
+
+    return load_catalog(user_file=settings.models_dir / "catalog.toml")
 
 
 class Node:
     def __init__(self, settings: Settings, profile: HostProfile | None = None, catalog: Any = None,
                  store: Any = None, metrics: Metrics | None = None, *,
                  backend_extra: dict[str, Any] | None = None) -> None:
-        """``profile``/``catalog``/``store`` default to detecting, the built-in catalog and
-        ``settings.models_dir``. ``backend_extra`` is merged into every backend's
-        ``BackendOptions.extra`` (tests tune the fake backend through it)."""
+        """``profile``/``catalog``/``store`` default to detecting, the one catalog of this
+        host (built-in + ``TARS_MODELS_DIR/catalog.toml``, see ``user_catalog``) and a store
+        over ``settings.models_dir`` sharing that catalog. ``backend_extra`` is merged into
+        every backend's ``BackendOptions.extra`` (tests tune the fake backend through it)."""
         self.settings = settings
         self.name = settings.node_name
         self.role = settings.effective_role
         self.profile = profile
         if catalog is None:
-            from .catalog import load_catalog
-
-            catalog = load_catalog()
+            catalog = user_catalog(settings)
         self.catalog = catalog
         if store is None:
             from .store import ModelStore
 
-            store = ModelStore(settings.models_dir)
+            store = ModelStore(settings.models_dir, catalog)
         self.store = store
         self.metrics = metrics or Metrics(self.name)
         self.metrics.bind(queue_depths=self._queue_depths, gpus=self.live_gpus, models=lambda: self.targets)
         self.backend_extra = dict(backend_extra or {})
-        self.targets: dict[str, Target] = {}
-        # Copies loading here while a peer still serves the model (make before break, apply_plan).
-        self._incoming: dict[str, LocalTarget] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self.routes = Routes(self.name)  # the one owner of which target serves each model
         self.plan = Plan()
-        self.cluster: Any = None  # the cluster layer attaches itself here
+        self.cluster: ClusterView | None = None  # set by the composition root (create_app)
         self.started_at = time.monotonic()
         self._started = False
         self._specs: list[ModelSpec] | None = None
@@ -99,93 +107,39 @@ class Node:
 
         assert self.profile is not None
         specs = self.model_specs()
-        paths = {}
-        if self.settings.backend_override != "fake":
-            for s in specs:
-                try:
-                    p = self.store.path_for(s)
-                except TarsError:
-                    p = None
-                if p is not None:
-                    paths[s.id] = p
         return planner.plan({self.name: self.profile}, specs, reserve_mb=self.settings.vram_reserve_mb,
-                            context=self.settings.context, paths=paths)
+                            context=self.settings.context, paths=self.model_paths(specs))
+
+    def model_paths(self, specs: list[ModelSpec]) -> dict[str, Any]:
+        """Where each model's file is on this host (those on disk), so the planner reads
+        GGUF metadata when it can. The one "where is this model's file" helper."""
+        if self.settings.backend_override == "fake":
+            return {}
+        out = {}
+        for spec in specs:
+            try:
+                path = self.store.path_for(spec)
+            except TarsError:
+                path = None
+            if path is not None:
+                out[spec.id] = path
+        return out
 
     async def stop(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        targets = list(self.targets.values()) + list(self._incoming.values())
-        self.targets.clear()
-        self._incoming.clear()
-        await asyncio.gather(*(t.close() for t in targets), return_exceptions=True)
+        await self.routes.close()
         self._started = False
 
-    async def apply_plan(self, plan: Plan) -> None:
-        """Load what ``plan`` assigns to this host, unload local models it does not.
+    @property
+    def targets(self) -> dict[str, Target]:
+        """model id → Target (read it; change it only through ``routes``/``apply_plan``)."""
+        return self.routes.targets
 
-        Make before break: a model that moves here from a peer that still serves it
-        (its current target is remote and ready) keeps being routed there while the
-        copy here loads; the copy takes over once it has loaded (``_take_over``)."""
+    async def apply_plan(self, plan: Plan) -> None:
+        """Load what ``plan`` assigns to this host, unload local models it does not
+        (``Routes.apply_local``: make before break for a model arriving from a peer)."""
         self.plan = plan
         mine = {a.model: a for a in plan.for_node(self.name)}
-        for model in [m for m in self._incoming if m not in mine]:
-            await self._incoming.pop(model).close()
-        for model, target in list(self.targets.items()):
-            if isinstance(target, LocalTarget) and model not in mine:
-                log.info("unloading %s: no longer assigned here", model, extra=fields(model=model))
-                del self.targets[model]
-                await target.close()
-        for model, a in mine.items():
-            current = self.targets.get(model)
-            if isinstance(current, LocalTarget) and current.state != "failed" and self._same(current.assignment, a):
-                continue
-            incoming = self._incoming.get(model)
-            if incoming is not None and incoming.state != "failed" and self._same(incoming.assignment, a):
-                continue
-            spec = self.catalog.get(model)
-            target = self.local_target(spec, a)
-            if current is not None and not isinstance(current, LocalTarget) and current.state == "ready":
-                if incoming is not None:
-                    await self._incoming.pop(model).close()
-                self._incoming[model] = target
-                log.info("loading %s on %s (%s); %s serves it until then", model, a.device, a.reason,
-                         current.node, extra=fields(model=model, n_gpu_layers=a.n_gpu_layers))
-                target.start()
-                self._spawn(self._take_over(model, target))
-                continue
-            old = self.targets.get(model)
-            self.targets[model] = target
-            if isinstance(old, LocalTarget):
-                await old.close()  # unload before loading again (VRAM)
-            elif old is not None:
-                self._spawn(old.close())  # a remote target finishes its requests in flight
-            log.info("loading %s on %s (%s)", model, a.device, a.reason,
-                     extra=fields(model=model, backend=self.settings.backend_override or a.backend or spec.backend,
-                                 n_gpu_layers=a.n_gpu_layers))
-            target.start()
-
-    async def _take_over(self, model: str, target: LocalTarget) -> None:
-        """Route ``model`` to the copy loaded here once it has loaded (ready or failed: a
-        failure is then reported like any local one); the remote target it replaces
-        finishes its requests in flight before it closes."""
-        state = await target.wait_loaded()
-        if self._incoming.get(model) is not target:
-            return  # a newer plan replaced or dropped it
-        del self._incoming[model]
-        old = self.targets.get(model)
-        self.targets[model] = target
-        log.info("%s is %s here: routing it here from now on", model, state, extra=fields(model=model))
-        if old is not None and old is not target:
-            await old.close()
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)  # keep a reference until it is done
-        task.add_done_callback(self._tasks.discard)
-
-    @staticmethod
-    def _same(a: Assignment, b: Assignment) -> bool:
-        return (a.device, a.n_gpu_layers, a.quant, a.backend) == (b.device, b.n_gpu_layers, b.quant, b.backend)
+        await self.routes.apply_local(mine, lambda a: self.local_target(self.catalog.get(a.model), a))
 
     def local_target(self, spec: ModelSpec, a: Assignment) -> LocalTarget:
         """A LocalTarget for ``spec`` placed as ``a``, not started (``.start()`` loads it in the
@@ -208,8 +162,8 @@ class Node:
                 extra.update(profiler.tuning(self.profile, s.vram_reserve_mb) or {})
             extra.update(self.backend_extra)
             context = min(s.context, spec.context) if spec.kind == "chat" else spec.context
-            # TARS_THREADS=0 leaves the choice to the backend (llama.cpp: half the logical
-            # cores, i.e. the physical ones on SMT desktops); see LlamaCppBackend.threads.
+            # TARS_THREADS=0 leaves the choice to the backend (llama.cpp: the physical
+            # cores this process may use); see LlamaCppBackend.threads.
             threads = s.threads
             options = BackendOptions(context=context, threads=threads, batch_size=s.embed_max_batch, extra=extra)
             path = None if fake else self.store.ensure(spec)
@@ -221,22 +175,24 @@ class Node:
                            backend_name=s.backend_override or None)
 
     def set_target(self, target: Target, *, close_old: bool = True) -> Target | None:
-        """Install (or replace) the target for ``target.model`` (the cluster installs
-        RemoteTargets); returns the one it replaced. A replaced local target is closed
-        unless ``close_old`` is False (the caller keeps it, e.g. as a handoff copy)."""
-        old = self.targets.get(target.model)
-        self.targets[target.model] = target
-        if close_old and isinstance(old, LocalTarget) and old is not target:
-            self._spawn(old.close())
-        return old
+        """Install (or replace) the target for ``target.model`` (``Routes.set``)."""
+        return self.routes.set(target, close_old=close_old)
 
     def remove_target(self, model: str, *, close: bool = True) -> Target | None:
-        """Stop routing ``model``; returns the target removed. A local one is closed
-        unless ``close`` is False."""
-        old = self.targets.pop(model, None)
-        if close and isinstance(old, LocalTarget):
-            self._spawn(old.close())
-        return old
+        """Stop routing ``model`` (``Routes.remove``)."""
+        return self.routes.remove(model, close=close)
+
+    def resolve_here(self, model: str | None, kind: ModelKind) -> Target:
+        """Like ``resolve``, for a call a peer forwarded: the target must be computed *here*
+        (locally, or by a stand-in while the model moves). A forwarded call is never
+        forwarded again: while routing tables converge two hosts could otherwise bounce
+        a request between them."""
+        target = self.resolve(model, kind)
+        if not self.routes.computes_here(target):
+            raise ModelLoading(f"model '{target.model}' is not served by {self.name} (its routing points to "
+                               f"{target.node}); the cluster is re-planning, retry shortly",
+                               model=target.model, node=self.name)
+        return target
 
     def target(self, model: str) -> Target:
         try:
@@ -295,15 +251,17 @@ class Node:
         return result
 
     # ----------------------------------------------------------------- reporting
-    def local_targets(self) -> list[LocalTarget]:
-        return [t for t in self.targets.values() if isinstance(t, LocalTarget)]
+    def local_targets(self) -> list[Target]:
+        """Targets computed on this host (LocalTarget, engine targets)."""
+        return self.routes.local()
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         """ok only when every local assigned model is ready. Busy is not unhealthy."""
         states = {t.model: t.state for t in self.local_targets()}
-        failed = {t.model: t.error or t.state for t in self.local_targets() if t.state in ("failed", "unavailable")}
-        loading = [m for m, s in states.items() if s == "loading"]
-        ok = all(s == "ready" for s in states.values())
+        failed = {t.model: t.error or t.state for t in self.local_targets()
+                  if t.state in (TargetState.FAILED, TargetState.UNAVAILABLE)}
+        loading = [m for m, s in states.items() if s == TargetState.LOADING]
+        ok = all(s == TargetState.READY for s in states.values())
         status = "ok" if ok else ("loading" if loading else "failed")
         body: dict[str, Any] = {"status": status, "node": self.name, "models": states}
         if loading:
@@ -326,7 +284,7 @@ class Node:
         return live or (list(prof.gpus) if prof is not None else [])
 
     def _queue_depths(self) -> dict[str, int]:
-        return {m: t.queue_depth for m, t in self.targets.items() if isinstance(t, LocalTarget)}
+        return {t.model: t.queue_depth for t in self.local_targets()}
 
     def models(self) -> list[dict[str, Any]]:
         return [t.info() for t in self.targets.values()]
@@ -352,12 +310,12 @@ class Node:
     def status(self) -> dict[str, Any]:
         models = self.models()
         peers: list[dict[str, Any]] = []
-        if self.cluster is not None and hasattr(self.cluster, "peers_status"):
+        if self.cluster is not None:
             peers = self.cluster.peers_status()
         ok, _ = self.health()
         return {
             "node": self.name,
-            "role": getattr(self.cluster, "role", None) or self.role,
+            "role": self.cluster.role if self.cluster is not None else self.role,
             "version": __version__,
             "uptime_s": round(time.monotonic() - self.started_at, 3),
             "healthy": ok,

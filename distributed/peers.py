@@ -18,6 +18,10 @@ Liveness per peer, from the calls *we* make to it::
 
 ``left`` (it said goodbye) holds until it beats or joins again. ``Peer.gone`` is set
 while a peer is dead or has left, so calls in flight to it end at once.
+``Peer.reachable`` turns False when a call to it is refused (``failed``) and True when
+it answers again: until then requests for its models go to their stand-in
+(targets/routes.py), and a stand-in is never dropped on the word of a report from
+before the failure.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterator
+from enum import StrEnum
 from typing import Any
 
 from . import peer_urls
@@ -32,23 +37,27 @@ from .domain import GPUInfo, HostProfile
 from .errors import ValidationFailed
 from .logs import fields, get_logger
 from .rpc.client import PeerClient
+from .tasks import background
 
 log = get_logger(__name__)
 
 ClientFactory = Callable[[str], PeerClient]
 
+
+
+class PeerState(StrEnum):
+    """Liveness of a peer (the strings go on the wire in /status)."""
+
+    ALIVE = "alive"
+    SUSPECT = "suspect"
+    DEAD = "dead"
+    LEFT = "left"
+
+
 DEAD_AFTER = 3  # missed heartbeats in a row
-LIVE = ("alive", "suspect")
+LIVE = (PeerState.ALIVE, PeerState.SUSPECT)
+DOWN = (PeerState.DEAD, PeerState.LEFT)
 VITALS = ("gpus", "totals", "ram")  # live figures a heartbeat carries (optional: older peers send none)
-
-_BACKGROUND: set[asyncio.Task[Any]] = set()
-
-
-def background(coro: Any) -> None:
-    """Fire and forget, keeping a reference so the task is not garbage-collected mid-way."""
-    task = asyncio.get_running_loop().create_task(coro)
-    _BACKGROUND.add(task)
-    task.add_done_callback(_BACKGROUND.discard)
 
 
 def _numbers(value: Any) -> dict[str, Any] | None:
@@ -75,14 +84,18 @@ def _gpu_dicts(value: Any) -> list[dict[str, Any]] | None:
 class Peer:
     """Another host as this node knows it."""
 
-    def __init__(self, name: str, url: str, client: PeerClient, role: str = "worker") -> None:
+    def __init__(self, name: str, url: str, client: PeerClient, role: str = "worker", *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """``clock`` (monotonic seconds) is injectable so tests move time instead of sleeping."""
         self.name = name
         self.url = url
         self.client = client
         self.role = role
         self.profile: HostProfile | None = None
         self.version = ""
-        self.state = "alive"
+        self.state = PeerState.ALIVE
+        self.reachable = True  # False from a refused call until it answers again
+        self._clock = clock
         self.missed = 0
         self.last_seen: float | None = None
         self.rtt_ms: float | None = None
@@ -123,25 +136,38 @@ class Peer:
     def answered(self, rtt_ms: float | None = None) -> None:
         """It answered a call (or called us): alive, missed count reset."""
         self.missed = 0
-        self.last_seen = time.monotonic()
+        self.last_seen = self._clock()
+        self.reachable = True
         if rtt_ms is not None:
             self.rtt_ms = rtt_ms
-        if self.state != "alive":
-            self.set_state("alive", "it answers again" if self.state in ("dead", "suspect") else "joined")
+        if self.state != PeerState.ALIVE:
+            self.set_state(PeerState.ALIVE, "it answers again" if self.state in (PeerState.DEAD, PeerState.SUSPECT)
+                           else "joined")
 
-    def missed_beat(self, why: str) -> None:
+    def failed(self, why: str) -> None:
+        """A call to it was refused: unreachable (its models go to their stand-ins) until it
+        answers again. Liveness itself still follows the heartbeats."""
+        if self.reachable:
+            self.reachable = False
+            log.warning("peer %s refused a call: %s; serving its models elsewhere until it answers", self.name,
+                        why, extra=fields(peer=self.name))
+
+    def missed_beat(self, why: str, *, refused: bool = False) -> None:
+        """A heartbeat went unanswered (``refused``: the connection was refused)."""
         self.missed += 1
-        new = "dead" if self.missed >= DEAD_AFTER else "suspect"
-        if new != self.state and self.state != "dead":
+        if refused:
+            self.failed(why)
+        new = PeerState.DEAD if self.missed >= DEAD_AFTER else PeerState.SUSPECT
+        if new != self.state and self.state != PeerState.DEAD:
             self.set_state(new, f"{self.missed} missed heartbeat(s): {why}")
 
     def set_state(self, state: str, why: str) -> None:
-        old, self.state = self.state, state
-        if state in ("dead", "left"):
+        old, self.state = self.state, PeerState(state)
+        if self.state in DOWN:
             self.gone.set()
         else:
             self.gone.clear()
-        level = log.warning if state in ("suspect", "dead") else log.info
+        level = log.warning if self.state in (PeerState.SUSPECT, PeerState.DEAD) else log.info
         level("peer %s is %s (was %s): %s", self.name, state, old, why, extra=fields(peer=self.name))
 
     @property
@@ -153,7 +179,7 @@ class Peer:
         gpu = self.profile.best_gpu if self.profile is not None else None
         return {
             "name": self.name, "url": self.url, "role": self.role, "state": self.state,
-            "last_heartbeat_s": None if self.last_seen is None else round(time.monotonic() - self.last_seen, 3),
+            "last_heartbeat_s": None if self.last_seen is None else round(self._clock() - self.last_seen, 3),
             "rtt_ms": None if self.rtt_ms is None else round(self.rtt_ms, 3),
             "gpu": None if gpu is None else {"name": gpu.name, "vram_total_mb": gpu.vram_total_mb},
             "simulated": bool(self.profile is not None and self.profile.simulated),
@@ -166,10 +192,11 @@ class Peer:
 class PeerTable:
     """The peers of one node, by name. ``factory(url)`` makes a client for a new peer."""
 
-    def __init__(self, me: str, factory: ClientFactory) -> None:
+    def __init__(self, me: str, factory: ClientFactory, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.me = me
         self.peers: dict[str, Peer] = {}
         self._factory = factory
+        self._clock = clock
 
     def get(self, name: str) -> Peer | None:
         return self.peers.get(name)
@@ -184,7 +211,7 @@ class PeerTable:
         peer = self.peers.get(name)
         url = url.rstrip("/")
         if peer is None:
-            peer = Peer(name, url, client or self._factory(url), role)
+            peer = Peer(name, url, client or self._factory(url), role, clock=self._clock)
             peer.client.name = name
             self.peers[name] = peer
         elif peer.url != url or (client is not None and client is not peer.client):
@@ -216,7 +243,7 @@ class PeerTable:
     def listing(self, exclude: str = "") -> list[dict[str, Any]]:
         """name, url and role of every peer that has not left (what the server tells others)."""
         return [{"name": p.name, "url": p.url, "role": p.role} for p in self.peers.values()
-                if p.name != exclude and p.state != "left"]
+                if p.name != exclude and p.state != PeerState.LEFT]
 
     def live(self) -> list[Peer]:
         return [p for p in self.peers.values() if p.live]

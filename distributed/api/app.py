@@ -35,6 +35,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .. import __version__
 from ..errors import PayloadTooLarge, TarsError, Unauthorized, ValidationFailed
 from ..logs import get_logger
+from ..seams import ClusterView, ServiceNode
 from . import native, openai
 from .auth import ApiKey
 from .guards import Guards, host_policy
@@ -183,8 +184,11 @@ def _document_request_models(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def create_app(settings: Any, node: Any) -> Any:
-    """The app of one node. The lifespan starts and stops ``node`` (and nothing else)."""
+def create_app(settings: Any, node: ServiceNode, cluster: ClusterView | None = None) -> Any:
+    """The app of one node (the composition root of the service). The lifespan starts and
+    stops ``node``; the ``/rpc`` router's lifespan starts and stops ``cluster`` — given,
+    else ``node.cluster``, else a ``Cluster(node, settings)`` built here — which is also
+    attached as ``node.cluster`` (``/status`` reads it)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
@@ -229,7 +233,13 @@ def create_app(settings: Any, node: Any) -> Any:
 
     from ..rpc.server import build_rpc_router
 
-    routers = [native.router, openai.router, build_rpc_router(settings, node)]
+    cluster = cluster or node.cluster
+    if cluster is None:
+        from ..cluster import Cluster
+
+        cluster = Cluster(node, settings)  # type: ignore[arg-type]  # a Node is both seams
+    node.cluster = cluster
+    routers = [native.router, openai.router, build_rpc_router(settings, node, cluster)]
     for router in routers:
         app.include_router(router)
 

@@ -18,7 +18,6 @@ and, if something fails after the first token, ``event: error`` with
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -29,7 +28,7 @@ from ..domain import Completion, TokenChunk
 from ..errors import TarsError
 from ..logs import get_logger
 from . import schemas as s
-from .streaming import ClientGone, EventStream, first_item, until_disconnect
+from .streaming import ClientGone, EventStream, drain, first_item, until_disconnect
 
 log = get_logger(__name__)
 router = APIRouter()
@@ -100,7 +99,7 @@ async def inference(request: Request) -> Response:
         except ClientGone:
             return Response(status_code=499)
         label(request, first.model if isinstance(first, Completion) else node.resolve(req.model, "chat").model)
-        return EventStream(_events(first, agen, node.name))
+        return EventStream(drain(first, agen, NativeSse(node.name)))
     try:
         c = await until_disconnect(request.receive, node.generate(req))
     except ClientGone:
@@ -109,32 +108,30 @@ async def inference(request: Request) -> Response:
     return JSON(s.inference_body(c))
 
 
-_TOKEN_HEAD = b'event: token\ndata: {"type":"token","text":'
+class NativeSse:
+    """``/inference`` with ``stream: true`` on the wire (``streams.drain`` runs the loop)."""
 
+    _TOKEN_HEAD = b'event: token\ndata: {"type":"token","text":'
 
-async def _events(first: TokenChunk | Completion, agen: AsyncIterator[Any], node: str) -> AsyncIterator[bytes]:
-    pieces: list[str] = []
-    item: Any = first
-    try:
-        while True:
-            if isinstance(item, Completion):
-                item.text = "".join(pieces)
-                yield b"event: done\ndata: " + orjson.dumps({"type": "done", **s.inference_body(item)}) + b"\n\n"
-                return
-            pieces.append(item.text)
-            yield _TOKEN_HEAD + orjson.dumps(item.text) + b"}\n\n"
-            item = await agen.__anext__()
-    except StopAsyncIteration:
-        err: TarsError = TarsError("the stream ended without a final result")
-        yield b"event: error\ndata: " + orjson.dumps({"type": "error", **s.native_error(err, node)}) + b"\n\n"
-    except TarsError as exc:
-        yield b"event: error\ndata: " + orjson.dumps({"type": "error", **s.native_error(exc, node)}, default=str) + b"\n\n"
-    except Exception:  # noqa: BLE001 - the client gets a generic message, the log the traceback
-        log.exception("stream failed after its first token")
-        err = TarsError("internal error during generation; see the node's log")
-        yield b"event: error\ndata: " + orjson.dumps({"type": "error", **s.native_error(err, node)}) + b"\n\n"
-    finally:
-        await agen.aclose()
+    def __init__(self, node: str) -> None:
+        self.node = node
+        self.pieces: list[str] = []
+
+    def start(self) -> bytes | None:
+        return None
+
+    def token(self, chunk: TokenChunk) -> bytes:
+        self.pieces.append(chunk.text)
+        return self._TOKEN_HEAD + orjson.dumps(chunk.text) + b"}\n\n"
+
+    def done(self, completion: Completion) -> bytes:
+        completion.text = "".join(self.pieces)
+        return b"event: done\ndata: " + orjson.dumps({"type": "done", **s.inference_body(completion)}) + b"\n\n"
+
+    def error(self, exc: TarsError | None) -> bytes:
+        err = exc if exc is not None else TarsError("internal error during generation; see the node's log")
+        return b"event: error\ndata: " + orjson.dumps({"type": "error", **s.native_error(err, self.node)},
+                                                       default=str) + b"\n\n"
 
 
 @router.post("/embed", response_model=s.EmbedResponse, summary="Embed one or more texts",

@@ -1,60 +1,31 @@
-"""Server-sent events and client-disconnect handling.
+"""Server-sent events and client-disconnect handling for the HTTP API.
 
 A generation must stop when its client goes away. uvicorn (ASGI spec 2.3) does
 not fail ``send`` after a disconnect — it silently drops the bytes — so the only
 signal is an ``http.disconnect`` message from ``receive``. ``EventStream`` pumps
 the events in one task and listens for the disconnect in another; a disconnect
 cancels the pump, which closes the node's stream, which sets the generation's
-cancel event in the worker thread. ``until_disconnect`` does the same for a
-non-streamed generation that is still waiting or computing.
+cancel event in the worker thread. ``until_disconnect`` (``distributed/streams.py``,
+shared with ``/rpc``) does the same for a non-streamed generation that is still
+waiting or computing; ``streams.drain`` is the one stream-to-wire loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Mapping
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from ..logs import get_logger
+from ..streams import ClientGone, drain, until_disconnect
+from ..streams import wait_disconnect as _wait_disconnect
 
 log = get_logger(__name__)
-T = TypeVar("T")
 
-
-class ClientGone(Exception):
-    """The client disconnected before the answer was ready."""
-
-
-async def _wait_disconnect(receive: Receive) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
-    """Await ``work``; if the client disconnects first, cancel it and raise ClientGone.
-    (Call only after the request body has been read.)"""
-    task = asyncio.ensure_future(work)
-    listener = asyncio.ensure_future(_wait_disconnect(receive))
-    try:
-        await asyncio.wait((task, listener), return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        task.cancel()
-        listener.cancel()
-        raise
-    if task.done():
-        listener.cancel()
-        return task.result()
-    task.cancel()
-    try:
-        await task
-    except BaseException:  # noqa: BLE001 - the work was cancelled on purpose
-        pass
-    raise ClientGone()
+__all__ = ["ClientGone", "EventStream", "drain", "first_item", "until_disconnect"]
 
 
 async def first_item(receive: Receive, agen: Any) -> Any:

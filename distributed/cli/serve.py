@@ -46,10 +46,12 @@ def serve(env_file: Optional[Path] = None, host: Optional[str] = None, port: Opt
     log = logs.get_logger("serve")
 
     from ..api.app import create_app
-    from ..node import Node
+    from ..node import Node, user_catalog
+    from ..store import ModelStore
 
     try:
-        node = Node(settings)  # profiles the host in start(); catalog and store from settings
+        catalog = user_catalog(settings)  # one catalog (built-in + TARS_MODELS_DIR/catalog.toml) for all
+        node = Node(settings, catalog=catalog, store=ModelStore(settings.models_dir, catalog))
         node.model_specs()  # an unknown model in TARS_MODELS stops here, before the socket opens
     except TarsError as exc:
         typer.secho(f"error: {exc.message}", fg="red", err=True)

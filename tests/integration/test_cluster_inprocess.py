@@ -23,7 +23,7 @@ from distributed.cluster import Cluster
 from distributed.node import Node
 from distributed.profiler import profile_host
 from distributed.rpc.client import PeerClient
-from distributed.rpc.remote import RemoteTarget
+from distributed.targets import RemoteTarget
 from distributed.settings import load_settings
 
 pytestmark = pytest.mark.anyio
@@ -64,9 +64,10 @@ class Host:
                  extra: dict[str, Any] | None = None, **overrides: Any) -> None:
         host, port = url.removeprefix("http://").split(":")
         self.net, self.name, self.url = net, name, url
+        options = {"cluster_token": TOKEN, "backend_override": "fake", "heartbeat_s": 0.1, "rpc_timeout_s": 1.0,
+                   "models": [CHAT, EMB], **overrides}
         self.settings = load_settings(node_name=name, host=host, port=int(port), peers=",".join(peers) or None,
-                                      cluster_token=TOKEN, backend_override="fake", heartbeat_s=0.1,
-                                      rpc_timeout_s=1.0, **overrides)
+                                      **options)
         self.extra = dict(extra or {})
         self.node = Node(self.settings, profile=profile_host(preset, name), backend_extra=self.extra)
         self.node.cluster = Cluster(self.node, self.settings, client_factory=self._client)
@@ -158,6 +159,7 @@ async def test_join_splits_the_plan_and_both_hosts_know_the_routing(pair):
     assert [t.model for t in pc2.node.local_targets()] == [EMB]
     assert isinstance(pc1.node.targets[EMB], RemoteTarget) and isinstance(pc2.node.targets[CHAT], RemoteTarget)
 
+    await until(lambda: pc2.peer("pc1")["rtt_ms"] is not None, what="pc2's first heartbeat to pc1")
     status = (await pc2.http.get("/status")).json()
     (peer,) = status["peers"]
     assert peer["name"] == "pc1" and peer["role"] == "server" and peer["state"] == "alive"
@@ -307,7 +309,7 @@ async def test_peer_dying_mid_stream_ends_the_stream_cleanly(pair):
             return r.status_code, [json.loads(x[6:]) async for x in r.aiter_lines() if x.startswith("data: ")]
 
     task = asyncio.ensure_future(go())
-    await asyncio.sleep(0.3)
+    await until(lambda: pc1.node.targets[CHAT].requests >= 1, what="the stream running on pc1")
     t0 = time.monotonic()
     pc1.net.up[pc1.url] = False  # pc1 stops answering (its in-flight stream is never finished)
     status, events = await asyncio.wait_for(task, timeout=5)
@@ -323,7 +325,7 @@ async def test_peer_dying_mid_stream_ends_the_stream_cleanly(pair):
 async def test_generation_in_flight_when_the_peer_dies_is_a_clean_503(pair):
     pc1, pc2 = await pair(pc1_extra={"token_delay_s": 0.05, "reply_tokens": 200})
     task = asyncio.ensure_future(pc2.infer("long", max_tokens=200))
-    await asyncio.sleep(0.3)
+    await until(lambda: pc1.node.targets[CHAT].requests >= 1, what="the generation running on pc1")
     pc1.net.up[pc1.url] = False
     r = await asyncio.wait_for(task, timeout=5)
     assert r.status_code == 503 and "pc1" in r.json()["error"]["message"]
@@ -374,11 +376,25 @@ async def test_wrong_token_never_joins(pair):
     pc1 = await Host(net, "pc1", PC1_URL, "rtx3060-12gb").start()
     pair.hosts.append(pc1)
     bad = Host(net, "pc2", PC2_URL, "gtx1660s-6gb", peers=(PC1_URL,))
-    bad._client = lambda url: PeerClient(url, "wrong", transport=net.link(PC2_URL, url), timeout=1.0)  # type: ignore
-    bad.node.cluster._factory = bad._client
+    attempts: list[str] = []
+
+    def wrong_token(url: str) -> PeerClient:
+        client = PeerClient(url, "wrong", transport=net.link(PC2_URL, url), timeout=1.0)
+        real = client.call
+
+        async def call(method: str, *a: Any, **kw: Any) -> Any:
+            try:
+                return await real(method, *a, **kw)
+            finally:
+                attempts.append(method)
+
+        client.call = call  # type: ignore[method-assign]
+        return client
+
+    bad.node.cluster._factory = wrong_token
     await bad.start()
     pair.hosts.append(bad)
-    await asyncio.sleep(0.6)
+    await until(lambda: attempts.count("cluster.join") >= 3, what="three refused join attempts")
     assert pc1.cluster.peers == {} and bad.cluster.server is None
     assert not bad.node.targets
 
@@ -423,24 +439,31 @@ def _rpc_server(host: Host) -> Any:
 async def test_an_older_peer_that_refuses_the_new_heartbeat_params_still_works(pair):
     """pc1 plays a node of the previous version: its cluster.heartbeat refuses unknown
     params (-32602) and answers without live figures."""
-    from distributed.rpc.server import Param
+    from pydantic import BaseModel, ConfigDict
+
+    class OldBeat(BaseModel):  # the previous version's params: no live figures, unknown ones refused
+        model_config = ConfigDict(strict=True, extra="forbid")
+        name: str
+        url: str = ""
+        models: list[dict[str, Any]] = []
+        plan_id: str = ""
+        sent_at: float = 0.0
 
     net = pair.net
     pc1 = Host(net, "pc1", PC1_URL, "rtx3060-12gb")
     srv = _rpc_server(pc1)
-    old_schema = {"name": Param((str,), required=True), "url": Param((str,), default=""),
-                  "models": Param((list,), default=list, items=dict), "plan_id": Param((str,), default=""),
-                  "sent_at": Param((float,), default=0.0)}
     refused: list[str] = []
+    beats: list[str] = []
 
-    async def old_heartbeat(**params: Any) -> dict[str, Any]:
-        answer = await pc1.cluster.handle_heartbeat(**params)
+    async def old_heartbeat(params: OldBeat) -> dict[str, Any]:
+        beats.append(params.name)
+        answer = await pc1.cluster.handle_heartbeat(**params.model_dump())
         return {k: v for k, v in answer.items() if k not in ("gpus", "totals", "ram")}
 
-    strict = srv._wrap("cluster.heartbeat", old_schema, old_heartbeat)
+    strict = srv._wrap("cluster.heartbeat", OldBeat, old_heartbeat)
 
     async def counting(*args: Any, **params: Any) -> Any:
-        if set(params) - set(old_schema):
+        if set(params) & {"gpus", "totals", "ram"}:
             refused.append(params["name"])
         return await strict(*args, **params)
 
@@ -450,7 +473,8 @@ async def test_an_older_peer_that_refuses_the_new_heartbeat_params_still_works(p
     pc2 = await Host(net, "pc2", PC2_URL, "gtx1660s-6gb", peers=(PC1_URL,)).start()
     pair.hosts.extend([pc1, pc2])
     await until(lambda: ready_everywhere(pc1, pc2), what="both ready")
-    await asyncio.sleep(0.5)  # several beats
+    seen = len(beats)
+    await until(lambda: len(beats) >= seen + 4, what="several beats")
     assert refused == ["pc2"]  # refused once, then pc2 beats without the figures
     assert pc2.cluster.peers["pc1"].takes_vitals is False
     me = pc2.peer("pc1")
@@ -501,7 +525,7 @@ async def test_a_joining_worker_takes_a_model_over_without_a_loading_gap(pair):
     await until(lambda: isinstance(pc1.node.targets[EMB], RemoteTarget), what="the plan moves EMB to pc2")
     joined_at = time.monotonic()
     # while pc2 loads: pc1 keeps serving its own copy, reported as a handoff, not a fallback
-    await asyncio.sleep(0.3)
+    await until(lambda: len([t for t, *_ in log if t > joined_at]) >= 3, what="requests after the join")
     assert pc2.node.targets[EMB].state == "loading"
     info = next(m for m in (await pc1.http.get("/models")).json()["models"] if m["id"] == EMB)
     assert info["node"] == "pc2" and info["state"] == "loading" and info["handoff"] == {"node": "pc1", "state": "ready"}
@@ -539,7 +563,6 @@ async def test_a_model_moving_back_from_a_live_peer_is_served_there_until_loaded
     await until(lambda: pc1.node.plan.where(EMB) is not None and pc1.node.plan.where(EMB).node == "pc1",
                 what="the plan moves EMB to pc1")
     moved_at = time.monotonic()
-    await asyncio.sleep(0.3)
     assert isinstance(pc1.node.targets[EMB], RemoteTarget)  # still routed to pc2 while loading here
     await until(lambda: isinstance(pc2.node.targets[EMB], RemoteTarget), what="pc2 applies the plan")
     assert pc2.node.targets[EMB].standin is pc2_copy and pc2.node.targets[EMB].serves_here
@@ -575,3 +598,40 @@ async def test_a_fallback_copy_is_kept_when_the_plan_then_assigns_the_model_here
     body = (await pc1.embed(["y"])).json()
     assert body["node"] == "pc1" and body["fallback"] is False
     assert (await small.embed(["z"])).json()["node"] == "pc1"
+
+
+# ----------------------------------------------------------------------------- failover without thrash (issue 11.2)
+async def test_failover_loads_one_standin_and_keeps_it_until_the_peer_is_back_and_answered(pair):
+    """Before the fix, every request while the killed peer was still "alive"/"suspect" dropped
+    the stand-in (the peer's last report said "ready"), was refused by the peer, and loaded a
+    fresh copy: a load/unload cycle per request."""
+    net = pair.net
+    pc1 = await Host(net, "pc1", PC1_URL, "rtx3060-12gb", heartbeat_s=0.5).start()
+    pc2 = await Host(net, "pc2", PC2_URL, "gtx1660s-6gb", peers=(PC1_URL,), heartbeat_s=0.5).start()
+    pair.hosts.extend([pc1, pc2])
+    await until(lambda: ready_everywhere(pc1, pc2), what="both hosts ready")
+    loads: list[str] = []
+    real = pc1.node.local_target
+    pc1.node.local_target = lambda spec, a: loads.append(spec.id) or real(spec, a)  # type: ignore[method-assign]
+    await pc2.crash()
+    answers = list(await asyncio.gather(*(pc1.embed([f"burst {i}"]) for i in range(32))))  # 32 clients at once
+    for i in range(10):  # then one after another, still inside the window before "dead"
+        answers.append(await pc1.embed([f"one by one {i}"]))
+    assert [a.status_code for a in answers] == [200] * 42
+    assert all(a.json()["fallback"] is True and a.json()["node"] == "pc1" for a in answers)
+    assert loads == [EMB] and pc1.node.routes.fallback_loads == 1  # loaded once, never dropped and reloaded
+    copy = pc1.node.targets[EMB].standin
+    await until(lambda: pc1.peer("pc2")["state"] == "dead", what="pc2 dead")
+    assert pc1.node.targets[EMB].standin is copy and copy.state == "ready"
+
+    pc2b = await Host(net, "pc2", PC2_URL, "gtx1660s-6gb", peers=(PC1_URL,), heartbeat_s=0.5,
+                      extra={"load_delay_s": 0.5}).start()
+    pair.hosts.append(pc2b)
+    await until(lambda: pc1.peer("pc2")["state"] == "alive", what="pc2 back")
+    # back and answering, but still loading the model: the copy here keeps serving
+    assert pc1.node.targets[EMB].standin is copy and (await pc1.embed(["meanwhile"])).json()["node"] == "pc1"
+    await until(lambda: pc1.node.targets[EMB].standin is None, timeout=8, what="the stand-in dropped")
+    await until(lambda: copy.state == "unavailable", what="the stand-in unloaded")
+    body = (await pc1.embed(["after"])).json()
+    assert body["node"] == "pc2" and body["fallback"] is False
+    assert loads == [EMB] and [t.model for t in pc1.node.local_targets()] == [CHAT]

@@ -50,8 +50,8 @@ async def test_loads_in_the_background_loading_then_ready():
     gate = threading.Event()
     t = _target(CHAT, load_event=gate)
     t.start()
-    await asyncio.sleep(0.05)
     assert t.state == "loading"
+    assert await t.wait_loaded(0.05) == "loading"  # a timeout returns the state, loading or not
     with pytest.raises(ModelLoading, match="still loading"):
         await t.generate(GenerateRequest(prompt="hi"))
     gate.set()
@@ -161,7 +161,25 @@ async def test_close_unloads_and_marks_unavailable():
 
 
 def test_rate_is_a_sliding_window():
-    r = Rate(window_s=10)
+    now = [100.0]
+    r = Rate(window_s=10, clock=lambda: now[0])
     r.add(50)
+    now[0] += 6
     r.add(50)
     assert r.per_s() == 10.0
+    now[0] += 5  # the first event is now 11 s old: out of the window
+    assert r.per_s() == 5.0
+    now[0] += 10
+    assert r.per_s() == 0.0
+
+
+async def test_wait_loaded_wakes_every_waiter_when_the_load_ends():
+    gate = threading.Event()
+    t = _target(CHAT, load_event=gate)
+    t.start()
+    waiters = [asyncio.ensure_future(t.wait_loaded()) for _ in range(3)]
+    await asyncio.sleep(0)
+    assert not any(w.done() for w in waiters)
+    gate.set()
+    assert await asyncio.wait_for(asyncio.gather(*waiters), 5) == ["ready"] * 3
+    assert await t.wait_loaded() == "ready"  # already loaded: at once

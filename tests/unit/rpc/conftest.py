@@ -15,7 +15,7 @@ import pytest
 from fastapi import FastAPI
 
 from distributed.domain import Completion, Embeddings, TokenChunk, Usage
-from distributed.errors import ModelNotFound, Overloaded
+from distributed.errors import ModelLoading, ModelNotFound, Overloaded
 from distributed.rpc.server import build_rpc_router
 from distributed.settings import load_settings
 
@@ -29,6 +29,7 @@ class _T:
 
 class StubNode:
     name = "pc1"
+    role = "server"
     cluster = None
     profile = None
 
@@ -44,6 +45,13 @@ class StubNode:
         if model not in self.targets:
             raise ModelNotFound(model, list(self.targets))
         return self.targets[model]
+
+    def resolve_here(self, model: str | None, kind: str) -> _T:
+        target = self.resolve(model, kind)
+        if target.node != self.name:
+            raise ModelLoading(f"model '{target.model}' is not served by {self.name} (its routing points to "
+                               f"{target.node})", model=target.model, node=self.name)
+        return target
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         return True, {"status": "ok"}

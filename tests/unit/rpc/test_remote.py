@@ -1,4 +1,5 @@
-"""RemoteTarget's embedding coalescer and its routing/failover decisions, with a scripted peer."""
+"""RemoteTarget's embedding coalescer and its routing/failover decisions, with a scripted peer
+(the stand-in swaps go through ``targets.Routes``, their one owner)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import pytest
 
 from distributed.domain import Completion, EmbedRequest, Embeddings, GenerateRequest
 from distributed.errors import PeerUnavailable, ValidationFailed
-from distributed.rpc.remote import RemoteTarget, _Coalescer
+from distributed.rpc.coalescer import Coalescer as _Coalescer
+from distributed.targets import RemoteTarget, Routes
 
 pytestmark = pytest.mark.anyio
 
@@ -165,15 +167,27 @@ class FakePeer:
         self.state = "alive"
         self.client = FakeClient()
         self.gone = asyncio.Event()
+        self.reachable = True
         self.models = {"m": {"id": "m", "state": "ready", "backend": "fake", "quant": "Q4"}}
 
     def model_info(self, model: str) -> dict[str, Any] | None:
         return self.models.get(model)
 
+    def failed(self, why: str) -> None:
+        self.reachable = False
+
+    def answered(self) -> None:
+        self.reachable = True
+
 
 class Standin:
     node = "pc1"
     state = "ready"
+    local = True
+    assignment = None
+
+    def start(self) -> None:
+        pass
 
     def __init__(self) -> None:
         self.closed = False
@@ -219,23 +233,32 @@ async def test_failover_serves_with_the_standin_marked_fallback_and_drops_it_whe
     standin = Standin()
     asked = []
 
+    routes = Routes("pc1")
+
     async def failover(remote, exc):
         asked.append(exc)
-        return standin
+        return await routes.fallback(remote, lambda: standin)
 
     t = target(peer, failover=failover)
+    routes.set(t)
     peer.client.error = PeerUnavailable("refused", peer="pc2", phase="connect")
     c = await t.generate(GenerateRequest(prompt="x"))
     assert c.text == "local" and c.fallback is True and t.standin is standin
+    assert not peer.reachable and routes.fallback_loads == 1
     peer.client.error = None
-    peer.state = "alive"
+    # a stale "ready" from before the failure drops nothing: the peer has not answered yet
+    routes.settle(peer)
+    assert (await t.generate(GenerateRequest(prompt="x"))).fallback is True and t.standin is standin
+    peer.answered()
     peer.models["m"]["state"] = "loading"  # back, but not ready yet: keep serving here
+    routes.settle(peer)
     assert (await t.generate(GenerateRequest(prompt="x"))).fallback is True
     peer.models["m"]["state"] = "ready"
+    routes.settle(peer)  # back, answered, ready: now the stand-in goes
     c = await t.generate(GenerateRequest(prompt="x"))
     assert c.text == "remote" and c.fallback is False
     await spin()
-    assert t.standin is None and standin.closed
+    assert t.standin is None and standin.closed and routes.fallback_loads == 1  # asked again, loaded once
 
 
 async def test_a_call_that_reached_the_peer_is_never_retried_elsewhere():
@@ -262,9 +285,10 @@ async def test_peer_declared_dead_mid_call_ends_it_at_once():
 async def test_embed_through_the_coalescer_and_fallback_when_the_peer_dies():
     peer = FakePeer()
     standin = Standin()
+    routes = Routes("pc1")
 
     async def failover(remote, exc):
-        return standin
+        return await routes.fallback(remote, lambda: standin)
 
     t = target(peer, "embed", failover=failover)
     e = await t.embed(EmbedRequest(input=["a", "b"]))
@@ -299,8 +323,8 @@ async def test_handoff_copy_serves_unmarked_until_the_peer_is_ready_and_finishes
     inflight = asyncio.ensure_future(t.generate(GenerateRequest(prompt="x")))
     await spin()
     peer.models["m"]["state"] = "ready"
-    assert not t.serves_here
-    assert t.drop_standin("ready there") is copy and t.standin is None
+    assert t.serves_here  # until the routes owner drops it
+    assert t.drop_standin("ready there") is copy and t.standin is None and not t.serves_here
     await spin()
     assert not copy.closed  # a request is still being computed on it
     c = await t.generate(GenerateRequest(prompt="x"))
@@ -318,8 +342,10 @@ async def test_a_handoff_copy_becomes_a_fallback_when_the_peer_dies_first():
     peer.models["m"]["state"] = "loading"
     copy = Standin()
 
-    async def failover(remote, exc):
-        return remote.standin  # the cluster reuses the copy that is already loaded
+    routes = Routes("pc1")
+
+    async def failover(remote, exc):  # the one stand-in: the copy already loaded is reused
+        return await routes.fallback(remote, lambda: pytest.fail("must not load a second copy"))
 
     t = RemoteTarget("m", "chat", peer, failover=failover, handoff=copy)
     assert (await t.generate(GenerateRequest(prompt="x"))).fallback is False
@@ -341,3 +367,33 @@ async def test_close_lets_requests_in_flight_finish():
     peer.client.block.set()
     assert (await inflight).text == "remote"
     await asyncio.wait_for(closing, 1.0)
+
+
+async def test_after_a_refused_call_requests_go_to_the_one_standin_until_the_peer_answers():
+    """Issue 11.2: a peer that refused a connection is not tried again by the next
+    requests (they go to the stand-in, loaded once), whatever its last report said."""
+    peer = FakePeer()
+    routes = Routes("pc1")
+    loads = []
+
+    def load():
+        loads.append(1)
+        return Standin()
+
+    async def failover(remote, exc):
+        return await routes.fallback(remote, load)
+
+    t = target(peer, "embed", failover=failover)
+    calls = []
+    real = peer.client.embed
+
+    async def counting(*a, **kw):
+        calls.append(1)
+        return await real(*a, **kw)
+
+    peer.client.embed = counting
+    peer.client.error = PeerUnavailable("connection refused", peer="pc2", phase="connect")
+    answers = [await t.embed(EmbedRequest(input=[f"x{i}"])) for i in range(20)]
+    assert all(a.fallback and a.node == "pc1" for a in answers)
+    assert len(calls) == 1 and len(loads) == 1  # one refused call, one load; the rest went straight here
+    assert peer.models["m"]["state"] == "ready" and t.state == "ready"  # the stale report changes nothing

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
@@ -10,7 +11,6 @@ import pytest
 from distributed.domain import GenerateRequest
 from distributed.errors import ModelNotFound, Overloaded, ValidationFailed
 from distributed.rpc import protocol as p
-from distributed.rpc import server as srv
 from distributed.rpc.server import build_rpc_router
 from distributed.settings import load_settings
 
@@ -49,14 +49,16 @@ async def test_right_token_any_scheme_case_passes(http):
 
 
 async def test_token_compare_is_constant_time(http, monkeypatch):
+    from distributed import bearer
+
     seen = []
-    real = srv.hmac.compare_digest
+    real = bearer.hmac.compare_digest
 
     def spy(a, b):
         seen.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(srv.hmac, "compare_digest", spy)
+    monkeypatch.setattr(bearer.hmac, "compare_digest", spy)
     assert (await post(http, req("node.health"))).status_code == 200
     r = await http.post("/rpc", json=req("node.health"), headers={"authorization": "Basic nope"})
     assert r.status_code == 401
@@ -122,15 +124,24 @@ async def test_method_not_found_keeps_the_id(http):
 
 @pytest.mark.parametrize("method, params, field, text", [
     ("embed.encode", {}, "input", "missing required parameter 'input'"),
-    ("embed.encode", {"input": "a string"}, "input", "must be an array of strings"),
-    ("embed.encode", {"input": ["ok", 3]}, "input[1]", "'input[1]' must be a string"),
-    ("embed.encode", {"input": ["a"], "encoding": "hex"}, "encoding", "one of float, base64"),
-    ("inference.generate", {"prompt": "hi", "max_tokens": "ten"}, "max_tokens", "must be an integer"),
-    ("inference.generate", {"prompt": "hi", "max_tokens": True}, "max_tokens", "must be an integer"),
+    ("embed.encode", {"input": "a string"}, "input", "valid list"),
+    ("embed.encode", {"input": ["ok", 3]}, "input[1]", "parameter 'input[1]': input should be a valid string"),
+    ("embed.encode", {"input": ["a"], "encoding": "hex"}, "encoding", "'float' or 'base64'"),
+    # issue 11.3: empty input / groups are the caller's fault (-32602), not an internal error
+    ("embed.encode", {"input": []}, "input", "at least 1 item"),
+    ("embed.encode", {"input": ["a"], "groups": []}, "groups", "at least 1 item"),
+    ("embed.encode", {"input": ["a"], "groups": [0]}, "groups[0]", "greater than or equal to 1"),
+    ("inference.generate", {"prompt": "hi", "max_tokens": "ten"}, "max_tokens", "valid integer"),
+    ("inference.generate", {"prompt": "hi", "max_tokens": True}, "max_tokens", "valid integer"),
     ("inference.generate", {"prompt": "hi", "temperatur": 0.1}, "temperatur", "unknown parameter 'temperatur'"),
+    # issue 8.3: the REST bounds hold on /rpc too
+    ("inference.generate", {"prompt": "hi", "max_tokens": -5}, "max_tokens", "greater than or equal to 1"),
+    ("inference.generate", {"prompt": "hi", "temperature": 99}, "temperature", "less than or equal to 2"),
+    ("inference.generate", {"prompt": "hi", "top_p": 0}, "top_p", "greater than 0"),
+    ("inference.generate", {"prompt": "hi", "stop": ["a"] * 9}, "stop", "at most 8 items"),
     ("cluster.leave", ["pc2"], "params", "named parameters"),
-    ("cluster.heartbeat", {"name": "pc2", "gpus": {"index": 0}}, "gpus", "must be an array of objects or null"),
-    ("cluster.heartbeat", {"name": "pc2", "totals": [1]}, "totals", "must be an object or null"),
+    ("cluster.heartbeat", {"name": "pc2", "gpus": {"index": 0}}, "gpus", "valid list"),
+    ("cluster.heartbeat", {"name": "pc2", "totals": [1]}, "totals", "valid dictionary"),
 ])
 async def test_invalid_params_names_the_param(http, method, params, field, text):
     body = (await post(http, req(method, params))).json()
@@ -211,10 +222,21 @@ async def test_node_info_and_models_list(http):
     assert [m["id"] for m in local] == ["chat-a", "emb-a"]
 
 
-async def test_the_router_attaches_a_cluster_and_serves_its_methods(http, node):
+async def test_membership_methods_without_a_cluster_say_so(http):
+    err = (await post(http, req("cluster.leave", {"name": "pc9"}))).json()["error"]
+    assert "no cluster layer" in err["message"]
+
+
+async def test_the_router_serves_the_methods_of_the_cluster_it_is_given(node):
+    from fastapi import FastAPI
+
     from distributed.cluster import Cluster
 
-    assert isinstance(node.cluster, Cluster)
+    settings = load_settings(node_name="pc1", cluster_token=TOKEN)
+    app = FastAPI()
+    app.include_router(build_rpc_router(settings, node, Cluster(node, settings)))
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://pc1",
+                             headers={"authorization": f"Bearer {TOKEN}"})
     assert (await post(http, req("cluster.leave", {"name": "pc9"}))).json()["result"] == {"ok": True, "known": False}
     beat = (await post(http, req("cluster.heartbeat", {"name": "pc9", "url": "http://x"}))).json()["result"]
     assert beat == {"known": False, "name": "pc1"}  # the server tells an unknown host to join
@@ -222,8 +244,17 @@ async def test_the_router_attaches_a_cluster_and_serves_its_methods(http, node):
     assert err["code"] == -32602 and "TARS_NODE_NAME" in err["message"]
 
 
-async def test_membership_methods_ignore_unknown_params_from_newer_peers(http):
+async def test_membership_methods_ignore_unknown_params_from_newer_peers(node):
     """A newer peer may send more than this version knows: it still joins, beats and leaves."""
+    from fastapi import FastAPI
+
+    from distributed.cluster import Cluster
+
+    settings = load_settings(node_name="pc1", cluster_token=TOKEN)
+    app = FastAPI()
+    app.include_router(build_rpc_router(settings, node, Cluster(node, settings)))
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://pc1",
+                             headers={"authorization": f"Bearer {TOKEN}"})
     beat = (await post(http, req("cluster.heartbeat", {"name": "pc9", "url": "http://x", "gpus": [],
                                                        "totals": {"requests": 1}, "ram": None,
                                                        "from_the_future": {"x": 1}}))).json()
@@ -299,3 +330,39 @@ async def test_caller_going_away_stops_the_generation(node):
     assert b"t0" in await lines_.__anext__()
     await lines_.aclose()  # what Starlette does when the client disconnects
     assert node.stream_closed.is_set()
+
+
+async def test_a_generate_whose_caller_disconnects_stops_generating(node):
+    """Issue 11.5: a non-streamed inference.generate is cancelled when its caller goes
+    (the slot is freed), as REST already does."""
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def slow(req):
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    node.generate = slow
+    server = build_rpc_router(load_settings(node_name="pc1", cluster_token=TOKEN), node).rpc_server
+    body = json.dumps(req("inference.generate", {"prompt": "long"})).encode()
+    gone = asyncio.Event()
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        if messages:
+            return messages.pop(0)
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    scope = {"type": "http", "method": "POST", "path": "/rpc", "headers": [(b"authorization", f"Bearer {TOKEN}".encode())],
+             "query_string": b""}
+    from starlette.requests import Request
+
+    answer = asyncio.ensure_future(server.handle(Request(scope, receive)))
+    await asyncio.wait_for(started.wait(), 2)
+    gone.set()  # the caller hangs up
+    await asyncio.wait_for(cancelled.wait(), 2)
+    assert (await asyncio.wait_for(answer, 2)).status_code == 499

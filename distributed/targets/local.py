@@ -1,116 +1,30 @@
-"""A model as the node sees it: ``Target``, and ``LocalTarget`` (a backend on this host).
+"""``LocalTarget``: a model computed on this host — a backend behind its
+``GenerationQueue`` (chat) or ``MicroBatcher`` (embeddings).
 
-The node routes every request to a Target without caring where it computes:
-``LocalTarget`` runs a backend here behind its ``GenerationQueue`` or
-``MicroBatcher``; ``rpc/remote.py``'s ``RemoteTarget`` forwards to a peer.
-
-``LocalTarget`` loads its backend in a background thread (the node answers
-``/health`` 503 "loading" meanwhile), keeps the error text when loading fails
-(the node stays up and reports it), and does the context checks before a request
-queues, so a prompt that can never fit is refused at once instead of after a wait.
+It loads its backend in a background thread (the node answers ``/health`` 503
+"loading" meanwhile), keeps the error text when loading fails (the node stays up and
+reports it), and does the context checks before a request queues, so a prompt that
+can never fit is refused at once instead of after a wait.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import threading
 import time
-from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from .backends.base import Backend, ChatBackend, EmbedBackend
-from .batching import GenerationQueue, MicroBatcher
-from .domain import (Assignment, Completion, EmbedRequest, Embeddings, GenerateRequest, ModelKind,
-                     ModelSpec, Timings, TokenChunk, Usage)
-from .errors import InputTooLong, ModelFailed, ModelLoading, TarsError, ValidationFailed
-from .logs import fields, get_logger
-from .metrics import Metrics
+from ..backends.base import Backend, ChatBackend, EmbedBackend
+from ..batching import GenerationQueue, MicroBatcher
+from ..domain import Assignment, Completion, EmbedRequest, Embeddings, GenerateRequest, ModelSpec, Timings, TokenChunk, Usage
+from ..errors import InputTooLong, ModelFailed, ModelLoading, TarsError, ValidationFailed
+from ..logs import fields, get_logger
+from ..metrics import Metrics
+from .base import Rate, Target, TargetState
 
 log = get_logger(__name__)
-
-
-class Rate:
-    """Events per second over a sliding window (records per request, not per token)."""
-
-    def __init__(self, window_s: float = 10.0) -> None:
-        self.window_s = window_s
-        self._events: collections.deque[tuple[float, float]] = collections.deque()
-
-    def add(self, amount: float) -> None:
-        now = time.monotonic()
-        self._events.append((now, amount))
-        self._trim(now)
-
-    def _trim(self, now: float) -> None:
-        cutoff = now - self.window_s
-        while self._events and self._events[0][0] < cutoff:
-            self._events.popleft()
-
-    def per_s(self) -> float:
-        self._trim(time.monotonic())
-        return sum(a for _, a in self._events) / self.window_s
-
-
-class Target(ABC):
-    """One model, local or remote. See docs/ARCHITECTURE.md for the contract."""
-
-    model: str
-    kind: ModelKind
-    node: str
-
-    @property
-    @abstractmethod
-    def state(self) -> str:
-        """"loading" | "ready" | "failed" | "unavailable"."""
-
-    @abstractmethod
-    def stream(self, req: GenerateRequest) -> AsyncIterator[TokenChunk | Completion]:
-        """Yield a TokenChunk per piece, then exactly one Completion (text "", stats filled)."""
-
-    async def generate(self, req: GenerateRequest) -> Completion:
-        """The whole answer at once (default: drain ``stream``)."""
-        pieces: list[str] = []
-        logprobs: list[dict[str, Any]] = []
-        tool_calls: list[dict[str, Any]] | None = None
-        async for item in self.stream(req):
-            if isinstance(item, Completion):
-                item.text = "".join(pieces)
-                if logprobs and item.logprobs is None:
-                    item.logprobs = logprobs
-                if tool_calls and item.tool_calls is None:
-                    item.tool_calls = tool_calls
-                return item
-            pieces.append(item.text)
-            if item.logprobs:
-                logprobs.extend(item.logprobs)
-            if item.tool_calls:
-                tool_calls = item.tool_calls
-        raise TarsError(f"model '{self.model}' ended its stream without a result")
-
-    @abstractmethod
-    async def embed(self, req: EmbedRequest) -> Embeddings: ...
-
-    @abstractmethod
-    def info(self) -> dict[str, Any]:
-        """{"id","kind","backend","quant","node","state","queue_depth","requests",
-        "tokens_generated","last_tokens_per_s","error"?}"""
-
-    @property
-    def queue_depth(self) -> int:
-        return 0
-
-    def tokens_per_s(self) -> float:
-        """Recent generation rate (tokens/s over a short window)."""
-        return 0.0
-
-    def embeddings_per_s(self) -> float:
-        return 0.0
-
-    async def close(self) -> None:  # noqa: B027 - optional hook
-        """Release what the target holds (default: nothing)."""
 
 
 class LocalTarget(Target):
@@ -131,8 +45,10 @@ class LocalTarget(Target):
         self.backend: Backend | None = None
         self.error: str | None = None
         self._factory = factory
-        self._state = "loading"
+        self._state = TargetState.LOADING
         self._loaded = threading.Event()
+        self._lock = threading.Lock()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self._closed = False
         self.requests = 0
         self.tokens_generated = 0
@@ -152,7 +68,7 @@ class LocalTarget(Target):
 
     # ----------------------------------------------------------------- lifecycle
     @property
-    def state(self) -> str:
+    def state(self) -> TargetState:
         return self._state
 
     def start(self) -> None:
@@ -170,30 +86,49 @@ class LocalTarget(Target):
                 return
             self.backend = backend
             self.load_s = time.monotonic() - t0
-            self._state = "ready"
+            self._state = TargetState.READY
             log.info("model %s ready in %.1f s", self.model, self.load_s,
                      extra=fields(model=self.model, backend=backend.name))
         except Exception as exc:  # noqa: BLE001 - the node stays up and reports the failure
             self.error = exc.message if isinstance(exc, TarsError) else f"{type(exc).__name__}: {exc}"
-            self._state = "failed"
+            self._state = TargetState.FAILED
             log.error("model %s failed to load: %s", self.model, self.error, exc_info=not isinstance(exc, TarsError),
                       extra=fields(model=self.model))
         finally:
-            self._loaded.set()
+            self._finished_loading()
 
-    async def wait_loaded(self, timeout: float | None = None) -> str:
-        """Wait until loading has finished (ready or failed); returns the state."""
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        while not self._loaded.is_set():
-            if deadline is not None and loop.time() > deadline:
-                break
-            await asyncio.sleep(0.02)
+    def _finished_loading(self) -> None:
+        """Wake every ``wait_loaded`` (they wait on futures of their own loops)."""
+        with self._lock:
+            self._loaded.set()
+            waiters, self._waiters = self._waiters, []
+        for loop, fut in waiters:
+            try:
+                loop.call_soon_threadsafe(_resolve, fut)
+            except RuntimeError:  # that loop has closed: nobody waits any more
+                pass
+
+    async def wait_loaded(self, timeout: float | None = None) -> TargetState:
+        """Wait until loading has finished (ready or failed), at most ``timeout`` seconds;
+        returns the state."""
+        if not self._loaded.is_set():
+            loop = asyncio.get_running_loop()
+            fut: asyncio.Future[None] = loop.create_future()
+            with self._lock:
+                if self._loaded.is_set():
+                    fut.set_result(None)
+                else:
+                    self._waiters.append((loop, fut))
+            try:
+                await asyncio.wait_for(fut, timeout)
+            except TimeoutError:
+                pass
         return self._state
 
     async def close(self) -> None:
         self._closed = True
-        self._state = "unavailable" if self._state != "failed" else self._state
+        if self._state != TargetState.FAILED:
+            self._state = TargetState.UNAVAILABLE
         if self.queue is not None:
             self.queue.close()
         if self.batcher is not None:
@@ -204,12 +139,12 @@ class LocalTarget(Target):
 
     def _check_ready(self) -> Backend:
         backend = self.backend
-        if self._state == "ready" and backend is not None:
+        if self._state == TargetState.READY and backend is not None:
             return backend
-        if self._state == "failed":
+        if self._state == TargetState.FAILED:
             raise ModelFailed(f"model '{self.model}' failed to load on {self.node}: {self.error}",
                               model=self.model, node=self.node)
-        if self._state == "loading":
+        if self._state == TargetState.LOADING:
             raise ModelLoading(f"model '{self.model}' is still loading on {self.node}; retry in a few seconds",
                                model=self.model, node=self.node, retry_after=2)
         raise ModelFailed(f"model '{self.model}' is not available on {self.node} ({self._state})",
@@ -359,3 +294,8 @@ class LocalTarget(Target):
         if self.error:
             out["error"] = self.error
         return out
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)

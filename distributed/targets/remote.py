@@ -1,31 +1,28 @@
 """``RemoteTarget``: a model computed on a peer, as the node sees it.
 
 The node routes to it like to any ``Target``; it forwards over the peer's
-``PeerClient``. Three things make it more than a forwarder:
+``PeerClient``. What makes it more than a forwarder:
 
-* **Liveness.** Its state follows the peer (the cluster's ``Peer``): a dead or
-  departed peer makes the model "unavailable". While a request is in flight,
-  the peer being declared dead ends it at once with ``PeerUnavailable`` (a peer
-  that hangs without closing its socket never hangs our client).
-* **Failover.** When the peer is down (known dead, or the connection is refused
-  before the request reached it), the target asks its ``failover`` callback
-  (the cluster) for a local stand-in: the model loaded here, answers marked
-  ``fallback: true``; the callback raises ``PeerUnavailable`` naming the peer
-  when fallback is off or the model does not fit. The stand-in is dropped once
-  the peer is back and reports the model ready (make before break).
-* **Handoff.** When a new plan moves a model from this host to the peer, the
-  copy already loaded here becomes the stand-in (``handoff``): it keeps serving
-  (answers computed here, not marked fallback) while the peer loads the model,
-  and is dropped once the peer reports it ready — no "loading" gap. Meanwhile the
-  peer may forward requests for the model back here (``serves_here``).
+* **Liveness.** Its state follows the peer (``peers.Peer``): a dead or departed peer
+  makes the model "unavailable". While a request is in flight, the peer being
+  declared dead ends it at once with ``PeerUnavailable`` (a peer that hangs without
+  closing its socket never hangs our client).
+* **Stand-in.** It may hold a local copy of the model (``standin``): a fallback while
+  the peer is down, or the handoff copy that keeps serving while the peer loads a
+  model the plan moved to it. While it holds a ready stand-in every request goes
+  there. It never installs or drops a stand-in itself: ``routes.Routes`` (the one
+  owner of target swaps) does, through ``hold``, ``release_standin`` and
+  ``drop_standin``.
+* **Failover.** After the first failure of its peer (the peer declared dead, or a
+  connection refused, which marks the peer unreachable until it answers again) a
+  request does not go to the peer: it asks its ``failover`` callback (the cluster,
+  which asks ``Routes.fallback``) for the one stand-in of the model; the callback
+  raises ``PeerUnavailable`` naming the peer when fallback is off or the model does
+  not fit. A refused connection fails over at once.
 * **Draining.** A dropped stand-in, and the target itself when it is replaced,
   finish the requests they are computing (up to ``DRAIN_S``) before unloading.
-* **Embedding coalescing.** A channel call costs about as much CPU as a small
-  encode, so one call per client request would halve throughput on a small
-  machine. ``Coalescer`` (coalescer.py) sends a lone request at once; while a call is in
-  flight, the next requests wait and go together as one ``embed.encode`` with
-  ``groups`` (one group per request), pipelined so the peer's encoder always
-  has the next batch (see ``coalescer.py``), and the answer is split back.
+* **Embedding coalescing.** Concurrent embedding requests share channel calls
+  (``rpc/coalescer.py``).
 """
 
 from __future__ import annotations
@@ -33,16 +30,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from ..domain import Completion, EmbedRequest, Embeddings, GenerateRequest, ModelKind, Timings, TokenChunk
 from ..errors import PeerUnavailable
-from ..logs import get_logger
-from ..targets import Target
-from .client import PeerClient
-from .coalescer import Coalescer
-
-_Coalescer = Coalescer  # the name the unit tests (and older code) import from here
+from ..logs import fields, get_logger
+from ..rpc.coalescer import Coalescer
+from ..tasks import TaskSet
+from .base import Target, TargetState
 
 log = get_logger(__name__)
 
@@ -51,21 +46,53 @@ DRAIN_S = 10.0  # how long a retired stand-in or target waits for its requests i
 
 
 class PeerView(Protocol):
-    """What a RemoteTarget needs to know about its peer (cluster.Peer provides it)."""
+    """What a RemoteTarget needs to know about its peer (``peers.Peer`` provides it)."""
 
     name: str
-    state: str  # "alive" | "suspect" | "dead" | "left"
-    client: PeerClient
+    state: str  # PeerState: "alive" | "suspect" | "dead" | "left"
+    client: Any  # rpc.client.PeerClient
     gone: asyncio.Event  # set while the peer is dead or has left
+    reachable: bool  # False from a refused connection until it answers again
 
     def model_info(self, model: str) -> dict[str, Any] | None: ...
+
+    def failed(self, why: str) -> None: ...
 
 
 Failover = Callable[["RemoteTarget", PeerUnavailable], Awaitable[Target]]
 
 
-def _reached(exc: PeerUnavailable) -> bool:
-    return exc.details.get("phase") != "connect"
+class Inflight:
+    """A count of requests in flight with a wait for zero (no polling)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self._zero = asyncio.Event()
+        self._zero.set()
+
+    def __enter__(self) -> "Inflight":
+        self.n += 1
+        self._zero.clear()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.n -= 1
+        if self.n <= 0:
+            self.n = 0
+            self._zero.set()
+
+    async def idle(self, timeout: float, unless: asyncio.Event | None = None) -> None:
+        """Until nothing is in flight, ``unless`` is set, or ``timeout`` passed."""
+        if self.n == 0:
+            return
+        waits = {asyncio.ensure_future(self._zero.wait())}
+        if unless is not None:
+            waits.add(asyncio.ensure_future(unless.wait()))
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
 
 
 async def _cancel(task: asyncio.Future[Any]) -> None:
@@ -77,27 +104,33 @@ async def _cancel(task: asyncio.Future[Any]) -> None:
         task.exception()  # retrieved: no "never retrieved" warning
 
 
-# --------------------------------------------------------------------------- target
+class _Refused(Exception):
+    """The peer refused a stream before its first token: serve it elsewhere."""
+
+    def __init__(self, exc: PeerUnavailable) -> None:
+        self.exc = exc
+
+
 class RemoteTarget(Target):
     """One model assigned to a peer. ``failover`` is called when the peer is down."""
+
+    local: ClassVar[bool] = False
 
     def __init__(self, model: str, kind: ModelKind, peer: PeerView, *, failover: Failover | None = None,
                  assignment: dict[str, Any] | None = None, max_batch: int = 256, max_inflight: int = 2,
                  handoff: Target | None = None) -> None:
         """``handoff``: the copy of the model this host has been serving, kept as the
-        stand-in until the peer reports the model ready (see the module docstring)."""
+        stand-in until the peer reports the model ready (Routes.route_to_peer)."""
         self.model = model
         self.kind = kind
         self.peer = peer
         self.failover = failover
         self.assignment = dict(assignment or {})
-        # The local copy serving here: a fallback while the peer is down, or the handoff
-        # copy while the peer loads the model the plan moved to it.
         self.standin: Target | None = handoff
         self.handoff = handoff is not None  # False: the stand-in is a fallback (answers say so)
-        self._using: dict[int, int] = {}  # id(stand-in) -> requests it is computing
-        self._active = 0  # requests in flight through this target
-        self._closing: set[asyncio.Task[None]] = set()
+        self._using: dict[int, Inflight] = {}  # id(stand-in) -> its requests in flight
+        self._active = Inflight()  # requests in flight through this target
+        self._tasks = TaskSet(f"remote-{model}")
         self.requests = 0
         self.forwarded = 0
         self._coalescer = Coalescer(self._send_embed, max_items=max_batch, max_inflight=max_inflight)
@@ -108,53 +141,65 @@ class RemoteTarget(Target):
 
     # ------------------------------------------------------------ state and routing
     @property
-    def remote_state(self) -> str:
+    def remote_state(self) -> TargetState:
         info = self.peer.model_info(self.model)
-        return str(info.get("state", "loading")) if info else "loading"
+        try:
+            return TargetState(str(info.get("state", "loading"))) if info else TargetState.LOADING
+        except ValueError:  # a state this version does not know
+            return TargetState.LOADING
 
     @property
-    def state(self) -> str:
+    def peer_down(self) -> bool:
+        """Dead, gone, or it refused a connection since it last answered."""
+        return self.peer.state in DOWN or not self.peer.reachable
+
+    @property
+    def state(self) -> TargetState:
         """The model's state on its peer; while the peer is down, the local stand-in's.
         (During a handoff this says "loading" while the copy here serves: ``info()``
         shows that copy under "handoff".)"""
-        if self.peer.state in DOWN:
-            if self.standin is not None:
-                return self.standin.state
-            return "unavailable"
+        if self.peer_down:
+            return self.standin.state if self.standin is not None else TargetState.UNAVAILABLE
         return self.remote_state
 
     @property
     def serves_here(self) -> bool:
-        """Would the next request be computed by the stand-in on this host? (The RPC
-        server then accepts a call for this model forwarded by the peer: the peer is
-        taking the model over and still routes to the copy here.)"""
+        """Is the next request computed by the stand-in on this host? (The RPC server then
+        accepts a call for this model forwarded by the peer: the peer is taking the model
+        over and still routes to the copy here.)"""
         standin = self.standin
-        if standin is None or standin.state != "ready":
-            return False
-        return self.peer.state in DOWN or self.remote_state != "ready"
+        return standin is not None and standin.state == TargetState.READY
 
     async def _route(self) -> Target | None:
         """None → forward to the peer; a Target → serve with this local stand-in."""
-        up = self.peer.state not in DOWN
-        if up and self.remote_state == "ready":
-            if self.standin is not None:
-                self.drop_standin(f"{self.peer.name} reports it ready")
-            return None
-        if not up:  # the failover callback reuses (and waits for) an existing stand-in
+        if self.peer_down:  # the one stand-in (Routes.fallback reuses the copy held, if any)
+            why = self.peer.state if self.peer.state in DOWN else "unreachable"
             return await self._failover(PeerUnavailable(
-                f"model '{self.model}' runs on {self.peer.name}, which is {self.peer.state}",
-                peer=self.peer.name, model=self.model))
-        if self.standin is not None and self.standin.state == "ready":
-            return self.standin  # the peer is back but still loading it: keep serving here
-        return None  # up but not ready there: the peer answers why (loading, failed)
+                f"model '{self.model}' runs on {self.peer.name}, which is {why}", peer=self.peer.name,
+                model=self.model))
+        standin = self.standin
+        if standin is not None and standin.state == TargetState.READY:
+            return standin  # kept until Routes.settle drops it (peer back, answered, ready)
+        return None  # up (the peer answers why when it is loading or failed)
+
+    def _refused(self, exc: PeerUnavailable) -> bool:
+        """Did the call fail before reaching the peer? Then the peer is unreachable until
+        it answers again, and this request (and the next ones) go elsewhere."""
+        if exc.details.get("phase") != "connect":
+            return False
+        self.peer.failed(exc.message)
+        return True
 
     async def _failover(self, exc: PeerUnavailable) -> Target:
         if self.failover is None:
             raise exc
-        target = await self.failover(self, exc)
-        self.standin = target
-        self.handoff = False  # served here because the peer is down: a fallback now
-        return target
+        return await self.failover(self, exc)  # Routes.fallback installs the stand-in (hold)
+
+    # ------------------------------------------------------------ stand-in (changed by Routes only)
+    def hold(self, standin: Target, *, handoff: bool) -> None:
+        """Serve with ``standin`` (handoff copy or fallback) until it is dropped."""
+        self.standin = standin
+        self.handoff = handoff
 
     def drop_standin(self, why: str) -> Target | None:
         """Route to the peer from now on; unload the stand-in once its requests in flight
@@ -162,8 +207,8 @@ class RemoteTarget(Target):
         standin, self.standin = self.standin, None
         if standin is not None:
             log.info("dropping the local %s copy of %s: %s", "handoff" if self.handoff else "fallback",
-                     self.model, why)
-            self._spawn(self._retire(standin))
+                     self.model, why, extra=fields(model=self.model, peer=self.peer.name))
+            self._tasks.spawn(self._retire(standin))
         return standin
 
     def release_standin(self) -> Target | None:
@@ -172,34 +217,20 @@ class RemoteTarget(Target):
         return standin
 
     async def _retire(self, standin: Target) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + DRAIN_S
-        while self._using.get(id(standin)) and loop.time() < deadline:
-            await asyncio.sleep(0.02)
+        using = self._using.get(id(standin))
+        if using is not None:
+            await using.idle(DRAIN_S)
         await standin.close()
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._closing.add(task)  # keep a reference until it is done
-        task.add_done_callback(self._closing.discard)
-
-    def _use(self, standin: Target, delta: int) -> None:
-        key = id(standin)
-        left = self._using.get(key, 0) + delta
-        if left > 0:
-            self._using[key] = left
-        else:
-            self._using.pop(key, None)
+    def _use(self, standin: Target) -> Inflight:
+        return self._using.setdefault(id(standin), Inflight())
 
     async def _on_standin(self, standin: Target, call: Awaitable[Any]) -> Any:
         """Await a one-shot call (generate/embed) on the copy here, counted as in use so a
         handoff does not unload it mid-request; a fallback answer is marked as one."""
         fallback = not self.handoff
-        self._use(standin, 1)
-        try:
+        with self._use(standin):
             result = await call
-        finally:
-            self._use(standin, -1)
         result.fallback = fallback
         return result
 
@@ -238,8 +269,7 @@ class RemoteTarget(Target):
 
     async def generate(self, req: GenerateRequest) -> Completion:
         self.requests += 1
-        self._active += 1
-        try:
+        with self._active:
             standin = await self._route()
             if standin is None:
                 try:
@@ -247,62 +277,68 @@ class RemoteTarget(Target):
                     result = await self._watch(self.peer.client.call("inference.generate", self._params(req)))
                     return Completion.from_dict(result)
                 except PeerUnavailable as exc:
-                    if _reached(exc):
+                    if not self._refused(exc):
                         raise
                     standin = await self._failover(exc)
             return await self._on_standin(standin, standin.generate(req))
-        finally:
-            self._active -= 1
 
     async def stream(self, req: GenerateRequest) -> AsyncIterator[TokenChunk | Completion]:
         self.requests += 1
-        self._active += 1
-        try:
+        with self._active:
             standin = await self._route()
             if standin is None:
-                self.forwarded += 1
-                agen = self.peer.client.stream(self._params(req)).__aiter__()
-                gone = asyncio.ensure_future(self.peer.gone.wait())
-                started = False
                 try:
-                    while True:
-                        try:
-                            msg = await self._watch(agen.__anext__(), gone)
-                        except StopAsyncIteration:
-                            raise PeerUnavailable(f"peer {self.peer.name} ended the stream early",
-                                                  peer=self.peer.name) from None
-                        except PeerUnavailable as exc:
-                            if started or _reached(exc):
-                                raise
-                            standin = await self._failover(exc)
-                            break
-                        if "result" in msg:
-                            yield Completion.from_dict(msg["result"])
-                            return
-                        started = True
-                        yield TokenChunk(text=msg.get("text", ""), finish_reason=msg.get("finish_reason"),
-                                         logprobs=msg.get("logprobs"), tool_calls=msg.get("tool_calls"))
-                finally:
-                    gone.cancel()
-                    try:
-                        await agen.aclose()  # our caller left: closing the connection stops the peer
-                    except RuntimeError:  # still unwinding from a cancellation
-                        pass
-            fallback = not self.handoff
-            self._use(standin, 1)
-            local = standin.stream(req)
+                    async for item in self._forward_stream(req):
+                        yield item
+                    return
+                except _Refused as refused:
+                    standin = await self._failover(refused.exc)
+            async for item in self._standin_stream(standin, req):
+                yield item
+
+    async def _forward_stream(self, req: GenerateRequest) -> AsyncIterator[TokenChunk | Completion]:
+        """The peer's stream; ``_Refused`` when its connection is refused before any token."""
+        self.forwarded += 1
+        agen = self.peer.client.stream(self._params(req)).__aiter__()
+        gone = asyncio.ensure_future(self.peer.gone.wait())
+        started = False
+        try:
+            while True:
+                try:
+                    msg = await self._watch(agen.__anext__(), gone)
+                except StopAsyncIteration:
+                    raise PeerUnavailable(f"peer {self.peer.name} ended the stream early",
+                                          peer=self.peer.name) from None
+                except PeerUnavailable as exc:
+                    if not started and self._refused(exc):
+                        raise _Refused(exc) from None
+                    raise
+                if "result" in msg:
+                    yield Completion.from_dict(msg["result"])
+                    return
+                started = True
+                yield TokenChunk(text=msg.get("text", ""), finish_reason=msg.get("finish_reason"),
+                                 logprobs=msg.get("logprobs"), tool_calls=msg.get("tool_calls"))
+        finally:
+            gone.cancel()
+            try:
+                await agen.aclose()  # our caller left: closing the connection stops the peer
+            except RuntimeError:  # still unwinding from a cancellation
+                pass
+
+    async def _standin_stream(self, standin: Target, req: GenerateRequest) -> AsyncIterator[TokenChunk | Completion]:
+        fallback = not self.handoff
+        local = standin.stream(req)
+        with self._use(standin):
             try:
                 async for item in local:
                     if isinstance(item, Completion):
                         item.fallback = fallback
                     yield item
             finally:
-                self._use(standin, -1)
                 aclose = getattr(local, "aclose", None)
                 if aclose is not None:
                     await aclose()  # our caller left: stop the local generation now, not at GC
-        finally:
-            self._active -= 1
 
     # ------------------------------------------------------------ embeddings
     async def _send_embed(self, texts: list[str], normalize: bool, groups: list[int]) -> dict[str, Any]:
@@ -311,8 +347,7 @@ class RemoteTarget(Target):
     async def embed(self, req: EmbedRequest) -> Embeddings:
         t0 = time.perf_counter()
         self.requests += 1
-        self._active += 1
-        try:
+        with self._active:
             standin = await self._route()
             if standin is None:
                 try:
@@ -322,12 +357,10 @@ class RemoteTarget(Target):
                                       prompt_tokens=tokens,
                                       timings=Timings(total_ms=round((time.perf_counter() - t0) * 1000, 3)))
                 except PeerUnavailable as exc:
-                    if _reached(exc) and self.peer.state not in DOWN:
+                    if not self._refused(exc) and self.peer.state not in DOWN:
                         raise
                     standin = await self._failover(exc)
             return await self._on_standin(standin, standin.embed(req))
-        finally:
-            self._active -= 1
 
     # ------------------------------------------------------------ reporting
     @property
@@ -361,10 +394,7 @@ class RemoteTarget(Target):
     async def close(self) -> None:
         """Finish the requests in flight (at most ``DRAIN_S``; a peer that dies ends its
         calls sooner), then drop the coalescer's leftovers and unload the stand-in."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + DRAIN_S
-        while (self._active or self._coalescer.busy) and loop.time() < deadline and not self.peer.gone.is_set():
-            await asyncio.sleep(0.02)
+        await self._active.idle(DRAIN_S, unless=self.peer.gone)
         await self._coalescer.close()
         standin, self.standin = self.standin, None
         if standin is not None:

@@ -1,0 +1,156 @@
+"""One set of request rules, shared by the REST schemas (``api/schemas.py``) and the
+``/rpc`` methods (``rpc/server.py``): the bounds of every generation knob, and the
+pydantic models of the ``/rpc`` parameters.
+
+A request that REST refuses with 400 naming the field is refused over ``/rpc`` with
+-32602 naming the same parameter (``ValidationFailed`` in both cases; ``parse_params``
+turns pydantic's error into it). ``/rpc`` models are strict (a JSON ``true`` is not an
+integer, ``"ten"`` is not a number) and refuse unknown parameters, except the membership
+methods, which ignore them so hosts of different versions still join and beat.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .domain import EmbedRequest, GenerateRequest
+from .errors import ValidationFailed
+
+M = TypeVar("M", bound=BaseModel)
+
+# --------------------------------------------------------------------------- the bounds
+MAX_TOKENS = {"ge": 1, "le": 131072}
+TEMPERATURE = {"ge": 0.0, "le": 2.0}
+TOP_P = {"gt": 0.0, "le": 1.0}
+PENALTY = {"ge": -2.0, "le": 2.0}
+TOP_LOGPROBS = {"ge": 0, "le": 20}
+MAX_STOPS = 8
+
+MaxTokens = Annotated[int, Field(**MAX_TOKENS)]
+Temperature = Annotated[float, Field(**TEMPERATURE)]
+TopP = Annotated[float, Field(**TOP_P)]
+Penalty = Annotated[float, Field(**PENALTY)]
+TopLogprobs = Annotated[int, Field(**TOP_LOGPROBS)]
+
+_DEFAULT = GenerateRequest()
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class _Lenient(BaseModel):
+    """Membership methods: unknown params (a newer peer's) are ignored."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+# --------------------------------------------------------------------------- /rpc methods
+class GenerateParams(_Strict):
+    """``inference.generate`` / ``inference.stream``: a ``domain.GenerateRequest`` on the wire."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    max_tokens: MaxTokens = _DEFAULT.max_tokens
+    temperature: Temperature = _DEFAULT.temperature
+    top_p: TopP = _DEFAULT.top_p
+    stop: list[str] = Field(default_factory=list, max_length=MAX_STOPS)
+    seed: int | None = None
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    logprobs: bool = False
+    top_logprobs: TopLogprobs = 0
+    n: int = Field(1, ge=1, le=16)
+
+    def to_domain(self, stream: bool) -> GenerateRequest:
+        return GenerateRequest(**self.model_dump(), stream=stream)
+
+
+class EmbedParams(_Strict):
+    """``embed.encode``. ``groups``: sizes of the coalesced requests (summing to len(input))."""
+
+    input: list[str] = Field(min_length=1)
+    model: str | None = None
+    normalize: bool = True
+    encoding: Literal["float", "base64"] = "float"
+    groups: list[Annotated[int, Field(ge=1)]] | None = Field(None, min_length=1)
+
+    def to_domain(self) -> EmbedRequest:
+        return EmbedRequest(model=self.model, input=self.input, normalize=self.normalize)
+
+
+class ModelsListParams(_Strict):
+    local: bool = False
+
+
+class JoinParams(_Lenient):
+    name: str
+    url: str
+    profile: dict[str, Any]
+    role: str = "worker"
+    version: str = ""
+    models: list[dict[str, Any]] = Field(default_factory=list)
+    fingerprint: str = ""  # SHA-256 of its TLS certificate when it serves https (tls.py pins it)
+
+
+class HeartbeatParams(_Lenient):
+    name: str
+    url: str = ""
+    models: list[dict[str, Any]] = Field(default_factory=list)
+    plan_id: str = ""
+    sent_at: float = 0.0
+    # the sender's live figures (optional: an older peer sends none)
+    gpus: list[dict[str, Any]] | None = None
+    totals: dict[str, Any] | None = None
+    ram: dict[str, Any] | None = None
+
+
+class LeaveParams(_Lenient):
+    name: str
+
+
+class NoParams(_Strict):
+    pass
+
+
+# --------------------------------------------------------------------------- parsing
+def _where(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("str", "dict[str,any]", "function-after", "constrained-int") or "[" in str(part):
+            continue  # union branch names pydantic adds to the location
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def parse_params(model: type[M], method: str, params: Any) -> M:
+    """Validate JSON-RPC ``params`` (an object, or absent) as ``model``, or raise
+    ValidationFailed (-32602) naming the parameter and what it must be."""
+    if isinstance(params, list):
+        if params:
+            raise ValidationFailed(f"{method}: params must be an object of named parameters "
+                                   f"({', '.join(model.model_fields) or 'none'}), not an array", field="params")
+        params = {}
+    try:
+        return model.model_validate(params or {})
+    except ValidationError as exc:
+        first = exc.errors(include_url=False, include_context=False)[0]
+        field = _where(first["loc"]) or "params"
+        if first["type"] == "missing":
+            msg = f"{method}: missing required parameter '{field}'"
+        elif first["type"] == "extra_forbidden":
+            msg = f"{method}: unknown parameter '{field}'; accepted: {', '.join(model.model_fields) or 'none'}"
+        else:
+            got = first.get("input")
+            shown = repr(got) if not isinstance(got, (dict, list)) else type(got).__name__
+            msg = f"{method}: parameter '{field}': {first['msg'][0].lower()}{first['msg'][1:]} (got {shown})"
+        raise ValidationFailed(msg, field=field) from None

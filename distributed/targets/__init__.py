@@ -1,0 +1,16 @@
+"""Targets: one model as the node sees it, and the one owner of which target serves it.
+
+* ``base.py`` — the ``Target`` interface, ``TargetState``, ``Rate``;
+* ``local.py`` — ``LocalTarget``: a backend on this host behind its queue/batcher;
+* ``remote.py`` — ``RemoteTarget``: a model on a peer (forwarding, stand-in, failover);
+* ``routes.py`` — ``Routes``: which target serves model X here and every change to that
+  (plans, handoff, failover stand-ins, make before break). docs/ARCHITECTURE.md has the API.
+"""
+
+from .base import GONE, Rate, Target, TargetState
+from .local import LocalTarget
+from .remote import DRAIN_S, PeerView, RemoteTarget
+from .routes import Routes, same_placement
+
+__all__ = ["DRAIN_S", "GONE", "LocalTarget", "PeerView", "Rate", "RemoteTarget", "Routes", "Target",
+           "TargetState", "same_placement"]
