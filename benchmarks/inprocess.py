@@ -6,7 +6,7 @@ the same library called directly in one Python process. These helpers are the
 
 * ``llama_decode`` — llama-cpp-python ``create_chat_completion(stream=True)`` with
   chat_format "gemma", n_ctx 2048, temperature 0, the same threads the node picks
-  (TARS_THREADS, else llama-cpp-python's default). Returns time to first token and decode
+  (TARS_THREADS, else the physical cores this process may use). Returns time to first token and decode
   tokens/s (tokens after the first / time after the first).
 * ``st_encode`` — sentence-transformers ``encode`` over the sentences in batches.
 
@@ -39,10 +39,12 @@ CHAT_FORMAT = "gemma"
 N_CTX = 2048
 
 
-def default_threads() -> int | None:
-    """What the node's llama backend uses: TARS_THREADS, else None (llama-cpp-python's
-    default, half the logical CPUs)."""
-    return int(os.environ.get("TARS_THREADS", "0") or 0) or None
+def default_threads() -> int:
+    """What the node's llama backend uses: TARS_THREADS, else the physical cores this
+    process may use (``distributed.cpus.physical_cores``, llama.cpp's own rule)."""
+    from distributed.cpus import physical_cores
+
+    return int(os.environ.get("TARS_THREADS", "0") or 0) or physical_cores()
 
 
 @functools.lru_cache(maxsize=4)

@@ -22,6 +22,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from . import cpus
 from .domain import GPUInfo, HostProfile
 from .errors import ConfigError, MissingDependency
 from .optional import require
@@ -311,16 +312,9 @@ def live_gpus(profile: HostProfile | None = None) -> list[GPUInfo]:
 # --------------------------------------------------------------------------- tuning
 def usable_cores() -> int:
     """The CPU cores this process can really run on, whatever profile is in use: the
-    physical cores (SMT siblings share one core's units), never more than the CPUs the
-    process is allowed on (a taskset or container CPU set)."""
-    try:
-        psutil = require("psutil", "psutil", "counting CPU cores")
-        cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    except MissingDependency:
-        cores = os.cpu_count() or 1
-    if hasattr(os, "sched_getaffinity"):  # Linux; absent on macOS and Windows
-        cores = min(cores, len(os.sched_getaffinity(0)) or cores)
-    return max(1, int(cores))
+    physical cores within the CPUs the process is allowed on (``cpus.physical_cores``,
+    llama.cpp's rule — also the llama backend's default thread count)."""
+    return cpus.physical_cores()
 
 
 def tuning(profile: HostProfile, reserve_mb: int = 500) -> dict[str, Any]:

@@ -68,7 +68,7 @@ class Settings(BaseSettings):
         description="Comma-separated model ids this cluster serves; empty = the embedded defaults.")
     vram_reserve_mb: int = Field(500, ge=0, le=65536, description="VRAM kept free on every GPU, MB (0-65536).")
     context: int = Field(2048, ge=128, le=131072, description="Context window for chat models, tokens (128-131072).")
-    threads: int = Field(0, ge=0, le=512, description="CPU threads for llama.cpp; 0 = its default (half the logical cores).")
+    threads: int = Field(0, ge=0, le=512, description="CPU threads for llama.cpp; 0 = llama.cpp's rule: the physical cores this process may use.")
     fallback: bool = Field(True, description="Load a dead peer's model here when it fits (true/false).")
     split: Literal["auto", "off"] = Field(
         "auto", description="auto: a GGUF chat model no single GPU holds is split by layers across hosts' GPUs (llama.cpp RPC through the token-checked relay); off: never.")

@@ -119,72 +119,77 @@ class GGUFMeta:
 _ARRAY_KEEP = 4096  # numeric arrays up to this length are kept (per-layer head counts)
 
 
+class _Cursor:
+    """Little-endian reads from a mapped file, moving forward."""
+
+    def __init__(self, buf: Any) -> None:
+        self.buf, self.pos = buf, 0
+
+    def take(self, f: str) -> Any:
+        (v,) = struct.unpack_from("<" + f, self.buf, self.pos)
+        self.pos += struct.calcsize(f)
+        return v
+
+    def take_str(self) -> str:
+        n = self.take("Q")
+        s = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8", "replace")
+        self.pos += n
+        return s
+
+
 def read_gguf(path: str | Path) -> GGUFMeta:
     """Walk a GGUF header without loading arrays. Raises ConfigError on a non-GGUF file."""
     gguf = require("gguf", "gguf", "reading GGUF metadata")
-    vt = gguf.GGUFValueType
-    fmt = {vt.UINT8: "B", vt.INT8: "b", vt.UINT16: "H", vt.INT16: "h", vt.UINT32: "I", vt.INT32: "i",
-           vt.FLOAT32: "f", vt.BOOL: "?", vt.UINT64: "Q", vt.INT64: "q", vt.FLOAT64: "d"}
     path = Path(path)
     with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        pos = 0
-
-        def take(f: str) -> Any:
-            nonlocal pos
-            (v,) = struct.unpack_from("<" + f, mm, pos)
-            pos += struct.calcsize(f)
-            return v
-
-        def take_str() -> str:
-            nonlocal pos
-            n = take("Q")
-            s = bytes(mm[pos:pos + n]).decode("utf-8", "replace")
-            pos += n
-            return s
-
+        c = _Cursor(mm)
         try:
-            if take("I") != gguf.GGUF_MAGIC:
+            if c.take("I") != gguf.GGUF_MAGIC:
                 raise ConfigError(f"'{path}' is not a GGUF file (bad magic)")
-            version = take("I")
+            version = c.take("I")
             if version & 0xFFFF == 0:
                 raise ConfigError(f"'{path}' is a big-endian GGUF; only little-endian files are supported")
-            n_tensors, n_kv = take("Q"), take("Q")
+            n_tensors, n_kv = c.take("Q"), c.take("Q")
             fields: dict[str, Any] = {"GGUF.version": version}
             for _ in range(n_kv):
-                key = take_str()
-                t = vt(take("I"))
-                if t == vt.STRING:
-                    fields[key] = take_str()
-                elif t == vt.ARRAY:
-                    et, count = vt(take("I")), take("Q")
-                    if et == vt.STRING:
-                        for _ in range(count):
-                            pos += 8 + struct.unpack_from("<Q", mm, pos)[0]
-                        fields[key] = count
-                    elif et == vt.ARRAY:
-                        raise ConfigError(f"'{path}': nested arrays in key '{key}' are not supported")
-                    else:
-                        size = struct.calcsize(fmt[et])
-                        if count <= _ARRAY_KEEP:
-                            fields[key] = list(struct.unpack_from(f"<{count}{fmt[et]}", mm, pos))
-                        else:
-                            fields[key] = count
-                        pos += size * count
-                else:
-                    fields[key] = take(fmt[t])
+                key = c.take_str()
+                fields[key] = _read_value(gguf, c, path, key)
             sizes: dict[str, int] = {}
             for _ in range(n_tensors):
-                name = take_str()
-                dims = [take("Q") for _ in range(take("I"))]
-                qtype = gguf.GGMLQuantizationType(take("I"))
-                take("Q")  # offset within the data section
+                name = c.take_str()
+                dims = [c.take("Q") for _ in range(c.take("I"))]
+                qtype = gguf.GGMLQuantizationType(c.take("I"))
+                c.take("Q")  # offset within the data section
                 block, type_size = gguf.GGML_QUANT_SIZES[qtype]
                 sizes[name] = math.prod(dims) // block * type_size
             align = int(fields.get("general.alignment", 32))
-            data_offset = pos + (-pos % align)
+            data_offset = c.pos + (-c.pos % align)
         except (struct.error, ValueError, KeyError) as exc:
             raise ConfigError(f"'{path}' has a malformed GGUF header: {exc}") from None
     return GGUFMeta(path=path, fields=fields, tensor_bytes=sizes, data_offset=data_offset)
+
+
+def _read_value(gguf: Any, c: _Cursor, path: Path, key: str) -> Any:
+    """One metadata value: a scalar or string as it is; an array of strings as its length
+    (skipped); a numeric array as a list when short, else its length."""
+    vt = gguf.GGUFValueType
+    fmt = {vt.UINT8: "B", vt.INT8: "b", vt.UINT16: "H", vt.INT16: "h", vt.UINT32: "I", vt.INT32: "i",
+           vt.FLOAT32: "f", vt.BOOL: "?", vt.UINT64: "Q", vt.INT64: "q", vt.FLOAT64: "d"}
+    t = vt(c.take("I"))
+    if t == vt.STRING:
+        return c.take_str()
+    if t != vt.ARRAY:
+        return c.take(fmt[t])
+    et, count = vt(c.take("I")), c.take("Q")
+    if et == vt.STRING:
+        for _ in range(count):
+            c.pos += 8 + struct.unpack_from("<Q", c.buf, c.pos)[0]
+        return count
+    if et == vt.ARRAY:
+        raise ConfigError(f"'{path}': nested arrays in key '{key}' are not supported")
+    value = list(struct.unpack_from(f"<{count}{fmt[et]}", c.buf, c.pos)) if count <= _ARRAY_KEEP else count
+    c.pos += struct.calcsize(fmt[et]) * count
+    return value
 
 
 # --------------------------------------------------------------------------- estimate

@@ -210,40 +210,14 @@ class HF8BitBackend(ChatBackend):
 
     def stream(self, req: GenerateRequest, cancel: threading.Event) -> Iterator[TokenChunk]:
         model, tok = self._require_model()
-        torch, tf = self._torch, self._tf
-        ids = self._encode(req)
-        if self._last is not None and self._last[0] is req:
-            self._last = None
-        if len(ids) >= self._context:
-            raise InputTooLong(f"prompt is {len(ids)} tokens; the context of '{self.spec.id}' is {self._context}",
-                               limit=self._context, got=len(ids))
-        if not ids:
-            raise ValidationFailed("the prompt encodes to no tokens", field="prompt")
+        ids = self._checked_ids(req)
         if cancel.is_set():
             yield TokenChunk("", "cancelled")
             return
         max_new = max(1, min(req.max_tokens, self._context - len(ids)))
         halt = threading.Event()
-
-        class _Control(tf.StoppingCriteria):
-            """Ends generation before the next token once cancelled or halted."""
-
-            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-                stop = cancel.is_set() or halt.is_set()
-                return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
-
-        streamer = tf.TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-        input_ids = torch.tensor([ids], dtype=torch.long, device=self._device)
-        sampling: dict[str, Any] = {"do_sample": False}
-        if req.temperature > 0:
-            sampling = {"do_sample": True, "temperature": float(req.temperature), "top_p": float(req.top_p),
-                        "top_k": 0}
-        pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(self._eos), None)
-        kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new,
-                      streamer=streamer, stopping_criteria=tf.StoppingCriteriaList([_Control()]),
-                      pad_token_id=pad, **sampling)
-        if req.seed is not None:
-            torch.manual_seed(int(req.seed))
+        streamer = self._tf.TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+        kwargs = self._generate_kwargs(req, ids, max_new, streamer, cancel, halt)
         result: dict[str, Any] = {}
 
         def run() -> None:
@@ -269,25 +243,60 @@ class HF8BitBackend(ChatBackend):
             worker.join()
         if "error" in result:
             raise TarsError(f"generation failed for '{self.spec.id}': {result['error']}") from result["error"]
-        if hit_stop:
-            yield TokenChunk("", "stop")
-            return
-        out = result["ids"]
-        new = int(out.shape[-1]) - len(ids)
-        last = int(out[0, -1]) if new > 0 else -1
-        if last in self._eos:
-            finish = "stop"
-        elif new >= max_new:
-            finish = "length"
-        elif cancel.is_set():
-            finish = "cancelled"
-        else:
-            finish = "stop"
-        if finish != "cancelled":
+        finish = "stop" if hit_stop else self._finish_reason(result["ids"], len(ids), max_new, cancel)
+        if finish != "cancelled" and not hit_stop:
             tail = matcher.flush()
             if tail:
                 yield TokenChunk(tail)
         yield TokenChunk("", finish)
+
+    def _checked_ids(self, req: GenerateRequest) -> list[int]:
+        """The prompt's token ids (reusing the count ``prompt_tokens`` just made), checked
+        against the context."""
+        ids = self._encode(req)
+        if self._last is not None and self._last[0] is req:
+            self._last = None
+        if len(ids) >= self._context:
+            raise InputTooLong(f"prompt is {len(ids)} tokens; the context of '{self.spec.id}' is {self._context}",
+                               limit=self._context, got=len(ids))
+        if not ids:
+            raise ValidationFailed("the prompt encodes to no tokens", field="prompt")
+        return ids
+
+    def _generate_kwargs(self, req: GenerateRequest, ids: list[int], max_new: int, streamer: Any,
+                         cancel: threading.Event, halt: threading.Event) -> dict[str, Any]:
+        """``model.generate`` arguments: greedy or sampled, seeded, with a stopping
+        criterion that ends generation before the next token once ``cancel`` or ``halt`` is set."""
+        torch, tf = self._torch, self._tf
+
+        class _Control(tf.StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+                stop = cancel.is_set() or halt.is_set()
+                return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+        tok = self._require_model()[1]
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self._device)
+        sampling: dict[str, Any] = {"do_sample": False}
+        if req.temperature > 0:
+            sampling = {"do_sample": True, "temperature": float(req.temperature), "top_p": float(req.top_p),
+                        "top_k": 0}
+        pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(self._eos), None)
+        if req.seed is not None:
+            torch.manual_seed(int(req.seed))
+        return dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new,
+                    streamer=streamer, stopping_criteria=tf.StoppingCriteriaList([_Control()]),
+                    pad_token_id=pad, **sampling)
+
+    def _finish_reason(self, out: Any, prompt_len: int, max_new: int, cancel: threading.Event) -> str:
+        """Why generation ended, from its output ids: an end-of-sequence token, the token
+        limit, a cancel, else a stop."""
+        new = int(out.shape[-1]) - prompt_len
+        last = int(out[0, -1]) if new > 0 else -1
+        if last in self._eos:
+            return "stop"
+        if new >= max_new:
+            return "length"
+        return "cancelled" if cancel.is_set() else "stop"
 
     def _require_model(self) -> tuple[Any, Any]:
         if self._model is None or self._tok is None:

@@ -40,6 +40,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
+from ..cpus import physical_cores
 from ..domain import GenerateRequest, TokenChunk
 from ..errors import ConfigError, InputTooLong, ModelFailed, TarsError, ValidationFailed
 from ..logs import fields, get_logger
@@ -216,15 +217,15 @@ class LlamaCppBackend(ChatBackend):
                                              chat_format=self._chat_format))
 
     @property
-    def threads(self) -> int | None:
-        """CPU threads: the setting (TARS_THREADS), else llama-cpp-python's default, half
-        the logical CPUs — the physical cores on an SMT desktop, and one core left free
-        on a small VM. The profiler's ``extra["threads"]`` (all physical cores) is not
-        used on purpose: llama.cpp's threads wait for each other at every layer, so one
-        preempted thread stalls them all. Measured on the 2-core dev VM while other
-        processes ran: 2 threads 3-12 tokens/s, 1 thread 50-64 tokens/s (both ~78 when
-        the machine is idle) — and a node always has its HTTP server beside the model."""
-        return self.options.threads or None
+    def threads(self) -> int:
+        """CPU threads: the setting (TARS_THREADS), else llama.cpp's own default — the
+        physical cores this process may use (``cpus.physical_cores``), not
+        llama-cpp-python's ``cpu_count() // 2``, which on a VM with one thread per core
+        leaves half the cores idle (on the 2-core dev VM the node decoded at 0.71× of
+        llama.cpp's own default; docs/BENCHMARKS.md has the figures). On a machine shared with
+        other busy processes, a lower TARS_THREADS can be steadier: llama.cpp's threads
+        wait for each other at every layer, so one preempted thread stalls them all."""
+        return self.options.threads or physical_cores()
 
     def _bind_formatter(self, llama_cpp: Any) -> None:
         """Find the prompt formatter for the chat format the Llama settled on (the one we

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from distributed import profiler
+from distributed import cpus, profiler
 from distributed.domain import HostProfile
 from distributed.errors import ConfigError
 
@@ -327,8 +327,9 @@ def test_tuning_threads_on_this_machine_fit_its_cpus() -> None:
         assert profiler.tuning(profiler.profile_host(preset))["threads"] <= real
 
 
-def test_usable_cores_is_physical_cores_within_the_cpu_set(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_usable_cores_is_physical_cores_within_the_cpu_set(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     psutil = pytest.importorskip("psutil")
+    monkeypatch.setattr(cpus, "SYSFS_CPUS", tmp_path)  # no topology files: psutil's count (tests/unit/test_cpus.py)
     monkeypatch.setattr(psutil, "cpu_count", lambda logical=True: 8 if not logical else 16)
     monkeypatch.setattr(profiler.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
     assert profiler.usable_cores() == 3  # pinned (taskset / container) to 3 CPUs
