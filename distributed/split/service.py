@@ -40,6 +40,10 @@ class SplitService:
     def version(self) -> str:
         return self.pool.version
 
+    @property
+    def token(self) -> str:
+        return self._token
+
     # ------------------------------------------------------------------ worker side
     async def worker_start(self, model: str, device: str = "", caller: str = "", version: str = "") -> dict[str, Any]:
         mine = self.version
@@ -74,19 +78,20 @@ class SplitService:
         return {"node": self.name, "model": model, "stopped": stopped}
 
     # ------------------------------------------------------------------ engine side
-    async def tunnel(self, host: str, port: int, model: str) -> Tunnel:
+    async def tunnel(self, host: str, port: int, model: str, key: str | None = None) -> Tunnel:
         """A 127.0.0.1 listener reaching ``model``'s worker behind the relay at host:port
-        (replaces an older tunnel of the model)."""
-        old = self.tunnels.pop(model, None)
+        (replaces an older tunnel under the same ``key``, default the model id)."""
+        key = key or model
+        old = self.tunnels.pop(key, None)
         if old is not None:
             await old.close()
         t = Tunnel(self._token, (host, port), target=model, name=f"{self.name}->{host}:{port}/{model}")
         await t.start()
-        self.tunnels[model] = t
+        self.tunnels[key] = t
         return t
 
-    async def close_tunnel(self, model: str) -> None:
-        t = self.tunnels.pop(model, None)
+    async def close_tunnel(self, key: str) -> None:
+        t = self.tunnels.pop(key, None)
         if t is not None:
             await t.close()
 

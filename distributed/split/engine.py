@@ -1,0 +1,348 @@
+"""The engine side of a split: one llama-server whose layers live on several hosts.
+
+``SplitEngineTarget`` is an ``engine.target.EngineTarget`` (same lifecycle, requests,
+slots, errors) whose assignment carries ``split`` shares on other hosts. Before the
+engine starts it asks each worker host over ``/rpc`` for an RPC worker
+(``split.worker_start``, which also checks that both hosts run one llama.cpp version) and
+opens a token-checked tunnel to it (``relay.Tunnel``, 127.0.0.1 here); the engine gets
+``--rpc <tunnels>`` and its layers by the plan:
+
+- engine host with a CUDA build: ``-ngl 999 -sm layer --tensor-split <remote..>,<local>``
+  (llama.cpp lists RPC devices first, then local GPUs; the output layer stays local);
+- engine host with a CPU build (simulated GPUs): ``-ngl <remote layers + 1>``: llama.cpp
+  offloads the *last* layers and the output layer to the workers, the rest stays on the
+  local CPU (``--tensor-split`` across the workers when there are several).
+
+**Failure.** llama.cpp aborts an engine whose RPC worker goes away. The supervisor
+restarts it; meanwhile a watcher probes each worker through the relay. A worker host that
+does not answer is *missing*: the engine is restarted without it — on this host alone
+with as many layers on its GPU as fit beside its other models, the rest in RAM
+(``alone``) — or, when it does not fit here at all, the model is ``failed`` and every
+request gets a 503 that names the missing host (``down``). Requests in flight end with a
+clean 503; nothing else on this host restarts.
+
+**Restore, make before break.** While a host is missing, every ``RESTORE_EVERY_S`` the
+watcher asks it for its worker again. Once every worker answers, a second engine with the
+full split starts on another port while the single-host engine keeps serving; when the new
+one is healthy, requests switch to it and the old one stops once its slots are idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from ..domain import Assignment, ModelSpec
+from ..engine.supervisor import ChildState, Supervisor
+from ..engine.target import EngineTarget, free_port
+from ..errors import TarsError
+from ..logs import fields, get_logger
+from .relay import open_channel
+from .service import SplitService, service_of
+
+log = get_logger(__name__)
+
+Alone = Callable[[], "tuple[int | None, str]"]  # → (n_gpu_layers on this host alone | None, why)
+
+
+class PeerLink:
+    """How the engine host reaches its worker hosts: their ``/rpc`` and their address."""
+
+    def __init__(self, node: Any) -> None:
+        self.node = node
+
+    def _peer(self, name: str) -> Any:
+        cluster = getattr(self.node, "cluster", None)
+        peer = cluster.table.get(name) if cluster is not None else None
+        if peer is None:
+            from ..errors import PeerUnavailable
+
+            raise PeerUnavailable(f"{name} is not a known peer of {self.node.name}", peer=name)
+        return peer
+
+    def host(self, name: str) -> str:
+        return urlparse(self._peer(name).url).hostname or "127.0.0.1"
+
+    def gone(self, name: str) -> str | None:
+        """Why the cluster holds ``name`` for dead or gone (missed heartbeats), else None."""
+        cluster = getattr(self.node, "cluster", None)
+        peer = cluster.table.get(name) if cluster is not None else None
+        if peer is None or peer.live:
+            return None
+        return f"{name} is {getattr(peer, 'state', 'gone')} (missed heartbeats)"
+
+    async def call(self, name: str, method: str, params: dict[str, Any], timeout: float) -> Any:
+        return await self._peer(name).client.call(method, params, timeout=timeout, retries=0)
+
+
+def _set_opt(argv: list[str], flag: str, value: str | None) -> list[str]:
+    """``argv`` with ``flag`` set to ``value`` (None: the flag and its value removed)."""
+    out = list(argv)
+    while flag in out:
+        i = out.index(flag)
+        del out[i:i + 2]
+    return out + [flag, value] if value is not None else out
+
+
+class SplitEngineTarget(EngineTarget):
+    RESTORE_EVERY_S = 3.0
+    PROBE_TIMEOUT_S = 2.0
+    WORKER_TIMEOUT_S = 120.0
+
+    def __init__(self, spec: ModelSpec, assignment: Assignment, *, service: SplitService, link: Any,
+                 alone: Alone, **kw: Any) -> None:
+        super().__init__(spec, assignment, **kw)
+        self.service, self.link, self._alone = service, link, alone
+        shares = assignment.split or []
+        self.remote = [s for s in shares if s["node"] != self.node]
+        self.local_share = next((s for s in shares if s["node"] == self.node), None)
+        self.mode = "split"  # "split" | "alone" | "down"
+        self.missing: dict[str, str] = {}  # worker host -> why
+        self._addr: dict[str, tuple[str, int]] = {}  # worker host -> its relay (host, port)
+        self._tunnel: dict[str, str] = {}  # worker host -> 127.0.0.1:port of our tunnel to it
+        self._alone_layers = 0
+        self._path: Path | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._last_restore = 0.0
+        self._last_probe = 0.0
+
+    # ----------------------------------------------------------------- argv
+    def _argv_for(self, path: Path, mode: str, port: int) -> list[str]:
+        saved = self._port
+        argv = EngineTarget.argv(self, path)
+        self._port = saved
+        argv[argv.index("--port") + 1] = str(port)
+        cuda = self.binary.kind == "cuda"
+        if mode == "alone":
+            n = self._alone_layers
+            return _set_opt(argv, "-ngl", str(n if n >= 0 else 999))
+        argv = _set_opt(_set_opt(argv, "-sm", None), "-mg", None)
+        argv += ["--rpc", ",".join(self._tunnel[s["node"]] for s in self.remote)]
+        layers = [s["layers"] for s in self.remote]
+        if cuda and self.local_share is not None:
+            split = layers + [self.local_share["layers"]]
+            return _set_opt(argv, "-ngl", "999") + ["-sm", "layer", "--tensor-split", ",".join(map(str, split))]
+        argv = _set_opt(argv, "-ngl", str(sum(layers) + 1))
+        return argv + (["--tensor-split", ",".join(map(str, layers))] if len(layers) > 1 else [])
+
+    def argv(self, path: Path) -> list[str]:
+        self._port = free_port(self.host)
+        return self._argv_for(path, self.mode, self._port)
+
+    # ----------------------------------------------------------------- workers
+    async def _connect(self, share: dict[str, Any]) -> None:
+        """Ask the worker host for its worker, open our tunnel to it (raises on failure)."""
+        name = share["node"]
+        res = await self.link.call(name, "split.worker_start",
+                                   {"model": self.model, "device": share["device"], "caller": self.node,
+                                    "version": self.service.version}, self.WORKER_TIMEOUT_S)
+        addr = (self.link.host(name), int(res["relay_port"]))
+        t = await self.service.tunnel(*addr, self.model, key=f"{self.model}@{name}")
+        self._addr[name] = addr
+        self._tunnel[name] = t.address
+
+    async def _connect_missing(self, names: list[str]) -> dict[str, str]:
+        async def one(share: dict[str, Any]) -> tuple[str, str | None]:
+            try:
+                await self._connect(share)
+                return share["node"], None
+            except TarsError as exc:
+                return share["node"], exc.message
+            except Exception as exc:  # noqa: BLE001 - reported as the host's problem
+                return share["node"], f"{type(exc).__name__}: {exc}"
+
+        results = await asyncio.gather(*(one(s) for s in self.remote if s["node"] in names))
+        return {n: why for n, why in results if why is not None}
+
+    async def _probe(self) -> dict[str, str]:
+        """Worker hosts whose worker does not answer through the relay now."""
+        async def one(name: str) -> tuple[str, str | None]:
+            if name not in self._addr:
+                return name, "never connected"
+            try:
+                _, w = await open_channel(*self._addr[name], self.service.token, self.model,
+                                          timeout=self.PROBE_TIMEOUT_S)
+                w.close()
+                return name, None
+            except TarsError as exc:
+                return name, exc.message
+
+        results = await asyncio.gather(*(one(s["node"]) for s in self.remote))
+        return {n: why for n, why in results if why is not None}
+
+    async def _release(self, names: list[str]) -> None:
+        for name in names:
+            await self.service.close_tunnel(f"{self.model}@{name}")
+            self._tunnel.pop(name, None)
+
+    # ----------------------------------------------------------------- lifecycle
+    async def _boot(self) -> None:
+        self._path = await asyncio.to_thread(self._model_path)
+        self.missing = await self._connect_missing([s["node"] for s in self.remote])
+        if self.missing:
+            self._choose_degraded()
+        self._watch = asyncio.get_running_loop().create_task(self._watcher(), name=f"split-{self.model}")
+        if self.mode == "down":
+            self._loaded.set()
+            return
+        await EngineTarget._boot(self)
+
+    def _choose_degraded(self) -> None:
+        n, why = self._alone()
+        hosts = ", ".join(f"{h} ({w})" for h, w in sorted(self.missing.items()))
+        if n is None:
+            self.mode = "down"
+            self._state = "failed"
+            self.error = (f"needs {', '.join(sorted(self.missing))} for its split and that host is unreachable: "
+                          f"{hosts}; it does not fit {self.node} alone ({why})")
+        else:
+            self.mode = "alone"
+            self._alone_layers = n
+        log.warning("split model %s: worker host missing: %s; %s", self.model, hosts,
+                    f"running on {self.node} alone ({why})" if n is not None else "not served until it is back",
+                    extra=fields(model=self.model))
+
+    async def _degrade(self, gone: dict[str, str]) -> None:
+        self.missing.update(gone)
+        await self._release(list(gone))
+        self._choose_degraded()
+        sup = self.supervisor
+        if sup is not None:
+            await sup.stop()
+            if self.mode == "alone":
+                self._state = "loading"
+                await sup.start()
+        elif self.mode == "alone":
+            await EngineTarget._boot(self)
+
+    async def _watcher(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(0.5)
+            try:
+                if self.mode == "split":
+                    gone = {n: why for s in self.remote if (why := self.link.gone(n := s["node"]))}
+                    sup = self.supervisor
+                    engine_down = sup is not None and sup.state in (ChildState.RESTARTING, ChildState.FAILED)
+                    if not gone and engine_down and time.monotonic() - self._last_probe >= 1.0:
+                        self._last_probe = time.monotonic()
+                        gone = await self._probe()  # did the engine die because a worker went away?
+                    if gone and not self._closed:
+                        await self._degrade(gone)
+                elif time.monotonic() - self._last_restore >= self.RESTORE_EVERY_S:
+                    self._last_restore = time.monotonic()
+                    await self._try_restore()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the watcher must outlive one bad round
+                log.exception("split watcher of %s", self.model)
+
+    async def _try_restore(self) -> None:
+        still = await self._connect_missing(list(self.missing))
+        if still:
+            self.missing = still
+            return
+        assert self._path is not None
+        if self.supervisor is None:  # never served (down from the start): nothing to keep serving
+            self.mode, self.missing, self._state, self.error = "split", {}, "loading", None
+            await EngineTarget._boot(self)
+            return
+        port = free_port(self.host)
+        holder: dict[str, Supervisor] = {}
+
+        def argv() -> list[str]:
+            # the first life on the port the health check knows; once serving, the usual way
+            return self.argv(self._path) if self.supervisor is holder.get("sup") else \
+                self._argv_for(self._path, "split", port)
+
+        async def healthy() -> bool:
+            r = await self._client.get(f"http://{self.host}:{port}/health", timeout=2.0)
+            return r.status_code == 200
+
+        sup = Supervisor(self.model, argv, health=healthy, env=self.supervisor.env if self.supervisor else None,
+                         start_timeout_s=self._start_timeout_s, max_failures=1)
+        holder["sup"] = sup
+        await sup.start()
+        if await sup.wait_ready() is not ChildState.READY or self._closed:
+            log.warning("split model %s: the split engine did not come back (%s); still %s", self.model,
+                        sup.error, self.mode, extra=fields(model=self.model))
+            await sup.stop()
+            return
+        old, self.supervisor = self.supervisor, sup
+        self._port, self.mode, self.missing = port, "split", {}
+        sup.max_failures = self._max_failures
+        sup.on_state = self._on_child
+        self._ever_ready = True
+        self._state, self.error = "ready", None
+        log.info("split model %s: split restored across %s (make before break)", self.model,
+                 ", ".join(s["node"] for s in self.remote), extra=fields(model=self.model))
+        if old is not None:
+            deadline = time.monotonic() + 60
+            while self.slots.busy and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+            old.on_state = None
+            await old.stop()
+
+    async def close(self) -> None:
+        self._closed = True
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.cancel()
+        await super().close()
+        await self._release(list(self._tunnel))
+        await asyncio.gather(*(self._stop_worker(s["node"]) for s in self.remote), return_exceptions=True)
+
+    async def _stop_worker(self, name: str) -> None:
+        try:
+            await self.link.call(name, "split.worker_stop", {"model": self.model, "caller": self.node}, 3.0)
+        except Exception as exc:  # noqa: BLE001 - the worker host may be gone already
+            log.info("split model %s: could not stop the worker on %s (%s)", self.model, name, exc)
+
+    def info(self) -> dict[str, Any]:
+        out = super().info()
+        shares = []
+        for s in self.assignment.split or []:
+            here = s["node"] == self.node
+            state = "missing" if s["node"] in self.missing else ("engine" if here else "worker")
+            shares.append({**s, "state": state})
+        out["split"] = shares
+        out["split_mode"] = self.mode
+        if self.missing:
+            out["missing"] = dict(self.missing)
+        return out
+
+
+def split_engine_target(node: Any, spec: ModelSpec, a: Assignment, **kw: Any) -> SplitEngineTarget:
+    """The engine for a split assignment on ``node`` (``engine.choice`` calls this)."""
+    svc = service_of(node, node.settings)
+    return SplitEngineTarget(spec, a, service=svc, link=PeerLink(node), alone=lambda: fit_alone(node, spec, a), **kw)
+
+
+def fit_alone(node: Any, spec: ModelSpec, a: Assignment) -> tuple[int | None, str]:
+    """Where the model goes on ``node`` without its worker hosts: ``n_gpu_layers`` (-1 all,
+    0 CPU) on its planned GPU beside the other models planned there, else None — with why."""
+    from ..planner import ram_budget_mb
+    from ..vram import estimate, layers_that_fit
+
+    s = node.settings
+    try:
+        path = node.store.path_for(spec)
+    except TarsError:
+        path = None
+    est = estimate(spec, s.context, path)
+    others = [o for o in node.plan.for_node(node.name) if o.model != a.model]
+    gpu = next((g for g in (node.profile.gpus if node.profile else []) if f"cuda:{g.index}" == a.device), None)
+    ram_free = ram_budget_mb(node.profile) - sum(o.ram_mb for o in others) if node.profile else 0
+    if gpu is not None:
+        free = gpu.vram_total_mb - s.vram_reserve_mb - sum(o.vram_mb for o in others if o.device == a.device)
+        n = layers_that_fit(est, free)
+        if n == -1:
+            return -1, f"all {est.n_layers} layers fit its GPU"
+        if n > 0 and est.ram_for_layers(n) <= ram_free:
+            return n, f"{n} of {est.n_layers} layers on its GPU, the rest in RAM"
+    if est.ram_mb <= ram_free:
+        return 0, f"on its CPU ({est.ram_mb} MB of RAM)"
+    return None, f"needs {est.total_mb} MB of VRAM or {est.ram_mb} MB of RAM; {max(0, ram_free)} MB of RAM free"

@@ -1,0 +1,90 @@
+"""The engine side of a split: its command line per mode, and where it goes alone (10.4)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+from distributed.catalog import load_catalog
+from distributed.engine.binary import EngineBinary
+from distributed.planner import plan
+from distributed.profiler import profile_host
+from distributed.settings import load_settings
+from distributed.split.engine import SplitEngineTarget, _set_opt, fit_alone
+
+CATALOG = load_catalog()
+BIG = CATALOG.get("mistral-small-24b")
+
+
+def pair_plan():
+    hosts = {"pc1": profile_host("rtx3060-12gb", "pc1"), "pc2": profile_host("gtx1660s-6gb", "pc2")}
+    return hosts, plan(hosts, [BIG, CATALOG.get("all-MiniLM-L6-v2")])
+
+
+def target(kind: str) -> SplitEngineTarget:
+    _, p = pair_plan()
+    a = p.where(BIG.id)
+    binary = EngineBinary(server=Path("/opt/llama-server"), rpc_server=Path("/opt/ggml-rpc-server"),
+                          version="0.3.36", kind=kind, build="", source="test")
+    t = SplitEngineTarget(BIG, a, service=SimpleNamespace(version="0.3.36", token="t"), link=None,
+                          alone=lambda: (20, "20 of 40 layers on its GPU"), binary=binary,
+                          model_path=lambda: Path("/m.gguf"), node="pc1", parallel=2, context=2048)
+    t._tunnel["pc2"] = "127.0.0.1:40001"
+    return t
+
+
+def opt(argv: list[str], flag: str) -> str | None:
+    return argv[argv.index(flag) + 1] if flag in argv else None
+
+
+def test_cuda_engine_host_puts_every_layer_on_gpus_remote_first() -> None:
+    t = target("cuda")
+    argv = t.argv(Path("/m.gguf"))
+    shares = {s["node"]: s["layers"] for s in t.assignment.split}
+    assert opt(argv, "--rpc") == "127.0.0.1:40001"  # our tunnel, never the worker host itself
+    assert opt(argv, "-ngl") == "999" and opt(argv, "-sm") == "layer"
+    assert opt(argv, "--tensor-split") == f"{shares['pc2']},{shares['pc1']}"  # RPC devices come first
+    assert "-mg" not in argv and opt(argv, "--host") == "127.0.0.1"
+    assert argv.count("--port") == 1 and opt(argv, "--port") == str(t._port)
+
+
+def test_cpu_engine_host_offloads_the_workers_layers_from_the_end() -> None:
+    t = target("cpu")
+    argv = t.argv(Path("/m.gguf"))
+    pc2 = next(s["layers"] for s in t.assignment.split if s["node"] == "pc2")
+    assert opt(argv, "--rpc") == "127.0.0.1:40001"
+    assert opt(argv, "-ngl") == str(pc2 + 1)  # its blocks + the output layer
+    assert "--tensor-split" not in argv  # one worker: nothing to divide
+
+
+def test_alone_drops_the_rpc_devices() -> None:
+    t = target("cuda")
+    t.mode, t._alone_layers = "alone", 20
+    argv = t.argv(Path("/m.gguf"))
+    assert "--rpc" not in argv and "--tensor-split" not in argv
+    assert opt(argv, "-ngl") == "20" and opt(argv, "-sm") == "none" and opt(argv, "-mg") == "0"
+
+
+def test_set_opt() -> None:
+    assert _set_opt(["a", "-ngl", "1", "b"], "-ngl", "9") == ["a", "b", "-ngl", "9"]
+    assert _set_opt(["a", "-sm", "none"], "-sm", None) == ["a"]
+
+
+def node_for(hosts, p, name: str, ram_mb: int | None = None, tmp: Path = Path("/nonexistent")):
+    prof = hosts[name]
+    if ram_mb is not None:
+        prof.ram_total_mb = ram_mb
+    return SimpleNamespace(name=name, settings=load_settings(node_name=name, models_dir=tmp), profile=prof, plan=p,
+                           store=SimpleNamespace(path_for=lambda spec: None))
+
+
+def test_alone_on_the_3060_is_a_partial_offload() -> None:
+    hosts, p = pair_plan()
+    n, why = fit_alone(node_for(hosts, p, "pc1"), BIG, p.where(BIG.id))
+    assert n is not None and 0 < n < 40 and "layers on its GPU, the rest in RAM" in why
+
+
+def test_alone_without_the_ram_is_none_with_the_reason() -> None:
+    hosts, p = pair_plan()
+    n, why = fit_alone(node_for(hosts, p, "pc1", ram_mb=2048), BIG, p.where(BIG.id))
+    assert n is None and "MB of RAM" in why
