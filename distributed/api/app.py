@@ -184,6 +184,47 @@ def _document_request_models(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+def _add_error_handlers(app: FastAPI, node_name: str) -> None:
+    """``TarsError`` → its status by type; FastAPI's validation errors → 400 naming the
+    field; unknown routes and methods → 404/405 — all in the native or OpenAI error shape."""
+
+    async def tars_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, TarsError)
+        return _error_response(exc, node_name, request.url.path)
+
+    async def validation_error(request: Request, exc: Exception) -> Response:
+        errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        field = ".".join(str(p) for p in first["loc"] if p not in ("body", "query", "path", "header"))
+        err = ValidationFailed(f"field '{field}': {first['msg']}" if field else str(first["msg"]), field=field or None)
+        return _error_response(err, node_name, request.url.path)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        err = TarsError(f"{request.method} {request.url.path}: {exc.detail}; see /docs for the API")
+        err.http_status = exc.status_code
+        err.kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _error_response(err, node_name, request.url.path)
+
+    app.add_exception_handler(TarsError, tars_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+
+
+def _add_dashboard(app: FastAPI) -> None:
+    """``/`` and ``/dashboard`` serve the page, ``/dashboard/static/<file>`` its assets."""
+
+    @app.get("/", include_in_schema=False)
+    async def root() -> Response:
+        return _dashboard_page()
+
+    @app.get("/dashboard", include_in_schema=False)
+    async def dashboard() -> Response:
+        return _dashboard_page()
+
+    app.mount("/dashboard/static", StaticFiles(directory=DASHBOARD_DIR, check_dir=False), name="dashboard")
+
+
 def create_app(settings: Any, node: ServiceNode, cluster: ClusterView | None = None) -> Any:
     """The app of one node (the composition root of the service). The lifespan starts and
     stops ``node``; the ``/rpc`` router's lifespan starts and stops ``cluster`` — given,
@@ -208,28 +249,7 @@ def create_app(settings: Any, node: ServiceNode, cluster: ClusterView | None = N
                               "JSON-RPC /rpc between nodes.", **extra)
     app.state.node = node
     app.state.settings = settings
-
-    async def tars_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, TarsError)
-        return _error_response(exc, node.name, request.url.path)
-
-    async def validation_error(request: Request, exc: Exception) -> Response:
-        errors = exc.errors() if isinstance(exc, RequestValidationError) else []
-        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-        field = ".".join(str(p) for p in first["loc"] if p not in ("body", "query", "path", "header"))
-        err = ValidationFailed(f"field '{field}': {first['msg']}" if field else str(first["msg"]), field=field or None)
-        return _error_response(err, node.name, request.url.path)
-
-    async def http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, StarletteHTTPException)
-        err = TarsError(f"{request.method} {request.url.path}: {exc.detail}; see /docs for the API")
-        err.http_status = exc.status_code
-        err.kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return _error_response(err, node.name, request.url.path)
-
-    app.add_exception_handler(TarsError, tars_error)
-    app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(StarletteHTTPException, http_error)
+    _add_error_handlers(app, node.name)
 
     from ..rpc.server import build_rpc_router
 
@@ -243,16 +263,7 @@ def create_app(settings: Any, node: ServiceNode, cluster: ClusterView | None = N
     for router in routers:
         app.include_router(router)
 
-    @app.get("/", include_in_schema=False)
-    async def root() -> Response:
-        return _dashboard_page()
-
-    @app.get("/dashboard", include_in_schema=False)
-    async def dashboard() -> Response:
-        return _dashboard_page()
-
-    app.mount("/dashboard/static", StaticFiles(directory=DASHBOARD_DIR, check_dir=False), name="dashboard")
-
+    _add_dashboard(app)
     _document_request_models(app)
     paths = [getattr(r, "path", "") for router in routers for r in router.routes]
     endpoints = {p for p in paths if p and "{" not in p} | {"/", "/dashboard", "/docs", "/openapi.json"}
