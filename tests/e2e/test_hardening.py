@@ -1,0 +1,159 @@
+"""Issue 11 against real ``serve`` processes on loopback (fake backends): connection
+deadlines and the connection bound (§1), HTTPS with a pinned self-signed certificate
+between two hosts (§8)."""
+
+from __future__ import annotations
+
+import socket
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from distributed import tls
+from tests.support import ServerProcess, free_port, wait_until
+
+HOST1, HOST2 = "127.0.0.2", "127.0.0.3"
+TOKEN = "e2e-hardening-token"
+FILE_LIMIT = 1024
+# ``serve`` under a file limit of 1024 (soft and hard), as on many desktops
+LIMITED = [sys.executable, "-c",
+           "import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (%d, %d)); "
+           "os.execv(sys.executable, [sys.executable, '-m', 'distributed', 'serve'])" % (FILE_LIMIT, FILE_LIMIT)]
+
+
+def _env(name: str, host: str, port: int, **extra: str) -> dict[str, str]:
+    return {"TARS_NODE_NAME": name, "TARS_HOST": host, "TARS_PORT": str(port), "TARS_BACKEND_OVERRIDE": "fake",
+            "TARS_CLUSTER_TOKEN": TOKEN, "TARS_LOG_LEVEL": "info", **extra}
+
+
+def _closed_within(sock: socket.socket, seconds: float, trickle: bytes = b"") -> float | None:
+    """Seconds until the server closes ``sock`` (sending ``trickle`` a byte each 0.5 s), or None."""
+    t0 = time.monotonic()
+    sock.settimeout(0.5)
+    i = 0
+    while time.monotonic() - t0 < seconds:
+        try:
+            if i < len(trickle):
+                sock.send(trickle[i:i + 1])
+                i += 1
+            if sock.recv(4096) == b"":
+                return time.monotonic() - t0
+        except socket.timeout:
+            continue
+        except OSError:  # reset / broken pipe: closed
+            return time.monotonic() - t0
+    return None
+
+
+@pytest.fixture
+def limited_node(tmp_path: Path):
+    port = free_port(HOST1, range(18700, 18720))
+    node = ServerProcess("pc1", HOST1, port=port, command=LIMITED, log_dir=tmp_path,
+                         env=_env("pc1", HOST1, port, TARS_HEADER_TIMEOUT_S="3", TARS_MODELS_DIR=str(tmp_path)))
+    with node:
+        node.start(timeout=120)
+        yield node
+
+
+def test_idle_connections_cannot_starve_the_node(limited_node):
+    """1,100 idle connections (more than the file limit allows) and /health still answers
+    within 2 s; before the fix accept() failed for lack of descriptors and /health hung."""
+    socks = []
+    try:
+        for _ in range(1100):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex((HOST1, limited_node.port))
+            socks.append(s)
+        time.sleep(1.0)  # let the server accept (and shed) them
+        for attempt in range(3):
+            t0 = time.monotonic()
+            r = httpx.get(limited_node.url + "/health", timeout=2.0)
+            took = time.monotonic() - t0
+            assert r.status_code == 200 and took < 2.0, (attempt, took)
+        assert "listening on http://" in limited_node.log_text() and "at most" in limited_node.log_text()
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_slow_header_idle_and_slow_body_connections_are_closed(limited_node):
+    addr = (HOST1, limited_node.port)
+    idle = socket.create_connection(addr)
+    slow = socket.create_connection(addr)
+    body = socket.create_connection(addr)
+    try:
+        body.sendall(b"POST /embed HTTP/1.1\r\nHost: 127.0.0.2\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"input\":")
+        # TARS_HEADER_TIMEOUT_S=3: closed after 3-4 s (the sweep runs each second), well before 10 s
+        took = _closed_within(slow, 10.0, trickle=b"GET /health HTTP/1.1\r\nHost: 127.0.0.2\r\nX-Slow: " + b"a" * 40)
+        assert took is not None and took < 6.0, took
+        assert _closed_within(idle, 4.0) is not None
+        assert _closed_within(body, 4.0) is not None
+        assert httpx.get(limited_node.url + "/health", timeout=2.0).status_code == 200
+    finally:
+        for s in (idle, slow, body):
+            s.close()
+
+
+def test_https_between_two_hosts_with_a_pinned_certificate(tmp_path: Path):
+    """PC1 serves HTTPS with a self-signed certificate; PC2 gets its fingerprint (as
+    setup_pc1.sh --tls prints it) and joins over pinned TLS; PC1 learns PC2's own
+    certificate from the join. A third host pinning another fingerprint cannot join."""
+    fp1 = tls.generate(tmp_path / "pc1.crt", tmp_path / "pc1.key", ["pc1", "localhost"], [HOST1])
+    fp2 = tls.generate(tmp_path / "pc2.crt", tmp_path / "pc2.key", ["pc2"], [HOST2])
+    taken: set[int] = set()
+    p1, p2, p3 = (free_port(h, range(18720, 18760), taken) for h in (HOST1, HOST2, HOST2))
+    ctx = tls.Pins([fp1]).context()  # the test's own client pins PC1 too
+    pc1 = ServerProcess("pc1", HOST1, port=p1, log_dir=tmp_path, env={
+        "TARS_BACKEND_OVERRIDE": "fake", "TARS_CLUSTER_TOKEN": TOKEN, "TARS_MODELS_DIR": str(tmp_path),
+        "TARS_TLS_CERT": str(tmp_path / "pc1.crt"), "TARS_TLS_KEY": str(tmp_path / "pc1.key"),
+        "TARS_ADVERTISE_URL": f"https://{HOST1}:{p1}", "TARS_HEARTBEAT_S": "0.5"})
+    pc2 = ServerProcess("pc2", HOST2, port=p2, log_dir=tmp_path, env={
+        "TARS_BACKEND_OVERRIDE": "fake", "TARS_CLUSTER_TOKEN": TOKEN, "TARS_MODELS_DIR": str(tmp_path),
+        "TARS_TLS_CERT": str(tmp_path / "pc2.crt"), "TARS_TLS_KEY": str(tmp_path / "pc2.key"),
+        "TARS_ADVERTISE_URL": f"https://{HOST2}:{p2}", "TARS_PEERS": f"https://{HOST1}:{p1}",
+        "TARS_TLS_PINS": f"sha256:{fp1}", "TARS_HEARTBEAT_S": "0.5"})
+    pc3 = ServerProcess("pc3", HOST2, port=p3, log_dir=tmp_path, env={
+        "TARS_BACKEND_OVERRIDE": "fake", "TARS_CLUSTER_TOKEN": TOKEN, "TARS_MODELS_DIR": str(tmp_path),
+        "TARS_PEERS": f"https://{HOST1}:{p1}", "TARS_TLS_PINS": fp2})  # pins the wrong certificate
+
+    import asyncio
+
+    from distributed.errors import PeerUnavailable
+
+    def pc1_up() -> bool:
+        try:
+            asyncio.run(ctx.pin(f"https://{HOST1}:{p1}", "pc1", 5.0))
+        except PeerUnavailable:
+            return False  # not listening yet
+        return client.get(f"https://{HOST1}:{p1}/health").status_code == 200
+
+    with pc1, pc2, pc3, httpx.Client(verify=ctx.ssl, timeout=5.0) as client:
+        url1, url2 = f"https://{HOST1}:{p1}", f"https://{HOST2}:{p2}"
+
+        def peer_state(url: str, name: str) -> str:
+            return next(p["state"] for p in client.get(url + "/status").json()["peers"] if p["name"] == name)
+
+        pc1.start(timeout=120, ready=pc1_up, what="pc1 https")
+        with pytest.raises(httpx.HTTPError):  # plain HTTP is not served
+            httpx.get(f"http://{HOST1}:{p1}/health", timeout=2.0).raise_for_status()
+        pc2.start(timeout=120, ready=lambda: peer_state(url1, "pc2") == "alive", what="pc2 joined over TLS")
+        ctx2 = tls.Pins([fp2]).context()
+        asyncio.run(ctx2.pin(url2, "pc2", 5.0))
+        with httpx.Client(verify=ctx2.ssl, timeout=5.0) as c2:
+            wait_until(lambda: next(p["state"] for p in c2.get(url2 + "/status").json()["peers"]
+                                    if p["name"] == "pc1") == "alive", 30, "pc2 sees pc1 alive", pc1, pc2)
+        # PC1 beats PC2 over https too (it learned PC2's fingerprint from the join): still alive after beats
+        time.sleep(2.0)
+        pc2_seen = next(p for p in client.get(url1 + "/status").json()["peers"] if p["name"] == "pc2")
+        assert pc2_seen["state"] == "alive" and pc2_seen["rtt_ms"] is not None  # PC1's own beats are answered
+        assert "missed heartbeat" not in pc1.log_text() and "not pinned" not in pc1.log_text()
+        r = client.post(url1 + "/embed", json={"input": ["over tls"]})
+        assert r.status_code == 200, r.text
+        pc3.launch()
+        wait_until(lambda: "not pinned" in pc3.log_text(), 30, "pc3 refuses PC1's certificate", pc3)
+        assert "pc3" not in {p["name"] for p in client.get(url1 + "/status").json()["peers"]}
