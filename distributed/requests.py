@@ -11,6 +11,7 @@ methods, which ignore them so hosts of different versions still join and beat.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -27,6 +28,7 @@ TOP_P = {"gt": 0.0, "le": 1.0}
 PENALTY = {"ge": -2.0, "le": 2.0}
 TOP_LOGPROBS = {"ge": 0, "le": 20}
 MAX_STOPS = 8
+MAX_CHOICES = 16  # n
 
 MaxTokens = Annotated[int, Field(**MAX_TOKENS)]
 Temperature = Annotated[float, Field(**TEMPERATURE)]
@@ -35,6 +37,7 @@ Penalty = Annotated[float, Field(**PENALTY)]
 TopLogprobs = Annotated[int, Field(**TOP_LOGPROBS)]
 
 _DEFAULT = GenerateRequest()
+_GENERATE_FIELDS = frozenset(f.name for f in dataclasses.fields(GenerateRequest))
 
 
 class _Strict(BaseModel):
@@ -64,12 +67,14 @@ class GenerateParams(_Strict):
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
     logprobs: bool = False
     top_logprobs: TopLogprobs = 0
-    n: int = Field(1, ge=1, le=16)
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
 
     def to_domain(self, stream: bool) -> GenerateRequest:
-        return GenerateRequest(**self.model_dump(), stream=stream)
+        known = _GENERATE_FIELDS  # a test keeps the two in step; this keeps a partial upgrade working
+        return GenerateRequest(**{k: v for k, v in self.model_dump().items() if k in known}, stream=stream)
 
 
 class EmbedParams(_Strict):

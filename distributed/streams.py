@@ -49,7 +49,9 @@ async def drain(first: TokenChunk | Completion, agen: Any, fmt: WireFormat) -> A
         if head:
             yield head
         while not isinstance(item, Completion):
-            yield fmt.token(item)
+            data = fmt.token(item)
+            if data:  # a piece may carry nothing to send (e.g. an empty text)
+                yield data
             try:
                 item = await agen.__anext__()
             except StopAsyncIteration:

@@ -5,13 +5,12 @@ Public: ``/health`` (load balancers and ``tars status`` probe it), the dashboard
 page and its static assets (a browser cannot attach a bearer header to a
 ``<script>`` tag; the page itself asks for the key and sends it with its API
 calls), and ``/rpc``, which has its own cluster-token check (rpc/server.py).
-The comparison is constant-time (``hmac.compare_digest``).
+The comparison is constant-time (``bearer.bearer_matches``, shared with ``/rpc``).
 """
 
 from __future__ import annotations
 
-import hmac
-
+from ..bearer import bearer_matches
 from ..errors import Unauthorized
 
 PUBLIC_PATHS = frozenset({"/health", "/", "/dashboard", "/dashboard/", "/favicon.ico"})
@@ -38,6 +37,5 @@ class ApiKey:
             return
         if not authorization:
             raise Unauthorized("this node requires an API key: send 'Authorization: Bearer <TARS_API_KEY>'")
-        scheme, _, token = authorization.partition(b" ")
-        if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self._key):
+        if not bearer_matches(authorization, self._key):  # constant time; the /rpc token check uses it too
             raise Unauthorized("the API key is wrong: send 'Authorization: Bearer <TARS_API_KEY>'")

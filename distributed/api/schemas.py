@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..domain import Completion, EmbedRequest, Embeddings, GenerateRequest
 from ..errors import TarsError, ValidationFailed
+from ..requests import MAX_STOPS, MAX_TOKENS, TEMPERATURE, TOP_P
 
 M = TypeVar("M", bound=BaseModel)
 NUMPY = orjson.OPT_SERIALIZE_NUMPY
@@ -112,14 +113,15 @@ def _stops(stop: str | list[str] | None) -> list[str]:
     if stop is None:
         return []
     stops = [stop] if isinstance(stop, str) else list(stop)
-    if len(stops) > 8:
-        raise ValidationFailed("'stop' takes at most 8 strings", field="stop")
+    if len(stops) > MAX_STOPS:
+        raise ValidationFailed(f"'stop' takes at most {MAX_STOPS} strings", field="stop")
     return [s for s in stops if s]
 
 
-MaxTokens = Field(None, ge=1, le=131072, description="Most tokens to generate (clamped to the context).")
-Temperature = Field(None, ge=0.0, le=2.0)
-TopP = Field(None, gt=0.0, le=1.0)
+# The bounds live in distributed/requests.py: /rpc enforces the same ones (-32602 where REST says 400).
+MaxTokens = Field(None, **MAX_TOKENS, description="Most tokens to generate (clamped to the context).")
+Temperature = Field(None, **TEMPERATURE)
+TopP = Field(None, **TOP_P)
 
 
 class InferenceRequest(_Native):

@@ -18,6 +18,7 @@ from typing import Any
 
 from ..errors import PeerError, PeerUnavailable, TarsError
 from ..logs import get_logger
+from ..tasks import TaskSet
 
 log = get_logger(__name__)
 
@@ -63,7 +64,7 @@ class Coalescer:
         self.max_items = max_items
         self.max_inflight = max(1, max_inflight)
         self._lanes: dict[bool, _Lane] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet("coalescer")
         self.calls = 0
 
     def _ready(self, lane: _Lane) -> bool:
@@ -96,9 +97,7 @@ class Coalescer:
         if not batch:
             return
         lane.sizes.append(n)
-        task = asyncio.get_running_loop().create_task(self._run(normalize, lane, batch, n))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(self._run(normalize, lane, batch, n))
 
     async def _run(self, normalize: bool, lane: _Lane, batch: list[_Job], n: int) -> None:
         released = False
@@ -158,8 +157,7 @@ class Coalescer:
         return bool(self._tasks) or any(lane.waiting for lane in self._lanes.values())
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
+        self._tasks.cancel()
         for lane in self._lanes.values():
             for job in lane.waiting:
                 if not job.future.done():

@@ -366,3 +366,26 @@ async def test_a_generate_whose_caller_disconnects_stops_generating(node):
     gone.set()  # the caller hangs up
     await asyncio.wait_for(cancelled.wait(), 2)
     assert (await asyncio.wait_for(answer, 2)).status_code == 499
+
+
+def test_rpc_generate_params_cover_every_generate_request_field():
+    """The /rpc model and the domain request must not drift apart (a field added to one
+    and not the other would be refused on the wire or silently dropped)."""
+    import dataclasses
+
+    from distributed.domain import GenerateRequest
+    from distributed.requests import GenerateParams
+
+    assert set(GenerateParams.model_fields) == {f.name for f in dataclasses.fields(GenerateRequest)} - {"stream"}
+
+
+@pytest.mark.parametrize("body, field", [({"prompt": "hi", "max_tokens": -5}, "max_tokens"),
+                                         ({"prompt": "hi", "temperature": 99}, "temperature")])
+async def test_rest_refuses_what_rpc_refuses(body, field):
+    """One set of rules: the REST schema refuses the same values, naming the same field."""
+    from distributed.api import schemas
+    from distributed.errors import ValidationFailed as VF
+
+    with pytest.raises(VF) as ei:
+        schemas.parse(schemas.InferenceRequest, json.dumps(body).encode())
+    assert ei.value.details["field"] == field
