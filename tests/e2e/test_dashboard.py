@@ -41,7 +41,7 @@ class NodeProc:
         full = {k: v for k, v in os.environ.items() if not k.startswith("TARS_")}
         full.update({"TARS_NODE_NAME": name, "TARS_HOST": host, "TARS_PORT": str(port), "HF_HUB_OFFLINE": "1",
                      "TARS_CLUSTER_TOKEN": TOKEN, "TARS_HEARTBEAT_S": "0.5", "TARS_MODELS_DIR": str(models_dir),
-                     **env})
+                     "TARS_MODELS": "gemma-3-270m,all-MiniLM-L6-v2", **env})
         self._log = self.log_path.open("w")
         self.proc = subprocess.Popen([sys.executable, "-m", "distributed", "serve"], cwd=ROOT, env=full,
                                      stdout=self._log, stderr=subprocess.STDOUT)

@@ -37,7 +37,8 @@ def _start(port: int, models_dir: Path, log_path: Path) -> tuple[subprocess.Pope
     """Start the node and wait for /health 200. Returns (process, "") when it is up, or
     (process, log text) when it exited; "address already in use" there means: try again."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TARS_")}
-    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TARS_API_KEY": KEY, "TARS_CONTEXT": "1024"})
+    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TARS_API_KEY": KEY, "TARS_CONTEXT": "1024",
+                "TARS_MODELS": "gemma-3-270m,all-MiniLM-L6-v2"})
     cmd = [sys.executable, "-m", "distributed", "serve", "--host", HOST, "--port", str(port), "--name", "e2e",
            "--models-dir", str(models_dir)]
     with open(log_path, "wb") as log:

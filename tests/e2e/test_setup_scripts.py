@@ -108,7 +108,7 @@ def test_pc1_setup_writes_env_file_launcher_and_passes_the_self_check(repo: Path
     assert "build: cpu" in r.stdout
     assert "torch 2.13.0" in r.stdout and "llama-cpp-python" in r.stdout
     assert "TARS_SETUP_SKIP_INSTALL=1, not running: pip install -e" in r.stdout
-    assert "gemma-3-270m" in r.stdout and "all-MiniLM-L6-v2" in r.stdout  # the plan was printed
+    assert "smollm2-135m-instruct" in r.stdout and "all-MiniLM-L6-v2" in r.stdout  # the plan was printed
     assert re.search(r"^ pc1 ", r.stdout, re.M)  # ... for this host under the name it will have
 
     path = repo / "env" / ".env.pc1"

@@ -57,7 +57,7 @@ class Node:
         self.env = {**os.environ, "TARS_NODE_NAME": name, "TARS_HOST": addr[0], "TARS_PORT": str(addr[1]),
                     "TARS_GPU_PROFILE": preset, "TARS_CLUSTER_TOKEN": TOKEN, "TARS_MODELS_DIR": str(models_dir),
                     "TARS_HEARTBEAT_S": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                    "TARS_LOG_LEVEL": "info", **env}
+                    "TARS_LOG_LEVEL": "info", "TARS_MODELS": f"{CHAT},{EMB}", **env}
         self.env.pop("TARS_API_KEY", None)
         self.logdir = logdir
         self.proc: subprocess.Popen[bytes] | None = None

