@@ -11,6 +11,14 @@
 # Safe to run again: every step that is already done is skipped, and the end says so.
 # Asks nothing when stdin is not a terminal or CI is set.
 #
+# A node that listens on the LAN (TARS_HOST not loopback) gets an API key for clients:
+# asked for (Enter generates one, 'none' leaves the node open), generated when nobody is at
+# the keyboard, or taken from TARS_API_KEY. The env file is 0600 (it holds the secrets).
+#
+#   --tls   serve HTTPS with a self-signed certificate (env/tls/pc1.crt, key 0600); the value
+#           printed for PC2's --token then carries the certificate's SHA-256 fingerprint,
+#           which PC2 pins (no certificate authority, nothing to click through)
+#
 # Overrides (environment variables):
 #   PYTHON=/path/to/python3.11      interpreter used to create .venv (default: newest python3.1x found)
 #   TARS_VENV=/path/to/venv         use this virtual environment instead of ./.venv
@@ -36,10 +44,12 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib/setup_common.sh"
 
 ENV_FILE=env/.env.pc1
 
+TLS=0
 case "${1:-}" in
   -h|--help) sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
   "") ;;
-  *) die "unknown argument '$1'" "setup_pc1.sh takes no arguments; see bash scripts/setup_pc1.sh --help" ;;
+  --tls) TLS=1 ;;
+  *) die "unknown argument '$1'" "setup_pc1.sh takes no arguments but --tls; see bash scripts/setup_pc1.sh --help" ;;
 esac
 
 printf '%sTARS Distributed — setting up PC1 (server) in %s%s\n' "$_B" "$ROOT" "$_0"
@@ -69,19 +79,42 @@ else
   [ -f "$ROOT/$ENV_FILE" ] && die "$ENV_FILE exists but has no TARS_CLUSTER_TOKEN" \
     "add a line TARS_CLUSTER_TOKEN=<token> or delete $ENV_FILE and re-run to generate one"
   TOKEN=$("$VPY" "$PROBE" token)
+  choose_api_key "${TARS_HOST:-0.0.0.0}"
   write_env_file pc1 server 8000 "" \
     "0.0.0.0 listens on the LAN so PC2 can join; 127.0.0.1 keeps the node to this machine." PC2 \
     "Shared secret of the /rpc channel: PC2 needs the same value (setup_pc2.sh --token ...)." \
     "# Comma-separated model ids to serve; empty = the embedded defaults (tars models list)." "TARS_MODELS="
   changed "wrote $ENV_FILE with a new cluster token"
 fi
+ensure_private "$ROOT/$ENV_FILE"
+[ "$TLS" = 1 ] && setup_tls pc1
 node_address 8000
 ADVERTISE=${TARS_ADVERTISE_URL:-$(env_get "$ROOT/$ENV_FILE" TARS_ADVERTISE_URL)}
 PC1_ADDR=${ADVERTISE#http://}; PC1_ADDR=${PC1_ADDR#https://}; PC1_ADDR=${PC1_ADDR%/}
 [ "${PC1_ADDR##*:}" = 8000 ] && PC1_ADDR=${PC1_ADDR%:8000}
 info ""
-info "${_B}Cluster token for PC2:${_0} $TOKEN"
-info "On PC2 run:  bash scripts/setup_pc2.sh ${PC1_ADDR:-<PC1 address>} --token $TOKEN"
+SCHEME=http; PC2_TOKEN=$TOKEN
+if [ -n "$(env_get "$ROOT/$ENV_FILE" TARS_TLS_CERT)" ]; then
+  SCHEME=https
+  TLS_FP=$(cd "$ROOT" && "$VPY" -m distributed.tls fingerprint "$(env_get "$ROOT/$ENV_FILE" TARS_TLS_CERT)")
+  PC2_TOKEN="$TOKEN#sha256:$TLS_FP"  # the token and the certificate PC2 pins, in one value
+  export TARS_PROBE_PIN=$TLS_FP       # the self-check below pins it too
+fi
+info "${_B}Cluster token for PC2:${_0} $PC2_TOKEN"
+if [ "$SCHEME" = https ]; then
+  info "On PC2 run:  bash scripts/setup_pc2.sh ${ADVERTISE:-<PC1 URL>} --token '$PC2_TOKEN'"
+else
+  info "On PC2 run:  bash scripts/setup_pc2.sh ${PC1_ADDR:-<PC1 address>} --token $TOKEN"
+fi
+KEY=$(env_get "$ROOT/$ENV_FILE" TARS_API_KEY)
+if [ -n "$KEY" ]; then
+  info "${_B}API key for clients:${_0} $KEY   (TARS_API_KEY in $ENV_FILE; /health needs none)"
+  CA=""; [ "$SCHEME" = https ] && CA="--cacert $(env_get "$ROOT/$ENV_FILE" TARS_TLS_CERT) "
+  info "  curl $CA-H 'Authorization: Bearer $KEY' ${ADVERTISE:-$SCHEME://$HOST:$PORT}/v1/models"
+  info "  OpenAI SDK: OpenAI(base_url='${ADVERTISE:-$SCHEME://$HOST:$PORT}/v1', api_key='$KEY'); dashboard: paste it when asked"
+else
+  case "$HOST" in 127.*|localhost) ;; *) warn "no API key: every client on the LAN may use this node (set TARS_API_KEY in $ENV_FILE)" ;; esac
+fi
 
 write_launcher pc1 "$ENV_FILE"
 
@@ -94,7 +127,7 @@ if ! selfcheck_enabled; then
 fi
 CHECK_HOST=$HOST
 [ "$CHECK_HOST" = 0.0.0.0 ] && CHECK_HOST=127.0.0.1
-URL="http://$CHECK_HOST:$PORT"
+URL="$SCHEME://$CHECK_HOST:$PORT"
 TIMEOUT=${TARS_SETUP_SELFCHECK_TIMEOUT:-300}
 NODE_PID=""
 LOG=""

@@ -6,7 +6,11 @@
 # <PC1 address> is PC1's LAN address (192.168.1.10), optionally with a port
 # (192.168.1.10:8000) or as a URL (http://192.168.1.10:8000). TOKEN is the cluster token
 # setup_pc1.sh printed on PC1; without --token it is asked for (when a person is there)
-# or taken from an existing env/.env.pc2.
+# or taken from an existing env/.env.pc2. A PC1 set up with --tls prints TOKEN#sha256:FP:
+# PC2 then reaches PC1 over HTTPS and pins that certificate (TARS_TLS_PINS).
+#   --tls   PC2 serves HTTPS too, with its own self-signed certificate (env/tls/pc2.crt);
+#           PC1 learns its fingerprint when PC2 joins (over the pinned channel)
+# env/.env.pc2 is made 0600 (it holds the token), also when it was copied by hand.
 #
 # Checks Python, creates .venv, installs the CUDA or CPU builds (as setup_pc1.sh), installs
 # this project, shows the hardware profile and the model plan, writes env/.env.pc2
@@ -27,11 +31,12 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib/setup_common.sh"
 
 ENV_FILE=env/.env.pc2
-usage="usage: bash scripts/setup_pc2.sh <PC1 address> [--token TOKEN]"
+usage="usage: bash scripts/setup_pc2.sh <PC1 address> [--token TOKEN] [--tls]"
 
-PC1_ARG=""; TOKEN_ARG=""
+PC1_ARG=""; TOKEN_ARG=""; TLS=0
 while [ $# -gt 0 ]; do
   case "$1" in
+    --tls) TLS=1; shift ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
     --token) [ $# -ge 2 ] || die "--token needs a value" "$usage"; TOKEN_ARG=$2; shift 2 ;;
     --token=*) TOKEN_ARG=${1#--token=}; shift ;;
@@ -86,6 +91,15 @@ TOKEN=${TOKEN_ARG:-$(env_get "$ROOT/$ENV_FILE" TARS_CLUSTER_TOKEN)}
 if [ -z "$TOKEN" ] && interactive; then
   read -r -p "Cluster token (printed by setup_pc1.sh on PC1): " TOKEN
 fi
+# PC1 with --tls prints TOKEN#sha256:FINGERPRINT: the token, and the certificate to pin.
+PIN=""
+if [[ "$TOKEN" == *"#"* ]]; then
+  PIN=${TOKEN#*#}; PIN=${PIN#sha256:}; TOKEN=${TOKEN%%#*}
+  [[ "$PIN" =~ ^[0-9a-fA-F:]{64,95}$ ]] || die "the certificate fingerprint after '#' in --token is not a SHA-256" \
+    "copy the --token value exactly as setup_pc1.sh --tls printed it"
+  PC1_URL="https://${PC1_URL#*://}"  # a pinned PC1 serves HTTPS
+  export TARS_PROBE_PIN=$PIN          # the self-check pins it too
+fi
 [ -n "$TOKEN" ] || die "no cluster token" \
   "pass the token setup_pc1.sh printed on PC1: $usage   (on PC1: grep TARS_CLUSTER_TOKEN env/.env.pc1)"
 [[ "$TOKEN" =~ ^[A-Za-z0-9._~+/=-]+$ ]] || die "the cluster token contains spaces or quotes" \
@@ -106,6 +120,12 @@ else
     "# PC1, the node this one joins (comma-separated base URLs)." "TARS_PEERS=$PC1_URL"
   changed "wrote $ENV_FILE (joins $PC1_URL)"
 fi
+if [ -n "$PIN" ] && [ "$(env_get "$ROOT/$ENV_FILE" TARS_TLS_PINS)" != "$PIN" ]; then
+  "$VPY" "$PROBE" env-set "$ROOT/$ENV_FILE" "TARS_TLS_PINS=$PIN"
+  changed "pinned PC1's TLS certificate in $ENV_FILE (TARS_TLS_PINS=sha256:$PIN)"
+fi
+ensure_private "$ROOT/$ENV_FILE"
+[ "$TLS" = 1 ] && setup_tls pc2
 node_address 8001
 
 write_launcher pc2 "$ENV_FILE"

@@ -377,11 +377,70 @@ TARS_PORT=$port
 TARS_ADVERTISE_URL=$advertise
 # $token_note
 TARS_CLUSTER_TOKEN=$TOKEN
-# Set to require 'Authorization: Bearer <key>' on every endpoint but /health.
-TARS_API_KEY=
+# Clients send 'Authorization: Bearer <key>' on every endpoint but /health; empty = no key.
+TARS_API_KEY=${API_KEY:-}
 EOF
     for line in "$@"; do printf '%s\n' "$line"; done
   } >"$ROOT/$ENV_FILE")
+}
+
+# ensure_private FILE: a file holding the cluster token or the API key is readable by its
+# owner only (0600) — also one copied from env/*.example by hand (cp leaves it 0644).
+ensure_private() {
+  [ -f "$1" ] || return 0
+  local mode
+  mode=$(stat -c %a "$1" 2>/dev/null || stat -f %Lp "$1")
+  [ "$mode" = 600 ] && return 0
+  chmod 600 "$1"
+  changed "made ${1#"$ROOT"/} readable by its owner only (was $mode: it holds the cluster token)"
+}
+
+# choose_api_key HOST: sets API_KEY for a new env file. A node listening beyond this machine
+# (HOST not loopback) gets one: TARS_API_KEY if set, else asked (Enter = generate, "none" =
+# no key), else — nobody at the keyboard — generated. A loopback-only node gets none.
+API_KEY=""
+choose_api_key() {
+  API_KEY=${TARS_API_KEY:-}
+  [ -n "$API_KEY" ] && return 0
+  case "$1" in 127.*|localhost|::1) return 0 ;; esac
+  if interactive; then
+    local answer
+    read -r -p "      API key for clients on the LAN (Enter = generate one, 'none' = no key): " answer
+    [ "$answer" = none ] && { warn "no API key: anyone on the LAN may use this node (README: 'Security')"; return 0; }
+    API_KEY=$answer
+  fi
+  [ -n "$API_KEY" ] || API_KEY=$("$VPY" "$PROBE" token)
+  [[ "$API_KEY" =~ ^[A-Za-z0-9._~+/=-]+$ ]] || die "the API key may not contain spaces or quotes" \
+    "use letters, digits and - _ . ~ + / = (or press Enter to generate one)"
+}
+
+# setup_tls NODE: a self-signed certificate env/tls/NODE.crt + NODE.key (0600) for HTTPS,
+# kept when it exists; the env file points at it and advertises https. Sets TLS_FP.
+TLS_FP=""
+setup_tls() {
+  local crt=env/tls/$1.crt key=env/tls/$1.key ip adv
+  mkdir -p "$ROOT/env/tls"
+  if [ -f "$ROOT/$crt" ] && [ -f "$ROOT/$key" ]; then
+    TLS_FP=$(cd "$ROOT" && "$VPY" -m distributed.tls fingerprint "$crt")
+    unchanged "TLS certificate $crt exists (sha256 $TLS_FP)"
+  else
+    ip=$("$VPY" "$PROBE" lan-ip)
+    TLS_FP=$(cd "$ROOT" && "$VPY" -m distributed.tls generate "$crt" "$key" --name "${TARS_NODE_NAME:-$1}" \
+      --name "$(hostname)" --name localhost --ip "$ip" --ip 127.0.0.1) || die "could not create a TLS certificate" \
+      "install openssl (sudo apt-get install openssl) and re-run"
+    changed "wrote the self-signed TLS certificate $crt (sha256 $TLS_FP) and its key $key (0600)"
+  fi
+  adv=$(env_get "$ROOT/$ENV_FILE" TARS_ADVERTISE_URL)
+  if [ -z "$adv" ]; then  # empty (a file copied from the example): this host's address and port
+    local h p
+    h=${TARS_HOST:-$(env_get "$ROOT/$ENV_FILE" TARS_HOST)}; p=${TARS_PORT:-$(env_get "$ROOT/$ENV_FILE" TARS_PORT)}
+    case "$h" in ""|0.0.0.0) h=$("$VPY" "$PROBE" lan-ip) ;; esac
+    adv="http://$h:${p:-8000}"
+  fi
+  [ "$(env_get "$ROOT/$ENV_FILE" TARS_TLS_CERT)" = "$crt" ] && [ "${adv#https://}" != "$adv" ] && return 0
+  "$VPY" "$PROBE" env-set "$ROOT/$ENV_FILE" "TARS_TLS_CERT=$crt" "TARS_TLS_KEY=$key" \
+    "TARS_ADVERTISE_URL=https://${adv#*://}"
+  changed "$ENV_FILE serves HTTPS with it (TARS_TLS_CERT, TARS_TLS_KEY; advertised as https)"
 }
 
 # node_address DEFAULT_PORT: HOST and PORT this node listens on (TARS_HOST / TARS_PORT,

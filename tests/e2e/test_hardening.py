@@ -157,3 +157,68 @@ def test_https_between_two_hosts_with_a_pinned_certificate(tmp_path: Path):
         pc3.launch()
         wait_until(lambda: "not pinned" in pc3.log_text(), 30, "pc3 refuses PC1's certificate", pc3)
         assert "pc3" not in {p["name"] for p in client.get(url1 + "/status").json()["peers"]}
+
+
+def _copy_repo(dest: Path) -> Path:
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
+                           capture_output=True, check=True).stdout.split(b"\0")
+    for rel in filter(None, files):
+        src = root / os.fsdecode(rel)
+        if src.is_file() and not os.fsdecode(rel).startswith(("env/.env.pc1", "env/.env.pc2", "env/tls")) or \
+                src.is_file() and os.fsdecode(rel).endswith(".example"):
+            target = dest / os.fsdecode(rel)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(src.read_bytes())
+            target.chmod(src.stat().st_mode)
+    return dest
+
+
+@pytest.mark.skipif(sys.prefix == sys.base_prefix, reason="the setup scripts need the virtual environment")
+def test_setup_scripts_api_key_tls_and_private_files(tmp_path: Path):
+    """setup_pc1.sh on a LAN-facing host generates an API key (no keyboard) and prints how
+    clients send it; --tls writes a certificate and prints TOKEN#sha256:FP; setup_pc2.sh
+    splits that value, pins the certificate, and makes an env/.env.pc2 copied by hand 0600."""
+    import os
+    import stat
+    import subprocess
+
+    repo = _copy_repo(tmp_path / "repo")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TARS_", "PYTHON"))}
+    env.update({"CI": "1", "PYTHON": sys.executable, "TARS_VENV": sys.prefix, "TARS_SETUP_SKIP_INSTALL": "1",
+                "TARS_SETUP_SELFCHECK": "0", "TARS_MODELS_DIR": str(tmp_path / "models"), "HF_HUB_OFFLINE": "1"})
+
+    def run(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        r = subprocess.run(["bash", *args], cwd=repo, env={**env, **extra}, stdin=subprocess.DEVNULL,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return r
+
+    def values(name: str) -> dict[str, str]:
+        text = (repo / "env" / name).read_text().splitlines()
+        return dict(ln.split("=", 1) for ln in text if ln and not ln.startswith("#"))
+
+    r = run("scripts/setup_pc1.sh", "--tls", TARS_HOST="0.0.0.0", TARS_PORT="18790",
+            TARS_ADVERTISE_URL="http://127.0.0.2:18790")
+    v1 = values(".env.pc1")
+    key, token = v1["TARS_API_KEY"], v1["TARS_CLUSTER_TOKEN"]
+    assert len(key) >= 32 and key != token
+    assert f"API key for clients: {key}" in r.stdout and f"Authorization: Bearer {key}" in r.stdout
+    fp = tls.fingerprint_file(repo / v1["TARS_TLS_CERT"])
+    assert v1["TARS_ADVERTISE_URL"] == "https://127.0.0.2:18790" and f"{token}#sha256:{fp}" in r.stdout
+    for name in ("env/.env.pc1", "env/tls/pc1.key"):
+        assert stat.S_IMODE((repo / name).stat().st_mode) == 0o600, name
+    assert "Nothing changed" in run("scripts/setup_pc1.sh", "--tls").stdout  # idempotent, keeps key and cert
+    assert values(".env.pc1")["TARS_API_KEY"] == key
+
+    example = repo / "env" / ".env.pc2"
+    example.write_text((repo / "env" / ".env.pc2.example").read_text())
+    example.chmod(0o644)  # copied by hand, as the README once said
+    run("scripts/setup_pc2.sh", "127.0.0.2:18790", "--token", f"{token}#sha256:{fp}", TARS_HOST="127.0.0.3")
+    v2 = values(".env.pc2")
+    assert stat.S_IMODE(example.stat().st_mode) == 0o600
+    assert v2["TARS_CLUSTER_TOKEN"] == token and v2["TARS_TLS_PINS"] == fp
+    assert v2["TARS_PEERS"] == "https://127.0.0.2:18790"
