@@ -94,9 +94,9 @@ class SplitEngineTarget(EngineTarget):
     WORKER_TIMEOUT_S = 120.0
 
     def __init__(self, spec: ModelSpec, assignment: Assignment, *, service: SplitService, link: Any,
-                 alone: Alone, **kw: Any) -> None:
+                 alone: Alone, overlap: Callable[[int], bool] = lambda n: True, **kw: Any) -> None:
         super().__init__(spec, assignment, **kw)
-        self.service, self.link, self._alone = service, link, alone
+        self.service, self.link, self._alone, self._overlap = service, link, alone, overlap
         shares = assignment.split or []
         self.remote = [s for s in shares if s["node"] != self.node]
         self.local_share = next((s for s in shares if s["node"] == self.node), None)
@@ -250,6 +250,15 @@ class SplitEngineTarget(EngineTarget):
             self.mode, self.missing, self._state, self.error = "split", {}, "loading", None
             await EngineTarget._boot(self)
             return
+        if self.mode == "alone" and self.binary.kind == "cuda" and not self._overlap(self._alone_layers):
+            # both engines at once would not fit this GPU: break before make, said out loud
+            log.warning("split model %s: the single-host engine and the split engine do not fit %s's GPU "
+                        "together; restarting straight into the split (a short gap)", self.model, self.node,
+                        extra=fields(model=self.model))
+            self.mode, self.missing, self._state = "split", {}, "loading"
+            await self.supervisor.stop()
+            await self.supervisor.start()
+            return
         port = free_port(self.host)
         holder: dict[str, Supervisor] = {}
 
@@ -318,7 +327,8 @@ class SplitEngineTarget(EngineTarget):
 def split_engine_target(node: Any, spec: ModelSpec, a: Assignment, **kw: Any) -> SplitEngineTarget:
     """The engine for a split assignment on ``node`` (``engine.choice`` calls this)."""
     svc = service_of(node, node.settings)
-    return SplitEngineTarget(spec, a, service=svc, link=PeerLink(node), alone=lambda: fit_alone(node, spec, a), **kw)
+    return SplitEngineTarget(spec, a, service=svc, link=PeerLink(node), alone=lambda: fit_alone(node, spec, a),
+                             overlap=lambda n: overlap_fits(node, spec, a, n), **kw)
 
 
 def fit_alone(node: Any, spec: ModelSpec, a: Assignment) -> tuple[int | None, str]:
@@ -346,3 +356,21 @@ def fit_alone(node: Any, spec: ModelSpec, a: Assignment) -> tuple[int | None, st
     if est.ram_mb <= ram_free:
         return 0, f"on its CPU ({est.ram_mb} MB of RAM)"
     return None, f"needs {est.total_mb} MB of VRAM or {est.ram_mb} MB of RAM; {max(0, ram_free)} MB of RAM free"
+
+
+def overlap_fits(node: Any, spec: ModelSpec, a: Assignment, n_alone: int) -> bool:
+    """Do the single-host engine (``n_alone`` GPU layers) and this host's split share fit
+    its GPU at once (what a make-before-break restore needs)?"""
+    from ..vram import estimate
+
+    s = node.settings
+    gpu = next((g for g in (node.profile.gpus if node.profile else []) if f"cuda:{g.index}" == a.device), None)
+    if gpu is None:
+        return True
+    try:
+        path = node.store.path_for(spec)
+    except TarsError:
+        path = None
+    others = sum(o.vram_mb for o in node.plan.for_node(node.name) if o.model != a.model and o.device == a.device)
+    alone_mb = estimate(spec, s.context, path).vram_for_layers(n_alone)
+    return alone_mb + a.vram_mb <= gpu.vram_total_mb - s.vram_reserve_mb - others

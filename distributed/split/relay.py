@@ -65,11 +65,15 @@ def _nodelay(writer: asyncio.StreamWriter) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, count: list[int]) -> None:
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: dict[str, int], way: str) -> None:
+    nbytes, nreads = f"bytes_{way}", f"reads_{way}"
+    stats.setdefault(nbytes, 0)
+    stats.setdefault(nreads, 0)
     try:
         while data := await reader.read(CHUNK):
             writer.write(data)
-            count[0] += len(data)
+            stats[nbytes] += len(data)
+            stats[nreads] += 1  # about one per RPC message: what each costs on a LAN is a round trip
             if writer.transport.get_write_buffer_size() > CHUNK:
                 await writer.drain()
     except (ConnectionError, OSError):
@@ -92,10 +96,11 @@ async def _close(writer: asyncio.StreamWriter) -> None:
 
 async def splice(a: tuple[asyncio.StreamReader, asyncio.StreamWriter],
                  b: tuple[asyncio.StreamReader, asyncio.StreamWriter], stats: dict[str, int]) -> None:
-    """Copy bytes both ways until either side closes; then close both."""
-    up, down = [0], [0]
+    """Copy bytes both ways until either side closes; then close both. ``stats`` counts
+    bytes and reads each way (``up``: a → b), live."""
     try:
-        tasks = [asyncio.ensure_future(_pipe(a[0], b[1], up)), asyncio.ensure_future(_pipe(b[0], a[1], down))]
+        tasks = [asyncio.ensure_future(_pipe(a[0], b[1], stats, "up")),
+                 asyncio.ensure_future(_pipe(b[0], a[1], stats, "down"))]
         done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         # one direction ended: give the other a moment to flush, then end the channel
         if pending:
@@ -103,8 +108,6 @@ async def splice(a: tuple[asyncio.StreamReader, asyncio.StreamWriter],
         for t in tasks:
             t.cancel()
     finally:
-        stats["bytes_up"] = stats.get("bytes_up", 0) + up[0]
-        stats["bytes_down"] = stats.get("bytes_down", 0) + down[0]
         await asyncio.gather(_close(a[1]), _close(b[1]))
 
 
