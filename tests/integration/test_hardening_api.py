@@ -164,3 +164,40 @@ async def test_join_checks_name_url_and_origin(tmp_path):
         beat = {"jsonrpc": "2.0", "method": "cluster.heartbeat", "id": 2, "params": {"name": "bad name!"}}
         r = (await c.post("/rpc", json=beat, headers=auth)).json()
         assert r["error"]["code"] == -32602
+
+
+def _gpu_profile(name: str, vram: int) -> dict[str, Any]:
+    return {"hostname": name, "cpu_model": "cpu", "cpu_cores": 4, "ram_total_mb": 16000, "ram_free_mb": 8000,
+            "gpus": [{"index": 0, "name": "Claimed GPU", "vram_total_mb": vram, "vram_free_mb": vram}]}
+
+
+async def test_a_host_claiming_more_vram_than_it_reports_gets_no_models(tmp_path):
+    """pc2 joins claiming an 80 GB GPU: the plan puts the models there; its heartbeats then
+    report a 6 GB GPU: it is re-planned without models until its figures agree again."""
+    import asyncio
+
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    async with serve(tmp_path) as (c, node):
+        join = _join("pc2", "http://127.0.0.3:18999")
+        join["params"]["profile"] = _gpu_profile("pc2", 81920)
+        r = (await c.post("/rpc", json=join, headers=auth)).json()
+        assert "pc2" in {a["node"] for a in r["result"]["plan"]["assignments"]}  # trusted at its word at first
+
+        def beat(vram: int) -> dict[str, Any]:
+            gpus = [{"index": 0, "name": "Claimed GPU", "vram_total_mb": vram, "vram_used_mb": 100}]
+            return {"jsonrpc": "2.0", "method": "cluster.heartbeat", "id": 3,
+                    "params": {"name": "pc2", "url": "http://127.0.0.3:18999", "gpus": gpus}}
+
+        assert "result" in (await c.post("/rpc", json=beat(6144), headers=auth)).json()
+        for _ in range(100):
+            if node.plan.assignments and all(a.node == "pc1" for a in node.plan.assignments):
+                break
+            await asyncio.sleep(0.05)
+        assert {a.node for a in node.plan.assignments} == {"pc1"}, node.plan.to_dict()
+        assert "81920" in node.cluster.peers["pc2"].vram_doubt
+        await c.post("/rpc", json=beat(81920), headers=auth)  # the figures agree: trusted again
+        for _ in range(100):
+            if any(a.node == "pc2" for a in node.plan.assignments):
+                break
+            await asyncio.sleep(0.05)
+        assert any(a.node == "pc2" for a in node.plan.assignments)
