@@ -33,7 +33,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
-from ..errors import PayloadTooLarge, TarsError, Unauthorized, ValidationFailed
+from ..errors import ModelLoading, PayloadTooLarge, PeerUnavailable, TarsError, Unauthorized, ValidationFailed
 from ..logs import get_logger
 from ..seams import ClusterView, ServiceNode
 from . import native, openai, rerank
@@ -49,6 +49,8 @@ DASHBOARD_DIR = Path(__file__).with_name("dashboard")
 def _error_response(exc: TarsError, node: str, path: str) -> Response:
     headers: dict[str, str] = {}
     retry = exc.details.get("retry_after")
+    if retry is None and isinstance(exc, (PeerUnavailable, ModelLoading)):
+        retry = 1  # transient: the cluster fails over or the model finishes loading; a client may retry
     if retry is not None:
         headers["retry-after"] = str(max(1, math.ceil(float(retry))))
     if isinstance(exc, Unauthorized):

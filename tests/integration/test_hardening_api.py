@@ -201,3 +201,12 @@ async def test_a_host_claiming_more_vram_than_it_reports_gets_no_models(tmp_path
                 break
             await asyncio.sleep(0.05)
         assert any(a.node == "pc2" for a in node.plan.assignments)
+
+
+def test_transient_503s_say_when_to_retry():
+    from distributed.api.app import _error_response
+    from distributed.errors import ModelFailed, ModelLoading, PeerUnavailable
+
+    assert _error_response(PeerUnavailable("pc2 is gone", peer="pc2"), "pc1", "/embed").headers["retry-after"] == "1"
+    assert _error_response(ModelLoading("loading"), "pc1", "/v1/embeddings").headers["retry-after"] == "1"
+    assert "retry-after" not in _error_response(ModelFailed("broken"), "pc1", "/embed").headers
