@@ -166,7 +166,11 @@ def render_status(data: dict[str, Any], console: Any) -> None:
     for m in models:
         label = f"{m.get('id', '?')}{' (fallback)' if m.get('fallback') else ''}\n" \
                 f"[dim]{m.get('backend', '–')} {m.get('quant', '')}[/dim]"
-        table.add_row(label, str(m.get("kind", "–")), str(m.get("node", "–")), _state(m.get("state")),
+        host = str(m.get("node", "–"))
+        if m.get("split"):  # pooled VRAM: every host it runs on, with its layers
+            host = " + ".join(f"{s.get('node')} {s.get('layers')}L"
+                              + (" [red]missing[/red]" if s.get("state") == "missing" else "") for s in m["split"])
+        table.add_row(label, str(m.get("kind", "–")), host, _state(m.get("state")),
                       _num(m.get("queue_depth")), _num(m.get("requests")), _num(m.get("tokens_generated")),
                       _num(m.get("last_tokens_per_s"), 1))
     console.print(table)

@@ -27,7 +27,9 @@ log = get_logger(__name__)
 
 
 class SplitService:
-    def __init__(self, settings: Any, *, binary: Any = None) -> None:
+    REAP_EVERY_S = 5.0
+
+    def __init__(self, settings: Any, *, binary: Any = None, caller_gone: Any = None) -> None:
         self.settings = settings
         self.name = settings.node_name
         self._token = settings.cluster_token.get_secret_value()
@@ -35,6 +37,8 @@ class SplitService:
         self.relay: RelayServer | None = None
         self.tunnels: dict[str, Tunnel] = {}
         self._lock = asyncio.Lock()
+        self._caller_gone = caller_gone or (lambda name: False)  # the engine host is dead or left
+        self._reaper: asyncio.Task[None] | None = None
 
     @property
     def version(self) -> str:
@@ -66,6 +70,8 @@ class SplitService:
                     raise ConfigError(f"{self.name} cannot open its split relay on {self.settings.host}:"
                                       f"{self.settings.relay_port} ({exc.strerror or exc}); set TARS_SPLIT_PORT "
                                       f"to a free port") from None
+            if self._reaper is None or self._reaper.done():
+                self._reaper = asyncio.get_running_loop().create_task(self._reap(), name=f"{self.name}-split-reaper")
         return {"node": self.name, "model": model, "target": model, "relay_port": self.relay.port,
                 "version": mine, "worker": info}
 
@@ -76,6 +82,16 @@ class SplitService:
                 await self.relay.close()
                 self.relay = None
         return {"node": self.name, "model": model, "stopped": stopped}
+
+    async def _reap(self) -> None:
+        """Stop the workers whose engine host the cluster holds for dead or gone: no split
+        uses them any more (the engine host asks again when it is back)."""
+        while len(self.pool):
+            await asyncio.sleep(self.REAP_EVERY_S)
+            for w in self.pool.info():
+                if w.get("caller") and self._caller_gone(w["caller"]):
+                    log.info("stopping the RPC worker for %s: its engine host %s is gone", w["model"], w["caller"])
+                    await self.worker_stop(w["model"])
 
     # ------------------------------------------------------------------ engine side
     async def tunnel(self, host: str, port: int, model: str, key: str | None = None) -> Tunnel:
@@ -103,6 +119,8 @@ class SplitService:
                 "tunnels": {m: t.info() for m, t in self.tunnels.items()}}
 
     async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
         for model in list(self.tunnels):
             await self.close_tunnel(model)
         await self.pool.close()
@@ -115,6 +133,11 @@ def service_of(node: Any, settings: Any) -> SplitService:
     """The node's split service (created on first use; ``node.split``)."""
     svc = getattr(node, "split", None)
     if svc is None:
-        svc = SplitService(settings)
+        def caller_gone(name: str) -> bool:
+            cluster = getattr(node, "cluster", None)
+            peer = cluster.table.get(name) if cluster is not None else None
+            return peer is not None and not peer.live
+
+        svc = SplitService(settings, caller_gone=caller_gone)
         node.split = svc
     return svc

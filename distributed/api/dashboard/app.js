@@ -346,8 +346,10 @@
         h("td", { text: a.node || "–" }),
         h("td", { text: a.device || "–" }),
         h("td", { text: a.quant || "–" }),
-        h("td", { class: "num", text: a.device === "cpu" ? "CPU" : a.n_gpu_layers === -1 ? "all" : fmt(a.n_gpu_layers) }),
-        h("td", { class: "num", text: a.device === "cpu" ? "–" : fmtMB(a.vram_mb) }),
+        h("td", { class: "num", text: a.split ? a.split.map(function (s) { return s.layers + " " + s.node; }).join(" + ")
+          : a.device === "cpu" ? "CPU" : a.n_gpu_layers === -1 ? "all" : fmt(a.n_gpu_layers) }),
+        h("td", { class: "num", text: a.split ? a.split.map(function (s) { return fmtMB(s.vram_mb); }).join(" + ")
+          : a.device === "cpu" ? "–" : fmtMB(a.vram_mb) }),
         h("td", { class: "reason", text: a.reason || "" }));
     }).concat((plan.unplaced || []).map(function (u) {
       return h("tr", { class: "unplaced", "data-model": u.model },

@@ -224,3 +224,21 @@ async def test_the_rpc_methods_register_on_the_server(tmp_path, fake_binary) -> 
             WorkerStartParams(model="../../etc", caller="x")  # a model id, not a path
     finally:
         await svc.close()
+
+
+async def test_workers_of_an_engine_host_that_is_gone_are_stopped(tmp_path, fake_binary) -> None:
+    gone: set[str] = set()
+    svc = SplitService(settings(tmp_path), binary=fake_binary, caller_gone=lambda name: name in gone)
+    svc.REAP_EVERY_S = 0.1
+    try:
+        await svc.worker_start("m", caller="pc1")
+        await asyncio.sleep(0.3)
+        assert len(svc.pool) == 1  # pc1 alive: kept
+        gone.add("pc1")
+        for _ in range(50):
+            await asyncio.sleep(0.1)
+            if not len(svc.pool):
+                break
+        assert not len(svc.pool) and svc.relay is None
+    finally:
+        await svc.close()
