@@ -28,8 +28,6 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,7 +36,9 @@ from urllib.parse import urlsplit
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
+from distributed.cpus import physical_cores
+from tests.support import ROOT, ServerFailed, ServerProcess, wait_until
+
 CHAT, EMB = "gemma-3-270m", "all-MiniLM-L6-v2"
 PROMPT = "Write a long story about a cat who learns to sail."
 SENTENCES = [
@@ -54,41 +54,20 @@ SENTENCES = [
 
 
 # --------------------------------------------------------------------------- nodes
-class Spawned:
-    def __init__(self, name: str, host: str, port: int, preset: str, token: str, logdir: Path, **env: str) -> None:
-        self.name, self.url = name, f"http://{host}:{port}"
-        e = {**os.environ, "TARS_NODE_NAME": name, "TARS_HOST": host, "TARS_PORT": str(port),
-             "TARS_GPU_PROFILE": preset, "TARS_CLUSTER_TOKEN": token, "HF_HUB_OFFLINE": "1",
-             "TRANSFORMERS_OFFLINE": "1", "TARS_LOG_LEVEL": "warning", **env}
-        e.pop("TARS_API_KEY", None)
-        self.log = logdir / f"{name}.log"
-        self.proc = subprocess.Popen([sys.executable, "-m", "distributed", "serve"], cwd=ROOT, env=e,
-                                     stdout=self.log.open("wb"), stderr=subprocess.STDOUT)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+def spawn(name: str, host: str, ports: range, preset: str, token: str, logdir: Path, **env: str) -> ServerProcess:
+    return ServerProcess(name, host, ports=ports, log_dir=logdir,
+                         env={"TARS_GPU_PROFILE": preset, "TARS_CLUSTER_TOKEN": token, "TARS_LOG_LEVEL": "warning",
+                              **env})
 
 
-def wait_ready(pc1: str, pc2: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            m1 = {m["id"]: m for m in httpx.get(pc1 + "/models", timeout=5).json()["models"]}
-            m2 = {m["id"]: m for m in httpx.get(pc2 + "/models", timeout=5).json()["models"]}
-            if (httpx.get(pc1 + "/health", timeout=5).status_code == 200
-                    and httpx.get(pc2 + "/health", timeout=5).status_code == 200
-                    and m1.get(EMB, {}).get("state") == "ready" and m1[EMB]["node"] == "pc2"
-                    and m2.get(CHAT, {}).get("state") == "ready" and m2[CHAT]["node"] == "pc1"):
-                return
-        except (httpx.HTTPError, KeyError, ValueError):
-            pass
-        time.sleep(0.5)
-    raise SystemExit("the two nodes did not become ready (chat on pc1, embeddings on pc2)")
+def ready(pc1: str, pc2: str) -> bool:
+    """Both healthy, chat computed on pc1 and embeddings on pc2, as seen from both."""
+    m1 = {m["id"]: m for m in httpx.get(pc1 + "/models", timeout=5).json()["models"]}
+    m2 = {m["id"]: m for m in httpx.get(pc2 + "/models", timeout=5).json()["models"]}
+    return (httpx.get(pc1 + "/health", timeout=5).status_code == 200
+            and httpx.get(pc2 + "/health", timeout=5).status_code == 200
+            and m1.get(EMB, {}).get("state") == "ready" and m1[EMB]["node"] == "pc2"
+            and m2.get(CHAT, {}).get("state") == "ready" and m2[CHAT]["node"] == "pc1")
 
 
 # --------------------------------------------------------------------------- 1. channel
@@ -273,34 +252,37 @@ def run(pc1: str, pc2: str, token: str, rounds: int, chat_tokens: int, embed_req
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pc1", help="URL of a running PC1 (default: spawn one on 127.0.0.2:18510)")
-    ap.add_argument("--pc2", help="URL of a running PC2 joined to PC1 (default: spawn one on 127.0.0.3:18511)")
+    ap.add_argument("--pc1", help="URL of a running PC1 (default: spawn one on a free port of 127.0.0.2:18510-18529)")
+    ap.add_argument("--pc2", help="URL of a running PC2 joined to PC1 (default: spawn one on 127.0.0.3:18530-18549)")
     ap.add_argument("--token", default="bench-cluster-token")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--chat-tokens", type=int, default=96)
     ap.add_argument("--embed-requests", type=int, default=640)
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--threads", type=int, default=0,
-                    help="TARS_THREADS for the spawned nodes (default: the machine's physical cores)")
+                    help="TARS_THREADS for the spawned nodes (default: the physical cores this process may use)")
     ap.add_argument("--models-dir", default=str(ROOT / ".test-cache" / "models"))
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args()
 
-    spawned: list[Spawned] = []
+    spawned: list[ServerProcess] = []
     pc1, pc2 = args.pc1, args.pc2
     try:
         if not (pc1 and pc2):
-            import psutil
-
-            threads = args.threads or psutil.cpu_count(logical=False) or 2
+            threads = args.threads or physical_cores()
             logdir = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
-            common = {"TARS_MODELS_DIR": args.models_dir, "TARS_THREADS": str(threads)}
-            spawned.append(Spawned("pc1", "127.0.0.2", 18510, "rtx3060-12gb", args.token, logdir, **common))
-            spawned.append(Spawned("pc2", "127.0.0.3", 18511, "gtx1660s-6gb", args.token, logdir,
-                                   TARS_PEERS="http://127.0.0.2:18510", **common))
+            common = {"TARS_MODELS_DIR": args.models_dir, "TARS_THREADS": str(threads), "TARS_MODELS": f"{CHAT},{EMB}"}
+            spawned.append(spawn("pc1", "127.0.0.2", range(18510, 18530), "rtx3060-12gb", args.token, logdir,
+                                 **common).launch())
+            spawned.append(spawn("pc2", "127.0.0.3", range(18530, 18550), "gtx1660s-6gb", args.token, logdir,
+                                 TARS_PEERS=spawned[0].url, **common).launch())
             pc1, pc2 = spawned[0].url, spawned[1].url
             print(f"spawned pc1 {pc1} and pc2 {pc2} (TARS_THREADS={threads}); logs in {logdir}", flush=True)
-        wait_ready(pc1, pc2)
+        try:
+            wait_until(lambda: ready(pc1, pc2), 300, "the two nodes ready (chat on pc1, embeddings on pc2)",
+                       *spawned, interval=0.5)
+        except ServerFailed as exc:
+            raise SystemExit(str(exc)) from None
         results = run(pc1, pc2, args.token, args.rounds, args.chat_tokens, args.embed_requests, args.clients)
     finally:
         for s in spawned:

@@ -28,10 +28,8 @@ import asyncio
 import json
 import os
 import random
-import signal
 import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,57 +39,20 @@ import httpx
 import orjson
 
 from benchmarks.inprocess import default_threads, embedded_gguf, llama_decode, st_encode
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support import ROOT, ServerProcess, ServerFailed
 HOST = "127.0.0.2"
 CHAT, EMBED = "gemma-3-270m", "all-MiniLM-L6-v2"
 
 
 # --------------------------------------------------------------------------- server
-def free_port(start: int = 18450, end: int = 18500) -> int:
-    for port in range(start, end):
-        with socket.socket() as s:
-            try:
-                s.bind((HOST, port))
-            except OSError:
-                continue
-            return port
-    raise SystemExit(f"no free port in {start}-{end - 1} on {HOST}")
-
-
-def start_server(port: int, models_dir: Path, threads: int | None, context: int,
-                 extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, float]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TARS_")}
-    env.update(extra_env or {})
-    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TARS_CONTEXT": str(context)})
+def node_process(models_dir: Path, threads: int, context: int, extra_env: dict[str, str] | None = None) -> ServerProcess:
+    """The node under test: the embedded models on a free port of 18450-18499, with
+    ``threads`` llama.cpp threads (TARS_THREADS), or 0: none set, the node's own default."""
+    env = {**(extra_env or {}), "TARS_CONTEXT": str(context), "TARS_MODELS": f"{CHAT},{EMBED}"}
     if threads:
         env["TARS_THREADS"] = str(threads)
-    cmd = [sys.executable, "-m", "distributed", "serve", "--host", HOST, "--port", str(port), "--name", "bench",
-           "--models-dir", str(models_dir), "--log-level", "warning"]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://{HOST}:{port}/health"
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return proc, time.perf_counter() - t0
-        except httpx.HTTPError:
-            pass
-        if time.perf_counter() - t0 > 300:
-            proc.kill()
-            raise SystemExit("the node did not become healthy in 300 s")
-        time.sleep(0.05)
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    return ServerProcess("bench", HOST, ports=range(18450, 18500), env=env,
+                         args=["--models-dir", str(models_dir), "--log-level", "warning"])
 
 
 def rss_mb(pid: int) -> float:
@@ -303,7 +264,7 @@ async def _overhead() -> dict[str, float]:
 
 # --------------------------------------------------------------------------- main
 def markdown(res: dict[str, Any]) -> str:
-    threads = res["threads"] or "llama-cpp-python default"
+    threads = f"{res['threads']} ({res['threads_rule']})"
     out = [f"Machine: {res['machine']}; llama.cpp threads: {threads} (both sides); context {res['context']}; "
            f"load average before/after: {res['load_before']} / {res['load_after']}"
            + (f"; node environment {res['server_env']}" if res.get("server_env") else "") + ".", "",
@@ -333,7 +294,8 @@ def main() -> None:
     ap.add_argument("--sentences", type=int, default=1000)
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--threads", type=int, default=0,
-                    help="llama.cpp threads, both sides (0: TARS_THREADS, else llama-cpp-python's default)")
+                    help="llama.cpp threads, both sides (0: TARS_THREADS, else the node's default rule: the "
+                         "physical cores this process may use, distributed.cpus.physical_cores)")
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--models-dir", type=Path, default=ROOT / ".test-cache" / "models")
     ap.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
@@ -348,17 +310,27 @@ def main() -> None:
         print(json.dumps({k: round(v, 1) for k, v in asyncio.run(_overhead()).items()}))
         return
 
-    threads = args.threads or default_threads()
+    # The same threads rule on both sides, explicitly: --threads / TARS_THREADS for both, else
+    # the node runs at its default (TARS_THREADS unset) and the in-process side gets what that
+    # default computes, distributed.cpus.physical_cores() (same machine, same CPU set).
+    explicit = args.threads or int(os.environ.get("TARS_THREADS", "0") or 0)
+    threads = explicit or default_threads()
+    rule = f"TARS_THREADS={explicit}" if explicit else "the node's default, physical cores of its CPU set"
     gguf = embedded_gguf(args.models_dir)
-    port = free_port()
-    print(f"starting the node on {HOST}:{port} ...", flush=True)
     server_env = dict(kv.split("=", 1) for kv in args.server_env)
-    proc, startup = start_server(port, args.models_dir, threads, args.context, server_env)
+    node = node_process(args.models_dir, explicit, args.context, server_env)
+    print(f"starting the node on {HOST} (llama.cpp threads on both sides: {threads}, {rule}) ...", flush=True)
+    try:
+        node.start(timeout=300)
+    except ServerFailed as exc:
+        raise SystemExit(str(exc)) from None
+    startup = time.perf_counter() - node.started_at
+    port = node.port
     try:
         time.sleep(2.0)
-        res: dict[str, Any] = {"start_to_health_s": startup, "idle_rss_mb": rss_mb(proc.pid),
+        res: dict[str, Any] = {"start_to_health_s": startup, "idle_rss_mb": rss_mb(node.pid),
                                "load_before": round(os.getloadavg()[0], 2), "server_env": server_env,
-                               "threads": threads, "context": args.context,
+                               "threads": threads, "threads_rule": rule, "context": args.context,
                                "machine": f"{os.cpu_count()} CPUs, {os.uname().machine}, Python {sys.version.split()[0]}"}
         print(f"  start → /health 200: {startup:.1f} s; idle RSS {res['idle_rss_mb']:.0f} MiB", flush=True)
         if not args.skip_chat:
@@ -367,7 +339,7 @@ def main() -> None:
             res["embed"] = bench_embed(port, args.sentences, args.clients, args.embed_rounds)
         res["load_after"] = round(os.getloadavg()[0], 2)
     finally:
-        stop_server(proc)
+        node.stop()
     print(json.dumps(res, indent=2))
     print()
     print(markdown(res))

@@ -1,17 +1,46 @@
-"""Helpers shared by tests that start real servers on loopback addresses."""
+"""Helpers shared by tests and benchmarks that start real servers on loopback addresses.
+
+``ServerProcess`` is the one way a test or a benchmark starts a node: ``python -m
+distributed serve`` (or another command, e.g. a launcher written by a setup script) in a
+process group of its own with its output in a log file; it picks a free port and moves
+to the next one when another process takes the port first, waits for ``/health``, and
+stops the whole group — nothing is left behind, whatever the node started::
+
+    with ServerProcess("pc1", "127.0.0.2", ports=range(18600, 18610), log_dir=tmp,
+                       env={"TARS_MODELS_DIR": str(models)}) as node:
+        node.start()                 # launch + wait for /health 200
+        httpx.get(node.url + "/status")
+
+Importable without pytest (the benchmarks use it); ``free_port`` skips the calling test.
+"""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
-import pytest
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+BIND_FAILED = "address already in use"  # what uvicorn logs when another process holds the port
 
 
-def free_port(host: str, ports: range, taken: set[int] | None = None) -> int:
-    """A port of ``ports`` that binds on ``host`` now and is not in ``taken`` (the one
-    returned is added to it, so one run never hands a port out twice). Skips the test,
-    naming the range, when none is free. A probe cannot reserve the port: a server that
-    binds it later may still lose it to another process."""
+class ServerFailed(RuntimeError):
+    """The server exited, or did not get where it was waited for in time (the message
+    carries the end of its log)."""
+
+
+def _ports_that_bind(host: str, ports: range, taken: set[int] | None) -> Iterator[int]:
+    """Ports of ``ports`` that bind on ``host`` now and are not in ``taken`` (each one
+    handed out is added to it, so one run never hands a port out twice)."""
     for port in ports:
         if taken is not None and port in taken:
             continue
@@ -22,5 +51,186 @@ def free_port(host: str, ports: range, taken: set[int] | None = None) -> int:
                 continue
         if taken is not None:
             taken.add(port)
+        yield port
+
+
+def free_port(host: str, ports: range, taken: set[int] | None = None) -> int:
+    """A port of ``ports`` that binds on ``host`` now and is not in ``taken`` (the one
+    returned is added to it). Skips the test, naming the range, when none is free. A probe
+    cannot reserve the port: a server that binds it later may still lose it to another
+    process (``ServerProcess`` retries on the next port then)."""
+    for port in _ports_that_bind(host, ports, taken):
         return port
+    import pytest
+
     pytest.skip(f"no free port in {ports.start}-{ports.stop - 1} on {host}")
+
+
+def wait_until(cond: Callable[[], Any], timeout: float, what: str, *servers: "ServerProcess",
+               interval: float = 0.2) -> None:
+    """Poll ``cond`` until it is true. HTTP errors and missing keys count as "not yet".
+    Raises ``ServerFailed`` when one of ``servers`` exits, or after ``timeout`` seconds,
+    with the last error and the end of each server's log."""
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while True:
+        for s in servers:
+            if s.exited():
+                raise ServerFailed(f"{s.name} exited with {s.returncode} while waiting for {what}\n{s.tail()}")
+        try:
+            if cond():
+                return
+        except (httpx.HTTPError, KeyError, StopIteration, ValueError) as exc:
+            last = exc
+        if time.monotonic() >= deadline:
+            logs = "\n".join(f"--- {s.name} log ---\n{s.tail()}" for s in servers)
+            raise ServerFailed(f"timed out after {timeout:g} s waiting for {what} (last error: {last!r})\n{logs}")
+        time.sleep(interval)
+
+
+class ServerProcess:
+    """One server process (default ``python -m distributed serve``) on ``host``.
+
+    - port: ``port`` (fixed), else the first free one of ``ports``; when the server exits
+      because another process bound that port first, ``start`` tries the next free one
+      (``retries`` times). A restart keeps the port the last run had.
+    - environment: this process's, less every inherited ``TARS_*`` variable (unless
+      ``inherit_tars``), plus offline model hubs and ``env``; with ``address_env`` (default:
+      for the default command) also ``TARS_NODE_NAME``/``TARS_HOST``/``TARS_PORT`` — a
+      launcher with its own env file gets only what ``env`` says. ``args`` end the command.
+    - output: ``log_dir/<name>-<run>.log`` (``self.log``, ``tail()``).
+    - stop: SIGTERM to the process group, SIGKILL to what is left after ``grace_s``,
+      then the process is reaped; ``kill()`` is SIGKILL at once (a crash, no goodbye).
+    """
+
+    def __init__(self, name: str, host: str, *, port: int | None = None, ports: range | None = None,
+                 env: Mapping[str, str] | None = None, args: Sequence[str] = (), log_dir: Path | None = None,
+                 command: Sequence[str] | None = None, address_env: bool | None = None, inherit_tars: bool = False,
+                 taken: set[int] | None = None, retries: int = 4, grace_s: float = 15.0, cwd: Path = ROOT) -> None:
+        if port is None and ports is None:
+            raise ValueError("give a port or a range of ports")
+        self.name, self.host, self.port = name, host, port
+        self.ports, self.taken, self.retries, self.grace_s, self.cwd = ports, taken, retries, grace_s, cwd
+        self.command = list(command or [sys.executable, "-m", "distributed", "serve"]) + list(args)
+        self.address_env = command is None if address_env is None else address_env
+        self.log_dir = Path(log_dir) if log_dir is not None else Path(tempfile.mkdtemp(prefix=f"tars-{name}-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        base = {k: v for k, v in os.environ.items() if inherit_tars or not k.startswith("TARS_")}
+        base.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+        if self.address_env:
+            base["TARS_NODE_NAME"] = name
+        self.env: dict[str, str] = {**base, **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log: Path = self.log_dir / f"{name}.log"
+        self.runs = 0
+        self.started_at = 0.0
+        self._group_gone = False
+
+    # ---- where
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    # ---- lifecycle
+    def launch(self) -> "ServerProcess":
+        """Start the process and return at once (no waiting; no port retry)."""
+        if self.proc is not None and self.proc.poll() is None:
+            raise RuntimeError(f"{self.name} is already running")
+        if self.port is None:
+            self.port = self._next_port()
+        self.runs += 1
+        self.log = self.log_dir / (f"{self.name}.log" if self.runs == 1 else f"{self.name}-{self.runs}.log")
+        env = dict(self.env)
+        if self.address_env:
+            env.update({"TARS_HOST": self.host, "TARS_PORT": str(self.port)})
+        self.started_at = time.perf_counter()
+        self._group_gone = False
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(self.command, cwd=self.cwd, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def start(self, timeout: float = 240.0, ready: Callable[[], Any] | None = None,
+              what: str = "/health 200") -> "ServerProcess":
+        """Launch and wait until ``ready()`` (default: ``/health`` answers 200). A bind
+        failure moves to the next free port of ``ports``; any other exit raises."""
+        pinned = self.ports is None or self.runs > 0
+        for attempt in range(self.retries + 1):
+            self.launch()
+            try:
+                wait_until(ready or self.healthy, timeout, what, self)
+                return self
+            except ServerFailed:
+                bind_failed = self.exited() and BIND_FAILED in self.log_text().lower()
+                if pinned or not bind_failed or attempt == self.retries:
+                    self.stop()
+                    raise
+                self.port = None  # taken between the probe and the bind: the next free one
+        raise AssertionError("unreachable")
+
+    def healthy(self) -> bool:
+        return httpx.get(self.url + "/health", timeout=2).status_code == 200
+
+    def wait_for(self, cond: Callable[[], Any], timeout: float = 60.0, what: str = "the condition") -> None:
+        wait_until(cond, timeout, what, self)
+
+    def exited(self) -> bool:
+        return self.proc is not None and self.proc.poll() is not None
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, f"{self.name} was never started"
+        return self.proc.pid
+
+    def stop(self) -> None:
+        """SIGTERM to the whole group, SIGKILL after ``grace_s``; reaps. Idempotent."""
+        if self.proc is None:
+            return
+        self._signal(signal.SIGTERM)
+        try:
+            self.proc.wait(self.grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+        self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL to the whole group (what the node started too); reaps."""
+        if self.proc is None:
+            return
+        self._signal(signal.SIGKILL)
+        self.proc.wait()
+        self._group_gone = True  # its id may be reused from now on: never signal it again
+
+    def _signal(self, sig: int) -> None:
+        if self.proc is None or self._group_gone:
+            return
+        try:
+            os.killpg(self.proc.pid, sig)  # the group outlives its leader while children remain
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def __enter__(self) -> "ServerProcess":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ---- output
+    def log_text(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def tail(self, n: int = 30) -> str:
+        return "\n".join(self.log_text().splitlines()[-n:]) or "(empty log)"
+
+    def _next_port(self) -> int:
+        assert self.ports is not None
+        for port in _ports_that_bind(self.host, self.ports, self.taken):
+            return port
+        raise ServerFailed(f"no free port in {self.ports.start}-{self.ports.stop - 1} on {self.host}")

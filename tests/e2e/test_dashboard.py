@@ -11,8 +11,6 @@ API key checks the key form. The light screenshot is kept as docs/dashboard.png.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -20,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import free_port
+from tests.support import ServerProcess, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -32,42 +30,12 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
         "--disable-component-update", "--disable-sync"]
 
 
-class NodeProc:
-    """`python -m distributed serve` in a subprocess, its log in a file."""
-
-    def __init__(self, name: str, host: str, port: int, log_dir: Path, models_dir: Path, **env: str) -> None:
-        self.name, self.url = name, f"http://{host}:{port}"
-        self.log_path = log_dir / f"{name}.log"
-        full = {k: v for k, v in os.environ.items() if not k.startswith("TARS_")}
-        full.update({"TARS_NODE_NAME": name, "TARS_HOST": host, "TARS_PORT": str(port), "HF_HUB_OFFLINE": "1",
-                     "TARS_CLUSTER_TOKEN": TOKEN, "TARS_HEARTBEAT_S": "0.5", "TARS_MODELS_DIR": str(models_dir),
-                     "TARS_MODELS": "gemma-3-270m,all-MiniLM-L6-v2", **env})
-        self._log = self.log_path.open("w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "distributed", "serve"], cwd=ROOT, env=full,
-                                     stdout=self._log, stderr=subprocess.STDOUT)
-
-    def wait(self, check, timeout: float = 60.0, what: str = "healthy") -> None:  # noqa: ANN001
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"{self.name} exited: {self.log_path.read_text()[-3000:]}")
-            try:
-                if check():
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"{self.name} not {what} after {timeout}s: {self.log_path.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+def node_proc(name: str, host: str, log_dir: Path, models_dir: Path, taken: set[int], **env: str) -> ServerProcess:
+    """`python -m distributed serve` on a free port of this file's range, its log in a file."""
+    return ServerProcess(name, host, ports=PORTS, taken=taken, log_dir=log_dir,
+                         env={"TARS_CLUSTER_TOKEN": TOKEN, "TARS_HEARTBEAT_S": "0.5",
+                              "TARS_MODELS": "gemma-3-270m,all-MiniLM-L6-v2", "TARS_MODELS_DIR": str(models_dir),
+                              **env})
 
 
 @pytest.fixture(scope="module")
@@ -85,13 +53,12 @@ def browser():
 def cluster(tmp_path_factory, models_dir: Path, gemma_gguf: Path, minilm_dir: Path):  # noqa: ANN001, ANN201
     logs = tmp_path_factory.mktemp("dashboard-nodes")
     taken: set[int] = set()
-    pc1 = NodeProc("pc1", "127.0.0.2", free_port("127.0.0.2", PORTS, taken), logs, models_dir,
-                   TARS_GPU_PROFILE="rtx3060-12gb")
-    pc2 = None
+    pc1 = node_proc("pc1", "127.0.0.2", logs, models_dir, taken, TARS_GPU_PROFILE="rtx3060-12gb")
+    pc2 = node_proc("pc2", "127.0.0.3", logs, models_dir, taken, TARS_GPU_PROFILE="gtx1660s-6gb")
     try:
-        pc1.wait(lambda: httpx.get(f"{pc1.url}/health", timeout=2).status_code == 200, 180)
-        pc2 = NodeProc("pc2", "127.0.0.3", free_port("127.0.0.3", PORTS, taken), logs, models_dir,
-                       TARS_GPU_PROFILE="gtx1660s-6gb", TARS_PEERS=pc1.url)
+        pc1.start(timeout=180)
+        pc2.env["TARS_PEERS"] = pc1.url
+        pc2.launch()
 
         def joined() -> bool:
             s = httpx.get(f"{pc1.url}/status", timeout=2).json()
@@ -99,12 +66,11 @@ def cluster(tmp_path_factory, models_dir: Path, gemma_gguf: Path, minilm_dir: Pa
             return any(p["name"] == "pc2" and p["state"] == "alive" for p in s["peers"]) and \
                 where.get("all-MiniLM-L6-v2") == ("pc2", "ready")
 
-        pc1.wait(joined, 180, "joined by pc2 with the embedding model ready")
+        wait_until(joined, 180, "pc1 joined by pc2 with the embedding model ready", pc1, pc2)
         yield pc1, pc2
     finally:
         for n in (pc2, pc1):
-            if n is not None:
-                n.stop()
+            n.stop()
 
 
 @pytest.fixture(scope="module")
@@ -271,10 +237,10 @@ def test_worker_dashboard_shows_its_embeddings_per_second(browser, cluster, traf
 
 
 def test_api_key_form_then_data_then_unreachable_banner(browser, tmp_path) -> None:  # noqa: ANN001
-    node = NodeProc("keyed", "127.0.0.2", free_port("127.0.0.2", PORTS, set()), tmp_path, tmp_path / "models",
-                    TARS_API_KEY="s3cret-key", TARS_BACKEND_OVERRIDE="fake")  # the page, not the models, is tested
+    node = node_proc("keyed", "127.0.0.2", tmp_path, tmp_path / "models", set(),
+                     TARS_API_KEY="s3cret-key", TARS_BACKEND_OVERRIDE="fake")  # the page, not the models, is tested
     try:
-        node.wait(lambda: httpx.get(f"{node.url}/health", timeout=2).status_code == 200)
+        node.start(timeout=60)
         errors: list[str] = []
         page = _page(browser, errors)
         page.goto(node.url + "/")

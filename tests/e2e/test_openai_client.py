@@ -4,87 +4,30 @@ models, and the official `openai` client talking to it over a socket (127.0.0.2)
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.support import ROOT, ServerProcess
+
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 HOST = "127.0.0.2"
-ROOT = Path(__file__).resolve().parents[2]
 KEY = "e2e-secret-key"
-
-
-def _free_ports():
-    """Ports in 18400-18499 that bind now. Another process may still take one before the
-    server binds it (a probe cannot reserve a port), so the fixture retries on the next."""
-    for port in range(18400, 18500):
-        with socket.socket() as s:
-            try:
-                s.bind((HOST, port))
-            except OSError:
-                continue
-        yield port
-
-
-def _start(port: int, models_dir: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
-    """Start the node and wait for /health 200. Returns (process, "") when it is up, or
-    (process, log text) when it exited; "address already in use" there means: try again."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TARS_")}
-    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TARS_API_KEY": KEY, "TARS_CONTEXT": "1024",
-                "TARS_MODELS": "gemma-3-270m,all-MiniLM-L6-v2"})
-    cmd = [sys.executable, "-m", "distributed", "serve", "--host", HOST, "--port", str(port), "--name", "e2e",
-           "--models-dir", str(models_dir)]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://{HOST}:{port}"
-    deadline = time.monotonic() + 240
-    status = None
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return proc, log_path.read_text()[-3000:]
-        try:
-            status = httpx.get(f"{base}/health", timeout=2).status_code
-        except httpx.HTTPError:
-            status = None
-        if status == 200:
-            return proc, ""
-        time.sleep(0.25)
-    _stop(proc)
-    pytest.fail(f"/health never became 200:\n{log_path.read_text()[-3000:]}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+MODELS = "gemma-3-270m,all-MiniLM-L6-v2"  # named, so the test does not follow the default set
 
 
 @pytest.fixture(scope="module")
 def server(gemma_gguf, models_dir, tmp_path_factory):
-    log_path = tmp_path_factory.mktemp("e2e") / "serve.log"
-    for attempt, port in enumerate(_free_ports()):
-        proc, failure = _start(port, models_dir, log_path)
-        if not failure:
-            break
-        if "address already in use" not in failure or attempt >= 4:
-            pytest.fail(f"server exited with {proc.returncode}:\n{failure}")
-    else:
-        pytest.skip("no free port in 18400-18499 on 127.0.0.2")
-    try:
-        yield f"http://{HOST}:{port}", log_path
-    finally:
-        _stop(proc)
+    """The node with the embedded models and an API key, on a free port of 18400-18499."""
+    node = ServerProcess("e2e", HOST, ports=range(18400, 18500), log_dir=tmp_path_factory.mktemp("e2e"),
+                         env={"TARS_API_KEY": KEY, "TARS_CONTEXT": "1024", "TARS_MODELS": MODELS},
+                         args=["--name", "e2e", "--models-dir", str(models_dir)])
+    with node:
+        node.start(timeout=240)
+        yield node.url, node.log
 
 
 @pytest.fixture(scope="module")

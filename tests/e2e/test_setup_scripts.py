@@ -16,18 +16,15 @@ from __future__ import annotations
 import http.server
 import os
 import re
-import signal
 import stat
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.support import free_port
+from tests.support import ServerProcess, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -177,31 +174,12 @@ def pc1_node(repo: Path, pc1_first, tmp_path_factory):  # noqa: ANN001, ANN201
     r, env = pc1_first
     assert r.returncode == 0, r.all
     values = env_file(repo / "env" / ".env.pc1")
-    log = (tmp_path_factory.mktemp("pc1") / "pc1.log").open("w")
-    proc = subprocess.Popen(["./run_pc1.sh"], cwd=repo, env={k: v for k, v in env.items() if not k.startswith("TARS_")}
-                            | {"TARS_MODELS_DIR": env["TARS_MODELS_DIR"]},
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://{values['TARS_HOST']}:{values['TARS_PORT']}"
-    deadline = time.monotonic() + 240
-    try:
-        while True:
-            assert proc.poll() is None, f"run_pc1.sh exited {proc.returncode}"
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "run_pc1.sh did not become healthy"
-            time.sleep(0.5)
-        yield {"url": url, "token": values["TARS_CLUSTER_TOKEN"], "port": values["TARS_PORT"]}
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+    node = ServerProcess("pc1", values["TARS_HOST"], port=int(values["TARS_PORT"]), command=["./run_pc1.sh"],
+                         cwd=repo, log_dir=tmp_path_factory.mktemp("pc1"), grace_s=20,
+                         env={"TARS_MODELS_DIR": env["TARS_MODELS_DIR"]})
+    with node:
+        node.start(timeout=240)
+        yield {"url": node.url, "token": values["TARS_CLUSTER_TOKEN"], "port": values["TARS_PORT"]}
 
 
 def test_pc1_rerun_while_the_node_runs_checks_that_node(repo: Path, pc1_first, pc1_node) -> None:  # noqa: ANN001

@@ -1,7 +1,8 @@
 """Two real node processes, real embedded models, real sockets.
 
-PC1: ``python -m distributed serve`` on 127.0.0.2:8000, simulated RTX 3060 12 GB.
-PC2: the same on 127.0.0.3:8001, simulated GTX 1660 SUPER 6 GB, TARS_PEERS=PC1.
+PC1: ``python -m distributed serve`` on 127.0.0.2, simulated RTX 3060 12 GB.
+PC2: the same on 127.0.0.3, simulated GTX 1660 SUPER 6 GB, TARS_PEERS=PC1 (free ports of
+18650-18669; a restarted node keeps its port).
 The planner puts the chat model (Gemma 3 270M GGUF) on PC1 and the embedding
 model (all-MiniLM-L6-v2) on PC2; either host answers both. Then PC2 is killed
 (SIGKILL: no goodbye), restarted, and PC1 is killed in the middle of a stream.
@@ -10,11 +11,6 @@ model (all-MiniLM-L6-v2) on PC2; either host answers both. Then PC2 is killed
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -23,74 +19,26 @@ import httpx
 import numpy as np
 import pytest
 
+from tests.support import ServerProcess, wait_until
+
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
-ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "e2e-cluster-token"
-PC1 = ("127.0.0.2", 8000)
-PC2 = ("127.0.0.3", 8001)
+PORTS = range(18650, 18670)  # this file's share of 18600-18699
 CHAT, EMB = "gemma-3-270m", "all-MiniLM-L6-v2"
 
 
-def url(addr: tuple[str, int]) -> str:
-    return f"http://{addr[0]}:{addr[1]}"
+class Node(ServerProcess):
+    """One `python -m distributed serve` process, and its HTTP API. A restart keeps its port."""
 
-
-def require_free(addr: tuple[str, int]) -> None:
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        s.bind(addr)
-    except OSError as exc:
-        pytest.fail(f"{addr[0]}:{addr[1]} is busy ({exc}); the two-host test needs it free "
-                    f"(stop whatever listens there, e.g. `ss -ltnp | grep {addr[1]}`)")
-    finally:
-        s.close()
-
-
-class Node:
-    """One `python -m distributed serve` process."""
-
-    def __init__(self, name: str, addr: tuple[str, int], preset: str, models_dir: Path, logdir: Path,
+    def __init__(self, name: str, host: str, preset: str, models_dir: Path, logdir: Path, taken: set[int],
                  **env: str) -> None:
-        self.name, self.addr, self.url = name, addr, url(addr)
-        self.env = {**os.environ, "TARS_NODE_NAME": name, "TARS_HOST": addr[0], "TARS_PORT": str(addr[1]),
-                    "TARS_GPU_PROFILE": preset, "TARS_CLUSTER_TOKEN": TOKEN, "TARS_MODELS_DIR": str(models_dir),
-                    "TARS_HEARTBEAT_S": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                    "TARS_LOG_LEVEL": "info", "TARS_MODELS": f"{CHAT},{EMB}", **env}
-        self.env.pop("TARS_API_KEY", None)
-        self.logdir = logdir
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.runs = 0
+        super().__init__(name, host, ports=PORTS, taken=taken, log_dir=logdir,
+                         env={"TARS_GPU_PROFILE": preset, "TARS_CLUSTER_TOKEN": TOKEN,
+                              "TARS_MODELS_DIR": str(models_dir), "TARS_HEARTBEAT_S": "1", "TARS_LOG_LEVEL": "info",
+                              "TARS_MODELS": f"{CHAT},{EMB}",
+                              **env})
 
-    def start(self) -> "Node":
-        require_free(self.addr)
-        self.runs += 1
-        self.log = self.logdir / f"{self.name}-{self.runs}.log"
-        self.proc = subprocess.Popen([sys.executable, "-m", "distributed", "serve"], cwd=ROOT, env=self.env,
-                                     stdout=self.log.open("wb"), stderr=subprocess.STDOUT)
-        return self
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return "(no log)"
-
-    # ---- HTTP
     def get(self, path: str) -> httpx.Response:
         return httpx.get(self.url + path, timeout=30)
 
@@ -104,20 +52,6 @@ class Node:
         return next(p for p in self.get("/status").json()["peers"] if p["name"] == name)
 
 
-def wait_for(cond: Callable[[], bool], timeout: float, what: str, *nodes: Node) -> None:
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            if cond():
-                return
-        except (httpx.HTTPError, KeyError, StopIteration, ValueError) as exc:
-            last = exc
-        time.sleep(0.25)
-    logs = "\n".join(f"--- {n.name} log ---\n{n.tail()}" for n in nodes)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what} (last error: {last!r})\n{logs}")
-
-
 def cluster_ready(pc1: Node, pc2: Node) -> bool:
     m1, m2 = pc1.models(), pc2.models()
     return (pc1.get("/health").status_code == 200 and pc2.get("/health").status_code == 200
@@ -128,16 +62,17 @@ def cluster_ready(pc1: Node, pc2: Node) -> bool:
 @pytest.fixture
 def hosts(gemma_gguf: Path, minilm_dir: Path, models_dir: Path, tmp_path: Path):
     made: list[Node] = []
+    taken: set[int] = set()
 
     def make(**pc1_env: str) -> tuple[Node, Node]:
-        pc1 = Node("pc1", PC1, "rtx3060-12gb", models_dir, tmp_path, **pc1_env)
-        pc2 = Node("pc2", PC2, "gtx1660s-6gb", models_dir, tmp_path, TARS_PEERS=url(PC1))
-        require_free(PC1)
-        require_free(PC2)
+        pc1 = Node("pc1", "127.0.0.2", "rtx3060-12gb", models_dir, tmp_path, taken, **pc1_env)
+        pc2 = Node("pc2", "127.0.0.3", "gtx1660s-6gb", models_dir, tmp_path, taken)
         made.extend([pc1, pc2])
-        pc1.start()
-        pc2.start()
-        wait_for(lambda: cluster_ready(pc1, pc2), 180, "both hosts ready, chat on pc1, embeddings on pc2", pc1, pc2)
+        pc1.launch()
+        pc2.env["TARS_PEERS"] = pc1.url
+        pc2.launch()
+        wait_until(lambda: cluster_ready(pc1, pc2), 180, "both hosts ready, chat on pc1, embeddings on pc2",
+                   pc1, pc2, interval=0.25)
         return pc1, pc2
 
     yield make
@@ -201,13 +136,13 @@ def test_two_hosts_route_fail_over_rejoin_and_survive_a_peer_dying_mid_stream(ho
     assert fb["fallback"] is True and fb["node"] == "pc1" and fb["via"] == "pc1"
     np.testing.assert_allclose(fb["embeddings"], e2["embeddings"], rtol=1e-4, atol=1e-5)
     assert time.monotonic() - t0 < 60
-    wait_for(lambda: pc1.peer("pc2")["state"] == "dead", 15, "pc1 to declare pc2 dead", pc1)
+    wait_until(lambda: pc1.peer("pc2")["state"] == "dead", 15, "pc1 to declare pc2 dead", pc1)
     assert pc1.post("/inference", prompt).json()["node"] == "pc1"  # its own model is untouched
 
     # --- pc2 restarts: it rejoins by itself and computes embeddings again
-    pc2.start()
-    wait_for(lambda: cluster_ready(pc1, pc2) and pc1.peer("pc2")["state"] == "alive", 180,
-             "pc2 to rejoin and load its model again", pc1, pc2)
+    pc2.launch()  # on the port it had
+    wait_until(lambda: cluster_ready(pc1, pc2) and pc1.peer("pc2")["state"] == "alive", 180,
+               "pc2 to rejoin and load its model again", pc1, pc2, interval=0.25)
     back = pc1.post("/embed", {"input": texts}).json()
     assert back["node"] == "pc2" and back["fallback"] is False
     assert pc2.post("/inference", prompt).json()["node"] == "pc1"
@@ -246,7 +181,7 @@ def test_without_fallback_a_dead_peer_is_a_fast_503_naming_it(hosts):
         assert err["type"] == "peer_unavailable" and "pc2" in err["message"], (when, err)
         assert elapsed < 3.0, (when, elapsed)
         if when.startswith("right"):
-            wait_for(lambda: pc1.peer("pc2")["state"] == "dead", 15, "pc2 dead", pc1)
+            wait_until(lambda: pc1.peer("pc2")["state"] == "dead", 15, "pc2 dead", pc1)
     r = httpx.post(pc1.url + "/v1/embeddings", json={"input": "x", "model": EMB}, timeout=10)
     assert r.status_code == 503 and "pc2" in r.json()["error"]["message"]
     assert pc1.post("/inference", {"prompt": "Hi", "max_tokens": 4}).json()["node"] == "pc1"

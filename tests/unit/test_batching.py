@@ -11,7 +11,7 @@ import pytest
 
 from distributed.backends.base import BackendOptions
 from distributed.backends.fake import FakeChatBackend
-from distributed.batching import GenerationQueue, MicroBatcher, _Channel
+from distributed.batching import BURST_WINDOW_S, GenerationQueue, MicroBatcher, _Channel
 from distributed.domain import Assignment, GenerateRequest, ModelSpec
 from distributed.errors import Overloaded, RequestTimeout, TarsError
 
@@ -29,6 +29,31 @@ async def until(cond, timeout: float = 5.0) -> None:
     while not cond():
         assert time.monotonic() < deadline, "condition not reached in time"
         await asyncio.sleep(0.002)
+
+
+class FakeClock:
+    """The running loop's clock, frozen until the test moves it. Every loop timer — the
+    batcher's max_wait and burst window, ``asyncio.sleep``, ``wait_for`` — fires only when
+    ``advance`` passes it, so a test of a time window cannot be raced by a busy machine:
+    however long the machine stalls, no loop time passes."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        loop = asyncio.get_running_loop()
+        self.now = loop.time()
+        monkeypatch.setattr(loop, "time", lambda: self.now)
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    @staticmethod
+    async def settle(cond, timeout: float = 10.0) -> None:
+        """``until`` for a frozen clock (``asyncio.sleep`` would never return): lets the loop
+        run, and the encoder thread finish, without moving loop time."""
+        deadline = time.monotonic() + timeout
+        while not cond():
+            assert time.monotonic() < deadline, "condition not reached in time"
+            await asyncio.sleep(0)
+            time.sleep(0.0005)
 
 
 def _chat(token_delay: float = 0.0, reply_tokens: int | None = 5) -> FakeChatBackend:
@@ -125,12 +150,9 @@ async def test_leaving_early_cancels_the_generation_and_frees_the_slot():
         got += 1
         if got == 3:
             break
-    for _ in range(100):  # the worker notices the event between tokens
-        if b.active == 0:
-            break
-        await asyncio.sleep(0.01)
-    assert b.active == 0 and b.cancelled == 1
-    assert b.tokens_produced < 20
+    await until(lambda: b.active == 0)  # the worker notices the event between tokens
+    assert b.cancelled == 1
+    assert b.tokens_produced < 200
     nxt = await _collect(q, GenerateRequest(prompt="next", max_tokens=3))  # the slot is free again
     assert sum(1 for c in nxt if c.text) == 3
 
@@ -139,30 +161,22 @@ async def test_cancelling_the_consumer_task_stops_generation():
     b = _chat(token_delay=0.01, reply_tokens=200)
     q = _queue(b)
     task = asyncio.create_task(_collect(q, GenerateRequest(prompt="long", max_tokens=200)))
-    await asyncio.sleep(0.05)
+    await until(lambda: b.tokens_produced >= 2)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    for _ in range(100):
-        if b.active == 0:
-            break
-        await asyncio.sleep(0.01)
-    assert b.active == 0 and b.cancelled == 1 and b.tokens_produced < 50
+    await until(lambda: b.active == 0)
+    assert b.cancelled == 1 and b.tokens_produced < 200
 
 
 async def test_request_timeout_while_generating():
     b = _chat(token_delay=0.05, reply_tokens=100)
     q = _queue(b, timeout_s=0.2)
-    t0 = time.monotonic()
     with pytest.raises(RequestTimeout) as ei:
         await _collect(q, GenerateRequest(prompt="slow", max_tokens=100))
-    assert time.monotonic() - t0 < 2.0  # 100 tokens would take 5 s
     assert "0.2 s" in ei.value.message
-    for _ in range(100):
-        if b.active == 0:
-            break
-        await asyncio.sleep(0.01)
-    assert b.active == 0
+    await until(lambda: b.active == 0)
+    assert b.cancelled == 1 and b.tokens_produced < 100  # stopped, not run to its end (5 s)
 
 
 async def test_request_timeout_while_waiting_in_the_queue():
@@ -185,11 +199,7 @@ async def test_backend_error_reaches_the_consumer():
     q = GenerationQueue(broken, max_waiting=2, timeout_s=5, name="m")
     with pytest.raises(TarsError, match="llama exploded"):
         await _collect(q, GenerateRequest(prompt="x"))
-    for _ in range(100):  # the slot frees when the worker thread has returned
-        if q.depth == 0:
-            break
-        await asyncio.sleep(0.01)
-    assert q.depth == 0
+    await until(lambda: q.depth == 0)  # the slot frees when the worker thread has returned
 
 
 # --------------------------------------------------------------------------- micro-batcher
@@ -259,12 +269,13 @@ async def test_each_batch_is_sorted_by_length_and_multi_text_requests_keep_their
     assert ca == [1, 5, 2] and cb == [1, 7]
 
 
-async def test_idle_worker_starts_at_once_without_waiting_for_the_batch_to_fill():
+async def test_idle_worker_starts_at_once_without_waiting_for_the_batch_to_fill(monkeypatch):
+    clock = FakeClock(monkeypatch)
     enc = Encoder()
     mb = _batcher(enc, max_wait_ms=3000)
-    t0 = time.monotonic()
-    await mb.embed(["alone"], True)
-    assert time.monotonic() - t0 < 1.5  # far less than max_wait
+    alone = asyncio.create_task(mb.embed(["alone"], True))
+    await clock.settle(alone.done)  # no loop time passes: it did not wait for max_wait
+    assert alone.result()[0].shape == (1, 4) and enc.calls == [["alone"]]
 
 
 async def test_mixed_normalize_flags_in_one_batch():
@@ -285,7 +296,7 @@ async def test_full_batcher_queue_raises_overloaded():
     running = asyncio.create_task(mb.embed(["a"], False))
     await until(lambda: len(enc.calls) == 1)
     waiting = [asyncio.create_task(mb.embed([f"w{i}"], False)) for i in range(6)]
-    await asyncio.sleep(0)
+    await until(lambda: mb.depth == 7)  # 1 encoding, 6 waiting: the queue is full
     with pytest.raises(Overloaded) as ei:
         await mb.embed(["one too many"], False)
     assert ei.value.retry_after >= 1
@@ -306,21 +317,33 @@ async def test_embed_timeout():
         await mb.embed(["slow"], False)
 
 
-async def test_during_a_burst_the_next_batch_waits_up_to_max_wait_to_fill():
+async def test_during_a_burst_the_next_batch_waits_up_to_max_wait_to_fill(monkeypatch):
+    clock = FakeClock(monkeypatch)
     enc = Encoder()
     mb = _batcher(enc, max_batch=8, max_wait_ms=400)
-    await mb.embed(["first"], False)  # a batch just ended: we are in a burst
+    first = asyncio.create_task(mb.embed(["first"], False))
+    await clock.settle(first.done)  # a batch just ended: we are in a burst
     a = asyncio.create_task(mb.embed(["a"], False))
-    await asyncio.sleep(0.01)
+    await clock.settle(lambda: mb._full is not None)  # the batch of a waits to fill
+    clock.advance(0.3)  # 300 ms later, within max_wait
     b = asyncio.create_task(mb.embed(["b"], False))
-    await asyncio.gather(a, b)
-    assert [len(c) for c in enc.calls] == [1, 2]  # a waited for b (within 400 ms)
+    await clock.settle(lambda: mb.depth == 2)
+    assert len(enc.calls) == 1  # a is still waiting for the batch to fill
+    clock.advance(0.2)  # past max_wait: the batch goes
+    await clock.settle(lambda: a.done() and b.done())
+    assert [len(c) for c in enc.calls] == [1, 2]  # a waited for b
+    clock.advance(BURST_WINDOW_S * 2)  # the burst is over: a lone request goes at once
+    c = asyncio.create_task(mb.embed(["c"], False))
+    await clock.settle(c.done)
+    assert [len(x) for x in enc.calls] == [1, 2, 1]
 
 
-async def test_a_full_batch_does_not_wait():
+async def test_a_full_batch_does_not_wait(monkeypatch):
+    clock = FakeClock(monkeypatch)
     enc = Encoder()
     mb = _batcher(enc, max_batch=4, max_wait_ms=3000)
-    await mb.embed(["first"], False)
-    t0 = time.monotonic()
-    await asyncio.gather(*(mb.embed([f"t{i}"], False) for i in range(4)))
-    assert time.monotonic() - t0 < 1.5 and [len(c) for c in enc.calls] == [1, 4]
+    first = asyncio.create_task(mb.embed(["first"], False))
+    await clock.settle(first.done)  # in a burst from here on (the clock does not move)
+    four = [asyncio.create_task(mb.embed([f"t{i}"], False)) for i in range(4)]
+    await clock.settle(lambda: all(t.done() for t in four))  # no loop time passes: none waited
+    assert [len(c) for c in enc.calls] == [1, 4]
