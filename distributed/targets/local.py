@@ -46,15 +46,15 @@ class LocalTarget(Target):
         self.error: str | None = None
         self._factory = factory
         self._state = TargetState.LOADING
-        self._loaded = threading.Event()
-        self._lock = threading.Lock()
-        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._loaded = LoadedFlag()  # set once loading ended (subclasses set it too, from any thread)
         self._closed = False
         self.requests = 0
         self.tokens_generated = 0
         self.embeddings = 0
         self.last_tokens_per_s = 0.0
         self.load_s: float | None = None
+        # {"done_bytes","total_bytes","percent"} while the model is being pulled (deploy/pull.py)
+        self.progress: dict[str, Any] | None = None
         self._token_rate = Rate()
         self._embed_rate = Rate()
         self.queue: GenerationQueue | None = None
@@ -98,31 +98,12 @@ class LocalTarget(Target):
             self._finished_loading()
 
     def _finished_loading(self) -> None:
-        """Wake every ``wait_loaded`` (they wait on futures of their own loops)."""
-        with self._lock:
-            self._loaded.set()
-            waiters, self._waiters = self._waiters, []
-        for loop, fut in waiters:
-            try:
-                loop.call_soon_threadsafe(_resolve, fut)
-            except RuntimeError:  # that loop has closed: nobody waits any more
-                pass
+        self._loaded.set()
 
     async def wait_loaded(self, timeout: float | None = None) -> TargetState:
         """Wait until loading has finished (ready or failed), at most ``timeout`` seconds;
         returns the state."""
-        if not self._loaded.is_set():
-            loop = asyncio.get_running_loop()
-            fut: asyncio.Future[None] = loop.create_future()
-            with self._lock:
-                if self._loaded.is_set():
-                    fut.set_result(None)
-                else:
-                    self._waiters.append((loop, fut))
-            try:
-                await asyncio.wait_for(fut, timeout)
-            except TimeoutError:
-                pass
+        await self._loaded.wait(timeout)
         return self._state
 
     async def close(self) -> None:
@@ -291,9 +272,52 @@ class LocalTarget(Target):
                 out["memory"] = b.memory_mb()
             except Exception:  # noqa: BLE001 - best effort figure
                 pass
+        progress = self.progress
+        if progress is not None and self._state == TargetState.LOADING:
+            out["state"] = "pulling"  # still "loading" for routing and /health
+            out["progress"] = dict(progress)
         if self.error:
             out["error"] = self.error
         return out
+
+
+class LoadedFlag:
+    """A ``threading.Event``-like flag whose ``set()`` (from any thread) also wakes the
+    coroutines in ``wait()``, each on a future of its own loop: no polling."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def set(self) -> None:
+        with self._lock:
+            self._event.set()
+            waiters, self._waiters = self._waiters, []
+        for loop, fut in waiters:
+            try:
+                loop.call_soon_threadsafe(_resolve, fut)
+            except RuntimeError:  # that loop has closed: nobody waits any more
+                pass
+
+    async def wait(self, timeout: float | None = None) -> bool:
+        """True once set; False when ``timeout`` seconds passed first."""
+        if self._event.is_set():
+            return True
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        with self._lock:
+            if self._event.is_set():
+                return True
+            self._waiters.append((loop, fut))
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            return False
+        return True
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:
