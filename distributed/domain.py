@@ -186,6 +186,7 @@ class GenerateRequest(_Data):
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None  # OpenAI function tools: [{"type": "function", "function": {..}}]
     tool_choice: str | dict[str, Any] | None = None  # "none" | "auto" | "required" | {"type": "function", ..}
+    parallel_tool_calls: bool = True  # False: at most one call per answer
     logprobs: bool = False
     top_logprobs: int = 0  # alternatives per token (0-20) when logprobs
     n: int = 1  # choices; the API fans n > 1 out into n requests of n=1
@@ -193,7 +194,7 @@ class GenerateRequest(_Data):
     # The fields above are left out of to_rpc() while at their defaults, so a request
     # without them still reaches a peer of the previous version.
     _SURFACE = ("presence_penalty", "frequency_penalty", "response_format", "tools", "tool_choice",
-                "logprobs", "top_logprobs", "n")
+                "parallel_tool_calls", "logprobs", "top_logprobs", "n")
 
     def to_rpc(self) -> dict[str, Any]:
         d = self.to_dict()

@@ -165,7 +165,7 @@ def _document_request_models(app: FastAPI) -> None:
     """Routes read their bodies themselves (one pydantic pass over the raw bytes), so FastAPI
     does not know the request models; their nested models go into the OpenAPI components here
     (the routes' ``openapi_extra`` refers to them)."""
-    from . import schemas
+    from . import chat_surface, schemas
 
     base = app.openapi
 
@@ -173,8 +173,8 @@ def _document_request_models(app: FastAPI) -> None:
         if app.openapi_schema is None:
             doc = base()
             comps = doc.setdefault("components", {}).setdefault("schemas", {})
-            for model in (schemas.InferenceRequest, schemas.EmbedBody, schemas.ChatCompletionRequest,
-                          schemas.CompletionRequest, schemas.EmbeddingsRequest):
+            for model in (schemas.InferenceRequest, schemas.EmbedBody, chat_surface.ChatCompletionRequest,
+                          chat_surface.CompletionRequest, schemas.EmbeddingsRequest):
                 comps.update(model.model_json_schema(ref_template="#/components/schemas/{model}").get("$defs", {}))
             for path in doc.get("paths", {}).values():
                 for op in path.values():

@@ -11,18 +11,21 @@ the client ignores. ``/v1/embeddings`` honours ``encoding_format: "base64"``
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from ..domain import Completion
+from ..domain import Completion, GenerateRequest
 from ..errors import TarsError, ValidationFailed
-from ..logs import get_logger
+from ..logs import fields, get_logger
+from . import chat_surface as cs
 from . import schemas as s
 from .native import JSON, label
-from .streaming import ClientGone, EventStream, first_item, until_disconnect
+from .streaming import ClientGone, EventStream, drain, first_item, until_disconnect
 
 log = get_logger(__name__)
 router = APIRouter(prefix="/v1")
@@ -44,66 +47,159 @@ async def list_models(request: Request) -> Response:
 
 
 @router.post("/chat/completions", summary="Chat completion (stream=true for SSE)",
-             openapi_extra=_body_doc(s.ChatCompletionRequest))
+             openapi_extra=_body_doc(cs.ChatCompletionRequest))
 async def chat_completions(request: Request) -> Response:
-    r = s.parse(s.ChatCompletionRequest, await request.body())
-    return await _generate(request, "chat", r.to_domain(), r.stream_options)
+    r = s.parse(cs.ChatCompletionRequest, await request.body())
+    return await _generate(request, "chat", r.to_domain(), r.stream_options, r)
 
 
 @router.post("/completions", summary="Text completion (stream=true for SSE)",
-             openapi_extra=_body_doc(s.CompletionRequest))
+             openapi_extra=_body_doc(cs.CompletionRequest))
 async def completions(request: Request) -> Response:
-    r = s.parse(s.CompletionRequest, await request.body())
-    return await _generate(request, "completion", r.to_domain(), r.stream_options)
+    r = s.parse(cs.CompletionRequest, await request.body())
+    return await _generate(request, "completion", r.to_domain(), r.stream_options, r)
 
 
-async def _generate(request: Request, kind: Literal["chat", "completion"], req: Any,
-                    stream_options: s.StreamOptions | None) -> Response:
+def _fan_out(req: GenerateRequest) -> list[GenerateRequest]:
+    """n choices are n requests of one choice each (an engine's slots run them side by
+    side); a seed gives choice i the seed + i, so the choices differ yet repeat."""
+    if req.n == 1:
+        return [req]
+    return [dataclasses.replace(req, n=1, seed=None if req.seed is None else req.seed + i) for i in range(req.n)]
+
+
+async def _generate(request: Request, kind: Literal["chat", "completion"], req: GenerateRequest,
+                    stream_options: cs.StreamOptions | None, body: Any) -> Response:
     node = _node(request)
     label(request, req.model)
+    who = {k: v for k in ("user", "safety_identifier") if (v := getattr(body, k, None))}
+    if who:  # identifiers OpenAI takes for abuse monitoring: recorded, nothing else
+        log.info("request labelled", extra=fields(model=req.model, **who))
     rid = s.new_id("chatcmpl" if kind == "chat" else "cmpl")
     created = s.now()
+    reqs = _fan_out(req)
     if req.stream:
-        agen = node.stream(req)
+        agens = [node.stream(r) for r in reqs]
+        # The first item of the first choice decides between an HTTP error and a stream;
+        # the other choices start inside the stream (an engine with one slot runs them in turn).
+        firsts: list[Any] = [None] * len(reqs)
         try:
-            first = await first_item(request.receive, agen)
-        except ClientGone:
-            return Response(status_code=499)
-        model = first.model if isinstance(first, Completion) else node.resolve(req.model, "chat").model
+            firsts[0] = await first_item(request.receive, agens[0])
+        except BaseException as exc:
+            for agen in agens[1:]:
+                await agen.aclose()
+            if isinstance(exc, ClientGone):
+                return Response(status_code=499)
+            raise
+        model = firsts[0].model if isinstance(firsts[0], Completion) else node.resolve(req.model, "chat").model
         label(request, model)
-        enc = s.ChunkEncoder(kind, model, rid, created)
         include_usage = bool(stream_options and stream_options.include_usage)
-        return EventStream(_chunks(enc, first, agen, include_usage, node.name))
+        encs = [cs.ChunkEncoder(kind, model, rid, created, i) for i in range(len(reqs))]
+        if len(reqs) == 1:
+            return EventStream(_chunks(encs[0], firsts[0], agens[0], include_usage, node.name))
+        return EventStream(_merged(encs, firsts, agens, include_usage, node.name))
     try:
-        c = await until_disconnect(request.receive, node.generate(req))
+        if len(reqs) == 1:
+            results = [await until_disconnect(request.receive, node.generate(req))]
+        else:
+            results = await until_disconnect(request.receive, _gather([node.generate(r) for r in reqs]))
     except ClientGone:
         return Response(status_code=499)
-    label(request, c.model)
-    body = s.chat_completion_body(c, rid, created) if kind == "chat" else s.completion_body(c, rid, created)
-    return JSON(body)
+    label(request, results[0].model)
+    body_fn = cs.chat_completion_body if kind == "chat" else cs.completion_body
+    return JSON(body_fn(results, rid, created))
 
 
-async def _chunks(enc: s.ChunkEncoder, first: Any, agen: AsyncIterator[Any], include_usage: bool,
-                  node: str) -> AsyncIterator[bytes]:
-    item = first
+async def _gather(works: list[Any]) -> list[Completion]:
+    tasks = [asyncio.ensure_future(w) for w in works]
     try:
-        if enc.kind == "chat":
-            yield enc.role()
-        while True:
-            if isinstance(item, Completion):
-                yield enc.final(item, include_usage)
-                return
-            yield enc.token(item.text)
-            item = await agen.__anext__()
+        return list(await asyncio.gather(*tasks))
+    finally:  # one failed (or we were cancelled): the others stop too
+        for t in tasks:
+            t.cancel()
+
+
+async def _events(enc: cs.ChunkEncoder, first: Any, agen: AsyncIterator[Any]) -> AsyncIterator[tuple[bytes, Any]]:
+    """One choice's SSE events; the Completion comes last, with b"" as its event."""
+    if enc.kind == "chat":
+        yield enc.role(), None
+    item = first if first is not None else await agen.__anext__()
+    while True:
+        if isinstance(item, Completion):
+            yield enc.finish(item), item
+            return
+        if item.tool_calls:
+            yield enc.tool_calls(item.tool_calls), None
+        elif item.text or item.logprobs:
+            yield enc.token(item.text, item.logprobs), None
+        item = await agen.__anext__()
+
+
+class _OpenAISse:
+    """One choice's OpenAI SSE chunks (``streams.drain`` runs the loop, as for /inference and /rpc)."""
+
+    def __init__(self, enc: cs.ChunkEncoder, include_usage: bool, node: str) -> None:
+        self.enc, self.include_usage, self.node = enc, include_usage, node
+
+    def start(self) -> bytes | None:
+        return self.enc.role() if self.enc.kind == "chat" else None
+
+    def token(self, item: Any) -> bytes:
+        if item.tool_calls:
+            return self.enc.tool_calls(item.tool_calls)
+        return self.enc.token(item.text, item.logprobs) if item.text or item.logprobs else b""
+
+    def done(self, c: Completion) -> bytes:
+        return self.enc.finish(c) + (self.enc.usage([c]) if self.include_usage else b"") + b"data: [DONE]\n\n"
+
+    def error(self, exc: TarsError | None) -> bytes:
+        return _error_event(exc or TarsError("internal error during generation; see the node's log"), self.node)
+
+
+def _chunks(enc: cs.ChunkEncoder, first: Any, agen: AsyncIterator[Any], include_usage: bool,
+            node: str) -> AsyncIterator[bytes]:
+    return drain(first, agen, _OpenAISse(enc, include_usage, node))
+
+
+async def _merged(encs: list[cs.ChunkEncoder], firsts: list[Any], agens: list[AsyncIterator[Any]],
+                  include_usage: bool, node: str) -> AsyncIterator[bytes]:
+    """n choices streamed at once: each choice's events in its order, choices interleaved
+    as their tokens come."""
+    queue: asyncio.Queue[tuple[int, bytes | None, Any]] = asyncio.Queue()
+
+    async def pump(i: int) -> None:
+        try:
+            async for event, done in _events(encs[i], firsts[i], agens[i]):
+                await queue.put((i, event, done))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            await queue.put((i, None, exc))
+
+    tasks = [asyncio.ensure_future(pump(i)) for i in range(len(encs))]
+    done: dict[int, Completion] = {}
+    try:
+        while len(done) < len(encs):
+            i, event, item = await queue.get()
+            if event is None:
+                raise item
+            yield event
+            if item is not None:
+                done[i] = item
+        yield (encs[0].usage([done[i] for i in sorted(done)]) if include_usage else b"") + b"data: [DONE]\n\n"
     except StopAsyncIteration:
         yield _error_event(TarsError("the stream ended without a final result"), node)
     except TarsError as exc:
         yield _error_event(exc, node)
-    except Exception:  # noqa: BLE001 - the client gets a generic message, the log the traceback
+    except Exception:  # noqa: BLE001
         log.exception("stream failed after its first token")
         yield _error_event(TarsError("internal error during generation; see the node's log"), node)
     finally:
-        await agen.aclose()
+        for t in tasks:
+            t.cancel()
+        for agen in agens:
+            try:
+                await agen.aclose()  # type: ignore[attr-defined]
+            except RuntimeError:
+                pass
 
 
 def _error_event(exc: TarsError, node: str) -> bytes:

@@ -34,8 +34,8 @@ def _loc(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("str", "list[str]", "list[int]", "list[list[int]]", "function-after[_flatten(), str]"):
-            continue  # union branch names pydantic adds to the location
+        elif part in ("str", "int", "bool", "float", "dict") or "[" in part or "(" in part or part[:1].isupper():
+            continue  # union branch names pydantic adds to the location (str, list[str], literal[..], a model)
         else:
             out += ("." if out else "") + str(part)
     return out
@@ -60,7 +60,8 @@ def parse(model: type[M], body: bytes) -> M:
             msg = f"field '{field}' is required"
         elif kind == "extra_forbidden":
             accepted = ", ".join(model.model_fields)
-            msg = f"unknown field '{field}'; accepted fields: {accepted}"
+            msg = (f"unknown field '{field}'; accepted fields: {accepted}" if len(first["loc"]) == 1
+                   else f"unknown field '{field}'")
         else:
             got = first.get("input")
             shown = repr(got) if not isinstance(got, (dict, list)) else type(got).__name__
@@ -79,9 +80,13 @@ class _OpenAI(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool turn: the call it answers
+    refusal: str | None = None  # an assistant turn's refusal text (used as its content when that is empty)
 
     def text(self, index: int) -> str:
         c = self.content
@@ -102,9 +107,16 @@ class ChatMessage(BaseModel):
 def _messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     if not messages:
         raise ValidationFailed("'messages' is empty; send at least one message", field="messages")
-    out = [{"role": "system" if m.role == "developer" else m.role, "content": m.text(i)}
-           for i, m in enumerate(messages)]
-    if not any(m["content"].strip() for m in out):
+    out = []
+    for i, m in enumerate(messages):
+        msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
+                               "content": m.text(i) or (m.refusal or "")}
+        for key in ("name", "tool_calls", "tool_call_id"):
+            value = getattr(m, key)
+            if value is not None:
+                msg[key] = value
+        out.append(msg)
+    if not any(m["content"].strip() or m.get("tool_calls") for m in out):
         raise ValidationFailed("every message in 'messages' is empty", field="messages")
     return out
 
@@ -188,66 +200,6 @@ def _inputs(value: Any, max_inputs: int = 0) -> list[str]:
     return texts
 
 
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-def _one_choice(n: int | None) -> None:
-    if n not in (None, 1):
-        raise ValidationFailed("only n=1 is supported", field="n")
-
-
-class ChatCompletionRequest(_OpenAI):
-    """POST /v1/chat/completions (the fields we honour; others are accepted and ignored)."""
-
-    model: str | None = None
-    messages: list[ChatMessage]
-    max_tokens: int | None = MaxTokens
-    max_completion_tokens: int | None = MaxTokens
-    temperature: float | None = Temperature
-    top_p: float | None = TopP
-    n: int | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-
-    def to_domain(self) -> GenerateRequest:
-        _one_choice(self.n)
-        if self.max_tokens is None and self.max_completion_tokens is not None:
-            self.max_tokens = self.max_completion_tokens
-        self.stream = bool(self.stream)
-        return _generate(self, None, _messages(self.messages), 256)
-
-
-class CompletionRequest(_OpenAI):
-    """POST /v1/completions."""
-
-    model: str | None = None
-    prompt: str | list[str]
-    max_tokens: int | None = MaxTokens
-    temperature: float | None = Temperature
-    top_p: float | None = TopP
-    n: int | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    echo: bool | None = False
-
-    def to_domain(self) -> GenerateRequest:
-        _one_choice(self.n)
-        if self.echo:
-            raise ValidationFailed("echo=true is not supported", field="echo")
-        prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
-        if len(prompts) != 1:
-            raise ValidationFailed("send exactly one prompt per request", field="prompt")
-        if not prompts[0].strip():
-            raise ValidationFailed("'prompt' is empty; send some text", field="prompt")
-        self.stream = bool(self.stream)
-        return _generate(self, prompts[0], None, 16)  # OpenAI's default max_tokens for completions
-
-
 class EmbeddingsRequest(_OpenAI):
     """POST /v1/embeddings."""
 
@@ -327,66 +279,6 @@ def embed_json(e: Embeddings) -> bytes:
 # --------------------------------------------------------------------------- OpenAI
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
-
-
-def openai_finish(reason: str) -> str:
-    return reason if reason in ("stop", "length") else "stop"
-
-
-def _tars(c: Completion) -> dict[str, Any]:
-    return {"node": c.node, "via": c.via, "timings": c.timings.to_dict(), "notes": c.notes, "fallback": c.fallback}
-
-
-def chat_completion_body(c: Completion, rid: str, created: int) -> dict[str, Any]:
-    return {"id": rid, "object": "chat.completion", "created": created, "model": c.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
-                         "logprobs": None, "finish_reason": openai_finish(c.finish_reason)}],
-            "usage": usage(c.usage.prompt_tokens, c.usage.completion_tokens),
-            "system_fingerprint": None, **_tars(c)}
-
-
-def completion_body(c: Completion, rid: str, created: int) -> dict[str, Any]:
-    return {"id": rid, "object": "text_completion", "created": created, "model": c.model,
-            "choices": [{"index": 0, "text": c.text, "logprobs": None,
-                         "finish_reason": openai_finish(c.finish_reason)}],
-            "usage": usage(c.usage.prompt_tokens, c.usage.completion_tokens), **_tars(c)}
-
-
-class ChunkEncoder:
-    """Builds the ``data: ...`` SSE lines of one OpenAI stream. The envelope is fixed per
-    stream, so each token costs one orjson call on the text alone."""
-
-    def __init__(self, kind: Literal["chat", "completion"], model: str, rid: str, created: int) -> None:
-        self.kind = kind
-        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-        head = orjson.dumps({"id": rid, "object": obj, "created": created, "model": model})[:-1]
-        self._head = b"data: " + head + b',"choices":[{"index":0,'
-        if kind == "chat":
-            self._mid = b'"delta":{"content":'
-            self._tail = b'},"logprobs":null,"finish_reason":null}]}\n\n'
-        else:
-            self._mid = b'"text":'
-            self._tail = b',"logprobs":null,"finish_reason":null}]}\n\n'
-        self.rid, self.created, self.model, self.obj = rid, created, model, obj
-
-    def role(self) -> bytes:
-        return self._head + b'"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}\n\n'
-
-    def token(self, text: str) -> bytes:
-        return self._head + self._mid + orjson.dumps(text) + self._tail
-
-    def final(self, c: Completion, include_usage: bool) -> bytes:
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": openai_finish(c.finish_reason)}
-        if self.kind == "chat":
-            choice["delta"] = {}
-        else:
-            choice["text"] = ""
-        base = {"id": self.rid, "object": self.obj, "created": self.created, "model": self.model}
-        out = b"data: " + orjson.dumps({**base, "choices": [choice], **_tars(c)}) + b"\n\n"
-        if include_usage:
-            out += b"data: " + orjson.dumps({**base, "choices": [],
-                                             "usage": usage(c.usage.prompt_tokens, c.usage.completion_tokens)}) + b"\n\n"
-        return out + b"data: [DONE]\n\n"
 
 
 def embeddings_json(e: Embeddings, encoding_format: str) -> bytes:

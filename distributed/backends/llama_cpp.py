@@ -45,6 +45,7 @@ from ..domain import GenerateRequest, TokenChunk
 from ..errors import ConfigError, InputTooLong, ModelFailed, TarsError, ValidationFailed
 from ..logs import fields, get_logger
 from ..optional import require
+from . import llama_surface as surface
 from .base import ChatBackend
 
 log = get_logger(__name__)
@@ -172,6 +173,7 @@ class LlamaCppBackend(ChatBackend):
     reads the vocabulary)."""
 
     name = "llama_cpp"
+    features = frozenset({"penalties", "response_format", "tools", "logprobs"})
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -182,6 +184,7 @@ class LlamaCppBackend(ChatBackend):
         # (request, tokens, stops): prompt_tokens() then stream() of the same request
         # tokenizes once. Identity, not equality: we hold the request, so no id reuse.
         self._last: tuple[GenerateRequest, list[int], list[str]] | None = None
+        self._plan: tuple[GenerateRequest, surface.Plan] | None = None  # check_request() then stream()
 
     # ------------------------------------------------------------------ lifecycle
     def load(self) -> None:
@@ -230,6 +233,15 @@ class LlamaCppBackend(ChatBackend):
     def _bind_formatter(self, llama_cpp: Any) -> None:
         """Find the prompt formatter for the chat format the Llama settled on (the one we
         asked for, else the GGUF's template, else llama-cpp-python's fallback)."""
+        template = self.options.extra.get("chat_template")
+        if template:  # a Jinja chat template in place of the GGUF's (backend_extra "chat_template")
+            model, llm = self._llm._model, self._llm
+            eos, bos = llm.token_eos(), llm.token_bos()
+            self._formatter = llama_cpp.llama_chat_format.Jinja2ChatFormatter(
+                template=str(template), eos_token=model.token_get_text(eos) if eos != -1 else "",
+                bos_token=model.token_get_text(bos) if bos != -1 else "", stop_token_ids=[eos])
+            self._chat_format = "chat_template.override"
+            return
         chat_format = self._llm.chat_format or ""
         handler = self._llm._chat_handlers.get(chat_format)
         if handler is None:
@@ -277,14 +289,18 @@ class LlamaCppBackend(ChatBackend):
     def context_length(self) -> int:
         return int(self._require_llm().n_ctx())
 
-    def format_chat(self, messages: list[dict[str, Any]]) -> tuple[str, list[str], bool]:
+    def format_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                    tool_choice: Any = None) -> tuple[str, list[str], bool]:
         """Prompt text, the format's own stop strings, and whether the text already
-        carries its special tokens (then no BOS is added)."""
+        carries its special tokens (then no BOS is added). ``tools`` go to the template."""
         if self._formatter is None:
             raise ModelFailed(f"model '{self.spec.id}' is not loaded")
         msgs = _fold_system(messages) if self._chat_format == "gemma" else messages
+        extra: dict[str, Any] = {}
+        if tools:
+            msgs, extra = surface.template_messages(msgs), {"tools": tools, "tool_choice": tool_choice}
         try:
-            result = self._formatter(messages=msgs)
+            result = self._formatter(messages=msgs, **extra)
         except Exception as exc:  # a jinja template may reject roles or orderings
             raise ValidationFailed(f"messages do not fit the '{self._chat_format}' chat template: {exc}",
                                    field="messages") from exc
@@ -298,7 +314,8 @@ class LlamaCppBackend(ChatBackend):
             return last[1], last[2]
         llm = self._require_llm()
         if req.messages is not None:
-            text, stops, added_special = self.format_chat(req.messages)
+            plan = self._plan_for(req)
+            text, stops, added_special = self.format_chat(req.messages, plan.tools, plan.tool_choice)
             tokens = llm.tokenize(text.encode("utf-8"), add_bos=not added_special, special=True)
         else:
             stops = []
@@ -308,6 +325,39 @@ class LlamaCppBackend(ChatBackend):
 
     def prompt_tokens(self, req: GenerateRequest) -> int:
         return len(self._encode(req)[0])
+
+    def check_request(self, req: GenerateRequest) -> None:
+        super().check_request(req)
+        self._plan_for(req)
+
+    def _plan_for(self, req: GenerateRequest) -> surface.Plan:
+        """Grammar and tools of one request (llama_surface); a 400 for what cannot be done."""
+        last = self._plan
+        if last is not None and last[0] is req:
+            return last[1]
+        llama_cpp, llm = _import_llama_cpp(), self._require_llm()
+        plan = surface.Plan()
+        use_tools = bool(req.tools)
+        if use_tools and req.messages is None:
+            raise ValidationFailed("'tools' needs chat messages", field="tools")
+        if use_tools:
+            surface.tool_support(self._formatter, self.spec.id)
+            plan.tools, plan.tool_choice = req.tools, req.tool_choice or "auto"
+            forced = plan.tool_choice == "required" or isinstance(plan.tool_choice, dict)
+            plan.parse_calls = plan.tool_choice != "none"
+            if plan.parse_calls and req.response_format and req.response_format.get("type", "text") != "text":
+                raise ValidationFailed("'response_format' together with 'tools' is not supported on the "
+                                       "in-process engine (send one or the other)", field="response_format")
+            if forced:
+                plan.grammar = surface.tool_call_grammar(llama_cpp, req.tools or [], plan.tool_choice,
+                                                         req.parallel_tool_calls)
+                surface.check_grammar(llama_cpp, llm, plan.grammar, "tools")
+        if plan.grammar is None:
+            plan.grammar = surface.response_grammar(llama_cpp, req.response_format)
+            if plan.grammar is not None:
+                surface.check_grammar(llama_cpp, llm, plan.grammar, "response_format")
+        self._plan = (req, plan)
+        return plan
 
     def stream(self, req: GenerateRequest, cancel: threading.Event) -> Iterator[TokenChunk]:
         llm = self._require_llm()
@@ -328,9 +378,39 @@ class LlamaCppBackend(ChatBackend):
             # output, so those requests evaluate their whole prompt afresh.
             llm.reset()
         stop = [s for s in (*req.stop, *format_stops) if s]
+        plan = self._plan_for(req)
+        if self._plan is not None and self._plan[0] is req:
+            self._plan = None
+        llama_cpp = _import_llama_cpp()
+        grammar = llama_cpp.LlamaGrammar.from_string(plan.grammar, verbose=False) if plan.grammar else None
+        if req.logprobs:
+            pieces = surface.LogprobDecoder(llama_cpp, llm, req, tokens, stop, grammar, cancel).run()
+        else:
+            pieces = self._pieces(llm, tokens, req, stop, grammar, cancel)
+        try:
+            if plan.parse_calls:
+                yield from surface.tool_answer(pieces, plan)
+                return
+            for piece in pieces:
+                if isinstance(piece, str):
+                    yield TokenChunk("", piece)
+                    return
+                text, entries = piece
+                if text or entries:
+                    yield TokenChunk(text, logprobs=entries if req.logprobs else None)
+        except (ValueError, RuntimeError) as exc:  # llama_decode failures, sampler errors
+            raise TarsError(f"generation failed in llama.cpp for '{self.spec.id}': {exc}") from exc
+        finally:
+            pieces.close()
+
+    def _pieces(self, llm: Any, tokens: list[int], req: GenerateRequest, stop: list[str], grammar: Any,
+                cancel: threading.Event) -> Iterator[tuple[str, Any] | str]:
+        """(text, None) per piece from llama-cpp-python's own decode loop, then the finish reason."""
         # A generator: nothing runs until the first next(), which evaluates the prompt.
         chunks = llm.create_completion(prompt=tokens, max_tokens=req.max_tokens, temperature=req.temperature,
-                                       top_p=req.top_p, stop=stop, seed=req.seed, stream=True)
+                                       top_p=req.top_p, stop=stop, seed=req.seed, stream=True, grammar=grammar,
+                                       presence_penalty=req.presence_penalty,
+                                       frequency_penalty=req.frequency_penalty)
         finish: str | None = None
         try:
             for chunk in chunks:
@@ -338,17 +418,15 @@ class LlamaCppBackend(ChatBackend):
                 text = choice["text"]
                 finish = choice["finish_reason"]
                 if text:
-                    yield TokenChunk(text)
+                    yield text, None
                 if finish is not None:
                     break
                 if cancel.is_set():
                     finish = "cancelled"
                     break
-        except (ValueError, RuntimeError) as exc:  # llama_decode failures, sampler errors
-            raise TarsError(f"generation failed in llama.cpp for '{self.spec.id}': {exc}") from exc
         finally:
             chunks.close()
-        yield TokenChunk("", finish or "stop")
+        yield finish or "stop"
 
     def _require_llm(self) -> Any:
         if self._llm is None:
