@@ -64,7 +64,7 @@ cmake --build "$BUILD" --target llama-server ggml-rpc-server -j "$JOBS" > "$BUIL
 PID=$!
 LAST=-1
 while kill -0 "$PID" 2>/dev/null; do
-  PCT=$(grep -o '^\[ *[0-9]*%\]' "$BUILD.build.log" 2>/dev/null | tail -1 | tr -dc 0-9)
+  PCT=$({ grep -o '^\[ *[0-9]*%\]' "$BUILD.build.log" 2>/dev/null || true; } | tail -1 | tr -dc 0-9)
   if [ -n "$PCT" ] && [ $((PCT / STEP)) -gt $((LAST / STEP)) ]; then printf "    %3d %%$CR" "$PCT"; LAST=$PCT; fi
   sleep 2
 done
