@@ -293,15 +293,18 @@ async def _embed_level(client: Any, model: str, concurrency: int, n: int) -> dic
 async def run_bench(url: str, *, api_key: str = "", chat_requests: int = 3, max_tokens: int = 64,
                     prompt: str = DEFAULT_PROMPT, requests: int = 64, concurrency: tuple[int, ...] = (1, 8, 32),
                     model: Optional[str] = None, embed_model: Optional[str] = None, chat: bool = True,
-                    embed: bool = True, timeout: float = 300.0) -> dict[str, Any]:
-    """Measure a node: streamed chat (TTFT, decode tokens/s), then embeddings/s per concurrency level."""
+                    embed: bool = True, timeout: float = 300.0,
+                    chat_concurrency: tuple[int, ...] = (), chat_per_client: int = 2) -> dict[str, Any]:
+    """Measure a node: streamed chat (TTFT, decode tokens/s), chat at concurrent streams
+    (aggregate tokens/s, TTFT p50/p95), then embeddings/s per concurrency level."""
     import httpx
 
     url = url.rstrip("/")
     data = fetch_status(url, api_key)
     models = data.get("models") or []
     out: dict[str, Any] = {"url": url, "node": data.get("node"), "chat": None, "embeddings": None, "notes": []}
-    limits = httpx.Limits(max_connections=max(concurrency) + 2, max_keepalive_connections=max(concurrency) + 2)
+    most = max((*concurrency, *chat_concurrency))
+    limits = httpx.Limits(max_connections=most + 2, max_keepalive_connections=most + 2)
     async with httpx.AsyncClient(base_url=url, headers=_headers(api_key), timeout=timeout, limits=limits) as client:
         try:
             if chat:
@@ -320,6 +323,13 @@ async def run_bench(url: str, *, api_key: str = "", chat_requests: int = 3, max_
                                    "ttft_ms_median": med("ttft_ms"),
                                    "decode_tokens_per_s_median": med("decode_tokens_per_s"),
                                    "end_to_end_tokens_per_s_median": med("end_to_end_tokens_per_s")}
+                    from .bench_chat import chat_level
+
+                    out["chat"]["levels"] = [  # `tars bench` asks for 1, 4 and 8 streams
+                        await chat_level(client, m["id"], c, once=_chat_once, per_client=chat_per_client,
+                                         max_tokens=max_tokens, prompt=prompt, tag=f"Level {c}. ")
+                        for c in chat_concurrency]
+                    out["chat"]["slots"] = m.get("slots")
             if embed:
                 m = _pick(models, "embed", embed_model)
                 if m is None:
@@ -348,6 +358,13 @@ def render_bench(result: dict[str, Any], console: Any) -> None:
         t.add_row("median", "", _num(c["ttft_ms_median"], 1), _num(c["decode_tokens_per_s_median"], 1),
                   _num(c["end_to_end_tokens_per_s_median"], 1), "", style="bold")
         console.print(t)
+        if c.get("levels"):
+            from .bench_chat import render_levels
+
+            slots = c.get("slots") or {}
+            render_levels(c["levels"], f"Chat, concurrent streams — {c['model']}"
+                          + (f" ({slots.get('total')} engine slots)" if slots else " (one at a time: in-process engine)"),
+                          _table, _num, console)
     e = result.get("embeddings")
     if e:
         cols = ("Concurrency", "Requests", "Errors", "Embeddings/s", "p50 ms", "p95 ms")
@@ -363,14 +380,14 @@ def render_bench(result: dict[str, Any], console: Any) -> None:
         console.print(f"[yellow]{note}[/yellow]")
 
 
-def _levels(text: str) -> tuple[int, ...]:
+def _levels(text: str, option: str = "--concurrency") -> tuple[int, ...]:
     try:
         levels = tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
         levels = ()
     if not levels or min(levels) < 1 or max(levels) > 1024:
         raise typer.BadParameter(f"'{text}': give comma-separated client counts from 1 to 1024, e.g. 1,8,32",
-                                 param_hint="--concurrency")
+                                 param_hint=option)
     return levels
 
 
@@ -379,6 +396,10 @@ def bench(url: str = URL_ARG,
                                        help="Embedding requests at each concurrency level."),
           concurrency: str = typer.Option("1,8,32", "--concurrency", "-c", help="Embedding client counts, comma-separated."),
           chat_requests: int = typer.Option(3, "--chat-requests", min=1, max=1000, help="Streamed chat requests."),
+          chat_concurrency: str = typer.Option("1,4,8", "--chat-concurrency",
+                                               help="Concurrent chat streams per level, comma-separated."),
+          chat_per_client: int = typer.Option(2, "--chat-per-client", min=1, max=1000,
+                                              help="Chat requests each concurrent client sends per level."),
           max_tokens: int = typer.Option(64, "--max-tokens", min=1, max=32768, help="Tokens per chat request."),
           prompt: str = typer.Option(DEFAULT_PROMPT, "--prompt", help="The chat prompt."),
           model: Optional[str] = typer.Option(None, "--model", help="Chat model id (default: the cluster's chat model)."),
@@ -393,7 +414,9 @@ def bench(url: str = URL_ARG,
 
     result = asyncio.run(run_bench(url, api_key=api_key, chat_requests=chat_requests, max_tokens=max_tokens,
                                    prompt=prompt, requests=requests, concurrency=_levels(concurrency), model=model,
-                                   embed_model=embed_model, chat=not no_chat, embed=not no_embed, timeout=timeout))
+                                   embed_model=embed_model, chat=not no_chat, embed=not no_embed, timeout=timeout,
+                                   chat_concurrency=_levels(chat_concurrency, "--chat-concurrency"),
+                                   chat_per_client=chat_per_client))
     if json_out:
         typer.echo(json.dumps(result, indent=2))
     else:
