@@ -48,8 +48,8 @@ from ..requests import (EmbedParams, GenerateParams, HeartbeatParams, JoinParams
 from ..seams import ClusterView, ServiceNode
 from ..streams import ClientGone, drain, until_disconnect
 from . import protocol as p
-from .rerank_methods import register_rerank
 from .split import register as register_split
+from .deploy_methods import register_deploy
 from .rerank_methods import register_rerank
 
 log = get_logger(__name__)
@@ -80,8 +80,11 @@ class RpcServer:
             "embed.encode": self._wrap("embed.encode", EmbedParams, self.encode),
             p.STREAM_METHOD: self._stream_misuse,
         }
+        from .split import register as register_split  # split.* (the pooled-VRAM worker side)
+
+        register_split(self, settings, node)
         register_rerank(self)  # rerank.score (rpc/rerank_methods.py)
-        register_rerank(self)  # rerank.score (rpc/rerank_methods.py)
+        register_deploy(self)  # models.deploy / models.remove (rpc/deploy_methods.py)
 
     def register(self, name: str, params: type[BaseModel], fn: Callable[[Any], Awaitable[Any]]) -> None:
         """Add a method: ``fn(validated_params_model)`` returns the result (other modules,
@@ -321,5 +324,19 @@ def build_rpc_router(settings: Any, node: ServiceNode, cluster: ClusterView | No
 
     router = APIRouter(lifespan=lifespan)
     router.add_api_route("/rpc", server.handle, methods=["POST"], include_in_schema=False)
-    router.rpc_server = server  # type: ignore[attr-defined]  # for tests
     return router
+
+
+def rpc_server_of(routes: Any) -> RpcServer:
+    """The RpcServer behind the ``/rpc`` route among ``routes`` (a router's or an app's,
+    looking into included routers)."""
+    for r in routes:
+        if getattr(r, "path", "") == "/rpc":
+            return r.endpoint.__self__  # type: ignore[no-any-return]
+        inner = getattr(r, "original_router", None)
+        if inner is not None:
+            try:
+                return rpc_server_of(inner.routes)
+            except LookupError:
+                continue
+    raise LookupError("no /rpc route")

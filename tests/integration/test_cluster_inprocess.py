@@ -431,9 +431,10 @@ async def test_live_figures_are_cached_for_half_a_beat(pair, monkeypatch):
 
 
 def _rpc_server(host: Host) -> Any:
-    """The node's RpcServer (build_rpc_router hangs it on its router)."""
-    routers = [getattr(r, "original_router", None) for r in host.app.routes]
-    return next(r.rpc_server for r in routers if hasattr(r, "rpc_server"))
+    """The node's RpcServer (behind the app's /rpc route)."""
+    from distributed.rpc.server import rpc_server_of
+
+    return rpc_server_of(host.app.routes)
 
 
 async def test_an_older_peer_that_refuses_the_new_heartbeat_params_still_works(pair):

@@ -11,7 +11,7 @@ import pytest
 from distributed.domain import GenerateRequest
 from distributed.errors import ModelNotFound, Overloaded, ValidationFailed
 from distributed.rpc import protocol as p
-from distributed.rpc.server import build_rpc_router
+from distributed.rpc.server import build_rpc_router, rpc_server_of
 from distributed.settings import load_settings
 
 from .conftest import TOKEN
@@ -323,7 +323,7 @@ async def test_stream_in_a_batch_is_refused(http):
 
 
 async def test_caller_going_away_stops_the_generation(node):
-    server = build_rpc_router(load_settings(node_name="pc1", cluster_token=TOKEN), node).rpc_server
+    server = rpc_server_of(build_rpc_router(load_settings(node_name="pc1", cluster_token=TOKEN), node).routes)
     agen = node.stream(GenerateRequest(model="chat-a", prompt="slow", max_tokens=100))
     first = await agen.__anext__()
     lines_ = server._lines(1, first, agen)
@@ -346,7 +346,7 @@ async def test_a_generate_whose_caller_disconnects_stops_generating(node):
             raise
 
     node.generate = slow
-    server = build_rpc_router(load_settings(node_name="pc1", cluster_token=TOKEN), node).rpc_server
+    server = rpc_server_of(build_rpc_router(load_settings(node_name="pc1", cluster_token=TOKEN), node).routes)
     body = json.dumps(req("inference.generate", {"prompt": "long"})).encode()
     gone = asyncio.Event()
     messages = [{"type": "http.request", "body": body, "more_body": False}]
