@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,20 @@ class ModelStore:
                 return p if p.is_file() else None
             return p if (p / MARKER).is_file() else None
         return None
+
+    def paths(self, specs: Iterable[ModelSpec]) -> dict[str, Path]:
+        """id → file or folder of each of ``specs`` that is on disk (one unreadable is left
+        out): the one "where are these models' files" helper (the planner reads GGUF
+        metadata from them)."""
+        out: dict[str, Path] = {}
+        for spec in specs:
+            try:
+                path = self.path_for(spec)
+            except TarsError:  # e.g. the embedded package is not installed
+                path = None
+            if path is not None:
+                out[spec.id] = path
+        return out
 
     def ensure(self, spec: ModelSpec) -> Path:
         """A usable path for ``spec``, with no network: assembles the embedded GGUF once.

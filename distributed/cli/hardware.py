@@ -15,7 +15,7 @@ from typing import Any, Optional
 import typer
 
 from ..domain import HostProfile, Plan
-from ..errors import ConfigError, TarsError
+from ..errors import ConfigError
 
 EnvFile = typer.Option(None, "--env-file", help="Env file to read settings from (e.g. env/.env.pc1).")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -238,16 +238,8 @@ def plan_cmd(
     ids = [m.strip() for m in models.split(",") if m.strip()] if models else list(settings.models)
     specs = catalog.select(ids) if ids else catalog.defaults()
     store = ModelStore(settings.models_dir, catalog)
-    paths: dict[str, Path] = {}
-    on_disk: dict[str, bool] = {}
-    for s in catalog.all():
-        try:
-            p = store.path_for(s)
-        except TarsError:
-            p = None
-        on_disk[s.id] = p is not None
-        if p is not None:
-            paths[s.id] = p
+    paths: dict[str, Path] = store.paths(catalog.all())
+    on_disk = {s.id: s.id in paths for s in catalog.all()}
     kw = {"reserve_mb": settings.vram_reserve_mb, "context": settings.context}
     if recommended:
         if models:
