@@ -319,13 +319,26 @@ class Cluster:
         return [t.info() for t in self.node.local_targets()]
 
     # ----------------------------------------------------------------- planning
-    def _replan(self) -> Plan:
-        from . import planner
-
+    def hosts(self) -> dict[str, HostProfile]:
+        """The hosts a plan may use: this one and every live, trusted peer."""
         hosts: dict[str, HostProfile] = {self.name: self.node.profile}
         for peer in sorted(self.table.live(), key=lambda p: p.name):
             if peer.profile is not None and peer_urls.trusted(peer):  # no models until its figures agree
                 hosts[peer.name] = peer.profile
+        return hosts
+
+    async def replan(self) -> None:
+        """Plan again over the live hosts and apply it everywhere (runtime deploys; the
+        workers get it with their next heartbeat)."""
+        await self._reapply()
+
+    def _replan(self) -> Plan:
+        from . import planner
+
+        hosts = self.hosts()
+        deployer = getattr(self.node, "deployer", None)
+        if deployer is not None:  # runtime deploys: pinned hosts (deploy/manager.py)
+            return deployer.plan(hosts)
         specs = self.node.model_specs()
         return planner.plan(hosts, specs, reserve_mb=self.settings.vram_reserve_mb, context=self.settings.context,
                             paths=self.node.model_paths(specs), split=self.settings.split != "off")

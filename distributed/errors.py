@@ -21,7 +21,8 @@ layer and the ``/rpc`` layer translate errors *by type*, in one place each
     ├── RequestTimeout             504  -32010   a request outlived its deadline
     ├── PayloadTooLarge            413  -32011   body over the configured limit
     ├── MissingDependency          500  -32012   an optional heavy library is absent
-    └── DownloadFailed             502  -32013   a model pull from the hub failed
+    ├── DownloadFailed             502  -32013   a model pull from the hub failed
+    └── NoRoom                     409  -32014   a model being deployed fits on no host
 
 Foreign exceptions (httpx, llama_cpp, torch, pynvml) are translated at the
 boundary of the module that owns the library.
@@ -189,6 +190,15 @@ class DownloadFailed(TarsError):
     http_status = 502
     rpc_code = -32013
     kind = "download_failed"
+
+
+class NoRoom(TarsError):
+    """A model being deployed fits on no host (409): the message says what it needs and
+    what each host has."""
+
+    http_status = 409
+    rpc_code = -32014
+    kind = "no_room"
 
 
 # JSON-RPC application error table, documented in docs/RPC.md (keep in sync).

@@ -66,13 +66,18 @@ class Node:
         self.routes = Routes(self.name)  # the one owner of which target serves each model
         self.plan = Plan()
         self.cluster: ClusterView | None = None  # set by the composition root (create_app)
+        self.deployer: Any = None  # runtime deploys (deploy/manager.py), attached by create_app
         self.started_at = time.monotonic()
         self._started = False
         self._specs: list[ModelSpec] | None = None
 
     # ----------------------------------------------------------------- lifecycle
     def model_specs(self) -> list[ModelSpec]:
-        """The models this cluster serves: TARS_MODELS in order, else the embedded defaults."""
+        """The models this cluster serves: TARS_MODELS in order, else the embedded defaults —
+        or, with a ``deployer`` attached (deploy/manager.py), its desired set (those plus
+        runtime deploys, less removals)."""
+        if self.deployer is not None:
+            return self.deployer.specs()
         if self._specs is None:
             if self.settings.models:
                 try:
@@ -106,6 +111,8 @@ class Node:
         from . import planner
 
         assert self.profile is not None
+        if self.deployer is not None:  # the desired set, hosts asked for by deploys included
+            return self.deployer.plan({self.name: self.profile})
         specs = self.model_specs()
         return planner.plan({self.name: self.profile}, specs, reserve_mb=self.settings.vram_reserve_mb,
                             context=self.settings.context, paths=self.model_paths(specs))
@@ -138,6 +145,7 @@ class Node:
         background) and not routed to: the caller decides (apply_plan installs it; the
         cluster keeps fallback copies inside RemoteTargets). A GGUF chat model gets an
         ``engine.target.EngineTarget`` (a llama-server child) when TARS_CHAT_ENGINE picks it."""
+        from .deploy.pull import fetch
         from .engine.choice import engine_target
 
         served = engine_target(self, spec, a)
@@ -145,6 +153,8 @@ class Node:
             return served
         s = self.settings
         fake = s.backend_override == "fake"
+
+        made: list[LocalTarget] = []  # the target built below (its pull progress shows in info())
 
         def factory() -> Backend:
             extra: dict[str, Any] = {}
@@ -158,13 +168,14 @@ class Node:
             # cores this process may use); see LlamaCppBackend.threads.
             threads = s.threads
             options = BackendOptions(context=context, threads=threads, batch_size=s.embed_max_batch, extra=extra)
-            path = None if fake else self.store.ensure(spec)
+            path = None if fake else fetch(self.store, spec, made[0] if made else None)  # pulls when not on disk
             return create_backend(spec, a, options, path, backend=s.backend_override or None)
 
-        return LocalTarget(spec, a, factory, node=self.name, queue_size=s.queue_size,
-                           timeout_s=s.request_timeout_s, embed_max_batch=s.embed_max_batch,
-                           embed_max_wait_ms=s.embed_max_wait_ms, metrics=self.metrics,
-                           backend_name=s.backend_override or None)
+        made.append(LocalTarget(spec, a, factory, node=self.name, queue_size=s.queue_size,
+                                timeout_s=s.request_timeout_s, embed_max_batch=s.embed_max_batch,
+                                embed_max_wait_ms=s.embed_max_wait_ms, metrics=self.metrics,
+                                backend_name=s.backend_override or None))
+        return made[0]
 
     def set_target(self, target: Target, *, close_old: bool = True) -> Target | None:
         """Install (or replace) the target for ``target.model`` (``Routes.set``)."""

@@ -36,7 +36,7 @@ from .. import __version__
 from ..errors import ModelLoading, PayloadTooLarge, PeerUnavailable, TarsError, Unauthorized, ValidationFailed
 from ..logs import get_logger
 from ..seams import ClusterView, ServiceNode
-from . import native, openai, rerank
+from . import deploy, native, openai, rerank
 from .auth import ApiKey
 from .guards import Guards, host_policy
 from .schemas import error_json
@@ -261,7 +261,11 @@ def create_app(settings: Any, node: ServiceNode, cluster: ClusterView | None = N
 
         cluster = Cluster(node, settings)  # type: ignore[arg-type]  # a Node is both seams
     node.cluster = cluster
-    routers = [native.router, openai.router, rerank.router, build_rpc_router(settings, node, cluster)]
+    if getattr(node, "deployer", None) is None:  # runtime deploys (deploy/manager.py)
+        from ..deploy.manager import Deployer
+
+        Deployer(node, settings)
+    routers = [native.router, openai.router, rerank.router, deploy.router, build_rpc_router(settings, node, cluster)]
     for router in routers:
         app.include_router(router)
 

@@ -44,6 +44,15 @@ log = get_logger(__name__)
 READY, LOADING = TargetState.READY, TargetState.LOADING
 
 
+async def _drain_then_close(target: Target, limit_s: float = 300.0) -> None:
+    """Close ``target`` once no request is queued or running on it (at most ``limit_s``)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + limit_s
+    while target.queue_depth > 0 and loop.time() < end:
+        await asyncio.sleep(0.05)
+    await target.close()
+
+
 def same_placement(a: Assignment | None, b: Assignment | None) -> bool:
     if a is None or b is None:
         return False
@@ -109,7 +118,10 @@ class Routes:
             if target.local and model not in mine:
                 log.info("unloading %s: no longer assigned here", model, extra=fields(model=model))
                 del self.targets[model]
-                await target.close()
+                if target.queue_depth > 0:  # requests in flight finish first (DELETE /models drains)
+                    self._tasks.spawn(_drain_then_close(target))
+                else:
+                    await target.close()
         for model, a in mine.items():
             await self._load_here(model, a, make)
 

@@ -1,0 +1,12 @@
+"""Models at runtime: deploy, pull, remove across the cluster (issue 12.1).
+
+* ``state.py`` — ``DesiredSet``: the cluster's desired models, persisted in the models
+  folder (``TARS_MODELS`` is the starting set; runtime deploys and removals are kept as
+  changes on top of it, so they survive a restart);
+* ``manager.py`` — ``Deployer``: ``deploy(model, replicas, node)`` / ``remove(model)`` on the
+  planning host (a worker forwards to it over ``/rpc``): checks the catalog and the room,
+  persists, re-plans and applies — loading, pulling and routing then follow the cluster's
+  ordinary plan path on every host, with nothing restarted;
+* ``pull.py`` — the serving host fetches a model that is not on disk (``ModelStore.pull``)
+  while its target reports ``pulling`` with the percent done.
+"""
