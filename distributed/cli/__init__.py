@@ -6,6 +6,7 @@ Each command group lives in its own module and registers itself on ``app``:
 - ``models.py``    tars models list | pull
 - ``serve.py``     tars serve
 - ``ops.py``       tars status, tars bench
+- ``deploy.py``    tars run, tars stop, tars ps (models at runtime)
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from . import hardware, models, ops, serve
+    from . import deploy, hardware, models, ops, serve
 
-    for mod in (hardware, models, serve, ops):
+    for mod in (hardware, models, serve, ops, deploy):
         mod.register(app)
 
 

@@ -1,0 +1,128 @@
+"""`tars run`, `tars stop`, `tars ps`: models at runtime, against any host of the cluster.
+
+    tars run ID [--replicas N] [--host NAME]   deploy (pull on the serving host if needed), wait until ready
+    tars stop ID                               remove it everywhere (after its requests in flight)
+    tars ps                                    every model: host, state (pulling with percent), queue
+
+Each talks to one node over HTTP (``--url``, default http://127.0.0.1:8000 or ``$TARS_URL``);
+a worker forwards deploys to the planning host. While a pull runs, `run` shows its percent
+on stderr; it exits 0 once the model is ready, 1 when it failed (with the reason).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any, Optional
+
+import typer
+
+from ..errors import ModelFailed, RequestTimeout
+from .ops import DEFAULT_URL, KEY_OPT, _fail_for, _headers, _unreachable
+
+URL_OPT = typer.Option(DEFAULT_URL, "--url", envvar="TARS_URL", help="Base URL of any node of the cluster.")
+
+
+def _call(method: str, url: str, path: str, api_key: str, body: Any = None, timeout: float = 30.0) -> Any:
+    import httpx
+
+    url = url.rstrip("/")
+    headers = {**_headers(api_key), "Content-Type": "application/json"}
+    try:
+        resp = httpx.request(method, f"{url}{path}", headers=headers, timeout=timeout,
+                             content=None if body is None else json.dumps(body))
+    except httpx.TimeoutException as exc:
+        raise RequestTimeout(f"{url}{path} gave no answer within {timeout:g}s") from exc
+    except httpx.TransportError as exc:
+        raise _unreachable(url, exc) from exc
+    _fail_for(resp, url)
+    return resp.json()
+
+
+def models(url: str, api_key: str) -> list[dict[str, Any]]:
+    return list(_call("GET", url, "/models", api_key).get("models", []))
+
+
+def _state(m: dict[str, Any]) -> str:
+    state = str(m.get("state", "?"))
+    p = m.get("progress") or {}
+    if state == "pulling" and p.get("percent") is not None:
+        done, total = p.get("done_bytes") or 0, p.get("total_bytes") or 0
+        return f"pulling {p['percent']:.0f}% ({done / 2**20:.0f}/{total / 2**20:.0f} MB)"
+    return state
+
+
+def wait_ready(url: str, api_key: str, model: str, timeout: float, interval: float = 0.5,
+               echo: Any = None) -> dict[str, Any]:
+    """Poll GET /models until ``model`` is ready everywhere it is routed (or failed)."""
+    echo = echo or (lambda line: typer.echo(line, err=True))
+    deadline = time.monotonic() + timeout
+    last = ""
+    while True:
+        rows = [m for m in models(url, api_key) if m.get("id") == model]
+        states = sorted({_state(m) for m in rows}) or ["waiting for the plan"]
+        line = ", ".join(states)
+        if line != last:
+            echo(f"  {model}: {line}")
+            last = line
+        failed = next((m for m in rows if m.get("state") == "failed"), None)
+        if failed is not None:
+            raise ModelFailed(f"'{model}' failed on {failed.get('node')}: {failed.get('error', 'no reason given')}",
+                              model=model)
+        if rows and all(m.get("state") == "ready" for m in rows):
+            return rows[0]
+        if time.monotonic() > deadline:
+            raise RequestTimeout(f"'{model}' is not ready after {timeout:g} s (last: {line}); `tars ps` shows it")
+        time.sleep(interval)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def run(model: str = typer.Argument(..., help="Catalog id (`tars models list` shows them)."),
+            replicas: Optional[int] = typer.Option(None, "--replicas", min=1, help="Hosts to run it on."),
+            host: Optional[str] = typer.Option(None, "--host", help="Run it on this host (node name)."),
+            url: str = URL_OPT, api_key: str = KEY_OPT,
+            wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until it is ready (progress on stderr)."),
+            timeout: float = typer.Option(3600.0, "--timeout", help="Longest to wait, seconds.")) -> None:
+        """Deploy a model at runtime: placed by the planner (or on --host), pulled if needed, routed everywhere."""
+        body: dict[str, Any] = {"model": model}
+        if replicas is not None:
+            body["replicas"] = replicas
+        if host is not None:
+            body["node"] = host
+        out = _call("POST", url, "/models", api_key, body, timeout=120.0)
+        where = ", ".join(f"{a['node']} ({a['device']})" for a in out.get("placement", []))
+        if out.get("status") == "unchanged":
+            typer.echo(f"{model}: already deployed on {where}")
+        else:
+            typer.echo(f"{model}: deploying on {where} — {out.get('reason', '')}")
+        if wait:
+            info = wait_ready(url, api_key, model, timeout)
+            typer.echo(f"{model}: ready on {info.get('node')}")
+
+    @app.command()
+    def stop(model: str = typer.Argument(..., help="A deployed model's id."),
+             url: str = URL_OPT, api_key: str = KEY_OPT) -> None:
+        """Remove a model from the cluster (each host unloads it after its requests in flight)."""
+        out = _call("DELETE", url, f"/models/{model}", api_key, timeout=120.0)
+        typer.echo(f"{model}: removing; the cluster now serves {', '.join(out.get('models', [])) or 'nothing'}")
+
+    @app.command()
+    def ps(url: str = URL_OPT, api_key: str = KEY_OPT,
+           json_out: bool = typer.Option(False, "--json", help="Print GET /models as JSON.")) -> None:
+        """The models of the cluster: host, state (pulling with its percent), queue and requests."""
+        rows = models(url, api_key)
+        if json_out:
+            typer.echo(json.dumps(rows, indent=2))
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(box=None, pad_edge=False)
+        for col in ("model", "kind", "host", "state", "queue", "requests"):
+            t.add_column(col)
+        for m in rows:
+            t.add_row(str(m.get("id")), str(m.get("kind", "–")), str(m.get("node", "–")), _state(m),
+                      str(m.get("queue_depth", 0)), str(m.get("requests", 0)))
+        Console(file=sys.stdout, soft_wrap=False).print(t)
