@@ -324,7 +324,7 @@ class SplitEngineTarget(EngineTarget):
         return out
 
 
-def split_engine_target(node: Any, spec: ModelSpec, a: Assignment, **kw: Any) -> SplitEngineTarget:
+def split_engine_target(node: Any, spec: ModelSpec, a: Assignment, /, **kw: Any) -> SplitEngineTarget:
     """The engine for a split assignment on ``node`` (``engine.choice`` calls this)."""
     svc = service_of(node, node.settings)
     return SplitEngineTarget(spec, a, service=svc, link=PeerLink(node), alone=lambda: fit_alone(node, spec, a),

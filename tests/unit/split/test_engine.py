@@ -88,3 +88,23 @@ def test_alone_without_the_ram_is_none_with_the_reason() -> None:
     hosts, p = pair_plan()
     n, why = fit_alone(node_for(hosts, p, "pc1", ram_mb=2048), BIG, p.where(BIG.id))
     assert n is None and "MB of RAM" in why
+
+
+def test_engine_choice_builds_a_split_engine_for_a_split_assignment(tmp_path: Path) -> None:
+    from distributed.engine import choice
+
+    hosts, p = pair_plan()
+    node = node_for(hosts, p, "pc1", tmp=tmp_path)
+    node.settings = load_settings(node_name="pc1", models_dir=tmp_path, chat_engine="server", cluster_token="t")
+    node.metrics = None
+    node.store = SimpleNamespace(path_for=lambda spec: None, ensure=lambda spec: Path("/m.gguf"))
+    binary = EngineBinary(server=Path("/opt/llama-server"), rpc_server=Path("/opt/ggml-rpc-server"),
+                          version="0.3.36", kind="cpu", build="", source="test")
+    orig = choice.decide
+    choice.decide = lambda s: choice.Decision("server", binary, "test")
+    try:
+        t = choice.engine_target(node, BIG, p.where(BIG.id))
+    finally:
+        choice.decide = orig
+    assert isinstance(t, SplitEngineTarget) and t.node == "pc1" and [s["node"] for s in t.remote] == ["pc2"]
+    assert node.split is t.service
