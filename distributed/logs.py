@@ -49,8 +49,11 @@ class _TextFormatter(logging.Formatter):
         extra = dict(getattr(record, "fields", {}) or {})
         extra.update({k: v for k, v in record.__dict__.items() if k not in _RESERVED and k != "fields"})
         tail = "".join(f" {k}={v}" for k, v in extra.items())
-        # one record = one line: control characters (a newline in a peer's name ...) are escaped
-        text = f"{record.getMessage()}{tail}".translate(_CONTROL)
+        # one record = one line: control characters (a newline in a peer's name ...) are escaped in
+        # our records; uvicorn's own (a startup traceback in the message) stay as they are
+        text = f"{record.getMessage()}{tail}"
+        if record.name.startswith("distributed"):
+            text = text.translate(_CONTROL)
         line = f"{ts} {record.levelname:<5} {_NODE} {record.name.removeprefix('distributed.')}: {text}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
