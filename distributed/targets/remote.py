@@ -218,9 +218,12 @@ class RemoteTarget(Target):
 
     async def _retire(self, standin: Target) -> None:
         using = self._using.get(id(standin))
-        if using is not None:
-            await using.idle(DRAIN_S)
-        await standin.close()
+        try:
+            if using is not None:
+                await using.idle(DRAIN_S)
+        finally:  # unloaded even when the node stops meanwhile (this task cancelled)
+            self._using.pop(id(standin), None)
+            await standin.close()
 
     def _use(self, standin: Target) -> Inflight:
         return self._using.setdefault(id(standin), Inflight())
@@ -384,9 +387,11 @@ class RemoteTarget(Target):
         }
         if self.kind == "embed":
             out["channel_calls"] = self._coalescer.calls  # < forwarded: requests were coalesced
-        for key in ("embeddings", "dim", "context", "error"):
+        for key in ("embeddings", "dim", "context", "error", "split", "split_mode", "missing"):
             if key in remote:
                 out[key] = remote[key]
+        if "split" not in out and a.get("split"):  # pooled VRAM: the hosts it runs on, as planned
+            out["split"] = a["split"]
         if self.standin is not None:
             out["handoff" if self.handoff else "fallback"] = {"node": self.standin.node, "state": self.standin.state}
         return out

@@ -234,8 +234,7 @@ class Routes:
 
     # ----------------------------------------------------------------- lifecycle
     async def close(self) -> None:
-        for task in self._tasks.cancel():
-            del task
+        await asyncio.gather(*self._tasks.cancel(), return_exceptions=True)
         targets = list(self.targets.values()) + list(self._incoming.values())
         self.targets.clear()
         self._incoming.clear()
