@@ -58,7 +58,7 @@ class EngineTarget(LocalTarget):
                  metrics: Metrics | None = None, start_timeout_s: float = 300.0, max_failures: int = 3,
                  extra_args: tuple[str, ...] = (), host: str = "127.0.0.1") -> None:
         super().__init__(spec, assignment, _no_backend, node=node, queue_size=queue_size, timeout_s=timeout_s,
-                         metrics=metrics, backend_name="llama-server")
+                         metrics=metrics)  # backend stays "llama_cpp": llama.cpp, in another process
         if self.queue is not None:  # the in-process generation queue is not used here
             self.queue.close()
             self.queue = None
@@ -200,7 +200,7 @@ class EngineTarget(LocalTarget):
     def _notes(self, req: GenerateRequest, usage: Usage) -> list[str]:
         if usage.prompt_tokens + req.max_tokens > self.context:
             room = max(0, self.context - usage.prompt_tokens)
-            return [f"max_tokens limited from {req.max_tokens} to {room}: the prompt ({usage.prompt_tokens} tokens) "
+            return [f"max_tokens clamped from {req.max_tokens} to {room}: the prompt ({usage.prompt_tokens} tokens) "
                     f"plus max_tokens must fit the context of {self.context} tokens"]
         return []
 
@@ -309,7 +309,7 @@ class EngineTarget(LocalTarget):
         out["context"] = self.context
         out["slots"] = {"busy": self.slots.busy, "total": self.parallel, "waiting": self.slots.waiting}
         sup = self.supervisor
-        out["engine"] = {"binary": str(self.binary.server), "build": self.binary.build, "kind": self.binary.kind,
+        out["engine"] = {"name": "llama-server", "binary": str(self.binary.server), "build": self.binary.build, "kind": self.binary.kind,
                          "pid": sup.pid if sup is not None and sup.running else None,
                          "state": sup.state.value if sup is not None else "stopped",
                          "restarts": max(0, sup.starts - 1) if sup is not None else 0}

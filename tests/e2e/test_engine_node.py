@@ -106,7 +106,7 @@ def node(gemma_gguf, models_dir, tmp_path_factory):
 def test_the_node_serves_chat_through_its_llama_server(node):
     proc, base, log, engines = node
     m = _engine(base)
-    assert m["backend"] == "llama-server" and m["state"] == "ready"
+    assert m["engine"]["name"] == "llama-server" and m["state"] == "ready"
     assert m["slots"]["total"] == 2 and m["context"] == 512
     pid = m["engine"]["pid"]
     engines.append(pid)

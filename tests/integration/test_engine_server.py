@@ -65,7 +65,7 @@ async def test_streams_whole_answers_slots_and_a_clean_stop(binary, gemma_gguf):
         assert await t.wait_loaded(120) == "ready", t.error
         pid = t.supervisor.pid
         info = t.info()
-        assert info["backend"] == "llama-server" and info["slots"] == {"busy": 0, "total": 2, "waiting": 0}
+        assert info["engine"]["name"] == "llama-server" and info["slots"] == {"busy": 0, "total": 2, "waiting": 0}
         assert info["context"] == 512 and info["engine"]["pid"] == pid
         assert "--host" in t.supervisor.argv and t.supervisor.argv[t.supervisor.argv.index("--host") + 1] == "127.0.0.1"
         assert "-c" in t.supervisor.argv and t.supervisor.argv[t.supervisor.argv.index("-c") + 1] == "1024"
