@@ -91,10 +91,16 @@ def profile_cmd(
     settings = _settings(env_file)
     prof = profiler.profile_host(simulate or settings.gpu_profile, settings.node_name)
     tune = profiler.tuning(prof, settings.vram_reserve_mb)
+    from ..engine.choice import decide
+
+    eng = decide(settings)  # which GGUF chat engine a node started with these settings runs
+    engine = {"engine": eng.engine, "reason": eng.reason, "binary": eng.binary.to_dict() if eng.binary else None}
     if as_json:
-        typer.echo(json.dumps({**prof.to_dict(), "tuning": tune}, indent=2))
+        typer.echo(json.dumps({**prof.to_dict(), "tuning": tune, "chat_engine": engine}, indent=2))
     else:
         render_profile(prof, tune)
+        what = "llama-server" if eng.engine == "server" and eng.binary else eng.engine
+        typer.echo(f"Chat engine (GGUF): {what} — {eng.reason}")
 
 
 # --------------------------------------------------------------------------- plan

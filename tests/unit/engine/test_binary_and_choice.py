@@ -87,3 +87,27 @@ def test_the_engine_target_command_line(tmp_path):
     assert (pairs["-np"], pairs["-c"], pairs["-t"], pairs["-ngl"]) == ("3", "3000", "2", "999")
     assert argv[argv.index("-mg") + 1] == "1" and "--jinja" in argv and "--slots" in argv and "--metrics" in argv
     assert os.environ.get("LLAMA_ARG_API_KEY") is None
+
+
+def test_tars_profile_says_which_engine_and_its_build(tmp_path, monkeypatch):
+    import json
+
+    import typer
+    from typer.testing import CliRunner
+
+    from distributed.cli import hardware
+
+    exe = _fake_server(tmp_path / "bin")
+    app = typer.Typer()
+    hardware.register(app)
+    monkeypatch.setenv("TARS_ENGINE_BIN", str(exe))
+    monkeypatch.setenv("TARS_GPU_PROFILE", "cpu")
+    r = CliRunner().invoke(app, ["profile"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert "Chat engine (GGUF): llama-server" in r.output and "version: 42 (abc123)" in r.output
+    r = CliRunner().invoke(app, ["profile", "--json"])
+    data = json.loads(r.output)["chat_engine"]
+    assert data["engine"] == "server" and data["binary"]["server"] == str(exe)
+    monkeypatch.setenv("TARS_ENGINE_BIN", str(tmp_path / "none"))
+    r = CliRunner().invoke(app, ["profile"], env={"COLUMNS": "200"})
+    assert "Chat engine (GGUF): inprocess" in r.output and "not an executable" in r.output
