@@ -340,8 +340,11 @@ class Cluster:
         if deployer is not None:  # runtime deploys: pinned hosts (deploy/manager.py)
             return deployer.plan(hosts)
         specs = self.node.model_specs()
+        from .engine.choice import engine_slots
+
         return planner.plan(hosts, specs, reserve_mb=self.settings.vram_reserve_mb, context=self.settings.context,
-                            paths=self.node.model_paths(specs), split=self.settings.split != "off")
+                            paths=self.node.model_paths(specs), split=self.settings.split != "off",
+                            parallel=engine_slots(self.settings))
 
     async def _reapply(self) -> None:
         plan = self._replan()
@@ -416,8 +419,11 @@ class Cluster:
         ids += [t.model for t in self.node.routes.standins()]
         ids.append(spec.id)
         specs = [self.node.catalog.get(m) for m in dict.fromkeys(ids)]
+        from .engine.choice import engine_slots
+
         plan = planner.plan({self.name: self.node.profile}, specs, reserve_mb=self.settings.vram_reserve_mb,
-                            context=self.settings.context, paths=self.node.model_paths(specs))
+                            context=self.settings.context, paths=self.node.model_paths(specs),
+                            parallel=engine_slots(self.settings))
         found = plan.where(spec.id)
         if found is not None:
             return found, ""

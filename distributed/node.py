@@ -114,8 +114,11 @@ class Node:
         if self.deployer is not None:  # the desired set, hosts asked for by deploys included
             return self.deployer.plan({self.name: self.profile})
         specs = self.model_specs()
+        from .engine.choice import engine_slots
+
         return planner.plan({self.name: self.profile}, specs, reserve_mb=self.settings.vram_reserve_mb,
-                            context=self.settings.context, paths=self.model_paths(specs))
+                            context=self.settings.context, paths=self.model_paths(specs),
+                            parallel=engine_slots(self.settings))
 
     def model_paths(self, specs: list[ModelSpec]) -> dict[str, Any]:
         """Where each model's file is on this host (those on disk), so the planner reads

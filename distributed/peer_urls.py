@@ -9,9 +9,10 @@ blindly (a misconfigured or compromised host must not redirect or poison the oth
 * ``check_join_origin``: the URL a host joins with must point back at the address the
   join came from (an IP literal equal to it, or a name resolving to it; loopback counts
   as one machine), so a host cannot make the server call a third party;
-* ``vram_doubt``: a host whose join profile claims far more VRAM than its live
-  heartbeats report is not trusted with a model until the figures agree (a peer that
-  reports no live figures — an older version — is taken at its word);
+* ``vram_doubt``/``recheck_vram``: a host's join profile is checked against the live GPU
+  figures it sends with the join and with every heartbeat; while it claims far more VRAM
+  than they report (over 10% + 256 MB) it gets no model. A peer that sends no live figures
+  (a version before them) is taken at its word;
 * ``safe``: any peer-supplied text put into a log line has its control characters
   escaped (a newline in a name must not forge a log line).
 
@@ -160,7 +161,7 @@ def recheck_vram(peer: Any, log: Any = None) -> bool:
         if doubt:
             log.warning("peer %s is given no models: %s", safe(peer.name), doubt)
         else:
-            log.info("peer %s: its VRAM figures agree now", safe(peer.name))
+            log.info("peer %s: its VRAM figures agree with its profile", safe(peer.name))
     return (doubt is None) != (old is None)
 
 

@@ -27,7 +27,7 @@ Every assignment carries a one-line reason a person can check against ``tars pro
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .domain import Assignment, HostProfile, ModelSpec, Plan, Unplaced
@@ -297,10 +297,22 @@ def _place_rest(st: _State, rest: list[ModelSpec], ests: dict[str, VramEstimate]
             _unplace(st, spec, est)
 
 
+def with_slots(est: VramEstimate, spec: ModelSpec, parallel: int) -> VramEstimate:
+    """A llama-server engine with ``parallel`` slots holds one KV cache of ``context`` per slot."""
+    if parallel <= 1 or spec.kind != "chat" or spec.backend != "llama_cpp" or est.kv_mb <= 0:
+        return est
+    extra = est.kv_mb * (parallel - 1)
+    per_layer = est.kv_mb / est.n_layers if est.n_layers else 0.0
+    return replace(est, kv_mb=est.kv_mb + extra, total_mb=est.total_mb + extra,
+                   layer_mb=est.layer_mb + per_layer * (parallel - 1),
+                   notes=(*est.notes, f"KV cache for {parallel} engine slots of {est.context} tokens"))
+
+
 def plan(hosts: dict[str, HostProfile], models: list[ModelSpec], *, reserve_mb: int = 500,
-         context: int = 2048, paths: dict[str, Path] | None = None, split: bool = True) -> Plan:
+         context: int = 2048, paths: dict[str, Path] | None = None, split: bool = True, parallel: int = 1) -> Plan:
     """Place every model on a host and device (or split it across hosts' GPUs when ``split``),
-    or report it unplaced with the reason."""
+    or report it unplaced with the reason. ``parallel``: slots of a GGUF chat engine
+    (TARS_PARALLEL with llama-server, else 1): ``context`` is per slot, the KV cache per slot."""
     paths = paths or {}
     st = _State(_build_hosts(hosts, reserve_mb), reserve_mb, split=split)
     specs: list[ModelSpec] = []
@@ -309,7 +321,7 @@ def plan(hosts: dict[str, HostProfile], models: list[ModelSpec], *, reserve_mb: 
             specs.append(spec)
     if not st.hosts:
         return Plan(unplaced=[Unplaced(s.id, "no hosts to place it on") for s in specs])
-    ests = {s.id: estimate(s, context, paths.get(s.id)) for s in specs}
+    ests = {s.id: with_slots(estimate(s, context, paths.get(s.id)), s, parallel) for s in specs}
     primary, side, rest = _order(specs, ests)
     if primary is not None:
         _place_primary(st, primary, ests[primary.id])

@@ -102,6 +102,7 @@ class JoinParams(_Lenient):
     version: str = ""
     models: list[dict[str, Any]] = Field(default_factory=list)
     fingerprint: str = ""  # SHA-256 of its TLS certificate when it serves https (tls.py pins it)
+    gpus: list[dict[str, Any]] | None = None  # its live GPU figures (checked against the profile's claims)
 
 
 class HeartbeatParams(_Lenient):

@@ -8,6 +8,7 @@ API::
 
     decide(settings) -> Decision(engine "server"|"inprocess", binary | None, reason)
     engine_target(node, spec, assignment) -> EngineTarget | None   # None: in-process LocalTarget
+    engine_slots(settings) -> int      # KV caches the planner counts per GGUF chat model
 """
 
 from __future__ import annotations
@@ -110,3 +111,11 @@ def _physical_cores() -> int | None:
     except ImportError:
         return None  # llama-server's own default is the same rule
     return physical_cores()
+
+
+def engine_slots(settings: Any) -> int:
+    """Slots the planner counts a KV cache for: TARS_PARALLEL with llama-server, else 1."""
+    if getattr(settings, "backend_override", "") not in ("", "llama_cpp"):
+        return 1
+    d = decide(settings)
+    return int(getattr(settings, "parallel", 1)) if d.engine == "server" and d.binary is not None else 1

@@ -172,16 +172,18 @@ def _gpu_profile(name: str, vram: int) -> dict[str, Any]:
 
 
 async def test_a_host_claiming_more_vram_than_it_reports_gets_no_models(tmp_path):
-    """pc2 joins claiming an 80 GB GPU: the plan puts the models there; its heartbeats then
-    report a 6 GB GPU: it is re-planned without models until its figures agree again."""
+    """pc2 joins claiming an 80 GB GPU while its live figures (sent with the join and its
+    heartbeats) report 6 GB: no model for it until they agree; then it gets its share. A peer
+    that sends no live figures (a version before them) is taken at its word."""
     import asyncio
 
     auth = {"authorization": f"Bearer {TOKEN}"}
     async with serve(tmp_path) as (c, node):
         join = _join("pc2", "http://127.0.0.3:18999")
         join["params"]["profile"] = _gpu_profile("pc2", 81920)
+        join["params"]["gpus"] = [{"index": 0, "name": "Claimed GPU", "vram_total_mb": 6144, "vram_used_mb": 100}]
         r = (await c.post("/rpc", json=join, headers=auth)).json()
-        assert "pc2" in {a["node"] for a in r["result"]["plan"]["assignments"]}  # trusted at its word at first
+        assert {a["node"] for a in r["result"]["plan"]["assignments"]} == {"pc1"}  # the figures disagree
 
         def beat(vram: int) -> dict[str, Any]:
             gpus = [{"index": 0, "name": "Claimed GPU", "vram_total_mb": vram, "vram_used_mb": 100}]
@@ -201,6 +203,11 @@ async def test_a_host_claiming_more_vram_than_it_reports_gets_no_models(tmp_path
                 break
             await asyncio.sleep(0.05)
         assert any(a.node == "pc2" for a in node.plan.assignments)
+        # an older peer: joins claiming a GPU, its heartbeats carry no figures -> taken at its word
+        join3 = _join("pc3", "http://127.0.0.4:18998")
+        join3["params"]["profile"] = _gpu_profile("pc3", 81920)
+        r = (await c.post("/rpc", json=join3, headers=auth)).json()
+        assert node.cluster.peers["pc3"].vram_doubt is None and "pc3" in {a["node"] for a in r["result"]["plan"]["assignments"]}
 
 
 def test_transient_503s_say_when_to_retry():

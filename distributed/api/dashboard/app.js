@@ -326,9 +326,11 @@
         h("td", { text: m.kind || "–" }),
         h("td", { text: m.node || "–" }),
         h("td", null, h("span", { class: stateClass(m.state), text: m.state || "unknown", title: m.error || null })),
-        h("td", { text: m.backend || "–" }),
+        h("td", { text: (m.backend || "–") + (m.engine && m.engine.name ? " · " + m.engine.name : "") }),
         h("td", { text: m.quant || "–" }),
-        h("td", { class: "num", text: fmt(m.queue_depth) }),
+        // engine slots busy/total beside the queue: "3 · 2/4 slots"
+        h("td", { class: "num", "data-slots": m.slots ? m.slots.busy + "/" + m.slots.total : null,
+                  text: fmt(m.queue_depth) + (m.slots ? " · " + m.slots.busy + "/" + m.slots.total + " slots" : "") }),
         h("td", { class: "num", text: fmt(m.requests) }),
         h("td", { class: "num", text: fmt(m.tokens_generated) }),
         h("td", { class: "num", text: fmt(m.last_tokens_per_s, 1) }));
