@@ -185,3 +185,31 @@ async def test_a_crash_loop_leaves_the_model_failed_with_the_engines_last_lines(
         assert exc.value.http_status == 503
     finally:
         await t.close()
+
+
+async def test_a_client_that_goes_away_frees_its_engine_slot(binary, gemma_gguf):
+    import httpx
+
+    t = await _engine(binary, gemma_gguf, parallel=1)
+    try:
+        assert await t.wait_loaded(120) == "ready", t.error
+        gen = t.stream(GenerateRequest(prompt="Write a very long story about the sea:", max_tokens=400,
+                                       temperature=0.0, stream=True))
+        got = 0
+        async for _ in gen:
+            got += 1
+            if got == 2:
+                break
+        await gen.aclose()  # what the API does when the client disconnects
+        assert t.slots.busy == 0
+        async with httpx.AsyncClient() as c:
+            for _ in range(100):  # the engine notices the closed connection and stops that task
+                slots = (await c.get(t.base_url + "/slots", headers={"Authorization": f"Bearer {t._key}"})).json()
+                if not any(s.get("is_processing") for s in slots):
+                    break
+                await asyncio.sleep(0.05)
+        assert not any(s.get("is_processing") for s in slots)
+        again = await t.generate(GenerateRequest(prompt="Hi", max_tokens=2))  # the one slot serves the next
+        assert again.usage.completion_tokens > 0
+    finally:
+        await t.close()
