@@ -34,6 +34,12 @@ from ..errors import ModelFailed, ModelLoading, TarsError, ValidationFailed
 from ..logs import fields, get_logger
 from ..metrics import Metrics
 from ..targets import LocalTarget
+
+try:
+    from ..targets.base import TargetState as _S
+except ImportError:  # the single-module targets.py layout: plain strings
+    class _S:  # type: ignore[no-redef]
+        LOADING, READY, FAILED, UNAVAILABLE = "loading", "ready", "failed", "unavailable"
 from . import wire
 from .binary import EngineBinary
 from .supervisor import ChildState, Supervisor
@@ -127,7 +133,7 @@ class EngineTarget(LocalTarget):
                          self.parallel, self.context, extra=fields(model=self.model, pid=self.supervisor.pid))
         except Exception as exc:  # noqa: BLE001 - the node stays up and reports the failure
             self.error = exc.message if isinstance(exc, TarsError) else f"{type(exc).__name__}: {exc}"
-            self._state = "failed"
+            self._state = _S.FAILED
             log.error("model %s failed to start its engine: %s", self.model, self.error, extra=fields(model=self.model))
         finally:
             self._loaded.set()
@@ -137,14 +143,14 @@ class EngineTarget(LocalTarget):
             return
         if state is ChildState.READY:
             self._ever_ready = True
-            self._state = "ready"
+            self._state = _S.READY
             self.error = None
         elif state is ChildState.FAILED:
-            self._state = "failed"
+            self._state = _S.FAILED
             sup = self.supervisor
             self.error = f"llama-server {sup.error}" if sup is not None and sup.error else "llama-server failed"
         elif state in (ChildState.STARTING, ChildState.RESTARTING):
-            self._state = "loading"
+            self._state = _S.LOADING
 
     async def _healthy(self) -> bool:
         r = await self._client.get(self.base_url + "/health", timeout=2.0)
@@ -152,8 +158,8 @@ class EngineTarget(LocalTarget):
 
     async def close(self) -> None:
         self._closed = True
-        if self._state != "failed":
-            self._state = "unavailable"
+        if self._state != _S.FAILED:
+            self._state = _S.UNAVAILABLE
         task, self._boot_task = self._boot_task, None
         if task is not None and not task.done():
             task.cancel()
@@ -164,12 +170,12 @@ class EngineTarget(LocalTarget):
         self._slots_changed(0, 0)
 
     def _check_ready(self) -> Any:
-        if self._state == "ready":
+        if self._state == _S.READY:
             return None
-        if self._state == "failed":
+        if self._state == _S.FAILED:
             raise ModelFailed(f"model '{self.model}' failed on {self.node}: {self.error}", model=self.model,
                               node=self.node)
-        if self._state == "loading":
+        if self._state == _S.LOADING:
             what = "restarting its engine" if self._ever_ready else "still loading"
             raise ModelLoading(f"model '{self.model}' is {what} on {self.node}; retry in a few seconds",
                                model=self.model, node=self.node, retry_after=2)
