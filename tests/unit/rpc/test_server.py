@@ -389,3 +389,17 @@ async def test_rest_refuses_what_rpc_refuses(body, field):
     with pytest.raises(VF) as ei:
         schemas.parse(schemas.InferenceRequest, json.dumps(body).encode())
     assert ei.value.details["field"] == field
+
+
+def test_membership_params_carry_every_parameter_of_the_cluster_handlers():
+    """A parameter the cluster's handler takes but the /rpc model drops would be ignored
+    silently (membership models ignore unknown params): keep them in step."""
+    import inspect
+
+    from distributed.cluster import Cluster
+    from distributed.requests import HeartbeatParams, JoinParams, LeaveParams
+
+    for model, handler in ((JoinParams, Cluster.handle_join), (HeartbeatParams, Cluster.handle_heartbeat),
+                           (LeaveParams, Cluster.handle_leave)):
+        wanted = set(inspect.signature(handler).parameters) - {"self"}
+        assert set(model.model_fields) == wanted, (model.__name__, wanted ^ set(model.model_fields))
