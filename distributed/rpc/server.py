@@ -309,7 +309,7 @@ def build_rpc_router(settings: Any, node: ServiceNode, cluster: ClusterView | No
     Without one the membership methods answer that no cluster layer is attached.
     """
     server = RpcServer(settings, node, cluster)
-    split = register_split(server, settings, node)  # pooled VRAM: the split.* methods (rpc/split.py)
+    split = node.split  # pooled VRAM: the service RpcServer registered split.* for (rpc/split.py); closed below
 
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
