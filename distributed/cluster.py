@@ -364,9 +364,16 @@ class Cluster:
             self.plan_id = pid
             for a in plan.for_node(self.name):
                 routes.adopt_standin(a)
+            hosts_of: dict[str, set[str]] = {}
+            for a in plan.assignments:
+                hosts_of.setdefault(a.model, set()).add(a.node)
+            routed: set[str] = set()
             for a in plan.assignments:
                 if a.node == self.name:
                     continue
+                if len(hosts_of[a.model]) > 1 and (self.name in hosts_of[a.model] or a.model in routed):
+                    continue  # replicas: deploy/replicas.py routes among them; the table keeps one
+                routed.add(a.model)
                 peer = self.table.get(a.node)
                 if peer is None:
                     log.warning("plan puts %s on %s, a host this node does not know yet", a.model, a.node)

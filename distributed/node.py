@@ -128,6 +128,8 @@ class Node:
         return self.store.paths(specs)
 
     async def stop(self) -> None:
+        if self.deployer is not None:
+            await self.deployer.close()
         await self.routes.close()
         self._started = False
 
@@ -142,6 +144,8 @@ class Node:
         self.plan = plan
         mine = {a.model: a for a in plan.for_node(self.name)}
         await self.routes.apply_local(mine, lambda a: self.local_target(self.catalog.get(a.model), a))
+        if self.deployer is not None:
+            self.deployer.applied(plan)  # replicas: route among the hosts of a replicated model
 
     def local_target(self, spec: ModelSpec, a: Assignment) -> LocalTarget:
         """A LocalTarget for ``spec`` placed as ``a``, not started (``.start()`` loads it in the
@@ -193,6 +197,8 @@ class Node:
         (locally, or by a stand-in while the model moves). A forwarded call is never
         forwarded again: while routing tables converge two hosts could otherwise bounce
         a request between them."""
+        if self.deployer is not None:
+            self.deployer.mark_forwarded()  # replicas: this request is computed here
         target = self.resolve(model, kind)
         if not self.routes.computes_here(target):
             raise ModelLoading(f"model '{target.model}' is not served by {self.name} (its routing points to "
@@ -232,6 +238,8 @@ class Node:
             if unplaced is not None:
                 raise ModelFailed(f"model '{model}' is not served: {unplaced.reason}", model=model)
             raise ModelNotFound(model, list(self.targets))
+        if self.deployer is not None:  # a model on several hosts: its ReplicaSet (deploy/replicas.py)
+            target = self.deployer.route(model, target)
         if target.kind != kind:
             what = "an embedding model: use /embed or /v1/embeddings" if target.kind == "embed" else \
                 "a chat model: use /inference, /v1/chat/completions or /v1/completions"
@@ -293,7 +301,8 @@ class Node:
         return {t.model: t.queue_depth for t in self.local_targets()}
 
     def models(self) -> list[dict[str, Any]]:
-        return [t.info() for t in self.targets.values()]
+        infos = [t.info() for t in self.targets.values()]
+        return self.deployer.annotate(infos) if self.deployer is not None else infos
 
     def totals(self) -> dict[str, Any]:
         """Live figures of the models computed here (``/status`` → totals; heartbeats carry them)."""

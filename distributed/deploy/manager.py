@@ -23,6 +23,7 @@ from typing import Any
 from ..domain import HostProfile, ModelSpec, Plan, Unplaced
 from ..errors import ConfigError, ModelNotFound, NoRoom, ValidationFailed
 from ..logs import fields, get_logger
+from .replicas import FORWARDED, Replicas
 from .state import DesiredSet
 
 log = get_logger(__name__)
@@ -35,6 +36,7 @@ class Deployer:
         base = list(settings.models) or [s.id for s in node.catalog.defaults()]
         self.desired = DesiredSet(settings.models_dir, base)
         self._lock = asyncio.Lock()
+        self.replicas = Replicas(node)
         node.deployer = self
 
     # ------------------------------------------------------------------ the desired set
@@ -73,9 +75,31 @@ class Deployer:
             else:
                 why = next((u.reason for u in alone.unplaced if u.model == spec.id), "no room")
                 plan.unplaced.append(Unplaced(spec.id, f"asked for on {host}: {why}"))
+        for spec in specs:
+            wanted = self.desired.get(spec.id).replicas
+            if wanted > 1:
+                self._add_replicas(plan, hosts, spec, wanted)
         order = {s.id: i for i, s in enumerate(specs)}
         plan.assignments.sort(key=lambda a: order.get(a.model, len(order)))
         return plan
+
+    def _add_replicas(self, plan: Plan, hosts: dict[str, HostProfile], spec: ModelSpec, wanted: int) -> None:
+        """More copies of ``spec``, each on another host that has room beside its share of the
+        plan (hosts with the least planned for them first)."""
+        have = {a.node for a in plan.assignments if a.model == spec.id}
+        if not have:
+            return
+        load = {h: sum(a.vram_mb for a in plan.for_node(h)) for h in hosts}
+        for host in sorted((h for h in hosts if h not in have), key=lambda h: (load[h], h)):
+            if len(have) >= wanted:
+                break
+            beside = [self.node.catalog.get(a.model) for a in plan.for_node(host)]
+            a = self._plan({host: hosts[host]}, [*beside, spec]).where(spec.id)
+            if a is None:
+                continue
+            a.reason = f"replica {len(have) + 1} of {wanted}; {a.reason}"
+            plan.assignments.append(a)
+            have.add(host)
 
     def _plan(self, hosts: dict[str, HostProfile], specs: list[ModelSpec]) -> Plan:
         from .. import planner
@@ -116,9 +140,6 @@ class Deployer:
             return await client.call("models.deploy", {"model": model, "replicas": replicas, "node": node},
                                      timeout=self.settings.request_timeout_s)
         replicas = 1 if replicas is None else replicas
-        if replicas != 1:
-            raise ValidationFailed("replicas: only 1 is supported by this version (one host per model)",
-                                   field="replicas")
         hosts = self._hosts()
         if node is not None and node not in hosts:
             raise ValidationFailed(
@@ -137,9 +158,14 @@ class Deployer:
                 log.info("deploying %s on %s", model, ", ".join(a.node for a in placed),
                          extra=fields(model=model, node=placed[0].node))
                 await self._apply()
-        return {"model": model, "status": "deploying" if changed else "unchanged", "replicas": replicas,
-                "node": node, "placement": [a.to_dict() for a in placed], "reason": placed[0].reason,
-                **({} if changed else {"message": f"'{model}' is already deployed with these settings"})}
+        out = {"model": model, "status": "deploying" if changed else "unchanged", "replicas": replicas,
+               "node": node, "placement": [a.to_dict() for a in placed], "reason": placed[0].reason}
+        if not changed:
+            out["message"] = f"'{model}' is already deployed with these settings"
+        elif len(placed) < replicas:
+            out["message"] = (f"{len(placed)} of {replicas} replicas placed: the other hosts have no room "
+                              "(more are placed when hosts join)")
+        return out
 
     async def remove(self, model: str) -> dict[str, Any]:
         client = self._server_client()
@@ -177,6 +203,31 @@ class Deployer:
                       + "; ".join(have), model=spec.id, needs_mb=est.total_mb,
                       hosts={n: {"gpus": [g.to_dict() for g in p.gpus], "ram_free_mb": p.ram_free_mb,
                                  "planned_vram_mb": used.get(n, 0)} for n, p in hosts.items()})
+
+    # ------------------------------------------------------------------ replicas (node hooks)
+    def route(self, model: str, target: Any) -> Any:
+        return self.replicas.route(model, target)
+
+    @staticmethod
+    def mark_forwarded() -> None:
+        """The current request came from a peer: compute it here (see replicas.py)."""
+        FORWARDED.set(True)
+
+    def applied(self, plan: Plan) -> None:
+        self.replicas.applied(plan.assignments)
+
+    def annotate(self, infos: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """GET /models rows: a replicated model's row lists its replicas."""
+        for row in infos:
+            rs = self.replicas.sets.get(row.get("id", ""))
+            if rs is not None:
+                extra = rs.info()
+                row["replicas"] = extra["replicas"]
+                row["retried"] = extra["retried"]
+        return infos
+
+    async def close(self) -> None:
+        await self.replicas.close()
 
     # ------------------------------------------------------------------ reporting
     def status(self) -> dict[str, Any]:
