@@ -95,31 +95,35 @@ class RawStream:
         self.sock.close()
 
 
-def http_chat(client: RawStream, prompt: str, n_tokens: int) -> dict[str, float]:
-    """Stream one chat completion; TTFT from sending the request to the first content delta."""
+def http_chat(port: int, prompt: str, n_tokens: int) -> dict[str, float]:
+    """Stream one chat completion; TTFT from sending the request to the first content delta.
+    Each request has a connection of its own, opened before the clock starts: the node closes
+    keep-alive connections idle for TARS_KEEPALIVE_S (5 s), which the in-process rounds
+    between two requests can exceed on a busy machine."""
     body = orjson.dumps({"model": CHAT, "messages": [{"role": "user", "content": prompt}], "max_tokens": n_tokens,
                          "temperature": 0.0, "stream": True})
+    client = RawStream(HOST, port)
     t0 = time.perf_counter()
     first = None
     n = 0
     for data in client.post_stream("/v1/chat/completions", body):
         if data == b"[DONE]":
-            continue  # read on to the end of the chunked body (the connection is reused)
+            continue  # read on to the end of the chunked body
         chunk = orjson.loads(data)
         if chunk["choices"] and chunk["choices"][0].get("delta", {}).get("content"):
             n += 1
             if first is None:
                 first = time.perf_counter()
     end = time.perf_counter()
+    client.close()
     assert first is not None, "no content streamed"
     return {"ttft_ms": (first - t0) * 1000, "tokens_per_s": (n - 1) / (end - first) if n > 1 else 0.0, "tokens": n}
 
 
 def bench_chat(port: int, gguf: Path, rounds: int, n_tokens: int, threads: int | None, context: int) -> dict:
     names = ["Tom", "Mia", "Leo", "Zoe", "Max", "Ivy", "Sam", "Ada", "Ben", "Eva"]
-    client = RawStream(HOST, port)
     llama_decode(gguf, 8, "Hello", threads=threads, n_ctx=context)  # load + warm the in-process model
-    http_chat(client, "Hello", 8)  # warm the connection and the server's model
+    http_chat(port, "Hello", 8)  # warm the server's model
     base: list[dict[str, float]] = []
     http: list[dict[str, float]] = []
     for r in range(rounds):
@@ -129,10 +133,9 @@ def bench_chat(port: int, gguf: Path, rounds: int, n_tokens: int, threads: int |
             if side == "base":
                 base.append(llama_decode(gguf, n_tokens, prompt, threads=threads, n_ctx=context))
             else:
-                http.append(http_chat(client, prompt, n_tokens))
+                http.append(http_chat(port, prompt, n_tokens))
         print(f"  chat round {r + 1}: in-process {base[-1]['tokens_per_s']:.1f} tok/s ttft {base[-1]['ttft_ms']:.1f} ms"
               f" | http {http[-1]['tokens_per_s']:.1f} tok/s ttft {http[-1]['ttft_ms']:.1f} ms", flush=True)
-    client.close()
     med = lambda rows, k: statistics.median(x[k] for x in rows)  # noqa: E731
     return {
         "base_tps": med(base, "tokens_per_s"), "http_tps": med(http, "tokens_per_s"),
