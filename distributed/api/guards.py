@@ -12,9 +12,11 @@ Checked before anything else reads the request, in one pass over the headers:
   (a name, ``.suffix`` for a domain and its subdomains, or ``*`` for anything).
   ``/rpc`` is exempt: it needs the cluster token, which no browser page holds, and peers
   address each other by whatever name their ``TARS_PEERS`` says;
-* state-changing methods (POST, PUT, PATCH, DELETE) need ``Content-Type:
-  application/json`` (415 otherwise): a cross-site ``<form>`` or ``text/plain`` fetch
-  cannot run a generation. ``/rpc`` is exempt for the same reason as above.
+* state-changing requests need ``Content-Type: application/json`` (415 otherwise): every
+  POST, and a PUT, PATCH or DELETE that carries a body, so a cross-site ``<form>`` or
+  ``text/plain`` fetch cannot run a generation (a bodiless ``DELETE /models/x`` needs no
+  type: browsers preflight DELETE, and this node answers no CORS preflight). ``/rpc`` is
+  exempt for the same reason as above.
 
 ``HEAD /health`` is answered like ``GET /health`` without the body (load balancers).
 """
@@ -142,6 +144,7 @@ class Guards:
         auth = 0
         host = ""
         ctype: bytes | None = None
+        body = scope["method"] == "POST"
         for k, v in scope["headers"]:
             if k == b"authorization":
                 auth += 1
@@ -149,6 +152,8 @@ class Guards:
                 host = v.decode("latin-1")
             elif k == b"content-type":
                 ctype = v
+            elif (k == b"content-length" and v.strip() not in (b"", b"0")) or k == b"transfer-encoding":
+                body = True
         if auth > 1:
             raise ValidationFailed("the request has more than one Authorization header; send exactly one",
                                    field="authorization")
@@ -159,7 +164,7 @@ class Guards:
         if not self.hosts.allows(h, server[0]):
             raise ValidationFailed(f"this node does not answer to the host name '{h[:100]}' (Host header); "
                                    "add it to TARS_ALLOWED_HOSTS if it is really this node's name", field="host")
-        if scope["method"] in STATE_CHANGING and (ctype is None or _media_type(ctype) != "application/json"):
+        if body and scope["method"] in STATE_CHANGING and (ctype is None or _media_type(ctype) != "application/json"):
             got = "none" if ctype is None else repr(_media_type(ctype)[:100])
             raise UnsupportedMediaType(f"{scope['method']} {path} needs 'Content-Type: application/json' "
                                        f"(got {got})", field="content-type")

@@ -60,6 +60,10 @@ async def test_state_changing_routes_need_json_content_type(tmp_path):
         assert node.targets[CHAT].info()["requests"] == 0  # nothing ran
         r = await c.post("/inference", content=body, headers={"content-type": "application/json; charset=utf-8"})
         assert r.status_code == 200
+        r = await c.request("DELETE", "/models/nope", content=b"x=1", headers={"content-type": "text/plain"})
+        assert r.status_code == 415  # a body must be JSON whatever the method
+        r = await c.delete("/models/nope")  # bodiless DELETE: no type needed (browsers preflight DELETE)
+        assert r.status_code != 415
 
 
 async def test_host_header_is_checked(tmp_path):
