@@ -7,8 +7,9 @@ Checked before anything else reads the request, in one pass over the headers:
 * the ``Host`` header names this node (DNS rebinding: a page from ``evil.example`` whose
   name was re-pointed at this LAN address sends ``Host: evil.example``). Accepted: IP
   literals that are loopback or the address the connection arrived on (or the bind /
-  advertised address), ``localhost``, this node's name, the machine's host name (also
-  with any domain after it, ``pc1.lan``), the advertised host, and ``TARS_ALLOWED_HOSTS``
+  advertised address), single-label names (``localhost``, ``pc1``: a rebinding page needs a
+  public domain it controls, which has a dot), this node's name and the machine's host name
+  with any domain after them (``pc1.lan``), the advertised host, and ``TARS_ALLOWED_HOSTS``
   (a name, ``.suffix`` for a domain and its subdomains, or ``*`` for anything).
   ``/rpc`` is exempt: it needs the cluster token, which no browser page holds, and peers
   address each other by whatever name their ``TARS_PEERS`` says;
@@ -98,6 +99,8 @@ class HostPolicy:
             local = _ip(local_addr or "")
             return local is not None and (local == ip or (ip.version == 6 and local == getattr(ip, "ipv4_mapped", None)))
         if host == (local_addr or "").lower():  # in-process transports put the URL's host in scope["server"]
+            return True
+        if "." not in host:  # a single label cannot be a public domain an attacker re-points at us
             return True
         return host in self.names or host.startswith(self.prefixes) or host.endswith(self.suffixes)
 

@@ -68,7 +68,7 @@ async def test_state_changing_routes_need_json_content_type(tmp_path):
 
 async def test_host_header_is_checked(tmp_path):
     async with serve(tmp_path) as (c, node):
-        for host in ("127.0.0.2:8000", "localhost:8000", "pc1", "127.0.0.1", "[::1]:8000"):
+        for host in ("127.0.0.2:8000", "localhost:8000", "pc1", "127.0.0.1", "[::1]:8000", "bench", "pc1.lan"):
             assert (await c.get("/health", headers={"host": host})).status_code == 200, host
         r = await c.get("/status", headers={"host": "evil.example:8000"})
         assert r.status_code == 400 and "TARS_ALLOWED_HOSTS" in r.json()["error"]["message"]
