@@ -154,7 +154,8 @@ async def level(host: str, port: int, streams: int, per_client: int, max_tokens:
     await asyncio.gather(*(client(c) for c in range(streams)))
     wall = time.perf_counter() - t0
     ttft = sorted(r["ttft_ms"] for r in runs)
-    return {"streams": streams, "requests": len(runs), "aggregate_tps": sum(r["tokens"] for r in runs) / wall,
+    return {"streams": streams, "requests": len(runs), "tokens": sum(r["tokens"] for r in runs),
+            "aggregate_tps": sum(r["tokens"] for r in runs) / wall,
             "ttft_p50_ms": statistics.median(ttft), "ttft_p95_ms": ttft[min(len(ttft) - 1, round(0.95 * (len(ttft) - 1)))],
             "decode_tps": statistics.median(r["decode_tps"] for r in runs)}
 
@@ -225,13 +226,21 @@ def main() -> None:
             asyncio.run(level(h, p, 1, 1, 8, f"warm {name}"))
             asyncio.run(level(h, p, args.streams, 1, 8, f"warm {name} x"))
         results: dict[str, dict[int, list[dict[str, Any]]]] = {s: {1: [], args.streams: []} for s in sides}
+        import psutil
+
+        node_proc = psutil.Process(node.pid)  # the node's own CPU (its llama-server child not included)
+        node_cpu = node_tokens = 0.0
         for r in range(args.rounds):
             order = ("bare", "node") if r % 2 == 0 else ("node", "bare")
             for side in order:
                 h, p = sides[side]
                 for n in (1, args.streams):
+                    cpu0 = sum(node_proc.cpu_times()[:2])
                     res = asyncio.run(level(h, p, n, args.per_client, args.max_tokens, f"round {r} {side} {n}"))
                     results[side][n].append(res)
+                    if side == "node":
+                        node_cpu += sum(node_proc.cpu_times()[:2]) - cpu0
+                        node_tokens += res["tokens"]
                     print(f"  round {r + 1} {side:4} {n} stream(s): {res['aggregate_tps']:6.1f} tok/s aggregate, "
                           f"ttft p50 {res['ttft_p50_ms']:6.1f} ms, decode {res['decode_tps']:5.1f} tok/s/stream",
                           flush=True)
@@ -247,6 +256,8 @@ def main() -> None:
         "binary": binary.to_dict(), "threads": threads, "parallel": args.parallel, "context": args.context,
         "streams": s, "per_client": args.per_client, "max_tokens": args.max_tokens, "rounds": args.rounds,
         "node_start_s": round(start_s, 2),
+        "node_cpu_ms_per_token": round(node_cpu * 1000 / node_tokens, 3) if node_tokens else None,
+        "load_average": os.getloadavg(),
         "bare": {n: {k: round(med("bare", n, k), 2) for k in ("aggregate_tps", "ttft_p50_ms", "ttft_p95_ms", "decode_tps")}
                  for n in (1, s)},
         "node": {n: {k: round(med("node", n, k), 2) for k in ("aggregate_tps", "ttft_p50_ms", "ttft_p95_ms", "decode_tps")}

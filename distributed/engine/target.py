@@ -42,6 +42,7 @@ except ImportError:  # the single-module targets.py layout: plain strings
         LOADING, READY, FAILED, UNAVAILABLE = "loading", "ready", "failed", "unavailable"
 from . import wire
 from .binary import EngineBinary
+from .sse import EngineRefused, SseStream
 from .supervisor import ChildState, Supervisor
 
 log = get_logger(__name__)
@@ -190,18 +191,23 @@ class EngineTarget(LocalTarget):
 
     def _gone(self, exc: Exception) -> ModelFailed:
         sup = self.supervisor
-        why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if isinstance(exc, asyncio.IncompleteReadError):
+            why = "the connection closed before the answer ended"
+        else:
+            why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         return ModelFailed(f"the engine of model '{self.model}' on {self.node} stopped answering mid-request "
                            f"({why}); it is being restarted, retry in a few seconds", model=self.model,
                            node=self.node, retry_after=2, engine_state=sup.state.value if sup else None)
 
     async def _refused(self, resp: Any, messages: bool) -> TarsError:
-        raw = await resp.aread()
+        return self._refusal(resp.status_code, await resp.aread(), messages)
+
+    def _refusal(self, status: int, raw: bytes, messages: bool) -> TarsError:
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
             body = raw.decode("utf-8", "replace")
-        return wire.engine_error(resp.status_code, body, self.model, self.node, messages=messages)
+        return wire.engine_error(status, body, self.model, self.node, messages=messages)
 
     def _notes(self, req: GenerateRequest, usage: Usage) -> list[str]:
         if usage.prompt_tokens + req.max_tokens > self.context:
@@ -246,8 +252,6 @@ class EngineTarget(LocalTarget):
                           notes=self._notes(req, usage), **extra)
 
     async def stream(self, req: GenerateRequest) -> AsyncIterator[TokenChunk | Completion]:
-        import httpx
-
         t0 = time.perf_counter()
         self._validate(req)
         path, body = wire.payload(req, self.model)
@@ -260,16 +264,8 @@ class EngineTarget(LocalTarget):
         try:
             async with self.slots.slot():
                 try:
-                    async with self._client.stream("POST", self.base_url + path, content=orjson.dumps(body),
-                                                   headers={"Content-Type": "application/json"}) as resp:
-                        if resp.status_code != 200:
-                            raise await self._refused(resp, req.messages is not None)
-                        async for line in resp.aiter_lines():
-                            if not line.startswith("data:"):
-                                continue
-                            data = line[5:].strip()
-                            if data == "[DONE]":
-                                break
+                    async with SseStream(self.host, self._port, path, orjson.dumps(body), self._key) as events:
+                        async for data in events:
                             chunk = orjson.loads(data)
                             if "error" in chunk and "choices" not in chunk:
                                 raise wire.engine_error(int(chunk["error"].get("code") or 500), chunk, self.model,
@@ -280,7 +276,9 @@ class EngineTarget(LocalTarget):
                                     first = time.perf_counter()
                                 n += 1
                                 yield piece
-                except httpx.TransportError as exc:
+                except EngineRefused as exc:
+                    raise self._refusal(exc.status, exc.body, req.messages is not None) from None
+                except (OSError, asyncio.IncompleteReadError) as exc:
                     raise self._gone(exc) from None
             tool_piece = state.tool_chunk()
             if tool_piece is not None:
@@ -319,6 +317,13 @@ class EngineTarget(LocalTarget):
                          "pid": sup.pid if sup is not None and sup.running else None,
                          "state": sup.state.value if sup is not None else "stopped",
                          "restarts": max(0, sup.starts - 1) if sup is not None else 0}
+        if sup is not None and sup.running and sup.pid:
+            try:
+                import psutil
+
+                out["memory"] = {"ram_mb": round(psutil.Process(sup.pid).memory_info().rss / 2**20, 1)}
+            except Exception:  # noqa: BLE001 - a best-effort figure
+                pass
         return out
 
 
