@@ -254,7 +254,7 @@ class TokenChunk(_Data):
     finish_reason: str | None = None
     logprobs: list[dict[str, Any]] | None = None  # entries for the tokens of this piece (Completion.logprobs shape)
     tool_calls: list[dict[str, Any]] | None = None  # set on the piece that completes the tool calls (text "")
-    tokens: int | None = None  # tokens this piece stands for when not one text piece (a tool-call piece)
+    tokens: int | None = None  # tokens this piece stands for when not exactly one (a tool-call piece, held text)
 
 
 @dataclass

@@ -397,7 +397,7 @@ class LlamaCppBackend(ChatBackend):
                     return
                 text, entries = piece
                 if text or entries:
-                    yield TokenChunk(text, logprobs=entries if req.logprobs else None)
+                    yield TokenChunk(text, logprobs=entries or None, tokens=len(entries) if entries else None)
         except (ValueError, RuntimeError) as exc:  # llama_decode failures, sampler errors
             raise TarsError(f"generation failed in llama.cpp for '{self.spec.id}': {exc}") from exc
         finally:

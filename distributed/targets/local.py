@@ -181,7 +181,7 @@ class LocalTarget(Target):
                 elif chunk.text:
                     if first is None:
                         first = time.perf_counter()
-                    n += 1
+                    n += chunk.tokens or 1  # a piece held back for a stop string may span tokens
                     yield chunk
         finally:
             end = time.perf_counter()

@@ -61,7 +61,7 @@ def _smollm2_or_skip() -> None:
 
 async def _serve(tmp: Any, name: str, engine: str, **extra: Any) -> Any:
     settings = load_settings(None, node_name=name, models_dir=tmp, context=CONTEXT, threads=2, models=[CHAT],
-                             chat_engine=engine, parallel=2)
+                             chat_engine=engine, parallel=2, request_timeout_s=900)
     profile = HostProfile(hostname=name, cpu_model="test cpu", cpu_cores=2, ram_total_mb=16000, ram_free_mb=12000)
     node = Node(settings, profile, backend_extra=extra or None)
     return node, create_app(settings, node)
@@ -79,6 +79,7 @@ async def api(request, tmp_path_factory) -> Any:
                                      timeout=180) as client:
             assert await node.targets[CHAT].wait_loaded(300) == "ready", getattr(node.targets[CHAT], "error", "")
             client.engine = engine  # type: ignore[attr-defined]
+            client.app = app  # type: ignore[attr-defined]
             yield client
 
 
@@ -167,12 +168,16 @@ async def test_completions_logprobs_legacy_shape(api):
 
 
 async def test_penalties_change_a_greedy_answer(api):
-    body = {"model": CHAT, "prompt": "cat cat cat cat cat cat cat cat", "max_tokens": 12, "temperature": 0.0}
-    plain = await api.post("/v1/completions", json=body)
-    penalised = await api.post("/v1/completions", json={**body, "frequency_penalty": 2.0, "presence_penalty": 2.0})
+    def distinct(text: str) -> float:
+        words = text.split()
+        return len(set(words)) / max(1, len(words))
+
+    ask = [{"role": "user", "content": "List as many animals as you can."}]
+    plain = await chat(api, messages=ask, max_tokens=60)
+    penalised = await chat(api, messages=ask, max_tokens=60, frequency_penalty=2.0, presence_penalty=2.0)
     assert plain.status_code == penalised.status_code == 200, penalised.text
-    a, b = (r.json()["choices"][0]["text"] for r in (plain, penalised))
-    assert a.count("cat") > b.count("cat"), (a, b)
+    a, b = (r.json()["choices"][0]["message"]["content"] for r in (plain, penalised))
+    assert a != b and distinct(b) > distinct(a), (a, b)  # penalised: fewer repeated words
 
 
 async def test_n_choices_and_streamed_usage(api):
@@ -222,6 +227,32 @@ async def test_refused_parameters_are_400_naming_them(api, body, param):
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == param and err["type"] == "invalid_request_error" and param in err["message"]
+
+
+async def test_openai_client_json_mode_schema_and_logprobs(api):
+    openai = pytest.importorskip("openai")
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=api.app), timeout=180)  # type: ignore[attr-defined]
+    client = openai.AsyncOpenAI(base_url="http://surface/v1", api_key="unused", http_client=http, max_retries=0)
+    try:
+        ask = [{"role": "user", "content": "Invent a person with a name and an age."}]
+        out = await client.chat.completions.create(model=CHAT, messages=ask, max_tokens=120, temperature=0,
+                                                   response_format={"type": "json_object"})
+        assert isinstance(json.loads(out.choices[0].message.content), dict)
+        out = await client.chat.completions.create(
+            model=CHAT, messages=ask, max_tokens=120, temperature=0, logprobs=True, top_logprobs=2,
+            response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}})
+        check_person(json.loads(out.choices[0].message.content))
+        lps = out.choices[0].logprobs.content
+        assert lps and all(isinstance(t.logprob, float) and len(t.top_logprobs) == 2 for t in lps)
+        stream = await client.chat.completions.create(model=CHAT, messages=ask, max_tokens=6, stream=True,
+                                                      stream_options={"include_usage": True})
+        chunks = [ch async for ch in stream]
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+        with pytest.raises(openai.BadRequestError) as err:
+            await client.chat.completions.create(model=CHAT, messages=ask, logit_bias={"1": 5})
+        assert err.value.param == "logit_bias"
+    finally:
+        await http.aclose()
 
 
 # --------------------------------------------------------------------------- in-process only
