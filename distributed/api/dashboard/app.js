@@ -71,6 +71,12 @@
     return s + " s";
   }
   function stateClass(state) { return "pill state-" + String(state || "unknown").toLowerCase(); }
+  // "pulling 42%" while the host that serves a model downloads it (deploy/pull.py)
+  function stateText(m) {
+    var s = m.state || "unknown";
+    if (s === "pulling" && m.progress && m.progress.percent != null) s += " " + Math.round(m.progress.percent) + "%";
+    return s;
+  }
 
   // ------------------------------------------------------------------ theme
   function darkNow() {
@@ -324,8 +330,9 @@
       var row = h("tr", { "data-model": m.id, "data-state": m.state },
         h("td", null, h("code", { text: m.id }), m.fallback ? " (fallback)" : null),
         h("td", { text: m.kind || "–" }),
-        h("td", { text: m.node || "–" }),
-        h("td", null, h("span", { class: stateClass(m.state), text: m.state || "unknown", title: m.error || null })),
+        // a model on several hosts (replicas) lists them all
+        h("td", { text: m.replicas ? m.replicas.map(function (r) { return r.node; }).join(", ") : (m.node || "–") }),
+        h("td", null, h("span", { class: stateClass(m.state), text: stateText(m), title: m.error || null })),
         h("td", { text: (m.backend || "–") + (m.engine && m.engine.name ? " · " + m.engine.name : "") }),
         h("td", { text: m.quant || "–" }),
         // engine slots busy/total beside the queue: "3 · 2/4 slots"
