@@ -10,8 +10,9 @@ opens a token-checked tunnel to it (``relay.Tunnel``, 127.0.0.1 here); the engin
 - engine host with a CUDA build: ``-ngl 999 -sm layer --tensor-split <remote..>,<local>``
   (llama.cpp lists RPC devices first, then local GPUs; the output layer stays local);
 - engine host with a CPU build (simulated GPUs): ``-ngl <remote layers + 1>``: llama.cpp
-  offloads the *last* layers and the output layer to the workers, the rest stays on the
-  local CPU (``--tensor-split`` across the workers when there are several).
+  offloads the *last* layers to the workers, the rest stays on the local CPU
+  (``--tensor-split`` across the workers when there are several); the output layer is kept
+  here (``-ot``), or the logits would cross the link every token.
 
 **Failure.** llama.cpp aborts an engine whose RPC worker goes away. The supervisor
 restarts it; meanwhile a watcher probes each worker through the relay. A worker host that
@@ -46,6 +47,7 @@ from .service import SplitService, service_of
 
 log = get_logger(__name__)
 
+KEEP_OUTPUT_HERE = r"^(output|token_embd)\.weight$=CPU"
 Alone = Callable[[], "tuple[int | None, str]"]  # → (n_gpu_layers on this host alone | None, why)
 
 
@@ -127,6 +129,7 @@ class SplitEngineTarget(EngineTarget):
             split = layers + [self.local_share["layers"]]
             return _set_opt(argv, "-ngl", "999") + ["-sm", "layer", "--tensor-split", ",".join(map(str, split))]
         argv = _set_opt(argv, "-ngl", str(sum(layers) + 1))
+        argv += ["-ot", KEEP_OUTPUT_HERE]  # else the logits (vocab x 4 bytes) would cross the link every token
         return argv + (["--tensor-split", ",".join(map(str, layers))] if len(layers) > 1 else [])
 
     def argv(self, path: Path) -> list[str]:

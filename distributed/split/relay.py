@@ -65,25 +65,76 @@ def _nodelay(writer: asyncio.StreamWriter) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: dict[str, int], way: str) -> None:
-    nbytes, nreads = f"bytes_{way}", f"reads_{way}"
-    stats.setdefault(nbytes, 0)
-    stats.setdefault(nreads, 0)
-    try:
-        while data := await reader.read(CHUNK):
-            writer.write(data)
-            stats[nbytes] += len(data)
-            stats[nreads] += 1  # about one per RPC message: what each costs on a LAN is a round trip
-            if writer.transport.get_write_buffer_size() > CHUNK:
-                await writer.drain()
-    except (ConnectionError, OSError):
-        pass
-    finally:
+class _Forward(asyncio.Protocol):
+    """One direction of a channel: what its transport reads is written to the peer's
+    transport at once, in the event loop's callback (no task switch per message — each RPC
+    message costs one wake-up here). Flow control: a full write buffer on one side pauses
+    reading on the other."""
+
+    def __init__(self, channel: "_Splice", transport: asyncio.Transport, way: str) -> None:
+        self.channel, self.transport = channel, transport
+        self.peer: _Forward | None = None
+        self.nbytes, self.nreads = f"bytes_{way}", f"reads_{way}"
+        channel.stats.setdefault(self.nbytes, 0)
+        channel.stats.setdefault(self.nreads, 0)
+
+    def data_received(self, data: bytes) -> None:
+        assert self.peer is not None
+        self.peer.transport.write(data)
+        self.channel.stats[self.nbytes] += len(data)
+        self.channel.stats[self.nreads] += 1  # about one per RPC message: a LAN round trip each
+
+    def eof_received(self) -> bool:
+        assert self.peer is not None
         try:
-            if writer.can_write_eof():
-                writer.write_eof()
+            if self.peer.transport.can_write_eof():
+                self.peer.transport.write_eof()
         except (ConnectionError, OSError, RuntimeError):
             pass
+        self.channel.ended()
+        return True  # half-closed: the other direction may still be flushing
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.channel.close()
+
+    def pause_writing(self) -> None:
+        if self.peer is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None:
+            self.peer.transport.resume_reading()
+
+
+class _Splice:
+    def __init__(self, stats: dict[str, int]) -> None:
+        self.stats = stats
+        self.loop = asyncio.get_running_loop()
+        self.done: asyncio.Future[None] = self.loop.create_future()
+        self.transports: list[asyncio.Transport] = []
+        self._timer: asyncio.TimerHandle | None = None
+
+    def ended(self) -> None:
+        """One direction ended: give the other a moment to flush, then end the channel."""
+        if self._timer is None:
+            self._timer = self.loop.call_later(0.5, self.close)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        for t in self.transports:
+            t.close()
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+def _take_buffered(reader: asyncio.StreamReader) -> tuple[bytes, bool]:
+    """What the stream reader holds already (read past the preface), and whether it saw EOF."""
+    buf = getattr(reader, "_buffer", None)
+    data = bytes(buf) if buf else b""
+    if buf:
+        buf.clear()
+    return data, reader.at_eof() or bool(getattr(reader, "_eof", False))
 
 
 async def _close(writer: asyncio.StreamWriter) -> None:
@@ -95,20 +146,38 @@ async def _close(writer: asyncio.StreamWriter) -> None:
 
 
 async def splice(a: tuple[asyncio.StreamReader, asyncio.StreamWriter],
-                 b: tuple[asyncio.StreamReader, asyncio.StreamWriter], stats: dict[str, int]) -> None:
+                 b: tuple[asyncio.StreamReader, asyncio.StreamWriter], stats: dict[str, int],
+                 live: "set[_Splice] | None" = None) -> None:
     """Copy bytes both ways until either side closes; then close both. ``stats`` counts
-    bytes and reads each way (``up``: a → b), live."""
+    bytes and reads each way (``up``: a → b), live. The streams' transports get a plain
+    forwarding protocol each (asyncio streams cost a task switch per message)."""
+    ch = _Splice(stats)
+    ta, tb = a[1].transport, b[1].transport
+    ch.transports = [ta, tb]
+    if live is not None:
+        live.add(ch)
     try:
-        tasks = [asyncio.ensure_future(_pipe(a[0], b[1], stats, "up")),
-                 asyncio.ensure_future(_pipe(b[0], a[1], stats, "down"))]
-        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        # one direction ended: give the other a moment to flush, then end the channel
-        if pending:
-            await asyncio.wait(pending, timeout=0.5)
-        for t in tasks:
-            t.cancel()
+        if ta.is_closing() or tb.is_closing():
+            return
+        up, down = _Forward(ch, ta, "up"), _Forward(ch, tb, "down")
+        up.peer, down.peer = down, up
+        left_a, eof_a = _take_buffered(a[0])
+        left_b, eof_b = _take_buffered(b[0])
+        ta.set_protocol(up)
+        tb.set_protocol(down)
+        for data, proto in ((left_a, up), (left_b, down)):
+            if data:
+                proto.data_received(data)
+        for eof, proto in ((eof_a, up), (eof_b, down)):
+            if eof:
+                proto.eof_received()
+        ta.resume_reading()
+        tb.resume_reading()
+        await ch.done
     finally:
-        await asyncio.gather(_close(a[1]), _close(b[1]))
+        ch.close()
+        if live is not None:
+            live.discard(ch)
 
 
 class _Channels:
@@ -116,6 +185,7 @@ class _Channels:
 
     def __init__(self) -> None:
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.splices: set[_Splice] = set()
 
     def track(self) -> None:
         task = asyncio.current_task()
@@ -124,7 +194,11 @@ class _Channels:
             task.add_done_callback(self.tasks.discard)
 
     async def close(self) -> None:
-        for t in list(self.tasks):
+        for ch in list(self.splices):  # open channels end as if a side had closed
+            ch.close()
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=1.0)
+        for t in list(self.tasks):  # still in the handshake
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
 
@@ -209,7 +283,7 @@ class RelayServer:
         _nodelay(local[1])
         writer.write(_mac(self._token, b"ok", preface[16:32]))
         try:
-            await splice((reader, writer), local, self.stats)
+            await splice((reader, writer), local, self.stats, self._channels.splices)
         finally:
             self.stats["open"] -= 1
 
@@ -290,6 +364,6 @@ class Tunnel:
         self.stats["accepted"] += 1
         self.stats["open"] += 1
         try:
-            await splice((reader, writer), remote, self.stats)
+            await splice((reader, writer), remote, self.stats, self._channels.splices)
         finally:
             self.stats["open"] -= 1

@@ -53,7 +53,8 @@ def test_cpu_engine_host_offloads_the_workers_layers_from_the_end() -> None:
     argv = t.argv(Path("/m.gguf"))
     pc2 = next(s["layers"] for s in t.assignment.split if s["node"] == "pc2")
     assert opt(argv, "--rpc") == "127.0.0.1:40001"
-    assert opt(argv, "-ngl") == str(pc2 + 1)  # its blocks + the output layer
+    assert opt(argv, "-ngl") == str(pc2 + 1)  # its blocks (+ the output layer, which -ot keeps here)
+    assert opt(argv, "-ot") == r"^(output|token_embd)\.weight$=CPU"  # the logits never cross the link
     assert "--tensor-split" not in argv  # one worker: nothing to divide
 
 
