@@ -198,6 +198,10 @@ def render_plan(hosts: dict[str, HostProfile], plan: Plan, reserve_mb: int, cont
         return {a.model: estimate(specs[a.model], context).n_layers for a in p.assignments if a.model in specs}
 
     _plan_table(con, "Plan for the models to serve (TARS_MODELS, else the embedded defaults)", plan, layers_of(plan))
+    from ..deploy.hints import replica_hints  # hosts left idle: replicas (issue 12.2)
+
+    for line in replica_hints(hosts, plan, specs, reserve_mb=reserve_mb, context=context):
+        con.print(f"[bold]Idle:[/] {line}")
     if not rec:
         return
     con.print()

@@ -1,0 +1,48 @@
+"""DesiredSet (the persisted desired models) and the replica hint of `tars plan`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from distributed.catalog import load_catalog
+from distributed.deploy.hints import replica_hints
+from distributed.deploy.state import STATE_FILE, DesiredSet
+from distributed.errors import ConfigError
+from distributed.planner import plan
+from distributed.profiler import profile_host
+
+
+def test_changes_are_kept_on_top_of_the_starting_set(tmp_path: Path) -> None:
+    d = DesiredSet(tmp_path, ["a", "b"])
+    assert d.models() == ["a", "b"]
+    assert d.deploy("c", 2, None) and not d.deploy("c", 2, None)  # the second is "unchanged"
+    assert d.remove("a") and not d.remove("zzz")
+    d.save()
+    assert json.loads((tmp_path / STATE_FILE).read_text()) == {
+        "version": 1, "deployed": {"c": {"replicas": 2, "node": None}}, "removed": ["a"]}
+    again = DesiredSet(tmp_path, ["a", "b", "new"])  # TARS_MODELS gained "new" meanwhile
+    assert again.models() == ["b", "new", "c"] and again.get("c").replicas == 2
+    assert again.deploy("a") and again.models() == ["a", "b", "new", "c"] and "a" not in again.deployed
+    assert again.deploy("b", 1, "pc2") and again.get("b").node == "pc2"  # a starting model re-placed
+
+
+def test_a_broken_file_stops_start_up_naming_it(tmp_path: Path) -> None:
+    (tmp_path / STATE_FILE).write_text("{not json")
+    with pytest.raises(ConfigError, match=STATE_FILE):
+        DesiredSet(tmp_path, ["a"])
+
+
+def test_plan_suggests_replicas_for_an_idle_host() -> None:
+    cat = load_catalog()
+    hosts = {"pc1": profile_host("rtx3060-12gb", "pc1"), "pc2": profile_host("gtx1660s-6gb", "pc2"),
+             "pc3": profile_host("gtx1660s-6gb", "pc3")}
+    specs = {s.id: s for s in cat.all()}
+    p = plan(hosts, cat.defaults())
+    hints = replica_hints(hosts, p, specs, reserve_mb=500, context=2048)
+    assert hints == [f"pc3 has nothing to serve: `tars run {cat.default('chat').id} --replicas 2` runs "
+                     f"{cat.default('chat').id} there too (each request goes to the least busy copy)"]
+    two = {k: hosts[k] for k in ("pc1", "pc2")}
+    assert replica_hints(two, plan(two, cat.defaults()), specs, reserve_mb=500, context=2048) == []
