@@ -56,8 +56,6 @@ class Deployer:
     def plan(self, hosts: dict[str, HostProfile]) -> Plan:
         """The planner over ``hosts`` for the desired set; a model pinned to a host (deploy
         with ``node``) is placed there beside what the plan already puts on it."""
-        from .. import planner
-
         specs = self.specs()
         pinned = {m: d.node for m, d in self.desired.deployed.items() if d.node in hosts}
         free = [s for s in specs if s.id not in pinned]
