@@ -121,7 +121,9 @@ async def one(client: httpx.AsyncClient, kind: str, rec: Recorder, t_start: floa
 
 async def load(url: str, clients: int, seconds: float, rec: Recorder, slow_s: float) -> None:
     kinds = ["chat", "chat", "stream", "embed", "embed"]
-    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    # keep-alive expires on this side before the node's 5 s (TARS_KEEPALIVE_S), as a client should:
+    # otherwise a request sent on a connection the node is closing that instant fails (ReadError)
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4, keepalive_expiry=3.0)
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(120.0), limits=limits) as client:
         t_start = time.monotonic()
         end = t_start + seconds
@@ -156,7 +158,7 @@ def main() -> int:
     if args.backend:
         common["TARS_BACKEND_OVERRIDE"] = args.backend
     pc1 = ServerProcess("pc1", "127.0.0.2", ports=range(18780, 18790), log_dir=logdir,
-                        env={**common, "TARS_GPU_PROFILE": "rtx3060-12gb"})
+                        env={**common, "TARS_GPU_PROFILE": "rtx3060-12gb", "TARS_LOG_LEVEL": "info"})
     pc1.start(timeout=300)
     pc2 = ServerProcess("pc2", "127.0.0.3", ports=range(18790, 18800), log_dir=logdir,
                         env={**common, "TARS_GPU_PROFILE": "gtx1660s-6gb", "TARS_PEERS": pc1.url})

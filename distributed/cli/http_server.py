@@ -142,7 +142,8 @@ class ConnectionGuard:
         self.conns.pop(conn, None)
         self.closed_idle += 1
         if self.log is not None:
-            self.log.debug("closing a client connection: %s", why)
+            peer = getattr(getattr(conn, "transport", None), "get_extra_info", lambda _: None)("peername")
+            self.log.debug("closing the connection of %s: %s", peer, why)
         transport = getattr(conn, "transport", None)
         if transport is not None and not transport.is_closing():
             transport.abort()
@@ -204,6 +205,8 @@ def build_server(app: Any, settings: Any, log: Any) -> Any:
 
         async def shutdown(self, sockets: Any = None) -> None:
             guard.stop()
+            log.info("connection guard: %d connection(s) closed for idling or slow headers/body, %d turned away "
+                     "(all busy)", guard.closed_idle, guard.refused)
             await super().shutdown(sockets=sockets)
 
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
