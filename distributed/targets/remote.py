@@ -387,9 +387,11 @@ class RemoteTarget(Target):
         }
         if self.kind == "embed":
             out["channel_calls"] = self._coalescer.calls  # < forwarded: requests were coalesced
-        for key in ("embeddings", "dim", "context", "error", "split", "split_mode", "missing"):
+        for key in ("embeddings", "dim", "context", "error", "split", "split_mode", "missing", "progress"):
             if key in remote:
                 out[key] = remote[key]
+        if remote.get("state") == "pulling" and out["state"] == TargetState.LOADING:
+            out["state"] = "pulling"  # its host is downloading it (deploy/pull.py), percent in "progress"
         if "split" not in out and a.get("split"):  # pooled VRAM: the hosts it runs on, as planned
             out["split"] = a["split"]
         if self.standin is not None:

@@ -46,3 +46,24 @@ def test_plan_suggests_replicas_for_an_idle_host() -> None:
                      f"{cat.default('chat').id} there too (each request goes to the least busy copy)"]
     two = {k: hosts[k] for k in ("pc1", "pc2")}
     assert replica_hints(two, plan(two, cat.defaults()), specs, reserve_mb=500, context=2048) == []
+
+
+def test_a_pull_on_a_peer_shows_in_this_hosts_model_list() -> None:
+    import asyncio
+
+    from distributed.targets import RemoteTarget
+
+    class Peer:  # what a RemoteTarget reads of its peer (cluster.Peer provides it)
+        name, state, reachable, client = "pc2", "alive", True, None
+        gone = asyncio.Event()
+        reports = {"state": "pulling", "progress": {"done_bytes": 10, "total_bytes": 40, "percent": 25.0}}
+
+        def model_info(self, model: str) -> dict:
+            return dict(self.reports, id=model)
+
+    peer = Peer()
+    t = RemoteTarget("big", "chat", peer, assignment={"backend": "llama_cpp", "quant": "Q4_K_M"})
+    info = t.info()
+    assert info["state"] == "pulling" and info["progress"]["percent"] == 25.0 and t.state == "loading"
+    peer.reports = {"state": "ready"}
+    assert t.info()["state"] == "ready" and "progress" not in t.info()
