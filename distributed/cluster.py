@@ -59,6 +59,13 @@ log = get_logger(__name__)
 __all__ = ["Cluster", "Peer", "plan_id"]
 
 
+def _llama_cpp() -> str:
+    """The llama.cpp this install runs (the llama-cpp-python release that vendors it; "" unknown)."""
+    from .engine.binary import llama_cpp_python_version
+
+    return llama_cpp_python_version()
+
+
 def plan_id(plan: Plan) -> str:
     return hashlib.sha1(orjson.dumps(plan.to_dict(), option=orjson.OPT_SORT_KEYS)).hexdigest()[:12]
 
@@ -137,6 +144,7 @@ class Cluster:
     def _join_params(self) -> dict[str, Any]:
         profile = self.node.profile
         return {"name": self.name, "url": self.settings.base_url, "role": self.role, "version": __version__,
+                "llama_cpp": _llama_cpp(),
                 "profile": profile.to_dict() if profile is not None else {}, "models": self._local_models(),
                 "fingerprint": self.pins.own}
 
@@ -183,7 +191,7 @@ class Cluster:
 
     # ----------------------------------------------------------------- RPC handlers
     async def handle_join(self, name: str, url: str, profile: dict[str, Any], role: str = "worker",
-                          version: str = "", models: list[dict[str, Any]] | None = None,
+                          version: str = "", llama_cpp: str = "", models: list[dict[str, Any]] | None = None,
                           fingerprint: str = "") -> dict[str, Any]:
         """A host joins (or rejoins after a restart): replan over every live host, apply, answer the plan."""
         if self.role == "standalone":
@@ -192,6 +200,12 @@ class Cluster:
             raise ValidationFailed(f"node {self.name} is a worker; join the server {self.server or '(unknown)'} "
                                    "instead", field="TARS_PEERS")
         name = peer_urls.check_name(name)
+        mine = _llama_cpp()
+        if llama_cpp and mine and llama_cpp != mine and self.settings.split != "off":
+            raise ConfigError(f"{name} runs llama.cpp of llama-cpp-python {llama_cpp} and {self.name} runs {mine}: "
+                              "a model split across hosts needs one llama.cpp version on both (install the same "
+                              "llama-cpp-python and rebuild the engine with scripts/build_engine.sh, or set "
+                              "TARS_SPLIT=off on the server)", peer=name, peer_version=llama_cpp, version=mine)
         if name == self.name:
             raise ValidationFailed(f"node name '{name}' is already taken by the node you are joining; give each "
                                    "host its own TARS_NODE_NAME", field="name")

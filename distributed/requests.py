@@ -103,6 +103,7 @@ class JoinParams(_Lenient):
     models: list[dict[str, Any]] = Field(default_factory=list)
     fingerprint: str = ""  # SHA-256 of its TLS certificate when it serves https (tls.py pins it)
     gpus: list[dict[str, Any]] | None = None  # its live GPU figures (checked against the profile's claims)
+    llama_cpp: str = ""  # its llama.cpp (the llama-cpp-python release): a split needs one version on both hosts
 
 
 class HeartbeatParams(_Lenient):
