@@ -82,7 +82,9 @@ def resolve(node: Any, model: str | None) -> Any:
     targets = node.targets
     if not model:
         reranker = next((t for t in targets.values() if t.kind == "rerank"), None)
-        return reranker if reranker is not None else node.resolve(None, "embed")
+        if reranker is None:
+            return node.resolve(None, "embed")
+        model = reranker.model
     target = targets.get(model)
     if target is None:
         ranking = [m for m, t in targets.items() if t.kind in RANKING_KINDS]
@@ -90,7 +92,8 @@ def resolve(node: Any, model: str | None) -> Any:
     if target.kind not in RANKING_KINDS:
         raise ValidationFailed(f"model '{model}' is a {target.kind} model; rerank needs an embedding or a "
                                "rerank model", field="model", model=model)
-    return target
+    deployer = getattr(node, "deployer", None)
+    return deployer.route(model, target) if deployer is not None else target  # replicas
 
 
 async def rerank(node: Any, req: RerankRequest, *, max_documents: int | None = None) -> RerankResult:
@@ -108,14 +111,35 @@ async def rerank(node: Any, req: RerankRequest, *, max_documents: int | None = N
 async def score(node: Any, target: Any, query: str, documents: list[str]) -> RerankResult:
     """Scores of ``documents`` against ``query`` by ``target`` (local or remote)."""
     if target.kind == "embed":
-        return await _cosine(target, query, documents)
+        return await _cosine(target, query, documents)  # a ReplicaSet's embed picks a replica itself
+    if hasattr(target, "call_replica"):  # several hosts serve it: the least busy live one
+        return await target.call_replica(lambda m: score(node, m, query, documents))
     local = computing_here(target)
     if local is not None:
         return await score_local(local, query, documents)
-    client = target.peer.client  # a RemoteTarget: the peer computes it
+    return await _on_peer(node, target, query, documents)
+
+
+async def _on_peer(node: Any, target: Any, query: str, documents: list[str]) -> RerankResult:
+    """``rerank.score`` on the peer that serves the model; while that peer is down (or refused
+    the call before it was sent), the cluster's failover serves it here when it fits."""
+    from .errors import PeerUnavailable
+
+    cluster = getattr(node, "cluster", None)
+    failover = getattr(target, "failover", None) if cluster is not None else None
+    if getattr(target, "peer_down", False) and failover is not None:
+        standin = await failover(target, PeerUnavailable(
+            f"model '{target.model}' runs on {target.node}, which is down", peer=target.node, model=target.model))
+        return await score_local(standin, query, documents)
     timeout = float(getattr(node.settings, "request_timeout_s", 300.0))
-    out = await client.call("rerank.score", {"model": target.model, "query": query, "documents": documents},
-                            timeout=timeout)
+    try:
+        out = await target.peer.client.call("rerank.score", {"model": target.model, "query": query,
+                                                             "documents": documents}, timeout=timeout)
+    except PeerUnavailable as exc:
+        if exc.details.get("phase") != "connect" or failover is None:
+            raise
+        target.peer.failed(exc.message)  # unreachable until it answers again, as RemoteTarget does
+        return await score_local(await failover(target, exc), query, documents)
     return RerankResult(model=out["model"], node=out["node"], scores=[float(x) for x in out["scores"]],
                         prompt_tokens=int(out.get("prompt_tokens", 0)), method=out.get("method", "cross-encoder"))
 

@@ -128,6 +128,11 @@ class ReplicaSet(Target):
             finally:
                 self._end(m)
 
+    async def call_replica(self, fn: Callable[[Target], Any]) -> Any:
+        """``await fn(member)`` on the least busy live member, retried on the next as above
+        (rerank.py scores a reranker through it)."""
+        return await self._call(fn)
+
     async def generate(self, req: GenerateRequest) -> Completion:
         return await self._call(lambda m: m.generate(req))
 

@@ -32,6 +32,9 @@ def register_rerank(server: Any) -> None:
     async def score(params: RerankParams) -> dict[str, Any]:
         limit = int(getattr(server.settings, "rerank_max_documents", DEFAULT_MAX_DOCUMENTS))
         validate(RerankRequest(query=params.query, documents=params.documents, model=params.model), limit)
+        deployer = getattr(node, "deployer", None)
+        if deployer is not None:
+            deployer.mark_forwarded()  # a replicated reranker: the copy here computes it
         target = resolve(node, params.model)
         here = computing_here(target) if target.kind == "rerank" else None
         if here is None:

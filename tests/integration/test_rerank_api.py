@@ -151,10 +151,39 @@ async def test_rerank_is_forwarded_to_the_host_that_serves_the_reranker():
         assert r.status_code == 200 and r.json()[0]["index"] == 1  # MiniLM on pc2 through embed.encode
         await pc2.crash()
         r = await pc1.http.post("/v1/rerank", json={"model": RR, "query": QUERY, "documents": DOCS})
-        # the reranker fits here: the node's fallback serves it, else a 503 naming the peer
-        assert r.status_code in (200, 503), r.text
-        if r.status_code == 503:
-            assert "pc2" in r.json()["error"]["message"]
+        # its host is down and the reranker fits here: the cluster's fallback serves it on pc1
+        assert r.status_code == 200, r.text
+        assert r.json()["node"] == "pc1" and [x["index"] for x in r.json()["results"]] == [1, 2, 0]
+    finally:
+        await pc1.stop()
+        await pc2.stop()
+
+
+async def test_a_replicated_reranker_is_served_by_its_replicas_and_survives_one_dying(tmp_path):
+    import asyncio
+
+    net = Net()
+    pc1 = await Host(net, "pc1", PC1_URL, "rtx3060-12gb", models=[CHAT, EMB], models_dir=tmp_path / "1").start()
+    pc2 = await Host(net, "pc2", PC2_URL, "gtx1660s-6gb", peers=(PC1_URL,), models=[CHAT, EMB],
+                     models_dir=tmp_path / "2").start()
+    try:
+        await until(lambda: len(pc1.node.cluster.hosts()) == 2, what="pc2 joined")
+        r = await pc1.http.post("/models", json={"model": RR, "replicas": 2})
+        assert r.status_code == 202 and len(r.json()["placement"]) == 2, r.text
+
+        def both_ready() -> bool:
+            rs = pc1.node.deployer.replicas.sets.get(RR)
+            return rs is not None and {m.node for m in rs.members() if rs._live(m)} == {"pc1", "pc2"}
+
+        await until(both_ready, timeout=10, what="two live replicas of the reranker")
+        body = {"model": RR, "query": QUERY, "documents": DOCS}
+        answers = await asyncio.gather(*(pc1.http.post("/v1/rerank", json=body) for _ in range(12)))
+        assert all(a.status_code == 200 for a in answers)
+        assert {a.json()["node"] for a in answers} <= {"pc1", "pc2"}
+        assert all([x["index"] for x in a.json()["results"]] == [1, 2, 0] for a in answers)
+        await pc2.crash()
+        answers = await asyncio.gather(*(pc1.http.post("/v1/rerank", json=body) for _ in range(6)))
+        assert [a.status_code for a in answers] == [200] * 6 and {a.json()["node"] for a in answers} == {"pc1"}
     finally:
         await pc1.stop()
         await pc2.stop()
