@@ -138,6 +138,11 @@ def test_split_serves_behind_the_token_survives_the_worker_host_and_comes_back(p
     assert sum(s["layers"] for s in a["split"]) == 18
     m = pc1.model()
     assert [s["state"] for s in m["split"]] == ["engine", "worker"]
+    # -- one model with its split in every host's routing table (/models)
+    wait_until(lambda: pc2.model().get("split"), 30, "pc2's /models showing the split", pc2)
+    m2 = pc2.model()
+    assert m2["node"] == "pc1" and [s["node"] for s in m2["split"]] == ["pc1", "pc2"]
+    assert [x["id"] for x in pc2.get("/models").json()["models"]].count(MODEL) == 1
     # -- both hosts answer, sensibly
     for node in (pc1, pc2):
         r = node.complete()

@@ -109,3 +109,29 @@ def test_engine_choice_builds_a_split_engine_for_a_split_assignment(tmp_path: Pa
         choice.decide = orig
     assert isinstance(t, SplitEngineTarget) and t.node == "pc1" and [s["node"] for s in t.remote] == ["pc2"]
     assert node.split is t.service
+
+
+def test_a_missing_worker_host_and_no_room_alone_is_a_503_naming_it() -> None:
+    import pytest
+
+    from distributed.errors import ModelFailed
+
+    t = target("cuda")
+    t._alone = lambda: (None, "needs 14115 MB of VRAM or 13949 MB of RAM; 2048 MB of RAM free")
+    t.missing = {"pc2": "split relay at 127.0.0.3:18001 unreachable: connection refused"}
+    t._choose_degraded()
+    assert t.mode == "down" and t.state == "failed"
+    with pytest.raises(ModelFailed) as err:
+        t._check_ready()
+    assert err.value.http_status == 503 and "pc2" in err.value.message and "unreachable" in err.value.message
+    info = t.info()
+    assert info["split_mode"] == "down" and info["missing"] == t.missing
+    assert [s["state"] for s in info["split"]] == ["engine", "missing"]
+
+
+def test_a_missing_worker_host_with_room_alone_runs_alone() -> None:
+    t = target("cuda")
+    t.missing = {"pc2": "gone"}
+    t._choose_degraded()
+    assert t.mode == "alone" and t._alone_layers == 20
+    assert "--rpc" not in t.argv(Path("/m.gguf"))
