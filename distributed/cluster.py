@@ -146,7 +146,7 @@ class Cluster:
         return {"name": self.name, "url": self.settings.base_url, "role": self.role, "version": __version__,
                 "llama_cpp": _llama_cpp(),
                 "profile": profile.to_dict() if profile is not None else {}, "models": self._local_models(),
-                "fingerprint": self.pins.own}
+                "fingerprint": self.pins.own, **{k: v for k, v in self.vitals().items() if k == "gpus"}}
 
     async def _join_loop(self, url: str) -> None:
         """cluster.join until it answers; backoff 0.25 s doubling to 5 s; each attempt logged."""
@@ -192,7 +192,7 @@ class Cluster:
     # ----------------------------------------------------------------- RPC handlers
     async def handle_join(self, name: str, url: str, profile: dict[str, Any], role: str = "worker",
                           version: str = "", llama_cpp: str = "", models: list[dict[str, Any]] | None = None,
-                          fingerprint: str = "") -> dict[str, Any]:
+                          fingerprint: str = "", gpus: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """A host joins (or rejoins after a restart): replan over every live host, apply, answer the plan."""
         if self.role == "standalone":
             raise ConfigError(f"node {self.name} runs standalone (TARS_ROLE=standalone) and accepts no peers")
@@ -220,7 +220,8 @@ class Cluster:
         known = name in self.peers
         peer = self.table.upsert(name, url, role=role, profile=host, models=models or [], version=version)
         peer.answered()
-        peer_urls.recheck_vram(peer, log)
+        peer.report(gpus=gpus)  # its live GPU figures, sent with the join: checked against the profile now
+        peer_urls.recheck_vram(peer, log)  # no models while its live VRAM figures disagree
         log.info("peer %s %s from %s", name, "rejoined" if known else "joined", url,
                  extra=fields(peer=name, gpu=host.best_gpu.name if host.best_gpu else "cpu"))
         plan = self._replan()
