@@ -23,6 +23,7 @@ Run from the repository root::
 
     .venv/bin/python -m benchmarks.bench_engine                       # ~3-5 min on 2 cores
     .venv/bin/python -m benchmarks.bench_engine --rounds 2 --max-tokens 32   # quick
+    .venv/bin/python -m benchmarks.bench_engine --inprocess   # + a node with the in-process engine (before)
 """
 
 from __future__ import annotations
@@ -173,6 +174,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--inprocess", action="store_true",
+                    help="also a node with TARS_CHAT_ENGINE=inprocess (llama-cpp-python, one request at a time)")
     args = ap.parse_args()
 
     from distributed.engine.binary import locate
@@ -218,10 +221,22 @@ def main() -> None:
     with node_log.open("wb") as out:
         node = subprocess.Popen(node_cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True, preexec_fn=die)
+    inproc = None
+    if args.inprocess:
+        ip_port = free_port(node_host)
+        ip_log = logs / "node-inprocess.log"
+        ip_cmd = [*node_cmd[:node_cmd.index("--port") + 1], str(ip_port), "--name", "bench-inprocess",
+                  "--models-dir", str(args.models_dir)]
+        with ip_log.open("wb") as out:
+            inproc = subprocess.Popen(ip_cmd, cwd=ROOT, env={**env, "TARS_CHAT_ENGINE": "inprocess"}, stdout=out,
+                                      stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die)
     try:
         wait_health(f"http://127.0.0.1:{bare_port}", bare, bare_log)
         start_s = wait_health(f"http://{node_host}:{node_port}", node, node_log)
         sides = {"bare": ("127.0.0.1", bare_port), "node": (node_host, node_port)}
+        if inproc is not None:
+            wait_health(f"http://{node_host}:{ip_port}", inproc, ip_log)
+            sides["inprocess"] = (node_host, ip_port)
         for name, (h, p) in sides.items():  # warm both (connections, model pages, prompt path)
             asyncio.run(level(h, p, 1, 1, 8, f"warm {name}"))
             asyncio.run(level(h, p, args.streams, 1, 8, f"warm {name} x"))
@@ -231,7 +246,7 @@ def main() -> None:
         node_proc = psutil.Process(node.pid)  # the node's own CPU (its llama-server child not included)
         node_cpu = node_tokens = 0.0
         for r in range(args.rounds):
-            order = ("bare", "node") if r % 2 == 0 else ("node", "bare")
+            order = tuple(sides) if r % 2 == 0 else tuple(reversed(sides))
             for side in order:
                 h, p = sides[side]
                 for n in (1, args.streams):
@@ -247,6 +262,8 @@ def main() -> None:
     finally:
         stop(node)
         stop(bare)
+        if inproc is not None:
+            stop(inproc)
 
     def med(side: str, n: int, key: str) -> float:
         return statistics.median(x[key] for x in results[side][n])
@@ -263,6 +280,9 @@ def main() -> None:
         "node": {n: {k: round(med("node", n, k), 2) for k in ("aggregate_tps", "ttft_p50_ms", "ttft_p95_ms", "decode_tps")}
                  for n in (1, s)},
     }
+    if "inprocess" in results:
+        out["inprocess"] = {n: {k: round(med("inprocess", n, k), 2) for k in
+                                ("aggregate_tps", "ttft_p50_ms", "ttft_p95_ms", "decode_tps")} for n in (1, s)}
     out["ratios"] = {
         f"aggregate_{s}_streams": round(med("node", s, "aggregate_tps") / med("bare", s, "aggregate_tps"), 3),
         "decode_1_stream": round(med("node", 1, "decode_tps") / med("bare", 1, "decode_tps"), 3),

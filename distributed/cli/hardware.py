@@ -100,7 +100,9 @@ def profile_cmd(
     else:
         render_profile(prof, tune)
         what = "llama-server" if eng.engine == "server" and eng.binary else eng.engine
-        typer.echo(f"Chat engine (GGUF): {what} — {eng.reason}")
+        from rich.console import Console
+
+        Console().print(f"Chat engine (GGUF): {what} — {eng.reason}", markup=False, overflow="fold")  # fits COLUMNS
 
 
 # --------------------------------------------------------------------------- plan
