@@ -1,7 +1,7 @@
 """Pooled VRAM on loopback, CPU only, real processes (issue 10).
 
 PC1 (127.0.0.2) and PC2 (127.0.0.3) get simulated GPUs that are each too small for the
-embedded Gemma 3 270M (602 MB at 2048 tokens with the 500 MB reserve) but hold it
+embedded Gemma 3 270M (sized from the planner's own estimate: ``gpu_sizes``) but hold it
 together, so the planner splits it: llama-server on PC1 with ``--rpc`` to PC1's tunnel,
 PC2's relay (cluster token first), and ``ggml-rpc-server`` on PC2's 127.0.0.1.
 
@@ -51,6 +51,20 @@ def gpu_profile(path: Path, name: str, vram_mb: int) -> Path:
     return path
 
 
+def gpu_sizes(gguf: Path, reserve: int = 500, slots: int = 2) -> tuple[int, int]:
+    """Simulated VRAM for PC1 and PC2: PC1 misses the whole model (at ``slots`` engine slots)
+    by 40 MB, PC2 has room for its runtime and ~60 % of the layers — so only together."""
+    import math
+
+    from distributed.catalog import load_catalog
+    from distributed.planner import with_slots
+    from distributed.vram import estimate
+
+    spec = load_catalog().get(MODEL)
+    est = with_slots(estimate(spec, 2048, gguf), spec, slots)
+    return reserve + est.total_mb - 40, reserve + est.overhead_mb + math.ceil(0.6 * est.n_layers * est.layer_mb) + 10
+
+
 class Node(ServerProcess):
     def __init__(self, name: str, host: str, profile: Path, models_dir: Path, logdir: Path, taken: set[int],
                  **env: str) -> None:
@@ -58,7 +72,7 @@ class Node(ServerProcess):
         super().__init__(name, host, ports=PORTS, taken=taken, log_dir=logdir,
                          env={"TARS_GPU_PROFILE": str(profile), "TARS_CLUSTER_TOKEN": TOKEN,
                               "TARS_MODELS_DIR": str(models_dir), "TARS_MODELS": MODEL, "TARS_HEARTBEAT_S": "1",
-                              "TARS_CHAT_ENGINE": "server", "TARS_PARALLEL": "2", "TARS_THREADS": "1",
+                              "TARS_CHAT_ENGINE": "server", "TARS_PARALLEL": "2",  # gpu_sizes(slots=2) "TARS_THREADS": "1",
                               "TARS_SPLIT_PORT": str(split_port), "TARS_LOG_LEVEL": "info", **env})
         self.split_port = split_port
 
@@ -117,8 +131,9 @@ def pair(gemma_gguf: Path, models_dir: Path, tmp_path: Path):
     if engine_with_rpc() is None:
         pytest.skip("no llama-server + ggml-rpc-server build (scripts/build_engine.sh)")
     taken: set[int] = set()
-    pc1 = Node("pc1", "127.0.0.2", gpu_profile(tmp_path / "pc1.json", "pc1", 1080), models_dir, tmp_path, taken)
-    pc2 = Node("pc2", "127.0.0.3", gpu_profile(tmp_path / "pc2.json", "pc2", 900), models_dir, tmp_path, taken)
+    pc1_mb, pc2_mb = gpu_sizes(gemma_gguf)
+    pc1 = Node("pc1", "127.0.0.2", gpu_profile(tmp_path / "pc1.json", "pc1", pc1_mb), models_dir, tmp_path, taken)
+    pc2 = Node("pc2", "127.0.0.3", gpu_profile(tmp_path / "pc2.json", "pc2", pc2_mb), models_dir, tmp_path, taken)
     try:
         pc1.launch()
         pc2.env["TARS_PEERS"] = pc1.url

@@ -135,3 +135,10 @@ def test_a_missing_worker_host_with_room_alone_runs_alone() -> None:
     t._choose_degraded()
     assert t.mode == "alone" and t._alone_layers == 20
     assert "--rpc" not in t.argv(Path("/m.gguf"))
+
+
+def test_the_planner_splits_only_for_an_engine_that_can_run_it(tmp_path: Path) -> None:
+    from distributed.split import can_split
+
+    assert not can_split(load_settings(node_name="pc1", models_dir=tmp_path, split="off"))
+    assert not can_split(load_settings(node_name="pc1", models_dir=tmp_path, chat_engine="inprocess"))
