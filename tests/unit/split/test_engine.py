@@ -142,3 +142,17 @@ def test_the_planner_splits_only_for_an_engine_that_can_run_it(tmp_path: Path) -
 
     assert not can_split(load_settings(node_name="pc1", models_dir=tmp_path, split="off"))
     assert not can_split(load_settings(node_name="pc1", models_dir=tmp_path, chat_engine="inprocess"))
+
+
+def test_a_changed_split_is_another_placement() -> None:
+    import dataclasses
+
+    from distributed.targets import same_placement
+
+    _, p = pair_plan()
+    a = p.where(BIG.id)
+    shares = [dict(s) for s in a.split]
+    shares[0]["layers"] -= 1
+    shares[1]["layers"] += 1
+    assert same_placement(a, dataclasses.replace(a))
+    assert not same_placement(a, dataclasses.replace(a, split=shares))  # the engine must restart with it
