@@ -95,6 +95,8 @@ def register(app: typer.Typer) -> None:
         where = ", ".join(f"{a['node']} ({a['device']})" for a in out.get("placement", []))
         if out.get("status") == "unchanged":
             typer.echo(f"{model}: already deployed on {where}")
+        elif out.get("status") == "retrying":
+            typer.echo(f"{model}: it had failed; loading it again on {where}")
         else:
             typer.echo(f"{model}: deploying on {where} — {out.get('reason', '')}")
         if wait:

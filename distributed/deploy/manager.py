@@ -151,14 +151,20 @@ class Deployer:
             if not placed:
                 self._restore(before)
                 raise self._no_room(spec, plan, hosts)
+            # deployed so already, but failed here (a pull that failed, say): load it again
+            retry = not changed and any(t.model == model and t.state == "failed" for t in self.node.routes.local())
             if changed:
                 self.desired.save()
                 log.info("deploying %s on %s", model, ", ".join(a.node for a in placed),
                          extra=fields(model=model, node=placed[0].node))
+            if changed or retry:
                 await self._apply()
-        out = {"model": model, "status": "deploying" if changed else "unchanged", "replicas": replicas,
+        status = "deploying" if changed else "retrying" if retry else "unchanged"
+        out = {"model": model, "status": status, "replicas": replicas,
                "node": node, "placement": [a.to_dict() for a in placed], "reason": placed[0].reason}
-        if not changed:
+        if retry:
+            out["message"] = f"'{model}' had failed on {self.node.name}: loading it again"
+        elif not changed:
             out["message"] = f"'{model}' is already deployed with these settings"
         elif len(placed) < replicas:
             out["message"] = (f"{len(placed)} of {replicas} replicas placed: the other hosts have no room "

@@ -264,4 +264,8 @@ async def test_deploy_pulls_from_the_hub_with_progress_then_serves(hub, tiny_cro
             assert r.status_code == 202
             failed = await wait_state(client, "gone-ce", "failed", timeout=30)
             assert "not found" in failed["error"] and "tars-test/gone" in failed["error"]
+            slow.repos["tars-test/gone"] = files  # the hub has it now: deploying again retries
+            r = await client.post("/models", json={"model": "gone-ce"})
+            assert r.status_code == 202 and r.json()["status"] == "retrying", r.text
+            await wait_state(client, "gone-ce", "ready", timeout=120)
             assert (await client.get("/health")).json()["models"]["tiny-ce"] == "ready"
