@@ -27,7 +27,9 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -264,6 +266,7 @@ def main() -> None:
     ap.add_argument("--models-dir", default=str(ROOT / ".test-cache" / "models"))
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` stops the nodes (timeout, kill)
 
     spawned: list[ServerProcess] = []
     pc1, pc2 = args.pc1, args.pc2
