@@ -47,6 +47,8 @@ def payload(req: GenerateRequest, alias: str) -> tuple[str, dict[str, Any]]:
         body["messages"] = req.messages
         return "/v1/chat/completions", body
     body["prompt"] = req.prompt or ""
+    if body.get("logprobs"):  # llama-server's /v1/completions takes logprobs as the number of alternatives
+        body["logprobs"] = max(1, int(body.pop("top_logprobs", 0) or 0))
     return "/v1/completions", body
 
 
