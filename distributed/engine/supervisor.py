@@ -5,7 +5,7 @@ ggml RPC worker for pooled VRAM). Everything runs on the node's event loop.
 
 API::
 
-    sup = Supervisor(name, argv, health=probe, env=None, cwd=None,
+    sup = Supervisor(name, argv, health=probe, env=None, cwd=None,   # argv: a list, or a callable
                      start_timeout_s=120, max_failures=3, stable_s=30,
                      backoff_s=0.5, backoff_max_s=10, stop_timeout_s=5,
                      tail_lines=40, log_level=classify, logger=None, on_state=None)
@@ -17,9 +17,10 @@ API::
     sup.pid, sup.starts, sup.failures, sup.error, sup.tail (last stdout/stderr lines), sup.info()
     sup.generation                    # +1 per spawn: a client can tell that the child was replaced
 
-``health`` is ``async () -> bool`` (True = serving); it is polled every 0.1 s after each
-spawn until True (→ READY) or ``start_timeout_s`` passes (→ counted as a failure, child
-killed). Without ``health`` a child is READY as soon as it is spawned. A child that exits
+``argv`` may be a callable returning the command line; it is called before every spawn (a
+fresh free port per life, say). ``health`` is ``async () -> bool`` (True = serving); it is
+polled every 0.1 s after each spawn until True (→ READY) or ``start_timeout_s`` passes
+(→ counted as a failure, child killed). Without ``health`` a child is READY as soon as it is spawned. A child that exits
 or never gets healthy counts as a failure; ``max_failures`` failures in a row (a child
 that stayed READY for ``stable_s`` resets the count) → FAILED, with ``error`` holding the
 exit status and the child's last lines. Between tries it waits ``backoff_s`` doubling up
@@ -94,13 +95,14 @@ def _die_with_parent(parent: int) -> Callable[[], None]:
 
 
 class Supervisor:
-    def __init__(self, name: str, argv: Sequence[str], *, health: Callable[[], Awaitable[bool]] | None = None,
+    def __init__(self, name: str, argv: Sequence[str] | Callable[[], Sequence[str]], *, health: Callable[[], Awaitable[bool]] | None = None,
                  env: dict[str, str] | None = None, cwd: str | None = None, start_timeout_s: float = 120.0,
                  max_failures: int = 3, stable_s: float = 30.0, backoff_s: float = 0.5, backoff_max_s: float = 10.0,
                  stop_timeout_s: float = 5.0, tail_lines: int = 40, log_level: Callable[[str], int] = default_level,
                  logger: logging.Logger | None = None, on_state: Callable[[ChildState], None] | None = None) -> None:
         self.name = name
-        self.argv = [str(a) for a in argv]
+        self._argv = argv
+        self.argv: list[str] = [] if callable(argv) else [str(a) for a in argv]  # the last spawned
         self.health = health
         self.env = env
         self.cwd = cwd
@@ -219,13 +221,14 @@ class Supervisor:
         """Spawn, wait for health, wait for exit. Returns why this life ended."""
         self.ready_at = None
         try:
+            self.argv = [str(a) for a in (self._argv() if callable(self._argv) else self._argv)]
             proc = await asyncio.create_subprocess_exec(
                 *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE, env=self.env, cwd=self.cwd, start_new_session=True,
                 preexec_fn=_die_with_parent(os.getpid()), limit=1 << 20)
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001 - no binary, bad argv: a failed try like a crash
             self.tail.append(f"{type(exc).__name__}: {exc}")
-            return f"could not start {self.argv[0]}: {exc}"
+            return f"could not start {self.argv[0] if self.argv else self.name}: {exc}"
         self._proc = proc
         self.pid = proc.pid
         self.starts += 1

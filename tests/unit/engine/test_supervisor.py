@@ -200,3 +200,22 @@ def test_the_child_dies_with_its_parent_even_on_sigkill(tmp_path):
         if parent.poll() is None:
             parent.kill()
             parent.wait()
+
+
+async def test_argv_can_be_a_callable_asked_before_every_spawn(tmp_path):
+    calls: list[int] = []
+
+    def argv() -> list[str]:
+        calls.append(1)
+        return [sys.executable, "-c", f"import sys; print('life {len(calls)}'); sys.exit({0 if len(calls) > 1 else 5})"]
+
+    sup = Supervisor("calls", argv, max_failures=3, backoff_s=0.01)
+    try:
+        await sup.start()
+        for _ in range(200):
+            if len(calls) >= 2:
+                break
+            await asyncio.sleep(0.02)
+        assert len(calls) >= 2 and sup.argv[-1].startswith("import sys")
+    finally:
+        await sup.stop()
