@@ -111,3 +111,29 @@ def test_tars_profile_says_which_engine_and_its_build(tmp_path, monkeypatch):
     monkeypatch.setenv("TARS_ENGINE_BIN", str(tmp_path / "none"))
     r = CliRunner().invoke(app, ["profile"], env={"COLUMNS": "200"})
     assert "Chat engine (GGUF): inprocess" in r.output and "not an executable" in r.output
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_server_engine_demanded_but_not_built_fails_the_model_saying_why(tmp_path, anyio_backend, caplog):
+    from types import SimpleNamespace
+
+    from distributed.catalog import load_catalog
+    from distributed.domain import Assignment
+
+    spec = load_catalog().get("gemma-3-270m")
+    a = Assignment(model=spec.id, kind="chat", node="n", device="cpu", quant="Q4_K_M", n_gpu_layers=0, vram_mb=0,
+                   reason="t", backend="llama_cpp")
+    settings = load_settings(chat_engine="server", engine_bin=str(tmp_path / "none"))
+    node = SimpleNamespace(settings=settings, name="nx", store=None, metrics=None)
+    t = choice.engine_target(node, spec, a)
+    assert t is not None
+    t.start()
+    assert await t.wait_loaded(10) == "failed"
+    assert "TARS_CHAT_ENGINE=server but TARS_ENGINE_BIN=" in t.error and t.info()["state"] == "failed"
+    await t.close()
+    # inprocess, or a fake backend: no engine target at all
+    assert choice.engine_target(SimpleNamespace(settings=load_settings(chat_engine="inprocess"), name="nx",
+                                                store=None, metrics=None), spec, a) is None
+    fake = SimpleNamespace(settings=load_settings(backend_override="fake"), name="nx", store=None, metrics=None)
+    assert choice.engine_target(fake, spec, a) is None
