@@ -24,6 +24,7 @@ Run from the repository root::
     .venv/bin/python -m benchmarks.bench_engine                       # ~3-5 min on 2 cores
     .venv/bin/python -m benchmarks.bench_engine --rounds 2 --max-tokens 32   # quick
     .venv/bin/python -m benchmarks.bench_engine --inprocess   # + a node with the in-process engine (before)
+    .venv/bin/python -m benchmarks.bench_engine --forwarded   # + PC2 → PC1's engine through /rpc
 """
 
 from __future__ import annotations
@@ -174,6 +175,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--forwarded", action="store_true",
+                    help="also a second node (127.0.0.3) joined to the first: chat forwarded PC2 → PC1's engine "
+                         "(simulated GPU profiles place the chat model on the first node)")
     ap.add_argument("--inprocess", action="store_true",
                     help="also a node with TARS_CHAT_ENGINE=inprocess (llama-cpp-python, one request at a time)")
     args = ap.parse_args()
@@ -206,6 +210,8 @@ def main() -> None:
     env.update({"HF_HUB_OFFLINE": "1", "TARS_MODELS": CHAT, "TARS_CHAT_ENGINE": "server",
                 "TARS_PARALLEL": str(args.parallel), "TARS_CONTEXT": str(args.context), "TARS_THREADS": str(threads),
                 "TARS_LOG_LEVEL": "warning", "TARS_QUEUE_SIZE": "64"})
+    if args.forwarded:
+        env.update({"TARS_GPU_PROFILE": "rtx3060-12gb", "TARS_CLUSTER_TOKEN": "bench-token"})
     node_cmd = [sys.executable, "-m", "distributed", "serve", "--host", node_host, "--port", str(node_port),
                 "--name", "bench", "--models-dir", str(args.models_dir)]
     print(f"llama-server: {binary.describe()}\nthreads {threads}, -np {args.parallel}, context {args.context}/slot, "
@@ -221,7 +227,17 @@ def main() -> None:
     with node_log.open("wb") as out:
         node = subprocess.Popen(node_cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True, preexec_fn=die)
-    inproc = None
+    inproc = fwd = None
+    if args.forwarded:
+        fwd_host = "127.0.0.3"
+        fwd_port = free_port(fwd_host)
+        fwd_log = logs / "node-pc2.log"
+        fwd_cmd = [sys.executable, "-m", "distributed", "serve", "--host", fwd_host, "--port", str(fwd_port),
+                   "--name", "bench-pc2", "--models-dir", str(args.models_dir)]
+        with fwd_log.open("wb") as out:
+            fwd = subprocess.Popen(fwd_cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                   preexec_fn=die, env={**env, "TARS_GPU_PROFILE": "gtx1660s-6gb",
+                                                        "TARS_PEERS": f"http://{node_host}:{node_port}"})
     if args.inprocess:
         ip_port = free_port(node_host)
         ip_log = logs / "node-inprocess.log"
@@ -234,6 +250,21 @@ def main() -> None:
         wait_health(f"http://127.0.0.1:{bare_port}", bare, bare_log)
         start_s = wait_health(f"http://{node_host}:{node_port}", node, node_log)
         sides = {"bare": ("127.0.0.1", bare_port), "node": (node_host, node_port)}
+        if fwd is not None:
+            fwd_url = f"http://{fwd_host}:{fwd_port}"
+            t0 = time.perf_counter()
+            while True:  # joined, and the chat model routed to the first node
+                try:
+                    m = {x["id"]: x for x in httpx.get(fwd_url + "/models", timeout=5).json()["models"]}
+                    if m.get(CHAT, {}).get("node") == "bench" and m[CHAT].get("state") == "ready":
+                        break
+                except (httpx.HTTPError, KeyError, ValueError):
+                    pass
+                if time.perf_counter() - t0 > 240 or fwd.poll() is not None:
+                    raise SystemExit(f"{fwd_url} never routed {CHAT} to the first node:\n"
+                                     f"{fwd_log.read_text(errors='replace')[-3000:]}")
+                time.sleep(0.5)
+            sides["forwarded"] = (fwd_host, fwd_port)
         if inproc is not None:
             wait_health(f"http://{node_host}:{ip_port}", inproc, ip_log)
             sides["inprocess"] = (node_host, ip_port)
@@ -262,8 +293,9 @@ def main() -> None:
     finally:
         stop(node)
         stop(bare)
-        if inproc is not None:
-            stop(inproc)
+        for extra in (inproc, fwd):
+            if extra is not None:
+                stop(extra)
 
     def med(side: str, n: int, key: str) -> float:
         return statistics.median(x[key] for x in results[side][n])
@@ -280,9 +312,12 @@ def main() -> None:
         "node": {n: {k: round(med("node", n, k), 2) for k in ("aggregate_tps", "ttft_p50_ms", "ttft_p95_ms", "decode_tps")}
                  for n in (1, s)},
     }
-    if "inprocess" in results:
-        out["inprocess"] = {n: {k: round(med("inprocess", n, k), 2) for k in
-                                ("aggregate_tps", "ttft_p50_ms", "ttft_p95_ms", "decode_tps")} for n in (1, s)}
+    for extra in ("inprocess", "forwarded"):
+        if extra in results:
+            out[extra] = {n: {k: round(med(extra, n, k), 2) for k in
+                              ("aggregate_tps", "ttft_p50_ms", "ttft_p95_ms", "decode_tps")} for n in (1, s)}
+    if "forwarded" in results:
+        out["forwarded_vs_node_aggregate"] = round(med("forwarded", s, "aggregate_tps") / med("node", s, "aggregate_tps"), 3)
     out["ratios"] = {
         f"aggregate_{s}_streams": round(med("node", s, "aggregate_tps") / med("bare", s, "aggregate_tps"), 3),
         "decode_1_stream": round(med("node", 1, "decode_tps") / med("bare", 1, "decode_tps"), 3),
