@@ -45,8 +45,8 @@ SENTENCES = ["The quick brown fox jumps over the lazy dog.", "Two home computers
 PROMPTS = ["Name three colours.", "What is the capital of France?", "Say hello in French.", "Count to five."]
 
 
-def rss_mb(pid: int) -> float:
-    """Resident memory of ``pid`` and its descendants, MB (from /proc)."""
+def rss_mb(pid: int, children: bool = True) -> float:
+    """Resident memory of ``pid`` (and its descendants), MB (from /proc)."""
     total, todo, seen = 0, [pid], set()
     while todo:
         p = todo.pop()
@@ -57,7 +57,7 @@ def rss_mb(pid: int) -> float:
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1])
-            for task in Path(f"/proc/{p}/task").iterdir():
+            for task in Path(f"/proc/{p}/task").iterdir() if children else ():
                 children = (task / "children").read_text().split()
                 todo.extend(int(c) for c in children)
         except (OSError, ValueError):
@@ -176,10 +176,12 @@ def main() -> int:
         wait_until(joined, 120, "pc2 joined pc1", pc1, pc2)
         wait_until(lambda: httpx.get(pc2.url + "/health", timeout=5).status_code == 200, 300, "pc2 ready", pc2)
         rss["start"] = rss_mb(pc1.pid)
+        rss["start_node_only"] = rss_mb(pc1.pid, children=False)
 
         async def chaos(t0: float) -> None:
             await asyncio.sleep(min(60.0, seconds / 4))
             rss["after_1min"] = rss_mb(pc1.pid)
+            rss["after_1min_node_only"] = rss_mb(pc1.pid, children=False)
             for k in (1, 2):
                 await asyncio.sleep(max(0.0, t0 + k * seconds / 3 - time.monotonic()))
                 pc2.kill()
@@ -195,6 +197,7 @@ def main() -> int:
         asyncio.run(run())
         time.sleep(3.0)
         rss["end"] = rss_mb(pc1.pid)
+        rss["end_node_only"] = rss_mb(pc1.pid, children=False)
     finally:
         pc2.stop()
         pc1.stop()
@@ -204,7 +207,7 @@ def main() -> int:
     out = {
         "minutes": args.minutes, "clients": args.clients, "backend": args.backend or "real", "requests": total,
         "statuses": dict(sorted(rec.statuses.items())), "failed": len(rec.bad), "failures": rec.bad[:20],
-        "over_slow_s": rec.slow[:20], "events": events,
+        "over_slow_s_count": len(rec.slow), "over_slow_s": rec.slow[:20], "events": events,
         "latency_s": {k: {"p50": round(statistics.median(v), 3) if v else None, "p99": round(percentile(v, 0.99), 3),
                           "max": round(max(v), 3) if v else None, "n": len(v)} for k, v in rec.latencies.items()},
         "pc1_rss_mb": {k: round(v, 1) for k, v in rss.items()},
