@@ -129,14 +129,6 @@ class Assignment(_Data):
     def split_nodes(self) -> list[str]:
         """Hosts other than ``node`` that this model needs (its RPC workers)."""
         return [s["node"] for s in self.split or [] if s["node"] != self.node]
-    # a model split across hosts (pooled VRAM): one share per GPU, the engine's host first —
-    # [{"node", "device", "layers", "vram_mb"}]; None = the model runs on ``node`` alone
-    split: list[dict[str, Any]] | None = None
-
-    @property
-    def split_nodes(self) -> list[str]:
-        """Hosts other than ``node`` that this model needs (its RPC workers)."""
-        return [s["node"] for s in self.split or [] if s["node"] != self.node]
 
 
 @dataclass
