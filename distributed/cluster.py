@@ -44,13 +44,13 @@ from typing import Any
 import orjson
 
 from . import __version__, peer_urls
-from .domain import Assignment, HostProfile, ModelSpec, Plan
-from .errors import ConfigError, ModelFailed, PeerUnavailable, TarsError, Unauthorized, ValidationFailed
+from .domain import HostProfile, Plan
+from .errors import ConfigError, PeerUnavailable, TarsError, Unauthorized, ValidationFailed
 from .logs import fields, get_logger
 from .peers import VITALS, ClientFactory, Peer, PeerState, PeerTable
 from .rpc.client import PeerClient
 from .seams import ClusterNode
-from .targets import RemoteTarget, Target, TargetState
+from .targets import RemoteTarget, Target
 from .tasks import TaskSet, background
 from .tls import Pins
 
@@ -414,50 +414,11 @@ class Cluster:
 
     # ----------------------------------------------------------------- failover
     async def failover(self, remote: RemoteTarget, cause: PeerUnavailable) -> Target:
-        """Serve ``remote.model`` here while its host is down, or raise PeerUnavailable naming it.
-        One stand-in per model (``Routes.fallback``): loaded once, shared by every request."""
-        peer, model = remote.peer, remote.model
-        why = peer.state if peer.state != PeerState.ALIVE else "unreachable"
-        down = f"model '{model}' runs on {peer.name}, which is {why}"
-        if not self.settings.fallback:
-            raise PeerUnavailable(f"{down}; fallback is off on {self.name} (TARS_FALLBACK=false)",
-                                  peer=peer.name, model=model)
+        """Serve ``remote.model`` here while its host is down, or raise PeerUnavailable naming it
+        (``failover.serve_here``: one stand-in per model, loaded once, shared by every request)."""
+        from .failover import serve_here
 
-        def load() -> Target:
-            spec = self.node.catalog.get(model)
-            assignment, reason = self._fits_here(spec)
-            if assignment is None:
-                raise PeerUnavailable(f"{down}, and it cannot run on {self.name}: {reason}", peer=peer.name,
-                                      model=model)
-            log.warning("fallback: loading %s on %s (%s) because %s", model, self.name, assignment.device,
-                        cause.message, extra=fields(model=model, peer=peer.name))
-            return self.node.local_target(spec, assignment)
-
-        standin = await self.node.routes.fallback(remote, load)
-        state = await standin.wait_loaded(timeout=self.settings.request_timeout_s)
-        if state != TargetState.READY:
-            raise ModelFailed(f"{down}; loading it on {self.name} as a fallback failed: "
-                              f"{standin.error or state}", model=model, peer=peer.name)
-        return standin
-
-    def _fits_here(self, spec: ModelSpec) -> tuple[Assignment | None, str]:
-        """Would the planner place ``spec`` on this host beside what it already runs?"""
-        from . import planner
-
-        ids = [a.model for a in self.node.plan.for_node(self.name)]
-        ids += [t.model for t in self.node.routes.standins()]
-        ids.append(spec.id)
-        specs = [self.node.catalog.get(m) for m in dict.fromkeys(ids)]
-        from .engine.choice import engine_slots
-
-        plan = planner.plan({self.name: self.node.profile}, specs, reserve_mb=self.settings.vram_reserve_mb,
-                            context=self.settings.context, paths=self.node.model_paths(specs),
-                            parallel=engine_slots(self.settings))
-        found = plan.where(spec.id)
-        if found is not None:
-            return found, ""
-        unplaced = next((u for u in plan.unplaced if u.model == spec.id), None)
-        return None, unplaced.reason if unplaced else "the planner found no room"
+        return await serve_here(self.node, self.settings, remote, cause)
 
     # ----------------------------------------------------------------- reporting
     def peers_status(self) -> list[dict[str, Any]]:

@@ -59,10 +59,14 @@ def test_fp16_only_on_cuda_and_not_on_old_cards():
     assert not wants_fp16("cuda:0", {"dtype": "float32"}) and not wants_fp16("cpu", {})
 
 
-def test_llama_threads_follow_the_setting_else_library_default():
+def test_llama_threads_follow_the_setting_else_the_physical_cores(monkeypatch):
+    import distributed.backends.llama_cpp as llama_mod
+
+    monkeypatch.setattr(llama_mod, "physical_cores", lambda: 6)
     spec = ModelSpec(id="g", kind="chat", backend="llama_cpp", params_b=0.3, quant="Q4_K_M", context=2048)
     a = Assignment(model="g", kind="chat", node="n", device="cpu", quant="Q4_K_M", n_gpu_layers=0, vram_mb=0,
                    reason="t")
     assert LlamaCppBackend(spec, a, BackendOptions(threads=3, extra={"threads": 8})).threads == 3
-    assert LlamaCppBackend(spec, a, BackendOptions(threads=0, extra={"threads": 8})).threads is None
-    assert LlamaCppBackend(spec, a, BackendOptions()).threads is None
+    # 0 = llama.cpp's own rule (the physical cores this process may use), never the profiler's hint
+    assert LlamaCppBackend(spec, a, BackendOptions(threads=0, extra={"threads": 8})).threads == 6
+    assert LlamaCppBackend(spec, a, BackendOptions()).threads == 6
