@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,26 +18,13 @@ import httpx
 import pytest
 
 from distributed.engine.binary import locate
+from tests.support import ServerProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 HOST = "127.0.0.3"
-ROOT = Path(__file__).resolve().parents[2]
 KEY = "engine-e2e-key"
 H = {"Authorization": f"Bearer {KEY}"}
-
-
-def _free_port() -> int:
-    import socket
-
-    for port in range(18700, 18800):
-        with socket.socket() as s:
-            try:
-                s.bind((HOST, port))
-            except OSError:
-                continue
-            return port
-    pytest.skip(f"no free port in 18700-18799 on {HOST}")
 
 
 def _alive(pid: int) -> bool:
@@ -73,32 +58,24 @@ def _engine(base: str) -> dict:
 def node(gemma_gguf, models_dir, tmp_path_factory):
     if locate(os.environ.get("TARS_ENGINE_BIN", "")) is None:
         pytest.skip("no llama-server built (scripts/build_engine.sh)")
-    log = tmp_path_factory.mktemp("engine-e2e") / "node.log"
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TARS_") or k == "TARS_ENGINE_BIN"}
-    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TARS_API_KEY": KEY, "TARS_CONTEXT": "512",
-                "TARS_MODELS": "gemma-3-270m", "TARS_CHAT_ENGINE": "server", "TARS_PARALLEL": "2",
-                "TARS_THREADS": "1", "TARS_LOG_LEVEL": "debug"})
-    cmd = [sys.executable, "-m", "distributed", "serve", "--host", HOST, "--port", str(port), "--name", "eng",
-           "--models-dir", str(models_dir)]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://{HOST}:{port}"
+    env = {"TARS_API_KEY": KEY, "TARS_CONTEXT": "512", "TARS_MODELS": "gemma-3-270m", "TARS_CHAT_ENGINE": "server",
+           "TARS_PARALLEL": "2", "TARS_THREADS": "1", "TARS_LOG_LEVEL": "debug"}
+    if os.environ.get("TARS_ENGINE_BIN"):
+        env["TARS_ENGINE_BIN"] = os.environ["TARS_ENGINE_BIN"]
+    server = ServerProcess("eng", HOST, ports=range(18700, 18800), env=env, args=["--models-dir", str(models_dir)],
+                           log_dir=tmp_path_factory.mktemp("engine-e2e"))
     engines: list[int] = []
     try:
-        first = _wait(lambda: httpx.get(base + "/health", timeout=2), 60, "the node to answer /health", log)
+        # /health may answer 503 "loading" first: the engine is still starting
+        server.launch()
+        first = _wait(lambda: httpx.get(server.url + "/health", timeout=2), 60, "the node to answer /health",
+                      server.log)
         if first.status_code == 503:
             assert first.json()["status"] in ("loading", "ok")
-        _wait(lambda: httpx.get(base + "/health", timeout=2).status_code == 200, 180, "/health 200", log)
-        yield proc, base, log, engines
+        server.wait_for(server.healthy, 180, "/health 200")
+        yield server.proc, server.url, server.log, engines
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        server.stop()
         for pid in engines:
             _wait(lambda: not _alive(pid), 10, f"engine pid {pid} to end with the node")
 
