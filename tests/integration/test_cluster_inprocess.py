@@ -11,24 +11,20 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from contextlib import AsyncExitStack
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 
-from distributed.api.app import create_app
 from distributed.cluster import Cluster
-from distributed.node import Node
-from distributed.profiler import profile_host
-from distributed.rpc.client import PeerClient
 from distributed.targets import RemoteTarget
-from distributed.settings import load_settings
+from distributed.rpc.client import PeerClient
+from tests.cluster_support import Net, until
+from tests.cluster_support import Host as SupportHost
 
 pytestmark = pytest.mark.anyio
 
-TOKEN = "cluster-secret"
 CHAT, EMB = "gemma-3-270m", "all-MiniLM-L6-v2"
 PC1_URL, PC2_URL = "http://127.0.0.2:18501", "http://127.0.0.3:18502"
 
@@ -38,65 +34,17 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-class Net:
-    """Which node apps exist at which URL, and which are reachable."""
+class Host(SupportHost):
+    """tests/cluster_support.Host serving the chat and embedding defaults, with API helpers."""
 
-    def __init__(self) -> None:
-        self.apps: dict[str, Any] = {}
-        self.up: dict[str, bool] = {}
-
-    def link(self, src: str, dst: str) -> httpx.AsyncBaseTransport:
-        return _Link(self, src, dst)
-
-
-class _Link(httpx.AsyncBaseTransport):
-    def __init__(self, net: Net, src: str, dst: str) -> None:
-        self.net, self.src, self.dst = net, src, dst
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if not (self.net.up.get(self.src) and self.net.up.get(self.dst)):
-            raise httpx.ConnectError("[Errno 111] Connection refused (simulated)", request=request)
-        return await httpx.ASGITransport(self.net.apps[self.dst]).handle_async_request(request)
-
-
-class Host:
     def __init__(self, net: Net, name: str, url: str, preset: str, peers: tuple[str, ...] = (),
                  extra: dict[str, Any] | None = None, **overrides: Any) -> None:
-        host, port = url.removeprefix("http://").split(":")
-        self.net, self.name, self.url = net, name, url
-        options = {"cluster_token": TOKEN, "backend_override": "fake", "heartbeat_s": 0.1, "rpc_timeout_s": 1.0,
-                   "models": [CHAT, EMB], **overrides}
-        self.settings = load_settings(node_name=name, host=host, port=int(port), peers=",".join(peers) or None,
-                                      **options)
-        self.extra = dict(extra or {})
-        self.node = Node(self.settings, profile=profile_host(preset, name), backend_extra=self.extra)
-        self.node.cluster = Cluster(self.node, self.settings, client_factory=self._client)
-        self.app = create_app(self.settings, self.node)
-        self.http = httpx.AsyncClient(transport=httpx.ASGITransport(self.app), base_url=url, timeout=10)
-        self._stack = AsyncExitStack()
-
-    def _client(self, url: str) -> PeerClient:
-        return PeerClient(url, TOKEN, transport=self.net.link(self.url, url), timeout=1.0, backoff_s=0.01)
+        overrides.setdefault("models", [CHAT, EMB])
+        super().__init__(net, name, url, preset, peers, extra, **overrides)
 
     @property
     def cluster(self) -> Cluster:
         return self.node.cluster
-
-    async def start(self) -> "Host":
-        self.net.apps[self.url] = self.app
-        self.net.up[self.url] = True
-        await self._stack.enter_async_context(self.app.router.lifespan_context(self.app))
-        return self
-
-    async def crash(self) -> None:
-        """As if the process died: unreachable at once, no goodbye."""
-        self.net.up[self.url] = False
-        await self._stack.aclose()
-
-    async def stop(self) -> None:
-        await self._stack.aclose()
-        self.net.up[self.url] = False
-        await self.http.aclose()
 
     # ---- API helpers
     async def embed(self, texts: list[str] | str, **kw: Any) -> httpx.Response:
@@ -107,14 +55,6 @@ class Host:
 
     def peer(self, name: str) -> dict[str, Any]:
         return next(p for p in self.node.status()["peers"] if p["name"] == name)
-
-
-async def until(cond, timeout: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def ready_everywhere(*hosts: Host) -> bool:
