@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..domain import Assignment, GenerateRequest, ModelKind, ModelSpec, TokenChunk
-from ..errors import ConfigError, ValidationFailed
+from ..errors import ConfigError, ModelFailed, ValidationFailed
 
 
 @dataclass
@@ -55,6 +55,22 @@ class Backend(ABC):
 
     @abstractmethod
     def load(self) -> None: ...
+
+    def model_source(self) -> tuple[str, bool]:
+        """Where a folder-based model loads from — the file store's folder, else the catalog's
+        ``path`` or hub ``repo`` — and whether it is a local folder (then the hub is never
+        asked: ``HF_HUB_OFFLINE``). Raises ModelFailed when there is none or the folder is gone."""
+        import os
+
+        source = str(self.model_path) if self.model_path is not None else (self.spec.path or self.spec.repo or "")
+        if not source:
+            raise ModelFailed(f"model '{self.spec.id}': no folder or repo given to the {self.name} backend")
+        local = Path(source).exists()
+        if self.model_path is not None and not local:
+            raise ModelFailed(f"model '{self.spec.id}': folder not found: {source}", path=source)
+        if local:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        return source, local
 
     def warmup(self) -> None:  # noqa: B027 - optional hook
         """Run one tiny request. Default: nothing."""

@@ -14,8 +14,6 @@ Local folders load offline (``local_files_only``), as the sentence backend does.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 from ..errors import ModelFailed
@@ -56,14 +54,7 @@ class CrossEncoderBackend(EmbedBackend):
         self._device = "cpu"
 
     def load(self) -> None:
-        source = str(self.model_path) if self.model_path is not None else (self.spec.path or self.spec.repo or "")
-        if not source:
-            raise ModelFailed(f"model '{self.spec.id}': no folder or repo given to the cross_encoder backend")
-        local = Path(source).exists()
-        if self.model_path is not None and not local:
-            raise ModelFailed(f"model '{self.spec.id}': folder not found: {source}", path=source)
-        if local:
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        source, local = self.model_source()
         self._np = require("numpy", purpose=_PURPOSE)
         torch = require("torch", purpose=_PURPOSE)
         st = require("sentence_transformers", "sentence-transformers", _PURPOSE)
