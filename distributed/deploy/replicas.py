@@ -53,6 +53,7 @@ class ReplicaSet(Target):
         self._local = local  # the node's current local target of the model (it may be swapped)
         self.remotes: dict[str, RemoteTarget] = {}
         self.sent: dict[str, int] = {}  # requests in flight from here, per member host
+        self._turn = 0  # rotates among equally idle remote members
         self.requests = 0
         self.retried = 0
 
@@ -80,11 +81,17 @@ class ReplicaSet(Target):
         return max(own, m.queue_depth) if m.local else own
 
     def pick(self, exclude: frozenset[str] | set[str] = frozenset()) -> Target | None:
-        """The live member with the least work in flight (the copy here first on a tie)."""
+        """The live member with the least work in flight: the copy here first on a tie, else
+        the tied peers in turn."""
         live = [m for m in self.members() if m.node not in exclude and self._live(m)]
         if not live:
             return None
-        return min(live, key=lambda m: (self._load(m), not m.local, m.node))
+        least = min(self._load(m) for m in live)
+        tied = sorted((m for m in live if self._load(m) == least), key=lambda m: (not m.local, m.node))
+        if tied[0].local:
+            return tied[0]
+        self._turn += 1  # equally idle peers take turns, so a third replica is not always last
+        return tied[self._turn % len(tied)]
 
     def _none_left(self, tried: set[str]) -> PeerUnavailable:
         states = ", ".join(f"{m.node}: {'down' if isinstance(m, RemoteTarget) and m.peer_down else m.state}"
