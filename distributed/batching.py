@@ -2,8 +2,7 @@
 
 ``GenerationQueue`` — a llama model is not thread-safe, and a newer request must
 never interrupt a running stream, so each chat model runs one generation at a
-time in its own worker thread, behind a bounded FIFO. Full → ``Overloaded`` with
-a ``retry_after`` estimated from recent generation times. Tokens cross from the
+time in its own worker thread, behind a one-slot ``SlotQueue`` (below). Tokens cross from the
 worker thread to the event loop through ``_Channel``: the thread appends to a
 deque and wakes the loop only when no wake-up is pending, so a consumer that lags
 gets several tokens per wake-up instead of one loop callback per token.
@@ -19,7 +18,9 @@ just answered are about to send again).
 
 ``SlotQueue`` — admission in front of an engine that runs ``slots`` generations at
 once itself (llama-server ``-np``): up to ``slots`` requests hold a slot, the rest wait
-in a bounded FIFO (``max_waiting``, → ``Overloaded`` with ``retry_after``), no thread.
+in a bounded FIFO, no thread. A request that finds the FIFO full, or that would wait
+longer than ``max_wait_s`` by the recent time a slot is held, is refused at once
+(``Overloaded``: 429 with ``retry_after``) instead of answered after its client gave up.
 """
 
 from __future__ import annotations
@@ -99,68 +100,51 @@ class GenerationQueue:
     """One generation at a time for one model, behind a bounded FIFO.
 
     ``run(req, cancel)`` is the backend's synchronous ``stream``; it is called in the
-    queue's single worker thread. ``max_waiting`` counts requests waiting *behind*
-    the running one.
+    queue's single worker thread. Admission is a one-slot ``SlotQueue``: ``max_waiting``
+    counts requests waiting *behind* the running one, ``max_wait_s`` bounds the wait it
+    expects (see ``SlotQueue``).
     """
 
     def __init__(self, run: Callable[[Any, threading.Event], Iterator[Any]], *, max_waiting: int,
-                 timeout_s: float, name: str = "model") -> None:
+                 timeout_s: float, name: str = "model", max_wait_s: float = 0.0) -> None:
         self._run = run
-        self.max_waiting = max_waiting
         self.timeout_s = timeout_s
         self.name = name
-        self._lock = asyncio.Lock()
-        self._waiting = 0
-        self._running = False
+        self._slot = SlotQueue(1, max_waiting=max_waiting, timeout_s=timeout_s, name=name, max_wait_s=max_wait_s)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"gen-{name}")
-        self._duration = _Ewma(2.0)  # seconds per generation, for Retry-After
+
+    @property
+    def max_waiting(self) -> int:
+        return self._slot.max_waiting
 
     @property
     def waiting(self) -> int:
-        return self._waiting
+        return self._slot.waiting
 
     @property
     def depth(self) -> int:
         """Requests waiting plus the one running."""
-        return self._waiting + (1 if self._running else 0)
+        return self._slot.depth
 
     def retry_after(self) -> float:
-        return float(min(120, max(1, math.ceil(self._duration.value * (self._waiting + 1)))))
+        return self._slot.retry_after()
 
     async def stream(self, req: Any) -> AsyncIterator[Any]:
         """Yield the backend's chunks in order. Leaving early (break, disconnect,
         cancellation) sets the cancel event, so the worker stops generating."""
-        if self._waiting >= self.max_waiting:
-            raise Overloaded(f"model '{self.name}' has {self._waiting} requests waiting (queue size "
-                             f"{self.max_waiting}); retry later", retry_after=self.retry_after(),
-                             model=self.name, queue_size=self.max_waiting)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_s
-        self._waiting += 1
-        try:
-            await asyncio.wait_for(self._lock.acquire(), self.timeout_s)
-        except asyncio.TimeoutError:
-            raise RequestTimeout(f"request waited {self.timeout_s:g} s for model '{self.name}' "
-                                 "and timed out", timeout_s=self.timeout_s) from None
-        finally:
-            self._waiting -= 1
-
+        await self._slot.acquire()
         cancel = threading.Event()
         chan = _Channel(loop)
         started = time.monotonic()
         try:
             job = loop.run_in_executor(self._executor, self._work, req, cancel, chan)
         except BaseException:
-            self._lock.release()
+            self._slot.release()
             raise
-        self._running = True
-
-        def _done(_: Any) -> None:  # the slot frees only when the worker has really finished
-            self._running = False
-            self._duration.add(time.monotonic() - started)
-            self._lock.release()
-
-        job.add_done_callback(_done)
+        # the slot frees only when the worker has really finished
+        job.add_done_callback(lambda _: self._slot.release(held_s=time.monotonic() - started))
 
         def _expire() -> None:
             cancel.set()
@@ -172,7 +156,6 @@ class GenerationQueue:
             while True:
                 for item in await chan.get_all():
                     if item is _END:
-                        self._running = False  # for reporting; the slot frees when the thread returns
                         return
                     if isinstance(item, BaseException):
                         raise item
@@ -195,26 +178,30 @@ class GenerationQueue:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-
 class SlotQueue:
     """Up to ``slots`` requests at once; up to ``max_waiting`` more wait in FIFO order.
 
-    ``async with queue.slot():`` holds a slot for the block. Waiting longer than
-    ``timeout_s`` → ``RequestTimeout``; a full queue → ``Overloaded`` (``retry_after`` from
-    the recent time a slot was held, times the queue ahead over the slots). ``on_change``
+    ``async with queue.slot():`` holds a slot for the block. A request is refused at once
+    with ``Overloaded`` (429, ``retry_after``) when the queue is full, or when the wait it
+    can expect — how long a slot has recently been held (a moving average), times the
+    requests ahead of it, over the slots — is over ``max_wait_s`` (0: no such bound). Better
+    a prompt "retry in N s" than an answer that comes after the client gave up. A request
+    admitted but still waiting after ``timeout_s`` → ``RequestTimeout``. ``on_change``
     (busy, waiting) is called whenever either changes (metrics gauges).
     """
 
     def __init__(self, slots: int, *, max_waiting: int, timeout_s: float, name: str = "model",
-                 on_change: Callable[[int, int], None] | None = None) -> None:
+                 max_wait_s: float = 0.0, on_change: Callable[[int, int], None] | None = None) -> None:
         self.slots = max(1, int(slots))
         self.max_waiting = max_waiting
         self.timeout_s = timeout_s
+        self.max_wait_s = max_wait_s
         self.name = name
         self.on_change = on_change
         self.busy = 0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._held = _Ewma(2.0)
+        self._held_seen = 0  # releases that reported how long the slot was held
 
     @property
     def waiting(self) -> int:
@@ -225,9 +212,14 @@ class SlotQueue:
         """Requests waiting plus those holding a slot."""
         return self.busy + len(self._waiters)
 
+    def expected_wait(self) -> float:
+        """Seconds a request arriving now can expect to wait for a slot."""
+        if self.busy < self.slots and not self._waiters:
+            return 0.0
+        return self._held.value * (len(self._waiters) + 1) / self.slots
+
     def retry_after(self) -> float:
-        ahead = len(self._waiters) + 1
-        return float(min(120, max(1, math.ceil(self._held.value * ahead / self.slots))))
+        return float(min(120, max(1, math.ceil(self.expected_wait()))))
 
     def _changed(self) -> None:
         if self.on_change is not None:
@@ -240,19 +232,28 @@ class SlotQueue:
         try:
             yield
         finally:
-            self._held.add(time.monotonic() - t0)
-            self.release()
+            self.release(held_s=time.monotonic() - t0)
+
+    def _admit_or_refuse(self) -> None:
+        """Raise ``Overloaded`` if a request arriving now must not join the queue."""
+        busy = f"{self.busy} of {self.slots} slot{'s' if self.slots != 1 else ''} busy, {len(self._waiters)} waiting"
+        if len(self._waiters) >= self.max_waiting:
+            raise Overloaded(f"model '{self.name}' is busy ({busy}; queue size {self.max_waiting}); retry later",
+                             retry_after=self.retry_after(), model=self.name, queue_size=self.max_waiting,
+                             slots=self.slots)
+        wait = self.expected_wait()
+        if self.max_wait_s > 0 and self._held_seen and wait > self.max_wait_s:
+            raise Overloaded(f"model '{self.name}' is busy ({busy}): this request would wait about {wait:.0f} s "
+                             f"for a slot, over the {self.max_wait_s:g} s bound (TARS_QUEUE_MAX_WAIT_S); retry later",
+                             retry_after=self.retry_after(), model=self.name, expected_wait_s=round(wait, 1),
+                             max_wait_s=self.max_wait_s, slots=self.slots)
 
     async def acquire(self) -> None:
         if self.busy < self.slots and not self._waiters:
             self.busy += 1
             self._changed()
             return
-        if len(self._waiters) >= self.max_waiting:
-            raise Overloaded(f"model '{self.name}' has all {self.slots} slots busy and {len(self._waiters)} "
-                             f"requests waiting (queue size {self.max_waiting}); retry later",
-                             retry_after=self.retry_after(), model=self.name, queue_size=self.max_waiting,
-                             slots=self.slots)
+        self._admit_or_refuse()
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
         self._changed()
@@ -273,8 +274,15 @@ class SlotQueue:
                                      "and timed out", timeout_s=self.timeout_s) from None
             raise
 
-    def release(self) -> None:
-        """Free a slot: hand it straight to the oldest waiter (busy stays), else busy - 1."""
+    def release(self, held_s: float | None = None) -> None:
+        """Free a slot (held for ``held_s`` seconds, when known): hand it straight to the
+        oldest waiter (busy stays), else busy - 1."""
+        if held_s is not None:
+            if self._held_seen:
+                self._held.add(held_s)
+            else:
+                self._held.value = held_s  # the first measurement replaces the guess
+            self._held_seen += 1
         while self._waiters:
             fut = self._waiters.popleft()
             if not fut.done():
@@ -283,6 +291,7 @@ class SlotQueue:
                 return
         self.busy = max(0, self.busy - 1)
         self._changed()
+
 
 @dataclass
 class _Item:

@@ -179,7 +179,7 @@ class Node:
             return create_backend(spec, a, options, path, backend=s.backend_override or None)
 
         made.append(LocalTarget(spec, a, factory, node=self.name, queue_size=s.queue_size,
-                                timeout_s=s.request_timeout_s, embed_max_batch=s.embed_max_batch,
+                                timeout_s=s.request_timeout_s, queue_max_wait_s=s.queue_max_wait_s, embed_max_batch=s.embed_max_batch,
                                 embed_max_wait_ms=s.embed_max_wait_ms, metrics=self.metrics,
                                 backend_name=s.backend_override or None))
         return made[0]

@@ -88,6 +88,10 @@ class Settings(BaseSettings):
 
     # --- serving limits
     queue_size: int = Field(16, ge=1, le=10000, description="Waiting generations per model before 429.")
+    queue_max_wait_s: float = Field(
+        10.0, ge=0, le=86400, description="A generation that would wait longer than this for a free slot (estimated from "
+                                          "how long slots have recently been held) is refused at once with 429 and "
+                                          "Retry-After instead of queued; 0 = no bound but TARS_QUEUE_SIZE.")
     request_timeout_s: float = Field(300.0, gt=0, le=86400, description="Longest a request may take, seconds.")
     embed_max_batch: int = Field(64, ge=1, le=4096, description="Most sentences in one embedding batch.")
     embed_max_wait_ms: float = Field(2.0, ge=0, le=1000, description="Longest an embedding waits for its batch to fill, ms.")

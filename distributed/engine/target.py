@@ -62,6 +62,7 @@ class EngineTarget(LocalTarget):
     def __init__(self, spec: ModelSpec, assignment: Assignment, *, binary: EngineBinary,
                  model_path: Callable[[], Path], node: str, parallel: int = 4, context: int = 2048,
                  threads: int | None = None, queue_size: int = 16, timeout_s: float = 300.0,
+                 queue_max_wait_s: float = 0.0,
                  metrics: Metrics | None = None, start_timeout_s: float = 300.0, max_failures: int = 3,
                  extra_args: tuple[str, ...] = (), host: str = "127.0.0.1") -> None:
         super().__init__(spec, assignment, _no_backend, node=node, queue_size=queue_size, timeout_s=timeout_s,
@@ -80,6 +81,7 @@ class EngineTarget(LocalTarget):
         self._key = secrets.token_urlsafe(24)
         self._port = 0
         self.slots = SlotQueue(self.parallel, max_waiting=queue_size, timeout_s=timeout_s, name=spec.id,
+                               max_wait_s=queue_max_wait_s,
                                on_change=self._slots_changed)
         self.supervisor: Supervisor | None = None
         self._client: Any = None

@@ -32,7 +32,8 @@ class LocalTarget(Target):
     loading thread, so resolving model files (which may assemble a GGUF) happens there too."""
 
     def __init__(self, spec: ModelSpec, assignment: Assignment, factory: Callable[[], Backend], *,
-                 node: str, queue_size: int = 16, timeout_s: float = 300.0, embed_max_batch: int = 64,
+                 node: str, queue_size: int = 16, timeout_s: float = 300.0, queue_max_wait_s: float = 0.0,
+                 embed_max_batch: int = 64,
                  embed_max_wait_ms: float = 2.0, metrics: Metrics | None = None,
                  backend_name: str | None = None) -> None:
         self.model = spec.id
@@ -60,7 +61,8 @@ class LocalTarget(Target):
         self.queue: GenerationQueue | None = None
         self.batcher: MicroBatcher | None = None
         if self.kind == "chat":
-            self.queue = GenerationQueue(self._run_stream, max_waiting=queue_size, timeout_s=timeout_s, name=self.model)
+            self.queue = GenerationQueue(self._run_stream, max_waiting=queue_size, timeout_s=timeout_s, name=self.model,
+                                         max_wait_s=queue_max_wait_s)
         else:
             self.batcher = MicroBatcher(self._encode, max_batch=embed_max_batch, max_wait_ms=embed_max_wait_ms,
                                         max_queue=max(queue_size * embed_max_batch, embed_max_batch),
@@ -117,6 +119,8 @@ class LocalTarget(Target):
         backend, self.backend = self.backend, None
         if backend is not None:
             await asyncio.to_thread(backend.unload)
+            del backend  # the last reference: give_back() can then free it
+            await asyncio.to_thread(_give_back, self.model, self.node)
 
     def _check_ready(self) -> Backend:
         backend = self.backend
@@ -323,3 +327,12 @@ class LoadedFlag:
 def _resolve(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
+
+
+def _give_back(model: str, node: str) -> None:
+    """After ``model`` was unloaded: hand the memory it held back to the OS, and say how much."""
+    from ..memory import give_back
+
+    freed = give_back()
+    log.info("unloaded model %s on %s; %.0f MB handed back to the OS", model, node, freed,
+             extra=fields(model=model, freed_mb=round(freed, 1)))

@@ -347,3 +347,15 @@ async def test_a_full_batch_does_not_wait(monkeypatch):
     four = [asyncio.create_task(mb.embed([f"t{i}"], False)) for i in range(4)]
     await clock.settle(lambda: all(t.done() for t in four))  # no loop time passes: none waited
     assert [len(c) for c in enc.calls] == [1, 4]
+
+
+async def test_generation_queue_refuses_a_request_that_would_wait_past_the_bound():
+    b = _chat(token_delay=0.05, reply_tokens=20)  # ~1 s a generation
+    q = GenerationQueue(b.stream, max_waiting=8, timeout_s=10, name="m", max_wait_s=0.5)
+    await _collect(q, GenerateRequest(prompt="warm", max_tokens=20))  # the queue learns ~1 s
+    running = asyncio.create_task(_collect(q, GenerateRequest(prompt="a", max_tokens=20)))
+    await until(lambda: b.active == 1)
+    with pytest.raises(Overloaded, match="would wait about 1 s") as ei:
+        await _collect(q, GenerateRequest(prompt="b", max_tokens=2))
+    assert ei.value.retry_after >= 1 and q.waiting == 0
+    await running
