@@ -111,6 +111,7 @@ class GenerationQueue:
         self.timeout_s = timeout_s
         self.name = name
         self._slot = SlotQueue(1, max_waiting=max_waiting, timeout_s=timeout_s, name=name, max_wait_s=max_wait_s)
+        self._running = False  # for reporting: the slot itself frees when the worker thread returns
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"gen-{name}")
 
     @property
@@ -124,7 +125,7 @@ class GenerationQueue:
     @property
     def depth(self) -> int:
         """Requests waiting plus the one running."""
-        return self._slot.depth
+        return self._slot.waiting + (1 if self._running else 0)
 
     def retry_after(self) -> float:
         return self._slot.retry_after()
@@ -143,8 +144,13 @@ class GenerationQueue:
         except BaseException:
             self._slot.release()
             raise
-        # the slot frees only when the worker has really finished
-        job.add_done_callback(lambda _: self._slot.release(held_s=time.monotonic() - started))
+        self._running = True
+
+        def _done(_: Any) -> None:  # the slot frees only when the worker has really finished
+            self._running = False
+            self._slot.release(held_s=time.monotonic() - started)
+
+        job.add_done_callback(_done)
 
         def _expire() -> None:
             cancel.set()
@@ -156,6 +162,7 @@ class GenerationQueue:
             while True:
                 for item in await chan.get_all():
                     if item is _END:
+                        self._running = False
                         return
                     if isinstance(item, BaseException):
                         raise item
