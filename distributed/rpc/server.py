@@ -199,6 +199,7 @@ class RpcServer:
         carries several callers' requests, coalesced by the sender's RemoteTarget:
         each group is embedded as its own request (this node's micro-batcher merges
         them back into one encode), so each gets its exact token count back."""
+        self._check_encode_size(params)
         model = self.node.resolve_here(params.model, "embed").model
         req = params.to_domain()
         req.model = model
@@ -217,6 +218,19 @@ class RpcServer:
         else:
             out["vectors"] = vectors  # numpy → JSON straight from the buffer (orjson)
         return out
+
+    def _check_encode_size(self, params: EmbedParams) -> None:
+        """The same bound as REST (TARS_EMBED_MAX_INPUTS) for each caller's request; a call
+        that coalesces several may carry up to one embedding batch (TARS_EMBED_MAX_BATCH)
+        beyond it, the most a sender's coalescer puts in one call."""
+        limit = int(self.settings.embed_max_inputs)
+        sizes = params.groups or [len(params.input)]
+        biggest = max(sizes)
+        total_limit = max(limit, int(self.settings.embed_max_batch))
+        if biggest > limit or len(params.input) > total_limit:
+            got, most = (biggest, limit) if biggest > limit else (len(params.input), total_limit)
+            raise ValidationFailed(f"embed.encode: {got} texts in one request; {self.node.name} embeds at most "
+                                   f"{most} (TARS_EMBED_MAX_INPUTS): split it", field="input", limit=most, got=got)
 
     async def _encode_groups(self, req: Any, groups: list[int]) -> tuple[Any, str, bool, list[int]]:
         if sum(groups) != len(req.input):

@@ -403,3 +403,28 @@ def test_membership_params_carry_every_parameter_of_the_cluster_handlers():
                            (LeaveParams, Cluster.handle_leave)):
         wanted = set(inspect.signature(handler).parameters) - {"self"}
         assert set(model.model_fields) == wanted, (model.__name__, wanted ^ set(model.model_fields))
+
+
+async def test_embed_encode_is_capped_like_rest_per_request_and_per_coalesced_call(node):
+    """issue 11.3: TARS_EMBED_MAX_INPUTS holds on /rpc too; a coalesced call may carry one
+    embedding batch (TARS_EMBED_MAX_BATCH) beyond it, what a sender's coalescer sends."""
+    from fastapi import FastAPI
+
+    settings = load_settings(node_name="pc1", cluster_token=TOKEN, embed_max_inputs=3, embed_max_batch=5)
+    app = FastAPI()
+    app.include_router(build_rpc_router(settings, node))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://pc1",
+                                 headers={"authorization": f"Bearer {TOKEN}"}) as c:
+        ok = (await post(c, req("embed.encode", {"input": ["a"] * 3}))).json()
+        assert len(ok["result"]["vectors"]) == 3
+        coalesced = (await post(c, req("embed.encode", {"input": ["a"] * 5, "groups": [3, 2]}))).json()
+        assert coalesced["result"]["group_tokens"] == [3, 2]
+        calls = len(node.calls)
+        for params, got, most in (({"input": ["a"] * 4}, 4, 3),
+                                  ({"input": ["a"] * 4, "groups": [4]}, 4, 3),
+                                  ({"input": ["a"] * 6, "groups": [3, 3]}, 6, 5)):
+            err = (await post(c, req("embed.encode", params))).json()["error"]
+            assert err["code"] == -32602, params
+            assert f"{got} texts" in err["message"] and f"at most {most} (TARS_EMBED_MAX_INPUTS)" in err["message"]
+            assert err["data"]["details"]["field"] == "input" and err["data"]["details"]["limit"] == most
+        assert len(node.calls) == calls  # refused before any encoding
