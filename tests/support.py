@@ -106,10 +106,12 @@ class ServerProcess:
     def __init__(self, name: str, host: str, *, port: int | None = None, ports: range | None = None,
                  env: Mapping[str, str] | None = None, args: Sequence[str] = (), log_dir: Path | None = None,
                  command: Sequence[str] | None = None, address_env: bool | None = None, inherit_tars: bool = False,
-                 taken: set[int] | None = None, retries: int = 4, grace_s: float = 15.0, cwd: Path = ROOT) -> None:
+                 taken: set[int] | None = None, retries: int = 4, grace_s: float = 15.0, cwd: Path = ROOT,
+                 scheme: str = "http", verify: Any = True) -> None:
         if port is None and ports is None:
             raise ValueError("give a port or a range of ports")
         self.name, self.host, self.port = name, host, port
+        self.scheme, self.verify = scheme, verify  # https: ``verify`` is the client's SSLContext (pins)
         self.ports, self.taken, self.retries, self.grace_s, self.cwd = ports, taken, retries, grace_s, cwd
         self.command = list(command or [sys.executable, "-m", "distributed", "serve"]) + list(args)
         self.address_env = command is None if address_env is None else address_env
@@ -129,7 +131,7 @@ class ServerProcess:
     # ---- where
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
     # ---- lifecycle
     def launch(self) -> "ServerProcess":
@@ -169,7 +171,7 @@ class ServerProcess:
         raise AssertionError("unreachable")
 
     def healthy(self) -> bool:
-        return httpx.get(self.url + "/health", timeout=2).status_code == 200
+        return httpx.get(self.url + "/health", timeout=2, verify=self.verify).status_code == 200
 
     def wait_for(self, cond: Callable[[], Any], timeout: float = 60.0, what: str = "the condition") -> None:
         wait_until(cond, timeout, what, self)

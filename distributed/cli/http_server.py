@@ -12,6 +12,12 @@ here (``guarded``) and one ``ConnectionGuard`` per server watches every connecti
   (default 10 s) and in at most ``MAX_HEADER_BYTES``; otherwise it is closed;
 * **body progress** — while a request body is being received, each pause between
   bytes may last at most the same deadline;
+* **TLS handshakes count** — with HTTPS the handshake is done here, inside the guarded
+  protocol (``loop.start_tls``), not by the event loop before the protocol exists: a
+  connection is counted and under the headers deadline from its first byte, so sockets
+  that never finish a handshake are shed like sockets that never send headers. (An HTTPS
+  node runs on asyncio's loop: uvloop starts reading a new connection even when its
+  protocol paused it, and the ClientHello would reach the protocol instead of TLS.)
 * **keep-alive idle** — ``TARS_KEEPALIVE_S`` (default 5 s), uvicorn's own timer;
 * **a bound on open connections** below the process's file limit (``RLIMIT_NOFILE``,
   whose soft value is raised to the hard one at start): when it is reached, the
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import resource
+import ssl
 import time
 from typing import Any
 
@@ -144,7 +151,7 @@ class ConnectionGuard:
         if self.log is not None:
             peer = getattr(getattr(conn, "transport", None), "get_extra_info", lambda _: None)("peername")
             self.log.debug("closing the connection of %s: %s", peer, why)
-        transport = getattr(conn, "transport", None)
+        transport = getattr(conn, "transport", None) or getattr(conn, "_tars_raw", None)
         if transport is not None and not transport.is_closing():
             transport.abort()
 
@@ -155,21 +162,65 @@ def _busy(conn: Any) -> bool:
     return cycle is not None and not getattr(cycle, "response_complete", True)
 
 
-def guarded(base: type, guard: ConnectionGuard) -> type:
-    """A subclass of uvicorn's protocol class ``base`` reporting to ``guard``."""
+def server_tls_context(cert: str, key: str) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def guarded(base: type, guard: ConnectionGuard, tls: ssl.SSLContext | None = None) -> type:
+    """A subclass of uvicorn's protocol class ``base`` reporting to ``guard``; with ``tls``
+    it also does the server side of the TLS handshake itself (see the module docstring)."""
 
     class Guarded(base):  # type: ignore[misc,valid-type]
+        _tars_raw: Any = None
+        _tars_early: list[bytes] | None = None  # plaintext that arrived before uvicorn's setup ran
+        _tars_made = False
+
         def connection_made(self, transport: Any) -> None:
-            super().connection_made(transport)
+            if tls is None:
+                super().connection_made(transport)
+                self._tars_made = True
+            else:  # no byte may reach us before start_tls takes the transport (the ClientHello). uvloop
+                transport.pause_reading()  # starts reading after connection_made whatever it says: asyncio only
+                self._tars_raw, self._tars_early = transport, []
             if not guard.opened(self):
                 transport.abort()
+            elif tls is not None:
+                self._tars_handshake = asyncio.get_running_loop().create_task(self._tars_start_tls(transport))
+
+        async def _tars_start_tls(self, raw: Any) -> None:
+            loop = asyncio.get_running_loop()
+            try:  # the guard's headers deadline closes a stalled handshake first; this is a backstop
+                wrapped = await loop.start_tls(raw, self, tls, server_side=True,
+                                               ssl_handshake_timeout=guard.header_timeout_s + 2 * SWEEP_S)
+            except (OSError, ssl.SSLError, asyncio.TimeoutError, RuntimeError):
+                guard.gone(self)
+                raw.abort()
+                return
+            if raw.is_closing():
+                return
+            super().connection_made(wrapped)
+            self._tars_made = True
+            early, self._tars_early = self._tars_early or [], None
+            for data in early:
+                super().data_received(data)
+            guard.parsed(self)
 
         def connection_lost(self, exc: Any) -> None:
             guard.gone(self)
-            super().connection_lost(exc)
+            if self._tars_made:
+                super().connection_lost(exc)
+
+        def eof_received(self) -> Any:
+            return super().eof_received() if self._tars_made else None
 
         def data_received(self, data: bytes) -> None:
             guard.received(self, len(data))
+            if self._tars_early is not None:
+                self._tars_early.append(data)
+                return
             super().data_received(data)
             guard.parsed(self)
 
@@ -190,9 +241,7 @@ def build_server(app: Any, settings: Any, log: Any) -> Any:
         from uvicorn.protocols.http.h11_impl import H11Protocol as base
     file_limit = raise_file_limit()
     guard = ConnectionGuard(connection_bound(settings.max_connections, file_limit), settings.header_timeout_s, log)
-    tls: dict[str, Any] = {}
-    if settings.tls_cert:
-        tls = {"ssl_certfile": settings.tls_cert, "ssl_keyfile": settings.tls_key or None}
+    tls = server_tls_context(settings.tls_cert, settings.tls_key) if settings.tls_cert else None
     scheme = "https" if tls else "http"
     host, port = settings.host, settings.port
 
@@ -210,9 +259,10 @@ def build_server(app: Any, settings: Any, log: Any) -> Any:
             await super().shutdown(sockets=sockets)
 
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
-                            loop="uvloop" if available("uvloop") else "asyncio", http=guarded(base, guard),
+                            loop="uvloop" if available("uvloop") and tls is None else "asyncio",
+                            http=guarded(base, guard, tls),
                             timeout_keep_alive=max(1, round(settings.keepalive_s)), timeout_graceful_shutdown=5,
-                            server_header=False, backlog=2048, **tls)
+                            server_header=False, backlog=2048)
     server = Server(config)
     server.guard = guard  # type: ignore[attr-defined]
     return server

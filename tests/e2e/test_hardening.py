@@ -5,6 +5,7 @@ between two hosts (§8)."""
 from __future__ import annotations
 
 import socket
+import ssl
 import sys
 import time
 from pathlib import Path
@@ -48,14 +49,26 @@ def _closed_within(sock: socket.socket, seconds: float, trickle: bytes = b"") ->
     return None
 
 
-@pytest.fixture
-def limited_node(tmp_path: Path):
+@pytest.fixture(params=["http", "https"])
+def limited_node(request, tmp_path: Path):
+    """PC1 under a 1024 file limit, plain or HTTPS: over TLS a connection that never
+    finishes its handshake must count and time out like one that never sends headers."""
     port = free_port(HOST1, range(18700, 18720))
-    node = ServerProcess("pc1", HOST1, port=port, command=LIMITED, log_dir=tmp_path,
-                         env=_env("pc1", HOST1, port, TARS_HEADER_TIMEOUT_S="3", TARS_MODELS_DIR=str(tmp_path)))
+    extra, verify = {}, True
+    if request.param == "https":
+        tls.generate(tmp_path / "pc1.crt", tmp_path / "pc1.key", ["pc1"], [HOST1])
+        extra = {"TARS_TLS_CERT": str(tmp_path / "pc1.crt"), "TARS_TLS_KEY": str(tmp_path / "pc1.key")}
+        verify = ssl.create_default_context(cafile=str(tmp_path / "pc1.crt"))  # the test trusts it directly
+    node = ServerProcess("pc1", HOST1, port=port, command=LIMITED, log_dir=tmp_path, scheme=request.param,
+                         verify=verify, env=_env("pc1", HOST1, port, TARS_HEADER_TIMEOUT_S="3",
+                                                 TARS_MODELS_DIR=str(tmp_path), **extra))
     with node:
         node.start(timeout=120)
         yield node
+
+
+def _health(node: ServerProcess) -> httpx.Response:
+    return httpx.get(node.url + "/health", timeout=2.0, verify=node.verify)
 
 
 def test_idle_connections_cannot_starve_the_node(limited_node):
@@ -71,10 +84,11 @@ def test_idle_connections_cannot_starve_the_node(limited_node):
         time.sleep(1.0)  # let the server accept (and shed) them
         for attempt in range(3):
             t0 = time.monotonic()
-            r = httpx.get(limited_node.url + "/health", timeout=2.0)
+            r = _health(limited_node)
             took = time.monotonic() - t0
             assert r.status_code == 200 and took < 2.0, (attempt, took)
-        assert "listening on http://" in limited_node.log_text() and "at most" in limited_node.log_text()
+        assert f"listening on {limited_node.scheme}://" in limited_node.log_text()
+        assert "at most" in limited_node.log_text()
     finally:
         for s in socks:
             s.close()
@@ -93,7 +107,7 @@ def test_slow_header_idle_and_slow_body_connections_are_closed(limited_node):
         assert took is not None and took < 6.0, took
         assert _closed_within(idle, 4.0) is not None
         assert _closed_within(body, 4.0) is not None
-        assert httpx.get(limited_node.url + "/health", timeout=2.0).status_code == 200
+        assert _health(limited_node).status_code == 200
     finally:
         for s in (idle, slow, body):
             s.close()
