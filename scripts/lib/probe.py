@@ -8,6 +8,8 @@ a shell can parse; network probes exit 3 when the other end cannot be reached.
 
     probe.py port-free HOST PORT        -> "free" | "in-use <reason>"   (exit 0 | 1)
     probe.py get URL                    -> "<status> <body>"            (exit 0 | 3)
+    probe.py tars-node HOST PORT        -> "http" | "https" when a TARS node answers /health
+                                           there, else "no" (exit 0 | 1)
     probe.py rpc URL TOKEN METHOD       -> "<status> <body>"            (exit 0 | 3)
     probe.py lan-ip [TARGET_HOST]       -> the local address used to reach TARGET
     probe.py token                      -> a new URL-safe cluster token
@@ -81,6 +83,29 @@ def _pinned_context(url: str):  # noqa: ANN202 - ssl.SSLContext | None
     ctx.check_hostname = False
     ctx.load_verify_locations(cadata=ssl.DER_cert_to_PEM_cert(der))
     return ctx
+
+
+def tars_node(host: str, port: int) -> int:
+    """Is the program on HOST:PORT a TARS node, and over which scheme? Only /health is
+    read, nothing is sent but the GET: over https no certificate is checked, since
+    nothing secret crosses and the answer only says whether a node is already there."""
+    import ssl
+
+    loose = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    loose.check_hostname, loose.verify_mode = False, ssl.CERT_NONE
+    for scheme, ctx in (("http", None), ("https", loose)):
+        try:
+            with urllib.request.urlopen(f"{scheme}://{host}:{port}/health", timeout=TIMEOUT_S, context=ctx) as r:
+                body = r.read(65536).decode("utf-8", "replace")
+        except urllib.error.HTTPError as exc:
+            body = exc.read(65536).decode("utf-8", "replace")
+        except (urllib.error.URLError, OSError, ValueError):
+            continue
+        if '"node"' in body:
+            print(scheme)
+            return 0
+    print("no")
+    return 1
 
 
 def _request(url: str, data: bytes | None = None, headers: dict[str, str] | None = None) -> int:
@@ -180,6 +205,8 @@ def main(argv: list[str]) -> int:
         return port_free(args[0], int(args[1]))
     if cmd == "get" and len(args) == 1:
         return _request(args[0])
+    if cmd == "tars-node" and len(args) == 2:
+        return tars_node(args[0], int(args[1]))
     if cmd == "rpc" and len(args) == 3:
         return rpc(*args)
     if cmd == "lan-ip":

@@ -498,15 +498,15 @@ http_rpc() {
   HTTP_STATUS=${out%% *}; HTTP_BODY=${out#* }
 }
 
-# check_port HOST PORT: PORT_STATE=free, node (a TARS node answers /health there: the
-# self-check checks that one) or other (another program holds it; PORT_REASON says how).
+# check_port HOST PORT: PORT_STATE=free, node (a TARS node answers /health there, over
+# http or https: the self-check checks that one) or other (another program holds it;
+# PORT_REASON says how).
 PORT_STATE=""
 check_port() {
   local check_host=$1
   [ "$check_host" = 0.0.0.0 ] && check_host=127.0.0.1
   if probe_port "$1" "$2"; then PORT_STATE=free; return 0; fi
-  http_get "http://$check_host:$2/health"
-  if [ "$HTTP_STATUS" != unreachable ] && [[ "$HTTP_BODY" == *'"node"'* ]]; then PORT_STATE=node; else PORT_STATE=other; fi
+  if "$VPY" "$PROBE" tars-node "$check_host" "$2" >/dev/null; then PORT_STATE=node; else PORT_STATE=other; fi
 }
 
 selfcheck_enabled() { [ "${TARS_SETUP_SELFCHECK:-1}" != "0" ]; }
