@@ -8,7 +8,13 @@ for ``--after`` seconds. Reports: failed requests before/after the kill and from
 after it, requests answered by the fallback, fallback loads and stand-in drops on PC1
 (counted in its log), PC1's RSS before the kill and at the end.
 
+``--real`` serves the real all-MiniLM-L6-v2 instead, and ``--restart`` starts PC2 again
+after ``--after`` seconds and keeps the load on until PC1 has dropped its stand-in (and
+``--settle`` seconds more): then PC1's RSS with the stand-in loaded and after it was
+dropped are reported too (issue 11.2: back within 10% of the value before the kill).
+
     .venv/bin/python -m benchmarks.bench_failover
+    .venv/bin/python -m benchmarks.bench_failover --real --restart
     .venv/bin/python -m benchmarks.bench_failover --tree /tmp/old   # another checkout (e.g. before a fix)
 """
 
@@ -31,14 +37,15 @@ from tests.support import ServerProcess, free_port  # noqa: E402
 EMB = "all-MiniLM-L6-v2"
 
 
-def _start(tree: Path) -> tuple[ServerProcess, ServerProcess]:
-    env = {"TARS_CLUSTER_TOKEN": "bench-failover", "TARS_BACKEND_OVERRIDE": "fake", "TARS_HEARTBEAT_S": "1.0",
-           "TARS_MODELS": f"gemma-3-270m,{EMB}"}
+def _start(tree: Path, real: bool) -> tuple[ServerProcess, ServerProcess]:
+    env = {"TARS_CLUSTER_TOKEN": "bench-failover", "TARS_HEARTBEAT_S": "1.0", "TARS_MODELS": f"gemma-3-270m,{EMB}"}
+    if not real:
+        env["TARS_BACKEND_OVERRIDE"] = "fake"
     pc1 = ServerProcess("pc1", "127.0.0.2", ports=range(19400, 19500), cwd=tree,
-                        env={**env, "TARS_GPU_PROFILE": "rtx3060-12gb"}).start()
+                        env={**env, "TARS_GPU_PROFILE": "rtx3060-12gb"}).start(timeout=300)
     pc2 = ServerProcess("pc2", "127.0.0.3", ports=range(19500, 19600), cwd=tree,
-                        env={**env, "TARS_GPU_PROFILE": "gtx1660s-6gb", "TARS_PEERS": pc1.url}).start()
-    deadline = time.time() + 60
+                        env={**env, "TARS_GPU_PROFILE": "gtx1660s-6gb", "TARS_PEERS": pc1.url}).start(timeout=300)
+    deadline = time.time() + 300
     while True:  # the embedding model served by pc2, as pc1 sees it
         m = {x["id"]: x for x in httpx.get(pc1.url + "/models", timeout=5).json()["models"]}
         if m[EMB]["node"] == "pc2" and m[EMB]["state"] == "ready" and "handoff" not in m[EMB]:
@@ -48,8 +55,16 @@ def _start(tree: Path) -> tuple[ServerProcess, ServerProcess]:
         time.sleep(0.2)
 
 
-async def _load(pc1: ServerProcess, pc2: ServerProcess, clients: int, before: float, after: float) -> dict:
+def rss_mb(pid: int) -> float:
+    import psutil
+
+    return psutil.Process(pid).memory_info().rss / 2**20
+
+
+async def _load(pc1: ServerProcess, pc2: ServerProcess, clients: int, before: float, after: float,
+                restart: bool = False, settle: float = 5.0) -> dict:
     log: list[tuple[float, int, bool]] = []
+    extra: dict = {}
     stop = asyncio.Event()
     async with httpx.AsyncClient(base_url=pc1.url, timeout=30,
                                  limits=httpx.Limits(max_connections=2 * clients)) as c:
@@ -68,6 +83,17 @@ async def _load(pc1: ServerProcess, pc2: ServerProcess, clients: int, before: fl
         killed = time.monotonic()
         pc2.kill()
         await asyncio.sleep(after)
+        if restart:
+            extra["pc1_rss_mb_with_standin"] = round(rss_mb(pc1.pid))
+            await asyncio.to_thread(pc2.start, 300)
+            t0 = time.monotonic()
+            while "dropping the local" not in pc1.log.read_text()[offset:]:
+                if time.monotonic() - t0 > 120:
+                    raise SystemExit("pc1 never dropped its stand-in after pc2 came back")
+                await asyncio.sleep(0.2)
+            extra["standin_dropped_s_after_restart"] = round(time.monotonic() - t0, 1)
+            await asyncio.sleep(settle)
+            extra["pc1_rss_mb_after_drop"] = round(rss_mb(pc1.pid))
         stop.set()
         await asyncio.gather(*tasks)
     pre = [x for x in log if x[0] < killed]
@@ -75,7 +101,7 @@ async def _load(pc1: ServerProcess, pc2: ServerProcess, clients: int, before: fl
     return {"requests_before_kill": len(pre), "failed_before_kill": sum(s != 200 for _, s, _ in pre),
             "requests_after_kill": len(post), "failed_after_kill": sum(s != 200 for _, s, _ in post),
             "failed_from_3s_after_kill": sum(s != 200 for t, s, _ in post if t >= killed + 3),
-            "answered_by_fallback": sum(f for _, _, f in post), "log_offset": offset}
+            "answered_by_fallback": sum(f for _, _, f in post), "log_offset": offset, **extra}
 
 
 def main() -> None:
@@ -84,16 +110,20 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--before", type=float, default=2.0, help="seconds of load before the kill")
     ap.add_argument("--after", type=float, default=8.0, help="seconds of load after the kill")
+    ap.add_argument("--real", action="store_true", help="the real embedding model instead of fake backends")
+    ap.add_argument("--restart", action="store_true", help="start PC2 again; measure RSS after the stand-in drop")
+    ap.add_argument("--settle", type=float, default=5.0, help="seconds of load after the drop before measuring")
     args = ap.parse_args()
-    import psutil
 
-    pc1, pc2 = _start(args.tree)
+    pc1, pc2 = _start(args.tree, args.real)
     try:
-        rss0 = psutil.Process(pc1.proc.pid).memory_info().rss / 2**20
-        out = asyncio.run(_load(pc1, pc2, args.clients, args.before, args.after))
+        rss0 = rss_mb(pc1.pid)
+        out = asyncio.run(_load(pc1, pc2, args.clients, args.before, args.after, args.restart, args.settle))
         text = pc1.log.read_text()[out.pop("log_offset"):]
         out.update(fallback_loads=text.count("fallback: loading"), standin_drops=text.count("dropping the local"),
-                   pc1_rss_mb_before_kill=round(rss0), pc1_rss_mb_end=round(psutil.Process(pc1.proc.pid).memory_info().rss / 2**20))
+                   pc1_rss_mb_before_kill=round(rss0), pc1_rss_mb_end=round(rss_mb(pc1.pid)))
+        if "pc1_rss_mb_after_drop" in out:
+            out["rss_after_drop_vs_before_kill"] = round(out["pc1_rss_mb_after_drop"] / out["pc1_rss_mb_before_kill"], 3)
         print(json.dumps(out, indent=2))
     finally:
         pc1.stop()

@@ -18,6 +18,11 @@ It reports, and checks against issue 11:
     .venv/bin/python -m benchmarks.soak                        # 10 minutes, real models
     .venv/bin/python -m benchmarks.soak --minutes 3 --json soak.json
     .venv/bin/python -m benchmarks.soak --backend fake         # the machinery only
+    .venv/bin/python -m benchmarks.soak --pin                  # each node on a core of its own
+
+``--pin`` runs PC1 on the first CPU this process may use and PC2 on the second (with
+their children: the engine, the models), the clients on all of them: two hosts on one
+machine, each with its own core, instead of both nodes' threads contending for every core.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import json
 import os
 import random
 import statistics
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -43,6 +49,12 @@ SENTENCES = ["The quick brown fox jumps over the lazy dog.", "Two home computers
              "What time does the train to Lyon leave tomorrow morning?", "Embeddings map sentences to vectors.",
              "She sells sea shells by the sea shore.", "The heartbeat tells each node its peer is alive."]
 PROMPTS = ["Name three colours.", "What is the capital of France?", "Say hello in French.", "Count to five."]
+
+
+def pinned(cpu: int) -> list[str]:
+    """The ``serve`` command run on CPU ``cpu`` only (children inherit the affinity)."""
+    return [sys.executable, "-c", f"import os, sys; os.sched_setaffinity(0, {{{cpu}}}); "
+            "os.execv(sys.executable, [sys.executable, '-m', 'distributed', 'serve'])"]
 
 
 def rss_mb(pid: int, children: bool = True) -> float:
@@ -151,16 +163,21 @@ def main() -> int:
     ap.add_argument("--slow-s", type=float, default=30.0)
     ap.add_argument("--backend", default="", help="TARS_BACKEND_OVERRIDE for both nodes (e.g. fake)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--pin", action="store_true", help="PC1 on one CPU, PC2 on another (two hosts, a core each)")
     args = ap.parse_args()
+    cpus = sorted(os.sched_getaffinity(0))
+    if args.pin and len(cpus) < 2:
+        ap.error("--pin needs two CPUs")
+    cmd = (lambda i: {"command": pinned(cpus[i]), "address_env": True}) if args.pin else (lambda i: {})
 
     logdir = Path(tempfile.mkdtemp(prefix="tars-soak-"))
     common = {"TARS_CLUSTER_TOKEN": TOKEN, "TARS_LOG_LEVEL": "warning", "TARS_HEARTBEAT_S": "1"}
     if args.backend:
         common["TARS_BACKEND_OVERRIDE"] = args.backend
-    pc1 = ServerProcess("pc1", "127.0.0.2", ports=range(18780, 18790), log_dir=logdir,
+    pc1 = ServerProcess("pc1", "127.0.0.2", ports=range(18780, 18790), log_dir=logdir, **cmd(0),
                         env={**common, "TARS_GPU_PROFILE": "rtx3060-12gb", "TARS_LOG_LEVEL": "info"})
     pc1.start(timeout=300)
-    pc2 = ServerProcess("pc2", "127.0.0.3", ports=range(18790, 18800), log_dir=logdir,
+    pc2 = ServerProcess("pc2", "127.0.0.3", ports=range(18790, 18800), log_dir=logdir, **cmd(1),
                         env={**common, "TARS_GPU_PROFILE": "gtx1660s-6gb", "TARS_PEERS": pc1.url})
     rec = Recorder()
     seconds = args.minutes * 60
@@ -205,7 +222,8 @@ def main() -> int:
     total = sum(rec.statuses.values())
     growth = (rss["end"] - rss["after_1min"]) / rss["after_1min"] if rss.get("after_1min") else None
     out = {
-        "minutes": args.minutes, "clients": args.clients, "backend": args.backend or "real", "requests": total,
+        "minutes": args.minutes, "clients": args.clients, "backend": args.backend or "real", "pinned": args.pin,
+        "requests": total,
         "statuses": dict(sorted(rec.statuses.items())), "failed": len(rec.bad), "failures": rec.bad[:20],
         "over_slow_s_count": len(rec.slow), "over_slow_s": rec.slow[:20], "events": events,
         "latency_s": {k: {"p50": round(statistics.median(v), 3) if v else None, "p99": round(percentile(v, 0.99), 3),

@@ -135,20 +135,19 @@ class GenerationQueue:
         cancellation) sets the cancel event, so the worker stops generating."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_s
-        await self._slot.acquire()
+        ticket = await self._slot.acquire()
         cancel = threading.Event()
         chan = _Channel(loop)
-        started = time.monotonic()
         try:
             job = loop.run_in_executor(self._executor, self._work, req, cancel, chan)
         except BaseException:
-            self._slot.release()
+            self._slot.release(ticket, learn=False)
             raise
         self._running = True
 
         def _done(_: Any) -> None:  # the slot frees only when the worker has really finished
             self._running = False
-            self._slot.release(held_s=time.monotonic() - started)
+            self._slot.release(ticket)
 
         job.add_done_callback(_done)
 
@@ -188,13 +187,17 @@ class GenerationQueue:
 class SlotQueue:
     """Up to ``slots`` requests at once; up to ``max_waiting`` more wait in FIFO order.
 
-    ``async with queue.slot():`` holds a slot for the block. A request is refused at once
-    with ``Overloaded`` (429, ``retry_after``) when the queue is full, or when the wait it
-    can expect — how long a slot has recently been held (a moving average), times the
-    requests ahead of it, over the slots — is over ``max_wait_s`` (0: no such bound). Better
-    a prompt "retry in N s" than an answer that comes after the client gave up. A request
-    admitted but still waiting after ``timeout_s`` → ``RequestTimeout``. ``on_change``
-    (busy, waiting) is called whenever either changes (metrics gauges).
+    ``async with queue.slot():`` holds a slot for the block (or ``ticket = await acquire()``
+    … ``release(ticket)``). A request is refused at once with ``Overloaded`` (429,
+    ``retry_after``) when the queue is full, or when the wait it can expect — how long a slot
+    is held, times the requests ahead of it, over the slots — is over ``max_wait_s`` (0: no
+    such bound). Better a prompt "retry in N s" than an answer that comes after the client
+    gave up. How long a slot is held: the moving average of the slots released, raised to
+    the time every slot has been held without one coming free (a slowdown shows before
+    anything finishes); before the first release nothing is known, and at most one round
+    (``slots``) may wait. A request admitted but still waiting after ``timeout_s`` →
+    ``RequestTimeout``. ``on_change`` (busy, waiting) is called whenever either changes
+    (metrics gauges).
     """
 
     def __init__(self, slots: int, *, max_waiting: int, timeout_s: float, name: str = "model",
@@ -209,6 +212,7 @@ class SlotQueue:
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._held = _Ewma(2.0)
         self._held_seen = 0  # releases that reported how long the slot was held
+        self._holding: list[float] = []  # tickets (monotonic time a slot was taken) not yet released
 
     @property
     def waiting(self) -> int:
@@ -219,14 +223,24 @@ class SlotQueue:
         """Requests waiting plus those holding a slot."""
         return self.busy + len(self._waiters)
 
+    def held_estimate(self) -> float | None:
+        """Seconds a slot is held (see the class docstring); None while nothing is known."""
+        all_held_for = 0.0
+        if self._holding and len(self._holding) >= self.slots:
+            all_held_for = time.monotonic() - max(self._holding)
+        if not self._held_seen:
+            return all_held_for or None
+        return max(self._held.value, all_held_for)
+
     def expected_wait(self) -> float:
-        """Seconds a request arriving now can expect to wait for a slot."""
+        """Seconds a request arriving now can expect to wait for a slot (0.0 with no estimate)."""
         if self.busy < self.slots and not self._waiters:
             return 0.0
-        return self._held.value * (len(self._waiters) + 1) / self.slots
+        return (self.held_estimate() or 0.0) * (len(self._waiters) + 1) / self.slots
 
     def retry_after(self) -> float:
-        return float(min(120, max(1, math.ceil(self.expected_wait()))))
+        held = self.held_estimate() or self._held.value
+        return float(min(120, max(1, math.ceil(held * (len(self._waiters) + 1) / self.slots))))
 
     def _changed(self) -> None:
         if self.on_change is not None:
@@ -234,12 +248,11 @@ class SlotQueue:
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
-        await self.acquire()
-        t0 = time.monotonic()
+        ticket = await self.acquire()
         try:
             yield
         finally:
-            self.release(held_s=time.monotonic() - t0)
+            self.release(ticket)
 
     def _admit_or_refuse(self) -> None:
         """Raise ``Overloaded`` if a request arriving now must not join the queue."""
@@ -248,18 +261,25 @@ class SlotQueue:
             raise Overloaded(f"model '{self.name}' is busy ({busy}; queue size {self.max_waiting}); retry later",
                              retry_after=self.retry_after(), model=self.name, queue_size=self.max_waiting,
                              slots=self.slots)
+        if self.max_wait_s <= 0:
+            return
+        if not self._held_seen and len(self._waiters) >= self.slots:
+            raise Overloaded(f"model '{self.name}' is busy ({busy}) and has not yet measured how long a request "
+                             "takes; retry later", retry_after=self.retry_after(), model=self.name,
+                             slots=self.slots)
         wait = self.expected_wait()
-        if self.max_wait_s > 0 and self._held_seen and wait > self.max_wait_s:
+        if wait > self.max_wait_s:
             raise Overloaded(f"model '{self.name}' is busy ({busy}): this request would wait about {wait:.0f} s "
                              f"for a slot, over the {self.max_wait_s:g} s bound (TARS_QUEUE_MAX_WAIT_S); retry later",
                              retry_after=self.retry_after(), model=self.name, expected_wait_s=round(wait, 1),
                              max_wait_s=self.max_wait_s, slots=self.slots)
 
-    async def acquire(self) -> None:
+    async def acquire(self) -> float:
+        """Take a slot, waiting in line if need be; returns the ticket for ``release``."""
         if self.busy < self.slots and not self._waiters:
             self.busy += 1
             self._changed()
-            return
+            return self._took()
         self._admit_or_refuse()
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
@@ -280,16 +300,23 @@ class SlotQueue:
                 raise RequestTimeout(f"request waited {self.timeout_s:g} s for a slot of model '{self.name}' "
                                      "and timed out", timeout_s=self.timeout_s) from None
             raise
+        return self._took()
 
-    def release(self, held_s: float | None = None) -> None:
-        """Free a slot (held for ``held_s`` seconds, when known): hand it straight to the
-        oldest waiter (busy stays), else busy - 1."""
-        if held_s is not None:
-            if self._held_seen:
-                self._held.add(held_s)
-            else:
-                self._held.value = held_s  # the first measurement replaces the guess
-            self._held_seen += 1
+    def _took(self) -> float:
+        ticket = time.monotonic()
+        self._holding.append(ticket)
+        return ticket
+
+    def release(self, ticket: float | None = None, *, learn: bool = True) -> None:
+        """Free the slot taken with ``ticket`` (``learn``: count how long it was held): hand
+        it straight to the oldest waiter (busy stays), else busy - 1."""
+        if ticket is not None:
+            try:
+                self._holding.remove(ticket)
+            except ValueError:
+                pass
+            if learn:
+                self._learn(time.monotonic() - ticket)
         while self._waiters:
             fut = self._waiters.popleft()
             if not fut.done():
@@ -298,6 +325,13 @@ class SlotQueue:
                 return
         self.busy = max(0, self.busy - 1)
         self._changed()
+
+    def _learn(self, held_s: float) -> None:
+        if self._held_seen:
+            self._held.add(held_s)
+        else:
+            self._held.value = held_s  # the first measurement replaces the guess
+        self._held_seen += 1
 
 
 @dataclass

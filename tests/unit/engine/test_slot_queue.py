@@ -62,48 +62,66 @@ async def test_a_waiter_that_times_out_or_is_cancelled_leaves_the_queue():
         assert q.busy == 1
 
 
+
 async def test_a_request_that_would_wait_past_the_bound_is_refused_at_once():
-    # 2 slots, each recently held ~8 s: the first waiter expects 8*1/2 = 4 s (admitted),
-    # the second 8*2/2 = 8 s (admitted), the third 8*3/2 = 12 s > 10 s → 429 now, not after 12 s
+    # 2 slots, each held ~8 s: the first waiter expects 8*1/2 = 4 s (admitted), the second
+    # 8*2/2 = 8 s (admitted), the third 8*3/2 = 12 s > 10 s → 429 now, not after 12 s
     q = SlotQueue(2, max_waiting=16, timeout_s=300, name="m", max_wait_s=10)
-    for _ in range(2):
-        await q.acquire()
-    q.release(held_s=8.0)
-    q.release(held_s=8.0)
-    q._held.value = 8.0  # the moving average settled at 8 s
-    await q.acquire()
-    await q.acquire()
+    q._learn(8.0)
+    tickets = [await q.acquire(), await q.acquire()]
     waiters = [asyncio.create_task(q.acquire()) for _ in range(2)]
     await asyncio.sleep(0.01)
-    assert q.waiting == 2 and q.expected_wait() == pytest.approx(12.0)
+    assert q.waiting == 2 and q.expected_wait() == pytest.approx(12.0, abs=0.1)
     with pytest.raises(Overloaded) as exc:
         await q.acquire()
     assert "would wait about 12 s" in exc.value.message and "TARS_QUEUE_MAX_WAIT_S" in exc.value.message
     assert exc.value.retry_after == 12 and exc.value.http_status == 429
     assert exc.value.details["max_wait_s"] == 10 and q.waiting == 2  # refused, not queued
-    q.release(held_s=8.0)
-    q.release(held_s=8.0)  # both slots handed straight to the two admitted waiters
+    for t in tickets:
+        q.release(t, learn=False)  # both slots handed straight to the two admitted waiters
     await asyncio.gather(*waiters)
     assert q.busy == 2 and q.waiting == 0
 
 
-async def test_no_estimate_yet_or_no_bound_means_only_the_queue_size_limits():
-    q = SlotQueue(1, max_waiting=3, timeout_s=300, name="m", max_wait_s=1)
-    await q.acquire()
-    waiters = [asyncio.create_task(q.acquire()) for _ in range(3)]  # no slot released yet: no estimate
+async def test_before_anything_is_measured_one_round_may_wait_and_no_bound_means_queue_size_only():
+    q = SlotQueue(2, max_waiting=8, timeout_s=300, name="m", max_wait_s=1)
+    held = [await q.acquire(), await q.acquire()]
+    waiters = [asyncio.create_task(q.acquire()) for _ in range(2)]  # one round: as many as the slots
     await asyncio.sleep(0.01)
-    assert q.waiting == 3
-    with pytest.raises(Overloaded, match="queue size 3"):
+    assert q.waiting == 2 and q.held_estimate() < 1  # only how long the slots have been held so far
+    with pytest.raises(Overloaded, match="not yet measured how long a request takes"):
         await q.acquire()
-    for _ in range(3):
-        q.release(held_s=60.0)
+    for t in held:
+        q.release(t)
     await asyncio.gather(*waiters)
     unbounded = SlotQueue(1, max_waiting=3, timeout_s=300, name="m", max_wait_s=0)
+    unbounded._learn(60.0)
     await unbounded.acquire()
-    unbounded.release(held_s=60.0)
-    await unbounded.acquire()
-    t = asyncio.create_task(unbounded.acquire())  # would wait ~60 s: no bound set, so it queues
+    tasks = [asyncio.create_task(unbounded.acquire()) for _ in range(3)]  # ~60-180 s each: no bound, queued
     await asyncio.sleep(0.01)
-    assert unbounded.waiting == 1
-    unbounded.release()
-    await t
+    assert unbounded.waiting == 3
+    with pytest.raises(Overloaded, match="queue size 3"):
+        await unbounded.acquire()
+    for _ in range(3):
+        unbounded.release()
+    await asyncio.gather(*tasks)
+
+
+async def test_slots_all_held_long_raise_the_estimate_before_any_finishes(monkeypatch):
+    """Requests used to take 1 s; now every slot has been busy for 30 s and none came free:
+    a newcomer must expect ~30 s per round, not the stale 1 s."""
+    from distributed import batching
+
+    now = [1000.0]
+    monkeypatch.setattr(batching.time, "monotonic", lambda: now[0])
+    q = SlotQueue(2, max_waiting=16, timeout_s=300, name="m", max_wait_s=10)
+    q._learn(1.0)
+    await q.acquire()
+    now[0] += 0.5
+    await q.acquire()
+    assert q.expected_wait() == pytest.approx(0.5)  # 1 s × 1 ahead / 2 slots
+    now[0] += 30.0
+    assert q.held_estimate() == pytest.approx(30.0)
+    with pytest.raises(Overloaded, match="would wait about 15 s") as exc:
+        await q.acquire()
+    assert exc.value.retry_after == 15
