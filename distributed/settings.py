@@ -79,6 +79,11 @@ class Settings(BaseSettings):
                             "inprocess (llama-cpp-python, one at a time) or auto (server when built, else inprocess).")
     parallel: int = Field(4, ge=1, le=256, description="Slots of a llama-server chat engine: requests it generates at once "
                           "(each with TARS_CONTEXT tokens of context; the planner may lower it where VRAM is short).")
+    engine_cache_mb: int = Field(
+        0, ge=0, le=1_000_000, description="RAM, MB, a llama-server chat engine may fill with the states of finished "
+                                           "prompts, reused by later requests that share their start (its --cache-ram); "
+                                           "0 = off. The planner does not count it: left at llama.cpp's default (8 GB) "
+                                           "it grows the engine by ~1.5 MB per request until full.")
     engine_bin: str = Field("", description="The llama-server binary (or its folder); empty = the scripts/build_engine.sh "
                             "build matching the installed llama-cpp-python.")
 

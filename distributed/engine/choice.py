@@ -84,14 +84,14 @@ def engine_target(node: Any, spec: ModelSpec, a: Assignment) -> Any:
         return EngineTarget(spec, a, binary=binary, model_path=missing, node=node.name, parallel=s.parallel,
                             context=context, threads=threads, queue_size=s.queue_size,
                             timeout_s=s.request_timeout_s, queue_max_wait_s=s.queue_max_wait_s,
-                            metrics=node.metrics)
+                            cache_mb=s.engine_cache_mb, metrics=node.metrics)
     from ..deploy.pull import fetch
 
     made: list[Any] = []  # the target built below: a pull's progress shows in its info()
     kw = dict(binary=binary, model_path=lambda: fetch(node.store, spec, made[0] if made else None), node=node.name,
               parallel=_parallel(a, s.parallel), context=context, threads=threads,
               queue_size=s.queue_size, timeout_s=s.request_timeout_s, queue_max_wait_s=s.queue_max_wait_s,
-              metrics=node.metrics)
+              cache_mb=s.engine_cache_mb, metrics=node.metrics)
     if getattr(a, "split_nodes", None):  # pooled VRAM: layers on other hosts too (split/engine.py)
         from ..split.engine import split_engine_target
 

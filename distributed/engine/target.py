@@ -62,7 +62,7 @@ class EngineTarget(LocalTarget):
     def __init__(self, spec: ModelSpec, assignment: Assignment, *, binary: EngineBinary,
                  model_path: Callable[[], Path], node: str, parallel: int = 4, context: int = 2048,
                  threads: int | None = None, queue_size: int = 16, timeout_s: float = 300.0,
-                 queue_max_wait_s: float = 0.0,
+                 queue_max_wait_s: float = 0.0, cache_mb: int = 0,
                  metrics: Metrics | None = None, start_timeout_s: float = 300.0, max_failures: int = 3,
                  extra_args: tuple[str, ...] = (), host: str = "127.0.0.1") -> None:
         super().__init__(spec, assignment, _no_backend, node=node, queue_size=queue_size, timeout_s=timeout_s,
@@ -77,6 +77,7 @@ class EngineTarget(LocalTarget):
         self.timeout_s = timeout_s
         self.host = host
         self.extra_args = tuple(extra_args)
+        self.cache_mb = int(cache_mb)
         self._model_path = model_path
         self._key = secrets.token_urlsafe(24)
         self._port = 0
@@ -102,7 +103,8 @@ class EngineTarget(LocalTarget):
         a = self.assignment
         argv = [str(self.binary.server), "-m", str(path), "-a", self.model, "--host", self.host,
                 "--port", str(self._port), "-np", str(self.parallel), "-c", str(self.parallel * self.context),
-                "-ngl", str(a.n_gpu_layers if a.n_gpu_layers >= 0 else 999), "--jinja", "--slots", "--metrics"]
+                "-ngl", str(a.n_gpu_layers if a.n_gpu_layers >= 0 else 999), "--jinja", "--slots", "--metrics",
+                "--cache-ram", str(self.cache_mb)]  # bounded: llama.cpp's own default is 8 GB of RAM
         if self.threads:
             argv += ["-t", str(self.threads)]
         if a.device.startswith("cuda:") and a.n_gpu_layers != 0:  # the planned GPU only, no split

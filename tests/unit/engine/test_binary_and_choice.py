@@ -86,6 +86,7 @@ def test_the_engine_target_command_line(tmp_path):
     assert pairs["--host"] == "127.0.0.1" and int(pairs["--port"]) == t._port > 0
     assert (pairs["-np"], pairs["-c"], pairs["-t"], pairs["-ngl"]) == ("3", "3000", "2", "999")
     assert argv[argv.index("-mg") + 1] == "1" and "--jinja" in argv and "--slots" in argv and "--metrics" in argv
+    assert argv[argv.index("--cache-ram") + 1] == "0"  # llama.cpp's default would let it take 8 GB of RAM
     assert os.environ.get("LLAMA_ARG_API_KEY") is None
 
 
