@@ -135,7 +135,7 @@ class GenerationQueue:
         cancellation) sets the cancel event, so the worker stops generating."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_s
-        ticket = await self._slot.acquire()
+        ticket = await self._slot.acquire(bounded=not getattr(req, "choice", 0))
         cancel = threading.Event()
         chan = _Channel(loop)
         try:
@@ -194,9 +194,10 @@ class SlotQueue:
     such bound). Better a prompt "retry in N s" than an answer that comes after the client
     gave up. How long a slot is held: the moving average of the slots released, raised to
     the time every slot has been held without one coming free (a slowdown shows before
-    anything finishes); before the first release nothing is known, and at most one round
-    (``slots``) may wait. A request admitted but still waiting after ``timeout_s`` →
-    ``RequestTimeout``. ``on_change`` (busy, waiting) is called whenever either changes
+    anything finishes); before the first release only the queue size bounds the wait.
+    ``bounded=False`` skips the wait bound (not the queue size): the later choices of an
+    ``n > 1`` request, admitted with its first. A request admitted but still waiting after
+    ``timeout_s`` → ``RequestTimeout``. ``on_change`` (busy, waiting) is called whenever either changes
     (metrics gauges).
     """
 
@@ -247,26 +248,22 @@ class SlotQueue:
             self.on_change(self.busy, len(self._waiters))
 
     @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        ticket = await self.acquire()
+    async def slot(self, bounded: bool = True) -> AsyncIterator[None]:
+        ticket = await self.acquire(bounded)
         try:
             yield
         finally:
             self.release(ticket)
 
-    def _admit_or_refuse(self) -> None:
+    def _admit_or_refuse(self, bounded: bool) -> None:
         """Raise ``Overloaded`` if a request arriving now must not join the queue."""
         busy = f"{self.busy} of {self.slots} slot{'s' if self.slots != 1 else ''} busy, {len(self._waiters)} waiting"
         if len(self._waiters) >= self.max_waiting:
             raise Overloaded(f"model '{self.name}' is busy ({busy}; queue size {self.max_waiting}); retry later",
                              retry_after=self.retry_after(), model=self.name, queue_size=self.max_waiting,
                              slots=self.slots)
-        if self.max_wait_s <= 0:
+        if self.max_wait_s <= 0 or not bounded:
             return
-        if not self._held_seen and len(self._waiters) >= self.slots:
-            raise Overloaded(f"model '{self.name}' is busy ({busy}) and has not yet measured how long a request "
-                             "takes; retry later", retry_after=self.retry_after(), model=self.name,
-                             slots=self.slots)
         wait = self.expected_wait()
         if wait > self.max_wait_s:
             raise Overloaded(f"model '{self.name}' is busy ({busy}): this request would wait about {wait:.0f} s "
@@ -274,13 +271,13 @@ class SlotQueue:
                              retry_after=self.retry_after(), model=self.name, expected_wait_s=round(wait, 1),
                              max_wait_s=self.max_wait_s, slots=self.slots)
 
-    async def acquire(self) -> float:
+    async def acquire(self, bounded: bool = True) -> float:
         """Take a slot, waiting in line if need be; returns the ticket for ``release``."""
         if self.busy < self.slots and not self._waiters:
             self.busy += 1
             self._changed()
             return self._took()
-        self._admit_or_refuse()
+        self._admit_or_refuse(bounded)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
         self._changed()

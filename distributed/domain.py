@@ -182,11 +182,12 @@ class GenerateRequest(_Data):
     logprobs: bool = False
     top_logprobs: int = 0  # alternatives per token (0-20) when logprobs
     n: int = 1  # choices; the API fans n > 1 out into n requests of n=1
+    choice: int = 0  # this request's index in such a fan-out: the later ones are admitted with the first
 
     # The fields above are left out of to_rpc() while at their defaults, so a request
     # without them still reaches a peer of the previous version.
     _SURFACE = ("presence_penalty", "frequency_penalty", "response_format", "tools", "tool_choice",
-                "parallel_tool_calls", "logprobs", "top_logprobs", "n")
+                "parallel_tool_calls", "logprobs", "top_logprobs", "n", "choice")
 
     def to_rpc(self) -> dict[str, Any]:
         d = self.to_dict()

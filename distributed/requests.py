@@ -71,6 +71,7 @@ class GenerateParams(_Strict):
     logprobs: bool = False
     top_logprobs: TopLogprobs = 0
     n: int = Field(1, ge=1, le=MAX_CHOICES)
+    choice: int = Field(0, ge=0, lt=MAX_CHOICES)
 
     def to_domain(self, stream: bool) -> GenerateRequest:
         known = _GENERATE_FIELDS  # a test keeps the two in step; this keeps a partial upgrade working

@@ -62,10 +62,12 @@ async def completions(request: Request) -> Response:
 
 def _fan_out(req: GenerateRequest) -> list[GenerateRequest]:
     """n choices are n requests of one choice each (an engine's slots run them side by
-    side); a seed gives choice i the seed + i, so the choices differ yet repeat."""
+    side); a seed gives choice i the seed + i, so the choices differ yet repeat. Choices
+    after the first carry their index: a queue that admitted the first takes them too."""
     if req.n == 1:
         return [req]
-    return [dataclasses.replace(req, n=1, seed=None if req.seed is None else req.seed + i) for i in range(req.n)]
+    return [dataclasses.replace(req, n=1, choice=i, seed=None if req.seed is None else req.seed + i)
+            for i in range(req.n)]
 
 
 async def _generate(request: Request, kind: Literal["chat", "completion"], req: GenerateRequest,

@@ -252,7 +252,7 @@ class EngineTarget(LocalTarget):
         path, body = wire.payload(req, self.model)
         body["stream"] = False
         self.requests += 1
-        async with self.slots.slot():
+        async with self.slots.slot(bounded=not req.choice):
             try:
                 resp = await self._client.post(self.base_url + path, content=orjson.dumps(body),
                                                headers={"Content-Type": "application/json"})
@@ -282,7 +282,7 @@ class EngineTarget(LocalTarget):
         n = 0
         first: float | None = None
         try:
-            async with self.slots.slot():
+            async with self.slots.slot(bounded=not req.choice):
                 try:
                     async with SseStream(self.host, self._port, path, orjson.dumps(body), self._key) as events:
                         async for data in events:

@@ -29,8 +29,10 @@ def anyio_backend() -> str:
 
 
 @contextlib.asynccontextmanager
-async def serve(tmp_path: Any, **extra: Any) -> AsyncIterator[tuple[httpx.AsyncClient, Node]]:
-    settings = load_settings(None, node_name="pc1", backend_override="fake", models_dir=tmp_path, models=[CHAT])
+async def serve(tmp_path: Any, settings_kw: dict[str, Any] | None = None,
+                **extra: Any) -> AsyncIterator[tuple[httpx.AsyncClient, Node]]:
+    settings = load_settings(None, node_name="pc1", backend_override="fake", models_dir=tmp_path, models=[CHAT],
+                             **(settings_kw or {}))
     node = Node(settings, HostProfile(hostname="pc1", cpu_model="cpu", cpu_cores=2, ram_total_mb=8000,
                                       ram_free_mb=6000), backend_extra=extra or None)
     app = create_app(settings, node)
@@ -78,6 +80,28 @@ async def test_n_choices_fan_out(tmp_path):
         one = await c.post("/v1/chat/completions", json={"messages": MSG, "seed": 11})
         assert one.json()["choices"][0]["message"]["content"] == texts[1]
         assert node.targets[CHAT].requests == 4  # type: ignore[attr-defined]
+
+
+async def test_n_choices_are_admitted_together_past_the_wait_bound(tmp_path):
+    """One slot (the in-process engine), each generation ~0.4 s, TARS_QUEUE_MAX_WAIT_S 0.5:
+    a lone request's third choice would wait ~0.8 s — refused on its own, it must not be
+    refused as part of an n=3 request that was admitted (it would never fit: retrying cannot help)."""
+    async with serve(tmp_path, {"queue_max_wait_s": 0.5}, reply_tokens=8, token_delay_s=0.05) as (c, node):
+        assert (await c.post("/v1/chat/completions", json={"messages": MSG})).status_code == 200  # measured
+        for stream in (False, True):
+            r = await c.post("/v1/chat/completions", json={"messages": MSG, "n": 3, "seed": 1, "stream": stream})
+            assert r.status_code == 200, r.text
+            if not stream:
+                assert [ch["index"] for ch in r.json()["choices"]] == [0, 1, 2]
+            else:
+                assert sorted({ch["choices"][0]["index"] for ch in sse(r)[:-1]}) == [0, 1, 2]
+        # three separate requests at once: the third would wait past the bound → 429 with Retry-After
+        import asyncio
+
+        rs = await asyncio.gather(*(c.post("/v1/chat/completions", json={"messages": MSG}) for _ in range(3)))
+        assert sorted(r.status_code for r in rs) == [200, 200, 429]
+        refused = next(r for r in rs if r.status_code == 429)
+        assert "TARS_QUEUE_MAX_WAIT_S" in refused.json()["error"]["message"] and "retry-after" in refused.headers
 
 
 async def test_n_choices_stream_interleaved_with_usage(tmp_path):

@@ -83,25 +83,31 @@ async def test_a_request_that_would_wait_past_the_bound_is_refused_at_once():
     assert q.busy == 2 and q.waiting == 0
 
 
-async def test_before_anything_is_measured_one_round_may_wait_and_no_bound_means_queue_size_only():
-    q = SlotQueue(2, max_waiting=8, timeout_s=300, name="m", max_wait_s=1)
+async def test_unmeasured_unbounded_or_a_later_choice_is_limited_by_the_queue_size_only():
+    q = SlotQueue(2, max_waiting=3, timeout_s=300, name="m", max_wait_s=1)
     held = [await q.acquire(), await q.acquire()]
-    waiters = [asyncio.create_task(q.acquire()) for _ in range(2)]  # one round: as many as the slots
+    waiters = [asyncio.create_task(q.acquire()) for _ in range(3)]  # nothing measured yet: queued
     await asyncio.sleep(0.01)
-    assert q.waiting == 2 and q.held_estimate() < 1  # only how long the slots have been held so far
-    with pytest.raises(Overloaded, match="not yet measured how long a request takes"):
+    assert q.waiting == 3
+    with pytest.raises(Overloaded, match="queue size 3"):
         await q.acquire()
     for t in held:
         q.release(t)
-    await asyncio.gather(*waiters)
+    q._learn(60.0)  # now each request holds its slot a minute: a newcomer would wait ~60 s
+    with pytest.raises(Overloaded, match="would wait about"):
+        await q.acquire()
+    later_choice = asyncio.create_task(q.acquire(bounded=False))  # n > 1: admitted with its first choice
+    await asyncio.sleep(0.01)
+    assert q.waiting == 2 and not later_choice.done()
+    q.release()
+    q.release()
+    await asyncio.gather(*waiters, later_choice)
     unbounded = SlotQueue(1, max_waiting=3, timeout_s=300, name="m", max_wait_s=0)
     unbounded._learn(60.0)
     await unbounded.acquire()
     tasks = [asyncio.create_task(unbounded.acquire()) for _ in range(3)]  # ~60-180 s each: no bound, queued
     await asyncio.sleep(0.01)
     assert unbounded.waiting == 3
-    with pytest.raises(Overloaded, match="queue size 3"):
-        await unbounded.acquire()
     for _ in range(3):
         unbounded.release()
     await asyncio.gather(*tasks)
