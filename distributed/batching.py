@@ -194,9 +194,10 @@ class SlotQueue:
     such bound). Better a prompt "retry in N s" than an answer that comes after the client
     gave up. How long a slot is held: the moving average of the slots released, raised to
     the time every slot has been held without one coming free (a slowdown shows before
-    anything finishes); before the first release only the queue size bounds the wait.
-    ``bounded=False`` skips the wait bound (not the queue size): the later choices of an
-    ``n > 1`` request, admitted with its first. A request admitted but still waiting after
+    anything finishes). Before the first release nothing is known: then at most a quarter of
+    the queue (at least one round, ``slots``) may wait — a burst at start-up on a starved host
+    otherwise waits minutes. ``bounded=False`` skips these bounds (not the queue size): the
+    later choices of an ``n > 1`` request, admitted with its first. A request admitted but still waiting after
     ``timeout_s`` → ``RequestTimeout``. ``on_change`` (busy, waiting) is called whenever either changes
     (metrics gauges).
     """
@@ -264,6 +265,11 @@ class SlotQueue:
                              slots=self.slots)
         if self.max_wait_s <= 0 or not bounded:
             return
+        cold_cap = max(self.slots, self.max_waiting // 4)
+        if not self._held_seen and len(self._waiters) >= cold_cap:
+            raise Overloaded(f"model '{self.name}' is busy ({busy}) and has not yet measured how long a request "
+                             f"takes: until it has, at most {cold_cap} wait; retry later",
+                             retry_after=self.retry_after(), model=self.name, slots=self.slots)
         wait = self.expected_wait()
         if wait > self.max_wait_s:
             raise Overloaded(f"model '{self.name}' is busy ({busy}): this request would wait about {wait:.0f} s "

@@ -83,14 +83,34 @@ async def test_a_request_that_would_wait_past_the_bound_is_refused_at_once():
     assert q.busy == 2 and q.waiting == 0
 
 
+async def test_before_the_first_measure_a_quarter_of_the_queue_may_wait():
+    q = SlotQueue(2, max_waiting=16, timeout_s=300, name="m", max_wait_s=10)  # cap: max(2, 16 // 4) = 4
+    held = [await q.acquire(), await q.acquire()]
+    waiters = [asyncio.create_task(q.acquire()) for _ in range(4)]
+    await asyncio.sleep(0.01)
+    assert q.waiting == 4
+    with pytest.raises(Overloaded, match="not yet measured how long a request takes: until it has, at most 4"):
+        await q.acquire()
+    later_choice = asyncio.create_task(q.acquire(bounded=False))  # an n > 1 request's later choice: admitted
+    await asyncio.sleep(0.01)
+    assert q.waiting == 5
+    for t in held:
+        q.release(t)  # measured now (~0 s): the bound is the expected wait again
+    for _ in range(3):
+        q.release()
+    await asyncio.gather(*waiters, later_choice)
+    assert q.waiting == 0
+
+
 async def test_unmeasured_unbounded_or_a_later_choice_is_limited_by_the_queue_size_only():
     q = SlotQueue(2, max_waiting=3, timeout_s=300, name="m", max_wait_s=1)
     held = [await q.acquire(), await q.acquire()]
-    waiters = [asyncio.create_task(q.acquire()) for _ in range(3)]  # nothing measured yet: queued
+    waiters = [asyncio.create_task(q.acquire()) for _ in range(2)]  # nothing measured yet: one round
+    waiters.append(asyncio.create_task(q.acquire(bounded=False)))
     await asyncio.sleep(0.01)
     assert q.waiting == 3
     with pytest.raises(Overloaded, match="queue size 3"):
-        await q.acquire()
+        await q.acquire(bounded=False)
     for t in held:
         q.release(t)
     q._learn(60.0)  # now each request holds its slot a minute: a newcomer would wait ~60 s
