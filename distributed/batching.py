@@ -197,9 +197,9 @@ class SlotQueue:
     anything finishes). Before the first release nothing is known: then at most a quarter of
     the queue (at least one round, ``slots``) may wait — a burst at start-up on a starved host
     otherwise waits minutes. ``bounded=False`` skips these bounds (not the queue size): the
-    later choices of an ``n > 1`` request, admitted with its first. A request admitted but still waiting after
-    ``timeout_s`` → ``RequestTimeout``. ``on_change`` (busy, waiting) is called whenever either changes
-    (metrics gauges).
+    later choices of an ``n > 1`` request, admitted with its first. A request admitted but
+    still waiting after ``timeout_s`` → ``RequestTimeout``. ``on_change`` (busy, waiting) is
+    called whenever either changes (metrics gauges).
     """
 
     def __init__(self, slots: int, *, max_waiting: int, timeout_s: float, name: str = "model",
