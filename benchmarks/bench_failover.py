@@ -32,6 +32,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.soak import rss_mb  # noqa: E402
 from tests.support import ServerProcess, free_port  # noqa: E402
 
 EMB = "all-MiniLM-L6-v2"
@@ -53,12 +54,6 @@ def _start(tree: Path, real: bool) -> tuple[ServerProcess, ServerProcess]:
         if time.time() > deadline:
             raise SystemExit(f"pc2 never served {EMB}: {m[EMB]}")
         time.sleep(0.2)
-
-
-def rss_mb(pid: int) -> float:
-    import psutil
-
-    return psutil.Process(pid).memory_info().rss / 2**20
 
 
 async def _load(pc1: ServerProcess, pc2: ServerProcess, clients: int, before: float, after: float,
@@ -84,7 +79,7 @@ async def _load(pc1: ServerProcess, pc2: ServerProcess, clients: int, before: fl
         pc2.kill()
         await asyncio.sleep(after)
         if restart:
-            extra["pc1_rss_mb_with_standin"] = round(rss_mb(pc1.pid))
+            extra["pc1_rss_mb_with_standin"] = round(rss_mb(pc1.pid, children=False))
             await asyncio.to_thread(pc2.start, 300)
             t0 = time.monotonic()
             while "dropping the local" not in pc1.log.read_text()[offset:]:
@@ -93,7 +88,7 @@ async def _load(pc1: ServerProcess, pc2: ServerProcess, clients: int, before: fl
                 await asyncio.sleep(0.2)
             extra["standin_dropped_s_after_restart"] = round(time.monotonic() - t0, 1)
             await asyncio.sleep(settle)
-            extra["pc1_rss_mb_after_drop"] = round(rss_mb(pc1.pid))
+            extra["pc1_rss_mb_after_drop"] = round(rss_mb(pc1.pid, children=False))
         stop.set()
         await asyncio.gather(*tasks)
     pre = [x for x in log if x[0] < killed]
@@ -117,11 +112,11 @@ def main() -> None:
 
     pc1, pc2 = _start(args.tree, args.real)
     try:
-        rss0 = rss_mb(pc1.pid)
+        rss0 = rss_mb(pc1.pid, children=False)
         out = asyncio.run(_load(pc1, pc2, args.clients, args.before, args.after, args.restart, args.settle))
         text = pc1.log.read_text()[out.pop("log_offset"):]
         out.update(fallback_loads=text.count("fallback: loading"), standin_drops=text.count("dropping the local"),
-                   pc1_rss_mb_before_kill=round(rss0), pc1_rss_mb_end=round(rss_mb(pc1.pid)))
+                   pc1_rss_mb_before_kill=round(rss0), pc1_rss_mb_end=round(rss_mb(pc1.pid, children=False)))
         if "pc1_rss_mb_after_drop" in out:
             out["rss_after_drop_vs_before_kill"] = round(out["pc1_rss_mb_after_drop"] / out["pc1_rss_mb_before_kill"], 3)
         print(json.dumps(out, indent=2))
