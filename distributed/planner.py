@@ -34,8 +34,9 @@ split, slots); tests call ``plan()`` directly. Rules, in the order they are appl
    that fits whole with all its slots is placed before any is given fewer. The slots
    counted are ``Assignment.slots`` (the engine starts with that many, ``-np``), and a
    lowered count is said in the reason ("2 of 4 slots: the KV cache of 4 × 4096 tokens
-   (2.0 GB) does not fit"). Models without slots (embeddings, rerankers, 8-bit models,
-   the in-process engine: ``slots`` = 1) have ``slots`` None, or 1.
+   (2.0 GB) does not fit"). Embeddings, rerankers and 8-bit models have no slots
+   (``Assignment.slots`` None); with ``slots=1`` (the in-process engine) a GGUF chat model
+   has 1.
 
 Every assignment carries a one-line reason a person can check against ``tars profile``.
 """
@@ -43,8 +44,10 @@ Every assignment carries a one-line reason a person can check against ``tars pro
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .domain import Assignment, HostProfile, ModelSpec, Plan, Unplaced
 from .vram import VramEstimate, estimate, has_slots, layers_that_fit, with_slots
@@ -219,7 +222,7 @@ def _best_gpu(host: _Host) -> _Gpu:
     return max(host.gpus, key=lambda g: (g.free, -g.index))
 
 
-def split_layers(n_layers: int, rooms: list[float], caps: list[int]) -> list[int] | None:
+def split_layers(n_layers: int, rooms: Sequence[float], caps: Sequence[int]) -> list[int] | None:
     """``n_layers`` over devices in proportion to ``rooms``, device i taking at most ``caps[i]``.
 
     Rounds down, then hands the remaining layers one by one to the device furthest below
@@ -256,9 +259,10 @@ def _fit_split(st: _State, spec: ModelSpec, est: VramEstimate, hosts: list[_Host
         layers = split_layers(est.n_layers, rooms, [math.floor(r / est.layer_mb) for r in rooms])
         if layers is None or min(layers) < 1:
             continue
-        shares = [{"node": g.node, "device": g.device, "layers": n,
-                   "vram_mb": est.overhead_mb + math.ceil(n * est.layer_mb) + (rest_mb if i == 0 else 0)}
-                  for i, (g, n) in enumerate(zip(chosen, layers))]
+        shares: list[dict[str, Any]] = [{"node": g.node, "device": g.device, "layers": n,
+                                          "vram_mb": est.overhead_mb + math.ceil(n * est.layer_mb)
+                                          + (rest_mb if i == 0 else 0)}
+                                         for i, (g, n) in enumerate(zip(chosen, layers))]
         for g, share in zip(chosen, shares):
             g.used += share["vram_mb"]
         where = ", ".join(f"{s['layers']}{f' of {est.n_layers}' if i == 0 else ''} layers on {g.node} "
@@ -385,8 +389,8 @@ def recommend(hosts: dict[str, HostProfile], catalog: list[ModelSpec], *, reserv
               context: int = 2048) -> list[ModelSpec]:
     """The catalog models this set of hosts should serve (and so pull).
 
-    One chat model — the biggest 4-bit GGUF that fits fully on the best GPU, else the
-    embedded default; one embedding model (the embedded default); and, for each other host
+    One chat model — the biggest 4-bit GGUF that fits fully on the best GPU (with one slot:
+    the plan then gives it as many slots as fit), else the embedded default; one embedding model (the embedded default); and, for each other host
     with a GPU, an 8-bit small model that fits next to the embeddings there.
     """
     if not hosts:

@@ -116,3 +116,7 @@ def test_property_slots_never_over_commit_and_are_said(hs, models, reserve, cont
         assert (f"{a.slots} of {slots} slots" in a.reason) == (a.slots < slots)
         if a.device != "cpu" and not a.split and a.n_gpu_layers == -1:
             assert a.vram_mb == estimate(spec, context, slots=a.slots).total_mb
+    # deterministic, whatever order hosts and models are listed in
+    again = plan(dict(reversed(list(hosts.items()))), list(reversed(models)), reserve_mb=reserve, context=context,
+                 slots=slots)
+    assert sorted(again.assignments, key=lambda a: a.model) == sorted(result.assignments, key=lambda a: a.model)
