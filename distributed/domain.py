@@ -124,6 +124,7 @@ class Assignment(_Data):
     # a model split across hosts (pooled VRAM): one share per GPU, the engine's host first —
     # [{"node", "device", "layers", "vram_mb"}]; None = the model runs on ``node`` alone
     split: list[dict[str, Any]] | None = None
+    slots: int = 0  # llama-server slots the plan counted a KV cache for; 0 = TARS_PARALLEL
 
     @property
     def split_nodes(self) -> list[str]:
