@@ -116,12 +116,19 @@ class GenerationQueue:
             self._slot.release(ticket, learn=False)
             raise
         self._running = True
+        held = [True]
 
-        def _done(_: Any) -> None:  # the slot frees only when the worker has really finished
-            self._running = False
-            self._slot.release(ticket)
+        def free(_: Any = None) -> None:  # once: at the end marker, or when the worker thread returns
+            if held[0]:
+                held[0] = False
+                self._running = False
+                self._slot.release(ticket)
 
-        job.add_done_callback(_done)
+        # A stream that ends early (a client gone, a timeout, an error) frees the slot only when
+        # the worker has really finished; one that reached its end marker frees it at once: its
+        # backend stream is done, and the next request must not find the slot still taken while
+        # this thread returns (the executor's one thread runs the jobs in turn anyway).
+        job.add_done_callback(free)
 
         def _expire() -> None:
             cancel.set()
@@ -133,7 +140,7 @@ class GenerationQueue:
             while True:
                 for item in await chan.get_all():
                     if item is _END:
-                        self._running = False
+                        free()
                         return
                     if isinstance(item, BaseException):
                         raise item

@@ -188,3 +188,18 @@ async def test_generation_queue_refuses_a_request_that_would_wait_past_the_bound
         await _collect(q, GenerateRequest(prompt="b", max_tokens=2))
     assert ei.value.retry_after >= 1 and q.waiting == 0
     await running
+
+
+async def test_a_request_right_after_one_that_ended_finds_the_slot_free():
+    """The slot frees at the end marker, not only once the worker thread has returned: a
+    client that sends its next request at once is never refused for its own previous one
+    (requests that took 30 s each would otherwise make it 'wait about 30 s' → 429)."""
+
+    def three(req, cancel):
+        yield from ("a", "b", "c")
+
+    q = GenerationQueue(three, max_waiting=4, timeout_s=10, name="m", max_wait_s=1)
+    q._slot._learn(30.0)
+    for _ in range(20):
+        assert [x async for x in q.stream(GenerateRequest(prompt="x"))] == ["a", "b", "c"]
+        assert q.depth == 0

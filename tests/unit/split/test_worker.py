@@ -58,6 +58,14 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+async def until(cond, timeout: float = 15.0, what: str = "condition") -> None:
+    """Wait for a condition instead of guessing a sleep (the machine may be busy)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
 @pytest.fixture
 def fake_binary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> EngineBinary:
     rpc = tmp_path / "bin" / "ggml-rpc-server"
@@ -110,12 +118,9 @@ async def test_a_crashed_worker_is_restarted(tmp_path, fake_binary) -> None:
     try:
         first = await pool.start_worker("m", caller="pc1")
         os.kill(first["pid"], signal.SIGKILL)
-        for _ in range(100):
-            await asyncio.sleep(0.1)
-            now = pool.info()[0]
-            if now["state"] == "ready" and now["pid"] != first["pid"]:
-                break
-        assert now["state"] == "ready" and now["pid"] != first["pid"] and now["starts"] == 2
+        await until(lambda: pool.info()[0]["state"] == "ready" and pool.info()[0]["pid"] != first["pid"],
+                    what="the worker restarted")
+        assert pool.info()[0]["starts"] == 2
     finally:
         await pool.close()
 
@@ -228,17 +233,19 @@ async def test_the_rpc_methods_register_on_the_server(tmp_path, fake_binary) -> 
 
 async def test_workers_of_an_engine_host_that_is_gone_are_stopped(tmp_path, fake_binary) -> None:
     gone: set[str] = set()
-    svc = SplitService(settings(tmp_path), binary=fake_binary, caller_gone=lambda name: name in gone)
-    svc.REAP_EVERY_S = 0.1
+    asked: list[str] = []  # every time the reaper asked whether an engine host is gone
+
+    def caller_gone(name: str) -> bool:
+        asked.append(name)
+        return name in gone
+
+    svc = SplitService(settings(tmp_path), binary=fake_binary, caller_gone=caller_gone)
+    svc.REAP_EVERY_S = 0.05
     try:
         await svc.worker_start("m", caller="pc1")
-        await asyncio.sleep(0.3)
-        assert len(svc.pool) == 1  # pc1 alive: kept
+        await until(lambda: len(asked) >= 2, what="two rounds of the reaper")
+        assert len(svc.pool) == 1 and asked[:2] == ["pc1", "pc1"]  # pc1 alive: kept, round after round
         gone.add("pc1")
-        for _ in range(50):
-            await asyncio.sleep(0.1)
-            if not len(svc.pool):
-                break
-        assert not len(svc.pool) and svc.relay is None
+        await until(lambda: not len(svc.pool) and svc.relay is None, what="the worker of the gone host stopped")
     finally:
         await svc.close()
