@@ -31,8 +31,8 @@ from typing import Any
 
 import orjson
 
-from ..domain import Assignment, Completion, EmbedRequest, Embeddings, GenerateRequest, ModelSpec, Timings, TokenChunk
-from ..domain import Usage
+from ..domain import (Assignment, Completion, EmbedRequest, Embeddings, GenerateRequest, ModelSpec, Timings,
+                      TokenChunk, Usage)
 from ..errors import ModelFailed, TarsError, ValidationFailed
 from ..logs import fields, get_logger
 from ..metrics import Metrics

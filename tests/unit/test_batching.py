@@ -10,6 +10,7 @@ import pytest
 
 from distributed.batching import BURST_WINDOW_S, MicroBatcher
 from distributed.errors import Overloaded, RequestTimeout, TarsError
+from tests.support import until
 
 pytestmark = pytest.mark.anyio
 
@@ -17,14 +18,6 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-async def until(cond, timeout: float = 5.0) -> None:
-    """Wait for a condition instead of guessing a sleep (the CI machine may be busy)."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.002)
 
 
 class FakeClock:

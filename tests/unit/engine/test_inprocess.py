@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import pytest
 
@@ -14,6 +13,7 @@ from distributed.backends.fake import FakeChatBackend
 from distributed.domain import Assignment, GenerateRequest, ModelSpec
 from distributed.engine.inprocess import GenerationQueue, _Channel
 from distributed.errors import Overloaded, RequestTimeout, TarsError
+from tests.support import until
 
 pytestmark = pytest.mark.anyio
 
@@ -21,15 +21,6 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-async def until(cond, timeout: float = 5.0) -> None:
-    """Wait for a condition instead of guessing a sleep (the CI machine may be busy)."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.002)
-
 
 
 def _chat(token_delay: float = 0.0, reply_tokens: int | None = 5) -> FakeChatBackend:

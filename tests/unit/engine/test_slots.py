@@ -1,16 +1,16 @@
 """SlotQueue (engine/slots.py): N at once, FIFO past the slots, 429 past the queue, timeouts
 and cancels free their place. No fixed sleeps: each step waits until the queue shows the
-state it needs (``settle``), which on an idle queue takes a few loop turns."""
+state it needs (``until``), which on an idle queue takes a few loop turns."""
 
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 
 from distributed.engine.slots import SlotQueue
 from distributed.errors import Overloaded, RequestTimeout
+from tests.support import until
 
 pytestmark = pytest.mark.anyio
 
@@ -18,14 +18,6 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-async def settle(cond, timeout: float = 5.0) -> None:
-    """Let the loop run until ``cond()`` holds (the tasks just created reach the queue)."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0)
 
 
 async def test_admits_up_to_the_slots_then_queues_in_order_then_refuses():
@@ -40,7 +32,7 @@ async def test_admits_up_to_the_slots_then_queues_in_order_then_refuses():
             await gate.wait()
 
     tasks = [asyncio.create_task(job(i)) for i in range(4)]
-    await settle(lambda: q.waiting == 2)
+    await until(lambda: q.waiting == 2)
     assert (q.busy, q.waiting, q.depth) == (2, 2, 4)
     assert order == [0, 1]
     with pytest.raises(Overloaded) as exc:
@@ -61,7 +53,7 @@ async def test_a_waiter_that_times_out_or_is_cancelled_leaves_the_queue():
     assert q.waiting == 0
     q.timeout_s = 10
     t = asyncio.create_task(q.acquire())
-    await settle(lambda: q.waiting == 1)
+    await until(lambda: q.waiting == 1)
     t.cancel()
     with pytest.raises(asyncio.CancelledError):
         await t
@@ -80,7 +72,7 @@ async def test_a_request_that_would_wait_past_the_bound_is_refused_at_once():
     q._learn(8.0)
     tickets = [await q.acquire(), await q.acquire()]
     waiters = [asyncio.create_task(q.acquire()) for _ in range(2)]
-    await settle(lambda: q.waiting == 2)
+    await until(lambda: q.waiting == 2)
     assert q.expected_wait() == pytest.approx(12.0, abs=0.1)
     with pytest.raises(Overloaded) as exc:
         await q.acquire()
@@ -97,11 +89,11 @@ async def test_before_the_first_measure_a_quarter_of_the_queue_may_wait():
     q = SlotQueue(2, max_waiting=16, timeout_s=300, name="m", max_wait_s=10)  # cap: max(2, 16 // 4) = 4
     held = [await q.acquire(), await q.acquire()]
     waiters = [asyncio.create_task(q.acquire()) for _ in range(4)]
-    await settle(lambda: q.waiting == 4)
+    await until(lambda: q.waiting == 4)
     with pytest.raises(Overloaded, match="not yet measured how long a request takes: until it has, at most 4"):
         await q.acquire()
     later_choice = asyncio.create_task(q.acquire(bounded=False))  # an n > 1 request's later choice: admitted
-    await settle(lambda: q.waiting == 5)
+    await until(lambda: q.waiting == 5)
     for t in held:
         q.release(t)  # measured now (~0 s): the bound is the expected wait again
     for _ in range(3):
@@ -115,7 +107,7 @@ async def test_unmeasured_unbounded_or_a_later_choice_is_limited_by_the_queue_si
     held = [await q.acquire(), await q.acquire()]
     waiters = [asyncio.create_task(q.acquire()) for _ in range(2)]  # nothing measured yet: one round
     waiters.append(asyncio.create_task(q.acquire(bounded=False)))
-    await settle(lambda: q.waiting == 3)
+    await until(lambda: q.waiting == 3)
     with pytest.raises(Overloaded, match="queue size 3"):
         await q.acquire(bounded=False)
     for t in held:
@@ -124,7 +116,7 @@ async def test_unmeasured_unbounded_or_a_later_choice_is_limited_by_the_queue_si
     with pytest.raises(Overloaded, match="would wait about"):
         await q.acquire()
     later_choice = asyncio.create_task(q.acquire(bounded=False))  # n > 1: admitted with its first choice
-    await settle(lambda: q.waiting == 2)
+    await until(lambda: q.waiting == 2)
     assert not later_choice.done()
     q.release()
     q.release()
@@ -133,7 +125,7 @@ async def test_unmeasured_unbounded_or_a_later_choice_is_limited_by_the_queue_si
     unbounded._learn(60.0)
     await unbounded.acquire()
     tasks = [asyncio.create_task(unbounded.acquire()) for _ in range(3)]  # ~60-180 s each: no bound, queued
-    await settle(lambda: unbounded.waiting == 3)
+    await until(lambda: unbounded.waiting == 3)
     for _ in range(3):
         unbounded.release()
     await asyncio.gather(*tasks)

@@ -24,6 +24,7 @@ from distributed.settings import load_settings
 from distributed.split.relay import open_channel
 from distributed.split.service import SplitService
 from distributed.split.worker import WorkerPool, rpc_device
+from tests.support import until
 
 pytestmark = pytest.mark.anyio
 TOKEN = "cluster-s3cret"
@@ -56,14 +57,6 @@ asyncio.run(main())
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-async def until(cond, timeout: float = 15.0, what: str = "condition") -> None:
-    """Wait for a condition instead of guessing a sleep (the machine may be busy)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not cond():
-        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture
@@ -119,7 +112,7 @@ async def test_a_crashed_worker_is_restarted(tmp_path, fake_binary) -> None:
         first = await pool.start_worker("m", caller="pc1")
         os.kill(first["pid"], signal.SIGKILL)
         await until(lambda: pool.info()[0]["state"] == "ready" and pool.info()[0]["pid"] != first["pid"],
-                    what="the worker restarted")
+                    timeout=30, what="the worker restarted")
         assert pool.info()[0]["starts"] == 2
     finally:
         await pool.close()
@@ -243,9 +236,10 @@ async def test_workers_of_an_engine_host_that_is_gone_are_stopped(tmp_path, fake
     svc.REAP_EVERY_S = 0.05
     try:
         await svc.worker_start("m", caller="pc1")
-        await until(lambda: len(asked) >= 2, what="two rounds of the reaper")
+        await until(lambda: len(asked) >= 2, timeout=30, what="two rounds of the reaper")
         assert len(svc.pool) == 1 and asked[:2] == ["pc1", "pc1"]  # pc1 alive: kept, round after round
         gone.add("pc1")
-        await until(lambda: not len(svc.pool) and svc.relay is None, what="the worker of the gone host stopped")
+        await until(lambda: not len(svc.pool) and svc.relay is None, timeout=30,
+                    what="the worker of the gone host stopped")
     finally:
         await svc.close()
