@@ -22,7 +22,7 @@ work unless that message comes first (then cancels the work: ``ClientGone``).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 from starlette.types import Receive
@@ -89,7 +89,7 @@ async def drain_choices(firsts: Sequence[TokenChunk | Completion | None], agens:
             await agen.aclose()
 
 
-async def _one(first: Any, agen: Any) -> AsyncIterator[tuple[int, Any]]:
+async def _one(first: Any, agen: Any) -> AsyncGenerator[tuple[int, Any], None]:
     """One stream's items up to its Completion, as (0, item)."""
     item = first
     while True:
@@ -102,7 +102,7 @@ async def _one(first: Any, agen: Any) -> AsyncIterator[tuple[int, Any]]:
             return
 
 
-async def _interleave(firsts: Sequence[Any], agens: Sequence[Any]) -> AsyncIterator[tuple[int, Any]]:
+async def _interleave(firsts: Sequence[Any], agens: Sequence[Any]) -> AsyncGenerator[tuple[int, Any], None]:
     """Every stream's items up to its Completion, as (i, item), in the order they come."""
     queue: asyncio.Queue[tuple[int, Any, Exception | None]] = asyncio.Queue()
 

@@ -71,7 +71,7 @@ def _gpus(x: Any) -> list[dict[str, Any]]:
 
 
 def _gpu_rows(host: str, gpus: list[dict[str, Any]], simulated: bool = False) -> list[tuple[str, ...]]:
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for g in gpus:
         total, used = g.get("vram_total_mb"), g.get("vram_used_mb")
         if used is None and isinstance(total, (int, float)) and isinstance(g.get("vram_free_mb"), (int, float)):

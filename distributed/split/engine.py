@@ -270,11 +270,11 @@ class SplitEngineTarget(EngineTarget):
             return
         port = free_port(self.config.host)
         holder: dict[str, Supervisor] = {}
+        path = self._path
 
         def argv() -> list[str]:
             # the first life on the port the health check knows; once serving, the usual way
-            return self.argv(self._path) if self.supervisor is holder.get("sup") else \
-                self._argv_for(self._path, "split", port)
+            return self.argv(path) if self.supervisor is holder.get("sup") else self._argv_for(path, "split", port)
 
         async def healthy() -> bool:
             r = await self._client.get(f"http://{self.config.host}:{port}/health", timeout=2.0)
