@@ -90,7 +90,7 @@ def test_the_engine_starts_with_the_planned_slots(node: Node, tmp_path: Path) ->
     t = engine_target(node, CATALOG.get(LLAMA2), a)
     argv = t.argv(tmp_path / "m.gguf")
     assert (argv[argv.index("-np") + 1], argv[argv.index("-c") + 1]) == ("3", str(3 * 4096))
-    assert t.parallel == 3
+    assert t.config.slots == 3
     import dataclasses
 
     older = dataclasses.replace(a, slots=None)  # a plan from a peer that predates Assignment.slots
