@@ -105,6 +105,9 @@ class ModelSpec(_Data):
     head_dim: int | None = None
     embedded: bool = False  # ships with the package, no download
     description: str = ""
+    # speculative decoding: the catalog id of a smaller GGUF chat model with the same vocabulary
+    # (checked from both GGUF headers) that drafts tokens for this one (speculative.py, drafts.py)
+    draft: str | None = None
 
 
 @dataclass
@@ -128,6 +131,10 @@ class Assignment(_Data):
     # tokens): TARS_PARALLEL, or fewer where the planner found VRAM short; None = not a slotted
     # engine, or a plan from a peer that predates the field (the engine then uses TARS_PARALLEL)
     slots: int | None = None
+    # the draft model planned beside it (speculative decoding, drafts.py): {"model", "device",
+    # "vram_mb", "ram_mb"}; on the model's own GPU its vram_mb is included in ``vram_mb`` above.
+    # None = no draft (none named, no room, or a plan from a peer that predates the field)
+    draft: dict[str, Any] | None = None
 
     @property
     def split_nodes(self) -> list[str]:

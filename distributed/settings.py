@@ -86,6 +86,12 @@ class Settings(BaseSettings):
                                            "it grows the engine by ~1.5 MB per request until full.")
     engine_bin: str = Field("", description="The llama-server binary (or its folder); empty = the scripts/build_engine.sh "
                             "build matching the installed llama-cpp-python.")
+    speculative: Literal["auto", "off", "ngram", "draft"] = Field(
+        "auto", description="Speculative decoding of llama-server chat engines (greedy output is unchanged): ngram "
+                            "(draftless: guesses from text already in the context, no extra memory), draft (the "
+                            "model's draft model, a catalog field or POST /models option, planned beside it), off, "
+                            "or auto: the draft where one is planned, else n-gram where it pays: engines with 1 slot "
+                            "(TARS_PARALLEL=1; see docs/BENCHMARKS.md).")
 
     # --- cluster timing
     heartbeat_s: float = Field(2.0, gt=0, le=300, description="Seconds between heartbeats (>0).")
@@ -142,7 +148,7 @@ class Settings(BaseSettings):
     def _expand_home(cls, v: Path) -> Path:
         return v.expanduser()  # "~/models" in an env file means the user's home
 
-    @field_validator("log_level", "log_format", "role", "split", "chat_engine", mode="before")
+    @field_validator("log_level", "log_format", "role", "split", "chat_engine", "speculative", mode="before")
     @classmethod
     def _lower(cls, v: Any) -> Any:
         return v.lower() if isinstance(v, str) else v

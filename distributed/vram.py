@@ -141,8 +141,10 @@ class _Cursor:
         return s
 
 
-def read_gguf(path: str | Path) -> GGUFMeta:
-    """Walk a GGUF header without loading arrays. Raises ConfigError on a non-GGUF file."""
+def read_gguf(path: str | Path, *, keep: tuple[str, ...] = ()) -> GGUFMeta:
+    """Walk a GGUF header without loading arrays. Raises ConfigError on a non-GGUF file.
+    ``keep``: keys of string arrays to read whole, as a list of raw bytes (e.g.
+    ``tokenizer.ggml.tokens`` for the vocabulary check, ``speculative.py``)."""
     gguf = require("gguf", "gguf", "reading GGUF metadata")
     path = Path(path)
     with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
@@ -157,7 +159,7 @@ def read_gguf(path: str | Path) -> GGUFMeta:
             fields: dict[str, Any] = {"GGUF.version": version}
             for _ in range(n_kv):
                 key = c.take_str()
-                fields[key] = _read_value(gguf, c, path, key)
+                fields[key] = _read_value(gguf, c, path, key, key in keep)
             sizes: dict[str, int] = {}
             for _ in range(n_tensors):
                 name = c.take_str()
@@ -173,9 +175,10 @@ def read_gguf(path: str | Path) -> GGUFMeta:
     return GGUFMeta(path=path, fields=fields, tensor_bytes=sizes, data_offset=data_offset)
 
 
-def _read_value(gguf: Any, c: _Cursor, path: Path, key: str) -> Any:
+def _read_value(gguf: Any, c: _Cursor, path: Path, key: str, whole: bool = False) -> Any:
     """One metadata value: a scalar or string as it is; an array of strings as its length
-    (skipped); a numeric array as a list when short, else its length."""
+    (skipped; ``whole``: the list of its raw bytes); a numeric array as a list when short,
+    else its length."""
     vt = gguf.GGUFValueType
     fmt = {vt.UINT8: "B", vt.INT8: "b", vt.UINT16: "H", vt.INT16: "h", vt.UINT32: "I", vt.INT32: "i",
            vt.FLOAT32: "f", vt.BOOL: "?", vt.UINT64: "Q", vt.INT64: "q", vt.FLOAT64: "d"}
@@ -186,9 +189,13 @@ def _read_value(gguf: Any, c: _Cursor, path: Path, key: str) -> Any:
         return c.take(fmt[t])
     et, count = vt(c.take("I")), c.take("Q")
     if et == vt.STRING:
+        kept: list[bytes] = []
         for _ in range(count):
-            c.pos += 8 + struct.unpack_from("<Q", c.buf, c.pos)[0]
-        return count
+            n = struct.unpack_from("<Q", c.buf, c.pos)[0]
+            if whole:
+                kept.append(bytes(c.buf[c.pos + 8:c.pos + 8 + n]))
+            c.pos += 8 + n
+        return kept if whole else count
     if et == vt.ARRAY:
         raise ConfigError(f"'{path}': nested arrays in key '{key}' are not supported")
     value = list(struct.unpack_from(f"<{count}{fmt[et]}", c.buf, c.pos)) if count <= _ARRAY_KEEP else count

@@ -1,7 +1,8 @@
 """Runtime deploys: ``POST /models`` and ``DELETE /models/{id}`` (``GET /models`` is native.py's).
 
-``POST /models`` ``{"model": ID, "replicas"?: N, "node"?: NAME}`` on any host → 202 with the
-placement and its reason (200 with ``"status": "unchanged"`` when it is deployed so already);
+``POST /models`` ``{"model": ID, "replicas"?: N, "node"?: NAME, "draft"?: ID}`` on any host →
+202 with the placement and its reason (``draft``: a draft model for speculative decoding,
+400 naming it when its vocabulary differs) (200 with ``"status": "unchanged"`` when it is deployed so already);
 ``DELETE /models/{id}`` → 202. The work is ``deploy/manager.py``'s; a worker forwards it to
 the planning host. Progress (``pulling`` with percent, ``loading``, ``ready``, ``failed``)
 shows in ``GET /models``.
@@ -29,6 +30,7 @@ class DeployRequest(BaseModel):
     model: str = Field(min_length=1)
     replicas: int | None = Field(None, ge=1, le=64)
     node: str | None = Field(None, min_length=1)
+    draft: str | None = Field(None, min_length=1, description="A draft model (catalog id) sharing the vocabulary.")
 
 
 def _deployer(request: Request) -> Any:
@@ -44,7 +46,7 @@ def _deployer(request: Request) -> Any:
 async def deploy(request: Request) -> Response:
     r = s.parse(DeployRequest, await request.body())
     label(request, r.model)
-    out = await _deployer(request).deploy(r.model, r.replicas, r.node)
+    out = await _deployer(request).deploy(r.model, r.replicas, r.node, r.draft)
     out["via"] = request.app.state.node.name
     return JSON(out, status_code=200 if out.get("status") == "unchanged" else 202)
 

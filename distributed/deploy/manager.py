@@ -9,19 +9,23 @@ their next heartbeat. Nothing restarts. A worker asked to deploy forwards the ca
 server (``models.deploy`` / ``models.remove`` over ``/rpc``).
 
 Answers: ``deploy`` → ``{"model", "status": "deploying" | "unchanged", "placement":
-[assignment], "reason", "replicas", "node"}``; an id not in the catalog → ``ModelNotFound``
+[assignment], "reason", "replicas", "node", "draft"}``; an id not in the catalog → ``ModelNotFound``
 (404, listing the catalog); no host with room → ``NoRoom`` (409) saying what the model needs
-and what each host has. ``remove`` → ``{"model", "status": "removing"}``: each host stops
+and what each host has. ``draft`` (speculative decoding) names a GGUF chat model of the
+catalog that shares the model's vocabulary — compared from both GGUF headers here when both
+files are at hand (else by the serving host before its engine starts) → 400 naming
+``draft`` when not; it is kept with the deployment and planned beside the model. ``remove`` → ``{"model", "status": "removing"}``: each host stops
 routing the model and unloads it after its requests in flight (``targets/routes.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
 from ..domain import HostProfile, ModelSpec, Plan, Unplaced
-from ..errors import ConfigError, ModelNotFound, NoRoom, ValidationFailed
+from ..errors import ConfigError, ModelNotFound, NoRoom, TarsError, ValidationFailed
 from ..logs import fields, get_logger
 from .replicas import FORWARDED, Replicas
 from .state import DesiredSet
@@ -45,7 +49,7 @@ class Deployer:
         out = []
         for model in self.desired.models():
             if model in self.node.catalog:
-                out.append(self.node.catalog.get(model))
+                out.append(self._spec(model))
             elif model in self.desired.base and self.settings.models:
                 raise ConfigError(f"TARS_MODELS names unknown model '{model}'; known models: "
                                   f"{', '.join(self.node.catalog.ids())}", variable="TARS_MODELS")
@@ -64,7 +68,7 @@ class Deployer:
             host = pinned.get(spec.id)
             if host is None:
                 continue
-            beside = [self.node.catalog.get(a.model) for a in plan.for_node(host)]
+            beside = [self._spec(a.model) for a in plan.for_node(host)]
             alone = self._plan({host: hosts[host]}, [*beside, spec])
             a = alone.where(spec.id)
             if a is not None:
@@ -91,7 +95,7 @@ class Deployer:
         for host in sorted((h for h in hosts if h not in have), key=lambda h: (load[h], h)):
             if len(have) >= wanted:
                 break
-            beside = [self.node.catalog.get(a.model) for a in plan.for_node(host)]
+            beside = [self._spec(a.model) for a in plan.for_node(host)]
             a = self._plan({host: hosts[host]}, [*beside, spec]).where(spec.id)
             if a is None:
                 continue
@@ -102,7 +106,13 @@ class Deployer:
     def _plan(self, hosts: dict[str, HostProfile], specs: list[ModelSpec]) -> Plan:
         from ..planning import plan_for
 
-        return plan_for(self.settings, hosts, specs, paths=self.node.model_paths(specs))
+        return plan_for(self.settings, hosts, specs, paths=self.node.model_paths(specs), catalog=self.node.catalog)
+
+    def _spec(self, model: str) -> ModelSpec:
+        """The catalog's spec, with the draft its deployment asked for."""
+        spec = self.node.catalog.get(model)
+        draft = self.desired.get(model).draft
+        return dataclasses.replace(spec, draft=draft) if draft else spec
 
     def _hosts(self) -> dict[str, HostProfile]:
         cluster = self.node.cluster
@@ -129,12 +139,14 @@ class Deployer:
             await self.node.apply_plan(self.plan(self._hosts()))
 
     # ------------------------------------------------------------------ deploy / remove
-    async def deploy(self, model: str, replicas: int | None = None, node: str | None = None) -> dict[str, Any]:
+    async def deploy(self, model: str, replicas: int | None = None, node: str | None = None,
+                     draft: str | None = None) -> dict[str, Any]:
         spec = self.node.catalog.get(model)  # ModelNotFound (404) lists the catalog
         client = self._server_client()
         if client is not None:
-            return await client.call("models.deploy", {"model": model, "replicas": replicas, "node": node},
-                                     timeout=self.settings.request_timeout_s)
+            params = {"model": model, "replicas": replicas, "node": node, **({"draft": draft} if draft else {})}
+            return await client.call("models.deploy", params, timeout=self.settings.request_timeout_s)
+        checked = await self._check_draft(spec, draft) if draft else None
         replicas = 1 if replicas is None else replicas
         hosts = self._hosts()
         if node is not None and node not in hosts:
@@ -143,7 +155,7 @@ class Deployer:
                 field="node", hosts=sorted(hosts))
         async with self._lock:
             before = self.desired.to_dict()
-            changed = self.desired.deploy(model, replicas, node)
+            changed = self.desired.deploy(model, replicas, node, draft)
             plan = self.plan(hosts)
             placed = [a for a in plan.assignments if a.model == model]
             if not placed:
@@ -159,7 +171,12 @@ class Deployer:
                 await self._apply()
         status = "deploying" if changed else "retrying" if retry else "unchanged"
         out = {"model": model, "status": status, "replicas": replicas,
-               "node": node, "placement": [a.to_dict() for a in placed], "reason": placed[0].reason}
+               "node": node, "placement": [a.to_dict() for a in placed], "reason": placed[0].reason,
+               "draft": draft or spec.draft}
+        if checked is False:
+            out["draft_check"] = "deferred: the vocabularies are compared on the serving host once both files are there"
+        if draft and self.settings.speculative in ("off", "ngram"):
+            out["draft_note"] = f"kept with the deployment, not used while TARS_SPECULATIVE={self.settings.speculative}"
         if retry:
             out["message"] = f"'{model}' had failed on {self.node.name}: loading it again"
         elif not changed:
@@ -181,6 +198,37 @@ class Deployer:
             log.info("removing %s", model, extra=fields(model=model))
             await self._apply()
         return {"model": model, "status": "removing", "models": self.desired.models()}
+
+    async def _check_draft(self, spec: ModelSpec, draft: str) -> bool:
+        """400 naming ``draft`` unless it is a GGUF chat model sharing ``spec``'s vocabulary;
+        False when a file is not at hand here (the serving host checks it before use)."""
+        from ..speculative import check_draft
+
+        chats = [s.id for s in self.node.catalog.all() if s.kind == "chat" and s.backend == "llama_cpp"]
+        d = self.node.catalog.get(draft) if draft in self.node.catalog else None
+        if spec.kind != "chat" or spec.backend != "llama_cpp":
+            raise ValidationFailed(f"'{spec.id}' is a {spec.kind} model on {spec.backend}: only GGUF chat models "
+                                   "take a draft", field="draft", model=spec.id)
+        if d is None or d.kind != "chat" or d.backend != "llama_cpp":
+            what = "is not in the catalog" if d is None else f"is a {d.kind} model on {d.backend}"
+            raise ValidationFailed(f"draft '{draft}' {what}; a draft is a GGUF chat model of the catalog: "
+                                   f"{', '.join(chats)}", field="draft", model=spec.id, available=chats)
+        paths = await asyncio.to_thread(self._local_files, [spec, d])
+        if len(paths) < 2:
+            return False
+        await asyncio.to_thread(check_draft, spec.id, paths[spec.id], d.id, paths[d.id])
+        return True
+
+    def _local_files(self, specs: list[ModelSpec]) -> dict[str, Any]:
+        """Files of ``specs`` on this host, the embedded ones assembled (no network)."""
+        out = dict(self.node.model_paths(specs))
+        for s in specs:
+            if s.id not in out and s.embedded:
+                try:
+                    out[s.id] = self.node.store.ensure(s)
+                except TarsError:
+                    pass
+        return out
 
     def _restore(self, before: dict[str, Any]) -> None:
         from .state import Deployment

@@ -3,7 +3,7 @@
 The file (``TARS_MODELS_DIR/tars-deployments.json``) holds changes on top of the starting
 set (``TARS_MODELS``, else the catalog's defaults)::
 
-    {"version": 1, "deployed": {"<id>": {"replicas": 1, "node": null}}, "removed": ["<id>"]}
+    {"version": 1, "deployed": {"<id>": {"replicas": 1, "node": null, "draft"?: "<id>"}}, "removed": ["<id>"]}
 
 so a model deployed at runtime is back after a restart, one removed stays removed, and a
 model added to ``TARS_MODELS`` later is still picked up. Writes are atomic (temp + rename).
@@ -27,9 +27,10 @@ class Deployment:
     model: str
     replicas: int = 1
     node: str | None = None  # pinned to this host, else the planner chooses
+    draft: str | None = None  # its draft model (speculative decoding), else the catalog's
 
     def options(self) -> dict[str, Any]:
-        return {"replicas": self.replicas, "node": self.node}
+        return {"replicas": self.replicas, "node": self.node, **({"draft": self.draft} if self.draft else {})}
 
 
 class DesiredSet:
@@ -47,7 +48,8 @@ class DesiredSet:
         try:
             doc = json.loads(self.path.read_text())
             deployed = doc.get("deployed", {})
-            self.deployed = {m: Deployment(m, int(o.get("replicas", 1)), o.get("node")) for m, o in deployed.items()}
+            self.deployed = {m: Deployment(m, int(o.get("replicas", 1)), o.get("node"), o.get("draft"))
+                             for m, o in deployed.items()}
             self.removed = set(doc.get("removed", []))
         except (OSError, ValueError, TypeError, AttributeError) as exc:
             raise ConfigError(f"the deployments file {self.path} cannot be read ({exc}); fix or delete it "
@@ -75,15 +77,15 @@ class DesiredSet:
         return self.deployed.get(model) or Deployment(model)
 
     # ------------------------------------------------------------------ changes
-    def deploy(self, model: str, replicas: int = 1, node: str | None = None) -> bool:
+    def deploy(self, model: str, replicas: int = 1, node: str | None = None, draft: str | None = None) -> bool:
         """Add (or re-set) ``model``; False when it is already deployed exactly so."""
-        if model in self and self.get(model) == Deployment(model, replicas, node):
+        if model in self and self.get(model) == Deployment(model, replicas, node, draft):
             return False
         self.removed.discard(model)
-        if model in self.base and replicas == 1 and node is None:
+        if model in self.base and replicas == 1 and node is None and draft is None:
             self.deployed.pop(model, None)
         else:
-            self.deployed[model] = Deployment(model, replicas, node)
+            self.deployed[model] = Deployment(model, replicas, node, draft)
         return True
 
     def remove(self, model: str) -> bool:
