@@ -24,7 +24,7 @@ have produced itself (greedy output is unchanged). The guesses come from
 API::
 
     decide(mode, spec, slots, draft=None) -> Speculation   # the kind one engine runs, and why
-    Speculation.argv(draft_path, device) -> [flags]         # llama-server's flags for it
+    Speculation.argv(draft_path, device, whole_on_gpu=) -> [flags]   # llama-server's flags for it
     read_vocab(path) -> Vocab                               # from the GGUF header (cached)
     vocab_mismatch(target, draft) -> str | None             # what differs, as llama.cpp checks
     check_draft(model, model_path, draft, draft_path)       # ValidationFailed (400) naming "draft"
@@ -46,6 +46,10 @@ from .vram import has_slots, read_gguf
 MODES = ("auto", "off", "ngram", "draft")
 NGRAM_TYPE = "ngram-mod"  # llama-server's --spec-type for draftless speculation
 DRAFT_TYPE = "draft-simple"  # llama-server's --spec-type for a standalone draft model
+# n-gram drafts of 8-16 tokens where the model runs (partly) on a CPU: there verifying a draft
+# costs in proportion to its length, and a rejected 48-64-token draft (llama.cpp's lengths, made
+# for GPUs) cost more than the accepted ones gained (docs/BENCHMARKS.md, speculative decoding)
+CPU_NGRAM = ("--spec-ngram-mod-n-min", "8", "--spec-ngram-mod-n-max", "16")
 AUTO_MAX_SLOTS = 1  # auto: n-gram only for engines with at most this many slots (AUTO_RULE)
 AUTO_RULE = ("n-gram where the engine has 1 slot: with several streams at once llama-server verifies every "
              "slot's draft in the one batch it decodes, so a wrong draft of one stream slows all of them")
@@ -64,12 +68,14 @@ class Speculation:
     def spec_type(self) -> str | None:
         return {"ngram": NGRAM_TYPE, "draft": DRAFT_TYPE}.get(self.kind)
 
-    def argv(self, draft_path: Path | None, device: str) -> list[str]:
+    def argv(self, draft_path: Path | None, device: str, *, whole_on_gpu: bool = False) -> list[str]:
         """llama-server's flags for an engine on ``device`` ("cuda:N" or "cpu"): none when off;
         a draft without its file runs as off. The draft follows the model's GPU unless the
-        plan gave it another (``-devd CUDAk``, ggml's name of that GPU)."""
+        plan gave it another (``-devd CUDAk``, ggml's name of that GPU). n-gram drafts are
+        ``CPU_NGRAM`` long unless every layer is on a GPU (``whole_on_gpu``: llama.cpp's own
+        lengths, 48-64, where verifying a long draft costs about one decode step)."""
         if self.kind == "ngram":
-            return ["--spec-type", NGRAM_TYPE]
+            return ["--spec-type", NGRAM_TYPE] + ([] if whole_on_gpu else list(CPU_NGRAM))
         if self.kind != "draft" or draft_path is None:
             return []
         where = self.draft_device or device

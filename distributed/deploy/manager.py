@@ -214,7 +214,7 @@ class Deployer:
             raise ValidationFailed(f"draft '{draft}' {what}; a draft is a GGUF chat model of the catalog: "
                                    f"{', '.join(chats)}", field="draft", model=spec.id, available=chats)
         paths = await asyncio.to_thread(self._local_files, [spec, d])
-        if len(paths) < 2:
+        if spec.id not in paths or d.id not in paths:
             return False
         await asyncio.to_thread(check_draft, spec.id, paths[spec.id], d.id, paths[d.id])
         return True

@@ -10,7 +10,8 @@ engine options, and the command line those options give.
 - the placement (``-ngl``, ``-sm none -mg N`` on the planned GPU) from the assignment;
 - ``--cache-ram`` (``TARS_ENGINE_CACHE_MB``), the queue bounds and the request timeout;
 - speculative decoding (``TARS_SPECULATIVE`` and the plan's ``Assignment.draft``, decided by
-  ``speculative.decide`` with the slots above): ``--spec-type ngram-mod`` for n-gram, or
+  ``speculative.decide`` with the slots above): ``--spec-type ngram-mod`` for n-gram (shorter
+  drafts unless every layer is on a GPU), or
   ``--spec-type draft-simple -md DRAFT -ngld N [-devd CUDAk]`` for a draft model, whose file
   (``draft_path``) is set once it is fetched (``engine/choice.with_draft``).
 
@@ -80,5 +81,7 @@ class EngineConfig:
             argv += ["-t", str(self.threads)]
         if self.device.startswith("cuda:") and self.n_gpu_layers != 0:  # the planned GPU only, no split
             argv += ["-sm", "none", "-mg", self.device.split(":", 1)[1]]
-        argv += self.speculation.argv(self.draft_path, self.device if self.n_gpu_layers != 0 else "cpu")
+        on_gpu = self.device.startswith("cuda:") and self.n_gpu_layers != 0
+        argv += self.speculation.argv(self.draft_path, self.device if on_gpu else "cpu",
+                                      whole_on_gpu=on_gpu and self.n_gpu_layers < 0)
         return argv + list(self.extra_args)
