@@ -18,7 +18,10 @@ tokens/s; draft tokens and accepted ones from the node's ``GET /models`` (``spec
 summed from llama-server's ``timings.draft_n`` / ``draft_n_accepted``). Reported: medians over
 rounds, ratios against ``off`` (of the medians, and the median of each round's ratio: the
 same prompts a few seconds apart), how many answers equal ``off``'s word for word, and the
-load average of each round (this CPU is shared).
+load average of each round (this CPU is shared). Because a busy machine swings wall times by
+±40 %, each level also reads the CPU time of the node's llama-server child per generated
+token: the work speculation saves or adds, which the load does not inflate; with a 1-thread
+engine, off's CPU per token over a setting's is the speed-up an otherwise idle machine shows.
 
 The ``draft`` setting runs SmolLM2 with itself as its draft model (``POST /models {"model",
 "draft"}`` once the node is up): the one pair of embedded GGUFs that share a vocabulary. A
@@ -178,6 +181,22 @@ def self_draft(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: floa
     raise SystemExit(f"{CHAT} never ran with its draft: {row}\n{log.read_text(errors='replace')[-2000:]}")
 
 
+def engine_cpu(node_pid: int) -> float:
+    """CPU seconds used so far by the node's llama-server child(ren): the work, which a busy
+    machine does not inflate the way it inflates wall time."""
+    import psutil
+
+    total = 0.0
+    for child in psutil.Process(node_pid).children(recursive=True):
+        try:
+            if "llama-server" in child.name():
+                t = child.cpu_times()
+                total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
 def draft_counts(url: str) -> tuple[int, int]:
     rows = httpx.get(url + "/models", timeout=10).json()["models"]
     spec = next((m.get("speculative") or {} for m in rows if m["id"] == CHAT), {})
@@ -199,6 +218,7 @@ async def level(host: str, port: int, workload: str, streams: int, per_client: i
     wall = time.perf_counter() - t0
     return {"decode_tps": statistics.median(r["decode_tps"] for r in runs.values()),
             "aggregate_tps": sum(r["tokens"] for r in runs.values()) / wall,
+            "tokens": sum(r["tokens"] for r in runs.values()),
             "texts": {pid: r["text"] for pid, r in runs.items()}}
 
 
@@ -268,13 +288,15 @@ def main() -> None:
                     port = procs[side][0]
                     url = f"http://{host}:{port}"
                     d0, a0 = draft_counts(url)
+                    c0 = engine_cpu(procs[side][1].pid)
                     out = asyncio.run(level(host, port, w, n, args.per_client, args.max_tokens, first_id))
+                    c1 = engine_cpu(procs[side][1].pid)
                     d1, a1 = draft_counts(url)
-                    out.update(drafted=d1 - d0, accepted=a1 - a0)
+                    out.update(drafted=d1 - d0, accepted=a1 - a0, cpu_ms_per_token=1000 * (c1 - c0) / out["tokens"])
                     res[side][f"{w}/{n}"].append(out)
                     print(f"  round {r + 1} {side:5} {w} {n} stream(s): decode {out['decode_tps']:6.1f} tok/s/stream, "
-                          f"aggregate {out['aggregate_tps']:6.1f} tok/s, drafts {out['drafted']} accepted "
-                          f"{out['accepted']}", flush=True)
+                          f"aggregate {out['aggregate_tps']:6.1f} tok/s, engine CPU {out['cpu_ms_per_token']:5.2f} "
+                          f"ms/token, drafts {out['drafted']} accepted {out['accepted']}", flush=True)
             loads.append(round(os.getloadavg()[0], 2))
             print(f"  round {r + 1} done, load average {loads[-1]}", flush=True)
     finally:
@@ -297,6 +319,11 @@ def main() -> None:
                                                                 for x, b in zip(runs, base)), 3),
                 "aggregate_vs_off": round(statistics.median(x["aggregate_tps"] for x in runs)
                                           / statistics.median(x["aggregate_tps"] for x in base), 3),
+                "engine_cpu_ms_per_token": round(statistics.median(x["cpu_ms_per_token"] for x in runs), 3),
+                # off's engine CPU per token / this side's: the speed-up a machine with nothing else to
+                # run would see at these threads (wall time = CPU time for a 1-thread engine)
+                "cpu_speedup_vs_off": round(statistics.median(b["cpu_ms_per_token"] / x["cpu_ms_per_token"]
+                                                              for x, b in zip(runs, base)), 3),
                 "acceptance": round(sum(x["accepted"] for x in runs) / drafted, 3) if drafted else None,
                 "draft_tokens": drafted,
                 "same_text_as_off": f"{same}/{sum(len(x['texts']) for x in runs)}"}
