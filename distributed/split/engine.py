@@ -43,7 +43,8 @@ from ..engine.target import EngineTarget, free_port
 from ..errors import TarsError
 from ..logs import fields, get_logger
 from .relay import open_channel
-from .service import SplitService, service_of
+from ..seams import PeerDirectory
+from .service import SplitService
 
 log = get_logger(__name__)
 
@@ -52,18 +53,18 @@ Alone = Callable[[], "tuple[int | None, str]"]  # → (n_gpu_layers on this host
 
 
 class PeerLink:
-    """How the engine host reaches its worker hosts: their ``/rpc`` and their address."""
+    """How the engine host reaches its worker hosts: their ``/rpc`` and their address
+    (``peers``: the node's peer table, handed to the split service by the composition root)."""
 
-    def __init__(self, node: Any) -> None:
-        self.node = node
+    def __init__(self, peers: PeerDirectory | None, me: str) -> None:
+        self.peers, self.me = peers, me
 
     def _peer(self, name: str) -> Any:
-        cluster = getattr(self.node, "cluster", None)
-        peer = cluster.table.get(name) if cluster is not None else None
+        peer = self.peers.get(name) if self.peers is not None else None
         if peer is None:
             from ..errors import PeerUnavailable
 
-            raise PeerUnavailable(f"{name} is not a known peer of {self.node.name}", peer=name)
+            raise PeerUnavailable(f"{name} is not a known peer of {self.me}", peer=name)
         return peer
 
     def host(self, name: str) -> str:
@@ -71,8 +72,7 @@ class PeerLink:
 
     def gone(self, name: str) -> str | None:
         """Why the cluster holds ``name`` for dead or gone (missed heartbeats), else None."""
-        cluster = getattr(self.node, "cluster", None)
-        peer = cluster.table.get(name) if cluster is not None else None
+        peer = self.peers.get(name) if self.peers is not None else None
         if peer is None or peer.live:
             return None
         return f"{name} is {getattr(peer, 'state', 'gone')} (missed heartbeats)"
@@ -329,8 +329,8 @@ class SplitEngineTarget(EngineTarget):
 
 def split_engine_target(node: Any, spec: ModelSpec, a: Assignment, /, **kw: Any) -> SplitEngineTarget:
     """The engine for a split assignment on ``node`` (``engine.choice`` calls this)."""
-    svc = service_of(node, node.settings)
-    return SplitEngineTarget(spec, a, service=svc, link=PeerLink(node), alone=lambda: fit_alone(node, spec, a),
+    svc = node.split
+    return SplitEngineTarget(spec, a, service=svc, link=PeerLink(svc.peers, node.name), alone=lambda: fit_alone(node, spec, a),
                              overlap=lambda n: overlap_fits(node, spec, a, n), **kw)
 
 
