@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from functools import partial
 from typing import Any
 
 import orjson
@@ -398,14 +399,18 @@ class Cluster:
                 if peer is None:
                     log.warning("plan puts %s on %s, a host this node does not know yet", a.model, a.node)
                     continue
-                routes.route_to_peer(a, peer, lambda handoff, a=a, peer=peer: RemoteTarget(
-                    a.model, a.kind, peer, failover=self.failover, assignment=a.to_dict(),
-                    max_batch=4 * self.settings.embed_max_batch, handoff=handoff))
+                routes.route_to_peer(a, peer, partial(self._remote, a, peer))
             await self.node.apply_plan(plan)
             routes.replicate(plan.assignments, self.table.get, self._replica)
             routes.forget_unplanned({a.model for a in plan.assignments})
             for peer in self.table:
                 routes.settle(peer)
+
+    def _remote(self, a: Assignment, peer: PeerView, handoff: Target | None) -> RemoteTarget:
+        """A model the plan puts on ``peer``, failing over here while it is down (``handoff``:
+        the copy here that serves until the peer reports the model ready)."""
+        return RemoteTarget(a.model, a.kind, peer, failover=self.failover, assignment=a.to_dict(),
+                            max_batch=4 * self.settings.embed_max_batch, handoff=handoff)
 
     def _replica(self, a: Assignment, peer: PeerView) -> RemoteTarget:
         """A peer's member of a replicated model: no failover of its own (the other replicas are)."""

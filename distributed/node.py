@@ -207,9 +207,9 @@ class Node:
             model = default
         target = self.routes.resolve(model, here=here)
         if target is None:
-            unplaced = next((u for u in self.plan.unplaced if u.model == model), None)
-            if unplaced is not None:
-                raise ModelFailed(f"model '{model}' is not served: {unplaced.reason}", model=model)
+            why = next((u.reason for u in self.plan.unplaced if u.model == model), None)
+            if why is not None:
+                raise ModelFailed(f"model '{model}' is not served: {why}", model=model)
             raise ModelNotFound(model, list(self.targets))
         if target.kind != kind:
             what = "an embedding model: use /embed or /v1/embeddings" if target.kind == "embed" else \

@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterator
-from enum import StrEnum
+from .compat import StrEnum
 from typing import Any
 
 from . import peer_urls

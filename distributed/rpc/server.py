@@ -129,8 +129,11 @@ class RpcServer:
         return bearer_matches(header, self._token)
 
     async def dispatch_one(self, obj: Any) -> dict[str, Any] | None:
-        return await async_dispatch_to_serializable(
+        """The answer to one request object (None: a notification). ``handle`` splits batches."""
+        answer = await async_dispatch_to_serializable(
             obj, methods=self.methods, deserializer=_identity, validator=p.validate_request)
+        assert not isinstance(answer, list), "one request object at a time"
+        return answer
 
     async def handle(self, request: Request) -> Response:
         if not self.authorized(request.headers.get("authorization")):

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
 from ..logs import get_logger
@@ -32,14 +32,17 @@ from ..settings import Settings
 from .relay import RelayServer, Tunnel
 from .worker import WorkerPool
 
+if TYPE_CHECKING:
+    from ..engine.binary import EngineBinary
+
 log = get_logger(__name__)
 
 
 class SplitService:
     REAP_EVERY_S = 5.0
 
-    def __init__(self, settings: Settings, peers: PeerDirectory | None = None, *, binary: Any = None,
-                 caller_gone: Callable[[str], bool] | None = None) -> None:
+    def __init__(self, settings: Settings, peers: PeerDirectory | None = None, *,
+                 binary: "EngineBinary | None" = None, caller_gone: Callable[[str], bool] | None = None) -> None:
         """``peers``: the hosts this node knows (the engine side's worker hosts, the worker
         side's engine hosts); ``caller_gone(name)`` overrides "is that engine host dead or
         gone" (default: its peer is known and not live)."""

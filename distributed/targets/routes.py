@@ -42,7 +42,8 @@ put it on), ``replicas`` (model id → ReplicaSet), ``get``, ``local()``, ``remo
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from functools import partial
 from typing import Any
 
 from ..domain import Assignment
@@ -246,7 +247,7 @@ class Routes:
         if isinstance(current, RemoteTarget):
             self._tasks.spawn(current.close())
 
-    def forget_unplanned(self, planned: set[str]) -> None:
+    def forget_unplanned(self, planned: Collection[str]) -> None:
         """Remote targets of models the plan no longer has."""
         for target in self.remote():
             if target.model not in planned:
@@ -276,7 +277,7 @@ class Routes:
         for model, al in replicated.items():
             rs = self.replicas.get(model)
             if rs is None:
-                rs = ReplicaSet(model, al[0].kind, self.node, lambda model=model: self.targets.get(model))
+                rs = ReplicaSet(model, al[0].kind, self.node, partial(self.targets.get, model))
                 self.replicas[model] = rs
             wanted = {a.node: a for a in al if a.node != self.node}
             for name in [n for n in rs.remotes if n not in wanted]:
