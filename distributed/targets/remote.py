@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from ..domain import Completion, EmbedRequest, Embeddings, GenerateRequest, ModelKind, Timings, TokenChunk
@@ -305,16 +305,23 @@ class RemoteTarget(Target):
         with self._active:
             standin = await self._route()
             if standin is None:
+                forward = self._forward_stream(req)
                 try:
-                    async for item in self._forward_stream(req):
+                    async for item in forward:
                         yield item
                     return
                 except _Refused as refused:
                     standin = await self._failover(refused.exc)
-            async for item in self._standin_stream(standin, req):
-                yield item
+                finally:
+                    await forward.aclose()  # our caller left: the peer's stream closes now, not at GC
+            here = self._standin_stream(standin, req)
+            try:
+                async for item in here:
+                    yield item
+            finally:
+                await here.aclose()
 
-    async def _forward_stream(self, req: GenerateRequest) -> AsyncIterator[TokenChunk | Completion]:
+    async def _forward_stream(self, req: GenerateRequest) -> AsyncGenerator[TokenChunk | Completion, None]:
         """The peer's stream; ``_Refused`` when its connection is refused before any token."""
         self.forwarded += 1
         agen = self.peer.client.stream(self._params(req))
@@ -344,7 +351,8 @@ class RemoteTarget(Target):
             except RuntimeError:  # still unwinding from a cancellation
                 pass
 
-    async def _standin_stream(self, standin: Target, req: GenerateRequest) -> AsyncIterator[TokenChunk | Completion]:
+    async def _standin_stream(self, standin: Target,
+                              req: GenerateRequest) -> AsyncGenerator[TokenChunk | Completion, None]:
         fallback = not self.handoff
         local = standin.stream(req)
         with self._use(standin):
