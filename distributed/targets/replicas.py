@@ -116,11 +116,25 @@ class ReplicaSet(Target):
             return TargetState.LOADING
         return TargetState.UNAVAILABLE
 
-    def _begin(self, m: Target) -> None:
+    def _next(self, tried: set[str]) -> Target:
+        """The member for the next try, counted in flight (``_done`` ends it); none left → 503."""
+        m = self.pick(tried)
+        if m is None:
+            raise self._none_left(tried)
         self.sent[m.node] = self.sent.get(m.node, 0) + 1
+        return m
 
-    def _end(self, m: Target) -> None:
+    def _done(self, m: Target) -> None:
         self.sent[m.node] = max(0, self.sent.get(m.node, 0) - 1)
+
+    def _retry(self, m: Target, exc: TarsError, tried: set[str], when: str) -> None:
+        """``m`` failed ``when``: try the next member (or raise, when that is pointless)."""
+        if not _elsewhere(m, exc):
+            raise exc
+        tried.add(m.node)
+        self.retried += 1
+        log.info("replica %s of %s failed %s (%s): trying another", m.node, self.model, when, exc.message,
+                 extra=fields(model=self.model, peer=m.node))
 
     # ------------------------------------------------------------------ requests
     async def call_replica(self, fn: Callable[[Target], Awaitable[T]]) -> T:
@@ -129,21 +143,13 @@ class ReplicaSet(Target):
         self.requests += 1
         tried: set[str] = set()
         while True:
-            m = self.pick(tried)
-            if m is None:
-                raise self._none_left(tried)
-            self._begin(m)
+            m = self._next(tried)
             try:
                 return await fn(m)
             except TarsError as exc:
-                if not _elsewhere(m, exc):
-                    raise
-                tried.add(m.node)
-                self.retried += 1
-                log.info("replica %s of %s unreachable (%s): trying another", m.node, self.model, exc.message,
-                         extra=fields(model=self.model, peer=m.node))
+                self._retry(m, exc, tried, "before its answer")
             finally:
-                self._end(m)
+                self._done(m)
 
     async def generate(self, req: GenerateRequest) -> Completion:
         return await self.call_replica(lambda m: m.generate(req))
@@ -155,11 +161,8 @@ class ReplicaSet(Target):
         self.requests += 1
         tried: set[str] = set()
         while True:
-            m = self.pick(tried)
-            if m is None:
-                raise self._none_left(tried)
+            m = self._next(tried)
             started = False
-            self._begin(m)
             items = m.stream(req)
             try:
                 async for item in items:
@@ -167,14 +170,11 @@ class ReplicaSet(Target):
                     yield item
                 return
             except TarsError as exc:
-                if started or not _elsewhere(m, exc):
+                if started:
                     raise
-                tried.add(m.node)
-                self.retried += 1
-                log.info("replica %s of %s failed before its first token (%s): trying another", m.node,
-                         self.model, exc.message, extra=fields(model=self.model, peer=m.node))
+                self._retry(m, exc, tried, "before its first token")
             finally:
-                self._end(m)
+                self._done(m)
                 aclose = getattr(items, "aclose", None)
                 if aclose is not None:
                     await aclose()  # our caller left: the member stops now, not at GC

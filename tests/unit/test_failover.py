@@ -16,6 +16,7 @@ from distributed.node import Node
 from distributed.profiler import profile_host
 from distributed.settings import load_settings
 from distributed.targets import RemoteTarget
+from tests.fakes import FakePeer
 
 pytestmark = pytest.mark.anyio
 
@@ -27,22 +28,6 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-class Peer:
-    def __init__(self, state: str = "dead") -> None:
-        self.name, self.state, self.reachable = "pc2", state, state != "dead"
-        self.gone = asyncio.Event()
-        if state == "dead":
-            self.gone.set()
-        self.client = None
-        self.models: dict[str, dict[str, Any]] = {}
-
-    def model_info(self, model: str) -> dict[str, Any] | None:
-        return self.models.get(model)
-
-    def failed(self, why: str) -> None:
-        self.reachable = False
-
-
 def node(tmp_path: Path, profile: HostProfile | None = None, extra: dict[str, Any] | None = None,
          **overrides: Any) -> Node:
     settings = load_settings(None, node_name="pc1", backend_override="fake", models=[CHAT, EMB],
@@ -52,8 +37,8 @@ def node(tmp_path: Path, profile: HostProfile | None = None, extra: dict[str, An
     return n
 
 
-def remote(n: Node, model: str = BASE, peer: Peer | None = None) -> RemoteTarget:
-    t = RemoteTarget(model, "chat", peer or Peer(), failover=lambda r, exc: serve_here(n, n.settings, r, exc))
+def remote(n: Node, model: str = BASE, peer: FakePeer | None = None) -> RemoteTarget:
+    t = RemoteTarget(model, "chat", peer or FakePeer(state="dead"), failover=lambda r, exc: serve_here(n, n.settings, r, exc))
     n.routes.set(t)
     return t
 
@@ -78,7 +63,7 @@ async def test_fallback_off_is_a_503_naming_the_peer_and_loads_nothing(tmp_path)
 async def test_a_model_that_does_not_fit_here_is_a_503_with_the_reason(tmp_path):
     small = HostProfile(hostname="pc1", cpu_model="cpu", cpu_cores=4, ram_total_mb=3000, ram_free_mb=2000)
     n = node(tmp_path, small)
-    t = remote(n, BIG, Peer(state="alive"))
+    t = remote(n, BIG, FakePeer())
     t.peer.reachable = False  # it refused a connection: "unreachable"
     with pytest.raises(PeerUnavailable) as ei:
         await serve_here(n, n.settings, t, down(BIG))

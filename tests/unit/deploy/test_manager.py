@@ -18,7 +18,8 @@ from distributed.errors import ConfigError, ModelNotFound, NoRoom, ValidationFai
 from distributed.profiler import profile_host
 from distributed.settings import load_settings
 from distributed.store import ModelStore
-from distributed.targets import Routes, Target, TargetState
+from distributed.targets import Routes, TargetState
+from tests.fakes import StubTarget
 
 pytestmark = pytest.mark.anyio
 
@@ -65,26 +66,6 @@ class Cluster:
         self.replans += 1
 
 
-class Failed(Target):
-    """A model that failed to load here (a pull that failed, say)."""
-
-    def __init__(self, model: str) -> None:
-        self.model, self.kind, self.node = model, "rerank", "pc1"
-
-    @property
-    def state(self) -> TargetState:
-        return TargetState.FAILED
-
-    def stream(self, req: Any) -> Any:
-        raise NotImplementedError
-
-    async def embed(self, req: Any) -> Any:
-        raise NotImplementedError
-
-    def info(self) -> dict[str, Any]:
-        return {"id": self.model, "state": self.state}
-
-
 def deployer(tmp_path: Path, hosts: dict[str, HostProfile] | None = None, *, planner: bool = True,
              routes: Routes | None = None) -> tuple[Deployer, Cluster]:
     settings = load_settings(None, node_name="pc1", backend_override="fake", models=[CHAT, EMB],
@@ -125,7 +106,7 @@ async def test_a_model_that_failed_here_is_loaded_again(tmp_path):
     routes = Routes("pc1")
     d, cluster = deployer(tmp_path, routes=routes)
     await d.deploy(RR)
-    routes.set(Failed(RR))
+    routes.set(StubTarget(RR, "rerank", state=TargetState.FAILED))  # a pull that failed, say
     out = await d.deploy(RR)
     assert out["status"] == "retrying" and "had failed on pc1" in out["message"] and cluster.replans == 2
 

@@ -14,6 +14,7 @@ import pytest
 from distributed.domain import Completion, EmbedRequest, Embeddings, GenerateRequest, TokenChunk
 from distributed.errors import InputTooLong, ModelLoading, Overloaded, PeerUnavailable, TarsError, ValidationFailed
 from distributed.targets import RemoteTarget, ReplicaSet, Target, TargetState
+from tests.fakes import FakePeer
 
 pytestmark = pytest.mark.anyio
 
@@ -63,18 +64,10 @@ class Client:
         return {"vectors": np.ones((len(texts), 2), np.float32), "group_tokens": groups, "node": self.name}
 
 
-class Peer:
+class Peer(FakePeer):
     def __init__(self, name: str) -> None:
-        self.name, self.state, self.reachable = name, "alive", True
-        self.client = Client(name)
-        self.gone = asyncio.Event()
-        self.models: dict[str, dict[str, Any]] = {"m": {"id": "m", "state": "ready"}}
-
-    def model_info(self, model: str) -> dict[str, Any] | None:
-        return self.models.get(model)
-
-    def failed(self, why: str) -> None:
-        self.reachable = False
+        super().__init__(name, client=Client(name))
+        self.models["m"] = {"id": "m", "state": "ready"}
 
 
 class Here(Target):

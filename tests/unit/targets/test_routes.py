@@ -5,7 +5,6 @@ sleeps: each load ends when the test says so."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import pytest
 
@@ -14,7 +13,8 @@ from distributed.errors import ModelLoading
 from distributed.node import Node
 from distributed.profiler import profile_host
 from distributed.settings import load_settings
-from distributed.targets import RemoteTarget, ReplicaSet, Routes, Target, TargetState
+from distributed.targets import RemoteTarget, ReplicaSet, Routes, TargetState
+from tests.fakes import FakePeer, StubTarget
 
 pytestmark = pytest.mark.anyio
 
@@ -29,19 +29,15 @@ def place(model: str, node: str = "pc1", device: str = "cpu", kind: str = "chat"
                       reason="test")
 
 
-class Scripted(Target):
+class Scripted(StubTarget):
     """A local target whose load ends when the test calls ``finish``."""
 
     def __init__(self, a: Assignment, log: list[str]) -> None:
-        self.model, self.kind, self.node, self.assignment = a.model, a.kind, "pc1", a
-        self._state = TargetState.LOADING
+        super().__init__(a.model, a.kind, "pc1", TargetState.LOADING)
+        self.assignment = a
         self._loaded = asyncio.Event()
         self.closed = False
         self.log = log
-
-    @property
-    def state(self) -> TargetState:
-        return self._state
 
     def start(self) -> None:
         self.log.append(f"load {self.model}@{self.assignment.device}")
@@ -59,28 +55,8 @@ class Scripted(Target):
         self.log.append(f"close {self.model}@{self.assignment.device}")
         self._state = TargetState.UNAVAILABLE
 
-    def stream(self, req: Any) -> Any:
-        raise NotImplementedError
 
-    async def embed(self, req: Any) -> Any:
-        raise NotImplementedError
-
-    def info(self) -> dict[str, Any]:
-        return {"id": self.model, "state": self.state}
-
-
-class Peer:
-    def __init__(self, name: str = "pc2") -> None:
-        self.name, self.state, self.reachable = name, "alive", True
-        self.gone = asyncio.Event()
-        self.client = None
-        self.models: dict[str, dict[str, Any]] = {}
-
-    def model_info(self, model: str) -> dict[str, Any] | None:
-        return self.models.get(model)
-
-    def failed(self, why: str) -> None:
-        self.reachable = False
+Peer = FakePeer
 
 
 async def settle_tasks() -> None:
