@@ -64,9 +64,9 @@ class Node:
         self.name = settings.node_name
         self.role = settings.effective_role
         self.profile = profile
-        self.catalog = catalog if catalog is not None else user_catalog(settings)
-        self.store = store if store is not None else ModelStore(settings.models_dir, self.catalog)
-        self.placement = placement if placement is not None else Placement(settings, self.catalog, self.store)
+        catalog = catalog if catalog is not None else user_catalog(settings)
+        self.store = store if store is not None else ModelStore(settings.models_dir, catalog)
+        self.placement = placement if placement is not None else Placement(settings, catalog, self.store)
         self.peers = peers
         self.split = split if split is not None else SplitService(settings, peers)
         self.metrics = metrics or Metrics(self.name)
@@ -76,6 +76,11 @@ class Node:
         self.plan = Plan()
         self.started_at = time.monotonic()
         self._started = False
+
+    @property
+    def catalog(self) -> Catalog:
+        """The one catalog of this host (the placement's: what may be deployed and planned)."""
+        return self.placement.catalog
 
     # ----------------------------------------------------------------- lifecycle
     def model_specs(self) -> list[ModelSpec]:

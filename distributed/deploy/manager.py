@@ -42,14 +42,13 @@ class Deployer:
         self.name = settings.node_name
         self.placement = placement
         self.desired = placement.desired
-        self.catalog = placement.catalog
         self.routes = routes
         self.cluster = cluster
         self._lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ deploy / remove
     async def deploy(self, model: str, replicas: int | None = None, node: str | None = None) -> dict[str, Any]:
-        spec = self.catalog.get(model)  # ModelNotFound (404) lists the catalog
+        spec = self.placement.catalog.get(model)  # ModelNotFound (404) lists the catalog
         client = self.cluster.planner_client()
         if client is not None:
             out: dict[str, Any] = await client.call("models.deploy", {"model": model, "replicas": replicas,

@@ -260,7 +260,7 @@ async def test_deploy_pulls_from_the_hub_with_progress_then_serves(hub, tiny_cro
             import dataclasses
 
             gone = dataclasses.replace(node.catalog.get("tiny-ce"), id="gone-ce", repo="tars-test/gone")
-            node.catalog = type(node.catalog)([*node.catalog.all(), gone])
+            node.placement.catalog = type(node.catalog)([*node.catalog.all(), gone])  # the host's one catalog
             r = await client.post("/models", json={"model": "gone-ce"})
             assert r.status_code == 202
             failed = await wait_state(client, "gone-ce", "failed", timeout=30)
