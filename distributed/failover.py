@@ -48,8 +48,7 @@ async def serve_here(node: ClusterNode, settings: Settings, remote: RemoteTarget
 
 def fits_here(node: ClusterNode, settings: Settings, spec: ModelSpec) -> tuple[Assignment | None, str]:
     """Would the planner place ``spec`` on this host beside what it already runs? (assignment, why not)"""
-    from . import planner
-    from .engine.choice import engine_slots
+    from .planning import plan_for
 
     if node.profile is None:
         return None, f"{node.name} has not profiled its hardware yet"
@@ -57,9 +56,7 @@ def fits_here(node: ClusterNode, settings: Settings, spec: ModelSpec) -> tuple[A
     ids += [t.model for t in node.routes.standins()]
     ids.append(spec.id)
     specs = [node.catalog.get(m) for m in dict.fromkeys(ids)]
-    plan = planner.plan({node.name: node.profile}, specs, reserve_mb=settings.vram_reserve_mb,
-                        context=settings.context, paths=node.model_paths(specs),
-                        parallel=engine_slots(settings))
+    plan = plan_for(settings, {node.name: node.profile}, specs, paths=node.model_paths(specs))
     found = plan.where(spec.id)
     if found is not None:
         return found, ""

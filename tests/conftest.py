@@ -103,3 +103,15 @@ def tiny_cross_encoder_dir() -> Path:
     model.save_pretrained(d)
     fast.save_pretrained(d)
     return d
+
+
+@pytest.fixture
+def llama_server_found(tmp_path: Path) -> str:
+    """A TARS_ENGINE_BIN that makes the engine choice find a llama-server build, so a test plans
+    for llama-server (TARS_PARALLEL slots, splits allowed) whether or not this machine has
+    built one. It only answers ``--version``: tests that start an engine use the real build."""
+    exe = tmp_path / "engine-bin" / "llama-server"
+    exe.parent.mkdir()
+    exe.write_text("#!/bin/sh\necho 'version: 1 (stub)' >&2\n")
+    exe.chmod(0o755)
+    return str(exe)

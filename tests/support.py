@@ -88,6 +88,19 @@ def wait_until(cond: Callable[[], Any], timeout: float, what: str, *servers: "Se
         time.sleep(interval)
 
 
+async def until(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition",
+                interval: float = 0.002) -> None:
+    """``wait_until`` inside an event loop: let the loop (and threads) run until ``cond()``
+    holds — a wait on a condition, never a guessed sleep (the machine may be busy)."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
 class ServerProcess:
     """One server process (default ``python -m distributed serve``) on ``host``.
 

@@ -24,11 +24,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..domain import Completion, GenerateRequest
 from ..errors import ValidationFailed
-from ..requests import MAX_CHOICES, PENALTY, TOP_LOGPROBS
-from .schemas import ChatMessage, MaxTokens, Temperature, TopP, _messages, _stops, usage
+from ..requests import MAX_CHOICES, Choices, MaxTokens, Penalty, Temperature, TopLogprobs, TopP
+from .schemas import ChatMessage, domain_messages, stop_list, usage
 
 MAX_N = MAX_CHOICES
-Penalty = Field(None, **PENALTY)  # the bounds /rpc enforces too (distributed/requests.py)
 
 # Known OpenAI parameters we do not serve, each with the reason the 400 gives.
 REFUSED: dict[str, str] = {
@@ -136,7 +135,7 @@ class _Request(BaseModel):
             model=r.model or None, prompt=prompt, messages=messages,
             max_tokens=r.max_tokens if r.max_tokens is not None else max_tokens,
             temperature=r.temperature if r.temperature is not None else d.temperature,
-            top_p=r.top_p if r.top_p is not None else d.top_p, stop=_stops(r.stop), seed=r.seed,
+            top_p=r.top_p if r.top_p is not None else d.top_p, stop=stop_list(r.stop), seed=r.seed,
             stream=bool(r.stream), presence_penalty=r.presence_penalty or 0.0,
             frequency_penalty=r.frequency_penalty or 0.0, n=r.n or 1, **extra)
 
@@ -146,23 +145,23 @@ class ChatCompletionRequest(_Request):
 
     model: str | None = None
     messages: list[ChatMessage]
-    max_tokens: int | None = MaxTokens
-    max_completion_tokens: int | None = MaxTokens
-    temperature: float | None = Temperature
-    top_p: float | None = TopP
-    n: int | None = Field(None, ge=1, le=MAX_N)
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    n: Choices | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = Penalty
-    frequency_penalty: float | None = Penalty
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
     response_format: ResponseFormat | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, **TOP_LOGPROBS)
+    top_logprobs: TopLogprobs | None = None
     user: str | None = None
     safety_identifier: str | None = None
     store: bool | None = None
@@ -177,7 +176,7 @@ class ChatCompletionRequest(_Request):
             raise ValidationFailed("'top_logprobs' needs 'logprobs': true", field="top_logprobs")
         fmt = self._response_format()
         tools, choice = self._tools()
-        return self._domain(None, _messages(self.messages), 256, response_format=fmt, tools=tools,
+        return self._domain(None, domain_messages(self.messages), 256, response_format=fmt, tools=tools,
                             tool_choice=choice, parallel_tool_calls=self.parallel_tool_calls is not False,
                             logprobs=bool(self.logprobs), top_logprobs=self.top_logprobs or 0)
 
@@ -231,17 +230,17 @@ class CompletionRequest(_Request):
 
     model: str | None = None
     prompt: str | list[str]
-    max_tokens: int | None = MaxTokens
-    temperature: float | None = Temperature
-    top_p: float | None = TopP
-    n: int | None = Field(None, ge=1, le=MAX_N)
-    best_of: int | None = Field(None, ge=1, le=MAX_N)
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    n: Choices | None = None
+    best_of: Choices | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = Penalty
-    frequency_penalty: float | None = Penalty
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool | None = False
     suffix: str | None = None

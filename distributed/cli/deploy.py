@@ -19,7 +19,7 @@ from typing import Any, Optional
 import typer
 
 from ..errors import ModelFailed, RequestTimeout
-from .ops import DEFAULT_URL, KEY_OPT, _fail_for, _headers, _unreachable
+from .node_http import DEFAULT_URL, KEY_OPT, auth_headers, fail_for, unreachable
 
 URL_OPT = typer.Option(DEFAULT_URL, "--url", envvar="TARS_URL", help="Base URL of any node of the cluster.")
 
@@ -28,15 +28,15 @@ def _call(method: str, url: str, path: str, api_key: str, body: Any = None, time
     import httpx
 
     url = url.rstrip("/")
-    headers = {**_headers(api_key), "Content-Type": "application/json"}
+    headers = {**auth_headers(api_key), "Content-Type": "application/json"}
     try:
         resp = httpx.request(method, f"{url}{path}", headers=headers, timeout=timeout,
                              content=None if body is None else json.dumps(body))
     except httpx.TimeoutException as exc:
         raise RequestTimeout(f"{url}{path} gave no answer within {timeout:g}s") from exc
     except httpx.TransportError as exc:
-        raise _unreachable(url, exc) from exc
-    _fail_for(resp, url)
+        raise unreachable(url, exc) from exc
+    fail_for(resp, url)
     return resp.json()
 
 

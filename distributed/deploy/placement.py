@@ -100,8 +100,6 @@ class Placement:
             have.add(host)
 
     def _plan(self, hosts: dict[str, HostProfile], specs: list[ModelSpec]) -> Plan:
-        from .. import planner
+        from ..planning import plan_for
 
-        s = self.settings
-        return planner.plan(hosts, specs, reserve_mb=s.vram_reserve_mb, context=s.context,
-                            paths=self.model_paths(specs), split=s.split != "off")
+        return plan_for(self.settings, hosts, specs, paths=self.model_paths(specs))

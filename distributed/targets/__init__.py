@@ -1,6 +1,8 @@
 """Targets: one model as the node sees it, and the one owner of which target serves it.
 
 * ``base.py`` — the ``Target`` interface, ``TargetState``, ``Rate``;
+* ``served.py`` — ``Served``: the lifecycle, counters and ``info()`` every model computed
+  here keeps (``LocalTarget`` and ``engine.target.EngineTarget`` each hold one);
 * ``local.py`` — ``LocalTarget``: a backend on this host behind its queue/batcher;
 * ``remote.py`` — ``RemoteTarget``: a model on a peer (forwarding, stand-in, failover);
 * ``replicas.py`` — ``ReplicaSet``: a model on several hosts (the least busy live copy);
