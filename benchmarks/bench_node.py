@@ -242,12 +242,12 @@ async def _overhead() -> dict[str, float]:
     """The node's own cost, without a model or sockets: the fake backends through the app."""
     from distributed.api.app import create_app
     from distributed.domain import HostProfile
-    from distributed.node import Node
+    from distributed.service import build
     from distributed.settings import load_settings
 
     settings = load_settings(None, node_name="probe", backend_override="fake", context=8192)
-    node = Node(settings, HostProfile("probe", "cpu", 2, 16000, 16000), backend_extra={"reply_tokens": 4000})
-    app = create_app(settings, node)
+    service = build(settings, profile=HostProfile("probe", "cpu", 2, 16000, 16000), backend_extra={"reply_tokens": 4000})
+    node, app = service.node, create_app(service)
     async with app.router.lifespan_context(app):
         for t in node.local_targets():
             await t.wait_loaded(10)

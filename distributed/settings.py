@@ -86,6 +86,8 @@ class Settings(BaseSettings):
                                            "it grows the engine by ~1.5 MB per request until full.")
     engine_bin: str = Field("", description="The llama-server binary (or its folder); empty = the scripts/build_engine.sh "
                             "build matching the installed llama-cpp-python.")
+    fake_token_delay_s: float = Field(0.0, ge=0, le=10, description="With TARS_BACKEND_OVERRIDE=fake: seconds each "
+                                      "generated token takes, so fake models keep a host busy (tests of load balancing).")
 
     # --- cluster timing
     heartbeat_s: float = Field(2.0, gt=0, le=300, description="Seconds between heartbeats (>0).")

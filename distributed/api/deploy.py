@@ -9,7 +9,7 @@ shows in ``GET /models``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -18,6 +18,9 @@ from starlette.responses import Response
 from ..errors import ConfigError
 from . import schemas as s
 from .native import JSON, label
+
+if TYPE_CHECKING:  # types only: built by the composition root (service.build)
+    from ..deploy.manager import Deployer
 
 router = APIRouter()
 
@@ -31,10 +34,10 @@ class DeployRequest(BaseModel):
     node: str | None = Field(None, min_length=1)
 
 
-def _deployer(request: Request) -> Any:
-    deployer = getattr(request.app.state.node, "deployer", None)
+def _deployer(request: Request) -> "Deployer":
+    deployer: Deployer | None = getattr(request.app.state, "deployer", None)  # create_app sets it
     if deployer is None:
-        raise ConfigError("this node has no deployer attached (runtime deploys are off)")
+        raise ConfigError("this node has no deployer (runtime deploys are off)")
     return deployer
 
 

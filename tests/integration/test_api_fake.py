@@ -23,6 +23,7 @@ from distributed.api.app import create_app
 from distributed.api.schemas import EmbedResponse, ErrorResponse, InferenceResponse
 from distributed.domain import HostProfile
 from distributed.node import Node
+from distributed.service import build
 from distributed.settings import load_settings
 
 pytestmark = pytest.mark.anyio
@@ -44,8 +45,8 @@ async def serve(tmp_path, wait: bool = True, extra: dict[str, Any] | None = None
                 **overrides: Any) -> AsyncIterator[tuple[httpx.AsyncClient, Node]]:
     settings = load_settings(None, **{"node_name": "pc1", "backend_override": "fake", "models_dir": tmp_path,
                                       "models": [CHAT, EMBED], **overrides})
-    node = Node(settings, _profile("pc1"), backend_extra=extra)
-    app = create_app(settings, node)
+    service = build(settings, profile=_profile("pc1"), backend_extra=extra)
+    node, app = service.node, create_app(service)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://pc1") as client:

@@ -13,7 +13,7 @@ import pytest
 
 from distributed.api.app import create_app
 from distributed.domain import HostProfile
-from distributed.node import Node
+from distributed.service import build
 from distributed.settings import load_settings
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -32,8 +32,8 @@ async def real(gemma_gguf, minilm_dir, models_dir) -> Any:
     settings = load_settings(None, node_name="real1", models_dir=models_dir, context=CONTEXT, threads=2,
                              models=[CHAT, EMBED])
     profile = HostProfile(hostname="real1", cpu_model="test cpu", cpu_cores=2, ram_total_mb=16000, ram_free_mb=12000)
-    node = Node(settings, profile)
-    app = create_app(settings, node)
+    service = build(settings, profile=profile)
+    node, app = service.node, create_app(service)
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://real1",
                                      timeout=120) as client:

@@ -22,14 +22,14 @@ def url(tmp_path_factory):
     import uvicorn
 
     from distributed.api.app import create_app
-    from distributed.node import Node
+    from distributed.service import build
     from distributed.settings import load_settings
 
     port = free_port(HOST, PORTS)
     settings = load_settings(None, host=HOST, port=port, node_name="deploynode", backend_override="fake",
                              gpu_profile="rtx3060-12gb", models_dir=tmp_path_factory.mktemp("models"), api_key=KEY,
                              models=["smollm2-135m-instruct", "all-MiniLM-L6-v2"])
-    app = create_app(settings, Node(settings))
+    app = create_app(build(settings))
     server = uvicorn.Server(uvicorn.Config(app, host=HOST, port=port, log_config=None, access_log=False))
     thread = threading.Thread(target=server.run, name="deploy-node", daemon=True)
     thread.start()

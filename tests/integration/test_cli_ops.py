@@ -1,6 +1,6 @@
 """`tars status` and `tars bench` against a running node.
 
-The node is the real app (create_app + Node) served by uvicorn on 127.0.0.2 in a
+The node is the real app (create_app + service.build) served by uvicorn on 127.0.0.2 in a
 thread of this process, with the fake backends for speed; one slow test runs the
 CLI against a node process with the real embedded models. The CLI runs as a
 subprocess (`python -m distributed ...`), exactly as a user runs it, so its exit
@@ -59,14 +59,14 @@ def node_url(models_dir: Path):
     import uvicorn
 
     from distributed.api.app import create_app
-    from distributed.node import Node
+    from distributed.service import build
     from distributed.settings import load_settings
 
     port = free_port(HOST, PORTS)
     settings = load_settings(None, host=HOST, port=port, node_name="opsnode", backend_override="fake",
                              gpu_profile="rtx3060-12gb", models_dir=models_dir, api_key=API_KEY,
                              models=["gemma-3-270m", "all-MiniLM-L6-v2"])
-    app = create_app(settings, Node(settings))
+    app = create_app(build(settings))
     server = uvicorn.Server(uvicorn.Config(app, host=HOST, port=port, log_config=None, access_log=False))
     thread = threading.Thread(target=server.run, name="ops-node", daemon=True)
     thread.start()

@@ -12,7 +12,7 @@ import pytest
 
 from distributed.api.app import create_app
 from distributed.domain import HostProfile
-from distributed.node import Node
+from distributed.service import build
 from distributed.settings import load_settings
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -36,8 +36,8 @@ async def node_client(minilm_dir, tmp_path_factory) -> Any:
     assert settings.models == []  # the default set, as a new user gets it
     profile = HostProfile(hostname="defaults", cpu_model="test cpu", cpu_cores=2, ram_total_mb=16000,
                           ram_free_mb=12000)
-    node = Node(settings, profile)
-    app = create_app(settings, node)
+    service = build(settings, profile=profile)
+    node, app = service.node, create_app(service)
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://defaults",
                                      timeout=120) as client:

@@ -337,7 +337,7 @@ async def test_a_generate_whose_caller_disconnects_stops_generating(node):
     (the slot is freed), as REST already does."""
     started, cancelled = asyncio.Event(), asyncio.Event()
 
-    async def slow(req):
+    async def slow(req, *, here=False):
         started.set()
         try:
             await asyncio.sleep(30)
