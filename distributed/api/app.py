@@ -235,11 +235,20 @@ def create_app(settings: Any, node: ServiceNode, cluster: ClusterView | None = N
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
+        from ..discovery import advertise
+        from ..sdnotify import Lifecycle
+
+        notify = Lifecycle.from_environ(node, settings)  # systemd: STATUS, WATCHDOG, READY at /health 200
+        await notify.start()
         await node.start()
+        notify.started()
+        lan = await advertise(settings, node)  # mDNS _tars._tcp while it runs (TARS_DISCOVERY)
         log.info("node %s started (role %s)", node.name, node.role)
         try:
             yield
         finally:
+            await lan.close()
+            await notify.stop()
             await node.stop()
 
     extra: dict[str, Any] = {}
