@@ -23,6 +23,11 @@ CHANGED=()
 SYS_PY=""
 BUILD=""
 
+# shellcheck source=platform.sh
+source "$ROOT/scripts/lib/platform.sh"
+# shellcheck source=service.sh
+source "$ROOT/scripts/lib/service.sh"
+
 if [ -t 1 ]; then
   _B=$'\033[1m'; _G=$'\033[32m'; _Y=$'\033[33m'; _R=$'\033[31m'; _0=$'\033[0m'
 else
@@ -335,6 +340,27 @@ install_chat_default() {
     "check the network connection to the package index, then re-run"
 }
 
+# ----------------------------------------------------------------------------- 1-7 in one
+# install_stack NAME: the steps both hosts share, Python to the plan (NAME: the node name
+# this host has unless TARS_NODE_NAME or its env file says otherwise).
+install_stack() {
+  check_python
+  ensure_venv
+  detect_build
+  install_torch
+  install_llama
+  # llama.cpp's own server from the same llama.cpp source, same build kind (part of this step)
+  if skip_install; then
+    info "TARS_SETUP_SKIP_INSTALL=1, not running: scripts/build_engine.sh --python $VPY"
+  elif bash "$ROOT/scripts/build_engine.sh" --python "$VPY" | sed 's/^/      /'; then
+    ok "llama-server built (GGUF chat serves several requests at once)"
+  else
+    warn "llama-server did not build (output above); GGUF chat runs in process, one request at a time, until: bash scripts/build_engine.sh"
+  fi
+  install_project
+  profile_and_plan "$1"
+}
+
 # ----------------------------------------------------------------------------- 7. profile + plan
 # profile_and_plan NAME: this host's profile and plan, under the node name it will have
 # (TARS_NODE_NAME, else the one in its env file, else NAME).
@@ -386,12 +412,19 @@ EOF
 
 # ensure_private FILE: a file holding the cluster token or the API key is readable by its
 # owner only (0600) — also one copied from env/*.example by hand (cp leaves it 0644).
+# On a Windows drive under WSL (/mnt/c) chmod succeeds and changes nothing: that is said.
 ensure_private() {
   [ -f "$1" ] || return 0
-  local mode
+  local mode now
   mode=$(stat -c %a "$1" 2>/dev/null || stat -f %Lp "$1")
   [ "$mode" = 600 ] && return 0
-  chmod 600 "$1"
+  chmod 600 "$1" 2>/dev/null || true
+  now=$(stat -c %a "$1" 2>/dev/null || stat -f %Lp "$1")
+  if [ "$now" != 600 ]; then
+    warn "${1#"$ROOT"/} stays mode $now: this file system ignores chmod (a Windows drive under WSL?), so its"
+    warn "cluster token and API key are readable by other users: keep the checkout in the Linux file system (~/)"
+    return 0
+  fi
   changed "made ${1#"$ROOT"/} readable by its owner only (was $mode: it holds the cluster token)"
 }
 
