@@ -73,10 +73,25 @@ def quote(arg: str) -> str:
 
 
 def path_value(path: str) -> str:
-    """A path in a setting that takes one path (WorkingDirectory=, RequiresMountsFor=)."""
+    """A path in a setting that takes the rest of the line as one path (WorkingDirectory=)."""
     if any(c in path for c in "\n\r"):
         raise ValueError(f"a path with a line break cannot go into a unit: {path!r}")
     return path.replace("%", "%%")
+
+
+def path_item(path: str) -> str:
+    """A path in a space-separated list of paths (RequiresMountsFor=): quoted when needed."""
+    path = path_value(path)
+    if any(c in path for c in " \t\"'\\"):
+        return '"' + path.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return path
+
+
+def file_url(path: str) -> str:
+    """file:// URL of a path (Documentation=), percent-encoded, specifiers escaped."""
+    from urllib.parse import quote as urlquote
+
+    return "file://" + path_value(urlquote(path_value(path).replace("%%", "%")))
 
 
 def render(*, name: str, role: str, root: str, python: str, env_file: str, mode: str, user: str = "",
@@ -89,14 +104,14 @@ def render(*, name: str, role: str, root: str, python: str, env_file: str, mode:
     system = mode == "system"
     ctl = "systemctl" if system else "systemctl --user"
     journal = f"journalctl -u {unit} -f" if system else f"journalctl --user -u {unit} -f"
-    mounts = " ".join(path_value(p) for p in dict.fromkeys([root, models_dir]) if p)
+    mounts = " ".join(path_item(p) for p in dict.fromkeys([root, models_dir]) if p)
     lines = [
         f"# TARS Distributed: node {name} ({role}) as a {'system' if system else 'user'} service.",
         f"# Written by scripts/{script or 'setup'} --service on {stamp}; re-run it to regenerate,",
         f"# --remove-service to take it out. Status: {ctl} status {unit}   Logs: {journal}",
         "[Unit]",
         f"Description=TARS Distributed node {name} ({role})",
-        f"Documentation=file://{path_value(root)}/README.md",
+        f"Documentation={file_url(root.rstrip('/') + '/README.md')}",
         "Wants=network-online.target",
         "After=network-online.target nvidia-persistenced.service",
         f"RequiresMountsFor={mounts}",
