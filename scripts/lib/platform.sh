@@ -42,6 +42,8 @@ wsl_advice() {
   if ! grep -qsE '^[[:space:]]*systemd[[:space:]]*=[[:space:]]*true' "${TARS_WSL_CONF:-/etc/wsl.conf}"; then
     info "  4. for a service that starts with WSL: /etc/wsl.conf with [boot] systemd=true, then --service"
   fi
+  info "  WSL stops when no process a user started runs in it (systemd services do not count): a Windows"
+  info "  Task Scheduler task at startup running 'wsl.exe -d <distro> --exec sleep infinity' keeps it up"
   if on_windows_drive "$ROOT"; then
     warn "the checkout is on a Windows drive ($ROOT): move it into the WSL file system (e.g. ~/tars) —"
     warn "file permissions do not hold there (the env file's secrets stay readable) and disk access is slow"
