@@ -174,6 +174,14 @@ class Lan:
     def link_up(self, host: Host) -> None:
         _in(self.switch, "ip", "link", "set", host.port, "up")
 
+    def isolate(self, host: Host) -> None:
+        """Cut the host off further away (its switch port leaves the bridge): the host keeps
+        its carrier and sends into the void — a dead uplink, an access point gone."""
+        _in(self.switch, "ip", "link", "set", host.port, "nomaster")
+
+    def rejoin(self, host: Host) -> None:
+        _in(self.switch, "ip", "link", "set", host.port, "master", "br0")
+
     def carrier(self, host: Host) -> bool:
         out = host.run("cat", "/sys/class/net/eth0/carrier", check=False).stdout.strip()
         return out == "1"

@@ -44,6 +44,18 @@ def node_on(host: Host, name: str, *, env: dict[str, str], log_dir: Any, args: t
                          address_env=True, env=env, log_dir=log_dir, grace_s=grace_s, **kw)
 
 
+def pair(lan: Any, log_dir: Any, env: dict[str, str]) -> tuple[Host, Host, ServerProcess, ServerProcess]:
+    """PC1 (simulated RTX 3060, the planner) and PC2 (simulated GTX 1660 SUPER, TARS_PEERS=PC1)
+    on two new hosts of ``lan``, not started; ``env`` for both (each gets its own models dir)."""
+    h1, h2 = lan.add_host("pc1"), lan.add_host("pc2")
+    pc1 = node_on(h1, "pc1", log_dir=log_dir, env={**env, "TARS_GPU_PROFILE": "rtx3060-12gb",
+                                                   "TARS_MODELS_DIR": str(log_dir / "m1")})
+    pc2 = node_on(h2, "pc2", log_dir=log_dir, env={**env, "TARS_GPU_PROFILE": "gtx1660s-6gb",
+                                                   "TARS_MODELS_DIR": str(log_dir / "m2"),
+                                                   "TARS_PEERS": f"http://{h1.ip}:{NODE_PORT}"})
+    return h1, h2, pc1, pc2
+
+
 def get(host: Host, url: str, timeout: float = 5.0, **kw: Any) -> httpx.Response:
     """``httpx.get`` from inside ``host``'s namespace."""
     return host.call(lambda: httpx.get(url, timeout=timeout, **kw), timeout=timeout + 5)

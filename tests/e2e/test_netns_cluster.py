@@ -50,12 +50,8 @@ BASE_ENV = {"TARS_BACKEND_OVERRIDE": "fake", "TARS_CLUSTER_TOKEN": TOKEN, "TARS_
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     logs = tmp_path_factory.mktemp("netns")
     with netns.Lan("e") as lan:
-        h1, h2, h3 = lan.add_host("pc1"), lan.add_host("pc2"), lan.add_host("obs")
-        pc1 = nc.node_on(h1, "pc1", log_dir=logs, env={**BASE_ENV, "TARS_GPU_PROFILE": "rtx3060-12gb",
-                                                           "TARS_MODELS_DIR": str(logs / "m1")})
-        pc2 = nc.node_on(h2, "pc2", log_dir=logs, env={**BASE_ENV, "TARS_GPU_PROFILE": "gtx1660s-6gb",
-                                                           "TARS_MODELS_DIR": str(logs / "m2"),
-                                                           "TARS_PEERS": f"http://{h1.ip}:{nc.NODE_PORT}"})
+        h1, h2, pc1, pc2 = nc.pair(lan, logs, BASE_ENV)
+        h3 = lan.add_host("obs")
         with pc1, pc2:
             nc.start(pc1, h1)
             nc.start(pc2, h2)

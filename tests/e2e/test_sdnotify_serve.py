@@ -11,7 +11,6 @@ tests/e2e/test_service_unit.py and the report).
 from __future__ import annotations
 
 import signal
-import socket
 import statistics
 import threading
 import time
@@ -21,6 +20,7 @@ import httpx
 import pytest
 
 from tests.support import ServerProcess
+from tests.unit.test_sdnotify import Listener
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -30,32 +30,11 @@ WATCHDOG_USEC = 2_000_000  # pings every second
 MODELS = "gemma-3-270m,all-MiniLM-L6-v2"
 
 
-class Manager(threading.Thread):
+class Manager(Listener):
     """The service manager's side of NOTIFY_SOCKET: every datagram with its arrival time."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(daemon=True)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.1)
-        self.got: list[tuple[float, dict[str, str]]] = []
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        while not self.done.is_set():
-            try:
-                data = self.sock.recv(65536)
-            except (TimeoutError, socket.timeout):
-                continue
-            self.got.append((time.monotonic(), dict(ln.split("=", 1) for ln in data.decode().split("\n"))))
 
     def first(self, key: str) -> float | None:
         return next((t for t, m in list(self.got) if key in m), None)
-
-    def stop(self) -> None:
-        self.done.set()
-        self.join()
-        self.sock.close()
 
 
 class HealthPoller(threading.Thread):
@@ -81,8 +60,7 @@ class HealthPoller(threading.Thread):
 
 def test_the_node_tells_its_service_manager_status_ready_watchdog_and_stopping(gemma_gguf, models_dir: Path,
                                                                               tmp_path: Path) -> None:
-    manager = Manager(tmp_path / "notify.sock")
-    manager.start()
+    manager = Manager(str(tmp_path / "notify.sock"))
     node = ServerProcess("sdn", HOST, ports=PORTS, log_dir=tmp_path, grace_s=30,
                          env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": str(WATCHDOG_USEC),
                               "TARS_MODELS": MODELS, "TARS_CONTEXT": "1024"},
@@ -109,7 +87,7 @@ def test_the_node_tells_its_service_manager_status_ready_watchdog_and_stopping(g
     finally:
         if poller is not None:
             poller.done.set()
-        manager.stop()
+        manager.close()
 
     msgs = [m for _, m in manager.got]
     keys = [k for m in msgs for k in m]
