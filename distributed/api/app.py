@@ -247,8 +247,8 @@ def create_app(settings: Any, node: ServiceNode, cluster: ClusterView | None = N
         try:
             yield
         finally:
+            await notify.stop()  # STOPPING=1 first: systemd stops watching while the node winds down
             await lan.close()
-            await notify.stop()
             await node.stop()
 
     extra: dict[str, Any] = {}
