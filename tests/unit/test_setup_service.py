@@ -127,7 +127,7 @@ def shell(tmp_path: Path, script: str, **env: str) -> subprocess.CompletedProces
     fake.chmod(0o755)
     repo = tmp_path / "repo"
     (repo / "scripts" / "lib").mkdir(parents=True, exist_ok=True)
-    for f in ("setup_common.sh", "service.sh", "platform.sh", "service_unit.py", "probe.py"):
+    for f in ("setup_common.sh", "builds.sh", "service.sh", "platform.sh", "service_unit.py", "probe.py"):
         shutil.copy(ROOT / "scripts" / "lib" / f, repo / "scripts" / "lib" / f)
     (repo / "env").mkdir(exist_ok=True)
     full = (f"source scripts/lib/setup_common.sh; VPY={sys.executable}; ENV_FILE=env/.env.pc1\n"
