@@ -25,11 +25,13 @@ from .catalog import Catalog
 from .cluster import Cluster
 from .deploy.manager import Deployer
 from .deploy.placement import Placement
+from .discovery import Advertiser
 from .domain import HostProfile
 from .logs import get_logger
 from .metrics import Metrics
 from .node import Node, user_catalog
 from .peers import ClientFactory, PeerTable, client_factory
+from .sdnotify import Lifecycle
 from .settings import Settings
 from .split.service import SplitService
 from .store import ModelStore
@@ -47,14 +49,22 @@ class Service:
     cluster: Cluster
     deployer: Deployer
     split: SplitService
+    notify: Lifecycle  # systemd: STATUS while loading, WATCHDOG from the loop, READY at /health 200
+    lan: Advertiser  # mDNS _tars._tcp while it runs (TARS_DISCOVERY)
 
     async def start(self) -> None:
+        await self.notify.start()
         await self.node.start()
+        self.notify.started()
         log.info("node %s started (role %s)", self.node.name, self.node.role)
         await self.cluster.start()
+        if self.settings.discovery == "on":
+            await self.lan.start()
 
     async def stop(self) -> None:
         try:
+            await self.notify.stop()  # STOPPING=1 first: systemd stops watching while the node winds down
+            await self.lan.close()
             await self.cluster.stop()  # cluster.leave to the peers first
             await self.split.close()  # its RPC workers, relay and tunnels
         finally:
@@ -78,4 +88,5 @@ def build(settings: Settings, *, profile: HostProfile | None = None, catalog: Ca
                 peers=peers, split=split)
     cluster = Cluster(node, settings, peers, pins=pins)
     deployer = Deployer(settings, placement, node.routes, cluster)
-    return Service(settings, node, cluster, deployer, split)
+    return Service(settings, node, cluster, deployer, split, Lifecycle.from_environ(node, settings),
+                   Advertiser(settings, cluster))

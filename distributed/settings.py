@@ -45,6 +45,12 @@ class Settings(BaseSettings):
         description="Comma-separated base URLs of peers to join, e.g. http://192.168.1.10:8000.")
     role: Literal["auto", "server", "worker", "standalone"] = Field(
         "auto", description="auto (server without peers, worker with peers), server, worker or standalone.")
+    cluster_name: str = Field("tars", min_length=1, max_length=32, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                              description="Name of the cluster this node belongs to, advertised on the LAN (letters, "
+                                          "digits, . _ -); setup_pc2.sh without an address joins the one cluster it finds.")
+    discovery: Literal["on", "off"] = Field(
+        "on", description="on: advertise this node on the LAN over mDNS (_tars._tcp: cluster, node, port, version; never "
+                          "the token) when it listens beyond loopback; off: silent (TARS_PEERS only).")
 
     # --- security
     cluster_token: SecretStr = Field(SecretStr(""), description="Shared secret every /rpc call must carry.")
@@ -144,7 +150,7 @@ class Settings(BaseSettings):
     def _expand_home(cls, v: Path) -> Path:
         return v.expanduser()  # "~/models" in an env file means the user's home
 
-    @field_validator("log_level", "log_format", "role", "split", "chat_engine", mode="before")
+    @field_validator("log_level", "log_format", "role", "split", "chat_engine", "discovery", mode="before")
     @classmethod
     def _lower(cls, v: Any) -> Any:
         return v.lower() if isinstance(v, str) else v
