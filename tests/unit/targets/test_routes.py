@@ -98,6 +98,14 @@ class World:
         self.made.append(t)
         return t
 
+    def routed_to_peer(self, model: str = "a") -> tuple[Peer, RemoteTarget]:
+        """``model`` served by a live peer where it is ready, and routed there."""
+        peer = Peer()
+        peer.models[model] = {"id": model, "state": "ready"}
+        remote = RemoteTarget(model, "chat", peer)
+        self.routes.set(remote)
+        return peer, remote
+
 
 async def test_apply_local_loads_keeps_reloads_and_unloads():
     w = World()
@@ -124,10 +132,7 @@ async def test_a_failed_model_is_loaded_again_by_the_next_plan():
 
 async def test_a_model_arriving_from_a_live_peer_stays_there_until_the_copy_here_has_loaded():
     w = World()
-    peer = Peer()
-    peer.models["a"] = {"id": "a", "state": "ready"}
-    remote = RemoteTarget("a", "chat", peer)
-    w.routes.set(remote)
+    _, remote = w.routed_to_peer()
     await w.routes.apply_local({"a": place("a")}, w.make)
     assert w.routes.targets["a"] is remote  # make before break: still routed to the peer
     w.made[0].finish()
@@ -157,10 +162,7 @@ async def test_route_to_peer_keeps_the_ready_copy_as_handoff_until_the_peer_is_r
 
 async def test_fallback_is_loaded_once_and_adopted_when_the_plan_assigns_the_model_here():
     w = World()
-    peer = Peer()
-    peer.models["a"] = {"id": "a", "state": "ready"}
-    remote = RemoteTarget("a", "chat", peer)
-    w.routes.set(remote)
+    peer, remote = w.routed_to_peer()
     peer.failed("refused")
     standins = await asyncio.gather(*(w.routes.fallback(remote, lambda: w.make(place("a"))) for _ in range(5)))
     assert len({id(s) for s in standins}) == 1 and w.routes.fallback_loads == 1 and w.log == ["load a@cpu"]
