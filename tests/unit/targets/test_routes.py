@@ -14,6 +14,7 @@ from distributed.node import Node
 from distributed.profiler import profile_host
 from distributed.settings import load_settings
 from distributed.targets import RemoteTarget, Routes, Target, TargetState
+from tests.cluster_support import until
 
 pytestmark = pytest.mark.anyio
 
@@ -82,11 +83,6 @@ class Peer:
         self.reachable = False
 
 
-async def settle_tasks() -> None:
-    for _ in range(10):
-        await asyncio.sleep(0)
-
-
 class World:
     def __init__(self) -> None:
         self.routes = Routes("pc1")
@@ -136,8 +132,7 @@ async def test_a_model_arriving_from_a_live_peer_stays_there_until_the_copy_here
     await w.routes.apply_local({"a": place("a")}, w.make)
     assert w.routes.targets["a"] is remote  # make before break: still routed to the peer
     w.made[0].finish()
-    await settle_tasks()
-    assert w.routes.targets["a"] is w.made[0]
+    await until(lambda: w.routes.targets["a"] is w.made[0], what="routed to the copy here")
 
 
 async def test_route_to_peer_keeps_the_ready_copy_as_handoff_until_the_peer_is_ready():
@@ -156,8 +151,8 @@ async def test_route_to_peer_keeps_the_ready_copy_as_handoff_until_the_peer_is_r
     assert remote.standin is copy
     peer.models["a"]["state"] = "ready"
     w.routes.settle(peer)
-    await settle_tasks()
-    assert remote.standin is None and copy.closed and not w.routes.computes_here(remote)
+    await until(lambda: remote.standin is None and copy.closed, what="the handoff copy dropped and closed")
+    assert not w.routes.computes_here(remote)
 
 
 async def test_fallback_is_loaded_once_and_adopted_when_the_plan_assigns_the_model_here():
@@ -170,8 +165,8 @@ async def test_fallback_is_loaded_once_and_adopted_when_the_plan_assigns_the_mod
     w.routes.settle(peer)  # unreachable: a stale "ready" drops nothing
     assert remote.standin is standins[0]
     w.routes.adopt_standin(place("a"))  # the plan now puts it here, placed the same: no second load
-    await settle_tasks()
-    assert w.routes.targets["a"] is standins[0] and w.log == ["load a@cpu"]
+    await until(lambda: w.routes.targets["a"] is standins[0], what="the stand-in adopted")
+    assert w.log == ["load a@cpu"]
 
 
 async def test_node_apply_plan_swaps_through_routes():
