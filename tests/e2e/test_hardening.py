@@ -26,11 +26,6 @@ LIMITED = [sys.executable, "-c",
            "os.execv(sys.executable, [sys.executable, '-m', 'distributed', 'serve'])" % (FILE_LIMIT, FILE_LIMIT)]
 
 
-def _env(name: str, host: str, port: int, **extra: str) -> dict[str, str]:
-    return {"TARS_NODE_NAME": name, "TARS_HOST": host, "TARS_PORT": str(port), "TARS_BACKEND_OVERRIDE": "fake",
-            "TARS_CLUSTER_TOKEN": TOKEN, "TARS_LOG_LEVEL": "info", **extra}
-
-
 def _closed_within(sock: socket.socket, seconds: float, trickle: bytes = b"") -> float | None:
     """Seconds until the server closes ``sock`` (sending ``trickle`` a byte each 0.5 s), or None."""
     t0 = time.monotonic()
@@ -54,15 +49,16 @@ def _closed_within(sock: socket.socket, seconds: float, trickle: bytes = b"") ->
 def limited_node(request, tmp_path: Path):
     """PC1 under a 1024 file limit, plain or HTTPS: over TLS a connection that never
     finishes its handshake must count and time out like one that never sends headers."""
-    port = free_port(HOST1, range(18700, 18720))
     extra, verify = {}, True
     if request.param == "https":
         tls.generate(tmp_path / "pc1.crt", tmp_path / "pc1.key", ["pc1"], [HOST1])
         extra = {"TARS_TLS_CERT": str(tmp_path / "pc1.crt"), "TARS_TLS_KEY": str(tmp_path / "pc1.key")}
         verify = ssl.create_default_context(cafile=str(tmp_path / "pc1.crt"))  # the test trusts it directly
-    node = ServerProcess("pc1", HOST1, port=port, command=LIMITED, log_dir=tmp_path, scheme=request.param,
-                         verify=verify, env=_env("pc1", HOST1, port, TARS_HEADER_TIMEOUT_S="3",
-                                                 TARS_MODELS_DIR=str(tmp_path), **extra))
+    # a range of ports, not one: if another process takes the port first, the next one is tried
+    env = {"TARS_BACKEND_OVERRIDE": "fake", "TARS_CLUSTER_TOKEN": TOKEN, "TARS_LOG_LEVEL": "info",
+           "TARS_HEADER_TIMEOUT_S": "3", "TARS_MODELS_DIR": str(tmp_path), **extra}
+    node = ServerProcess("pc1", HOST1, ports=range(18700, 18720), command=LIMITED, address_env=True,
+                         log_dir=tmp_path, scheme=request.param, verify=verify, env=env)
     with node:
         node.start(timeout=120)
         yield node
