@@ -18,7 +18,7 @@ from distributed.catalog import load_catalog
 from distributed.cli import hardware, models
 from distributed.errors import ConfigError, ModelNotFound
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture
