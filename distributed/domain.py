@@ -105,6 +105,9 @@ class ModelSpec(_Data):
     head_dim: int | None = None
     embedded: bool = False  # ships with the package, no download
     description: str = ""
+    # a chat template in place of the GGUF's own: a shipped name (distributed/templates/<name>.jinja)
+    # or, from a user catalog, a file path (resolved when the catalog is read)
+    chat_template: str | None = None
 
 
 @dataclass
