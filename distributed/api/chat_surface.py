@@ -26,6 +26,7 @@ from .. import sampling
 from ..domain import Completion, GenerateRequest
 from ..errors import ValidationFailed
 from ..requests import MAX_CHOICES, PENALTY, TOP_LOGPROBS
+from . import chat_messages
 from .schemas import ChatMessage, MaxTokens, Temperature, TopP, _messages, _stops, usage
 
 MAX_N = MAX_CHOICES
@@ -178,7 +179,12 @@ class ChatCompletionRequest(_Request, sampling.Knobs):
             raise ValidationFailed("'top_logprobs' needs 'logprobs': true", field="top_logprobs")
         fmt = self._response_format()
         tools, choice = self._tools()
-        return self._domain(None, _messages(self.messages), 256, response_format=fmt, tools=tools,
+        for i, m in enumerate(self.messages):
+            if m.refusal is not None and m.role != "assistant":
+                raise ValidationFailed(f"'messages[{i}].refusal': only an assistant message carries a refusal",
+                                       field=f"messages[{i}].refusal")
+        messages = chat_messages.check(_messages(self.messages))  # shapes, before an engine sees them
+        return self._domain(None, messages, 256, response_format=fmt, tools=tools,
                             tool_choice=choice, parallel_tool_calls=self.parallel_tool_calls is not False,
                             logprobs=bool(self.logprobs), top_logprobs=self.top_logprobs or 0)
 

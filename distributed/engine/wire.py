@@ -200,10 +200,18 @@ class StreamState:
         return out
 
 
+# 401/403/404: our own wiring to the engine is wrong (its key, a path), not the request
+_WIRING = (401, 403, 404)
+# 5xx the engine answers for a request it could not parse or render (llama-server's
+# exception handler) or does not implement
+_REFUSALS = (500, 501)
+
+
 def _field_of(message: str) -> str | None:
     low = message.lower()
     for words, field in ((("grammar", "schema", "json"), "response_format"), (("tool",), "tools"),
-                         (("logprob",), "logprobs"), (("n_probs",), "top_logprobs")):
+                         (("logprob",), "logprobs"), (("n_probs",), "top_logprobs"),
+                         (("message", "role", "content", "template", "alternate"), "messages")):
         if any(w in low for w in words):
             return field
     return None
@@ -221,11 +229,14 @@ def engine_error(status: int, body: Any, model: str, node: str, *, messages: boo
         return InputTooLong(f"the prompt is {got} tokens but model '{model}' has a context of {n_ctx} tokens; "
                             f"shorten it to fewer than {n_ctx} tokens", limit=n_ctx, got=got,
                             field="messages" if messages else "prompt")
-    if status == 400 or status == 501:
-        return ValidationFailed(f"model '{model}' refused the request: {msg}", field=_field_of(msg), model=model)
     if status == 503:
         return ModelLoading(f"model '{model}' is not ready on {node}: {msg}", model=model, node=node, retry_after=2)
     if status == 429:
         return Overloaded(f"model '{model}' is busy on {node}: {msg}", retry_after=2, model=model)
+    if status in _REFUSALS or 400 <= status < 500 and status not in _WIRING:
+        # the engine answered (it is alive) and would not do this request: the request is the
+        # cause (llama-server answers 500 for a template that raises or JSON it cannot take,
+        # 400 for the rest). A 400 to the client; the model stays ready.
+        return ValidationFailed(f"model '{model}' refused the request: {msg}", field=_field_of(msg), model=model)
     return ModelFailed(f"the engine of model '{model}' on {node} failed the request (HTTP {status}): {msg}",
                        model=model, node=node)

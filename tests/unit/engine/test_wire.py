@@ -77,8 +77,17 @@ def test_refusals_map_to_our_errors():
     assert e.field == "tools"
     assert isinstance(wire.engine_error(503, {"error": {"message": "Loading model"}}, "m", "n1", messages=False),
                       ModelLoading)
-    e = wire.engine_error(500, "boom", "m", "n1", messages=False)
-    assert isinstance(e, ModelFailed) and "HTTP 500" in e.message and "boom" in e.message
+    # the engine answered: a request it cannot parse or render is a 400 (llama-server says 500 for
+    # a template that raises), never a 503 that tells the client to retry the same request
+    e = wire.engine_error(500, {"error": {"code": 500, "message": "Conversation roles must alternate",
+                                          "type": "server_error"}}, "m", "n1", messages=True)
+    assert isinstance(e, ValidationFailed) and e.field == "messages" and e.http_status == 400
+    for status in (413, 422):
+        assert isinstance(wire.engine_error(status, "no", "m", "n1", messages=False), ValidationFailed)
+    # our own wiring (its key, a path) or a broken gateway is not the request's fault
+    for status in (401, 404, 502):
+        e = wire.engine_error(status, "boom", "m", "n1", messages=False)
+        assert isinstance(e, ModelFailed) and f"HTTP {status}" in e.message and "boom" in e.message
 
 
 TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}},
