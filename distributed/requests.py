@@ -30,6 +30,8 @@ PENALTY = {"ge": -2.0, "le": 2.0}
 TOP_LOGPROBS = {"ge": 0, "le": 20}
 MAX_STOPS = 8
 MAX_CHOICES = 16  # n
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")  # OpenAI's reasoning_effort values
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
 
 MaxTokens = Annotated[int, Field(**MAX_TOKENS)]
 Temperature = Annotated[float, Field(**TEMPERATURE)]
@@ -74,6 +76,8 @@ class GenerateParams(_Strict):
     n: int = Field(1, ge=1, le=MAX_CHOICES)
     choice: int = Field(0, ge=0, lt=MAX_CHOICES)
     sampling: dict[str, Any] = Field(default_factory=dict)
+    reasoning_effort: ReasoningEffort | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
     @field_validator("sampling", mode="before")
     @classmethod

@@ -74,8 +74,8 @@ async def _generate(request: Request, kind: Literal["chat", "completion"], req: 
                     stream_options: cs.StreamOptions | None, body: Any) -> Response:
     node = _node(request)
     label(request, req.model)
-    who = {k: v for k in ("user", "safety_identifier") if (v := getattr(body, k, None))}
-    if who:  # identifiers OpenAI takes for abuse monitoring: recorded, nothing else
+    who = {k: v for k in cs.LABELS if (v := getattr(body, k, None))}
+    if who:  # labels a client puts on a request (abuse monitoring, its own bookkeeping): recorded, nothing else
         log.info("request labelled", extra=fields(model=req.model, **who))
     rid = s.new_id("chatcmpl" if kind == "chat" else "cmpl")
     created = s.now()
@@ -130,10 +130,9 @@ async def _events(enc: cs.ChunkEncoder, first: Any, agen: AsyncIterator[Any]) ->
         if isinstance(item, Completion):
             yield enc.finish(item), item
             return
-        if item.tool_calls:
-            yield enc.tool_calls(item.tool_calls), None
-        elif item.text or item.logprobs:
-            yield enc.token(item.text, item.logprobs), None
+        data = enc.piece(item)
+        if data:
+            yield data, None
         item = await agen.__anext__()
 
 
@@ -147,9 +146,7 @@ class _OpenAISse:
         return self.enc.role() if self.enc.kind == "chat" else None
 
     def token(self, item: Any) -> bytes:
-        if item.tool_calls:
-            return self.enc.tool_calls(item.tool_calls)
-        return self.enc.token(item.text, item.logprobs) if item.text or item.logprobs else b""
+        return self.enc.piece(item)
 
     def done(self, c: Completion) -> bytes:
         return self.enc.finish(c) + (self.enc.usage([c]) if self.include_usage else b"") + b"data: [DONE]\n\n"

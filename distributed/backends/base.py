@@ -89,6 +89,7 @@ FEATURE_FIELDS: dict[str, tuple[str, ...]] = {
     "response_format": ("response_format",),
     "tools": ("tools", "tool_choice"),
     "logprobs": ("logprobs", "top_logprobs"),
+    "template_inputs": ("reasoning_effort", "chat_template_kwargs"),  # values handed to the chat template
 }
 
 
@@ -109,6 +110,10 @@ def requested_features(req: GenerateRequest) -> dict[str, str]:
         used["logprobs"] = "logprobs"
     elif req.top_logprobs:
         used["logprobs"] = "top_logprobs"
+    if getattr(req, "reasoning_effort", None) is not None:
+        used["template_inputs"] = "reasoning_effort"
+    elif getattr(req, "chat_template_kwargs", None):
+        used["template_inputs"] = "chat_template_kwargs"
     return used
 
 

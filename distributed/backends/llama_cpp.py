@@ -174,7 +174,7 @@ class LlamaCppBackend(ChatBackend):
     reads the vocabulary)."""
 
     name = "llama_cpp"
-    features = frozenset({"penalties", "response_format", "tools", "logprobs"})
+    features = frozenset({"penalties", "response_format", "tools", "logprobs", "template_inputs"})
     sampling_knobs = frozenset(sampling.INPROCESS)  # top_k, min_p, typical_p, repeat_*, mirostat*
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -293,15 +293,17 @@ class LlamaCppBackend(ChatBackend):
         return int(self._require_llm().n_ctx())
 
     def format_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
-                    tool_choice: Any = None) -> tuple[str, list[str], bool]:
+                    tool_choice: Any = None, inputs: dict[str, Any] | None = None) -> tuple[str, list[str], bool]:
         """Prompt text, the format's own stop strings, and whether the text already
-        carries its special tokens (then no BOS is added). ``tools`` go to the template."""
+        carries its special tokens (then no BOS is added). ``tools`` and ``inputs``
+        (``surface.template_inputs``) go to the template."""
         if self._formatter is None:
             raise ModelFailed(f"model '{self.spec.id}' is not loaded")
         msgs = _fold_system(messages) if self._chat_format == "gemma" else messages
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = dict(inputs or {})
         if tools:
-            msgs, extra = surface.template_messages(msgs), {"tools": tools, "tool_choice": tool_choice}
+            msgs = surface.template_messages(msgs)
+            extra.update(tools=tools, tool_choice=tool_choice)
         try:
             result = self._formatter(messages=msgs, **extra)
         except Exception as exc:  # a jinja template may reject roles or orderings
@@ -318,7 +320,8 @@ class LlamaCppBackend(ChatBackend):
         llm = self._require_llm()
         if req.messages is not None:
             plan = self._plan_for(req)
-            text, stops, added_special = self.format_chat(req.messages, plan.tools, plan.tool_choice)
+            text, stops, added_special = self.format_chat(req.messages, plan.tools, plan.tool_choice,
+                                                          surface.template_inputs(req))
             tokens = llm.tokenize(text.encode("utf-8"), add_bos=not added_special, special=True)
         else:
             stops = []
@@ -340,6 +343,7 @@ class LlamaCppBackend(ChatBackend):
             return last[1]
         llama_cpp, llm = _import_llama_cpp(), self._require_llm()
         plan = surface.Plan()
+        surface.check_template_inputs(req, self._formatter, self.spec.id)
         use_tools = bool(req.tools)
         if use_tools and req.messages is None:
             raise ValidationFailed("'tools' needs chat messages", field="tools")

@@ -73,6 +73,30 @@ def last_n(req: GenerateRequest, default: int) -> int:
     return int((getattr(req, "sampling", None) or {}).get("repeat_last_n", default))
 
 
+# --------------------------------------------------------------------------- template inputs
+def template_inputs(req: GenerateRequest) -> dict[str, Any]:
+    """What llama-server hands its chat template for ``chat_template_kwargs`` and
+    ``reasoning_effort`` ("none" → ``enable_thinking`` false, else the effort itself)."""
+    out = dict(getattr(req, "chat_template_kwargs", None) or {})
+    effort = getattr(req, "reasoning_effort", None)
+    if effort == "none":
+        out["enable_thinking"] = False
+        out.pop("reasoning_effort", None)
+    elif effort:
+        out["reasoning_effort"] = effort
+    return out
+
+
+def check_template_inputs(req: GenerateRequest, formatter: Any, model: str) -> None:
+    """Template inputs need a Jinja template to reach: a built-in chat format has none."""
+    if template_source(formatter) is not None:
+        return
+    for name in ("reasoning_effort", "chat_template_kwargs"):
+        if getattr(req, name, None):
+            raise ValidationFailed(f"model '{model}' has a built-in chat format, not a Jinja chat template, on the "
+                                   f"in-process engine: '{name}' has nothing to reach; leave it out", field=name)
+
+
 # --------------------------------------------------------------------------- grammars
 def _schema_grammar(llama_cpp: Any, schema: dict[str, Any], field: str) -> str:
     try:

@@ -24,7 +24,7 @@ from ..errors import InputTooLong, ModelFailed, ModelLoading, Overloaded, TarsEr
 # Forwarded as-is when the request carries them at other than their defaults (the API
 # surface validates them). ``n`` is not: the API fans n > 1 out into requests of n = 1.
 OPTIONAL = ("presence_penalty", "frequency_penalty", "response_format", "tools", "tool_choice",
-            "parallel_tool_calls", "logprobs", "top_logprobs")
+            "parallel_tool_calls", "logprobs", "top_logprobs", "reasoning_effort", "chat_template_kwargs")
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(GenerateRequest)}
 _COMPLETION_FIELDS = {f.name for f in dataclasses.fields(Completion)}
 _CHUNK_FIELDS = {f.name for f in dataclasses.fields(TokenChunk)}
@@ -116,6 +116,8 @@ def extras(choice: dict[str, Any], message: dict[str, Any]) -> dict[str, Any]:
     content = lp.get("content") if isinstance(lp, dict) else lp
     if content and "logprobs" in _COMPLETION_FIELDS:
         out["logprobs"] = content
+    if message.get("reasoning_content") and "reasoning" in _COMPLETION_FIELDS:
+        out["reasoning"] = message["reasoning_content"]  # llama-server's --reasoning-format (deepseek by default)
     return out
 
 
@@ -159,9 +161,12 @@ class StreamState:
         content_lp = lp.get("content") if isinstance(lp, dict) else None
         if content_lp:
             self.logprobs.extend(content_lp)
-        if not text:
+        thought = (delta or {}).get("reasoning_content") if "reasoning" in _CHUNK_FIELDS else None
+        if not text and not thought:
             return None
         piece = TokenChunk(text)
+        if thought:  # llama-server's --reasoning-format (deepseek by default) keeps it apart from the answer
+            piece.reasoning = thought  # type: ignore[attr-defined]
         if content_lp and "logprobs" in _CHUNK_FIELDS:
             piece.logprobs = content_lp  # type: ignore[attr-defined]
         return piece

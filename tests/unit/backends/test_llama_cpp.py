@@ -332,3 +332,13 @@ def test_sampler_extras_are_honoured_in_process(gemma):
     loose = {_run(gemma, GenerateRequest(messages=CHAT, max_tokens=12, temperature=1.5, seed=s,
                                          sampling={"top_k": 0, "min_p": 0.0, "mirostat": 0}))[0] for s in (1, 2, 3)}
     assert loose != {greedy}  # without the cut the samples differ from the greedy answer
+
+
+@pytest.mark.slow
+def test_template_inputs_need_a_jinja_template(gemma):
+    from distributed.errors import ValidationFailed
+
+    for name, value in (("reasoning_effort", "low"), ("chat_template_kwargs", {"enable_thinking": False})):
+        with pytest.raises(ValidationFailed) as err:
+            gemma.check_request(GenerateRequest(messages=CHAT, **{name: value}))
+        assert err.value.field == name and "built-in chat format" in err.value.message

@@ -69,3 +69,9 @@ def test_auto_answers_or_calls(smol):
     text = "".join(c.text for c in chunks)
     calls = [c for ch in chunks for c in (ch.tool_calls or [])]
     assert text.strip() or calls  # whichever the model chose, it is an answer
+
+
+def test_template_inputs_reach_the_jinja_template(smol):
+    req = GenerateRequest(messages=ASK, reasoning_effort="low", chat_template_kwargs={"enable_thinking": False})
+    smol.check_request(req)  # a Jinja template: they reach it
+    assert smol.prompt_tokens(req) > 0
