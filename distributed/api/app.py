@@ -36,10 +36,9 @@ from .. import __version__
 from ..errors import ModelLoading, PayloadTooLarge, PeerUnavailable, TarsError, Unauthorized, ValidationFailed
 from ..logs import get_logger
 from ..seams import ClusterView, ServiceNode
-from . import deploy, native, openai, rerank
+from . import anthropic, deploy, error_shapes, native, openai, rerank
 from .auth import ApiKey
 from .guards import Guards, host_policy
-from .schemas import error_json
 
 log = get_logger(__name__)
 
@@ -55,7 +54,7 @@ def _error_response(exc: TarsError, node: str, path: str) -> Response:
         headers["retry-after"] = str(max(1, math.ceil(float(retry))))
     if isinstance(exc, Unauthorized):
         headers["www-authenticate"] = "Bearer"
-    return Response(error_json(exc, node, path.startswith("/v1/")), status_code=exc.http_status,
+    return Response(error_shapes.error_json(exc, node, path), status_code=exc.http_status,
                     headers=headers, media_type="application/json")
 
 
@@ -85,12 +84,14 @@ class Edge:
             return
         t0 = time.perf_counter()
         path: str = scope["path"]
-        auth = length = None
+        auth = length = x_api_key = None
         for k, v in scope["headers"]:
             if k == b"authorization":
                 auth = v
             elif k == b"content-length":
                 length = v
+            elif k == b"x-api-key":  # Anthropic's clients send the key this way
+                x_api_key = v
         state = {"status": 500, "started": False}
 
         async def send_wrapper(message: Message) -> None:
@@ -101,7 +102,7 @@ class Edge:
             await send(message)
 
         try:
-            self.api_key.check(path, auth)
+            self.api_key.check(path, auth, x_api_key)
             if length is not None:
                 try:
                     n = int(length)
@@ -165,7 +166,7 @@ def _document_request_models(app: FastAPI) -> None:
     """Routes read their bodies themselves (one pydantic pass over the raw bytes), so FastAPI
     does not know the request models; their nested models go into the OpenAPI components here
     (the routes' ``openapi_extra`` refers to them)."""
-    from . import chat_surface, schemas
+    from . import anthropic_wire, chat_surface, schemas
 
     base = app.openapi
 
@@ -174,7 +175,8 @@ def _document_request_models(app: FastAPI) -> None:
             doc = base()
             comps = doc.setdefault("components", {}).setdefault("schemas", {})
             for model in (schemas.InferenceRequest, schemas.EmbedBody, chat_surface.ChatCompletionRequest,
-                          chat_surface.CompletionRequest, schemas.EmbeddingsRequest):
+                          chat_surface.CompletionRequest, schemas.EmbeddingsRequest, anthropic_wire.MessagesRequest,
+                          anthropic_wire.CountTokensRequest):
                 comps.update(model.model_json_schema(ref_template="#/components/schemas/{model}").get("$defs", {}))
             for path in doc.get("paths", {}).values():
                 for op in path.values():
@@ -265,7 +267,8 @@ def create_app(settings: Any, node: ServiceNode, cluster: ClusterView | None = N
         from ..deploy.manager import Deployer
 
         Deployer(node, settings)
-    routers = [native.router, openai.router, rerank.router, deploy.router, build_rpc_router(settings, node, cluster)]
+    routers = [native.router, openai.router, anthropic.router, rerank.router, deploy.router,
+               build_rpc_router(settings, node, cluster)]
     for router in routers:
         app.include_router(router)
 
@@ -277,7 +280,8 @@ def create_app(settings: Any, node: ServiceNode, cluster: ClusterView | None = N
     # routes above stay for /docs and behave the same: they call the same functions).
     fast = {("POST", "/inference"): native.inference, ("POST", "/embed"): native.embed,
             ("POST", "/v1/chat/completions"): openai.chat_completions, ("POST", "/v1/completions"): openai.completions,
-            ("POST", "/v1/embeddings"): openai.embeddings, ("GET", "/health"): native.health}
+            ("POST", "/v1/embeddings"): openai.embeddings, ("GET", "/health"): native.health,
+            ("POST", "/v1/messages"): anthropic.messages}
     app.add_middleware(Edge, node=node, api_key=ApiKey(settings.api_key.get_secret_value()),
                        max_body=settings.max_body_bytes, endpoints=endpoints, fast=fast)
     app.add_middleware(Guards, node_name=node.name, hosts=host_policy(settings))  # outermost: api/guards.py

@@ -24,6 +24,7 @@ from ..errors import TarsError, ValidationFailed
 from ..logs import fields, get_logger
 from . import chat_surface as cs
 from . import schemas as s
+from . import tool_drop
 from .native import JSON, label
 from .streaming import ClientGone, EventStream, drain, first_item, until_disconnect
 
@@ -79,37 +80,53 @@ async def _generate(request: Request, kind: Literal["chat", "completion"], req: 
         log.info("request labelled", extra=fields(model=req.model, **who))
     rid = s.new_id("chatcmpl" if kind == "chat" else "cmpl")
     created = s.now()
-    reqs = _fan_out(req)
     if req.stream:
-        agens = [node.stream(r) for r in reqs]
-        # The first item of the first choice decides between an HTTP error and a stream;
-        # the other choices start inside the stream (an engine with one slot runs them in turn).
-        firsts: list[Any] = [None] * len(reqs)
         try:
-            firsts[0] = await first_item(request.receive, agens[0])
-        except BaseException as exc:
-            for agen in agens[1:]:
-                await agen.aclose()
-            if isinstance(exc, ClientGone):
-                return Response(status_code=499)
-            raise
+            (reqs, agens, firsts), dropped = await tool_drop.attempt(req, lambda r: _start(request, r))
+        except ClientGone:
+            return Response(status_code=499)
         model = firsts[0].model if isinstance(firsts[0], Completion) else node.resolve(req.model, "chat").model
         label(request, model)
         include_usage = bool(stream_options and stream_options.include_usage)
         encs = [cs.ChunkEncoder(kind, model, rid, created, i) for i in range(len(reqs))]
+        headers = tool_drop.headers(dropped)
         if len(reqs) == 1:
-            return EventStream(_chunks(encs[0], firsts[0], agens[0], include_usage, node.name))
-        return EventStream(_merged(encs, firsts, agens, include_usage, node.name))
+            return EventStream(_chunks(encs[0], firsts[0], agens[0], include_usage, node.name), headers)
+        return EventStream(_merged(encs, firsts, agens, include_usage, node.name), headers)
     try:
-        if len(reqs) == 1:
-            results = [await until_disconnect(request.receive, node.generate(req))]
-        else:
-            results = await until_disconnect(request.receive, _gather([node.generate(r) for r in reqs]))
+        results, dropped = await tool_drop.attempt(req, lambda r: _complete(request, r))
     except ClientGone:
         return Response(status_code=499)
     label(request, results[0].model)
+    for c in results:
+        tool_drop.note(c, dropped)
     body_fn = cs.chat_completion_body if kind == "chat" else cs.completion_body
-    return JSON(body_fn(results, rid, created))
+    return JSON(body_fn(results, rid, created), headers=tool_drop.headers(dropped))
+
+
+async def _start(request: Request, req: GenerateRequest) -> tuple[list[GenerateRequest], list[Any], list[Any]]:
+    """Open the streams of ``req``'s choices. The first item of the first choice decides
+    between an HTTP error and a stream; the other choices start inside the stream (an
+    engine with one slot runs them in turn)."""
+    node = _node(request)
+    reqs = _fan_out(req)
+    agens = [node.stream(r) for r in reqs]
+    firsts: list[Any] = [None] * len(reqs)
+    try:
+        firsts[0] = await first_item(request.receive, agens[0])
+    except BaseException:
+        for agen in agens[1:]:
+            await agen.aclose()
+        raise
+    return reqs, agens, firsts
+
+
+async def _complete(request: Request, req: GenerateRequest) -> list[Completion]:
+    node = _node(request)
+    reqs = _fan_out(req)
+    if len(reqs) == 1:
+        return [await until_disconnect(request.receive, node.generate(req))]
+    return await until_disconnect(request.receive, _gather([node.generate(r) for r in reqs]))
 
 
 async def _gather(works: list[Any]) -> list[Completion]:

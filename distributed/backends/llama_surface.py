@@ -36,7 +36,7 @@ import numpy as np
 
 from .. import sampling
 from ..domain import GenerateRequest, TokenChunk
-from ..errors import ValidationFailed
+from ..errors import ToolsUnsupported, ValidationFailed
 
 _PROBE_TOOL = "tars_probe_tool_7f3a"
 _CALL_RE = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
@@ -173,7 +173,7 @@ def tool_support(formatter: Any, model: str) -> None:
             why = ("its chat template uses a tool-call format the in-process engine does not read "
                    "(it reads <tool_call>{json}</tool_call>); the server engine (TARS_CHAT_ENGINE=server) reads more")
     if why:
-        raise ValidationFailed(f"model '{model}' cannot use tools on the in-process engine: {why}", field="tools")
+        raise ToolsUnsupported(f"model '{model}' cannot use tools on the in-process engine: {why}")
 
 
 def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:

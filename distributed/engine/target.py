@@ -31,7 +31,7 @@ import orjson
 from .. import templates
 from ..batching import SlotQueue
 from ..domain import Assignment, Completion, GenerateRequest, ModelSpec, Timings, TokenChunk, Usage
-from ..errors import ModelFailed, ModelLoading, TarsError, ValidationFailed
+from ..errors import ModelFailed, ModelLoading, TarsError, ToolsUnsupported, ValidationFailed
 from ..logs import fields, get_logger
 from ..metrics import Metrics
 from ..targets import LocalTarget
@@ -210,8 +210,8 @@ class EngineTarget(LocalTarget):
             raise ValidationFailed("the prompt is empty; send a non-empty 'prompt' or 'messages'", field="prompt")
         caps = self.template_caps
         if getattr(req, "tools", None) and caps is not None and not caps.get("supports_tool_calls"):
-            raise ValidationFailed(f"model '{self.model}': its chat template cannot do tool calls; send the "
-                                   "request without 'tools' or use a model whose template has them", field="tools",
+            raise ToolsUnsupported(f"model '{self.model}': its chat template cannot do tool calls; send the "
+                                   "request without 'tools' or use a model whose template has them",
                                    model=self.model)
 
     def _gone(self, exc: Exception) -> ModelFailed:
