@@ -36,7 +36,7 @@ from .. import __version__
 from ..errors import ModelLoading, PayloadTooLarge, PeerUnavailable, TarsError, Unauthorized, ValidationFailed
 from ..logs import get_logger
 from ..seams import ClusterView, ServiceNode
-from . import anthropic, deploy, error_shapes, native, openai, rerank
+from . import anthropic, deploy, error_shapes, native, openai, rerank, responses
 from .auth import ApiKey
 from .guards import Guards, host_policy
 
@@ -166,7 +166,7 @@ def _document_request_models(app: FastAPI) -> None:
     """Routes read their bodies themselves (one pydantic pass over the raw bytes), so FastAPI
     does not know the request models; their nested models go into the OpenAPI components here
     (the routes' ``openapi_extra`` refers to them)."""
-    from . import anthropic_wire, chat_surface, schemas
+    from . import anthropic_wire, chat_surface, responses_wire, schemas
 
     base = app.openapi
 
@@ -176,7 +176,7 @@ def _document_request_models(app: FastAPI) -> None:
             comps = doc.setdefault("components", {}).setdefault("schemas", {})
             for model in (schemas.InferenceRequest, schemas.EmbedBody, chat_surface.ChatCompletionRequest,
                           chat_surface.CompletionRequest, schemas.EmbeddingsRequest, anthropic_wire.MessagesRequest,
-                          anthropic_wire.CountTokensRequest):
+                          anthropic_wire.CountTokensRequest, responses_wire.ResponsesRequest):
                 comps.update(model.model_json_schema(ref_template="#/components/schemas/{model}").get("$defs", {}))
             for path in doc.get("paths", {}).values():
                 for op in path.values():
@@ -267,7 +267,7 @@ def create_app(settings: Any, node: ServiceNode, cluster: ClusterView | None = N
         from ..deploy.manager import Deployer
 
         Deployer(node, settings)
-    routers = [native.router, openai.router, anthropic.router, rerank.router, deploy.router,
+    routers = [native.router, openai.router, anthropic.router, responses.router, rerank.router, deploy.router,
                build_rpc_router(settings, node, cluster)]
     for router in routers:
         app.include_router(router)
@@ -281,7 +281,7 @@ def create_app(settings: Any, node: ServiceNode, cluster: ClusterView | None = N
     fast = {("POST", "/inference"): native.inference, ("POST", "/embed"): native.embed,
             ("POST", "/v1/chat/completions"): openai.chat_completions, ("POST", "/v1/completions"): openai.completions,
             ("POST", "/v1/embeddings"): openai.embeddings, ("GET", "/health"): native.health,
-            ("POST", "/v1/messages"): anthropic.messages}
+            ("POST", "/v1/messages"): anthropic.messages, ("POST", "/v1/responses"): responses.responses}
     app.add_middleware(Edge, node=node, api_key=ApiKey(settings.api_key.get_secret_value()),
                        max_body=settings.max_body_bytes, endpoints=endpoints, fast=fast)
     app.add_middleware(Guards, node_name=node.name, hosts=host_policy(settings))  # outermost: api/guards.py
