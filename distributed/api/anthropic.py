@@ -12,8 +12,6 @@ api/auth.py). Errors in Anthropic's shape (api/error_shapes.py), streamed ones a
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
@@ -21,22 +19,17 @@ from ..logs import fields, get_logger
 from . import anthropic_wire as aw
 from . import schemas as s
 from . import tool_drop
+from .dialect import body_doc, complete, model_of, open_stream
 from .native import JSON, label
-from .streaming import ClientGone, EventStream, drain, first_item, until_disconnect
+from .streaming import ClientGone, EventStream, drain
 
 log = get_logger(__name__)
 router = APIRouter(prefix="/v1")
 
 
-def _body_doc(model: type) -> dict[str, Any]:
-    return {"requestBody": {"content": {"application/json": {
-        "schema": model.model_json_schema(ref_template="#/components/schemas/{model}")}}}}  # type: ignore[attr-defined]
-
-
 @router.post("/messages", summary="Anthropic Messages (stream=true for its event stream)",
-             openapi_extra=_body_doc(aw.MessagesRequest))
+             openapi_extra=body_doc(aw.MessagesRequest))
 async def messages(request: Request) -> Response:
-    node = request.app.state.node
     r = s.parse(aw.MessagesRequest, await request.body())
     req = r.to_domain()
     label(request, req.model)
@@ -45,20 +38,13 @@ async def messages(request: Request) -> Response:
     if who:  # labels for the client's own bookkeeping: recorded, nothing else
         log.info("request labelled", extra=fields(model=req.model, **who))
     mid = aw.new_id()
-    if req.stream:
-        async def start(q: Any) -> tuple[Any, Any]:
-            agen = node.stream(q)
-            return await first_item(request.receive, agen), agen
-
-        try:
-            (first, agen), dropped = await tool_drop.attempt(req, start)
-        except ClientGone:
-            return Response(status_code=499)
-        model = getattr(first, "model", None) or node.resolve(req.model, "chat").model
-        label(request, model)
-        return EventStream(drain(first, agen, aw.MessageStream(mid, model)), tool_drop.headers(dropped))
     try:
-        c, dropped = await tool_drop.attempt(req, lambda q: until_disconnect(request.receive, node.generate(q)))
+        if req.stream:
+            first, agen, dropped = await open_stream(request, req)
+            model = model_of(request, req, first)
+            label(request, model)
+            return EventStream(drain(first, agen, aw.MessageStream(mid, model)), tool_drop.headers(dropped))
+        c, dropped = await complete(request, req)
     except ClientGone:
         return Response(status_code=499)
     label(request, c.model)
@@ -66,17 +52,16 @@ async def messages(request: Request) -> Response:
 
 
 @router.post("/messages/count_tokens", summary="Anthropic token count of a Messages request",
-             openapi_extra=_body_doc(aw.CountTokensRequest))
+             openapi_extra=body_doc(aw.CountTokensRequest))
 async def count_tokens(request: Request) -> Response:
     """The engine's own count (chat template and tools applied): the prompt of a one-token
     greedy generation, through the same path as a message (llama-server keeps that prompt
     cached, so the message that follows is not slower for it)."""
-    node = request.app.state.node
     r = s.parse(aw.CountTokensRequest, await request.body())
     req = r.to_domain()
     label(request, req.model)
     try:
-        c, dropped = await tool_drop.attempt(req, lambda q: until_disconnect(request.receive, node.generate(q)))
+        c, dropped = await complete(request, req)
     except ClientGone:
         return Response(status_code=499)
     label(request, c.model)

@@ -25,6 +25,7 @@ from ..logs import fields, get_logger
 from . import chat_surface as cs
 from . import schemas as s
 from . import tool_drop
+from .dialect import body_doc
 from .native import JSON, label
 from .streaming import ClientGone, EventStream, drain, first_item, until_disconnect
 
@@ -36,11 +37,6 @@ def _node(request: Request) -> Any:
     return request.app.state.node
 
 
-def _body_doc(model: type) -> dict[str, Any]:
-    return {"requestBody": {"content": {"application/json": {
-        "schema": model.model_json_schema(ref_template="#/components/schemas/{model}")}}}}  # type: ignore[attr-defined]
-
-
 @router.get("/models", summary="Models (OpenAI list shape)")
 async def list_models(request: Request) -> Response:
     node = _node(request)
@@ -48,14 +44,14 @@ async def list_models(request: Request) -> Response:
 
 
 @router.post("/chat/completions", summary="Chat completion (stream=true for SSE)",
-             openapi_extra=_body_doc(cs.ChatCompletionRequest))
+             openapi_extra=body_doc(cs.ChatCompletionRequest))
 async def chat_completions(request: Request) -> Response:
     r = s.parse(cs.ChatCompletionRequest, await request.body())
     return await _generate(request, "chat", r.to_domain(), r.stream_options, r)
 
 
 @router.post("/completions", summary="Text completion (stream=true for SSE)",
-             openapi_extra=_body_doc(cs.CompletionRequest))
+             openapi_extra=body_doc(cs.CompletionRequest))
 async def completions(request: Request) -> Response:
     r = s.parse(cs.CompletionRequest, await request.body())
     return await _generate(request, "completion", r.to_domain(), r.stream_options, r)
@@ -222,7 +218,7 @@ def _error_event(exc: TarsError, node: str) -> bytes:
     return b"data: " + s.error_json(exc, node, openai=True) + b"\n\ndata: [DONE]\n\n"
 
 
-@router.post("/embeddings", summary="Embeddings (float or base64)", openapi_extra=_body_doc(s.EmbeddingsRequest))
+@router.post("/embeddings", summary="Embeddings (float or base64)", openapi_extra=body_doc(s.EmbeddingsRequest))
 async def embeddings(request: Request) -> Response:
     node = _node(request)
     r = s.parse(s.EmbeddingsRequest, await request.body())

@@ -10,8 +10,6 @@ with an ``error`` and a ``response.failed`` event.
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
@@ -19,22 +17,17 @@ from ..logs import fields, get_logger
 from . import responses_wire as rw
 from . import schemas as s
 from . import tool_drop
+from .dialect import body_doc, complete, model_of, open_stream
 from .native import JSON, label
-from .streaming import ClientGone, EventStream, drain, first_item, until_disconnect
+from .streaming import ClientGone, EventStream, drain
 
 log = get_logger(__name__)
 router = APIRouter(prefix="/v1")
 
 
-def _body_doc(model: type) -> dict[str, Any]:
-    return {"requestBody": {"content": {"application/json": {
-        "schema": model.model_json_schema(ref_template="#/components/schemas/{model}")}}}}  # type: ignore[attr-defined]
-
-
 @router.post("/responses", summary="OpenAI Responses, stateless (stream=true for its events)",
-             openapi_extra=_body_doc(rw.ResponsesRequest))
+             openapi_extra=body_doc(rw.ResponsesRequest))
 async def responses(request: Request) -> Response:
-    node = request.app.state.node
     r = s.parse(rw.ResponsesRequest, await request.body())
     req = r.to_domain()
     label(request, req.model)
@@ -42,21 +35,14 @@ async def responses(request: Request) -> Response:
     if who:  # labels for the client's own bookkeeping: recorded, nothing else
         log.info("request labelled", extra=fields(model=req.model, **who))
     rid, created = rw.new_id("resp"), s.now()
-    if req.stream:
-        async def start(q: Any) -> tuple[Any, Any]:
-            agen = node.stream(q)
-            return await first_item(request.receive, agen), agen
-
-        try:
-            (first, agen), dropped = await tool_drop.attempt(req, start)
-        except ClientGone:
-            return Response(status_code=499)
-        model = getattr(first, "model", None) or node.resolve(req.model, "chat").model
-        label(request, model)
-        fmt = rw.ResponseStream(rid, created, model, rw.echo(r, req))
-        return EventStream(drain(first, agen, fmt), tool_drop.headers(dropped))
     try:
-        c, dropped = await tool_drop.attempt(req, lambda q: until_disconnect(request.receive, node.generate(q)))
+        if req.stream:
+            first, agen, dropped = await open_stream(request, req)
+            model = model_of(request, req, first)
+            label(request, model)
+            fmt = rw.ResponseStream(rid, created, model, rw.echo(r, req))
+            return EventStream(drain(first, agen, fmt), tool_drop.headers(dropped))
+        c, dropped = await complete(request, req)
     except ClientGone:
         return Response(status_code=499)
     label(request, c.model)

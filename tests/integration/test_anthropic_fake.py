@@ -4,8 +4,6 @@ and tool results to the one domain request; errors in Anthropic's shape."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -14,14 +12,11 @@ import pytest
 
 from distributed.api import anthropic_wire as aw
 from distributed.api import schemas
-from distributed.api.app import create_app
-from distributed.domain import HostProfile
 from distributed.errors import ValidationFailed
-from distributed.node import Node
-from distributed.settings import load_settings
+from tests.integration.test_chat_surface_fake import serve as _serve
 
 pytestmark = pytest.mark.anyio
-CHAT = "gemma-3-270m"
+CHAT = "gemma-3-270m"  # the fake engine's chat model (test_chat_surface_fake)
 KEY = "anthropic-test-key"
 
 
@@ -30,19 +25,9 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@contextlib.asynccontextmanager
-async def serve(tmp_path: Any, **extra: Any) -> AsyncIterator[tuple[httpx.AsyncClient, Node]]:
-    settings = load_settings(None, node_name="pc1", backend_override="fake", models_dir=tmp_path, models=[CHAT],
-                             api_key=KEY)
-    node = Node(settings, HostProfile(hostname="pc1", cpu_model="cpu", cpu_cores=2, ram_total_mb=8000,
-                                      ram_free_mb=6000), backend_extra=extra or None)
-    app = create_app(settings, node)
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://pc1") as client:
-            for t in node.local_targets():
-                await t.wait_loaded(10)
-            client.app = app  # type: ignore[attr-defined]
-            yield client, node
+def serve(tmp_path: Any, **extra: Any) -> Any:
+    """The fake-engine node of test_chat_surface_fake, with an API key."""
+    return _serve(tmp_path, {"api_key": KEY}, **extra)
 
 
 def _events(text: str) -> list[tuple[str, dict[str, Any]]]:
