@@ -43,7 +43,7 @@ KEY = "owui-check-key"
 
 def node_process(log_dir: Path) -> ServerProcess:
     env = {"TARS_API_KEY": KEY, "TARS_MODELS": f"{CHAT},all-MiniLM-L6-v2", "TARS_QUEUE_MAX_WAIT_S": "0",
-           "TARS_REQUEST_TIMEOUT_S": "900"}
+           "TARS_REQUEST_TIMEOUT_S": "1800", "TARS_LOG_LEVEL": "debug"}  # debug: llama-server's timing lines
     return ServerProcess("owui-node", "127.0.0.1", ports=range(19200, 19300), env=env, log_dir=log_dir,
                          args=["--models-dir", str(log_dir / "models")])
 
@@ -52,7 +52,7 @@ def webui_process(owui: Path, node_url: str, connection: str, data: Path, log_di
     port = free_port("127.0.0.1", range(19300, 19400))
     env = {"OFFLINE_MODE": "True", "WEBUI_AUTH": "False", "DATA_DIR": str(data), "HF_HUB_OFFLINE": "1",
            "ENABLE_VERSION_UPDATE_CHECK": "False", "DEFAULT_MODELS": CHAT, "ENABLE_EVALUATION_ARENA_MODELS": "False",
-           "WEBUI_SECRET_KEY": "owui-check-secret", "SCARF_NO_ANALYTICS": "true", "DO_NOT_TRACK": "true",
+           "WEBUI_SECRET_KEY": "owui-check-secret-of-at-least-32-bytes", "SCARF_NO_ANALYTICS": "true", "DO_NOT_TRACK": "true",
            "ANONYMIZED_TELEMETRY": "false"}
     if connection == "openai":
         env.update({"ENABLE_OPENAI_API": "True", "OPENAI_API_BASE_URL": f"{node_url}/v1", "OPENAI_API_KEY": KEY,
@@ -92,8 +92,9 @@ def chat_in_browser(url: str, timeout_s: float, shot: Path) -> dict:
                         text = now
                         steps.append((round(time.monotonic() - t0, 2), len(text)))
                 finished = page.locator("button[aria-label='Regenerate'], button.regenerate-response-button")
-                if text and finished.count():
-                    done_at = round(time.monotonic() - t0, 2)
+                quiet = bool(steps) and time.monotonic() - t0 - steps[-1][0] > 30  # no new text for 30 s
+                if text and (finished.count() or quiet):
+                    done_at = steps[-1][0]
                     break
                 time.sleep(0.1)
             errors = page.locator(".text-red-500, [role='alert']")
@@ -110,7 +111,7 @@ def main() -> int:
     ap.add_argument("--owui", type=Path, default=Path("/work/owui-venv"), help="Open WebUI's virtual environment")
     ap.add_argument("--node-url", default="", help="a running node (its API key: --key); default: start one")
     ap.add_argument("--key", default=KEY)
-    ap.add_argument("--timeout", type=float, default=600.0, help="seconds the answer may take")
+    ap.add_argument("--timeout", type=float, default=1200.0, help="seconds the answer may take")
     ap.add_argument("--keep", action="store_true", help="keep the logs folder")
     args = ap.parse_args()
     if not (args.owui / "bin" / "open-webui").exists():
@@ -133,12 +134,15 @@ def main() -> int:
         log = node.log_text() if node is not None else ""
         dropped = [line.split("answering without", 1)[1].strip() for line in log.splitlines()
                    if "answering without" in line]
+        # llama-server's own timing lines (at debug level): the prompts Open WebUI's requests made
+        prompts = [int(m.group(1)) for m in re.finditer(r"prompt eval time =.*?/\s*(\d+) tokens", log)]
         streamed = len([s for s in result["steps"] if s[1] > 0]) >= 2
         ok = bool(result["text"].strip()) and streamed and not result["error"]
         report = {"connection": args.connection, "passed": ok, "streamed_steps": len(result["steps"]),
                   "answer": result["text"][:300], "answer_done_s": result["done_s"],
                   "first_text_s": next((s[0] for s in result["steps"] if s[1]), None), "ready_s": ready_s,
-                  "tools_dropped": dropped[:3], "error_shown": result["error"][:300],
+                  "tools_dropped": dropped[:3], "prompt_tokens_per_request": prompts,
+                  "error_shown": result["error"][:300],
                   "screenshot": str(work / "open-webui.png")}
         print(json.dumps(report, indent=2))
         return 0 if ok else 1
