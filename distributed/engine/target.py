@@ -265,7 +265,7 @@ class EngineTarget(LocalTarget):
                 raise self._gone(exc) from None
             if resp.status_code != 200:
                 raise await self._refused(resp, req.messages is not None)
-        text, finish, usage_d, timings_d, extra = wire.answer(orjson.loads(resp.content))
+        text, finish, usage_d, timings_d, extra = wire.answer(orjson.loads(resp.content), req)
         end = time.perf_counter()
         usage = Usage(prompt_tokens=int(usage_d.get("prompt_tokens") or 0),
                       completion_tokens=int(usage_d.get("completion_tokens") or 0))
@@ -283,7 +283,7 @@ class EngineTarget(LocalTarget):
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
         self.requests += 1
-        state = wire.StreamState()
+        state = wire.StreamState(req)
         n = 0
         first: float | None = None
         try:

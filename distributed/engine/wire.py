@@ -94,9 +94,13 @@ def _choice(body: dict[str, Any]) -> dict[str, Any]:
     return choices[0] if choices else {}
 
 
-def whole_calls(calls: list[dict[str, Any]], finish: str | None) -> list[dict[str, Any]]:
+def whole_calls(calls: list[dict[str, Any]], finish: str | None, one: bool = False) -> list[dict[str, Any]]:
     """The tool calls of an answer, less a last one that ``max_tokens`` cut off (its
-    arguments are not whole JSON): a truncated call is not a call."""
+    arguments are not whole JSON): a truncated call is not a call. ``one``
+    (``parallel_tool_calls`` false): the first call only — llama-server's grammar for a
+    template without a calls section repeats calls whatever that flag says."""
+    if one:
+        calls = calls[:1]
     if finish != "length" or not calls:
         return calls
     try:
@@ -106,10 +110,14 @@ def whole_calls(calls: list[dict[str, Any]], finish: str | None) -> list[dict[st
     return calls
 
 
-def extras(choice: dict[str, Any], message: dict[str, Any]) -> dict[str, Any]:
+def _one_call(req: GenerateRequest | None) -> bool:
+    return req is not None and getattr(req, "parallel_tool_calls", True) is False
+
+
+def extras(choice: dict[str, Any], message: dict[str, Any], req: GenerateRequest | None = None) -> dict[str, Any]:
     """Fields the Completion may carry (tool calls, logprobs) when the domain has them."""
     out: dict[str, Any] = {}
-    calls = whole_calls(message.get("tool_calls") or [], choice.get("finish_reason"))
+    calls = whole_calls(message.get("tool_calls") or [], choice.get("finish_reason"), _one_call(req))
     if calls and "tool_calls" in _COMPLETION_FIELDS:
         out["tool_calls"] = calls
     lp = choice.get("logprobs")
@@ -121,20 +129,22 @@ def extras(choice: dict[str, Any], message: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def answer(body: dict[str, Any]) -> tuple[str, str, dict[str, Any], dict[str, Any], dict[str, Any]]:
+def answer(body: dict[str, Any], req: GenerateRequest | None = None,
+           ) -> tuple[str, str, dict[str, Any], dict[str, Any], dict[str, Any]]:
     """A whole (non-streamed) answer → (text, finish_reason, usage, timings, extras)."""
     choice = _choice(body)
     message = choice.get("message") or {}
     text = message.get("content") if "message" in choice else choice.get("text")
     return (text or "", choice.get("finish_reason") or "stop", body.get("usage") or {},
-            body.get("timings") or {}, extras(choice, message))
+            body.get("timings") or {}, extras(choice, message, req))
 
 
 class StreamState:
     """Folds the chunks of one stream: the text pieces go out as TokenChunks, tool-call
     deltas are joined, usage/timings/finish_reason are kept for the final Completion."""
 
-    def __init__(self) -> None:
+    def __init__(self, req: GenerateRequest | None = None) -> None:
+        self.one_call = _one_call(req)
         self.finish_reason: str | None = None
         self.usage: dict[str, Any] = {}
         self.timings: dict[str, Any] = {}
@@ -186,7 +196,7 @@ class StreamState:
 
     def tool_chunk(self) -> TokenChunk | None:
         """The piece that completes the tool calls (text ""), when the answer made any."""
-        self.tool_calls = whole_calls(self.tool_calls, self.finish_reason)
+        self.tool_calls = whole_calls(self.tool_calls, self.finish_reason, self.one_call)
         if not self.tool_calls:
             return None
         piece = TokenChunk("")

@@ -135,3 +135,14 @@ def test_a_call_cut_off_by_max_tokens_is_dropped():
     state.feed({"choices": [{"delta": {}, "finish_reason": "length"}]})
     piece = state.tool_chunk()
     assert piece is not None and [c["id"] for c in piece.tool_calls] == ["a"] and state.extras()["tool_calls"] == [whole]
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call():
+    a = {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    b = {"id": "b", "type": "function", "function": {"name": "g", "arguments": "{}"}}
+    one = GenerateRequest(messages=[{"role": "user", "content": "x"}], tools=TOOLS, parallel_tool_calls=False)
+    body = {"choices": [{"message": {"tool_calls": [a, b]}, "finish_reason": "tool_calls"}]}
+    assert wire.answer(body, one)[4]["tool_calls"] == [a] and wire.answer(body)[4]["tool_calls"] == [a, b]
+    state = wire.StreamState(one)
+    state.feed({"choices": [{"delta": {"tool_calls": [{"index": 0, **a}, {"index": 1, **b}]}}]})
+    assert [c["id"] for c in state.tool_chunk().tool_calls] == ["a"]
