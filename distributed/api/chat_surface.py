@@ -6,9 +6,13 @@ it (OpenAI's error shape, ``param`` set) — none is silently dropped. Each Open
 field is listed here: a model field (honoured; an engine that cannot do one refuses it by
 name, ``backends.base.ChatBackend.check_request``), a conditional one (``store``,
 ``modalities``, ``service_tier``, ``best_of``, ``echo``, ``suffix``: their no-op values
-are accepted), or an entry of ``REFUSED``. A field OpenAI does not know is refused as
-unknown, as OpenAI does ("Unrecognized request argument"). ``user`` and
-``safety_identifier`` only label a request, and we record them in the node's log.
+are accepted), or an entry of ``REFUSED``. llama.cpp's sampler extras (``top_k``,
+``min_p``, ``dry_*``, …) are fields too (``sampling.Knobs``, bounds there) and travel as
+``GenerateRequest.sampling``; ``reasoning_effort`` and ``chat_template_kwargs`` reach the
+chat template. A field OpenAI does not know is refused as unknown, as OpenAI does
+("Unrecognized request argument"). ``LABELS`` (``user``, ``safety_identifier``,
+``metadata``, ``prompt_cache_key``) only label a request, and we record them in the node's
+log. Message shapes are checked by ``chat_messages.check``.
 
 Answers: ``tool_calls`` (finish_reason "tool_calls"), ``logprobs`` ({"content": [...]}
 for chat; the legacy tokens/token_logprobs/top_logprobs/text_offset shape for
