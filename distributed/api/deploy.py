@@ -10,7 +10,7 @@ shows in ``GET /models``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -19,6 +19,9 @@ from starlette.responses import Response
 from ..errors import ConfigError
 from . import schemas as s
 from .native import JSON, label
+
+if TYPE_CHECKING:  # types only: built by the composition root (service.build)
+    from ..deploy.manager import Deployer
 
 router = APIRouter()
 
@@ -33,10 +36,10 @@ class DeployRequest(BaseModel):
     draft: str | None = Field(None, min_length=1, description="A draft model (catalog id) sharing the vocabulary.")
 
 
-def _deployer(request: Request) -> Any:
-    deployer = getattr(request.app.state.node, "deployer", None)
+def _deployer(request: Request) -> "Deployer":
+    deployer: Deployer | None = getattr(request.app.state, "deployer", None)  # create_app sets it
     if deployer is None:
-        raise ConfigError("this node has no deployer attached (runtime deploys are off)")
+        raise ConfigError("this node has no deployer (runtime deploys are off)")
     return deployer
 
 

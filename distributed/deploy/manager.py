@@ -1,11 +1,11 @@
 """``Deployer``: deploy and remove models at runtime, cluster-wide.
 
 The planning host (the server; a standalone node plans for itself) owns the desired set
-(``state.DesiredSet``). ``deploy``/``remove`` there check the request, persist the new
-set, plan again over the live hosts and apply the plan (``Cluster.replan``): the host a
-model is assigned to loads it — pulling it first when it is not on disk
-(``deploy/pull.py``) — and every host routes to it; workers receive the new plan with
-their next heartbeat. Nothing restarts. A worker asked to deploy forwards the call to the
+(``state.DesiredSet``, planned by ``placement.Placement``). ``deploy``/``remove`` there
+check the request, persist the new set, plan again over the live hosts and apply the plan
+(``Cluster.replan``): the host a model is assigned to loads it — pulling it first when it
+is not on disk (``deploy/pull.py``) — and every host routes to it; workers receive the new
+plan with their next heartbeat. Nothing restarts. A worker asked to deploy forwards the call to the
 server (``models.deploy`` / ``models.remove`` over ``/rpc``).
 
 Answers: ``deploy`` → ``{"model", "status": "deploying" | "unchanged", "placement":
@@ -21,134 +21,46 @@ routing the model and unloads it after its requests in flight (``targets/routes.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from typing import Any
 
-from ..domain import HostProfile, ModelSpec, Plan, Unplaced
-from ..errors import ConfigError, ModelNotFound, NoRoom, TarsError, ValidationFailed
+from ..domain import HostProfile, ModelSpec, Plan
+from ..errors import ModelNotFound, NoRoom, TarsError, ValidationFailed
 from ..logs import fields, get_logger
-from .replicas import FORWARDED, Replicas
-from .state import DesiredSet
+from ..seams import PlanningCluster
+from ..settings import Settings
+from ..targets import Routes
+from .placement import Placement
+from .state import Deployment
 
 log = get_logger(__name__)
 
 
 class Deployer:
-    def __init__(self, node: Any, settings: Any) -> None:
-        self.node = node
+    """Runtime deploys of one host. ``placement`` holds the desired set and plans it,
+    ``routes`` is this host's routing table (a model that failed here is loaded again),
+    ``cluster`` plans and applies across the live hosts (or names the host that plans)."""
+
+    def __init__(self, settings: Settings, placement: Placement, routes: Routes, cluster: PlanningCluster) -> None:
         self.settings = settings
-        base = list(settings.models) or [s.id for s in node.catalog.defaults()]
-        self.desired = DesiredSet(settings.models_dir, base)
+        self.name = settings.node_name
+        self.placement = placement
+        self.desired = placement.desired
+        self.routes = routes
+        self.cluster = cluster
         self._lock = asyncio.Lock()
-        self.replicas = Replicas(node)
-        node.deployer = self
-
-    # ------------------------------------------------------------------ the desired set
-    def specs(self) -> list[ModelSpec]:
-        """The desired models as catalog specs (a runtime deploy whose id left the catalog is skipped)."""
-        out = []
-        for model in self.desired.models():
-            if model in self.node.catalog:
-                out.append(self._spec(model))
-            elif model in self.desired.base and self.settings.models:
-                raise ConfigError(f"TARS_MODELS names unknown model '{model}'; known models: "
-                                  f"{', '.join(self.node.catalog.ids())}", variable="TARS_MODELS")
-            else:
-                log.warning("deployed model %s is no longer in the catalog: skipped", model)
-        return out
-
-    def plan(self, hosts: dict[str, HostProfile]) -> Plan:
-        """The planner over ``hosts`` for the desired set; a model pinned to a host (deploy
-        with ``node``) is placed there beside what the plan already puts on it."""
-        specs = self.specs()
-        pinned = {m: d.node for m, d in self.desired.deployed.items() if d.node in hosts}
-        free = [s for s in specs if s.id not in pinned]
-        plan = self._plan(hosts, free)
-        for spec in specs:
-            host = pinned.get(spec.id)
-            if host is None:
-                continue
-            beside = [self._spec(a.model) for a in plan.for_node(host)]
-            alone = self._plan({host: hosts[host]}, [*beside, spec])
-            a = alone.where(spec.id)
-            if a is not None:
-                a.reason = f"deployed to {host} as asked; {a.reason}"
-                plan.assignments.append(a)
-            else:
-                why = next((u.reason for u in alone.unplaced if u.model == spec.id), "no room")
-                plan.unplaced.append(Unplaced(spec.id, f"asked for on {host}: {why}"))
-        for spec in specs:
-            wanted = self.desired.get(spec.id).replicas
-            if wanted > 1:
-                self._add_replicas(plan, hosts, spec, wanted)
-        order = {s.id: i for i, s in enumerate(specs)}
-        plan.assignments.sort(key=lambda a: order.get(a.model, len(order)))
-        return plan
-
-    def _add_replicas(self, plan: Plan, hosts: dict[str, HostProfile], spec: ModelSpec, wanted: int) -> None:
-        """More copies of ``spec``, each on another host that has room beside its share of the
-        plan (hosts with the least planned for them first)."""
-        have = {a.node for a in plan.assignments if a.model == spec.id}
-        if not have:
-            return
-        load = {h: sum(a.vram_mb for a in plan.for_node(h)) for h in hosts}
-        for host in sorted((h for h in hosts if h not in have), key=lambda h: (load[h], h)):
-            if len(have) >= wanted:
-                break
-            beside = [self._spec(a.model) for a in plan.for_node(host)]
-            a = self._plan({host: hosts[host]}, [*beside, spec]).where(spec.id)
-            if a is None:
-                continue
-            a.reason = f"replica {len(have) + 1} of {wanted}; {a.reason}"
-            plan.assignments.append(a)
-            have.add(host)
-
-    def _plan(self, hosts: dict[str, HostProfile], specs: list[ModelSpec]) -> Plan:
-        from ..planning import plan_for
-
-        return plan_for(self.settings, hosts, specs, paths=self.node.model_paths(specs), catalog=self.node.catalog)
-
-    def _spec(self, model: str) -> ModelSpec:
-        """The catalog's spec, with the draft its deployment asked for."""
-        spec = self.node.catalog.get(model)
-        draft = self.desired.get(model).draft
-        return dataclasses.replace(spec, draft=draft) if draft else spec
-
-    def _hosts(self) -> dict[str, HostProfile]:
-        cluster = self.node.cluster
-        if cluster is not None and hasattr(cluster, "hosts"):
-            return cluster.hosts()
-        return {self.node.name: self.node.profile}
-
-    # ------------------------------------------------------------------ who decides
-    def _server_client(self) -> Any:
-        """The planning host's PeerClient, or None when this host plans."""
-        cluster = self.node.cluster
-        if cluster is None or getattr(cluster, "is_planner", True):
-            return None
-        peer = cluster.peers.get(cluster.server) if cluster.server else None
-        if peer is None:
-            raise ConfigError(f"{self.node.name} is a worker that has not joined its server yet; retry shortly")
-        return peer.client
-
-    async def _apply(self) -> None:
-        cluster = self.node.cluster
-        if cluster is not None and hasattr(cluster, "replan"):
-            await cluster.replan()
-        else:
-            await self.node.apply_plan(self.plan(self._hosts()))
 
     # ------------------------------------------------------------------ deploy / remove
     async def deploy(self, model: str, replicas: int | None = None, node: str | None = None,
                      draft: str | None = None) -> dict[str, Any]:
-        spec = self.node.catalog.get(model)  # ModelNotFound (404) lists the catalog
-        client = self._server_client()
+        spec = self.placement.catalog.get(model)  # ModelNotFound (404) lists the catalog
+        client = self.cluster.planner_client()
         if client is not None:
             params = {"model": model, "replicas": replicas, "node": node, **({"draft": draft} if draft else {})}
-            return await client.call("models.deploy", params, timeout=self.settings.request_timeout_s)
+            out: dict[str, Any] = await client.call("models.deploy", params, timeout=self.settings.request_timeout_s)
+            return out
         checked = await self._check_draft(spec, draft) if draft else None
         replicas = 1 if replicas is None else replicas
-        hosts = self._hosts()
+        hosts = self.cluster.hosts()
         if node is not None and node not in hosts:
             raise ValidationFailed(
                 f"node '{node}' is not a live host of this cluster; live hosts: {', '.join(sorted(hosts))}",
@@ -156,19 +68,19 @@ class Deployer:
         async with self._lock:
             before = self.desired.to_dict()
             changed = self.desired.deploy(model, replicas, node, draft)
-            plan = self.plan(hosts)
+            plan = self.placement.plan(hosts)
             placed = [a for a in plan.assignments if a.model == model]
             if not placed:
                 self._restore(before)
                 raise self._no_room(spec, plan, hosts)
             # deployed so already, but failed here (a pull that failed, say): load it again
-            retry = not changed and any(t.model == model and t.state == "failed" for t in self.node.routes.local())
+            retry = not changed and any(t.model == model and t.state == "failed" for t in self.routes.local())
             if changed:
                 self.desired.save()
                 log.info("deploying %s on %s", model, ", ".join(a.node for a in placed),
                          extra=fields(model=model, node=placed[0].node))
             if changed or retry:
-                await self._apply()
+                await self.cluster.replan()
         status = "deploying" if changed else "retrying" if retry else "unchanged"
         out = {"model": model, "status": status, "replicas": replicas,
                "node": node, "placement": [a.to_dict() for a in placed], "reason": placed[0].reason,
@@ -178,7 +90,7 @@ class Deployer:
         if draft and self.settings.speculative in ("off", "ngram"):
             out["draft_note"] = f"kept with the deployment, not used while TARS_SPECULATIVE={self.settings.speculative}"
         if retry:
-            out["message"] = f"'{model}' had failed on {self.node.name}: loading it again"
+            out["message"] = f"'{model}' had failed on {self.name}: loading it again"
         elif not changed:
             out["message"] = f"'{model}' is already deployed with these settings"
         elif len(placed) < replicas:
@@ -187,16 +99,18 @@ class Deployer:
         return out
 
     async def remove(self, model: str) -> dict[str, Any]:
-        client = self._server_client()
+        client = self.cluster.planner_client()
         if client is not None:
-            return await client.call("models.remove", {"model": model}, timeout=self.settings.request_timeout_s)
+            out: dict[str, Any] = await client.call("models.remove", {"model": model},
+                                                    timeout=self.settings.request_timeout_s)
+            return out
         async with self._lock:
             if model not in self.desired:
                 raise ModelNotFound(model, self.desired.models())
             self.desired.remove(model)
             self.desired.save()
             log.info("removing %s", model, extra=fields(model=model))
-            await self._apply()
+            await self.cluster.replan()
         return {"model": model, "status": "removing", "models": self.desired.models()}
 
     async def _check_draft(self, spec: ModelSpec, draft: str) -> bool:
@@ -204,8 +118,9 @@ class Deployer:
         False when a file is not at hand here (the serving host checks it before use)."""
         from ..speculative import check_draft
 
-        chats = [s.id for s in self.node.catalog.all() if s.kind == "chat" and s.backend == "llama_cpp"]
-        d = self.node.catalog.get(draft) if draft in self.node.catalog else None
+        catalog = self.placement.catalog
+        chats = [s.id for s in catalog.all() if s.kind == "chat" and s.backend == "llama_cpp"]
+        d = catalog.get(draft) if draft in catalog else None
         if spec.kind != "chat" or spec.backend != "llama_cpp":
             raise ValidationFailed(f"'{spec.id}' is a {spec.kind} model on {spec.backend}: only GGUF chat models "
                                    "take a draft", field="draft", model=spec.id)
@@ -221,18 +136,16 @@ class Deployer:
 
     def _local_files(self, specs: list[ModelSpec]) -> dict[str, Any]:
         """Files of ``specs`` on this host, the embedded ones assembled (no network)."""
-        out = dict(self.node.model_paths(specs))
+        out: dict[str, Any] = dict(self.placement.model_paths(specs))
         for s in specs:
             if s.id not in out and s.embedded:
                 try:
-                    out[s.id] = self.node.store.ensure(s)
+                    out[s.id] = self.placement.store.ensure(s)
                 except TarsError:
                     pass
         return out
 
     def _restore(self, before: dict[str, Any]) -> None:
-        from .state import Deployment
-
         self.desired.deployed = {m: Deployment(**d) for m, d in before["deployed"].items()}
         self.desired.removed = set(before["removed"])
 
@@ -253,32 +166,3 @@ class Deployer:
                       + "; ".join(have), model=spec.id, needs_mb=est.total_mb,
                       hosts={n: {"gpus": [g.to_dict() for g in p.gpus], "ram_free_mb": p.ram_free_mb,
                                  "planned_vram_mb": used.get(n, 0)} for n, p in hosts.items()})
-
-    # ------------------------------------------------------------------ replicas (node hooks)
-    def route(self, model: str, target: Any) -> Any:
-        return self.replicas.route(model, target)
-
-    @staticmethod
-    def mark_forwarded() -> None:
-        """The current request came from a peer: compute it here (see replicas.py)."""
-        FORWARDED.set(True)
-
-    def applied(self, plan: Plan) -> None:
-        self.replicas.applied(plan.assignments)
-
-    def annotate(self, infos: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """GET /models rows: a replicated model's row lists its replicas."""
-        for row in infos:
-            rs = self.replicas.sets.get(row.get("id", ""))
-            if rs is not None:
-                extra = rs.info()
-                row["replicas"] = extra["replicas"]
-                row["retried"] = extra["retried"]
-        return infos
-
-    async def close(self) -> None:
-        await self.replicas.close()
-
-    # ------------------------------------------------------------------ reporting
-    def status(self) -> dict[str, Any]:
-        return {"node": self.node.name, "desired": self.desired.to_dict(), "models": self.node.models()}

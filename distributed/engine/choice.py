@@ -65,9 +65,9 @@ def engine_target(node: Any, spec: ModelSpec, a: Assignment) -> Any:
     """An EngineTarget for a GGUF chat model when the server engine is chosen, else None.
 
     What it uses of ``node``: ``settings``, ``name``, ``metrics``, ``store`` (the model file,
-    pulled when missing); for a split assignment also its split service (``split.service.
-    service_of``), its cluster's peer table, and ``plan``/``profile`` (where the model goes
-    alone: ``split.engine.fit_alone``)."""
+    pulled when missing); for a split assignment also its split service (``node.split``), its
+    peer table (``node.peers``), and ``plan``/``profile`` (where the model goes alone:
+    ``split.engine.fit_alone``)."""
     s = node.settings
     backend = s.backend_override or a.backend or spec.backend
     if spec.kind != "chat" or backend != "llama_cpp":
@@ -104,10 +104,9 @@ def engine_target(node: Any, spec: ModelSpec, a: Assignment) -> Any:
 
     if a.split_nodes:  # pooled VRAM: layers on other hosts too (split/engine.py)
         from ..split.engine import fit_alone, overlap_fits, split_engine_target
-        from ..split.service import service_of
 
         made.append(split_engine_target(spec, a, config, node=node.name, model_path=model_path, metrics=node.metrics,
-                                        service=service_of(node, s), peers=lambda name: _peer(node, name),
+                                        service=node.split, peers=lambda name: _peer(node, name),
                                         alone=lambda: fit_alone(node, spec, a),
                                         overlap=lambda n: overlap_fits(node, spec, a, n)))
     else:
@@ -136,9 +135,9 @@ def with_draft(node: Any, spec: ModelSpec, path: Any, config: Any, target: Any =
 
 
 def _peer(node: Any, name: str) -> Any:
-    """The peer ``name`` in ``node``'s cluster table, or None."""
-    cluster = getattr(node, "cluster", None)
-    return cluster.table.get(name) if cluster is not None else None
+    """The peer ``name`` in ``node``'s peer table (shared with its cluster), or None."""
+    peers = node.peers
+    return peers.get(name) if peers is not None else None
 
 
 def uses_server(settings: Any) -> bool:

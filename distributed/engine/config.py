@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import templates
 from ..cpus import physical_cores
 from ..domain import Assignment, ModelSpec
 from ..speculative import Speculation, decide
@@ -50,6 +51,7 @@ class EngineConfig:
     host: str = "127.0.0.1"  # the engine listens on loopback only
     speculation: Speculation = Speculation("off")  # speculative decoding (speculative.py)
     draft_path: Path | None = None  # the draft model's file, once fetched (kind "draft")
+    chat_template: Path | None = None  # --chat-template-file: the catalog's template in place of the GGUF's
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "slots", max(1, int(self.slots)))
@@ -64,7 +66,8 @@ class EngineConfig:
             binary=binary, model=spec.id, slots=slots,
             context=min(settings.context, spec.context), n_gpu_layers=a.n_gpu_layers, device=a.device,
             threads=threads, cache_mb=settings.engine_cache_mb, queue_size=settings.queue_size,
-            queue_max_wait_s=settings.queue_max_wait_s, timeout_s=settings.request_timeout_s)
+            queue_max_wait_s=settings.queue_max_wait_s, timeout_s=settings.request_timeout_s,
+            chat_template=templates.path_for(spec))
         options.update(overrides)
         if "speculation" not in overrides:  # decided for the slots the engine really gets
             options["speculation"] = decide(getattr(settings, "speculative", "off"), spec, int(options["slots"]),
@@ -79,6 +82,8 @@ class EngineConfig:
                 "--cache-ram", str(self.cache_mb)]  # bounded: llama.cpp's own default is 8 GB of RAM
         if self.threads:
             argv += ["-t", str(self.threads)]
+        if self.chat_template is not None:
+            argv += ["--chat-template-file", str(self.chat_template)]
         if self.device.startswith("cuda:") and self.n_gpu_layers != 0:  # the planned GPU only, no split
             argv += ["-sm", "none", "-mg", self.device.split(":", 1)[1]]
         on_gpu = self.device.startswith("cuda:") and self.n_gpu_layers != 0

@@ -68,7 +68,8 @@ def test_node_cluster_and_deployer_plan_with_the_same_numbers(node: Node) -> Non
     assert node.plan_alone() == expected
     cluster = Cluster(node, node.settings)
     assert cluster._replan() == expected
-    Deployer(node, node.settings)  # a node with runtime deploys plans its desired set through it
+    deployer = Deployer(node.settings, node.placement, node.routes, cluster)  # runtime deploys: the same placement
+    assert deployer.placement.plan({"pc1": node.profile}) == expected
     assert node.plan_alone() == expected and cluster._replan() == expected
 
 

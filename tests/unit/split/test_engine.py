@@ -12,6 +12,7 @@ from distributed.planner import plan
 from distributed.profiler import profile_host
 from distributed.settings import load_settings
 from distributed.split.engine import SplitEngineTarget, _set_opt, fit_alone
+from distributed.split.service import SplitService
 
 CATALOG = load_catalog()
 BIG = CATALOG.get("mistral-small-24b")
@@ -106,6 +107,7 @@ def test_engine_choice_builds_a_split_engine_for_a_split_assignment(tmp_path: Pa
     node.settings = load_settings(node_name="pc1", models_dir=tmp_path, chat_engine="server", cluster_token="t")
     node.metrics = None
     node.store = SimpleNamespace(path_for=lambda spec: None, ensure=lambda spec: Path("/m.gguf"))
+    node.split, node.peers = SplitService(node.settings), None  # what service.build hands a node
     binary = EngineBinary(server=Path("/opt/llama-server"), rpc_server=Path("/opt/ggml-rpc-server"),
                           version="0.3.36", kind="cpu", build="", source="test")
     orig = choice.decide

@@ -203,15 +203,14 @@ async def test_a_busy_relay_port_is_a_clear_error(tmp_path, fake_binary) -> None
 
 
 async def test_the_rpc_methods_register_on_the_server(tmp_path, fake_binary) -> None:
-    from distributed.rpc.split import WorkerStartParams, register
+    from distributed.rpc.split_methods import WorkerStartParams, register_split
 
     registered: dict = {}
     server = SimpleNamespace(register=lambda name, params, fn: registered.__setitem__(name, (params, fn)))
-    node = SimpleNamespace()
-    svc = register(server, settings(tmp_path), node)
-    svc.pool._binary = fake_binary
+    svc = SplitService(settings(tmp_path), binary=fake_binary)
+    register_split(server, svc)
     try:
-        assert node.split is svc and set(registered) == {"split.worker_start", "split.worker_stop", "split.info"}
+        assert set(registered) == {"split.worker_start", "split.worker_stop", "split.info"}
         params, fn = registered["split.worker_start"]
         out = await fn(params(model="m", caller="pc1", version="0.3.36"))
         assert out["relay_port"] == svc.relay.port
