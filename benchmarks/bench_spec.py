@@ -1,7 +1,8 @@
 """Speculative decoding through the node: ``TARS_SPECULATIVE`` settings side by side (issue 18.2).
 
 Starts one ``python -m distributed serve`` per setting (``--settings``, default ``off,ngram,auto``)
-on 127.0.0.2, each serving only the embedded SmolLM2-135M-Instruct with llama-server
+on 127.0.0.2, each with a models folder of its own (a deployment one makes is not another's), each
+serving only the embedded SmolLM2-135M-Instruct (read in place from its wheel) with llama-server
 (``TARS_CHAT_ENGINE=server``, the same ``TARS_PARALLEL``/``TARS_CONTEXT``/``TARS_THREADS``), then
 alternates, round by round (the order of the nodes rotates each round), the same load on each:
 
@@ -226,7 +227,6 @@ async def level(host: str, port: int, workload: str, streams: int, per_client: i
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--settings", default="off,ngram,auto", help="TARS_SPECULATIVE values, one node each")
-    ap.add_argument("--models-dir", type=Path, default=ROOT / ".test-cache" / "models")
     ap.add_argument("--parallel", type=int, default=4, help="TARS_PARALLEL of every node")
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=0, help="0 = the physical cores (the node's default)")
@@ -265,7 +265,7 @@ def main() -> None:
             with log.open("wb") as out:
                 procs[side] = (port, subprocess.Popen(
                     [sys.executable, "-m", "distributed", "serve", "--host", host, "--port", str(port), "--name",
-                     f"spec-{side}", "--models-dir", str(args.models_dir)], cwd=ROOT, stdout=out,
+                     f"spec-{side}", "--models-dir", str(logs / f"models-{side}")], cwd=ROOT, stdout=out,
                     stderr=subprocess.STDOUT, env={**env, "TARS_SPECULATIVE": side}, start_new_session=True,
                     preexec_fn=die), log)
         kinds: dict[str, Any] = {}

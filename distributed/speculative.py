@@ -2,12 +2,14 @@
 model may serve it (the same vocabulary, read from both GGUF headers).
 
 llama-server verifies several guessed tokens in one batch and keeps those the model would
-have produced itself (greedy output is unchanged). The guesses come from
+have produced itself (greedy output is unchanged, up to how llama.cpp's CPU kernels round a
+batch: docs/BENCHMARKS.md). The guesses come from
 
 - **n-gram** (``ngram``): llama-server's own draftless lookup, ``--spec-type ngram-mod``:
   a rolling hash of the last ``n_match`` (24) tokens maps to the token that followed them,
   in one pool (~16 MB) shared by every slot; a draft is taken only where a whole 24-token
-  run was seen before, and is 48-64 tokens long. No second model, no VRAM. It pays where
+  run was seen before, and is 48-64 tokens long on a GPU (``CPU_NGRAM``, 8-16, elsewhere).
+  No second model, no VRAM. It pays where
   the answer repeats text already in the context (rewriting given code, quoting) and costs
   next to nothing where nothing matches;
 - **a draft model** (``draft``): a small model with the target's vocabulary (the catalog's
@@ -18,8 +20,31 @@ have produced itself (greedy output is unchanged). The guesses come from
 
 - ``off``: none; ``ngram``: n-gram for every GGUF chat engine; ``draft``: the planned
   draft where the model has one, else none;
-- ``auto`` (default): the planned draft where the model has one; else n-gram where it
-  pays — see ``AUTO_RULE`` below and ``docs/BENCHMARKS.md`` for the figures behind it.
+- ``auto`` (default): the planned draft where the model has one (its user asked for it);
+  else n-gram for an engine with **one slot**, none with more (``AUTO_MAX_SLOTS``).
+
+Why one slot. llama-server speculates per slot inside the one batch it decodes for all its
+slots: at N streams every slot's draft joins that batch, so a step with drafts takes longer
+for every stream, and a rejected draft of one stream slows the others. On a CPU a verified
+token costs about half a decode step (SmolLM2-135M, 1 thread: prompt 90-105 tokens/s vs
+decode 40-58), so a rejected draft costs much of what an accepted one gains. Measured
+through the node on the 2-core dev VM (``benchmarks/bench_spec.py``, docs/BENCHMARKS.md,
+medians of 4-5 rounds, load average 4-9, round-to-round swings ±40 %):
+
+- 4 slots, 4 streams: aggregate tokens/s 0.87× of off for copy-heavy prompts in two runs
+  (decode per stream 1.07-1.19×), free-form 1.20-1.25×; engine CPU per token 0.95-0.92× of
+  off's — less work, yet the streams wait on each other's drafts;
+- 4 slots, 1 stream: copy-heavy 0.97-1.49× (decode), free-form 0.93-1.26×;
+- 1 slot (auto on), two runs, medians / paired per round: copy-heavy 1.28× / 1.16× and
+  1.33× / 0.97×, free-form 1.29× / 1.19× and 1.04× / 1.24×, engine CPU per token 1.04-1.10×
+  less, every answer (90) equal to off's.
+
+So auto keeps n-gram to the engines where nothing else shares the batch. A GPU host, where
+verifying a draft costs about one decode step at any length, likely gains at several slots
+too: measure it there with ``bench_spec`` and set ``TARS_SPECULATIVE=ngram`` where it pays.
+n-gram drafts are ``CPU_NGRAM`` long (8-16 tokens) unless every layer is on a GPU: with
+llama.cpp's 48-64, copy-heavy answers at 1 stream went 0.82× through the node and 0.83-1.18×
+on the bare engine; with 8-16, 1.13-1.14× on the bare engine (paired medians of 8-12 prompts).
 
 API::
 
@@ -50,9 +75,9 @@ DRAFT_TYPE = "draft-simple"  # llama-server's --spec-type for a standalone draft
 # costs in proportion to its length, and a rejected 48-64-token draft (llama.cpp's lengths, made
 # for GPUs) cost more than the accepted ones gained (docs/BENCHMARKS.md, speculative decoding)
 CPU_NGRAM = ("--spec-ngram-mod-n-min", "8", "--spec-ngram-mod-n-max", "16")
-AUTO_MAX_SLOTS = 1  # auto: n-gram only for engines with at most this many slots (AUTO_RULE)
-AUTO_RULE = ("n-gram where the engine has 1 slot: with several streams at once llama-server verifies every "
-             "slot's draft in the one batch it decodes, so a wrong draft of one stream slows all of them")
+AUTO_MAX_SLOTS = 1  # auto: n-gram only for engines with at most this many slots (see the module doc)
+AUTO_RULE = ("n-gram where the engine has 1 slot: with several slots llama-server verifies every slot's draft "
+             "in the one batch it decodes, so the streams wait on each other's drafts (docs/BENCHMARKS.md)")
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ async def test_a_draft_with_another_vocabulary_is_refused_naming_draft(with_gemm
         assert err["type"] == "invalid_request" and err["details"]["field"] == "draft"
         assert "draft 'gemma-3-270m' cannot speculate for 'smollm2-135m-instruct'" in err["message"]
         assert "gpt2 tokenizer, 49152 tokens" in err["message"] and "262144 tokens" in err["message"]
-        assert node.deployer.desired.get(CHAT).draft is None  # nothing changed
+        assert node.placement.desired.get(CHAT).draft is None  # nothing changed
         assert not (with_gemma / "tars-deployments.json").exists()
 
 
@@ -47,13 +47,13 @@ async def test_a_draft_sharing_the_vocabulary_is_kept(with_gemma):
         assert r.status_code == 202, r.text
         body = r.json()
         assert body["draft"] == CHAT and body["status"] == "deploying" and "draft_check" not in body
-        assert node.deployer.specs()[0].draft == CHAT  # the spec the planner sees names it
+        assert node.placement.specs()[0].draft == CHAT  # the spec the planner sees names it
         again = await client.post("/models", json={"model": CHAT, "draft": CHAT}, headers=JSON_CT)
         assert again.status_code == 200 and again.json()["status"] == "unchanged"
     saved = json.loads((with_gemma / "tars-deployments.json").read_text())
     assert saved["deployed"][CHAT] == {"replicas": 1, "node": None, "draft": CHAT}
     async with serve(with_gemma) as (_client, node):  # after a restart
-        assert node.deployer.desired.get(CHAT).draft == CHAT
+        assert node.placement.desired.get(CHAT).draft == CHAT
 
 
 async def test_what_cannot_be_a_draft_is_refused_naming_it(with_gemma):
