@@ -126,3 +126,12 @@ def test_the_catalog_checks_what_a_draft_names(tmp_path: Path):
         assert says in e.value.message
     with pytest.raises(ConfigError, match="field 'draft' is for GGUF chat models"):
         check_drafts(type(CAT)([replace(EMB, draft=SMOL.id), SMOL]))
+
+
+def test_tars_plan_json_shows_the_draft():
+    from distributed.cli.hardware import plan_json
+
+    out = plan_json(plan(pair(), [TARGET, EMB], context=2048, slots=4, drafts=DRAFTS))
+    row = next(r for r in out["assignments"] if r["model"] == TARGET.id)
+    assert row["draft"]["model"] == SMOL.id and "plus draft" in row["reason"]
+    assert "draft" not in next(r for r in out["assignments"] if r["model"] == EMB.id)
