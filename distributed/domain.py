@@ -90,6 +90,7 @@ class ModelSpec(_Data):
     quant: str  # "Q4_K_M", "int8", "fp16", "fp32"
     context: int  # native context length
     chat_format: str | None = None
+    chat_template: str | None = None
     # where it comes from: a hub repo (+ file for GGUF) or an embedded package
     repo: str | None = None
     file: str | None = None
@@ -134,6 +135,9 @@ class Assignment(_Data):
     # a model split across hosts (pooled VRAM): one share per GPU, the engine's host first —
     # [{"node", "device", "layers", "vram_mb"}]; None = the model runs on ``node`` alone
     split: list[dict[str, Any]] | None = None
+    # a shipped chat template this deploy asked for (POST /models "chat_template"), in place of
+    # the catalog's or the GGUF's own; None = the spec's
+    chat_template: str | None = None
 
     @property
     def split_nodes(self) -> list[str]:

@@ -33,7 +33,7 @@ import asyncio
 import hashlib
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +78,7 @@ def parse(text: str) -> Ref | None:
     low = t.lower()
     prefixed = next((p for p in _PREFIXES if low.startswith(p)), None)
     rest = t[len(prefixed):] if prefixed else t
-    if "/" not in rest:
+    if "/" not in rest and not prefixed:
         return None
     repo, sep, quant = rest.partition(":")
     if not prefixed and not sep:
@@ -289,7 +289,103 @@ def resolve_all(names: list[str], catalog: Any, *, variable: str = "TARS_MODELS"
     return out
 
 
+# --------------------------------------------------------------------------- local files
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$")
+
+
+def local_entry(file: str | Path, *, model_id: str | None = None, chat_template: str | None = None,
+                mmproj: str | Path | None = None) -> dict[str, Any]:
+    """The user-catalog entry of a GGUF on this disk (``tars models add``), its numbers read
+    from its header: referenced in place by absolute ``path``, never copied. ``chat_template``:
+    a shipped template's name or a Jinja file; ``mmproj``: a vision projector GGUF.
+    ConfigError / ValidationFailed naming what is wrong."""
+    path = Path(file).expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError(f"'{file}': no such file")
+    meta = read_gguf(path)  # ConfigError: not a GGUF
+    nums = numbers(meta)
+    from .gguf_header import is_projector
+
+    if is_projector(meta):
+        raise ValidationFailed(f"'{path.name}' is a vision projector, not a model: give it with --mmproj beside the "
+                               "model's GGUF", field="file")
+    names = shard_names(path.name)
+    if len(names) > 1 and names[0] != path.name:
+        raise ValidationFailed(f"'{path.name}' is a later shard of a split model: add its first file, {names[0]}",
+                               field="file")
+    missing = [n for n in names if not path.with_name(n).is_file()]
+    if missing:
+        raise ConfigError(f"'{path.name}' is split in {len(names)} files; missing beside it: {', '.join(missing)}")
+    ident = model_id or re.sub(r"(?i)(-00001-of-\d{5})?\.gguf$", "", path.name)
+    if not _ID.match(ident) or ".." in ident:
+        raise ValidationFailed(f"'{ident}' cannot be a model id (letters, digits, '.', '_', '-', ':', '+'); "
+                               "choose one with --id", field="id")
+    size = sum(path.with_name(n).stat().st_size for n in names)
+    entry: dict[str, Any] = {
+        "id": ident, "kind": "chat", "backend": "llama_cpp",
+        "params_b": nums["params_b"] or round(size * 2 / 1e9, 3),
+        "quant": nums["file_type"] or quant_of(path.name) or "unknown", "context": nums["context"] or 4096,
+        "path": str(path), "size_mb": _mb(size), "n_layers": nums["n_layers"], "n_embd": nums["n_embd"],
+        "n_head_kv": nums["n_head_kv"], "head_dim": nums["head_dim"],
+        "description": f"{meta.fields.get('general.name') or path.stem} ({nums['arch']}), a local GGUF"
+                       + ("" if nums["has_template"] or chat_template else " without a chat template"),
+    }
+    if chat_template:
+        if chat_template in shipped_templates():
+            entry["chat_template"] = chat_template
+        else:
+            tpl = Path(chat_template).expanduser().resolve()
+            if not tpl.is_file():
+                raise ValidationFailed(f"--chat-template '{chat_template}' is neither a file nor a shipped template "
+                                       f"({', '.join(shipped_templates()) or 'none'})", field="chat_template")
+            try:
+                tpl.read_text(encoding="utf-8")  # a Jinja text file
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ValidationFailed(f"--chat-template '{chat_template}' is not a readable text file ({exc})",
+                                       field="chat_template") from None
+            entry["chat_template"] = str(tpl)
+    if mmproj:
+        proj = Path(mmproj).expanduser().resolve()
+        if not proj.is_file() or not is_projector(read_gguf(proj)):
+            raise ValidationFailed(f"--mmproj '{mmproj}' is not a vision projector GGUF (an mmproj-*.gguf)",
+                                   field="mmproj")
+        entry["mmproj"], entry["mmproj_mb"] = str(proj), _mb(proj.stat().st_size)
+    return entry
+
+
+# --------------------------------------------------------------------------- chat templates
+TEMPLATES_DIR = Path(__file__).with_name("templates")
+
+
+def shipped_templates() -> list[str]:
+    """The chat templates that ship with TARS (``distributed/templates/NAME.jinja``)."""
+    return sorted(p.stem for p in TEMPLATES_DIR.glob("*.jinja")) if TEMPLATES_DIR.is_dir() else []
+
+
+def check_template(name: str, field: str = "chat_template") -> str:
+    """``name`` if it is a shipped template, else ValidationFailed naming ``field`` and listing
+    them (over the network a template is named, never a path: nothing loads arbitrary files)."""
+    names = shipped_templates()
+    if name not in names:
+        raise ValidationFailed(f"'{field}' must name a chat template that ships with TARS "
+                               f"({', '.join(names) or 'none'}); a GGUF's own template is used when it is left out",
+                               field=field, available=names)
+    return name
+
+
+def with_template(spec: ModelSpec, chat_template: str | None) -> ModelSpec:
+    """``spec`` as one deploy runs it: ``chat_template`` (a deploy's override) in place of its own."""
+    return spec if not chat_template or chat_template == spec.chat_template else replace(spec, chat_template=chat_template)
+
+
 # --------------------------------------------------------------------------- across hosts
 def plan_specs(specs: list[ModelSpec]) -> dict[str, dict[str, Any]]:
     """What a plan carries for other hosts: the spec of every resolved reference among ``specs``."""
-    return {s.id: s.to_dict() for s in specs if is_ref(s.id) and s.repo and not s.path}
+    out = {}
+    for s in specs:
+        if is_ref(s.id) and s.repo and not s.path:
+            d = s.to_dict()
+            if d.get("chat_template") and d["chat_template"] not in shipped_templates():
+                d["chat_template"] = None  # a file on the planning host: other hosts use the GGUF's own
+            out[s.id] = d
+    return out

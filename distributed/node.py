@@ -23,6 +23,7 @@ from .domain import (Assignment, Completion, EmbedRequest, Embeddings, GenerateR
 from .errors import ConfigError, ModelFailed, ModelLoading, ModelNotFound, ValidationFailed
 from .logs import get_logger
 from .metrics import Metrics
+from .modelref import is_ref, resolve_all, with_template
 from .settings import Settings
 from .seams import ClusterView
 from .targets import LocalTarget, Routes, Target, TargetState
@@ -101,6 +102,8 @@ class Node:
             from . import profiler
 
             self.profile = await asyncio.to_thread(profiler.profile_host, self.settings.gpu_profile, self.name)
+        if any(is_ref(m) for m in self.settings.models):  # hf.co/... in TARS_MODELS: resolved once (modelref.py)
+            await asyncio.to_thread(resolve_all, [m for m in self.settings.models if is_ref(m)], self.catalog)
         if load is None:
             load = not self.settings.peers
         if load:
@@ -143,7 +146,9 @@ class Node:
         (``Routes.apply_local``: make before break for a model arriving from a peer)."""
         self.plan = plan
         mine = {a.model: a for a in plan.for_node(self.name)}
-        await self.routes.apply_local(mine, lambda a: self.local_target(self.catalog.get(a.model), a))
+        self.catalog.learn(plan.specs)  # hub references the planning host resolved (modelref.py)
+        await self.routes.apply_local(
+            mine, lambda a: self.local_target(with_template(self.catalog.get(a.model), a.chat_template), a))
         if self.deployer is not None:
             self.deployer.applied(plan)  # replicas: route among the hosts of a replicated model
 

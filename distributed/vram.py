@@ -23,7 +23,7 @@ reads and cached, the shards of a split model together).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +162,20 @@ def _from_catalog(spec: ModelSpec, context: int, notes: tuple[str, ...]) -> Vram
     )
 
 
+PROJECTOR_COMPUTE_MB = 256  # the buffer a vision projector encodes one image in (an estimate)
+
+
+def with_projector(est: VramEstimate, spec: ModelSpec) -> VramEstimate:
+    """A vision model's projector (``mmproj``): its weights and the buffer that encodes an image.
+    llama-server puts it on the GPU of the model's layers, or in RAM on CPU: counted with the
+    overhead (on the GPU with any offloaded layer) and the compute part (in RAM on CPU)."""
+    if not spec.mmproj:
+        return est
+    mb = int(spec.mmproj_mb or 0) + PROJECTOR_COMPUTE_MB
+    return replace(est, overhead_mb=est.overhead_mb + mb, compute_mb=est.compute_mb + mb, total_mb=est.total_mb + mb,
+                   notes=est.notes + (f"vision projector: {mb} MB (its weights + an image's encoding buffer)",))
+
+
 def effective_context(spec: ModelSpec, context: int) -> int:
     """The context a model is loaded with: the configured one, capped at the model's native one."""
     return spec.context if spec.kind in ("embed", "rerank") else max(1, min(context, spec.context))
@@ -179,9 +193,9 @@ def estimate(spec: ModelSpec, context: int, path: str | Path | None = None) -> V
         p = Path(path)
         if p.is_file():
             try:
-                return _from_gguf(spec, ctx, read_gguf(p))
+                return with_projector(_from_gguf(spec, ctx, read_gguf(p)), spec)
             except ConfigError as exc:
                 notes = (f"GGUF metadata unreadable ({exc.message}): used catalog hints",)
         else:
             notes = (f"'{p}' not on disk: used catalog hints",)
-    return _from_catalog(spec, ctx, notes)
+    return with_projector(_from_catalog(spec, ctx, notes), spec)

