@@ -176,6 +176,7 @@ class Catalog:
         self._lock = threading.RLock()
         self._stamp: tuple[Any, ...] | None = None
         self._specs: dict[str, ModelSpec] = {}
+        self._good: dict[str, list[ModelSpec]] = {}
         self._reload(strict=True)
 
     # ------------------------------------------------------------------ following the files
@@ -189,24 +190,26 @@ class Catalog:
                 out.append(None)
         return tuple(out)
 
+    def _read(self, kind: str, read: Any, path: Path | None, strict: bool) -> list[ModelSpec]:
+        """One file's entries; a file that became broken keeps its last good entries (logged)."""
+        try:
+            specs = read(path) if path is not None and path.is_file() else []
+        except ConfigError as exc:
+            if strict:
+                raise
+            log.error("catalog not re-read: %s (the entries read before stay)", exc.message)
+            return self._good.get(kind, [])
+        self._good[kind] = specs
+        return specs
+
     def _reload(self, strict: bool = False) -> None:
         with self._lock:
             stamp = self._stamps()
-            specs = list(self._base)
-            try:
-                if self.refs_file is not None and self.refs_file.is_file():
-                    specs += read_refs_file(self.refs_file)
-                specs += list(self._learned.values())
-                if self.user_file is not None and self.user_file.is_file():
-                    specs += read_catalog_file(self.user_file)
-            except ConfigError as exc:
-                if strict:
-                    raise
-                log.error("catalog not re-read: %s (the entries read before stay)", exc.message)
-                self._stamp = stamp
-                return
+            specs = [*self._base, *self._read("refs", read_refs_file, self.refs_file, strict),
+                     *self._learned.values(), *self._read("user", read_catalog_file, self.user_file, strict),
+                     *self._extra]
             table: dict[str, ModelSpec] = {}
-            for s in specs + self._extra:
+            for s in specs:
                 table[s.id] = s  # later entries (user catalog, extra) replace earlier ones
             self._specs, self._stamp = table, stamp
 

@@ -196,18 +196,31 @@ class RangeReader:
         self.requests = 0
 
     def __call__(self, offset: int, length: int) -> bytes:
-        from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
-
         if self.size is not None:
             length = max(0, min(length, self.size - offset))
-        if length <= 0:
-            return b""
-        headers = {**build_hf_headers(), "Range": f"bytes={offset}-{offset + length - 1}", "Accept-Encoding": "identity"}
         out = bytearray()
+        for attempt in range(self.ATTEMPTS):  # a dropped connection: ask again for what is missing
+            try:
+                self._read(offset + len(out), length - len(out), out)
+                break
+            except Exception as exc:  # noqa: BLE001 - only network failures are retried
+                if _network_cause(exc) is None or attempt == self.ATTEMPTS - 1:
+                    raise
+        return bytes(out[:length])
+
+    ATTEMPTS = 3
+
+    def _read(self, offset: int, length: int, out: bytearray) -> None:
+        from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+        if length <= 0:
+            return
+        headers = {**build_hf_headers(), "Range": f"bytes={offset}-{offset + length - 1}", "Accept-Encoding": "identity"}
+        want = len(out) + length
         self.requests += 1
         with get_session().stream("GET", self.meta.location, headers=headers, timeout=60) as r:
             if r.status_code == 416:
-                return b""
+                return
             hf_raise_for_status(r)
             skip = offset if r.status_code == 200 else 0  # Range ignored: the whole file from byte 0
             for chunk in r.iter_bytes():
@@ -216,9 +229,8 @@ class RangeReader:
                     cut = min(skip, len(chunk))
                     chunk, skip = chunk[cut:], skip - cut
                 out += chunk
-                if len(out) >= length:
+                if len(out) >= want:
                     break
-        return bytes(out[:length])
 
 
 def _wanted(path: str) -> bool:

@@ -18,7 +18,9 @@ API shapes, so huggingface_hub and our code run their real paths against it.
 
 Files are ``bytes`` or a ``Path`` (served from disk in slices, never read whole). ``served``
 counts the body bytes sent per (repo, file), ``log`` every request. Knobs for failure tests:
-``truncate_first_get`` (drop the connection half way, once), ``refuse`` (503), ``etag_override``.
+``truncate_first_get`` (drop the connection half way through a download, once), ``cut_first_range``
+(the same for a ranged read ``bytes=A-B``), ``refuse`` (503), ``etag_override``,
+``ignore_range`` (a repo whose files come whole, 200, whatever ``Range`` asks).
 
 Use the ``hub`` fixture (``from tests.hubstub import hub``), which points HF_ENDPOINT at it.
 """
@@ -66,8 +68,10 @@ class HubStub:
         self.gated: set[str] = set()
         self.lfs: dict[tuple[str, str], str] = {}  # (repo, file) -> the sha256 the tree lists (overrides)
         self.etag_override: dict[tuple[str, str], str] = {}
-        self.truncate_first_get: set[tuple[str, str]] = set()
+        self.truncate_first_get: set[tuple[str, str]] = set()  # the first download of these is cut half way
+        self.cut_first_range: set[tuple[str, str]] = set()  # the first ranged read (bytes=A-B) of these too
         self.refuse: set[tuple[str, str]] = set()  # files whose GET answers 503 (until removed)
+        self.ignore_range: set[str] = set()  # repos whose files come whole, whatever Range asks (some proxies)
         self.log: list[dict[str, Any]] = []
         self.served: Counter[tuple[str, str]] = Counter()
         self._lock = threading.Lock()
@@ -219,7 +223,7 @@ class HubStub:
         if (repo, name) in self.refuse and not head:
             return self._json(h, {"error": "unavailable (hub stub)"}, status=503)
         start, end = 0, size - 1
-        rng = h.headers.get("Range")
+        rng = h.headers.get("Range") if repo not in self.ignore_range else None
         if rng and rng.startswith("bytes="):
             a, _, b = rng[len("bytes="):].partition("-")
             start = int(a)
@@ -242,8 +246,10 @@ class HubStub:
         if head:
             return
         length = end - start + 1
-        if (repo, name) in self.truncate_first_get:  # drop the connection half way through, once
-            self.truncate_first_get.discard((repo, name))
+        whole = not rng or rng.endswith("-")  # a download (all, or the rest): not a ranged header read
+        cut = self.truncate_first_get if whole else self.cut_first_range
+        if (repo, name) in cut:  # drop the connection half way through, once
+            cut.discard((repo, name))
             length //= 2
             h.close_connection = True
         self._send_body(h, repo, name, data, start, length)
