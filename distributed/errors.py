@@ -118,9 +118,10 @@ class RefNotFound(ModelNotFound):
     """A hub reference (``hf.co/ORG/REPO:QUANT``) that names no repo, no GGUF or no such quant:
     the message gives the hub's reason, or the quants the repo has (``available``)."""
 
-    kind = "model_not_found"
+    kind = "ref_not_found"
 
-    def __init__(self, message: str, model: str, available: list[str] | None = None, **details: Any) -> None:
+    def __init__(self, message: str, model: str = "", available: list[str] | None = None, **details: Any) -> None:
+        details.setdefault("field", "model")
         TarsError.__init__(self, message, model=model, available=available, **details)
         self.model = model
         self.available = list(available or [])

@@ -37,10 +37,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from . import hub as hubio
 from .domain import ModelSpec
 from .errors import ConfigError, DownloadFailed, ModelGated, ModelNotFound, RefNotFound, TarsError, ValidationFailed
-from .gguf_header import GGUFMeta, merge_shards, numbers, read_gguf, read_header, shard_names
+from .gguf_header import GGUFMeta, is_projector, merge_shards, numbers, read_gguf, read_header, shard_names
 from .logs import fields, get_logger
+from .optional import require
 
 log = get_logger(__name__)
 
@@ -180,8 +182,6 @@ def remote_header(hub: Any, repo: str, revision: str, names: list[str], endpoint
                   cache: Path | None = None) -> tuple[GGUFMeta, int]:
     """The header of a (maybe split) GGUF on the hub, by ranged reads of each shard; cached at
     ``cache``. Returns it and the bytes read over the network (0 from the cache)."""
-    from . import hub as hubio
-
     if cache is not None and cache.is_file():
         try:
             return read_gguf(cache), 0
@@ -237,15 +237,11 @@ def resolve(name: str, catalog: Any, *, endpoint: str | None = None) -> ModelSpe
     ref = parse(name)
     if ref is None or ref.text in catalog:
         return catalog.get(ref.text if ref is not None else name)
-    from .optional import require
-
     hub = require("huggingface_hub", "huggingface_hub", "resolving hub references")
     endpoint = endpoint or os.environ.get("HF_ENDPOINT") or None
     where = endpoint or "https://huggingface.co"
     folder = _models_dir(catalog)
     try:
-        from . import hub as hubio
-
         commit, files = hubio.repo_files(hub, ref.repo, endpoint)
         choice = choose(ref, files)
         names = [f.path for f in choice.files]
@@ -255,8 +251,6 @@ def resolve(name: str, catalog: Any, *, endpoint: str | None = None) -> ModelSpe
     except TarsError:
         raise
     except Exception as exc:  # noqa: BLE001 - the boundary: hub / network errors, translated
-        from . import hub as hubio
-
         raise hubio.translate_for(exc, f"'{ref.repo}' (for {ref.text})", ref.text, where, ref=True) from None
     log.info("resolved %s: %s at %s (%s, %d layers, %d MB%s; header: %d bytes read)", ref.text,
              "+".join(names), commit[:12], spec.quant, spec.n_layers or 0, spec.size_mb or 0,
@@ -304,8 +298,6 @@ def local_entry(file: str | Path, *, model_id: str | None = None, chat_template:
         raise ConfigError(f"'{file}': no such file")
     meta = read_gguf(path)  # ConfigError: not a GGUF
     nums = numbers(meta)
-    from .gguf_header import is_projector
-
     if is_projector(meta):
         raise ValidationFailed(f"'{path.name}' is a vision projector, not a model: give it with --mmproj beside the "
                                "model's GGUF", field="file")
