@@ -185,3 +185,12 @@ def test_plan_specs_carry_references_only(hub, smollm2_gguf: Path, tmp_path: Pat
     assert other.get(ref.id).to_dict() == ref.to_dict()
     other.learn({"hf.co/x/y": {**carried[ref.id], "file": "../../etc/passwd"}})  # refused, logged
     assert "hf.co/x/y" not in other
+
+
+def test_gemma_resolves_from_its_big_header_and_says_it_has_no_template(hub, gemma_gguf: Path, tmp_path: Path) -> None:
+    hub.add("tars-test/gemma-3-270m-GGUF", {"gemma-3-270m-Q4_K_M.gguf": gemma_gguf, "gemma-3-270m-Q8_0.gguf": gemma_gguf})
+    spec = modelref.resolve("hf.co/tars-test/gemma-3-270m-GGUF", _catalog(tmp_path))
+    assert (spec.n_layers, spec.n_embd, spec.n_head_kv, spec.head_dim, spec.context) == (18, 640, 1, 256, 32768)
+    assert spec.quant == "Q4_K_M" and "no chat template in the GGUF" in spec.description
+    header = read_gguf(gemma_gguf).header_bytes  # 6.5 MB: its 262k-token vocabulary
+    assert header < hub.bytes_served("tars-test/gemma-3-270m-GGUF") <= 2 * header + 2**20 < gemma_gguf.stat().st_size
