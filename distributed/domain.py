@@ -202,11 +202,14 @@ class GenerateRequest(_Data):
     top_logprobs: int = 0  # alternatives per token (0-20) when logprobs
     n: int = 1  # choices; the API fans n > 1 out into n requests of n=1
     choice: int = 0  # this request's index in such a fan-out: the later ones are admitted with the first
+    # llama.cpp's sampler extras the client set ({"top_k": 20, "min_p": 0.1, ...}; names, types and
+    # bounds: distributed/sampling.py). Empty = the engine's defaults.
+    sampling: dict[str, Any] = field(default_factory=dict)
 
     # The fields above are left out of to_rpc() while at their defaults, so a request
     # without them still reaches a peer of the previous version.
     _SURFACE = ("presence_penalty", "frequency_penalty", "response_format", "tools", "tool_choice",
-                "parallel_tool_calls", "logprobs", "top_logprobs", "n", "choice")
+                "parallel_tool_calls", "logprobs", "top_logprobs", "n", "choice", "sampling")
 
     def to_rpc(self) -> dict[str, Any]:
         d = self.to_dict()

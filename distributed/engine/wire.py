@@ -4,10 +4,11 @@
 ``/v1/completions`` (prompt). The OpenAI parameters beyond the basic ones
 (``presence_penalty``, ``frequency_penalty``, ``response_format``, ``tools``,
 ``tool_choice``, ``logprobs``, ``top_logprobs``, ``n``) are forwarded when the request
-carries them: llama-server does grammars / JSON schema, tool calls through the GGUF's
-template (``--jinja``) and logprobs itself. ``answer(body)`` maps a whole answer,
-``StreamState.feed(chunk)`` maps stream chunks, ``engine_error(...)`` maps a refusal to
-our exception tree (context too long → ``InputTooLong``; other 400s → ``ValidationFailed``
+carries them, and so are llama.cpp's sampler extras (``req.sampling``, under
+llama-server's own names: ``distributed/sampling.py``). llama-server does grammars / JSON
+schema, tool calls through the GGUF's template (``--jinja``) and logprobs itself.
+``answer(body)`` maps a whole answer, ``StreamState.feed(chunk)`` maps stream chunks,
+``engine_error(...)`` maps a refusal to our exception tree (context too long → ``InputTooLong``; other 400s → ``ValidationFailed``
 with the engine's reason).
 """
 
@@ -39,6 +40,9 @@ def payload(req: GenerateRequest, alias: str) -> tuple[str, dict[str, Any]]:
         value = getattr(req, name, None)
         if value is not None and value != _DEFAULTS.get(name):
             body[name] = value
+    sampling = getattr(req, "sampling", None)
+    if sampling:  # llama-server's own names (distributed/sampling.py), validated on the way in
+        body.update(sampling)
     if body.get("top_logprobs") and not body.get("logprobs"):
         body.pop("top_logprobs")
     if req.stream:
