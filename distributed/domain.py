@@ -90,7 +90,6 @@ class ModelSpec(_Data):
     quant: str  # "Q4_K_M", "int8", "fp16", "fp32"
     context: int  # native context length
     chat_format: str | None = None
-    chat_template: str | None = None
     # where it comes from: a hub repo (+ file for GGUF) or an embedded package
     repo: str | None = None
     file: str | None = None
@@ -106,6 +105,9 @@ class ModelSpec(_Data):
     head_dim: int | None = None
     embedded: bool = False  # ships with the package, no download
     description: str = ""
+    # a chat template in place of the GGUF's own: a shipped name (distributed/templates/<name>.jinja)
+    # or, from a user catalog, a file path (resolved when the catalog is read)
+    chat_template: str | None = None
     # a GGUF from the hub (a catalog entry or a resolved hf.co reference, modelref.py):
     revision: str | None = None  # the repo commit it was resolved at (pulls fetch exactly that)
     shards: list[str] | None = None  # every file of a split GGUF (-00001-of-0000N.gguf), ``file`` first

@@ -40,7 +40,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
-from .. import sampling
+from .. import sampling, templates
 from ..cpus import physical_cores
 from ..domain import GenerateRequest, TokenChunk
 from ..errors import ConfigError, InputTooLong, ModelFailed, TarsError, ValidationFailed
@@ -235,8 +235,9 @@ class LlamaCppBackend(ChatBackend):
     def _bind_formatter(self, llama_cpp: Any) -> None:
         """Find the prompt formatter for the chat format the Llama settled on (the one we
         asked for, else the GGUF's template, else llama-cpp-python's fallback)."""
-        template = self.options.extra.get("chat_template")
-        if template:  # a Jinja chat template in place of the GGUF's (backend_extra "chat_template")
+        # a Jinja chat template in place of the GGUF's: backend_extra "chat_template", else the catalog's
+        template = self.options.extra.get("chat_template") or templates.source_for(self.spec)
+        if template:
             model, llm = self._llm._model, self._llm
             eos, bos = llm.token_eos(), llm.token_bos()
             self._formatter = llama_cpp.llama_chat_format.Jinja2ChatFormatter(

@@ -28,6 +28,7 @@ from typing import Any
 
 import orjson
 
+from .. import templates
 from ..batching import SlotQueue
 from ..domain import Assignment, Completion, GenerateRequest, ModelSpec, Timings, TokenChunk, Usage
 from ..errors import ModelFailed, ModelLoading, TarsError, ValidationFailed
@@ -112,6 +113,9 @@ class EngineTarget(LocalTarget):
             argv += ["--mmproj", str(projector_path(self.spec, path))]
         if self.threads:
             argv += ["-t", str(self.threads)]
+        template = templates.path_for(self.spec)  # the catalog's chat template in place of the GGUF's
+        if template is not None:
+            argv += ["--chat-template-file", str(template)]
         if a.device.startswith("cuda:") and a.n_gpu_layers != 0:  # the planned GPU only, no split
             argv += ["-sm", "none", "-mg", a.device.split(":", 1)[1]]
         return argv + list(self.extra_args)
@@ -168,10 +172,11 @@ class EngineTarget(LocalTarget):
         """What the GGUF's chat template can do (llama-server's /props ``chat_template_caps``)."""
         try:
             r = await self._client.get(self.base_url + "/props", timeout=5.0)
-            caps = r.json().get("chat_template_caps") if r.status_code == 200 else None
+            props = r.json() if r.status_code == 200 else {}
         except Exception:  # noqa: BLE001 - unknown caps: the engine decides per request
-            caps = None
-        self.template_caps = caps if isinstance(caps, dict) else None
+            props = {}
+        caps = props.get("chat_template_caps")
+        self.template_caps = wire.template_caps(caps, props) if isinstance(caps, dict) else None
 
     async def _healthy(self) -> bool:
         r = await self._client.get(self.base_url + "/health", timeout=2.0)
@@ -254,7 +259,7 @@ class EngineTarget(LocalTarget):
 
         t0 = time.perf_counter()
         self._validate(req)
-        path, body = wire.payload(req, self.model)
+        path, body = wire.payload(req, self.model, self.template_caps)
         body["stream"] = False
         self.requests += 1
         async with self.slots.slot(bounded=not req.choice):
@@ -279,7 +284,7 @@ class EngineTarget(LocalTarget):
     async def stream(self, req: GenerateRequest) -> AsyncIterator[TokenChunk | Completion]:
         t0 = time.perf_counter()
         self._validate(req)
-        path, body = wire.payload(req, self.model)
+        path, body = wire.payload(req, self.model, self.template_caps)
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
         self.requests += 1

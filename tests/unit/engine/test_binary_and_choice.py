@@ -88,6 +88,13 @@ def test_the_engine_target_command_line(tmp_path):
     assert argv[argv.index("-mg") + 1] == "1" and "--jinja" in argv and "--slots" in argv and "--metrics" in argv
     assert argv[argv.index("--cache-ram") + 1] == "0"  # llama.cpp's default would let it take 8 GB of RAM
     assert os.environ.get("LLAMA_ARG_API_KEY") is None
+    assert "--chat-template-file" not in argv  # Gemma: the GGUF's own (or llama.cpp's) template
+    smol = load_catalog().get("smollm2-135m-instruct")
+    t = EngineTarget(smol, a, binary=binary.locate(str(exe)), model_path=lambda: tmp_path / "m.gguf", node="n")
+    argv = t.argv(tmp_path / "m.gguf")
+    from distributed import templates
+
+    assert argv[argv.index("--chat-template-file") + 1] == str(templates.file_of("chatml-tools"))
 
 
 def test_tars_profile_says_which_engine_and_its_build(tmp_path, monkeypatch):
