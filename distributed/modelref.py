@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from . import hub as hubio
+from . import templates
 from .domain import ModelSpec
 from .errors import ConfigError, DownloadFailed, ModelGated, ModelNotFound, RefNotFound, TarsError, ValidationFailed
 from .gguf_header import GGUFMeta, is_projector, merge_shards, numbers, read_gguf, read_header, shard_names
@@ -323,13 +324,13 @@ def local_entry(file: str | Path, *, model_id: str | None = None, chat_template:
                        + ("" if nums["has_template"] or chat_template else " without a chat template"),
     }
     if chat_template:
-        if chat_template in shipped_templates():
+        if chat_template in templates.names():
             entry["chat_template"] = chat_template
         else:
             tpl = Path(chat_template).expanduser().resolve()
             if not tpl.is_file():
                 raise ValidationFailed(f"--chat-template '{chat_template}' is neither a file nor a shipped template "
-                                       f"({', '.join(shipped_templates()) or 'none'})", field="chat_template")
+                                       f"({', '.join(templates.names()) or 'none'})", field="chat_template")
             try:
                 tpl.read_text(encoding="utf-8")  # a Jinja text file
             except (OSError, UnicodeDecodeError) as exc:
@@ -346,18 +347,11 @@ def local_entry(file: str | Path, *, model_id: str | None = None, chat_template:
 
 
 # --------------------------------------------------------------------------- chat templates
-TEMPLATES_DIR = Path(__file__).with_name("templates")
-
-
-def shipped_templates() -> list[str]:
-    """The chat templates that ship with TARS (``distributed/templates/NAME.jinja``)."""
-    return sorted(p.stem for p in TEMPLATES_DIR.glob("*.jinja")) if TEMPLATES_DIR.is_dir() else []
-
-
 def check_template(name: str, field: str = "chat_template") -> str:
-    """``name`` if it is a shipped template, else ValidationFailed naming ``field`` and listing
-    them (over the network a template is named, never a path: nothing loads arbitrary files)."""
-    names = shipped_templates()
+    """``name`` if it is a shipped template (``templates.names()``), else ValidationFailed naming
+    ``field`` and listing them (over the network a template is named, never a path: nothing
+    loads arbitrary files)."""
+    names = templates.names()
     if name not in names:
         raise ValidationFailed(f"'{field}' must name a chat template that ships with TARS "
                                f"({', '.join(names) or 'none'}); a GGUF's own template is used when it is left out",
@@ -377,7 +371,7 @@ def plan_specs(specs: list[ModelSpec]) -> dict[str, dict[str, Any]]:
     for s in specs:
         if is_ref(s.id) and s.repo and not s.path:
             d = s.to_dict()
-            if d.get("chat_template") and d["chat_template"] not in shipped_templates():
+            if d.get("chat_template") and d["chat_template"] not in templates.names():
                 d["chat_template"] = None  # a file on the planning host: other hosts use the GGUF's own
             out[s.id] = d
     return out

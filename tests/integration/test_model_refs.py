@@ -14,7 +14,8 @@ from distributed import catalog_files, modelref
 from distributed.domain import HostProfile
 from tests.hubstub import (GATED_REPO, SMOL_REPO, VISION_REPO, add_repos, hub, projector,  # noqa: F401
                            smollm2_gguf)
-from tests.integration.test_deploy import CHAT, EMB, JSON_CT, serve, states, wait_state
+from tests.cluster_support import until
+from tests.integration.test_deploy import EMB, JSON_CT, serve, states, wait_state
 
 pytestmark = pytest.mark.anyio
 REF = f"hf.co/{SMOL_REPO}:Q4_1"
@@ -141,27 +142,25 @@ head_dim = 128
     assert said and "n_layers 80 -> 30" in said[0] and "context 131072 -> 8192" in said[0]
 
 
-async def test_a_deploy_names_a_shipped_chat_template(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    shipped = tmp_path / "templates"
-    shipped.mkdir()
-    (shipped / "chatml-tools.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
-    monkeypatch.setattr(modelref, "TEMPLATES_DIR", shipped)
+async def test_a_deploy_names_a_shipped_chat_template(tmp_path: Path):
+    gemma = "gemma-3-270m"  # a base model: no chat template in its GGUF
     async with serve(tmp_path / "models") as (client, node):
-        await wait_state(client, CHAT, "ready")
-        r = await client.post("/models", json={"model": CHAT, "chat_template": "/etc/passwd"})
+        r = await client.post("/models", json={"model": gemma, "chat_template": "/etc/passwd"})
         assert r.status_code == 400 and r.json()["error"]["details"]["field"] == "chat_template"
         assert "chatml-tools" in r.json()["error"]["message"]
-        assert node.targets[CHAT].spec.chat_template is None  # the GGUF's own
-        r = await client.post("/models", json={"model": CHAT, "chat_template": "chatml-tools"})
+        assert gemma not in node.targets  # nothing deployed
+        r = await client.post("/models", json={"model": gemma, "chat_template": "chatml-tools"})
         assert r.status_code == 202, r.text
-        await wait_state(client, CHAT, "ready")
-        assert node.targets[CHAT].spec.chat_template == "chatml-tools"
-        assert node.targets[CHAT].assignment.chat_template == "chatml-tools"
-        assert node.catalog.get(CHAT).chat_template is None  # the catalog entry is unchanged
-        r = await client.post("/models", json={"model": CHAT})  # back to the model's own template
-        assert r.status_code == 202
-        await wait_state(client, CHAT, "ready")
-        assert node.targets[CHAT].spec.chat_template is None
+        await wait_state(client, gemma, "ready")
+        assert node.targets[gemma].spec.chat_template == "chatml-tools"
+        assert node.targets[gemma].assignment.chat_template == "chatml-tools"
+        assert node.catalog.get(gemma).chat_template is None  # the catalog entry is unchanged
+        r = await client.post("/models", json={"model": gemma})  # back to the model's own
+        assert r.status_code == 202 and r.json()["status"] == "deploying"
+        await until(lambda: gemma in node.targets and node.targets[gemma].spec.chat_template is None,
+                    what="reloaded without the deploy's template")
+    async with serve(tmp_path / "models") as (client, node):  # the deploy's choice outlives a restart
+        await wait_state(client, gemma, "ready")
 
 
 async def test_a_vision_reference_is_planned_with_its_projector(hub, smollm2_gguf: Path, projector: Path,

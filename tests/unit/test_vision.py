@@ -73,3 +73,23 @@ def test_only_llama_server_targets_with_a_projector_see_images(tmp_path) -> None
     argv = served.argv(tmp_path / "hub" / "o" / "r" / "m.gguf")
     assert argv[argv.index("--mmproj") + 1] == str(tmp_path / "hub" / "o" / "r" / "mmproj-f16.gguf")
     assert "--mmproj" not in plain.argv(tmp_path / "m.gguf")
+
+
+def test_a_deploys_template_reaches_the_engine_command_line(tmp_path) -> None:
+    from distributed.catalog import load_catalog
+    from distributed.engine import binary
+    from distributed.engine.target import EngineTarget
+    from distributed.modelref import with_template
+    from distributed.templates import file_of
+    from tests.unit.engine.test_binary_and_choice import _fake_server
+
+    spec = load_catalog().get("gemma-3-270m")
+    a = Assignment(model=spec.id, kind="chat", node="n", device="cpu", quant="Q4_K_M", n_gpu_layers=0, vram_mb=0,
+                   reason="t", backend="llama_cpp", chat_template="chatml-tools")
+    exe = binary.locate(str(_fake_server(tmp_path / "bin")))
+    own = EngineTarget(spec, a, binary=exe, model_path=lambda: tmp_path / "m.gguf", node="n")
+    assert "--chat-template-file" not in own.argv(tmp_path / "m.gguf")  # the GGUF's own template
+    chosen = EngineTarget(with_template(spec, a.chat_template), a, binary=exe, model_path=lambda: tmp_path / "m.gguf",
+                          node="n")
+    argv = chosen.argv(tmp_path / "m.gguf")
+    assert argv[argv.index("--chat-template-file") + 1] == str(file_of("chatml-tools"))
