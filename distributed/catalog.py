@@ -304,6 +304,9 @@ class Catalog:
     def remember(self, spec: ModelSpec) -> ModelSpec:
         """Add a resolved hub reference (``modelref.resolve``, or one a plan carried from the
         planning host): known at once, and written to ``refs_file`` so a restart knows it."""
+        if parse(spec.id) is None:
+            raise ConfigError(f"'{spec.id}' is not a hub reference: only references are remembered")
+        spec = _spec_from_entry({**_entry_fields(spec), "id": spec.id}, f"the reference '{spec.id}'")  # its files too
         with self._lock:
             self._learned[spec.id] = spec
             if self.refs_file is not None:

@@ -96,6 +96,18 @@ async def test_tars_models_refs_resolve_at_start_and_after_a_restart_without_the
     assert len(hub.log) == n
 
 
+async def test_a_reference_deployed_at_runtime_is_back_after_a_restart_without_the_hub(
+        hub, smollm2_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    add_repos(hub, smollm2_gguf)
+    async with serve(tmp_path) as (client, _):
+        assert (await client.post("/models", json={"model": REF})).status_code == 202
+        await wait_state(client, REF, "ready")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    async with serve(tmp_path) as (client, node):
+        await wait_state(client, REF, "ready")
+        assert node.catalog.get(REF).revision == hub.commit(SMOL_REPO)
+
+
 async def test_the_catalog_is_followed_while_the_node_runs(smollm2_gguf: Path, tmp_path: Path):
     async with serve(tmp_path) as (client, node):
         r = await client.post("/models", json={"model": "my-smol"})

@@ -194,3 +194,12 @@ def test_gemma_resolves_from_its_big_header_and_says_it_has_no_template(hub, gem
     assert spec.quant == "Q4_K_M" and "no chat template in the GGUF" in spec.description
     header = read_gguf(gemma_gguf).header_bytes  # 6.5 MB: its 262k-token vocabulary
     assert header < hub.bytes_served("tars-test/gemma-3-270m-GGUF") <= 2 * header + 2**20 < gemma_gguf.stat().st_size
+
+
+def test_a_hub_listing_a_file_outside_the_repo_is_refused(hub, smollm2_gguf: Path, tmp_path: Path) -> None:
+    from distributed.errors import ConfigError
+
+    hub.add("tars-test/Evil-GGUF", {"../../evil-Q4_K_M.gguf": smollm2_gguf})
+    with pytest.raises((ConfigError, RefNotFound)):
+        modelref.resolve("hf.co/tars-test/Evil-GGUF", _catalog(tmp_path))
+    assert not (tmp_path / "evil-Q4_K_M.gguf").exists() and "hf.co/tars-test/Evil-GGUF" not in _catalog(tmp_path)
