@@ -122,7 +122,7 @@ def _blocks(text: str) -> list[str]:
     cur: list[str] = []
     for line in text.splitlines(keepends=True):
         if _BLOCK.match(line):
-            lead = []
+            lead: list[str] = []
             while cur and cur[-1].lstrip().startswith("#"):
                 lead.insert(0, cur.pop())
             out.append(cur)

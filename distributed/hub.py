@@ -1,4 +1,6 @@
-"""Downloads from the Hugging Face Hub: one file resumed and verified, a repo file by file.
+"""The Hugging Face Hub: downloads (one file resumed and verified, a GGUF with its shards and
+projector, a repo file by file), a repo's file list, and ranged reads of a file's first bytes
+(``RangeReader``: how ``modelref`` reads a GGUF header before any pull).
 
 Every file goes through huggingface_hub's ``http_get`` into ``<name>.part``, so an
 interrupted pull — even a killed process — resumes where it stopped (``hf_hub_download``

@@ -88,8 +88,8 @@ class ModelStore:
             p = Path(spec.path).expanduser()
             return p if p.exists() else None
         if spec.embedded and spec.package and spec.file:
-            p = _package_file(spec)
-            return p if p is not None and p.is_file() else None
+            inside = _package_file(spec)
+            return inside if inside is not None and inside.is_file() else None
         if spec.embedded and spec.package:
             if spec.backend == "llama_cpp":
                 _, target, expected = self._package_gguf(spec)
