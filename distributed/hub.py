@@ -217,7 +217,8 @@ class RangeReader:
 
         if length <= 0:
             return
-        headers = {**build_hf_headers(), "Range": f"bytes={offset}-{offset + length - 1}", "Accept-Encoding": "identity"}
+        headers = {**build_hf_headers(), "Range": f"bytes={offset}-{offset + length - 1}",
+                   "Accept-Encoding": "identity"}
         want = len(out) + length
         self.requests += 1
         with get_session().stream("GET", self.meta.location, headers=headers, timeout=60) as r:

@@ -361,7 +361,9 @@ def check_template(name: str, field: str = "chat_template") -> str:
 
 def with_template(spec: ModelSpec, chat_template: str | None) -> ModelSpec:
     """``spec`` as one deploy runs it: ``chat_template`` (a deploy's override) in place of its own."""
-    return spec if not chat_template or chat_template == spec.chat_template else replace(spec, chat_template=chat_template)
+    if not chat_template or chat_template == spec.chat_template:
+        return spec
+    return replace(spec, chat_template=chat_template)
 
 
 # --------------------------------------------------------------------------- across hosts

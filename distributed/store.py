@@ -277,5 +277,6 @@ def _source(spec: ModelSpec) -> str:
     if spec.embedded and spec.package:
         return f"package:{spec.package}"
     if spec.repo:
-        return f"hub:{spec.repo}" + (f"/{spec.file}" if spec.file else "") + (f"@{spec.revision[:12]}" if spec.revision else "")
+        at = f"@{spec.revision[:12]}" if spec.revision else ""
+        return f"hub:{spec.repo}" + (f"/{spec.file}" if spec.file else "") + at
     return "unknown"

@@ -182,7 +182,8 @@ class HubStub:
                     dirs.add(prefix + inner.split("/")[0])
                     continue
                 entries.append(self._tree_entry(repo, name, files[name]))
-            folders = [{"type": "directory", "path": d, "oid": hashlib.sha1(d.encode()).hexdigest()} for d in sorted(dirs)]
+            folders = [{"type": "directory", "path": d, "oid": hashlib.sha1(d.encode()).hexdigest()}
+                       for d in sorted(dirs)]
             return self._json(h, folders + entries)
         return self._error(h, 404, "EntryNotFound", f"no such API path: {rest}", head)
 

@@ -168,7 +168,8 @@ def add_cmd(
     typer.echo(f"  file: {entry['path']} — referenced in place, not copied: moving or deleting it breaks the entry; "
                f"`tars models rm {entry['id']}` removes the entry, never the file")
     typer.echo(f"  {entry['quant']}, {entry['size_mb']} MB, {entry.get('n_layers')} layers, context {entry['context']}"
-               + (f", chat template {entry['chat_template']}" if entry.get("chat_template") else ", its own chat template")
+               + (f", chat template {entry['chat_template']}" if entry.get("chat_template")
+                  else ", its own chat template")
                + (", sees images" if entry.get("mmproj") else ""))
     typer.secho(f"a running node serves it with POST /models {{\"model\": \"{entry['id']}\"}} (`tars run "
                 f"{entry['id']}`), no restart needed", err=True)

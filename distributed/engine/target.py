@@ -109,8 +109,9 @@ class EngineTarget(LocalTarget):
                 "--port", str(self._port), "-np", str(self.parallel), "-c", str(self.parallel * self.context),
                 "-ngl", str(a.n_gpu_layers if a.n_gpu_layers >= 0 else 999), "--jinja", "--slots", "--metrics",
                 "--cache-ram", str(self.cache_mb)]  # bounded: llama.cpp's own default is 8 GB of RAM
-        if self.spec.mmproj:  # a vision model: its projector (store.projector_path), offloaded with the layers
+        if self.spec.mmproj:  # a vision model: its projector (store.projector_path), on the GPU only with layers
             argv += ["--mmproj", str(projector_path(self.spec, path))]
+            argv += ["--no-mmproj-offload"] if a.n_gpu_layers == 0 else []
         if self.threads:
             argv += ["-t", str(self.threads)]
         template = templates.path_for(self.spec)  # the catalog's chat template in place of the GGUF's

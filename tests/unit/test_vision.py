@@ -72,6 +72,7 @@ def test_only_llama_server_targets_with_a_projector_see_images(tmp_path) -> None
     assert [sees_images(t) for t in (served, plain, inproc)] == [True, False, False]
     argv = served.argv(tmp_path / "hub" / "o" / "r" / "m.gguf")
     assert argv[argv.index("--mmproj") + 1] == str(tmp_path / "hub" / "o" / "r" / "mmproj-f16.gguf")
+    assert "--no-mmproj-offload" in argv  # planned on CPU: the projector stays in RAM, as the planner counted
     assert "--mmproj" not in plain.argv(tmp_path / "m.gguf")
 
 
