@@ -59,13 +59,6 @@ log = get_logger(__name__)
 __all__ = ["Cluster", "Peer", "plan_id"]
 
 
-def can_split(settings: Any) -> bool:
-    """TARS_SPLIT allows it and this host's chat engine can run a split (split/__init__.py)."""
-    from .split import can_split as possible
-
-    return possible(settings)
-
-
 def _llama_cpp() -> str:
     """The llama.cpp this install runs (the llama-cpp-python release that vendors it; "" unknown)."""
     from .engine.binary import llama_cpp_python_version
@@ -355,18 +348,14 @@ class Cluster:
         await self._reapply()
 
     def _replan(self) -> Plan:
-        from . import planner
+        from .planning import plan_for
 
         hosts = self.hosts()
         deployer = getattr(self.node, "deployer", None)
         if deployer is not None:  # runtime deploys: pinned hosts (deploy/manager.py)
             return deployer.plan(hosts)
         specs = self.node.model_specs()
-        from .engine.choice import engine_slots
-
-        return planner.plan(hosts, specs, reserve_mb=self.settings.vram_reserve_mb, context=self.settings.context,
-                            paths=self.node.model_paths(specs), split=can_split(self.settings),
-                            parallel=engine_slots(self.settings))
+        return plan_for(self.settings, hosts, specs, paths=self.node.model_paths(specs))
 
     async def _reapply(self) -> None:
         plan = self._replan()

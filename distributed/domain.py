@@ -137,6 +137,10 @@ class Assignment(_Data):
     # a model split across hosts (pooled VRAM): one share per GPU, the engine's host first —
     # [{"node", "device", "layers", "vram_mb"}]; None = the model runs on ``node`` alone
     split: list[dict[str, Any]] | None = None
+    # engine slots of a GGUF chat model (llama-server ``-np``; each a KV cache of TARS_CONTEXT
+    # tokens): TARS_PARALLEL, or fewer where the planner found VRAM short; None = not a slotted
+    # engine, or a plan from a peer that predates the field (the engine then uses TARS_PARALLEL)
+    slots: int | None = None
     # a shipped chat template this deploy asked for (POST /models "chat_template"), in place of
     # the catalog's or the GGUF's own; None = the spec's
     chat_template: str | None = None

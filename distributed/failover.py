@@ -48,16 +48,13 @@ async def serve_here(node: Any, settings: Any, remote: RemoteTarget, cause: Peer
 
 def fits_here(node: Any, settings: Any, spec: ModelSpec) -> tuple[Assignment | None, str]:
     """Would the planner place ``spec`` on this host beside what it already runs? (assignment, why not)"""
-    from . import planner
-    from .engine.choice import engine_slots
+    from .planning import plan_for
 
     ids = [a.model for a in node.plan.for_node(node.name)]
     ids += [t.model for t in node.routes.standins()]
     ids.append(spec.id)
     specs = [node.catalog.get(m) for m in dict.fromkeys(ids)]
-    plan = planner.plan({node.name: node.profile}, specs, reserve_mb=settings.vram_reserve_mb,
-                        context=settings.context, paths=node.model_paths(specs),
-                        parallel=engine_slots(settings))
+    plan = plan_for(settings, {node.name: node.profile}, specs, paths=node.model_paths(specs))
     found = plan.where(spec.id)
     if found is not None:
         return found, ""

@@ -111,17 +111,13 @@ class Node:
 
     def plan_alone(self) -> Plan:
         """The plan for this host alone (what a standalone node loads)."""
-        from . import planner
+        from .planning import plan_for
 
         assert self.profile is not None
         if self.deployer is not None:  # the desired set, hosts asked for by deploys included
             return self.deployer.plan({self.name: self.profile})
         specs = self.model_specs()
-        from .engine.choice import engine_slots
-
-        return planner.plan({self.name: self.profile}, specs, reserve_mb=self.settings.vram_reserve_mb,
-                            context=self.settings.context, paths=self.model_paths(specs),
-                            parallel=engine_slots(self.settings))
+        return plan_for(self.settings, {self.name: self.profile}, specs, paths=self.model_paths(specs))
 
     def model_paths(self, specs: list[ModelSpec]) -> dict[str, Any]:
         """Where each model's file is on this host (those on disk), so the planner reads

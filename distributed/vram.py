@@ -11,10 +11,13 @@ VRAM = weights + KV cache at the configured context + compute overhead.
   parameter of the quantisation.
 
 The KV cache is f16 (llama.cpp's default) for every layer at the full context, which is
-conservative for sliding-window models such as Gemma 3. Overhead is the CUDA runtime
-(context + cuBLAS workspace, ~250 MB, which nvidia-smi shows but no model file mentions)
-plus the compute buffer: for llama.cpp dominated by the attention scores of one
-512-token micro-batch against the whole context (``512 × ctx × heads × 4`` bytes).
+conservative for sliding-window models such as Gemma 3. A llama-server chat engine holds
+one KV cache of ``context`` tokens per slot (``-np``): ``estimate(..., slots=N)`` /
+``with_slots`` count N of them (the planner may count fewer where VRAM is short).
+Overhead is the CUDA runtime (context + cuBLAS workspace, ~250 MB, which nvidia-smi shows
+but no model file mentions) plus the compute buffer: for llama.cpp dominated by the
+attention scores of one 512-token micro-batch against the whole context
+(``512 × ctx × heads × 4`` bytes).
 
 The header itself is read by ``gguf_header.py`` (a file on disk, a header fetched by ranged
 reads and cached, the shards of a split model together).
@@ -58,6 +61,7 @@ class VramEstimate:
     layer_mb: float = 0.0  # weights + KV of one repeating block
     partial_ok: bool = False  # llama.cpp can split layers between GPU and CPU
     notes: tuple[str, ...] = field(default_factory=tuple)
+    slots: int = 1  # KV caches of ``context`` tokens counted in kv_mb (engine slots, ``with_slots``)
 
     @property
     def ram_mb(self) -> int:
@@ -162,6 +166,25 @@ def _from_catalog(spec: ModelSpec, context: int, notes: tuple[str, ...]) -> Vram
     )
 
 
+def has_slots(spec: ModelSpec) -> bool:
+    """Does this model run in an engine with slots? A GGUF chat model (llama-server ``-np``)."""
+    return spec.kind == "chat" and spec.backend == "llama_cpp"
+
+
+def with_slots(est: VramEstimate, spec: ModelSpec, slots: int) -> VramEstimate:
+    """``est`` (one slot) with a KV cache of ``context`` tokens for each of ``slots`` engine
+    slots; unchanged for a model without slots (see ``has_slots``) or ``slots`` <= 1."""
+    if slots <= 1 or not has_slots(spec):
+        return est
+    if est.kv_mb <= 0:  # no architecture hints: the KV cache is not counted at all
+        return replace(est, slots=slots)
+    extra = est.kv_mb * (slots - 1)
+    per_layer = est.kv_mb / est.n_layers if est.n_layers else 0.0
+    return replace(est, kv_mb=est.kv_mb + extra, total_mb=est.total_mb + extra,
+                   layer_mb=est.layer_mb + per_layer * (slots - 1), slots=slots,
+                   notes=(*est.notes, f"KV cache for {slots} engine slots of {est.context} tokens"))
+
+
 PROJECTOR_COMPUTE_MB = 256  # the buffer a vision projector encodes one image in (an estimate)
 
 
@@ -181,8 +204,9 @@ def effective_context(spec: ModelSpec, context: int) -> int:
     return spec.context if spec.kind in ("embed", "rerank") else max(1, min(context, spec.context))
 
 
-def estimate(spec: ModelSpec, context: int, path: str | Path | None = None) -> VramEstimate:
-    """VRAM estimate for ``spec`` at ``context`` (capped at the model's native context).
+def estimate(spec: ModelSpec, context: int, path: str | Path | None = None, *, slots: int = 1) -> VramEstimate:
+    """VRAM estimate for ``spec`` at ``context`` (capped at the model's native context) per
+    slot, with ``slots`` engine slots (``with_slots``).
 
     Uses the GGUF file's own metadata when ``path`` is a readable GGUF; falls back to the
     catalog (with a note saying why) when the file is absent or unreadable.
@@ -193,9 +217,9 @@ def estimate(spec: ModelSpec, context: int, path: str | Path | None = None) -> V
         p = Path(path)
         if p.is_file():
             try:
-                return with_projector(_from_gguf(spec, ctx, read_gguf(p)), spec)
+                return with_projector(with_slots(_from_gguf(spec, ctx, read_gguf(p)), spec, slots), spec)
             except ConfigError as exc:
                 notes = (f"GGUF metadata unreadable ({exc.message}): used catalog hints",)
         else:
             notes = (f"'{p}' not on disk: used catalog hints",)
-    return with_projector(_from_catalog(spec, ctx, notes), spec)
+    return with_projector(with_slots(_from_catalog(spec, ctx, notes), spec, slots), spec)

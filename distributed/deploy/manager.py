@@ -104,11 +104,9 @@ class Deployer:
             have.add(host)
 
     def _plan(self, hosts: dict[str, HostProfile], specs: list[ModelSpec]) -> Plan:
-        from .. import planner
+        from ..planning import plan_for
 
-        s = self.settings
-        return planner.plan(hosts, specs, reserve_mb=s.vram_reserve_mb, context=s.context,
-                            paths=self.node.model_paths(specs), split=getattr(s, "split", "auto") != "off")
+        return plan_for(self.settings, hosts, specs, paths=self.node.model_paths(specs))
 
     def _hosts(self) -> dict[str, HostProfile]:
         cluster = self.node.cluster

@@ -102,9 +102,9 @@ def engine_target(node: Any, spec: ModelSpec, a: Assignment) -> Any:
 
 
 def _parallel(a: Assignment, default: int) -> int:
-    """The plan may lower the slots where VRAM is short (``Assignment.parallel``)."""
-    planned = getattr(a, "parallel", None)
-    return int(planned) if planned else default
+    """The slots the plan counted (``Assignment.slots``: TARS_PARALLEL, or fewer where VRAM is
+    short); ``default`` (TARS_PARALLEL) for a plan from a peer that predates the field."""
+    return a.slots if a.slots else default
 
 
 def _physical_cores() -> int | None:

@@ -52,17 +52,17 @@ def gpu_profile(path: Path, name: str, vram_mb: int) -> Path:
 
 
 def gpu_sizes(gguf: Path, reserve: int = 500, slots: int = 2) -> tuple[int, int]:
-    """Simulated VRAM for PC1 and PC2: PC1 misses the whole model (at ``slots`` engine slots)
-    by 40 MB, PC2 has room for its runtime and ~60 % of the layers — so only together."""
+    """Simulated VRAM for PC1 and PC2: PC1 misses the whole model by 40 MB even with one engine
+    slot (with one it would rather take it whole with fewer slots than split it), PC2 has room
+    for its runtime and ~60 % of the layers at ``slots`` slots — so only together."""
     import math
 
     from distributed.catalog import load_catalog
-    from distributed.planner import with_slots
     from distributed.vram import estimate
 
     spec = load_catalog().get(MODEL)
-    est = with_slots(estimate(spec, 2048, gguf), spec, slots)
-    return reserve + est.total_mb - 40, reserve + est.overhead_mb + math.ceil(0.6 * est.n_layers * est.layer_mb) + 10
+    one, est = estimate(spec, 2048, gguf), estimate(spec, 2048, gguf, slots=slots)
+    return reserve + one.total_mb - 40, reserve + est.overhead_mb + math.ceil(0.6 * est.n_layers * est.layer_mb) + 10
 
 
 class Node(ServerProcess):

@@ -192,6 +192,38 @@ async def test_delete_lets_requests_in_flight_finish(tmp_path):
         assert "gemma-3-270m" not in node.targets
 
 
+async def test_a_runtime_deploy_reserves_what_tars_plan_says(tmp_path, llama_server_found):
+    """Planned for llama-server (a build found) with TARS_PARALLEL=8: POST /models places the model
+    with exactly the VRAM, slots and reason `tars plan` prints for the same models and hardware
+    (neither model is on disk and the hub is offline, so nothing loads: only the plan is compared)."""
+    import typer
+    from typer.testing import CliRunner
+
+    from distributed.cli import hardware
+
+    base, new = "qwen2.5-7b-instruct", "mistral-7b-instruct"
+    engine = {"backend_override": "", "engine_bin": llama_server_found, "parallel": 8, "models": [base]}
+    async with serve(tmp_path, **engine) as (client, node):
+        r = await client.post("/models", json={"model": new})
+        assert r.status_code == 202, r.text
+        (deployed,) = r.json()["placement"]
+    app = typer.Typer()
+    hardware.register(app)
+    env = {"TARS_PARALLEL": "8", "TARS_ENGINE_BIN": llama_server_found, "TARS_MODELS_DIR": str(tmp_path)}
+    out = CliRunner().invoke(app, ["plan", "--host", "pc1=rtx3060-12gb", "--models", f"{base},{new}", "--json"],
+                             env=env)
+    assert out.exit_code == 0, out.output
+    planned = {a["model"]: a for a in json.loads(out.output)["assignments"]}[new]
+    for key in ("node", "device", "n_gpu_layers", "vram_mb", "slots", "reason"):
+        assert deployed[key] == planned[key], key
+    # 8 slots of both models do not fit the 12 GB together: the deploy got fewer, and says so
+    assert 1 <= deployed["slots"] < 8 and f"{deployed['slots']} of 8 slots" in deployed["reason"]
+    one = CliRunner().invoke(app, ["plan", "--host", "pc1=rtx3060-12gb", "--models", f"{base},{new}", "--json"],
+                             env={**env, "TARS_PARALLEL": "1"})
+    single = {a["model"]: a for a in json.loads(one.output)["assignments"]}[new]
+    assert single["slots"] == 1 and single["vram_mb"] < deployed["vram_mb"]
+
+
 # ----------------------------------------------------------------------------- pulls
 class SlowHub(FakeHub):
     """A fake hub that sends files in slices with pauses, so a pull is seen in progress."""
