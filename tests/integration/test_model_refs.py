@@ -12,8 +12,7 @@ import pytest
 
 from distributed import catalog_files, modelref
 from distributed.domain import HostProfile
-from tests.hubstub import (GATED_REPO, SMOL_REPO, VISION_REPO, add_repos, hub, projector,  # noqa: F401
-                           smollm2_gguf)
+from tests.hubstub import GATED_REPO, SMOL_REPO, VISION_REPO, add_repos, hub, projector  # noqa: F401
 from tests.cluster_support import until
 from tests.integration.test_deploy import EMB, JSON_CT, serve, states, wait_state
 

@@ -11,7 +11,7 @@ import pytest
 
 from distributed.engine.binary import locate
 from tests.cluster_support import Host, Net, until
-from tests.hubstub import SMOL_REPO, SPLIT_REPO, add_repos, hub, smollm2_gguf, smollm2_shards  # noqa: F401
+from tests.hubstub import SMOL_REPO, SPLIT_REPO, add_repos, hub, smollm2_shards  # noqa: F401
 from tests.integration.test_deploy import EMB, PC1_URL, PC2_URL, serve, wait_state
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]

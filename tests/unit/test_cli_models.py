@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from distributed.catalog import load_catalog
 from distributed.cli import hardware, models
 from distributed.errors import ConfigError, ModelNotFound, RefNotFound, ValidationFailed
-from tests.hubstub import SMOL_REPO, VISION_REPO, add_repos, hub, projector, smollm2_gguf  # noqa: F401
+from tests.hubstub import SMOL_REPO, VISION_REPO, add_repos, hub, projector  # noqa: F401
 
 runner = CliRunner()
 

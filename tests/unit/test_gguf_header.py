@@ -9,7 +9,7 @@ import pytest
 
 from distributed.errors import ConfigError
 from distributed.gguf_header import FIRST_READ, numbers, read_gguf, read_header, shard_names
-from tests.hubstub import SMOL_REPO, add_repos, hub, smollm2_gguf, smollm2_shards  # noqa: F401
+from tests.hubstub import SMOL_REPO, add_repos, hub, smollm2_shards  # noqa: F401
 
 
 def _fetcher(path: Path):

@@ -14,7 +14,7 @@ from distributed.errors import ModelGated, ModelNotFound, RefNotFound, Validatio
 from distributed.gguf_header import numbers, read_gguf
 from distributed.hub import RepoEntry
 from tests.hubstub import (GATED_REPO, NODEFAULT_REPO, SMOL_REPO, SPLIT_REPO, VISION_REPO, add_repos, hub,  # noqa: F401
-                           projector, smollm2_gguf, smollm2_shards)
+                           projector, smollm2_shards)
 
 
 # --------------------------------------------------------------------------- names

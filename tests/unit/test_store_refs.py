@@ -17,7 +17,7 @@ from distributed.planner import plan
 from distributed.store import MARKER, ModelStore, projector_path
 from distributed.vram import estimate
 from tests.hubstub import (SMOL_REPO, SPLIT_REPO, VISION_REPO, add_repos, hub, projector,  # noqa: F401
-                           smollm2_gguf, smollm2_shards)
+                           smollm2_shards)
 
 CPU = HostProfile(hostname="box", cpu_model="cpu", cpu_cores=4, ram_total_mb=16000, ram_free_mb=12000)
 
