@@ -14,10 +14,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .domain import EmbedRequest, GenerateRequest
 from .errors import ValidationFailed
+from .sampling import check as check_sampling
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -70,6 +71,13 @@ class GenerateParams(_Strict):
     top_logprobs: TopLogprobs = 0
     n: Choices = 1
     choice: int = Field(0, ge=0, lt=MAX_CHOICES)
+    sampling: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("sampling", mode="before")
+    @classmethod
+    def _sampling(cls, value: Any) -> Any:
+        # raises ValidationFailed naming "sampling.<knob>" (passes through pydantic as is)
+        return check_sampling(value, prefix="sampling")
 
     def to_domain(self, stream: bool) -> GenerateRequest:
         known = _GENERATE_FIELDS  # a test keeps the two in step; this keeps a partial upgrade working

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
+from .. import sampling
 from ..domain import Completion, GenerateRequest
 from ..errors import ValidationFailed
 from ..requests import MAX_CHOICES, Choices, MaxTokens, Penalty, Temperature, TopLogprobs, TopP
@@ -137,10 +138,10 @@ class _Request(BaseModel):
             temperature=r.temperature if r.temperature is not None else d.temperature,
             top_p=r.top_p if r.top_p is not None else d.top_p, stop=stop_list(r.stop), seed=r.seed,
             stream=bool(r.stream), presence_penalty=r.presence_penalty or 0.0,
-            frequency_penalty=r.frequency_penalty or 0.0, n=r.n or 1, **extra)
+            frequency_penalty=r.frequency_penalty or 0.0, n=r.n or 1, sampling=sampling.picked(self), **extra)
 
 
-class ChatCompletionRequest(_Request):
+class ChatCompletionRequest(_Request, sampling.Knobs):
     """POST /v1/chat/completions (see the module docstring for what is honoured)."""
 
     model: str | None = None
@@ -225,7 +226,7 @@ class ChatCompletionRequest(_Request):
         return [t.model_dump(exclude_none=True) for t in tools], out_choice
 
 
-class CompletionRequest(_Request):
+class CompletionRequest(_Request, sampling.Knobs):
     """POST /v1/completions (legacy text completion)."""
 
     model: str | None = None

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import sampling
 from ..domain import GenerateRequest, TokenChunk
 from ..errors import ValidationFailed
 
@@ -49,6 +50,27 @@ class Plan:
     tools: list[dict[str, Any]] | None = None  # passed to the chat template
     tool_choice: Any = None
     parse_calls: bool = False  # read <tool_call> blocks out of the answer
+
+
+# --------------------------------------------------------------------------- samplers
+# llama-cpp-python's own defaults, which are llama.cpp's (top_k 40, min_p 0.05, ...)
+_SAMPLER_DEFAULTS = {"top_k": 40, "min_p": 0.05, "typical_p": 1.0, "repeat_penalty": 1.0}
+
+
+def sampler_kwargs(req: GenerateRequest) -> dict[str, Any]:
+    """The keywords of ``Llama.create_completion`` / ``Llama.generate`` for the request's
+    sampler extras (``repeat_last_n`` is not one: see ``last_n``)."""
+    out = dict(_SAMPLER_DEFAULTS)
+    for name, value in (getattr(req, "sampling", None) or {}).items():
+        keyword = sampling.INPROCESS.get(name)
+        if keyword is not None and name != "repeat_last_n":
+            out[keyword] = value
+    return out
+
+
+def last_n(req: GenerateRequest, default: int) -> int:
+    """Tokens the repetition penalties look back over (llama-cpp-python reads it from the model)."""
+    return int((getattr(req, "sampling", None) or {}).get("repeat_last_n", default))
 
 
 # --------------------------------------------------------------------------- grammars
@@ -230,9 +252,8 @@ class LogprobDecoder:
     def run(self) -> Iterator[tuple[str, list[dict[str, Any]]] | str]:
         llm, req = self.llm, self.req
         llm.set_seed(req.seed if req.seed is not None else random.randint(0, 2**31))
-        gen = llm.generate(self.tokens, top_k=40, top_p=req.top_p, min_p=0.05, typical_p=1.0,
-                           temp=req.temperature, repeat_penalty=1.0, presence_penalty=req.presence_penalty,
-                           frequency_penalty=req.frequency_penalty, grammar=self.grammar)
+        gen = llm.generate(self.tokens, top_p=req.top_p, temp=req.temperature, presence_penalty=req.presence_penalty,
+                           frequency_penalty=req.frequency_penalty, grammar=self.grammar, **sampler_kwargs(req))
         vocab = llm._model.vocab
         n_ctx = llm.n_ctx()
         decoder = codecs.getincrementaldecoder("utf-8")("replace")

@@ -16,6 +16,7 @@ from ..catalog import Catalog
 from ..domain import HostProfile, ModelSpec, Plan, Unplaced
 from ..errors import ConfigError
 from ..logs import get_logger
+from ..modelref import carry
 from ..settings import Settings
 from ..store import ModelStore
 from .state import DesiredSet
@@ -79,7 +80,7 @@ class Placement:
                 self._add_replicas(plan, hosts, spec, wanted)
         order = {s.id: i for i, s in enumerate(specs)}
         plan.assignments.sort(key=lambda a: order.get(a.model, len(order)))
-        return plan
+        return carry(plan, specs, self.desired.chat_templates())  # deploys' templates, resolved references
 
     def _add_replicas(self, plan: Plan, hosts: dict[str, HostProfile], spec: ModelSpec, wanted: int) -> None:
         """More copies of ``spec``, each on another host that has room beside its share of the

@@ -57,7 +57,7 @@ class EngineTarget(Target):
     def __init__(self, spec: ModelSpec, assignment: Assignment, config: EngineConfig, *,
                  model_path: Callable[[], Path], node: str, metrics: Metrics | None = None) -> None:
         # backend "llama_cpp": llama.cpp, in another process
-        self.served = Served(spec, assignment, node=node, metrics=metrics)
+        self.served = Served(spec, assignment, node=node, metrics=metrics, sees_images=True)  # --mmproj
         self.model, self.kind, self.node, self.spec, self.assignment = spec.id, spec.kind, node, spec, assignment
         self.config = config
         self.metrics = metrics
@@ -142,10 +142,11 @@ class EngineTarget(Target):
         """What the GGUF's chat template can do (llama-server's /props ``chat_template_caps``)."""
         try:
             r = await self._client.get(self.base_url + "/props", timeout=5.0)
-            caps = r.json().get("chat_template_caps") if r.status_code == 200 else None
+            props = r.json() if r.status_code == 200 else {}
         except Exception:  # noqa: BLE001 - unknown caps: the engine decides per request
-            caps = None
-        self.template_caps = caps if isinstance(caps, dict) else None
+            props = {}
+        caps = props.get("chat_template_caps")
+        self.template_caps = wire.template_caps(caps, props) if isinstance(caps, dict) else None
 
     async def _healthy(self) -> bool:
         r = await self._client.get(self.base_url + "/health", timeout=2.0)
@@ -205,7 +206,7 @@ class EngineTarget(Target):
 
         t0 = time.perf_counter()
         self._validate(req)
-        path, body = wire.payload(req, self.model)
+        path, body = wire.payload(req, self.model, self.template_caps)
         body["stream"] = False
         self.served.requests += 1
         async with self.slots.slot(bounded=not req.choice):
@@ -230,7 +231,7 @@ class EngineTarget(Target):
     async def stream(self, req: GenerateRequest) -> AsyncIterator[TokenChunk | Completion]:
         t0 = time.perf_counter()
         self._validate(req)
-        path, body = wire.payload(req, self.model)
+        path, body = wire.payload(req, self.model, self.template_caps)
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
         self.served.requests += 1

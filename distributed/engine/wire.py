@@ -4,16 +4,18 @@
 ``/v1/completions`` (prompt). The OpenAI parameters beyond the basic ones
 (``presence_penalty``, ``frequency_penalty``, ``response_format``, ``tools``,
 ``tool_choice``, ``logprobs``, ``top_logprobs``, ``n``) are forwarded when the request
-carries them: llama-server does grammars / JSON schema, tool calls through the GGUF's
-template (``--jinja``) and logprobs itself. ``answer(body)`` maps a whole answer,
-``StreamState.feed(chunk)`` maps stream chunks, ``engine_error(...)`` maps a refusal to
-our exception tree (context too long → ``InputTooLong``; other 400s → ``ValidationFailed``
+carries them, and so are llama.cpp's sampler extras (``req.sampling``, under
+llama-server's own names: ``distributed/sampling.py``). llama-server does grammars / JSON
+schema, tool calls through the GGUF's template (``--jinja``) and logprobs itself.
+``answer(body)`` maps a whole answer, ``StreamState.feed(chunk)`` maps stream chunks,
+``engine_error(...)`` maps a refusal to our exception tree (context too long → ``InputTooLong``; other 400s → ``ValidationFailed``
 with the engine's reason).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 from ..domain import Completion, GenerateRequest, TokenChunk
@@ -28,7 +30,37 @@ _COMPLETION_FIELDS = {f.name for f in dataclasses.fields(Completion)}
 _CHUNK_FIELDS = {f.name for f in dataclasses.fields(TokenChunk)}
 
 
-def payload(req: GenerateRequest, alias: str) -> tuple[str, dict[str, Any]]:
+def template_caps(caps: dict[str, Any], props: dict[str, Any]) -> dict[str, Any]:
+    """llama-server's ``chat_template_caps`` plus ``tool_call_start``: the text that opens a
+    tool call when the template writes calls in the Hermes format (``<tool_call>\n{json}``),
+    else None. ``payload`` prefills it for a forced call."""
+    source = str(props.get("chat_template_tool_use") or props.get("chat_template") or "")
+    hermes = "<tool_call>" in source and "<function=" not in source and "<arg_key>" not in source
+    return {**caps, "tool_call_start": "<tool_call>\n" if hermes and caps.get("supports_tool_calls") else None}
+
+
+def _forced_call(req: GenerateRequest, body: dict[str, Any], caps: dict[str, Any] | None) -> None:
+    """``tool_choice`` "required" or a named tool on llama-server.
+
+    llama-server takes no named ``tool_choice`` (it warns and uses "auto"): the named tool is
+    sent alone, with "required". Its "required" grammar lets the model write free text before
+    the call, and a small model may never get to it; where the template writes Hermes calls
+    the answer is prefilled with the call's opening (llama-server continues a final
+    assistant message), so the grammar holds it to a call of the tools from the first token
+    and llama-server still parses it."""
+    choice = req.tool_choice
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name")
+        body["tools"] = [t for t in req.tools or () if (t.get("function") or {}).get("name") == name]
+        body["tool_choice"] = "required"
+    start = (caps or {}).get("tool_call_start")
+    messages = req.messages or []
+    if body.get("tool_choice") == "required" and start and messages and messages[-1].get("role") != "assistant":
+        body["messages"] = [*messages, {"role": "assistant", "content": start}]
+
+
+def payload(req: GenerateRequest, alias: str, caps: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+    """(path, body) for llama-server; ``caps`` = ``template_caps(...)`` of its model, when known."""
     body: dict[str, Any] = {"model": alias, "max_tokens": req.max_tokens, "temperature": req.temperature,
                             "top_p": req.top_p, "stream": bool(req.stream)}
     if req.stop:
@@ -39,12 +71,17 @@ def payload(req: GenerateRequest, alias: str) -> tuple[str, dict[str, Any]]:
         value = getattr(req, name, None)
         if value is not None and value != _DEFAULTS.get(name):
             body[name] = value
+    sampling = getattr(req, "sampling", None)
+    if sampling:  # llama-server's own names (distributed/sampling.py), validated on the way in
+        body.update(sampling)
     if body.get("top_logprobs") and not body.get("logprobs"):
         body.pop("top_logprobs")
     if req.stream:
         body["stream_options"] = {"include_usage": True}
     if req.messages is not None:
         body["messages"] = req.messages
+        if req.tools and req.tool_choice not in (None, "none", "auto"):
+            _forced_call(req, body, caps)
         return "/v1/chat/completions", body
     body["prompt"] = req.prompt or ""
     if body.get("logprobs"):  # llama-server's /v1/completions takes logprobs as the number of alternatives
@@ -57,11 +94,24 @@ def _choice(body: dict[str, Any]) -> dict[str, Any]:
     return choices[0] if choices else {}
 
 
+def whole_calls(calls: list[dict[str, Any]], finish: str | None) -> list[dict[str, Any]]:
+    """The tool calls of an answer, less a last one that ``max_tokens`` cut off (its
+    arguments are not whole JSON): a truncated call is not a call."""
+    if finish != "length" or not calls:
+        return calls
+    try:
+        json.loads((calls[-1].get("function") or {}).get("arguments") or "")
+    except ValueError:
+        return calls[:-1]
+    return calls
+
+
 def extras(choice: dict[str, Any], message: dict[str, Any]) -> dict[str, Any]:
     """Fields the Completion may carry (tool calls, logprobs) when the domain has them."""
     out: dict[str, Any] = {}
-    if message.get("tool_calls") and "tool_calls" in _COMPLETION_FIELDS:
-        out["tool_calls"] = message["tool_calls"]
+    calls = whole_calls(message.get("tool_calls") or [], choice.get("finish_reason"))
+    if calls and "tool_calls" in _COMPLETION_FIELDS:
+        out["tool_calls"] = calls
     lp = choice.get("logprobs")
     content = lp.get("content") if isinstance(lp, dict) else lp
     if content and "logprobs" in _COMPLETION_FIELDS:
@@ -131,6 +181,7 @@ class StreamState:
 
     def tool_chunk(self) -> TokenChunk | None:
         """The piece that completes the tool calls (text ""), when the answer made any."""
+        self.tool_calls = whole_calls(self.tool_calls, self.finish_reason)
         if not self.tool_calls:
             return None
         piece = TokenChunk("")

@@ -79,3 +79,50 @@ def test_refusals_map_to_our_errors():
                       ModelLoading)
     e = wire.engine_error(500, "boom", "m", "n1", messages=False)
     assert isinstance(e, ModelFailed) and "HTTP 500" in e.message and "boom" in e.message
+
+
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}},
+         {"type": "function", "function": {"name": "g", "parameters": {"type": "object"}}}]
+HERMES = wire.template_caps({"supports_tool_calls": True}, {"chat_template": "{{ '<tool_call>\\n' }}"})
+
+
+def test_template_caps_recognise_the_hermes_call_format():
+    assert HERMES["tool_call_start"] == "<tool_call>\n" and HERMES["supports_tool_calls"] is True
+    xml = wire.template_caps({"supports_tool_calls": True}, {"chat_template": "<tool_call><function=x>"})
+    assert xml["tool_call_start"] is None
+    assert wire.template_caps({"supports_tool_calls": False}, {"chat_template": "<tool_call>"})["tool_call_start"] is None
+
+
+def test_a_forced_call_is_prefilled_and_a_named_one_sent_alone():
+    msgs = [{"role": "user", "content": "x"}]
+    _, body = wire.payload(GenerateRequest(messages=msgs, tools=TOOLS, tool_choice="required"), "m", HERMES)
+    assert body["tool_choice"] == "required" and body["tools"] == TOOLS
+    assert body["messages"] == [*msgs, {"role": "assistant", "content": "<tool_call>\n"}]
+    named = {"type": "function", "function": {"name": "g"}}
+    _, body = wire.payload(GenerateRequest(messages=msgs, tools=TOOLS, tool_choice=named), "m", HERMES)
+    assert body["tool_choice"] == "required" and body["tools"] == [TOOLS[1]] and body["messages"][-1]["role"] == "assistant"
+    # another call format: no prefill (llama-server's own grammar), the named tool still alone
+    _, body = wire.payload(GenerateRequest(messages=msgs, tools=TOOLS, tool_choice=named), "m", None)
+    assert body["tool_choice"] == "required" and body["tools"] == [TOOLS[1]] and body["messages"] == msgs
+    # auto is the model's choice: nothing added; a conversation that ends with the assistant is not prefilled twice
+    _, body = wire.payload(GenerateRequest(messages=msgs, tools=TOOLS, tool_choice="auto"), "m", HERMES)
+    assert body["messages"] == msgs and body["tool_choice"] == "auto"
+    ends = [*msgs, {"role": "assistant", "content": "Sure"}]
+    _, body = wire.payload(GenerateRequest(messages=ends, tools=TOOLS, tool_choice="required"), "m", HERMES)
+    assert body["messages"] == ends
+
+
+def test_a_call_cut_off_by_max_tokens_is_dropped():
+    whole = {"id": "a", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
+    cut = {"id": "b", "type": "function", "function": {"name": "f", "arguments": '{"x":'}}
+    assert wire.whole_calls([whole, cut], "length") == [whole]
+    assert wire.whole_calls([whole, cut], "stop") == [whole, cut]  # the engine said it ended: its parse stands
+    *_, extra = wire.answer({"choices": [{"message": {"tool_calls": [whole, cut]}, "finish_reason": "length"}]})
+    assert extra["tool_calls"] == [whole]
+    state = wire.StreamState()
+    for delta in ({"tool_calls": [{"index": 0, "id": "a", "function": {"name": "f", "arguments": '{"x": 1}'}}]},
+                  {"tool_calls": [{"index": 1, "id": "b", "function": {"name": "f", "arguments": '{"x":'}}]}):
+        state.feed({"choices": [{"delta": delta}]})
+    state.feed({"choices": [{"delta": {}, "finish_reason": "length"}]})
+    piece = state.tool_chunk()
+    assert piece is not None and [c["id"] for c in piece.tool_calls] == ["a"] and state.extras()["tool_calls"] == [whole]
