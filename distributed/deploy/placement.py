@@ -5,7 +5,9 @@ catalog's defaults, plus runtime deploys, less removals) into a plan over some h
 the planner, then the models pinned to a host (``deploy --node``), then the extra copies
 of a replicated model (``deploy --replicas N``). The node plans for itself with it
 (``Node.plan_alone``), the cluster over every live host (``Cluster._replan``), and the
-``Deployer`` changes the desired set and asks the cluster to apply a new plan.
+``Deployer`` changes the desired set and asks the cluster to apply a new plan. Every plan
+carries what other hosts need to run it as planned here (``modelref.carry``): each deploy's
+chat template on its assignments, and the specs of the hub references it places.
 """
 
 from __future__ import annotations
