@@ -221,7 +221,7 @@ async def test_tools_give_tool_calls_or_a_400_saying_the_template_cannot(api):
     ({"audio": {"voice": "alloy"}}, "audio"),
     ({"store": True}, "store"),
     ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
-    ({"top_k": 5}, "top_k"),
+    ({"top_k": -5}, "top_k"),
     ({"top_logprobs": 2}, "top_logprobs"),
     ({"n": 99}, "n"),
 ])
