@@ -69,3 +69,15 @@ def test_auto_answers_or_calls(smol):
     text = "".join(c.text for c in chunks)
     calls = [c for ch in chunks for c in (ch.tool_calls or [])]
     assert text.strip() or calls  # whichever the model chose, it is an answer
+
+
+def test_without_tools_the_template_writes_what_smollm2s_own_does(smol):
+    """The shipped template adds tools and nothing else: a plain chat is rendered byte for
+    byte as the GGUF's own template renders it (its default system prompt included)."""
+    jinja2 = pytest.importorskip("jinja2")
+    own = smol._llm.metadata["tokenizer.chat_template"]
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+    for messages in (ASK, [{"role": "system", "content": "Be brief."}, *ASK, {"role": "assistant", "content": "Sun."},
+                           {"role": "user", "content": "Thanks"}]):
+        text, _, _ = smol.format_chat(messages)
+        assert text == env.from_string(own).render(messages=messages, add_generation_prompt=True)
