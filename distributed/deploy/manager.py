@@ -8,9 +8,15 @@ is not on disk (``deploy/pull.py``) — and every host routes to it; workers rec
 plan with their next heartbeat. Nothing restarts. A worker asked to deploy forwards the call to the
 server (``models.deploy`` / ``models.remove`` over ``/rpc``).
 
+``model`` is a catalog id or a hub reference (``hf.co/ORG/REPO[:QUANT]``): the name is
+checked where the call arrives (``modelref.check_name``, no network) and a reference is
+resolved once, by the planning host (``modelref.resolve_async``: the hub's file list and the
+GGUF header by range reads), before the plan; the plan carries its spec to every host.
+``chat_template`` names a shipped template the model runs with in place of its own.
+
 Answers: ``deploy`` → ``{"model", "status": "deploying" | "unchanged", "placement":
 [assignment], "reason", "replicas", "node"}``; an id not in the catalog → ``ModelNotFound``
-(404, listing the catalog); no host with room → ``NoRoom`` (409) saying what the model needs
+(404, listing the catalog); a reference the hub does not have → ``RefNotFound`` (404); no host with room → ``NoRoom`` (409) saying what the model needs
 and what each host has. ``remove`` → ``{"model", "status": "removing"}``: each host stops
 routing the model and unloads it after its requests in flight (``targets/routes.py``).
 """
@@ -23,6 +29,7 @@ from typing import Any
 from ..domain import HostProfile, ModelSpec, Plan
 from ..errors import ModelNotFound, NoRoom, ValidationFailed
 from ..logs import fields, get_logger
+from ..modelref import check_name, resolve_async
 from ..seams import PlanningCluster
 from ..settings import Settings
 from ..targets import Routes
@@ -47,14 +54,18 @@ class Deployer:
         self._lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ deploy / remove
-    async def deploy(self, model: str, replicas: int | None = None, node: str | None = None) -> dict[str, Any]:
-        spec = self.placement.catalog.get(model)  # ModelNotFound (404) lists the catalog
+    async def deploy(self, model: str, replicas: int | None = None, node: str | None = None,
+                     chat_template: str | None = None) -> dict[str, Any]:
+        check_name(model, self.placement.catalog, chat_template)  # 404 listing the catalog / 400, no network
         client = self.cluster.planner_client()
         if client is not None:
-            out: dict[str, Any] = await client.call("models.deploy", {"model": model, "replicas": replicas,
-                                                                      "node": node},
-                                                    timeout=self.settings.request_timeout_s)
+            params = {"model": model, "replicas": replicas, "node": node}
+            if chat_template is not None:  # only when set: a planning host of the previous version takes the call
+                params["chat_template"] = chat_template
+            out: dict[str, Any] = await client.call("models.deploy", params, timeout=self.settings.request_timeout_s)
             return out
+        spec = await resolve_async(model, self.placement.catalog)  # a hub reference: resolved once, here
+        model = spec.id
         replicas = 1 if replicas is None else replicas
         hosts = self.cluster.hosts()
         if node is not None and node not in hosts:
@@ -63,7 +74,7 @@ class Deployer:
                 field="node", hosts=sorted(hosts))
         async with self._lock:
             before = self.desired.to_dict()
-            changed = self.desired.deploy(model, replicas, node)
+            changed = self.desired.deploy(model, replicas, node, chat_template)
             plan = self.placement.plan(hosts)
             placed = [a for a in plan.assignments if a.model == model]
             if not placed:
