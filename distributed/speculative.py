@@ -66,7 +66,8 @@ from typing import Any
 
 from .domain import ModelSpec
 from .errors import ValidationFailed
-from .vram import has_slots, read_gguf
+from .gguf_header import read_gguf
+from .vram import has_slots
 
 MODES = ("auto", "off", "ngram", "draft")
 NGRAM_TYPE = "ngram-mod"  # llama-server's --spec-type for draftless speculation

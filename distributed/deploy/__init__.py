@@ -6,8 +6,9 @@
 * ``placement.py`` — ``Placement``: the desired set as specs, and the plan that places it
   over some hosts (the planner, pinned hosts, extra replicas): what the node plans for
   itself and the cluster over every live host;
-* ``manager.py`` — ``Deployer``: ``deploy(model, replicas, node)`` / ``remove(model)`` on the
-  planning host (a worker forwards to it over ``/rpc``): checks the catalog and the room,
+* ``manager.py`` — ``Deployer``: ``deploy(model, replicas, node, chat_template)`` / ``remove(model)``
+  on the planning host (a worker forwards to it over ``/rpc``): resolves a hub reference
+  (``modelref``), checks the catalog and the room,
   persists, re-plans and applies — loading, pulling and routing then follow the cluster's
   ordinary plan path on every host, with nothing restarted;
 * ``pull.py`` — the serving host fetches a model that is not on disk (``ModelStore.pull``)

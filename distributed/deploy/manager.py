@@ -8,13 +8,20 @@ is not on disk (``deploy/pull.py``) — and every host routes to it; workers rec
 plan with their next heartbeat. Nothing restarts. A worker asked to deploy forwards the call to the
 server (``models.deploy`` / ``models.remove`` over ``/rpc``).
 
+``model`` is a catalog id or a hub reference (``hf.co/ORG/REPO[:QUANT]``): the name is
+checked where the call arrives (``modelref.check_name``, no network) and a reference is
+resolved once, by the planning host (``modelref.resolve_async``: the hub's file list and the
+GGUF header by range reads), before the plan; the plan carries its spec to every host.
+``chat_template`` names a shipped template the model runs with in place of its own.
+
 Answers: ``deploy`` → ``{"model", "status": "deploying" | "unchanged", "placement":
 [assignment], "reason", "replicas", "node", "draft"}``; an id not in the catalog → ``ModelNotFound``
-(404, listing the catalog); no host with room → ``NoRoom`` (409) saying what the model needs
-and what each host has. ``draft`` (speculative decoding) names a GGUF chat model of the
-catalog that shares the model's vocabulary — compared from both GGUF headers here when both
-files are at hand (else by the serving host before its engine starts) → 400 naming
-``draft`` when not; it is kept with the deployment and planned beside the model. ``remove`` → ``{"model", "status": "removing"}``: each host stops
+(404, listing the catalog); a reference the hub does not have → ``RefNotFound`` (404); no host
+with room → ``NoRoom`` (409) saying what the model needs and what each host has. ``draft``
+(speculative decoding) names a GGUF chat model of the catalog that shares the model's
+vocabulary — compared from both GGUF headers here when both files are at hand (else by the
+serving host before its engine starts) → 400 naming ``draft`` when not; it is kept with the
+deployment and planned beside the model. ``remove`` → ``{"model", "status": "removing"}``: each host stops
 routing the model and unloads it after its requests in flight (``targets/routes.py``).
 """
 
@@ -26,6 +33,7 @@ from typing import Any
 from ..domain import HostProfile, ModelSpec, Plan
 from ..errors import ModelNotFound, NoRoom, TarsError, ValidationFailed
 from ..logs import fields, get_logger
+from ..modelref import check_name, resolve_async
 from ..seams import PlanningCluster
 from ..settings import Settings
 from ..targets import Routes
@@ -51,13 +59,17 @@ class Deployer:
 
     # ------------------------------------------------------------------ deploy / remove
     async def deploy(self, model: str, replicas: int | None = None, node: str | None = None,
-                     draft: str | None = None) -> dict[str, Any]:
-        spec = self.placement.catalog.get(model)  # ModelNotFound (404) lists the catalog
+                     draft: str | None = None, chat_template: str | None = None) -> dict[str, Any]:
+        check_name(model, self.placement.catalog, chat_template)  # 404 listing the catalog / 400, no network
         client = self.cluster.planner_client()
         if client is not None:
-            params = {"model": model, "replicas": replicas, "node": node, **({"draft": draft} if draft else {})}
+            params: dict[str, Any] = {"model": model, "replicas": replicas, "node": node}
+            # only when set: a planning host of a previous version takes the call
+            params.update({k: v for k, v in (("draft", draft), ("chat_template", chat_template)) if v is not None})
             out: dict[str, Any] = await client.call("models.deploy", params, timeout=self.settings.request_timeout_s)
             return out
+        spec = await resolve_async(model, self.placement.catalog)  # a hub reference: resolved once, here
+        model = spec.id
         checked = await self._check_draft(spec, draft) if draft else None
         replicas = 1 if replicas is None else replicas
         hosts = self.cluster.hosts()
@@ -67,7 +79,7 @@ class Deployer:
                 field="node", hosts=sorted(hosts))
         async with self._lock:
             before = self.desired.to_dict()
-            changed = self.desired.deploy(model, replicas, node, draft)
+            changed = self.desired.deploy(model, replicas, node, draft, chat_template)
             plan = self.placement.plan(hosts)
             placed = [a for a in plan.assignments if a.model == model]
             if not placed:

@@ -5,7 +5,9 @@ catalog's defaults, plus runtime deploys, less removals) into a plan over some h
 the planner, then the models pinned to a host (``deploy --node``), then the extra copies
 of a replicated model (``deploy --replicas N``). The node plans for itself with it
 (``Node.plan_alone``), the cluster over every live host (``Cluster._replan``), and the
-``Deployer`` changes the desired set and asks the cluster to apply a new plan.
+``Deployer`` changes the desired set and asks the cluster to apply a new plan. Every plan
+carries what other hosts need to run it as planned here (``modelref.carry``): each deploy's
+chat template on its assignments, and the specs of the hub references it places.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from ..catalog import Catalog
 from ..domain import HostProfile, ModelSpec, Plan, Unplaced
 from ..errors import ConfigError
 from ..logs import get_logger
+from ..modelref import carry
 from ..settings import Settings
 from ..store import ModelStore
 from .state import DesiredSet
@@ -86,7 +89,7 @@ class Placement:
                 self._add_replicas(plan, hosts, spec, wanted)
         order = {s.id: i for i, s in enumerate(specs)}
         plan.assignments.sort(key=lambda a: order.get(a.model, len(order)))
-        return plan
+        return carry(plan, specs, self.desired.chat_templates())  # deploys' templates, resolved references
 
     def _add_replicas(self, plan: Plan, hosts: dict[str, HostProfile], spec: ModelSpec, wanted: int) -> None:
         """More copies of ``spec``, each on another host that has room beside its share of the

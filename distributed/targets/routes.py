@@ -71,9 +71,9 @@ async def _drain_then_close(target: Target, limit_s: float = 300.0) -> None:
 def same_placement(a: Assignment | None, b: Assignment | None) -> bool:
     if a is None or b is None:
         return False
-    # a split on other hosts is another engine; so is one with another draft model (speculative decoding)
-    return (a.device, a.n_gpu_layers, a.quant, a.backend, a.split, _draft(a)) == \
-        (b.device, b.n_gpu_layers, b.quant, b.backend, b.split, _draft(b))
+    # a split on other hosts is another engine; so is one with another chat template or draft model
+    return (a.device, a.n_gpu_layers, a.quant, a.backend, a.split, a.chat_template, _draft(a)) == \
+        (b.device, b.n_gpu_layers, b.quant, b.backend, b.split, b.chat_template, _draft(b))
 
 
 def _draft(a: Assignment) -> tuple[str, str] | None:

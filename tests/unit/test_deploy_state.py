@@ -69,3 +69,17 @@ def test_a_pull_on_a_peer_shows_in_this_hosts_model_list() -> None:
     assert info["state"] == "pulling" and info["progress"]["percent"] == 25.0 and t.state == "loading"
     peer.reports = {"state": "ready"}
     assert t.info()["state"] == "ready" and "progress" not in t.info()
+
+
+def test_a_draft_and_a_chat_template_are_kept_together(tmp_path: Path) -> None:
+    d = DesiredSet(tmp_path, ["a"])
+    assert d.deploy("a", 1, None, draft="b", chat_template="chatml-tools")
+    assert not d.deploy("a", 1, None, draft="b", chat_template="chatml-tools")  # unchanged
+    d.save()
+    assert json.loads((tmp_path / STATE_FILE).read_text())["deployed"] == {
+        "a": {"replicas": 1, "node": None, "draft": "b", "chat_template": "chatml-tools"}}
+    again = DesiredSet(tmp_path, ["a"])
+    assert (again.get("a").draft, again.get("a").chat_template) == ("b", "chatml-tools")
+    assert again.chat_templates() == {"a": "chatml-tools"}
+    assert again.deploy("a", 1, None, chat_template="chatml-tools") and again.get("a").draft is None
+    assert again.deploy("a") and "a" not in again.deployed  # as the starting set has it

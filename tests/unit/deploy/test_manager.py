@@ -189,3 +189,61 @@ async def test_a_worker_forwards_to_the_planning_host(tmp_path):
     cluster.joined = False
     with pytest.raises(ConfigError, match="not joined"):
         await d.deploy(RR)
+
+
+# ---------------------------------------------------------------------- issue 20: references and chat templates
+REF = "hf.co/tars-test/Tiny-GGUF:Q4_K_M"
+
+
+def _ref_spec() -> Any:
+    from distributed.domain import ModelSpec
+
+    return ModelSpec(id=REF, kind="chat", backend="llama_cpp", params_b=0.135, quant="Q4_K_M", context=2048,
+                     repo="tars-test/Tiny-GGUF", file="tiny-Q4_K_M.gguf", size_mb=100, n_layers=30, n_embd=576,
+                     n_head_kv=3, head_dim=64, revision="a" * 40)
+
+
+async def test_a_deploys_chat_template_is_kept_planned_and_compared(tmp_path):
+    d, cluster = deployer(tmp_path)
+    out = await d.deploy(RR, chat_template="chatml-tools")
+    assert out["status"] == "deploying" and out["placement"][0]["chat_template"] == "chatml-tools"
+    assert saved(tmp_path).desired.get(RR).chat_template == "chatml-tools"  # in the desired-set file
+    plan = d.placement.plan(cluster.hosts())
+    assert plan.where(RR).chat_template == "chatml-tools" and plan.where(CHAT).chat_template is None
+    assert (await d.deploy(RR, chat_template="chatml-tools"))["status"] == "unchanged"
+    assert (await d.deploy(RR))["status"] == "deploying" and cluster.replans == 2  # its own template again
+    assert d.placement.plan(cluster.hosts()).where(RR).chat_template is None
+
+
+async def test_a_template_that_does_not_ship_is_refused_before_anything(tmp_path):
+    d, cluster = deployer(tmp_path, planner=False)
+    with pytest.raises(ValidationFailed) as ei:
+        await d.deploy(RR, chat_template="/etc/passwd")  # over the network a template is named, never a path
+    assert ei.value.details["field"] == "chat_template" and "chatml-tools" in ei.value.message
+    assert cluster.server.sent == [] and cluster.replans == 0
+
+
+async def test_a_worker_forwards_a_reference_unresolved_with_its_template(tmp_path):
+    d, cluster = deployer(tmp_path, planner=False)
+    await d.deploy(REF, chat_template="chatml-tools")  # no hub here: the planning host resolves it
+    assert cluster.server.sent == [("models.deploy", {"model": REF, "replicas": None, "node": None,
+                                                      "chat_template": "chatml-tools"})]
+    with pytest.raises(ValidationFailed) as ei:  # a malformed reference: refused where it arrives
+        await d.deploy("hf.co/not a repo")
+    assert ei.value.details["field"] == "model" and len(cluster.server.sent) == 1
+
+
+async def test_the_plan_carries_the_spec_of_a_resolved_reference(tmp_path):
+    d, cluster = deployer(tmp_path)
+    d.placement.catalog.remember(_ref_spec())  # as modelref.resolve leaves it
+    out = await d.deploy(REF)
+    assert out["status"] == "deploying" and out["model"] == REF
+    plan = d.placement.plan(cluster.hosts())
+    assert list(plan.specs) == [REF] and plan.specs[REF]["revision"] == "a" * 40  # catalog ids travel as ids
+    from distributed.catalog import load_catalog
+    from distributed.domain import Plan
+
+    other = load_catalog()  # a worker's catalog: it never resolved the reference
+    assert REF not in other
+    other.learn(Plan.from_dict(plan.to_dict()).specs)  # Node.apply_plan: over the wire, then learned
+    assert other.get(REF).file == "tiny-Q4_K_M.gguf" and other.get(REF).n_layers == 30

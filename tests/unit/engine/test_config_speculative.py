@@ -125,3 +125,16 @@ def test_a_bad_mode_names_the_variable():
     with pytest.raises(ConfigError) as e:
         load_settings(speculative="fast")
     assert "TARS_SPECULATIVE='fast'" in e.value.message and "ngram" in e.value.message
+
+
+def test_speculation_sits_beside_the_models_own_files(tmp_path):
+    """A deploy's chat template and a vision projector (refs) with n-gram speculation: all in one command line."""
+    from dataclasses import replace
+
+    spec = replace(SMOL, mmproj="/p/mmproj.gguf")
+    config = EngineConfig.of(load_settings(speculative="ngram", parallel=1), spec, assignment(slots=1), BIN,
+                             chat_template=Path("/t/chatml-tools.jinja"))
+    argv = config.argv(MODEL, 9000)
+    assert argv[argv.index("--mmproj") + 1] == "/p/mmproj.gguf" and "--no-mmproj-offload" in argv
+    assert argv[argv.index("--chat-template-file") + 1] == "/t/chatml-tools.jinja"
+    assert flags(argv)[:2] == ["--spec-type", "ngram-mod"]
