@@ -45,6 +45,8 @@ class Settings(BaseSettings):
         description="Comma-separated base URLs of peers to join, e.g. http://192.168.1.10:8000.")
     role: Literal["auto", "server", "worker", "standalone"] = Field(
         "auto", description="auto (server without peers, worker with peers), server, worker or standalone.")
+    ollama_port: int = Field(0, ge=0, le=65535, description="A second port (on TARS_HOST) serving the same API, for apps "
+                                                            "that only talk to Ollama's port (11434); 0 = off.")
 
     # --- security
     cluster_token: SecretStr = Field(SecretStr(""), description="Shared secret every /rpc call must carry.")
