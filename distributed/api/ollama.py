@@ -277,7 +277,8 @@ async def embed(request: Request) -> Response:
         raise ValidationFailed(f"model '{result.model}' returns {vectors.shape[1]}-dimensional vectors; "
                                f"'dimensions' must be {vectors.shape[1]} or omitted", field="dimensions")
     return JSON(orjson.dumps({"model": r.model, "embeddings": vectors, "total_duration": time.perf_counter_ns() - t0,
-                              "load_duration": 0, "prompt_eval_count": result.prompt_tokens},
+                              "load_duration": 0, "prompt_eval_count": result.prompt_tokens, "node": result.node,
+                              "via": result.via},
                              option=orjson.OPT_SERIALIZE_NUMPY))
 
 

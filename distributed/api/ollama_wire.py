@@ -8,7 +8,8 @@ other dialects holds here too: a field is honoured, or refused with a 400 naming
 for every path under ``/api/`` in api/error_shapes.py).
 
 Names: our model ids, also with Ollama's ``:latest`` tag (``model_id``). Durations are
-nanoseconds, as Ollama's. A streamed answer is one JSON object a line, the last with
+nanoseconds, as Ollama's. Final objects also carry ``node`` (the host that computed the
+answer) and ``via`` (the host that received it), which Ollama's clients ignore. A streamed answer is one JSON object a line, the last with
 ``"done": true`` and the counts; a failure after the first line ends it with an
 ``{"error": ...}`` line, which the official client raises.
 """
@@ -505,7 +506,7 @@ def chat_body(name: str, c: Completion, total_ns: int) -> dict[str, Any]:
     if c.tool_calls:
         message["tool_calls"] = tool_calls(c.tool_calls)
     out: dict[str, Any] = {"model": name, "created_at": timestamp(), "message": message, "done": True,
-                           "done_reason": done_reason(c), **stats(c, total_ns)}
+                           "done_reason": done_reason(c), **stats(c, total_ns), "node": c.node, "via": c.via}
     if c.logprobs is not None:
         out["logprobs"] = c.logprobs
     return out
@@ -513,7 +514,7 @@ def chat_body(name: str, c: Completion, total_ns: int) -> dict[str, Any]:
 
 def generate_body(name: str, c: Completion, total_ns: int) -> dict[str, Any]:
     out: dict[str, Any] = {"model": name, "created_at": timestamp(), "response": c.text, "done": True,
-                           "done_reason": done_reason(c), **stats(c, total_ns)}
+                           "done_reason": done_reason(c), **stats(c, total_ns), "node": c.node, "via": c.via}
     if c.logprobs is not None:
         out["logprobs"] = c.logprobs
     return out
