@@ -24,6 +24,7 @@ from ..errors import ModelFailed
 from .ollama_wire import tagged
 
 MIB = 2**20
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"  # chat templates shipped with the package
 FOREVER = "2318-01-01T00:00:00Z"  # models stay loaded until removed (Ollama's keep_alive -1 reads alike)
 _FORMATS = {"llama_cpp": "gguf"}
 _SKIP = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type", "tokenizer.ggml.merges")
@@ -93,6 +94,15 @@ class ModelFacts:
                 "digest": self.digest, "details": self.details()}
 
     def template(self) -> str:
+        """The chat template the model is served with: the catalog's own file when the entry
+        names one (``chat_template``: a shipped name or a path), else the GGUF's."""
+        named = getattr(self.spec, "chat_template", None)
+        if named:
+            path = Path(named) if Path(named).is_absolute() else TEMPLATES / f"{named}.jinja"
+            try:
+                return path.read_text()
+            except OSError:
+                pass
         return str(self.fields.get("tokenizer.chat_template") or "")
 
     def model_info(self, context: int) -> dict[str, Any]:

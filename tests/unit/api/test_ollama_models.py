@@ -81,3 +81,17 @@ def test_pull_of_a_model_on_disk_reports_all_of_it_here():
     assert lines[0]["completed"] == lines[0]["total"] == spec.size_mb * 2**20
     assert lines[1] == {"status": "loading model"}
     assert p.update({"state": "ready"}) == ([{"status": "success"}], True)
+
+
+def test_template_is_the_catalogs_own_file_when_it_names_one(tmp_path):
+    import dataclasses
+
+    spec = CATALOG.get("smollm2-135m-instruct")
+    facts = ModelFacts(spec, None)
+    facts.fields = {"tokenizer.chat_template": "{{ gguf }}"}
+    assert facts.template() == "{{ gguf }}"
+    (tmp_path / "mine.jinja").write_text("{{ mine }}")
+    named = ModelFacts(spec, None)
+    named.spec = dataclasses.replace(spec)
+    object.__setattr__(named.spec, "chat_template", str(tmp_path / "mine.jinja"))
+    assert named.template() == "{{ mine }}"
