@@ -25,7 +25,7 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import PlainTextResponse, Response
 
-from ..domain import Completion, EmbedRequest
+from ..domain import Completion, EmbedRequest, ModelSpec
 from ..errors import ModelFailed, ModelLoading, ModelNotFound, RequestTimeout, TarsError, ValidationFailed
 from . import ollama_wire as w
 from . import schemas as s
@@ -72,8 +72,18 @@ def _body(model: type) -> dict[str, Any]:
 
 
 # =========================================================================== models
-def _facts(node: Any, ids: list[str]) -> dict[str, ModelFacts]:
-    specs = [node.catalog.get(i) for i in ids]
+def _spec(node: Any, info: dict[str, Any]) -> ModelSpec:
+    """The catalog's spec of a served model; a model only a peer's catalog has (a user
+    catalog entry there) gets one from what its host reports."""
+    model = info["id"]
+    if model in node.catalog:
+        return node.catalog.get(model)
+    return ModelSpec(id=model, kind=info.get("kind", "chat"), backend=info.get("backend") or "", params_b=0.0,
+                     quant=info.get("quant") or "", context=int(info.get("context") or 0))
+
+
+def _facts(node: Any, infos: list[dict[str, Any]]) -> dict[str, ModelFacts]:
+    specs = [_spec(node, i) for i in infos]
     paths = node.model_paths(specs)
     return {sp.id: ModelFacts(sp, paths.get(sp.id)) for sp in specs}
 
@@ -81,7 +91,7 @@ def _facts(node: Any, ids: list[str]) -> dict[str, ModelFacts]:
 async def _rows(node: Any, ready_only: bool) -> list[tuple[ModelFacts, dict[str, Any]]]:
     infos = [i for i in node.models() if i.get("state") not in ("pulling",)
              and (not ready_only or i.get("state") == "ready")]
-    facts = await asyncio.to_thread(_facts, node, [i["id"] for i in infos])
+    facts = await asyncio.to_thread(_facts, node, infos)
     return [(facts[i["id"]], i) for i in infos]
 
 
@@ -119,7 +129,7 @@ async def show(request: Request) -> Response:
     model = s.parse(w.ModelBody, await request.body()).id()
     label(request, model)
     info = _served(node, model).info()
-    facts = (await asyncio.to_thread(_facts, node, [model]))[model]
+    facts = (await asyncio.to_thread(_facts, node, [info]))[model]
     return JSON(show_body(facts, info, served_context(facts.spec, info, _settings(request).context)))
 
 
@@ -138,7 +148,7 @@ async def pull(request: Request) -> Response:
     label(request, model)
     node.catalog.get(model)  # 404 listing the catalog
     await _deployer(node).deploy(model)
-    facts = (await asyncio.to_thread(_facts, node, [model]))[model]
+    facts = (await asyncio.to_thread(_facts, node, [{"id": model}]))[model]
     lines = _pull_lines(node, PullProgress(facts), model, _settings(request).request_timeout_s)
     if r.stream:
         return Ndjson(_ndjson(lines))
@@ -252,8 +262,8 @@ async def _check_target(request: Request, node: Any, r: Any, model: str | None, 
 
 
 def _check_context(node: Any, target: Any, num_ctx: int, settings_context: int) -> None:
-    spec = node.catalog.get(target.model)
-    context = served_context(spec, target.info(), settings_context)
+    info = target.info()
+    context = served_context(_spec(node, {**info, "id": target.model}), info, settings_context)
     if num_ctx > context:
         raise ValidationFailed(f"'options.num_ctx' is {num_ctx} but model '{target.model}' is served with a context "
                                f"of {context} tokens (TARS_CONTEXT); send at most {context}", field="options.num_ctx",

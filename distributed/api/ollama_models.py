@@ -129,7 +129,8 @@ def served_context(spec: ModelSpec, info: dict[str, Any], settings_context: int)
     ctx = info.get("context")
     if isinstance(ctx, int) and ctx > 0:
         return ctx
-    return min(settings_context, spec.context) if spec.kind == "chat" else spec.context
+    own = spec.context or settings_context  # 0: a spec built from a peer's report that gave none
+    return min(settings_context, own) if spec.kind == "chat" else own
 
 
 def capabilities(spec: ModelSpec, info: dict[str, Any]) -> list[str]:

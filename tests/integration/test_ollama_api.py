@@ -236,3 +236,18 @@ async def test_root_says_ollama_is_running_on_the_ollama_port(tmp_path):
         assert (await raw.head("/")).status_code == 200
     async with serve(tmp_path, ollama_port=11435) as (raw, client, node):
         assert (await raw.get("/")).headers["content-type"].startswith("text/html")
+
+
+async def test_a_model_only_a_peers_catalog_has_is_listed_from_its_report(tmp_path):
+    async with serve(tmp_path) as (raw, client, node):
+        real = node.models
+
+        def models():
+            return [*real(), {"id": "peer-only", "kind": "chat", "backend": "llama_cpp", "quant": "Q4_0",
+                              "context": 4096, "state": "ready", "node": "pc2"}]
+
+        node.models = models  # type: ignore[method-assign]
+        rows = {m.model: m for m in (await client.list()).models}
+        assert rows["peer-only:latest"].details.quantization_level == "Q4_0"
+        ps = {m["model"]: m for m in (await raw.get("/api/ps")).json()["models"]}
+        assert ps["peer-only:latest"]["context_length"] == 4096 and ps["peer-only:latest"]["node"] == "pc2"
