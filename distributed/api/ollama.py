@@ -28,6 +28,7 @@ from starlette.responses import PlainTextResponse, Response
 from ..domain import Completion, EmbedRequest, ModelSpec
 from ..errors import ModelFailed, ModelLoading, ModelNotFound, RequestTimeout, TarsError, ValidationFailed
 from . import ollama_wire as w
+from . import tool_drop
 from . import schemas as s
 from .native import JSON, label
 from .ollama_models import ModelFacts, PullProgress, ps_row, served_context, show_body
@@ -218,34 +219,38 @@ async def _generate(request: Request, r: Any, chat: bool, t0: int) -> Response:
     node = _node(request)
     req, opts = r.to_domain(_settings(request).context)
     label(request, req.model)
-    if r.thinks or r.images_at() or opts.num_ctx or r.empty():
+    if r.images_at() or opts.num_ctx or r.empty():
         await _check_target(request, node, r, req.model, opts.num_ctx)
         if r.empty():
             return JSON(w.loaded_body(r.model, chat))
+    # Tools the model cannot take are dropped when the choice is the model's (Ollama has no
+    # tool_choice: always), saying so in a header, the notes and the log (api/tool_drop.py).
     if req.stream:
-        agen = node.stream(req)
+        async def start(q: Any) -> tuple[Any, Any]:
+            agen = node.stream(q)
+            return await first_item(request.receive, agen), agen
+
         try:
-            first = await first_item(request.receive, agen)
+            (first, agen), dropped = await tool_drop.attempt(req, start)
         except ClientGone:
             return Response(status_code=499)
         label(request, first.model if isinstance(first, Completion) else req.model)
-        return Ndjson(drain(first, agen, w.Chunks(r.model, chat, t0, time.perf_counter_ns)))
+        fmt = w.Chunks(r.model, chat, t0, time.perf_counter_ns, on_done=lambda c: tool_drop.note(c, dropped))
+        return Ndjson(drain(first, agen, fmt), tool_drop.headers(dropped))
     try:
-        c = await until_disconnect(request.receive, node.generate(req))
+        c, dropped = await tool_drop.attempt(req, lambda q: until_disconnect(request.receive, node.generate(q)))
     except ClientGone:
         return Response(status_code=499)
     label(request, c.model)
+    tool_drop.note(c, dropped)
     body = w.chat_body if chat else w.generate_body
-    return JSON(body(r.model, c, time.perf_counter_ns() - t0))
+    return JSON(body(r.model, c, time.perf_counter_ns() - t0), headers=tool_drop.headers(dropped))
 
 
 async def _check_target(request: Request, node: Any, r: Any, model: str | None, num_ctx: int | None) -> None:
-    """What needs the model: it exists (404 first), thinks, sees, has the context asked
-    for; an empty request loads it (waits until it is ready, as Ollama does)."""
+    """What needs the model: it exists (404 first), sees, has the context asked for; an
+    empty request loads it (waits until it is ready, as Ollama does)."""
     target = node.resolve(model, "chat")
-    if r.thinks:
-        raise ValidationFailed(f"'think' is not honoured: model '{target.model}' does not support thinking "
-                               "(no model served here returns its reasoning)", field="think", model=target.model)
     where = r.images_at()
     if where:
         raise ValidationFailed(f"model '{target.model}' has no vision: it cannot take images ('{where}')",

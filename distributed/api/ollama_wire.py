@@ -17,6 +17,7 @@ answer) and ``via`` (the host that received it), which Ollama's clients ignore. 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any, Literal
 
@@ -27,6 +28,7 @@ from .. import sampling
 from ..domain import Completion, EmbedRequest, GenerateRequest, TokenChunk
 from ..errors import TarsError, ValidationFailed
 from ..requests import MAX_STOPS, MAX_TOKENS, PENALTY, TEMPERATURE, TOP_LOGPROBS, TOP_P
+from . import chat_messages
 from .chat_surface import Tool, check_schema
 
 OLLAMA_VERSION = "0.12.0"  # the version of Ollama's API these routes follow (/api/version)
@@ -202,7 +204,7 @@ class ToolCall(_Strict):
 class Message(_Strict):
     role: Literal["system", "user", "assistant", "tool"]
     content: str | None = None
-    thinking: str | None = None  # an earlier answer's thinking: history only, not sent to the model
+    thinking: str | None = None  # an earlier answer's thinking (→ its reasoning_content)
     images: list[str] | None = None
     tool_calls: list[ToolCall] | None = None
     tool_name: str | None = None
@@ -243,12 +245,24 @@ class _Generating(_Strict):
         opts = Options(self.options)
         out: dict[str, Any] = {"model": model_id(self.model), "stream": self.stream, "max_tokens": default_max_tokens,
                                "response_format": response_format(self.format), "logprobs": bool(self.logprobs),
-                               "top_logprobs": self.top_logprobs or 0, **opts.generate}
+                               "top_logprobs": self.top_logprobs or 0, **thinking(self.think), **opts.generate}
         return out, opts
 
-    @property
-    def thinks(self) -> bool:
-        return self.think not in (None, False)
+
+_EFFORTS = {"low": "low", "medium": "medium", "high": "high", "max": "xhigh"}
+
+
+def thinking(think: bool | str | None) -> dict[str, Any]:
+    """``think`` → the chat template's switches (as the other dialects set them): false turns
+    thinking off (``reasoning_effort`` "none"), true turns it on (``enable_thinking``), a level
+    is the template's ``reasoning_effort``. A model without a thinking mode ignores them."""
+    if think is None:
+        return {}
+    if think is False:
+        return {"reasoning_effort": "none"}
+    if think is True:
+        return {"chat_template_kwargs": {"enable_thinking": True}}
+    return {"chat_template_kwargs": {"enable_thinking": True}, "reasoning_effort": _EFFORTS[think]}
 
 
 def response_format(fmt: str | dict[str, Any] | None) -> dict[str, Any] | None:
@@ -279,8 +293,10 @@ class ChatRequest(_Generating):
     def to_domain(self, default_max_tokens: int) -> tuple[GenerateRequest, Options]:
         fields, opts = self.common(default_max_tokens)
         tools = self._tools()
-        return _request(fields, opts, messages=domain_messages(self.messages), tools=tools,
-                        tool_choice="auto" if tools else None), opts
+        messages = domain_messages(self.messages)
+        if messages:  # none: a request that loads the model (the route answers it)
+            messages = chat_messages.check(messages)  # the shapes every dialect's messages are held to
+        return _request(fields, opts, messages=messages, tools=tools, tool_choice="auto" if tools else None), opts
 
     def _tools(self) -> list[dict[str, Any]] | None:
         if not self.tools:
@@ -341,6 +357,11 @@ def domain_messages(messages: list[Message]) -> list[dict[str, Any]]:
     open_calls: list[tuple[str, str]] = []  # (id, name) of calls not answered yet
     for i, m in enumerate(messages):
         msg: dict[str, Any] = {"role": m.role, "content": m.content or ""}
+        if m.thinking:
+            if m.role != "assistant":
+                raise ValidationFailed(f"messages[{i}].thinking: only an assistant message carries thinking",
+                                       field=f"messages[{i}].thinking")
+            msg["reasoning_content"] = m.thinking
         if m.tool_calls:
             if m.role != "assistant":
                 raise ValidationFailed(f"messages[{i}].tool_calls: only assistant messages carry tool calls",
@@ -387,7 +408,9 @@ def _answers(m: Message, open_calls: list[tuple[str, str]], i: int) -> str:
         if m.tool_name is None or name == m.tool_name:
             del open_calls[k]
             return cid
-    return f"call_{i}"  # a tool answer with no call before it: the template still renders it
+    which = f"no earlier assistant message calls '{m.tool_name}'" if m.tool_name else "no tool call is unanswered"
+    raise ValidationFailed(f"messages[{i}]: a tool result answers a tool call, and {which}",
+                           field=f"messages[{i}].tool_name" if m.tool_name else f"messages[{i}]")
 
 
 class EmbedBody(_Strict):
@@ -503,20 +526,26 @@ def tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def chat_body(name: str, c: Completion, total_ns: int) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": c.text}
+    if c.reasoning:
+        message["thinking"] = c.reasoning
     if c.tool_calls:
         message["tool_calls"] = tool_calls(c.tool_calls)
-    out: dict[str, Any] = {"model": name, "created_at": timestamp(), "message": message, "done": True,
-                           "done_reason": done_reason(c), **stats(c, total_ns), "node": c.node, "via": c.via}
-    if c.logprobs is not None:
-        out["logprobs"] = c.logprobs
-    return out
+    return _final({"model": name, "created_at": timestamp(), "message": message}, c, total_ns)
 
 
 def generate_body(name: str, c: Completion, total_ns: int) -> dict[str, Any]:
-    out: dict[str, Any] = {"model": name, "created_at": timestamp(), "response": c.text, "done": True,
-                           "done_reason": done_reason(c), **stats(c, total_ns), "node": c.node, "via": c.via}
+    out: dict[str, Any] = {"model": name, "created_at": timestamp(), "response": c.text}
+    if c.reasoning:
+        out["thinking"] = c.reasoning
+    return _final(out, c, total_ns)
+
+
+def _final(out: dict[str, Any], c: Completion, total_ns: int) -> dict[str, Any]:
+    out.update(done=True, done_reason=done_reason(c), **stats(c, total_ns), node=c.node, via=c.via)
     if c.logprobs is not None:
         out["logprobs"] = c.logprobs
+    if c.notes:  # e.g. the tools dropped, max_tokens clamped: clients ignore it, people read it
+        out["notes"] = c.notes
     return out
 
 
@@ -531,8 +560,9 @@ class Chunks:
     """One answer streamed as NDJSON (``streams.drain`` runs the loop): a line per piece,
     then the ``done`` line with the counts; a failure ends it with an ``error`` line."""
 
-    def __init__(self, name: str, chat: bool, t0_ns: int, clock: Any) -> None:
-        self.chat, self.t0, self.clock = chat, t0_ns, clock
+    def __init__(self, name: str, chat: bool, t0_ns: int, clock: Callable[[], int],
+                 on_done: Callable[[Completion], None] | None = None) -> None:
+        self.chat, self.t0, self.clock, self.on_done = chat, t0_ns, clock, on_done
         self.name = name
         head = b'{"model":' + orjson.dumps(name) + b',"created_at":"'
         self._head = head
@@ -545,6 +575,10 @@ class Chunks:
     def token(self, chunk: TokenChunk) -> bytes:
         if chunk.tool_calls:
             return self._line({"role": "assistant", "content": "", "tool_calls": tool_calls(chunk.tool_calls)})
+        if chunk.reasoning:  # a thinking model's reasoning, apart from its answer
+            if self.chat:
+                return self._line({"role": "assistant", "content": "", "thinking": chunk.reasoning})
+            return self._line("", thinking=chunk.reasoning)
         if chunk.logprobs:
             piece = {"role": "assistant", "content": chunk.text} if self.chat else chunk.text
             return self._line(piece, logprobs=chunk.logprobs)
@@ -560,6 +594,9 @@ class Chunks:
         c.text = ""  # streamed already: the done line carries the counts
         c.tool_calls = None  # sent in their own line
         c.logprobs = None
+        c.reasoning = None
+        if self.on_done is not None:
+            self.on_done(c)  # e.g. a note that the tools were dropped
         body = chat_body(self.name, c, self.clock() - self.t0) if self.chat else \
             generate_body(self.name, c, self.clock() - self.t0)
         return orjson.dumps(body) + b"\n"

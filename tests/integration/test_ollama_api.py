@@ -31,7 +31,7 @@ def anyio_backend() -> str:
 @contextlib.asynccontextmanager
 async def serve(tmp_path, **overrides: Any) -> AsyncIterator[tuple[httpx.AsyncClient, Any, Node]]:
     settings = load_settings(None, **{"node_name": "pc1", "backend_override": "fake", "models_dir": tmp_path,
-                                      "models": [CHAT, EMBED], **overrides})
+                                      "models": [CHAT, EMBED], "context": 2048, **overrides})
     node = Node(settings, HostProfile(hostname="pc1", cpu_model="test cpu", cpu_cores=2, ram_total_mb=16000,
                                       ram_free_mb=12000))
     app = create_app(settings, node)
@@ -150,7 +150,8 @@ async def test_errors_in_ollamas_shape_with_the_right_status(tmp_path):
               400, "options.temperature")
         error(await raw.post("/api/chat", json={"model": CHAT, "messages": msg, "options": {"num_ctx": 100000}}),
               400, "2048")
-        error(await raw.post("/api/chat", json={"model": CHAT, "messages": msg, "think": True}), 400, "thinking")
+        error(await raw.post("/api/chat", json={"model": CHAT, "messages": msg, "think": True}), 400,
+              "chat_template_kwargs")  # the fake engine refuses the template switches by name
         error(await raw.post("/api/chat", json={"model": CHAT, "messages": msg, "keep_alive": 0}), 400, "keep_alive")
         error(await raw.post("/api/chat", json={"model": CHAT, "messages": msg, "keep_alive": "soon"}), 400,
               "keep_alive")
@@ -251,3 +252,27 @@ async def test_a_model_only_a_peers_catalog_has_is_listed_from_its_report(tmp_pa
         assert rows["peer-only:latest"].details.quantization_level == "Q4_0"
         ps = {m["model"]: m for m in (await raw.get("/api/ps")).json()["models"]}
         assert ps["peer-only:latest"]["context_length"] == 4096 and ps["peer-only:latest"]["node"] == "pc2"
+
+
+async def test_tools_the_model_cannot_take_are_dropped_saying_so(tmp_path):
+    from distributed.errors import ToolsUnsupported
+
+    async with serve(tmp_path) as (raw, client, node):
+        target = node.targets[CHAT]
+        original = target.stream
+
+        def no_tools(req):  # a model whose chat template renders no tools
+            if req.tools:
+                raise ToolsUnsupported(f"model '{CHAT}': its chat template cannot do tool calls")
+            return original(req)
+
+        target.stream = no_tools  # type: ignore[method-assign]
+        tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+        body = {"model": CHAT, "messages": [{"role": "user", "content": "hi"}], "tools": [tool],
+                "options": {"num_predict": 3}}
+        r = await raw.post("/api/chat", json=body)  # streamed
+        assert r.status_code == 200 and "template" in r.headers["x-tars-tools-dropped"]
+        assert "tools dropped" in lines(r)[-1]["notes"][0]
+        r = await raw.post("/api/chat", json={**body, "stream": False})
+        assert r.status_code == 200 and r.headers["x-tars-tools-dropped"] and r.json()["eval_count"] == 3
+        assert (await client.chat(**{k: v for k, v in body.items() if k != "options"})).message.content

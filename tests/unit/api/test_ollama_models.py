@@ -87,11 +87,10 @@ def test_template_is_the_catalogs_own_file_when_it_names_one(tmp_path):
     import dataclasses
 
     spec = CATALOG.get("smollm2-135m-instruct")
-    facts = ModelFacts(spec, None)
+    assert "<tool_call>" in ModelFacts(spec, None).template()  # the shipped ChatML template with tools
+    facts = ModelFacts(dataclasses.replace(spec, chat_template=None), None)
     facts.fields = {"tokenizer.chat_template": "{{ gguf }}"}
-    assert facts.template() == "{{ gguf }}"
+    assert facts.template() == "{{ gguf }}"  # none named: the GGUF's own
     (tmp_path / "mine.jinja").write_text("{{ mine }}")
-    named = ModelFacts(spec, None)
-    named.spec = dataclasses.replace(spec)
-    object.__setattr__(named.spec, "chat_template", str(tmp_path / "mine.jinja"))
-    assert named.template() == "{{ mine }}"
+    assert ModelFacts(dataclasses.replace(spec, chat_template=str(tmp_path / "mine.jinja")), None).template() == \
+        "{{ mine }}"

@@ -6,6 +6,7 @@ import orjson
 import pytest
 
 from distributed.api import ollama_wire as w
+from distributed.api.schemas import parse
 from distributed.domain import Completion, GenerateRequest, Timings, TokenChunk, Usage
 from distributed.errors import TarsError, ValidationFailed
 
@@ -105,12 +106,21 @@ def test_tools_and_tool_calls_in_ollamas_shape():
     refused("messages[0].tool_calls[0].function.arguments", chat, messages=[{"role": "assistant", "tool_calls": [
         {"function": {"name": "f", "arguments": "[1, 2]"}}]}])
     refused("messages[0].tool_name", chat, messages=[{"role": "user", "content": "x", "tool_name": "f"}])
+    refused("messages[1].tool_name", chat, messages=[{"role": "user", "content": "x"},
+                                                     {"role": "tool", "content": "21 C", "tool_name": "f"}])
+    refused("messages[1]", chat, messages=[{"role": "user", "content": "x"}, {"role": "tool", "content": "21 C"}])
+    refused("messages[2].tool_call_id", chat, messages=[  # the shapes every dialect is held to (chat_messages)
+        {"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [{"function": {"name": "f"}}]},
+        {"role": "tool", "content": "1", "tool_call_id": "elsewhere"}])
 
 
-def test_roles_are_case_insensitive_and_thinking_is_history():
+def test_roles_are_case_insensitive_and_thinking_is_the_answers_reasoning():
     req, _ = chat(messages=[{"role": "System", "content": "be brief"},
-                            {"role": "ASSISTANT", "content": "ok", "thinking": "hmm"}])
-    assert req.messages == [{"role": "system", "content": "be brief"}, {"role": "assistant", "content": "ok"}]
+                            {"role": "ASSISTANT", "content": "ok", "thinking": "hmm"}, {"role": "user", "content": "?"}])
+    assert req.messages == [{"role": "system", "content": "be brief"},
+                            {"role": "assistant", "content": "ok", "reasoning_content": "hmm"},
+                            {"role": "user", "content": "?"}]
+    refused("messages[0].thinking", chat, messages=[{"role": "user", "content": "x", "thinking": "y"}])
 
 
 def test_generate_maps_to_chat_or_to_a_raw_prompt():
@@ -128,8 +138,19 @@ def test_generate_maps_to_chat_or_to_a_raw_prompt():
     assert w.GenerateBody(model="m", images=["aGk="]).images_at() == "images"
 
 
-def test_think_truncate_shift_keep_alive_logprobs():
-    assert not w.ChatRequest(model="m", think=False).thinks and w.ChatRequest(model="m", think="high").thinks
+def test_think_reaches_the_chat_template():
+    assert (chat()[0].reasoning_effort, chat()[0].chat_template_kwargs) == (None, None)
+    assert chat(think=False)[0].reasoning_effort == "none"
+    on = chat(think=True)[0]
+    assert on.chat_template_kwargs == {"enable_thinking": True} and on.reasoning_effort is None
+    high = chat(think="high")[0]
+    assert high.reasoning_effort == "high" and high.chat_template_kwargs == {"enable_thinking": True}
+    assert chat(think="max")[0].reasoning_effort == "xhigh"
+    body = orjson.dumps({"model": "m", "messages": [], "think": "extreme"})
+    refused("think", parse, w.ChatRequest, body)
+
+
+def test_truncate_shift_keep_alive_logprobs():
     refused("truncate", chat, truncate=True)
     refused("shift", chat, shift=True)
     assert chat(truncate=False, shift=False)[0].stream
@@ -181,6 +202,9 @@ def test_tool_calls_out_have_arguments_as_objects():
     assert out[2]["function"]["arguments"] == {"_raw": "not json"}
     body = w.chat_body("m", completion(text="", tool_calls=calls[:1], finish_reason="tool_calls"), 1)
     assert body["message"]["tool_calls"][0]["function"]["arguments"] == {"a": 1} and body["done_reason"] == "stop"
+    thought = w.chat_body("m", completion(reasoning="because"), 1)
+    assert thought["message"]["thinking"] == "because" and "notes" not in thought
+    assert w.generate_body("m", completion(reasoning="because", notes=["n"]), 1)["thinking"] == "because"
 
 
 def test_chunks_are_one_json_object_a_line():
@@ -194,9 +218,15 @@ def test_chunks_are_one_json_object_a_line():
     call = orjson.loads(enc.token(TokenChunk("", tool_calls=[{"id": "c", "type": "function", "function": {
         "name": "f", "arguments": "{}"}}])))
     assert call["message"]["tool_calls"][0]["function"] == {"index": 0, "name": "f", "arguments": {}}
-    done = orjson.loads(enc.done(completion(tool_calls=[{"id": "c"}])))
+    thought = orjson.loads(enc.token(TokenChunk("", reasoning="hmm")))
+    assert thought["message"] == {"role": "assistant", "content": "", "thinking": "hmm"}
+    done = orjson.loads(enc.done(completion(tool_calls=[{"id": "c"}], reasoning="hmm")))
     assert done["done"] and done["message"] == {"role": "assistant", "content": ""} and done["total_duration"] > 0
+    noted = w.Chunks("m", False, 0, iter([1, 2]).__next__, on_done=lambda c: c.notes.append("tools dropped (x)"))
+    assert orjson.loads(noted.done(completion()))["notes"] == ["tools dropped (x)"]
     gen = w.Chunks("m", False, 0, clock)
+    assert orjson.loads(gen.token(TokenChunk("", reasoning="r"))) | {"created_at": ""} == {
+        "model": "m", "created_at": "", "response": "", "done": False, "thinking": "r"}
     assert orjson.loads(gen.token(TokenChunk("x")))["response"] == "x"
     lp = [{"token": "x", "logprob": -0.1, "bytes": [120], "top_logprobs": []}]
     assert orjson.loads(gen.token(TokenChunk("x", logprobs=lp)))["logprobs"] == lp
