@@ -120,24 +120,26 @@ def test_embed(client):
     assert len(client.embeddings(model=EMBED, prompt="hello").embedding) == 384
 
 
-def test_tools_on_the_default_model(client):
-    """SmolLM2's own GGUF template renders no tools: until the ChatML tool template ships,
-    the engine refuses tools on it with a 400 naming them (not a 5xx)."""
+def test_tools_on_the_default_model(node, client):
+    """SmolLM2 is served with the shipped ChatML template that renders tools (Hermes calls), so
+    /api/show says "tools" and a request with tools reaches the model. Ollama's API has no
+    tool_choice (the model chooses, "auto"), and SmolLM2 135M answers these in text rather
+    than calling; a call it makes comes back in Ollama's shape (arguments an object)."""
     tool = {"type": "function", "function": {"name": "get_weather", "description": "Get the weather in a city",
                                              "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                                                             "required": ["city"]}}}
-    if "tools" in client.show(CHAT).capabilities:
-        r = client.chat(model=CHAT, messages=[{"role": "user", "content": "What is the weather in Paris?"}],
-                        tools=[tool], options={"temperature": 0, "num_predict": 64})
-        for call in r.message.tool_calls or []:
-            assert call.function.name == "get_weather" and isinstance(call.function.arguments, dict)
-        assert r.message.tool_calls or r.message.content
-    else:
-        with pytest.raises(ollama.ResponseError) as exc:
-            client.chat(model=CHAT, messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[tool])
-        assert exc.value.status_code == 400 and "tool" in exc.value.error
-    # a conversation that already holds a call and its result renders either way
-    r = client.chat(model=CHAT, options={"temperature": 0, "num_predict": 16}, messages=[
+    assert "tools" in client.show(CHAT).capabilities
+    r = client.chat(model=CHAT, messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+                    tools=[tool], options={"temperature": 0, "num_predict": 48})
+    for call in r.message.tool_calls or []:
+        assert call.function.name == "get_weather" and isinstance(call.function.arguments, dict)
+    assert r.message.tool_calls or r.message.content.strip()
+    raw = httpx.post(node.ollama_url + "/api/chat", timeout=180, json={
+        "model": CHAT, "stream": False, "tools": [tool], "options": {"num_predict": 8},
+        "messages": [{"role": "user", "content": "What is the weather in Paris?"}]})
+    assert raw.status_code == 200 and "x-tars-tools-dropped" not in raw.headers  # the template took them
+    # a conversation that already holds a call and its result renders
+    r = client.chat(model=CHAT, tools=[tool], options={"temperature": 0, "num_predict": 16}, messages=[
         {"role": "user", "content": "What is the weather in Paris?"},
         {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "get_weather",
                                                                            "arguments": {"city": "Paris"}}}]},
