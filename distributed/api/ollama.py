@@ -25,14 +25,14 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import PlainTextResponse, Response
 
-from ..domain import Completion, EmbedRequest, ModelSpec
+from ..domain import EmbedRequest, ModelSpec
 from ..errors import ModelFailed, ModelLoading, ModelNotFound, RequestTimeout, TarsError, ValidationFailed
+from . import dialect, tool_drop
 from . import ollama_wire as w
-from . import tool_drop
 from . import schemas as s
 from .native import JSON, label
 from .ollama_models import ModelFacts, PullProgress, ps_row, served_context, show_body
-from .streaming import ClientGone, EventStream, drain, first_item, until_disconnect
+from .streaming import ClientGone, EventStream, drain, until_disconnect
 
 router = APIRouter(tags=["Ollama"])
 POLL_S = 0.25
@@ -226,19 +226,15 @@ async def _generate(request: Request, r: Any, chat: bool, t0: int) -> Response:
     # Tools the model cannot take are dropped when the choice is the model's (Ollama has no
     # tool_choice: always), saying so in a header, the notes and the log (api/tool_drop.py).
     if req.stream:
-        async def start(q: Any) -> tuple[Any, Any]:
-            agen = node.stream(q)
-            return await first_item(request.receive, agen), agen
-
         try:
-            (first, agen), dropped = await tool_drop.attempt(req, start)
+            first, agen, dropped = await dialect.open_stream(request, req)
         except ClientGone:
             return Response(status_code=499)
-        label(request, first.model if isinstance(first, Completion) else req.model)
+        label(request, dialect.model_of(request, req, first))
         fmt = w.Chunks(r.model, chat, t0, time.perf_counter_ns, on_done=lambda c: tool_drop.note(c, dropped))
         return Ndjson(drain(first, agen, fmt), tool_drop.headers(dropped))
     try:
-        c, dropped = await tool_drop.attempt(req, lambda q: until_disconnect(request.receive, node.generate(q)))
+        c, dropped = await dialect.complete(request, req)
     except ClientGone:
         return Response(status_code=499)
     label(request, c.model)
