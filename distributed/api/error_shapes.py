@@ -8,7 +8,7 @@ module only writes the body a dialect's clients parse:
 - Anthropic (``/v1/messages*``): ``{"type": "error", "error": {"type", "message"}}`` — the
   ``anthropic`` SDK maps its error ``type`` (invalid_request_error, authentication_error,
   not_found_error, request_too_large, rate_limit_error, api_error, overloaded_error)
-- Ollama (``/api/*``): ``{"error": "<message>"}`` (api/ollama_wire.py)
+- Ollama (``/api/*``): ``{"error": "<message>"}`` (api/ollama_answers.py)
 
 A dialect added later (Ollama's ``/api/*``) registers its prefix and renderer in ``SHAPES``.
 
@@ -27,7 +27,7 @@ from typing import Any
 import orjson
 
 from ..errors import TarsError
-from .ollama_wire import ollama_error
+from .ollama_answers import ollama_error
 from .schemas import native_error, openai_error
 
 _ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",

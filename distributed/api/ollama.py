@@ -2,9 +2,11 @@
 ``POST /api/show /api/chat /api/generate /api/embed /api/embeddings /api/pull`` and
 ``DELETE /api/delete``.
 
-Routes are adapters, like the other dialects': parse with ``ollama_wire``, call the node
+Routes are adapters, like the other dialects': parse with ``ollama_wire`` (requests;
+``ollama_options`` the fields that are not messages), call the node
 (``node.generate`` / ``node.stream`` / ``node.embed`` — the same routes and targets as
-``/v1``, so a model on another host answers through this one), write Ollama's shapes.
+``/v1``, so a model on another host answers through this one), write Ollama's shapes
+(``ollama_answers``; model rows: ``ollama_models``).
 ``/api/pull`` is a runtime deploy (``node.deployer``, as ``POST /models``) followed by
 status lines as the model's row changes; ``/api/delete`` a runtime remove. Errors are
 ``{"error": "..."}`` (app.py maps them by type, as for every path).
@@ -28,6 +30,8 @@ from starlette.responses import PlainTextResponse, Response
 from ..domain import EmbedRequest, ModelSpec
 from ..errors import ModelFailed, ModelLoading, ModelNotFound, RequestTimeout, TarsError, ValidationFailed
 from . import dialect, tool_drop
+from . import ollama_answers as a
+from . import ollama_options as o
 from . import ollama_wire as w
 from . import schemas as s
 from .native import JSON, label
@@ -183,7 +187,7 @@ async def _ndjson(lines: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
         async for line in lines:
             yield orjson.dumps(line) + b"\n"
     except TarsError as exc:
-        yield w.error_json(exc) + b"\n"
+        yield a.error_json(exc) + b"\n"
 
 
 async def _drain(lines: AsyncIterator[dict[str, Any]]) -> None:
@@ -222,7 +226,7 @@ async def _generate(request: Request, r: Any, chat: bool, t0: int) -> Response:
     if r.images_at() or opts.num_ctx or r.empty():
         await _check_target(request, node, r, req.model, opts.num_ctx)
         if r.empty():
-            return JSON(w.loaded_body(r.model, chat))
+            return JSON(a.loaded_body(r.model, chat))
     # Tools the model cannot take are dropped when the choice is the model's (Ollama has no
     # tool_choice: always), saying so in a header, the notes and the log (api/tool_drop.py).
     if req.stream:
@@ -231,7 +235,7 @@ async def _generate(request: Request, r: Any, chat: bool, t0: int) -> Response:
         except ClientGone:
             return Response(status_code=499)
         label(request, dialect.model_of(request, req, first))
-        fmt = w.Chunks(r.model, chat, t0, time.perf_counter_ns, on_done=lambda c: tool_drop.note(c, dropped))
+        fmt = a.Chunks(r.model, chat, t0, time.perf_counter_ns, on_done=lambda c: tool_drop.note(c, dropped))
         return Ndjson(drain(first, agen, fmt), tool_drop.headers(dropped))
     try:
         c, dropped = await dialect.complete(request, req)
@@ -239,7 +243,7 @@ async def _generate(request: Request, r: Any, chat: bool, t0: int) -> Response:
         return Response(status_code=499)
     label(request, c.model)
     tool_drop.note(c, dropped)
-    body = w.chat_body if chat else w.generate_body
+    body = a.chat_body if chat else a.generate_body
     return JSON(body(r.model, c, time.perf_counter_ns() - t0), headers=tool_drop.headers(dropped))
 
 
@@ -298,9 +302,9 @@ async def embed(request: Request) -> Response:
 async def embeddings(request: Request) -> Response:
     node = _node(request)
     r = s.parse(w.EmbeddingsBody, await request.body())
-    w.keep_alive_s(r.keep_alive)
-    opts = w.Options(r.options, embed=True)
-    model = w.model_id(r.model)
+    o.keep_alive_s(r.keep_alive)
+    opts = o.Options(r.options, embed=True)
+    model = o.model_id(r.model)
     label(request, model)
     target = node.resolve(model, "embed")
     if opts.num_ctx:

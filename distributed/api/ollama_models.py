@@ -21,7 +21,7 @@ from typing import Any
 
 from ..domain import ModelSpec
 from ..errors import ModelFailed
-from .ollama_wire import tagged
+from .ollama_options import tagged
 
 MIB = 2**20
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"  # chat templates shipped with the package

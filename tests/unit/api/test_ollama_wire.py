@@ -1,17 +1,20 @@
-"""Ollama's wire shapes ⇄ the domain requests (api/ollama_wire.py): pure, no app."""
+"""Ollama's wire shapes ⇄ the domain requests (api/ollama_wire.py, ollama_options.py,
+ollama_answers.py): pure, no app."""
 
 from __future__ import annotations
 
 import orjson
 import pytest
 
+from distributed.api import ollama_answers as a
+from distributed.api import ollama_options as o
 from distributed.api import ollama_wire as w
 from distributed.api.schemas import parse
 from distributed.domain import Completion, GenerateRequest, Timings, TokenChunk, Usage
 from distributed.errors import TarsError, ValidationFailed
 
 
-def chat(**kw) -> tuple[GenerateRequest, w.Options]:
+def chat(**kw) -> tuple[GenerateRequest, o.Options]:
     body = {"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "hi"}], **kw}
     return w.ChatRequest.model_validate(body).to_domain(2048)
 
@@ -24,11 +27,11 @@ def refused(field: str, fn, *args, **kw) -> str:
 
 
 def test_names_take_the_latest_tag():
-    assert w.model_id("smollm2-135m-instruct:latest") == "smollm2-135m-instruct"
-    assert w.model_id("smollm2-135m-instruct") == "smollm2-135m-instruct"
-    assert w.model_id("hf.co/org/repo:Q4_K_M") == "hf.co/org/repo:Q4_K_M"  # another tag is part of the id
-    assert w.tagged("gemma-3-270m") == "gemma-3-270m:latest"
-    assert w.tagged("hf.co/org/repo:Q4_K_M") == "hf.co/org/repo:Q4_K_M"
+    assert o.model_id("smollm2-135m-instruct:latest") == "smollm2-135m-instruct"
+    assert o.model_id("smollm2-135m-instruct") == "smollm2-135m-instruct"
+    assert o.model_id("hf.co/org/repo:Q4_K_M") == "hf.co/org/repo:Q4_K_M"  # another tag is part of the id
+    assert o.tagged("gemma-3-270m") == "gemma-3-270m:latest"
+    assert o.tagged("hf.co/org/repo:Q4_K_M") == "hf.co/org/repo:Q4_K_M"
 
 
 def test_chat_defaults_stream_true_and_fill_the_context():
@@ -54,7 +57,7 @@ def test_options_table():
         assert chat(options={"num_predict": unlimited})[0].max_tokens == 2048
 
 
-@pytest.mark.parametrize("name", sorted(w.REFUSED_OPTIONS))
+@pytest.mark.parametrize("name", sorted(o.REFUSED_OPTIONS))
 def test_options_that_cannot_be_honoured_are_refused_by_name(name):
     assert "cannot be honoured" in refused(f"options.{name}", chat, options={name: 1})
 
@@ -158,10 +161,10 @@ def test_truncate_shift_keep_alive_logprobs():
     req, _ = chat(logprobs=True, top_logprobs=3)
     assert req.logprobs and req.top_logprobs == 3
     for ok in ("5m", "1h30m", "-1", -1, 300, "10s", "250ms", "2.5h"):
-        w.keep_alive_s(ok)
-    assert w.keep_alive_s("1h30m") == 5400 and w.keep_alive_s(-1) == -1
+        o.keep_alive_s(ok)
+    assert o.keep_alive_s("1h30m") == 5400 and o.keep_alive_s(-1) == -1
     for bad in (0, "0", "0s", "soon", "5 minutes", True):
-        refused("keep_alive", w.keep_alive_s, bad)
+        refused("keep_alive", o.keep_alive_s, bad)
 
 
 def test_embed_body():
@@ -182,34 +185,34 @@ def completion(**kw) -> Completion:
 
 
 def test_answers_carry_ollamas_counts_in_nanoseconds():
-    body = w.chat_body("m:latest", completion(), 200_000_000)
+    body = a.chat_body("m:latest", completion(), 200_000_000)
     assert body["message"] == {"role": "assistant", "content": "hello"} and body["done"] is True
     assert body["model"] == "m:latest" and body["done_reason"] == "stop"
     assert (body["prompt_eval_count"], body["eval_count"]) == (10, 4)
     assert body["prompt_eval_duration"] == 20_000_000 and body["eval_duration"] == 100_000_000  # 4 / 40 tok/s
     assert body["total_duration"] == 200_000_000 and body["load_duration"] == 0
-    assert w.generate_body("m", completion(finish_reason="length"), 1)["done_reason"] == "length"
-    assert w.generate_body("m", completion(), 1)["total_duration"] >= 120_000_000  # never below its parts
+    assert a.generate_body("m", completion(finish_reason="length"), 1)["done_reason"] == "length"
+    assert a.generate_body("m", completion(), 1)["total_duration"] >= 120_000_000  # never below its parts
 
 
 def test_tool_calls_out_have_arguments_as_objects():
     calls = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{\"a\": 1}"}},
              {"id": "", "type": "function", "function": {"name": "g", "arguments": ""}},
              {"id": "c3", "type": "function", "function": {"name": "h", "arguments": "not json"}}]
-    out = w.tool_calls(calls)
+    out = a.tool_calls(calls)
     assert out[0] == {"id": "c1", "function": {"index": 0, "name": "f", "arguments": {"a": 1}}}
     assert out[1]["id"] == "call_1" and out[1]["function"]["arguments"] == {}
     assert out[2]["function"]["arguments"] == {"_raw": "not json"}
-    body = w.chat_body("m", completion(text="", tool_calls=calls[:1], finish_reason="tool_calls"), 1)
+    body = a.chat_body("m", completion(text="", tool_calls=calls[:1], finish_reason="tool_calls"), 1)
     assert body["message"]["tool_calls"][0]["function"]["arguments"] == {"a": 1} and body["done_reason"] == "stop"
-    thought = w.chat_body("m", completion(reasoning="because"), 1)
+    thought = a.chat_body("m", completion(reasoning="because"), 1)
     assert thought["message"]["thinking"] == "because" and "notes" not in thought
-    assert w.generate_body("m", completion(reasoning="because", notes=["n"]), 1)["thinking"] == "because"
+    assert a.generate_body("m", completion(reasoning="because", notes=["n"]), 1)["thinking"] == "because"
 
 
 def test_chunks_are_one_json_object_a_line():
     clock = iter([1_000, 5_000]).__next__
-    enc = w.Chunks("m:latest", True, 0, clock)
+    enc = a.Chunks("m:latest", True, 0, clock)
     line = enc.token(TokenChunk("Hi \"there\""))
     assert line.endswith(b"\n") and line.count(b"\n") == 1
     assert orjson.loads(line) | {"created_at": ""} == {"model": "m:latest", "created_at": "", "done": False,
@@ -222,9 +225,9 @@ def test_chunks_are_one_json_object_a_line():
     assert thought["message"] == {"role": "assistant", "content": "", "thinking": "hmm"}
     done = orjson.loads(enc.done(completion(tool_calls=[{"id": "c"}], reasoning="hmm")))
     assert done["done"] and done["message"] == {"role": "assistant", "content": ""} and done["total_duration"] > 0
-    noted = w.Chunks("m", False, 0, iter([1, 2]).__next__, on_done=lambda c: c.notes.append("tools dropped (x)"))
+    noted = a.Chunks("m", False, 0, iter([1, 2]).__next__, on_done=lambda c: c.notes.append("tools dropped (x)"))
     assert orjson.loads(noted.done(completion()))["notes"] == ["tools dropped (x)"]
-    gen = w.Chunks("m", False, 0, clock)
+    gen = a.Chunks("m", False, 0, clock)
     assert orjson.loads(gen.token(TokenChunk("", reasoning="r"))) | {"created_at": ""} == {
         "model": "m", "created_at": "", "response": "", "done": False, "thinking": "r"}
     assert orjson.loads(gen.token(TokenChunk("x")))["response"] == "x"
@@ -232,4 +235,4 @@ def test_chunks_are_one_json_object_a_line():
     assert orjson.loads(gen.token(TokenChunk("x", logprobs=lp)))["logprobs"] == lp
     assert orjson.loads(gen.error(ValidationFailed("bad", field="x"))) == {"error": "bad"}
     assert "internal" in orjson.loads(gen.error(None))["error"]
-    assert orjson.loads(w.error_json(TarsError("boom"))) == {"error": "boom"}
+    assert orjson.loads(a.error_json(TarsError("boom"))) == {"error": "boom"}
