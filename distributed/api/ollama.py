@@ -128,10 +128,10 @@ def _served(node: Any, model: str) -> Any:
     return target
 
 
-@router.post("/api/show", summary="One model's details, context and capabilities", openapi_extra=_body(w.ModelBody))
+@router.post("/api/show", summary="One model's details, context and capabilities", openapi_extra=_body(w.ShowBody))
 async def show(request: Request) -> Response:
     node = _node(request)
-    model = s.parse(w.ModelBody, await request.body()).id()
+    model = s.parse(w.ShowBody, await request.body()).id()
     label(request, model)
     info = _served(node, model).info()
     facts = (await asyncio.to_thread(_facts, node, [info]))[model]

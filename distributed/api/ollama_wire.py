@@ -266,17 +266,35 @@ class EmbeddingsBody(_Strict):
 
 
 class ModelBody(_Strict):
-    """/api/show, /api/delete: a model name (``name`` is the older spelling)."""
+    """/api/delete: a model name (``name`` is the older spelling)."""
 
     model: str | None = None
     name: str | None = None
-    verbose: bool = False
 
     def id(self) -> str:
         name = self.model or self.name
         if not name:
             raise ValidationFailed("field 'model' is required", field="model")
         return model_id(name) or name
+
+
+class ShowBody(ModelBody):
+    """/api/show."""
+
+    verbose: bool = False
+    system: str | None = None  # accepted empty, as older clients send it
+    template: str | None = None
+    options: dict[str, Any] | None = None
+
+    def id(self) -> str:
+        for name in ("system", "template", "options"):
+            if getattr(self, name):
+                raise ValidationFailed(f"'{name}' is not offered: /api/show describes the model as it is served",
+                                       field=name)
+        if self.verbose:
+            raise ValidationFailed("'verbose': true is not offered: the GGUF's token lists are not returned (they are "
+                                   "left empty, as Ollama does without it)", field="verbose")
+        return super().id()
 
 
 class PullBody(_Strict):

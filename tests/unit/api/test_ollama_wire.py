@@ -236,3 +236,12 @@ def test_chunks_are_one_json_object_a_line():
     assert orjson.loads(gen.error(ValidationFailed("bad", field="x"))) == {"error": "bad"}
     assert "internal" in orjson.loads(gen.error(None))["error"]
     assert orjson.loads(a.error_json(TarsError("boom"))) == {"error": "boom"}
+
+
+def test_show_and_delete_bodies():
+    assert w.ShowBody(model="m:latest").id() == "m" and w.ModelBody(name="m").id() == "m"
+    refused("model", w.ModelBody().id)
+    refused("verbose", w.ShowBody(model="m", verbose=True).id)
+    refused("system", w.ShowBody(model="m", system="be brief").id)
+    assert w.ShowBody(model="m", system="", options={}).id() == "m"  # empty: asks for nothing
+    refused("username", w.PullBody(model="m", username="u").id)
