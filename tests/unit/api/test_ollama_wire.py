@@ -245,3 +245,14 @@ def test_show_and_delete_bodies():
     refused("system", w.ShowBody(model="m", system="be brief").id)
     assert w.ShowBody(model="m", system="", options={}).id() == "m"  # empty: asks for nothing
     refused("username", w.PullBody(model="m", username="u").id)
+
+
+def test_streamed_lines_carry_rfc3339_times():
+    from datetime import datetime, timezone
+
+    stamps = a.Stamps()
+    first, second = stamps.now().decode(), stamps.now().decode()
+    for stamp in (first, second):
+        when = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+        assert stamp.endswith("Z") and abs((datetime.now(timezone.utc) - when).total_seconds()) < 5
+    assert second >= first
