@@ -5,13 +5,14 @@ Starts one ``python -m distributed serve`` on 127.0.0.2 (``tests/support.ServerP
 flipping each round), the same streamed requests through both dialects: ``POST /api/chat``
 (NDJSON, ``options.num_predict``/``temperature``) and ``POST /v1/chat/completions`` (SSE,
 ``max_tokens``/``temperature``) — the same messages, temperature 0, the same token budget, a
-distinct prompt start per request (so the engine's prompt cache cannot favour a side). One
-request at a time: only the dialect differs. The client is a minimal asyncio HTTP/1.1 reader
+distinct prompt start per pair (so the engine's prompt cache cannot favour a side). Requests
+go in pairs, one a side with the same prompt back to back, the side going first alternating
+pair by pair, one request at a time: only the dialect differs. The client is a minimal asyncio HTTP/1.1 reader
 (it shares the CPU with the node and its engine).
 
 Reported per side: streamed decode tokens/s ((pieces − 1) / (last − first piece)) and time to
-first token, medians over every request, and the ratio Ollama / OpenAI — the target is decode
-≥ 0.97×: one translation, no extra hop — and the node process's own CPU per streamed token
+first token, medians over every request, the ratio Ollama / OpenAI of those medians and the
+median of the pairs' ratios — the target is decode ≥ 0.97×: one translation, no extra hop — and the node process's own CPU per streamed token
 (psutil; its llama-server child not counted), which a loaded machine does not blur.
 
 Run from the repository root::
@@ -111,26 +112,29 @@ def cpu_s(pid: int) -> float:
 
 
 async def run(port: int, pid: int, model: str, rounds: int, requests: int,
-              max_tokens: int) -> tuple[dict[str, list[dict[str, float]]], dict[str, float]]:
+              max_tokens: int) -> tuple[dict[str, list[dict[str, float]]], dict[str, float], list[float]]:
+    """Pairs of requests, one a side with the same prompt back to back, the side that goes
+    first alternating pair by pair (a load that drifts hits both alike)."""
     results: dict[str, list[dict[str, float]]] = {"ollama": [], "openai": []}
     cpu = {"ollama": 0.0, "openai": 0.0}
+    ratios: list[float] = []
     for side in results:  # warm-up, not counted
         await stream_once(port, side, *_bodies(model, f"warm-up. {PROMPT}", max_tokens)[side])
     for r in range(rounds):
-        order = ["ollama", "openai"] if r % 2 == 0 else ["openai", "ollama"]
-        per_round: dict[str, list[float]] = {}
-        for side in order:
-            c0 = cpu_s(pid)
-            for i in range(requests):
-                prompt = f"Round {r} request {i}. {PROMPT}"  # the same prompt on both sides of a round
-                got = await stream_once(port, side, *_bodies(model, prompt, max_tokens)[side])
-                results[side].append(got)
-                per_round.setdefault(side, []).append(got["decode_tps"])
-            cpu[side] += cpu_s(pid) - c0
-        o, a = statistics.median(per_round["ollama"]), statistics.median(per_round["openai"])
-        print(f"round {r + 1}/{rounds} ({' then '.join(order)}): ollama {o:.1f} tok/s, openai {a:.1f} tok/s, "
-              f"ratio {o / a:.3f}", flush=True)
-    return results, cpu
+        for i in range(requests):
+            prompt = f"Round {r} request {i}. {PROMPT}"  # the same prompt on both sides of a pair
+            pair: dict[str, dict[str, float]] = {}
+            for side in (("ollama", "openai") if (r * requests + i) % 2 == 0 else ("openai", "ollama")):
+                c0 = cpu_s(pid)
+                pair[side] = await stream_once(port, side, *_bodies(model, prompt, max_tokens)[side])
+                cpu[side] += cpu_s(pid) - c0
+                results[side].append(pair[side])
+            if pair["openai"]["decode_tps"]:
+                ratios.append(pair["ollama"]["decode_tps"] / pair["openai"]["decode_tps"])
+        got = ratios[-requests:]
+        print(f"round {r + 1}/{rounds}: ollama / openai decode, pair by pair: "
+              + ", ".join(f"{x:.3f}" for x in got), flush=True)
+    return results, cpu, ratios
 
 
 def main() -> None:
@@ -138,7 +142,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--models-dir", type=Path, default=ROOT / ".test-cache" / "models")
     ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--requests", type=int, default=3, help="requests per side per round")
+    ap.add_argument("--requests", type=int, default=3, help="pairs of requests (one a side) per round")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=0, help="llama.cpp threads; 0 = the node's default")
     ap.add_argument("--context", type=int, default=1024)
@@ -158,7 +162,8 @@ def main() -> None:
     with ServerProcess("bench-ollama", HOST, ports=range(19280, 19300), env=env, log_dir=logs) as node:
         node.start(timeout=300)
         load0 = os.getloadavg()[0]
-        results, cpu = asyncio.run(run(node.port, node.pid, args.model, args.rounds, args.requests, args.max_tokens))
+        results, cpu, ratios = asyncio.run(run(node.port, node.pid, args.model, args.rounds, args.requests,
+                                               args.max_tokens))
         load1 = os.getloadavg()[0]
     med = {side: {k: statistics.median(r[k] for r in runs) for k in ("decode_tps", "ttft_ms", "tokens")}
            for side, runs in results.items()}
@@ -166,6 +171,7 @@ def main() -> None:
           f"{'ratio':>8}")
     print(f"{'decode tokens/s':<40} {med['ollama']['decode_tps']:>10.1f} {med['openai']['decode_tps']:>10.1f} "
           f"{med['ollama']['decode_tps'] / med['openai']['decode_tps']:>7.3f}x   (target >= 0.97x)")
+    print(f"{'decode ratio, median of the pairs':<40} {'':>10} {'':>10} {statistics.median(ratios):>7.3f}x")
     print(f"{'time to first token, ms':<40} {med['ollama']['ttft_ms']:>10.1f} {med['openai']['ttft_ms']:>10.1f} "
           f"{med['ollama']['ttft_ms'] - med['openai']['ttft_ms']:>+7.1f} ms")
     print(f"{'tokens streamed':<40} {med['ollama']['tokens']:>10.0f} {med['openai']['tokens']:>10.0f}")
