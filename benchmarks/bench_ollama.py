@@ -1,23 +1,23 @@
 """Chat through Ollama's API vs ``/v1/chat/completions``, on the same node (issue 17's speed target).
 
 Starts one ``python -m distributed serve`` on 127.0.0.2 (``tests/support.ServerProcess``) with
-``TARS_CHAT_ENGINE=server`` and one chat model, then alternates, round by round (the order
-flipping each round), the same streamed requests through both dialects: ``POST /api/chat``
-(NDJSON, ``options.num_predict``/``temperature``) and ``POST /v1/chat/completions`` (SSE,
-``max_tokens``/``temperature``) — the same messages, temperature 0, the same token budget, a
-distinct prompt start per pair (so the engine's prompt cache cannot favour a side). Requests
-go in pairs, one a side with the same prompt back to back, the side going first alternating
-pair by pair, one request at a time: only the dialect differs. The client is a minimal asyncio HTTP/1.1 reader
-(it shares the CPU with the node and its engine).
+``TARS_CHAT_ENGINE=server`` and one chat model, then sends the same streamed requests through
+both dialects: ``POST /api/chat`` (NDJSON, ``options.num_predict``/``temperature``) and
+``POST /v1/chat/completions`` (SSE, ``max_tokens``/``temperature``) — the same prompt but for a
+distinct start per request (so the engine's prompt cache favours neither side), temperature 0,
+the same token budget. Requests go in pairs, one a side back to back, the side going first
+alternating pair by pair, one request at a time: only the dialect differs. The client is a
+minimal asyncio HTTP/1.1 reader (it shares the CPU with the node and its engine).
 
 Reported per side: streamed decode tokens/s ((pieces − 1) / (last − first piece)) and time to
-first token, medians over every request, the ratio Ollama / OpenAI of those medians and the
-median of the pairs' ratios — the target is decode ≥ 0.97×: one translation, no extra hop — and the node process's own CPU per streamed token
-(psutil; its llama-server child not counted), which a loaded machine does not blur.
+first token, medians over every request; the ratio Ollama / OpenAI of those medians and the
+median of the pairs' ratios — the target is decode ≥ 0.97×: one translation, no extra hop;
+and the node process's own CPU per streamed token (psutil; its llama-server child not
+counted), which a loaded machine blurs least.
 
 Run from the repository root::
 
-    .venv/bin/python -m benchmarks.bench_ollama                          # ~2-4 min on 2 cores
+    .venv/bin/python -m benchmarks.bench_ollama --threads 1                 # ~3-6 min on 2 cores
     .venv/bin/python -m benchmarks.bench_ollama --rounds 3 --max-tokens 32   # quick
 """
 
@@ -122,9 +122,9 @@ async def run(port: int, pid: int, model: str, rounds: int, requests: int,
         await stream_once(port, side, *_bodies(model, f"warm-up. {PROMPT}", max_tokens)[side])
     for r in range(rounds):
         for i in range(requests):
-            prompt = f"Round {r} request {i}. {PROMPT}"  # the same prompt on both sides of a pair
             pair: dict[str, dict[str, float]] = {}
             for side in (("ollama", "openai") if (r * requests + i) % 2 == 0 else ("openai", "ollama")):
+                prompt = f"{side.title()} round {r} request {i}. {PROMPT}"  # its own start: no prompt cache hit
                 c0 = cpu_s(pid)
                 pair[side] = await stream_once(port, side, *_bodies(model, prompt, max_tokens)[side])
                 cpu[side] += cpu_s(pid) - c0
