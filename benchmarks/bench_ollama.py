@@ -12,8 +12,9 @@ minimal asyncio HTTP/1.1 reader (it shares the CPU with the node and its engine)
 Reported per side: streamed decode tokens/s ((pieces − 1) / (last − first piece)) and time to
 first token, medians over every request; the ratio Ollama / OpenAI of those medians and the
 median of the pairs' ratios — the target is decode ≥ 0.97×: one translation, no extra hop;
-and the node process's own CPU per streamed token (psutil; its llama-server child not
-counted), which a loaded machine blurs least.
+the node process's own CPU per streamed token (psutil; its llama-server child not counted);
+and, first, the node's own cost of a whole streamed request per dialect in process (the fake
+engine, no sockets), which a loaded machine blurs least.
 
 Run from the repository root::
 
@@ -137,6 +138,39 @@ async def run(port: int, pid: int, model: str, rounds: int, requests: int,
     return results, cpu, ratios
 
 
+async def inprocess(pairs: int, tokens: int) -> dict[str, float]:
+    """The node's own cost of one whole streamed request per dialect, in process (httpx's ASGI
+    transport, the fake engine, no sockets): parse, translate, route, ``tokens`` pieces, the
+    answer. Medians over ``pairs`` pairs, the side going first alternating."""
+    import httpx
+
+    from distributed.api.app import create_app
+    from distributed.domain import HostProfile
+    from distributed.node import Node
+    from distributed.settings import load_settings
+
+    settings = load_settings(None, node_name="bench", backend_override="fake", models_dir=tempfile.mkdtemp(),
+                             models=["smollm2-135m-instruct"])
+    node = Node(settings, HostProfile(hostname="bench", cpu_model="-", cpu_cores=2, ram_total_mb=8000,
+                                      ram_free_mb=4000), backend_extra={"reply_tokens": tokens})
+    app = create_app(settings, node)
+    times: dict[str, list[float]] = {"ollama": [], "openai": []}
+    async with app.router.lifespan_context(app):
+        for target in node.local_targets():
+            await target.wait_loaded(30)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bench") as client:
+            for i in range(pairs):
+                for side in (("ollama", "openai") if i % 2 == 0 else ("openai", "ollama")):
+                    path, body = _bodies("smollm2-135m-instruct", PROMPT, tokens)[side]
+                    t0 = time.perf_counter()
+                    async with client.stream("POST", path.decode(), content=body,
+                                             headers={"content-type": "application/json"}) as resp:
+                        async for _ in resp.aiter_bytes():
+                            pass
+                    times[side].append((time.perf_counter() - t0) * 1000)
+    return {side: statistics.median(v) for side, v in times.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -146,9 +180,15 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=0, help="llama.cpp threads; 0 = the node's default")
     ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--inprocess-pairs", type=int, default=300, help="pairs for the in-process cost (0: skip)")
     args = ap.parse_args()
 
     from tests.support import ServerProcess
+
+    if args.inprocess_pairs:
+        cost = asyncio.run(inprocess(args.inprocess_pairs, 8))
+        print(f"in process (fake engine, 8 pieces), the whole streamed request: ollama {cost['ollama']:.3f} ms, "
+              f"openai {cost['openai']:.3f} ms ({cost['ollama'] - cost['openai']:+.3f} ms)", flush=True)
 
     env = {"TARS_MODELS": args.model, "TARS_CHAT_ENGINE": "server", "TARS_PARALLEL": "1",
            "TARS_CONTEXT": str(args.context), "TARS_LOG_LEVEL": "warning", "TARS_MODELS_DIR": str(args.models_dir)}
