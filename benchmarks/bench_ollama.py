@@ -146,14 +146,14 @@ async def inprocess(pairs: int, tokens: int) -> dict[str, float]:
 
     from distributed.api.app import create_app
     from distributed.domain import HostProfile
-    from distributed.node import Node
+    from distributed.service import build
     from distributed.settings import load_settings
 
     settings = load_settings(None, node_name="bench", backend_override="fake", models_dir=tempfile.mkdtemp(),
                              models=["smollm2-135m-instruct"])
-    node = Node(settings, HostProfile(hostname="bench", cpu_model="-", cpu_cores=2, ram_total_mb=8000,
-                                      ram_free_mb=4000), backend_extra={"reply_tokens": tokens})
-    app = create_app(settings, node)
+    service = build(settings, profile=HostProfile(hostname="bench", cpu_model="-", cpu_cores=2, ram_total_mb=8000,
+                                                  ram_free_mb=4000), backend_extra={"reply_tokens": tokens})
+    node, app = service.node, create_app(service)
     times: dict[str, list[float]] = {"ollama": [], "openai": []}
     async with app.router.lifespan_context(app):
         for target in node.local_targets():

@@ -1,7 +1,10 @@
 """The planner: which host serves which model, on which device, and why.
 
-``plan()`` is a pure, deterministic function of host profiles and model specs (plus the
-GGUF files it may read for their metadata). Rules, in the order they are applied:
+``plan()`` is a pure, deterministic function of host profiles, model specs and the options
+below (plus the GGUF files it may read for their metadata). Production code never calls it
+with options of its own: ``planning.plan_for(settings, hosts, specs, paths=...)`` is the one
+entry that reads them from ``Settings`` and this install's chat engine (reserve, context,
+split, slots); tests call ``plan()`` directly. Rules, in the order they are applied:
 
 1. The biggest chat model (4-bit GGUF preferred) goes to the host whose GPU has the most
    usable VRAM (total minus the reserve). If it does not fit fully, as many layers as fit
@@ -20,6 +23,20 @@ GGUF files it may read for their metadata). Rules, in the order they are applied
 4. CPU when no GPU has room, checked against the host's RAM; a model that fits nowhere is
    reported unplaced with the reason.
 5. No GPU is ever over-committed: per GPU, the sum of ``vram_mb`` stays <= total - reserve.
+6. Slots (``slots`` > 1: a GGUF chat model on llama-server holds one KV cache of
+   ``context`` tokens per slot, TARS_PARALLEL): every step of rules 1 and 3 is tried with
+   all the slots first, then one fewer, down to 1, before the next step is tried. So the
+   order is: whole on one GPU with all slots > whole on one GPU with fewer slots (>= 1) >
+   split across hosts (all slots, then fewer) > partial offload into RAM (all, then fewer)
+   > CPU (all, then fewer) > unplaced. A model whole on one GPU generates faster with one
+   slot than split over the network or with layers in RAM with four; a slot it lacks only
+   makes requests queue (the engine's SlotQueue). Among the other chat models, every one
+   that fits whole with all its slots is placed before any is given fewer. The slots
+   counted are ``Assignment.slots`` (the engine starts with that many, ``-np``), and a
+   lowered count is said in the reason ("2 of 4 slots: the KV cache of 4 × 4096 tokens
+   (2.0 GB) does not fit"). Embeddings, rerankers and 8-bit models have no slots
+   (``Assignment.slots`` None); with ``slots=1`` (the in-process engine) a GGUF chat model
+   has 1.
 
 Every assignment carries a one-line reason a person can check against ``tars profile``.
 """
@@ -27,11 +44,13 @@ Every assignment carries a one-line reason a person can check against ``tars pro
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .domain import Assignment, HostProfile, ModelSpec, Plan, Unplaced
-from .vram import VramEstimate, estimate, layers_that_fit
+from .vram import VramEstimate, estimate, has_slots, layers_that_fit, with_slots
 
 FOUR_BIT = ("q4_k_m", "q4_0", "q4_k_s", "int4", "nf4")
 
@@ -80,6 +99,7 @@ class _State:
     hosts: list[_Host]  # in rank order
     reserve_mb: int
     split: bool = True  # TARS_SPLIT: may a model be split across hosts
+    slots: int = 1  # engine slots a GGUF chat model asks for (TARS_PARALLEL with llama-server)
     placed: dict[str, Assignment] = field(default_factory=dict)
     unplaced: dict[str, Unplaced] = field(default_factory=dict)
 
@@ -97,6 +117,29 @@ def _rank_key(spec: ModelSpec, est: VramEstimate) -> tuple:
     return (-spec.params_b, -est.total_mb, spec.id)
 
 
+def _at(est: VramEstimate) -> str:
+    """The context an estimate counts: "4096 tokens", or "4 × 4096 tokens" with 4 slots."""
+    return f"{est.slots} × {est.context} tokens" if est.slots > 1 else f"{est.context} tokens"
+
+
+def _slots_of(spec: ModelSpec, est: VramEstimate) -> int | None:
+    return est.slots if has_slots(spec) else None
+
+
+def _fewer(st: _State, spec: ModelSpec, est: VramEstimate) -> bool:
+    """Does ``est`` count fewer slots than the model asks for?"""
+    return has_slots(spec) and est.slots < st.slots
+
+
+def _lowered(st: _State, spec: ModelSpec, est: VramEstimate) -> str:
+    """What a reason adds when the model got fewer slots than it asked for."""
+    if not _fewer(st, spec, est):
+        return ""
+    kv_all = est.kv_mb // est.slots * st.slots
+    return (f"; {est.slots} of {st.slots} slots: the KV cache of {st.slots} × {est.context} tokens "
+            f"({_gb(kv_all)}) does not fit")
+
+
 def _assign(st: _State, spec: ModelSpec, host: _Host, gpu: _Gpu | None, n_gpu_layers: int,
             est: VramEstimate, reason: str) -> None:
     vram = est.vram_for_layers(n_gpu_layers) if gpu is not None else 0
@@ -107,7 +150,7 @@ def _assign(st: _State, spec: ModelSpec, host: _Host, gpu: _Gpu | None, n_gpu_la
     st.placed[spec.id] = Assignment(
         model=spec.id, kind=spec.kind, node=host.name, device=gpu.device if gpu else "cpu",
         quant=spec.quant, n_gpu_layers=n_gpu_layers if gpu is not None else 0, vram_mb=vram,
-        reason=reason, backend=spec.backend, ram_mb=ram)
+        reason=reason + _lowered(st, spec, est), backend=spec.backend, ram_mb=ram, slots=_slots_of(spec, est))
 
 
 def _host_of(st: _State, gpu: _Gpu) -> _Host:
@@ -118,7 +161,7 @@ def _fit_gpu(st: _State, spec: ModelSpec, est: VramEstimate, hosts: list[_Host],
     for gpu in st.gpus(hosts):
         if est.total_mb <= gpu.free:
             reason = (f"{why}: {gpu.node} {gpu.device} ({gpu.name}) has {_gb(gpu.free)} free after the "
-                      f"{st.reserve_mb} MB reserve, needs {_gb(est.total_mb)} at {est.context} tokens")
+                      f"{st.reserve_mb} MB reserve, needs {_gb(est.total_mb)} at {_at(est)}")
             _assign(st, spec, _host_of(st, gpu), gpu, -1, est, reason)
             return True
     return False
@@ -155,13 +198,15 @@ def _fit_cpu(st: _State, spec: ModelSpec, est: VramEstimate, hosts: list[_Host],
 
 
 def _unplace(st: _State, spec: ModelSpec, est: VramEstimate) -> None:
+    """``est``: the least the model could run with (one slot)."""
     most_vram = max((g.free for g in st.gpus(st.hosts)), default=0)
     most_ram = max((h.ram_free for h in st.hosts), default=0)
     pooled = ""
     if st.split and sum(1 for h in st.hosts if h.gpus) > 1:
         pooled = f"; split across hosts: {_gb(sum(_best_gpu(h).free for h in st.hosts if h.gpus))} free together"
+    one = " with 1 slot" if _fewer(st, spec, est) else ""
     st.unplaced[spec.id] = Unplaced(
-        spec.id, f"fits nowhere: needs {_gb(est.total_mb)} of VRAM (most free on a GPU: {_gb(most_vram)}{pooled}) "
+        spec.id, f"fits nowhere: needs {_gb(est.total_mb)} of VRAM{one} (most free on a GPU: {_gb(most_vram)}{pooled}) "
                  f"or {_gb(est.ram_mb)} of RAM on a CPU (most free on a host: {_gb(most_ram)})")
 
 
@@ -177,7 +222,7 @@ def _best_gpu(host: _Host) -> _Gpu:
     return max(host.gpus, key=lambda g: (g.free, -g.index))
 
 
-def split_layers(n_layers: int, rooms: list[float], caps: list[int]) -> list[int] | None:
+def split_layers(n_layers: int, rooms: Sequence[float], caps: Sequence[int]) -> list[int] | None:
     """``n_layers`` over devices in proportion to ``rooms``, device i taking at most ``caps[i]``.
 
     Rounds down, then hands the remaining layers one by one to the device furthest below
@@ -214,18 +259,20 @@ def _fit_split(st: _State, spec: ModelSpec, est: VramEstimate, hosts: list[_Host
         layers = split_layers(est.n_layers, rooms, [math.floor(r / est.layer_mb) for r in rooms])
         if layers is None or min(layers) < 1:
             continue
-        shares = [{"node": g.node, "device": g.device, "layers": n,
-                   "vram_mb": est.overhead_mb + math.ceil(n * est.layer_mb) + (rest_mb if i == 0 else 0)}
-                  for i, (g, n) in enumerate(zip(chosen, layers))]
+        shares: list[dict[str, Any]] = [{"node": g.node, "device": g.device, "layers": n,
+                                          "vram_mb": est.overhead_mb + math.ceil(n * est.layer_mb)
+                                          + (rest_mb if i == 0 else 0)}
+                                         for i, (g, n) in enumerate(zip(chosen, layers))]
         for g, share in zip(chosen, shares):
             g.used += share["vram_mb"]
         where = ", ".join(f"{s['layers']}{f' of {est.n_layers}' if i == 0 else ''} layers on {g.node} "
                           f"{_short_name(g.name)}" for i, (g, s) in enumerate(zip(chosen, shares)))
-        reason = (f"{why}: needs {_gb(est.total_mb)} at {est.context} tokens; no GPU has it free; split "
-                  f"across {k} hosts, engine on {chosen[0].node}: {where}")
+        reason = (f"{why}: needs {_gb(est.total_mb)} at {_at(est)}; no GPU has it free; split "
+                  f"across {k} hosts, engine on {chosen[0].node}: {where}{_lowered(st, spec, est)}")
         st.placed[spec.id] = Assignment(
             model=spec.id, kind=spec.kind, node=chosen[0].node, device=chosen[0].device, quant=spec.quant,
-            n_gpu_layers=-1, vram_mb=shares[0]["vram_mb"], reason=reason, backend=spec.backend, split=shares)
+            n_gpu_layers=-1, vram_mb=shares[0]["vram_mb"], reason=reason, backend=spec.backend, split=shares,
+            slots=_slots_of(spec, est))
         return True
     return False
 
@@ -257,18 +304,18 @@ def _order(specs: list[ModelSpec], ests: dict[str, VramEstimate]) -> tuple:
     return primary, side, rest
 
 
-def _place_primary(st: _State, spec: ModelSpec, est: VramEstimate) -> None:
-    """1. The biggest chat model → the host with the most usable VRAM; else split; else offload."""
+def _place_primary(st: _State, spec: ModelSpec, ests: list[VramEstimate]) -> None:
+    """1. The biggest chat model → the host with the most usable VRAM; else split; else offload.
+    Each step with all its slots, then fewer (rule 6)."""
     chat_host, others = st.hosts[0], st.hosts[1:]
     why = "biggest chat model" + (f", {spec.quant}" if _is_four_bit(spec) else "")
     why_gpu = why + (", to the GPU with the most usable VRAM" if others else "")
-    if not (_fit_gpu(st, spec, est, [chat_host], why_gpu)
-            or _fit_gpu(st, spec, est, others, why)
-            or _fit_split(st, spec, est, st.hosts, why)
-            or _fit_partial(st, spec, est, [chat_host], why)
-            or _fit_partial(st, spec, est, others, why)
-            or _fit_cpu(st, spec, est, st.hosts, why)):
-        _unplace(st, spec, est)
+    if not (any(_fit_gpu(st, spec, e, [chat_host], why_gpu) or _fit_gpu(st, spec, e, others, why) for e in ests)
+            or any(_fit_split(st, spec, e, st.hosts, why) for e in ests)
+            or any(_fit_partial(st, spec, e, [chat_host], why) or _fit_partial(st, spec, e, others, why)
+                   for e in ests)
+            or any(_fit_cpu(st, spec, e, st.hosts, why) for e in ests)):
+        _unplace(st, spec, ests[-1])
 
 
 def _place_side(st: _State, spec: ModelSpec, est: VramEstimate) -> None:
@@ -284,50 +331,50 @@ def _place_side(st: _State, spec: ModelSpec, est: VramEstimate) -> None:
         _unplace(st, spec, est)
 
 
-def _place_rest(st: _State, rest: list[ModelSpec], ests: dict[str, VramEstimate]) -> None:
-    """3. The other chat models: first every one that fits whole on some GPU (chat host first),
-    then splits, partial offloads and CPUs — so a split or a partial offload never takes the
-    VRAM a smaller model could have used whole."""
-    waiting = [s for s in rest if not _fit_gpu(st, s, ests[s.id], st.hosts, "chat model")]
+def _place_rest(st: _State, rest: list[ModelSpec], ests: dict[str, list[VramEstimate]]) -> None:
+    """3. The other chat models: first every one that fits whole on some GPU (chat host first)
+    with all its slots, then with fewer, then splits, partial offloads and CPUs — so a split,
+    a partial offload or fewer slots never take the VRAM a smaller model could have used whole."""
+    waiting = [s for s in rest if not _fit_gpu(st, s, ests[s.id][0], st.hosts, "chat model")]
+    waiting = [s for s in waiting if not any(_fit_gpu(st, s, e, st.hosts, "chat model") for e in ests[s.id][1:])]
     for spec in waiting:
-        est = ests[spec.id]
-        if not (_fit_split(st, spec, est, st.hosts, "chat model")
-                or _fit_partial(st, spec, est, st.hosts, "chat model")
-                or _fit_cpu(st, spec, est, st.hosts, "chat model")):
-            _unplace(st, spec, est)
+        e_all = ests[spec.id]
+        if not (any(_fit_split(st, spec, e, st.hosts, "chat model") for e in e_all)
+                or any(_fit_partial(st, spec, e, st.hosts, "chat model") for e in e_all)
+                or any(_fit_cpu(st, spec, e, st.hosts, "chat model") for e in e_all)):
+            _unplace(st, spec, e_all[-1])
 
 
-def with_slots(est: VramEstimate, spec: ModelSpec, parallel: int) -> VramEstimate:
-    """A llama-server engine with ``parallel`` slots holds one KV cache of ``context`` per slot."""
-    if parallel <= 1 or spec.kind != "chat" or spec.backend != "llama_cpp" or est.kv_mb <= 0:
-        return est
-    extra = est.kv_mb * (parallel - 1)
-    per_layer = est.kv_mb / est.n_layers if est.n_layers else 0.0
-    return replace(est, kv_mb=est.kv_mb + extra, total_mb=est.total_mb + extra,
-                   layer_mb=est.layer_mb + per_layer * (parallel - 1),
-                   notes=(*est.notes, f"KV cache for {parallel} engine slots of {est.context} tokens"))
+def _slot_choices(est: VramEstimate, spec: ModelSpec, slots: int) -> list[VramEstimate]:
+    """The estimates a model may be placed with: all ``slots``, then one fewer, down to 1
+    (only the first when the slots cost nothing: no slots, or no KV cache counted)."""
+    full = with_slots(est, spec, slots)
+    if full.kv_mb <= est.kv_mb:
+        return [full]
+    return [full, *(with_slots(est, spec, k) for k in range(slots - 1, 0, -1))]
 
 
 def plan(hosts: dict[str, HostProfile], models: list[ModelSpec], *, reserve_mb: int = 500,
-         context: int = 2048, paths: dict[str, Path] | None = None, split: bool = True, parallel: int = 1) -> Plan:
+         context: int = 2048, paths: dict[str, Path] | None = None, split: bool = True, slots: int = 1) -> Plan:
     """Place every model on a host and device (or split it across hosts' GPUs when ``split``),
-    or report it unplaced with the reason. ``parallel``: slots of a GGUF chat engine
-    (TARS_PARALLEL with llama-server, else 1): ``context`` is per slot, the KV cache per slot."""
+    or report it unplaced with the reason. ``slots``: engine slots of a GGUF chat model
+    (TARS_PARALLEL with llama-server, else 1): ``context`` is per slot, a KV cache per slot;
+    fewer where VRAM is short (rule 6)."""
     paths = paths or {}
-    st = _State(_build_hosts(hosts, reserve_mb), reserve_mb, split=split)
+    st = _State(_build_hosts(hosts, reserve_mb), reserve_mb, split=split, slots=max(1, slots))
     specs: list[ModelSpec] = []
     for spec in models:
         if spec.id not in {s.id for s in specs}:  # listed twice: plan it once
             specs.append(spec)
     if not st.hosts:
         return Plan(unplaced=[Unplaced(s.id, "no hosts to place it on") for s in specs])
-    ests = {s.id: with_slots(estimate(s, context, paths.get(s.id)), s, parallel) for s in specs}
-    primary, side, rest = _order(specs, ests)
+    choices = {s.id: _slot_choices(estimate(s, context, paths.get(s.id)), s, st.slots) for s in specs}
+    primary, side, rest = _order(specs, {m: c[0] for m, c in choices.items()})
     if primary is not None:
-        _place_primary(st, primary, ests[primary.id])
+        _place_primary(st, primary, choices[primary.id])
     for spec in side:
-        _place_side(st, spec, ests[spec.id])
-    _place_rest(st, rest, ests)
+        _place_side(st, spec, choices[spec.id][0])
+    _place_rest(st, rest, choices)
     return Plan(assignments=[st.placed[s.id] for s in specs if s.id in st.placed],
                 unplaced=[st.unplaced[s.id] for s in specs if s.id in st.unplaced])
 
@@ -342,8 +389,8 @@ def recommend(hosts: dict[str, HostProfile], catalog: list[ModelSpec], *, reserv
               context: int = 2048) -> list[ModelSpec]:
     """The catalog models this set of hosts should serve (and so pull).
 
-    One chat model — the biggest 4-bit GGUF that fits fully on the best GPU, else the
-    embedded default; one embedding model (the embedded default); and, for each other host
+    One chat model — the biggest 4-bit GGUF that fits fully on the best GPU (with one slot:
+    the plan then gives it as many slots as fit), else the embedded default; one embedding model (the embedded default); and, for each other host
     with a GPU, an 8-bit small model that fits next to the embeddings there.
     """
     if not hosts:

@@ -45,6 +45,12 @@ class Settings(BaseSettings):
         description="Comma-separated base URLs of peers to join, e.g. http://192.168.1.10:8000.")
     role: Literal["auto", "server", "worker", "standalone"] = Field(
         "auto", description="auto (server without peers, worker with peers), server, worker or standalone.")
+    cluster_name: str = Field("tars", min_length=1, max_length=32, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                              description="Name of the cluster this node belongs to, advertised on the LAN (letters, "
+                                          "digits, . _ -); setup_pc2.sh without an address joins the one cluster it finds.")
+    discovery: Literal["on", "off"] = Field(
+        "on", description="on: advertise this node on the LAN over mDNS (_tars._tcp: cluster, node, port, version; never "
+                          "the token) when it listens beyond loopback; off: silent (TARS_PEERS only).")
     ollama_port: int = Field(0, ge=0, le=65535, description="A second port (on TARS_HOST) serving the same API, for apps "
                                                             "that only talk to Ollama's port (11434); 0 = off.")
 
@@ -89,6 +95,8 @@ class Settings(BaseSettings):
                                            "it grows the engine by ~1.5 MB per request until full.")
     engine_bin: str = Field("", description="The llama-server binary (or its folder); empty = the scripts/build_engine.sh "
                             "build matching the installed llama-cpp-python.")
+    fake_token_delay_s: float = Field(0.0, ge=0, le=10, description="With TARS_BACKEND_OVERRIDE=fake: seconds each "
+                                      "generated token takes, so fake models keep a host busy (tests of load balancing).")
 
     # --- cluster timing
     heartbeat_s: float = Field(2.0, gt=0, le=300, description="Seconds between heartbeats (>0).")
@@ -145,7 +153,7 @@ class Settings(BaseSettings):
     def _expand_home(cls, v: Path) -> Path:
         return v.expanduser()  # "~/models" in an env file means the user's home
 
-    @field_validator("log_level", "log_format", "role", "split", "chat_engine", mode="before")
+    @field_validator("log_level", "log_format", "role", "split", "chat_engine", "discovery", mode="before")
     @classmethod
     def _lower(cls, v: Any) -> Any:
         return v.lower() if isinstance(v, str) else v

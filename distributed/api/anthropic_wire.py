@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..domain import Completion, GenerateRequest, TokenChunk
 from ..errors import TarsError, ValidationFailed
-from ..requests import MAX_STOPS, MAX_TOKENS
+from ..requests import MAX_STOPS, MaxTokens
 from . import chat_messages
 from .chat_surface import check_schema
 from .error_shapes import anthropic_error
@@ -77,7 +77,7 @@ class _Common(_Strict):
 class MessagesRequest(_Common):
     """POST /v1/messages."""
 
-    max_tokens: int = Field(..., **MAX_TOKENS)
+    max_tokens: MaxTokens
     stop_sequences: list[str] | None = Field(None, max_length=MAX_STOPS)
     stream: bool = False
     temperature: float | None = Field(None, ge=0.0, le=1.0)
@@ -354,9 +354,9 @@ class MessageStream:
         self.open: str | None = None  # the kind of the content block open now
 
     def start(self) -> bytes:
-        message = {"id": self.mid, "type": "message", "role": "assistant", "model": self.model, "content": [],
-                   "stop_reason": None, "stop_sequence": None,
-                   "usage": {"input_tokens": 0, "output_tokens": 0}}
+        message: dict[str, Any] = {"id": self.mid, "type": "message", "role": "assistant", "model": self.model,
+                                   "content": [], "stop_reason": None, "stop_sequence": None,
+                                   "usage": {"input_tokens": 0, "output_tokens": 0}}
         return _event("message_start", {"type": "message_start", "message": message}) + \
             _event("ping", {"type": "ping"})
 

@@ -1,4 +1,8 @@
-"""``create_app(settings, node)``: the FastAPI app of one node. Nothing at import time.
+"""``create_app(service)``: the FastAPI app of one node's service. Nothing at import time.
+
+The parts (node, cluster, deployer, split service) are built by the composition root
+(``service.build``); this module only serves them. Its lifespan starts and stops the
+service (``Service.start``/``stop``).
 
 Layers, outside in:
 
@@ -23,7 +27,8 @@ import math
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -36,10 +41,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .. import __version__
 from ..errors import ModelLoading, PayloadTooLarge, PeerUnavailable, TarsError, Unauthorized, ValidationFailed
 from ..logs import get_logger
-from ..seams import ClusterView, ServiceNode
+from ..seams import ServiceNode
 from . import anthropic, deploy, error_shapes, native, ollama, openai, rerank, responses
 from .auth import ApiKey
 from .guards import Guards, host_policy
+
+if TYPE_CHECKING:  # types only: the service is built by the composition root
+    from ..service import Service
 
 log = get_logger(__name__)
 
@@ -62,7 +70,7 @@ def _error_response(exc: TarsError, node: str, path: str) -> Response:
 class Edge:
     """Auth, body limit, metrics, via header and the last-resort 500, in one layer."""
 
-    def __init__(self, app: ASGIApp, *, node: Any, api_key: ApiKey, max_body: int, endpoints: set[str],
+    def __init__(self, app: ASGIApp, *, node: ServiceNode, api_key: ApiKey, max_body: int, endpoints: set[str],
                  fast: dict[tuple[str, str], Any] | None = None) -> None:
         self.app = app
         self.node = node
@@ -230,20 +238,18 @@ def _add_dashboard(app: FastAPI) -> None:
     app.mount("/dashboard/static", StaticFiles(directory=DASHBOARD_DIR, check_dir=False), name="dashboard")
 
 
-def create_app(settings: Any, node: ServiceNode, cluster: ClusterView | None = None) -> Any:
-    """The app of one node (the composition root of the service). The lifespan starts and
-    stops ``node``; the ``/rpc`` router's lifespan starts and stops ``cluster`` — given,
-    else ``node.cluster``, else a ``Cluster(node, settings)`` built here — which is also
-    attached as ``node.cluster`` (``/status`` reads it)."""
+def create_app(service: "Service") -> FastAPI:
+    """The app serving ``service`` (built by ``service.build``). The lifespan starts the
+    service (the node, then its cluster) and stops it (the cluster says goodbye first)."""
+    settings, node = service.settings, service.node
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> Any:
-        await node.start()
-        log.info("node %s started (role %s)", node.name, node.role)
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await service.start()
         try:
             yield
         finally:
-            await node.stop()
+            await service.stop()
 
     extra: dict[str, Any] = {}
     if "telemetry" in inspect.signature(FastAPI.__init__).parameters:
@@ -254,22 +260,14 @@ def create_app(settings: Any, node: ServiceNode, cluster: ClusterView | None = N
                               "JSON-RPC /rpc between nodes.", **extra)
     app.state.node = node
     app.state.settings = settings
+    app.state.deployer = service.deployer  # POST/DELETE /models (api/deploy.py)
     _add_error_handlers(app, node.name)
 
     from ..rpc.server import build_rpc_router
 
-    cluster = cluster or node.cluster
-    if cluster is None:
-        from ..cluster import Cluster
-
-        cluster = Cluster(node, settings)  # type: ignore[arg-type]  # a Node is both seams
-    node.cluster = cluster
-    if getattr(node, "deployer", None) is None:  # runtime deploys (deploy/manager.py)
-        from ..deploy.manager import Deployer
-
-        Deployer(node, settings)
+    rpc = build_rpc_router(settings, node, service.cluster, deployer=service.deployer, split=service.split)
     routers = [native.router, openai.router, anthropic.router, responses.router, ollama.router, rerank.router,
-               deploy.router, build_rpc_router(settings, node, cluster)]
+               deploy.router, rpc]
     for router in routers:
         app.include_router(router)
 

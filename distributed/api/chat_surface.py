@@ -29,12 +29,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from .. import sampling
 from ..domain import Completion, GenerateRequest
 from ..errors import ValidationFailed
-from ..requests import MAX_CHOICES, PENALTY, TOP_LOGPROBS, ReasoningEffort
+from ..requests import MAX_CHOICES, Choices, MaxTokens, Penalty, ReasoningEffort, Temperature, TopLogprobs, TopP
 from . import chat_messages
-from .schemas import ChatMessage, MaxTokens, Temperature, TopP, _messages, _stops, usage
+from .schemas import ChatMessage, domain_messages, stop_list, usage
 
 MAX_N = MAX_CHOICES
-Penalty = Field(None, **PENALTY)  # the bounds /rpc enforces too (distributed/requests.py)
 
 # Known OpenAI parameters we do not serve, each with the reason the 400 gives.
 REFUSED: dict[str, str] = {
@@ -146,7 +145,7 @@ class _Request(BaseModel):
             model=r.model or None, prompt=prompt, messages=messages,
             max_tokens=r.max_tokens if r.max_tokens is not None else max_tokens,
             temperature=r.temperature if r.temperature is not None else d.temperature,
-            top_p=r.top_p if r.top_p is not None else d.top_p, stop=_stops(r.stop), seed=r.seed,
+            top_p=r.top_p if r.top_p is not None else d.top_p, stop=stop_list(r.stop), seed=r.seed,
             stream=bool(r.stream), presence_penalty=r.presence_penalty or 0.0,
             frequency_penalty=r.frequency_penalty or 0.0, n=r.n or 1, sampling=sampling.picked(self), **extra)
 
@@ -156,23 +155,23 @@ class ChatCompletionRequest(_Request, sampling.Knobs):
 
     model: str | None = None
     messages: list[ChatMessage]
-    max_tokens: int | None = MaxTokens
-    max_completion_tokens: int | None = MaxTokens
-    temperature: float | None = Temperature
-    top_p: float | None = TopP
-    n: int | None = Field(None, ge=1, le=MAX_N)
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    n: Choices | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = Penalty
-    frequency_penalty: float | None = Penalty
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
     response_format: ResponseFormat | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, **TOP_LOGPROBS)
+    top_logprobs: TopLogprobs | None = None
     user: str | None = None
     safety_identifier: str | None = None
     metadata: Metadata | None = Field(None, max_length=16)
@@ -195,7 +194,7 @@ class ChatCompletionRequest(_Request, sampling.Knobs):
             if m.refusal is not None and m.role != "assistant":
                 raise ValidationFailed(f"'messages[{i}].refusal': only an assistant message carries a refusal",
                                        field=f"messages[{i}].refusal")
-        messages = chat_messages.check(_messages(self.messages))  # shapes, before an engine sees them
+        messages = chat_messages.check(domain_messages(self.messages))  # shapes, before an engine sees them
         kwargs = self.chat_template_kwargs or None
         for key in kwargs or ():
             if key in RESERVED_TEMPLATE_KEYS:
@@ -256,17 +255,17 @@ class CompletionRequest(_Request, sampling.Knobs):
 
     model: str | None = None
     prompt: str | list[str]
-    max_tokens: int | None = MaxTokens
-    temperature: float | None = Temperature
-    top_p: float | None = TopP
-    n: int | None = Field(None, ge=1, le=MAX_N)
-    best_of: int | None = Field(None, ge=1, le=MAX_N)
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    n: Choices | None = None
+    best_of: Choices | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = Penalty
-    frequency_penalty: float | None = Penalty
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool | None = False
     suffix: str | None = None

@@ -7,7 +7,8 @@ Routes are adapters, like the other dialects': parse with ``ollama_wire`` (reque
 (``node.generate`` / ``node.stream`` / ``node.embed`` — the same routes and targets as
 ``/v1``, so a model on another host answers through this one), write Ollama's shapes
 (``ollama_answers``; model rows: ``ollama_models``).
-``/api/pull`` is a runtime deploy (``node.deployer``, as ``POST /models``) followed by
+``/api/pull`` is a runtime deploy (the app's deployer, as ``POST /models``; a name is a catalog
+id or a hub reference ``hf.co/ORG/REPO[:QUANT]``, resolved by ``modelref``) followed by
 status lines as the model's row changes; ``/api/delete`` a runtime remove. Errors are
 ``{"error": "..."}`` (app.py maps them by type, as for every path).
 
@@ -27,6 +28,7 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import PlainTextResponse, Response
 
+from .. import modelref
 from ..domain import EmbedRequest, ModelSpec
 from ..errors import ModelFailed, ModelLoading, ModelNotFound, RequestTimeout, TarsError, ValidationFailed
 from . import dialect, tool_drop
@@ -34,6 +36,7 @@ from . import ollama_answers as a
 from . import ollama_options as o
 from . import ollama_wire as w
 from . import schemas as s
+from .deploy import deployer_of
 from .native import JSON, label
 from .ollama_models import ModelFacts, PullProgress, ps_row, served_context, show_body
 from .streaming import ClientGone, EventStream, drain, until_disconnect
@@ -138,21 +141,16 @@ async def show(request: Request) -> Response:
     return JSON(show_body(facts, info, served_context(facts.spec, info, _settings(request).context)))
 
 
-def _deployer(node: Any) -> Any:
-    if getattr(node, "deployer", None) is None:
-        raise ModelFailed("this node has no deployer attached: models cannot be pulled or deleted at runtime")
-    return node.deployer
-
-
 @router.post("/api/pull", summary="Deploy a catalog model at runtime, with status lines (NDJSON)",
              openapi_extra=_body(w.PullBody))
 async def pull(request: Request) -> Response:
     node = _node(request)
     r = s.parse(w.PullBody, await request.body())
-    model = r.id()
-    label(request, model)
-    node.catalog.get(model)  # 404 listing the catalog
-    await _deployer(node).deploy(model)
+    label(request, r.id())
+    # a catalog id (404 listing the catalog) or a hub reference (the hub's file list and the
+    # header by range; 404 naming the quants there are): resolved once, remembered by the catalog
+    spec = await modelref.resolve_async(r.id(), node.catalog)
+    model = (await deployer_of(request).deploy(spec.id)).get("model") or spec.id
     facts = (await asyncio.to_thread(_facts, node, [{"id": model}]))[model]
     lines = _pull_lines(node, PullProgress(facts), model, _settings(request).request_timeout_s)
     if r.stream:
@@ -198,10 +196,9 @@ async def _drain(lines: AsyncIterator[dict[str, Any]]) -> None:
 @router.delete("/api/delete", summary="Remove a model everywhere (a runtime remove; its files stay)",
                openapi_extra=_body(w.ModelBody))
 async def delete(request: Request) -> Response:
-    node = _node(request)
     model = s.parse(w.ModelBody, await request.body()).id()
     label(request, model)
-    out = await _deployer(node).remove(model)
+    out = await deployer_of(request).remove(model)
     return JSON({"status": "success", "model": model, "models": out.get("models")})
 
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
+
 from .. import sampling
 from ..errors import ValidationFailed
-from ..requests import MAX_STOPS, MAX_TOKENS, PENALTY, TEMPERATURE, TOP_P
+from ..requests import MAX_STOPS, MaxTokens, Penalty, Temperature, TopP
 from .chat_surface import check_schema
 
 LATEST = ":latest"
@@ -57,8 +59,11 @@ REFUSED_OPTIONS = {
     "penalize_newline": "'penalize_newline' was removed from llama.cpp",
     "num_keep": "the context is never shifted here, so there are no tokens to keep ('num_keep')",
 }
-_BOUNDS: dict[str, dict[str, float]] = {"temperature": TEMPERATURE, "top_p": TOP_P, "presence_penalty": PENALTY,
-                                        "frequency_penalty": PENALTY}
+# The bounds are requests.py's, the same types the /v1 request models use.
+_BOUNDS: dict[str, TypeAdapter[Any]] = {"temperature": TypeAdapter(Temperature), "top_p": TypeAdapter(TopP),
+                                        "presence_penalty": TypeAdapter(Penalty),
+                                        "frequency_penalty": TypeAdapter(Penalty)}
+_MAX_TOKENS: TypeAdapter[int] = TypeAdapter(MaxTokens)
 
 
 class Options:
@@ -96,20 +101,19 @@ class Options:
             n = _int(value, field)
             if n in (-1, -2):
                 return  # "until the context is full": the default the route sets
-            if not MAX_TOKENS["ge"] <= n <= MAX_TOKENS["le"]:
-                raise ValidationFailed(f"'{field}' must be -1, -2 or {MAX_TOKENS['ge']}..{MAX_TOKENS['le']} "
-                                       f"(got {n})", field=field)
-            self.generate["max_tokens"] = n
+            self.generate["max_tokens"] = _bounded(_MAX_TOKENS, n, field, " (or -1, -2: until the context is full)")
         elif name == "seed":
             self.generate["seed"] = _int(value, field)
         else:
-            number = _float(value, field)
-            b = _BOUNDS[name]
-            low, high = float(b["ge"] if "ge" in b else b["gt"]), b["le"]
-            if not (low <= number <= high) or ("gt" in b and number == low):
-                raise ValidationFailed(f"'{field}' must be in {'(' if 'gt' in b else '['}{low}, {high}] (got {number})",
-                                       field=field)
-            self.generate[GENERATE_OPTIONS[name]] = number
+            self.generate[GENERATE_OPTIONS[name]] = _bounded(_BOUNDS[name], _float(value, field), field)
+
+
+def _bounded(bounds: TypeAdapter[Any], value: Any, field: str, note: str = "") -> Any:
+    try:
+        return bounds.validate_python(value)
+    except ValidationError as exc:
+        msg = exc.errors(include_url=False)[0]["msg"]
+        raise ValidationFailed(f"'{field}': {msg[0].lower()}{msg[1:]}{note} (got {value!r})", field=field) from None
 
 
 def _int(value: Any, field: str, low: int | None = None) -> int:

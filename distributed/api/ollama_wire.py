@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..domain import EmbedRequest, GenerateRequest
 from ..errors import ValidationFailed
-from ..requests import TOP_LOGPROBS
+from ..requests import TopLogprobs
 from . import chat_messages
 from .chat_surface import Tool, check_schema
 from .ollama_options import Options, keep_alive_s, model_id, response_format, thinking
@@ -68,7 +68,7 @@ class _Generating(_Strict):
     keep_alive: float | str | None = None
     think: bool | Literal["low", "medium", "high", "max"] | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, **TOP_LOGPROBS)
+    top_logprobs: TopLogprobs | None = None
     truncate: bool | None = None
     shift: bool | None = None
 

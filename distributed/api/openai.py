@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
@@ -22,12 +21,13 @@ from starlette.responses import Response
 from ..domain import Completion, GenerateRequest
 from ..errors import TarsError, ValidationFailed
 from ..logs import fields, get_logger
+from ..streams import drain_choices
 from . import chat_surface as cs
 from . import schemas as s
 from . import tool_drop
 from .dialect import body_doc
 from .native import JSON, label
-from .streaming import ClientGone, EventStream, drain, first_item, until_disconnect
+from .streaming import ClientGone, EventStream, first_item, until_disconnect
 
 log = get_logger(__name__)
 router = APIRouter(prefix="/v1")
@@ -85,10 +85,12 @@ async def _generate(request: Request, kind: Literal["chat", "completion"], req: 
         label(request, model)
         include_usage = bool(stream_options and stream_options.include_usage)
         encs = [cs.ChunkEncoder(kind, model, rid, created, i) for i in range(len(reqs))]
-        headers = tool_drop.headers(dropped)
-        if len(reqs) == 1:
-            return EventStream(_chunks(encs[0], firsts[0], agens[0], include_usage, node.name), headers)
-        return EventStream(_merged(encs, firsts, agens, include_usage, node.name), headers)
+
+        def end(completions: list[Completion]) -> bytes:  # after the last choice's finish chunk
+            return (encs[0].usage(completions) if include_usage else b"") + b"data: [DONE]\n\n"
+
+        fmts = [_OpenAISse(enc, node.name) for enc in encs]
+        return EventStream(drain_choices(firsts, agens, fmts, end), tool_drop.headers(dropped))
     try:
         results, dropped = await tool_drop.attempt(req, lambda r: _complete(request, r))
     except ClientGone:
@@ -134,26 +136,12 @@ async def _gather(works: list[Any]) -> list[Completion]:
             t.cancel()
 
 
-async def _events(enc: cs.ChunkEncoder, first: Any, agen: AsyncIterator[Any]) -> AsyncIterator[tuple[bytes, Any]]:
-    """One choice's SSE events; the Completion comes last, with b"" as its event."""
-    if enc.kind == "chat":
-        yield enc.role(), None
-    item = first if first is not None else await agen.__anext__()
-    while True:
-        if isinstance(item, Completion):
-            yield enc.finish(item), item
-            return
-        data = enc.piece(item)
-        if data:
-            yield data, None
-        item = await agen.__anext__()
-
-
 class _OpenAISse:
-    """One choice's OpenAI SSE chunks (``streams.drain`` runs the loop, as for /inference and /rpc)."""
+    """One choice's OpenAI SSE chunks (``streams.drain_choices`` runs the loop, as ``drain``
+    does for /inference and /rpc; the usage chunk and ``[DONE]`` come after every choice)."""
 
-    def __init__(self, enc: cs.ChunkEncoder, include_usage: bool, node: str) -> None:
-        self.enc, self.include_usage, self.node = enc, include_usage, node
+    def __init__(self, enc: cs.ChunkEncoder, node: str) -> None:
+        self.enc, self.node = enc, node
 
     def start(self) -> bytes | None:
         return self.enc.role() if self.enc.kind == "chat" else None
@@ -162,56 +150,10 @@ class _OpenAISse:
         return self.enc.piece(item)
 
     def done(self, c: Completion) -> bytes:
-        return self.enc.finish(c) + (self.enc.usage([c]) if self.include_usage else b"") + b"data: [DONE]\n\n"
+        return self.enc.finish(c)
 
     def error(self, exc: TarsError | None) -> bytes:
         return _error_event(exc or TarsError("internal error during generation; see the node's log"), self.node)
-
-
-def _chunks(enc: cs.ChunkEncoder, first: Any, agen: AsyncIterator[Any], include_usage: bool,
-            node: str) -> AsyncIterator[bytes]:
-    return drain(first, agen, _OpenAISse(enc, include_usage, node))
-
-
-async def _merged(encs: list[cs.ChunkEncoder], firsts: list[Any], agens: list[AsyncIterator[Any]],
-                  include_usage: bool, node: str) -> AsyncIterator[bytes]:
-    """n choices streamed at once: each choice's events in its order, choices interleaved
-    as their tokens come."""
-    queue: asyncio.Queue[tuple[int, bytes | None, Any]] = asyncio.Queue()
-
-    async def pump(i: int) -> None:
-        try:
-            async for event, done in _events(encs[i], firsts[i], agens[i]):
-                await queue.put((i, event, done))
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            await queue.put((i, None, exc))
-
-    tasks = [asyncio.ensure_future(pump(i)) for i in range(len(encs))]
-    done: dict[int, Completion] = {}
-    try:
-        while len(done) < len(encs):
-            i, event, item = await queue.get()
-            if event is None:
-                raise item
-            yield event
-            if item is not None:
-                done[i] = item
-        yield (encs[0].usage([done[i] for i in sorted(done)]) if include_usage else b"") + b"data: [DONE]\n\n"
-    except StopAsyncIteration:
-        yield _error_event(TarsError("the stream ended without a final result"), node)
-    except TarsError as exc:
-        yield _error_event(exc, node)
-    except Exception:  # noqa: BLE001
-        log.exception("stream failed after its first token")
-        yield _error_event(TarsError("internal error during generation; see the node's log"), node)
-    finally:
-        for t in tasks:
-            t.cancel()
-        for agen in agens:
-            try:
-                await agen.aclose()  # type: ignore[attr-defined]
-            except RuntimeError:
-                pass
 
 
 def _error_event(exc: TarsError, node: str) -> bytes:

@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..domain import Completion, GenerateRequest, TokenChunk
 from ..errors import TarsError, ValidationFailed
-from ..requests import MAX_TOKENS, TEMPERATURE, TOP_P, ReasoningEffort
+from ..requests import MaxTokens, ReasoningEffort, Temperature, TopP
 from . import chat_messages
 from .chat_surface import FunctionDef, JsonSchemaFormat, check_schema
 
@@ -90,9 +90,9 @@ class ResponsesRequest(BaseModel):
     input: str | list[dict[str, Any]] = Field(description="Text, or items: messages, function_call, "
                                                           "function_call_output.")
     instructions: str | None = None
-    max_output_tokens: int | None = Field(None, **MAX_TOKENS)
-    temperature: float | None = Field(None, **TEMPERATURE)
-    top_p: float | None = Field(None, **TOP_P)
+    max_output_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = Field(None, description="Function tools: {type: function, name, "

@@ -126,9 +126,11 @@ def parse_hosts(specs: list[str]) -> dict[str, HostProfile]:
 
 
 def plan_json(plan: Plan) -> dict[str, Any]:
-    """The documented `tars plan --json` shape (a split model adds "split": [{node, device, layers, vram_mb}])."""
+    """The documented `tars plan --json` shape (a split model adds "split": [{node, device, layers, vram_mb}];
+    a GGUF chat model adds "slots", its engine's slots as planned)."""
     keys = ("model", "kind", "node", "device", "quant", "n_gpu_layers", "vram_mb", "reason")
-    return {"assignments": [{**{k: getattr(a, k) for k in keys}, **({"split": a.split} if a.split else {})}
+    return {"assignments": [{**{k: getattr(a, k) for k in keys}, **({"split": a.split} if a.split else {}),
+                             **({"slots": a.slots} if a.slots else {})}
                             for a in plan.assignments],
             "unplaced": [{"model": u.model, "reason": u.reason} for u in plan.unplaced]}
 
@@ -175,15 +177,16 @@ def _plan_table(con: Any, title: str, p: Plan, n_layers: dict[str, int]) -> None
         con.print(why)
 
 
-def render_plan(hosts: dict[str, HostProfile], plan: Plan, reserve_mb: int, context: int,
+def render_plan(hosts: dict[str, HostProfile], plan: Plan, settings: Any,
                 rec: list[Any], rec_plan: Plan, on_disk: dict[str, bool], specs: dict[str, Any],
-                this_host: bool = False) -> None:
+                this_host: bool = False, paths: dict[str, Path] | None = None) -> None:
     from rich import box
     from rich.table import Table
 
     from ..planner import usable_vram_mb
     from ..vram import estimate
 
+    reserve_mb, context = settings.vram_reserve_mb, settings.context
     con = _console()
     con.print(f"[bold]Hosts[/] (reserve {reserve_mb} MB per GPU, context {context} tokens)")
     t = Table(box=box.SIMPLE_HEAD, pad_edge=False)
@@ -202,7 +205,7 @@ def render_plan(hosts: dict[str, HostProfile], plan: Plan, reserve_mb: int, cont
     _plan_table(con, "Plan for the models to serve (TARS_MODELS, else the embedded defaults)", plan, layers_of(plan))
     from ..deploy.hints import replica_hints  # hosts left idle: replicas (issue 12.2)
 
-    for line in replica_hints(hosts, plan, specs, reserve_mb=reserve_mb, context=context):
+    for line in replica_hints(hosts, plan, specs, settings, paths=paths):
         con.print(f"[bold]Idle:[/] {line}")
     if not rec:
         return
@@ -230,7 +233,9 @@ def render_plan(hosts: dict[str, HostProfile], plan: Plan, reserve_mb: int, cont
 
 def plan_cmd(
     host: list[str] = typer.Option([], "--host", help="NAME=PRESET_OR_JSON; repeat per host. Default: this host."),
-    models: str = typer.Option("", "--models", help="Comma-separated model ids. Default: TARS_MODELS or the embedded defaults."),
+    models: str = typer.Option("", "--models", help="Comma-separated model ids or hub references (hf.co/ORG/REPO:QUANT, "
+                                                    "planned from their GGUF header before a pull). Default: TARS_MODELS "
+                                                    "or the embedded defaults."),
     as_json: bool = typer.Option(False, "--json", help='Print {"assignments": [...], "unplaced": [...]}.'),
     recommended: bool = typer.Option(False, "--recommended",
                                      help="Plan the catalog models recommended for this hardware instead "
@@ -240,7 +245,8 @@ def plan_cmd(
     """Show which model each host serves, on which device, and why (plus what to pull)."""
     from .. import profiler
     from ..catalog import load_catalog
-    from ..planner import plan, recommend
+    from ..modelref import resolve
+    from ..planning import plan_for, recommend_for
     from ..store import ModelStore
 
     settings = _settings(env_file)
@@ -248,23 +254,22 @@ def plan_cmd(
     hosts = parse_hosts(host) if host else {
         settings.node_name: profiler.profile_host(settings.gpu_profile, settings.node_name)}
     ids = [m.strip() for m in models.split(",") if m.strip()] if models else list(settings.models)
-    specs = catalog.select(ids) if ids else catalog.defaults()
+    # catalog ids and hub references (hf.co/ORG/REPO:QUANT: resolved once, its header read by range)
+    specs = [resolve(i, catalog) for i in ids] if ids else catalog.defaults()
     store = ModelStore(settings.models_dir, catalog)
     paths: dict[str, Path] = store.paths(catalog.all())
-    on_disk = {s.id: s.id in paths for s in catalog.all()}
-    kw = {"reserve_mb": settings.vram_reserve_mb, "context": settings.context}
+    on_disk = {s.id: s.id in store.on_disk([s]) for s in catalog.all()}
     if recommended:
         if models:
             raise ConfigError("--recommended and --models do not go together: --recommended picks the models")
-        specs = recommend(hosts, catalog.all(), **kw)
-    split = settings.split != "off"
-    result = plan(hosts, specs, paths=paths, split=split, **kw)
+        specs = recommend_for(settings, hosts, catalog.all())
+    result = plan_for(settings, hosts, specs, paths=paths)
     if as_json:
         typer.echo(json.dumps(plan_json(result), indent=2))
         return
-    rec = recommend(hosts, catalog.all(), **kw)
-    render_plan(hosts, result, settings.vram_reserve_mb, settings.context, rec,
-                plan(hosts, rec, paths=paths, split=split, **kw), on_disk, {s.id: s for s in catalog.all()}, this_host=not host)
+    rec = recommend_for(settings, hosts, catalog.all())
+    render_plan(hosts, result, settings, rec, plan_for(settings, hosts, rec, paths=paths), on_disk,
+                {s.id: s for s in catalog.all()}, this_host=not host, paths=paths)
 
 
 def register(app: typer.Typer) -> None:

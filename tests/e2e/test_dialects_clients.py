@@ -215,7 +215,8 @@ def test_anthropic_messages_stream_tools_and_count(claude):
     assert text.strip() and final.usage.output_tokens > 0
     tools = [{"name": "get_weather", "description": "Current weather in a city",
               "input_schema": WEATHER["function"]["parameters"]}]
-    msg = claude.messages.create(model=CHAT, max_tokens=80, tools=tools, tool_choice={"type": "any"},
+    msg = claude.messages.create(model=CHAT, max_tokens=80, tools=tools,
+                                 tool_choice={"type": "any", "disable_parallel_tool_use": True},
                                  messages=[{"role": "user", "content": "What is the weather in Paris?"}])
     (use,) = [b for b in msg.content if b.type == "tool_use"]
     assert msg.stop_reason == "tool_use" and use.name == "get_weather" and isinstance(use.input.get("city"), str)

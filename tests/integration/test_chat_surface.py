@@ -22,7 +22,7 @@ import pytest
 
 from distributed.api.app import create_app
 from distributed.domain import HostProfile
-from distributed.node import Node
+from distributed.service import build
 from distributed.settings import load_settings
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -66,8 +66,8 @@ async def _serve(tmp: Any, name: str, engine: str, **extra: Any) -> Any:
                              chat_engine=engine, parallel=2, request_timeout_s=900, cluster_token=TOKEN,
                              queue_max_wait_s=0)  # a loaded 2-core machine: no admission by expected wait
     profile = HostProfile(hostname=name, cpu_model="test cpu", cpu_cores=2, ram_total_mb=16000, ram_free_mb=12000)
-    node = Node(settings, profile, backend_extra=extra or None)
-    return node, create_app(settings, node)
+    service = build(settings, profile=profile, backend_extra=extra or None)
+    return service.node, create_app(service)
 
 
 @pytest.fixture(scope="module", params=["inprocess", "server"])

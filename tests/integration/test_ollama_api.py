@@ -15,6 +15,7 @@ import pytest
 from distributed.api.app import create_app
 from distributed.domain import HostProfile
 from distributed.node import Node
+from distributed.service import build
 from distributed.settings import load_settings
 
 ollama = pytest.importorskip("ollama")
@@ -32,9 +33,9 @@ def anyio_backend() -> str:
 async def serve(tmp_path, **overrides: Any) -> AsyncIterator[tuple[httpx.AsyncClient, Any, Node]]:
     settings = load_settings(None, **{"node_name": "pc1", "backend_override": "fake", "models_dir": tmp_path,
                                       "models": [CHAT, EMBED], "context": 2048, **overrides})
-    node = Node(settings, HostProfile(hostname="pc1", cpu_model="test cpu", cpu_cores=2, ram_total_mb=16000,
-                                      ram_free_mb=12000))
-    app = create_app(settings, node)
+    service = build(settings, profile=HostProfile(hostname="pc1", cpu_model="test cpu", cpu_cores=2,
+                                                  ram_total_mb=16000, ram_free_mb=12000))
+    node, app = service.node, create_app(service)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:11434") as raw:

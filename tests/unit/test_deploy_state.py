@@ -13,6 +13,7 @@ from distributed.deploy.state import STATE_FILE, DesiredSet
 from distributed.errors import ConfigError
 from distributed.planner import plan
 from distributed.profiler import profile_host
+from distributed.settings import load_settings
 
 
 def test_changes_are_kept_on_top_of_the_starting_set(tmp_path: Path) -> None:
@@ -35,17 +36,18 @@ def test_a_broken_file_stops_start_up_naming_it(tmp_path: Path) -> None:
         DesiredSet(tmp_path, ["a"])
 
 
-def test_plan_suggests_replicas_for_an_idle_host() -> None:
+def test_plan_suggests_replicas_for_an_idle_host(tmp_path: Path) -> None:
     cat = load_catalog()
     hosts = {"pc1": profile_host("rtx3060-12gb", "pc1"), "pc2": profile_host("gtx1660s-6gb", "pc2"),
              "pc3": profile_host("gtx1660s-6gb", "pc3")}
     specs = {s.id: s for s in cat.all()}
     p = plan(hosts, cat.defaults())
-    hints = replica_hints(hosts, p, specs, reserve_mb=500, context=2048)
+    settings = load_settings(models_dir=tmp_path, chat_engine="inprocess")  # planned as the in-process engine runs
+    hints = replica_hints(hosts, p, specs, settings)
     assert hints == [f"pc3 has nothing to serve: `tars run {cat.default('chat').id} --replicas 2` runs "
                      f"{cat.default('chat').id} there too (each request goes to the least busy copy)"]
     two = {k: hosts[k] for k in ("pc1", "pc2")}
-    assert replica_hints(two, plan(two, cat.defaults()), specs, reserve_mb=500, context=2048) == []
+    assert replica_hints(two, plan(two, cat.defaults()), specs, settings) == []
 
 
 def test_a_pull_on_a_peer_shows_in_this_hosts_model_list() -> None:

@@ -75,3 +75,15 @@ def test_template_inputs_reach_the_jinja_template(smol):
     req = GenerateRequest(messages=ASK, reasoning_effort="low", chat_template_kwargs={"enable_thinking": False})
     smol.check_request(req)  # a Jinja template: they reach it
     assert smol.prompt_tokens(req) > 0
+
+
+def test_without_tools_the_template_writes_what_smollm2s_own_does(smol):
+    """The shipped template adds tools and nothing else: a plain chat is rendered byte for
+    byte as the GGUF's own template renders it (its default system prompt included)."""
+    jinja2 = pytest.importorskip("jinja2")
+    own = smol._llm.metadata["tokenizer.chat_template"]
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+    for messages in (ASK, [{"role": "system", "content": "Be brief."}, *ASK, {"role": "assistant", "content": "Sun."},
+                           {"role": "user", "content": "Thanks"}]):
+        text, _, _ = smol.format_chat(messages)
+        assert text == env.from_string(own).render(messages=messages, add_generation_prompt=True)

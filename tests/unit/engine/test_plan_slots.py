@@ -6,7 +6,7 @@ from distributed import planner, profiler
 from distributed.catalog import load_catalog
 from distributed.engine.choice import engine_slots
 from distributed.settings import load_settings
-from distributed.vram import estimate
+from distributed.vram import estimate, with_slots
 
 
 def test_kv_cache_per_slot_in_the_estimate_and_the_plan():
@@ -14,13 +14,13 @@ def test_kv_cache_per_slot_in_the_estimate_and_the_plan():
     chat = cat.get("mistral-7b-instruct")
     embed = cat.get("all-MiniLM-L6-v2")
     one = estimate(chat, 2048)
-    four = planner.with_slots(one, chat, 4)
+    four = with_slots(one, chat, 4)
     assert four.kv_mb == 4 * one.kv_mb and four.total_mb == one.total_mb + 3 * one.kv_mb
-    assert four.context == 2048 and "4 engine slots" in four.notes[-1]
-    assert planner.with_slots(estimate(embed, 512), embed, 4) == estimate(embed, 512)
+    assert four.context == 2048 and four.slots == 4 and "4 engine slots" in four.notes[-1]
+    assert with_slots(estimate(embed, 512), embed, 4) == estimate(embed, 512)
     hosts = {"pc1": profiler.profile_host("rtx3060-12gb", "pc1")}
     a1 = planner.plan(hosts, [chat], context=2048).where(chat.id)
-    a4 = planner.plan(hosts, [chat], context=2048, parallel=4).where(chat.id)
+    a4 = planner.plan(hosts, [chat], context=2048, slots=4).where(chat.id)
     assert a4.vram_mb - a1.vram_mb == 3 * one.kv_mb
 
 

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import typer
@@ -17,7 +18,7 @@ from distributed.catalog import load_catalog
 from distributed.cli import hardware, models
 from distributed.errors import ConfigError, ModelNotFound
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture
@@ -29,11 +30,13 @@ def app() -> typer.Typer:
 
 
 @pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, llama_server_found: str) -> None:
+    """No TARS_* from the caller; plans are for llama-server (TARS_PARALLEL slots, splits)."""
     for name in list(os.environ):
         if name.startswith("TARS_"):
             monkeypatch.delenv(name)
     monkeypatch.setenv("TARS_MODELS_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("TARS_ENGINE_BIN", llama_server_found)
 
 
 runner = CliRunner()
@@ -69,10 +72,42 @@ def test_plan_reference_pair_json(app: typer.Typer) -> None:
     doc = json.loads(r.output)
     assert set(doc) == {"assignments", "unplaced"}
     rows = {a["model"]: a for a in doc["assignments"]}
-    for a in rows.values():
-        assert set(a) == {"model", "kind", "node", "device", "quant", "n_gpu_layers", "vram_mb", "reason"}
+    keys = {"model", "kind", "node", "device", "quant", "n_gpu_layers", "vram_mb", "reason"}
+    for a in rows.values():  # a GGUF chat model adds its engine's slots (TARS_PARALLEL: 4)
+        assert set(a) == (keys | {"slots"} if a["model"] == "smollm2-135m-instruct" else keys)
+    assert rows["smollm2-135m-instruct"]["slots"] == 4
     assert rows["smollm2-135m-instruct"]["node"] == "pc1" and rows["all-MiniLM-L6-v2"]["node"] == "pc2"
     assert doc["unplaced"] == []
+
+
+def _reserved(app: typer.Typer, model: str, env: dict[str, str], host: str = "pc1=rtx3060-12gb") -> dict[str, Any]:
+    r = runner.invoke(app, ["plan", "--host", host, "--models", model, "--json"], env=env)
+    assert r.exit_code == 0, r.output
+    (a,) = json.loads(r.output)["assignments"]
+    return a
+
+
+def test_plan_reserves_a_kv_cache_per_slot_of_llama_server(app: typer.Typer) -> None:
+    from distributed.vram import estimate
+
+    chat = load_catalog().get("smollm2-135m-instruct")
+    one, eight = (_reserved(app, chat.id, {"TARS_PARALLEL": str(n), "TARS_CONTEXT": "2048"}) for n in (1, 8))
+    assert (one["slots"], eight["slots"]) == (1, 8)
+    assert eight["vram_mb"] - one["vram_mb"] == 7 * estimate(chat, 2048).kv_mb > 0
+    assert "at 8 × 2048 tokens" in eight["reason"]
+    # the in-process engine has one slot whatever TARS_PARALLEL says
+    inproc = _reserved(app, chat.id, {"TARS_PARALLEL": "8", "TARS_CONTEXT": "2048", "TARS_CHAT_ENGINE": "inprocess"})
+    assert (inproc["vram_mb"], inproc["slots"]) == (one["vram_mb"], 1)
+
+
+def test_plan_says_when_a_7b_gets_fewer_slots(app: typer.Typer) -> None:
+    env = {"TARS_CONTEXT": "4096", "TARS_PARALLEL": "4"}
+    a = _reserved(app, "llama2-7b-chat", env)
+    assert (a["n_gpu_layers"], a["slots"]) == (-1, 3)
+    assert "3 of 4 slots: the KV cache of 4 × 4096 tokens (8.0 GB) does not fit" in a["reason"]
+    table = runner.invoke(app, ["plan", "--host", "pc1=rtx3060-12gb", "--models", "llama2-7b-chat"],
+                          env={**env, "COLUMNS": "100"})
+    assert table.exit_code == 0 and "3 of 4 slots" in " ".join(table.output.split())
 
 
 def test_plan_with_models_flag(app: typer.Typer) -> None:
