@@ -37,6 +37,7 @@ from . import ollama_options as o
 from . import ollama_wire as w
 from . import schemas as s
 from .deploy import deployer_of
+from .dialect import check_images
 from .native import JSON, label
 from .ollama_models import ModelFacts, PullProgress, ps_row, served_context, show_body
 from .streaming import ClientGone, EventStream, drain, until_disconnect
@@ -220,7 +221,8 @@ async def _generate(request: Request, r: Any, chat: bool, t0: int) -> Response:
     node = _node(request)
     req, opts = r.to_domain(_settings(request).context)
     label(request, req.model)
-    if r.images_at() or opts.num_ctx or r.empty():
+    check_images(request, req.model, *r.image_sources())  # inline base64, and only to a model that sees
+    if opts.num_ctx or r.empty():
         await _check_target(request, node, r, req.model, opts.num_ctx)
         if r.empty():
             return JSON(a.loaded_body(r.model, chat))
@@ -245,13 +247,9 @@ async def _generate(request: Request, r: Any, chat: bool, t0: int) -> Response:
 
 
 async def _check_target(request: Request, node: Any, r: Any, model: str | None, num_ctx: int | None) -> None:
-    """What needs the model: it exists (404 first), sees, has the context asked for; an
-    empty request loads it (waits until it is ready, as Ollama does)."""
+    """What needs the model: it exists (404 first), has the context asked for; an empty
+    request loads it (waits until it is ready, as Ollama does)."""
     target = node.resolve(model, "chat")
-    where = r.images_at()
-    if where:
-        raise ValidationFailed(f"model '{target.model}' has no vision: it cannot take images ('{where}')",
-                               field=where, model=target.model)
     if num_ctx:
         _check_context(node, target, num_ctx, _settings(request).context)
     if r.empty():

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ..domain import EmbedRequest, GenerateRequest
 from ..errors import ValidationFailed
 from ..requests import TopLogprobs
+from ..vision import with_images
 from . import chat_messages
 from .chat_surface import Tool, check_schema
 from .ollama_options import Options, keep_alive_s, model_id, response_format, thinking
@@ -97,9 +98,9 @@ class ChatRequest(_Generating):
     messages: list[Message] = Field(default_factory=list)
     tools: list[Tool] | None = None
 
-    def images_at(self) -> str | None:
-        """The field of the first image sent, if any."""
-        return next((f"messages[{i}].images" for i, m in enumerate(self.messages) if m.images), None)
+    def image_sources(self) -> tuple[list[dict[str, Any]] | None, list[str] | None]:
+        """Where images are, as sent (``vision.check_images``'s messages and images)."""
+        return [{"images": m.images} if m.images else {} for m in self.messages], None
 
     def empty(self) -> bool:
         return not self.messages
@@ -135,8 +136,8 @@ class GenerateBody(_Generating):
     raw: bool = False
     images: list[str] | None = None
 
-    def images_at(self) -> str | None:
-        return "images" if self.images else None
+    def image_sources(self) -> tuple[list[dict[str, Any]] | None, list[str] | None]:
+        return None, self.images
 
     def empty(self) -> bool:
         return not self.prompt and not self.images
@@ -151,12 +152,16 @@ class GenerateBody(_Generating):
                 raise ValidationFailed(why, field=name)
         fields, opts = self.common(default_max_tokens)
         if self.raw:
+            if self.images:
+                raise ValidationFailed("'images' need the model's chat template, which a raw prompt skips: drop 'raw' "
+                                       "to send images", field="images")
             if self.system:
                 raise ValidationFailed("'system' has no place in a raw prompt: put it in 'prompt' or drop 'raw'",
                                        field="system")
             return _request(fields, opts, prompt=self.prompt), opts
         messages = [{"role": "system", "content": self.system}] if self.system else []
-        return _request(fields, opts, messages=[*messages, {"role": "user", "content": self.prompt}]), opts
+        user = {"role": "user", "content": with_images(self.prompt, self.images)}  # images: vision.py
+        return _request(fields, opts, messages=[*messages, user]), opts
 
 
 def _request(fields: dict[str, Any], opts: Options, **more: Any) -> GenerateRequest:
@@ -170,7 +175,10 @@ def domain_messages(messages: list[Message]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     open_calls: list[tuple[str, str]] = []  # (id, name) of calls not answered yet
     for i, m in enumerate(messages):
-        msg: dict[str, Any] = {"role": m.role, "content": m.content or ""}
+        if m.images and m.role != "user":
+            raise ValidationFailed(f"messages[{i}].images: only a user message carries images",
+                                   field=f"messages[{i}].images")
+        msg: dict[str, Any] = {"role": m.role, "content": with_images(m.content or "", m.images)}  # vision.py
         if m.thinking:
             if m.role != "assistant":
                 raise ValidationFailed(f"messages[{i}].thinking: only an assistant message carries thinking",

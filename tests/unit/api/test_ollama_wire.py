@@ -3,6 +3,8 @@ ollama_answers.py): pure, no app."""
 
 from __future__ import annotations
 
+import base64
+
 import orjson
 import pytest
 
@@ -138,7 +140,22 @@ def test_generate_maps_to_chat_or_to_a_raw_prompt():
         refused(field, gen, prompt="hi", **{field: value})
     refused("system", gen, prompt="hi", raw=True, system="s")
     assert w.GenerateBody(model="m").empty() and not w.GenerateBody(model="m", prompt="x").empty()
-    assert w.GenerateBody(model="m", images=["aGk="]).images_at() == "images"
+    assert w.GenerateBody(model="m", images=["aGk="]).image_sources() == (None, ["aGk="])
+    png = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"0" * 8).decode()
+    seen = gen(prompt="what is it?", images=[png]).messages
+    assert seen == [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}},
+                                                 {"type": "text", "text": "what is it?"}]}]
+    refused("images", gen, prompt="x", raw=True, images=[png])
+
+
+def test_images_on_chat_messages_become_image_url_parts():
+    jpeg = base64.b64encode(b"\xff\xd8\xff\xe0" + b"0" * 8).decode()
+    req, _ = chat(messages=[{"role": "user", "content": "and this?", "images": [jpeg]}])
+    part = req.messages[0]["content"][0]
+    assert part == {"type": "image_url", "image_url": {"url": f"data:image/jpeg;base64,{jpeg}"}}
+    assert w.ChatRequest.model_validate({"model": "m", "messages": [
+        {"role": "user", "content": "x", "images": [jpeg]}]}).image_sources() == ([{"images": [jpeg]}], None)
+    refused("messages[0].images", chat, messages=[{"role": "assistant", "content": "x", "images": [jpeg]}])
 
 
 def test_think_reaches_the_chat_template():
