@@ -17,6 +17,7 @@ from distributed.domain import HostProfile
 from distributed.node import Node
 from distributed.service import build
 from distributed.settings import load_settings
+from tests.hubstub import hub  # noqa: F401  (the hub stand-in fixture)
 
 ollama = pytest.importorskip("ollama")
 pytestmark = pytest.mark.anyio
@@ -277,3 +278,21 @@ async def test_tools_the_model_cannot_take_are_dropped_saying_so(tmp_path):
         r = await raw.post("/api/chat", json={**body, "stream": False})
         assert r.status_code == 200 and r.headers["x-tars-tools-dropped"] and r.json()["eval_count"] == 3
         assert (await client.chat(**{k: v for k, v in body.items() if k != "options"})).message.content
+
+
+async def test_pull_takes_a_hub_reference_as_ollama_does(hub, smollm2_gguf, tmp_path):  # noqa: F811
+    from tests.hubstub import SMOL_REPO, add_repos
+
+    add_repos(hub, smollm2_gguf)
+    ref = f"hf.co/{SMOL_REPO}:Q4_1"
+    async with serve(tmp_path) as (raw, client, node):
+        statuses = [p.status async for p in await client.pull(ref, stream=True)]
+        assert statuses[0] == "pulling manifest" and statuses[-1] == "success", statuses
+        assert ref in node.targets and ref in {m.model for m in (await client.list()).models}  # served by that name
+        r = await client.chat(model=ref, messages=[{"role": "user", "content": "hi"}], options={"num_predict": 3})
+        assert r.message.content and r.model == ref
+        text = error(await raw.post("/api/pull", json={"model": f"hf.co/{SMOL_REPO}:Q5_K_M"}), 404, "Q5_K_M")
+        assert "Q4_K_M" in text  # the quants the repo has
+        error(await raw.post("/api/pull", json={"model": "hf.co/tars-test/Nothing-Here"}), 404,
+              "tars-test/Nothing-Here")
+        assert (await client.delete(ref)).status == "success"
