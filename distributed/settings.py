@@ -215,7 +215,8 @@ def load_settings(env_file: str | os.PathLike[str] | None = None, **overrides: A
     if env_file is not None and not Path(env_file).is_file():
         raise ConfigError(f"env file '{env_file}' does not exist")
     try:
-        return Settings(_env_file=env_file, **{k: v for k, v in overrides.items() if v is not None})
+        return Settings(_env_file=env_file,  # type: ignore[call-arg]  # pydantic-settings' own init argument
+                        **{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
