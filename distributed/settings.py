@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     discovery: Literal["on", "off"] = Field(
         "on", description="on: advertise this node on the LAN over mDNS (_tars._tcp: cluster, node, port, version; never "
                           "the token) when it listens beyond loopback; off: silent (TARS_PEERS only).")
+    ollama_port: int = Field(0, ge=0, le=65535, description="A second port (on TARS_HOST) serving the same API, for apps "
+                                                            "that only talk to Ollama's port (11434); 0 = off.")
 
     # --- security
     cluster_token: SecretStr = Field(SecretStr(""), description="Shared secret every /rpc call must carry.")

@@ -194,7 +194,7 @@ class ChatCompletionRequest(_Request, sampling.Knobs):
             if m.refusal is not None and m.role != "assistant":
                 raise ValidationFailed(f"'messages[{i}].refusal': only an assistant message carries a refusal",
                                        field=f"messages[{i}].refusal")
-        messages = chat_messages.check(domain_messages(self.messages))  # shapes, before an engine sees them
+        messages = chat_messages.check(domain_messages(self.messages, images=True))  # shapes, before an engine sees them
         kwargs = self.chat_template_kwargs or None
         for key in kwargs or ():
             if key in RESERVED_TEMPLATE_KEYS:
