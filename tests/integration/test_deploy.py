@@ -33,11 +33,6 @@ PC1_URL, PC2_URL = "http://127.0.0.2:18701", "http://127.0.0.3:18702"
 JSON_CT = {"Content-Type": "application/json"}  # the guard wants it on every state-changing method
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @contextlib.asynccontextmanager
 async def serve(models_dir: Path, profile: HostProfile | None = None, **overrides: Any
                 ) -> AsyncIterator[tuple[httpx.AsyncClient, Node]]:

@@ -25,11 +25,6 @@ from tests.support import alive
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @pytest.fixture(scope="module")
 def binary():
     b = locate(os.environ.get("TARS_ENGINE_BIN", ""))

@@ -20,11 +20,6 @@ pytestmark = pytest.mark.anyio
 REF = f"hf.co/{SMOL_REPO}:Q4_1"
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def _gguf_gets(hub) -> list[dict]:
     return [r for r in hub.log if r["method"] == "GET" and r["path"].endswith(".gguf")]
 

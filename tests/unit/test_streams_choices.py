@@ -14,11 +14,6 @@ from distributed.streams import drain, drain_choices
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 class Fmt:
     """A wire format that says what it was given, tagged with its choice."""
 
