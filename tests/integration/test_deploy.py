@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from distributed.api.app import create_app
+from distributed.catalog_files import toml_entry
 from distributed.domain import HostProfile
 from distributed.node import Node
 from distributed.service import build
@@ -253,17 +254,9 @@ class SlowHub(FakeHub):
 
 def _user_catalog(models_dir: Path, repo: str) -> None:
     models_dir.mkdir(parents=True, exist_ok=True)
-    (models_dir / "catalog.toml").write_text(f"""
-[[model]]
-id = "tiny-ce"
-kind = "rerank"
-backend = "cross_encoder"
-params_b = 0.0001
-quant = "fp32"
-context = 128
-repo = "{repo}"
-size_mb = 1
-""")
+    (models_dir / "catalog.toml").write_text(toml_entry(dict(
+        id="tiny-ce", kind="rerank", backend="cross_encoder", params_b=0.0001, quant="fp32", context=128, repo=repo,
+        size_mb=1)))
 
 
 @pytest.mark.slow
