@@ -158,6 +158,19 @@ def _image(block: dict[str, Any], where: str) -> dict[str, Any]:
     return vision.image_part(vision.data_url(data, media))
 
 
+def _blocks(content: Any, at: str) -> tuple[list[str], list[tuple[str, str | None, Any]]]:
+    """A message's text blocks' text, and its other blocks as (where, type, block), in order."""
+    texts: list[str] = []
+    others: list[tuple[str, str | None, Any]] = []
+    for j, b in enumerate(content):
+        kind = b.get("type") if isinstance(b, dict) else None
+        if kind == "text" and isinstance(b.get("text"), str):
+            texts.append(b["text"])
+        else:
+            others.append((f"{at}.content[{j}]", kind, b))
+    return texts, others
+
+
 def _user(content: Any, at: str) -> list[dict[str, Any]]:
     if isinstance(content, str):
         return [{"role": "user", "content": content}]
@@ -194,13 +207,10 @@ def _user(content: Any, at: str) -> list[dict[str, Any]]:
 def _assistant(content: Any, at: str) -> dict[str, Any]:
     if isinstance(content, str):
         return {"role": "assistant", "content": content}
-    texts, calls, thoughts = [], [], []
-    for j, b in enumerate(content):
-        where = f"{at}.content[{j}]"
-        kind = b.get("type") if isinstance(b, dict) else None
-        if kind == "text" and isinstance(b.get("text"), str):
-            texts.append(b["text"])
-        elif kind == "tool_use":
+    calls, thoughts = [], []
+    texts, others = _blocks(content, at)
+    for where, kind, b in others:
+        if kind == "tool_use":
             for key, typ in (("id", str), ("name", str), ("input", dict)):
                 if not isinstance(b.get(key), typ) or (typ is str and not b[key]):
                     raise ValidationFailed(f"'{where}.{key}' is required ({'an object' if typ is dict else 'text'})",

@@ -250,6 +250,9 @@ class ChatCompletionRequest(_Request, sampling.Knobs):
         return [t.model_dump(exclude_none=True) for t in tools], out_choice
 
 
+# The OpenAI fields it shares with ChatCompletionRequest are declared again, not inherited:
+# each class is one endpoint's schema in OpenAI's own field order (which /openapi.json shows and
+# the first validation error follows). `duplicates` sees the same shape (boilerplate).
 class CompletionRequest(_Request, sampling.Knobs):
     """POST /v1/completions (legacy text completion)."""
 

@@ -20,11 +20,6 @@ CHAT = "gemma-3-270m"  # the fake engine's chat model (test_chat_surface_fake)
 KEY = "anthropic-test-key"
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def serve(tmp_path: Any, **extra: Any) -> Any:
     """The fake-engine node of test_chat_surface_fake, with an API key."""
     return _serve(tmp_path, {"api_key": KEY}, **extra)
