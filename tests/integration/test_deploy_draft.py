@@ -18,11 +18,6 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 def with_gemma(tmp_path: Path, gemma_gguf: Path) -> Path:
     """A fresh models folder that has the embedded Gemma GGUF (linked, not copied again)."""
     (tmp_path / gemma_gguf.name).symlink_to(gemma_gguf)

@@ -18,7 +18,7 @@ from distributed.engine.config import EngineConfig
 from distributed.engine.target import EngineTarget
 from distributed.settings import load_settings
 from distributed.store import ModelStore
-from tests.integration.test_engine_server import anyio_backend, binary  # noqa: F401  (fixtures)
+from tests.integration.test_engine_server import binary  # noqa: F401  (a fixture)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 

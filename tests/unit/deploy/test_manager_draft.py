@@ -15,7 +15,7 @@ from distributed.profiler import profile_host
 from distributed.settings import load_settings
 from distributed.store import ModelStore
 from distributed.targets import Routes
-from tests.unit.deploy.test_manager import CHAT, EMB, Cluster, anyio_backend, deployer  # noqa: F401
+from tests.unit.deploy.test_manager import CHAT, EMB, Cluster, deployer
 
 pytestmark = pytest.mark.anyio
 
