@@ -1,17 +1,22 @@
-"""``Deployer``: deploy and remove models at runtime, cluster-wide.
+"""``Deployer``: deploy and remove models at runtime, cluster-wide, on any host.
 
-The planning host (the server; a standalone node plans for itself) owns the desired set
-(``state.DesiredSet``, planned by ``placement.Placement``). ``deploy``/``remove`` there
-check the request, persist the new set, plan again over the live hosts and apply the plan
-(``Cluster.replan``): the host a model is assigned to loads it — pulling it first when it
-is not on disk (``deploy/pull.py``) — and every host routes to it; workers receive the new
-plan with their next heartbeat. Nothing restarts. A worker asked to deploy forwards the call to the
-server (``models.deploy`` / ``models.remove`` over ``/rpc``).
+The desired set is replicated (``state.DesiredSet`` over ``cluster_state.py``), so every host
+accepts ``deploy``/``remove`` (``POST``/``DELETE /models``, ``tars run``/``tars stop``, and
+``models.deploy``/``models.remove`` on ``/rpc``) — also while the planning host is down or
+on the other side of a partition. The host that gets the call checks it (the catalog, the
+host asked for, and the room: it plans the new desired set over the live hosts itself),
+records the change as a stamped entry of the replicated state, and asks the cluster to act
+on it (``Cluster.replan``): on the planner that plans and applies at once; elsewhere the
+change is pushed to the live peers, the planner plans it and its plan comes back (waited
+for a few heartbeats). The host a model is assigned to loads it — pulling it first when it
+is not on disk (``deploy/pull.py``) — and every host routes to it. Nothing restarts.
 
-Answers: ``deploy`` → ``{"model", "status": "deploying" | "unchanged", "placement":
-[assignment], "reason", "replicas", "node"}``; an id not in the catalog → ``ModelNotFound``
-(404, listing the catalog); no host with room → ``NoRoom`` (409) saying what the model needs
-and what each host has. ``remove`` → ``{"model", "status": "removing"}``: each host stops
+Answers: ``deploy`` → ``{"model", "status": "deploying" | "unchanged" | "retrying",
+"placement": [assignment], "reason", "replicas", "node", "planner"}`` (the placement of the
+plan in force once the planner has planned it, else this host's own prediction, said in
+``"message"``); an id not in the catalog → ``ModelNotFound`` (404, listing the catalog); no
+host with room → ``NoRoom`` (409) saying what the model needs and what each host has,
+nothing recorded. ``remove`` → ``{"model", "status": "removing", "models"}``: each host stops
 routing the model and unloads it after its requests in flight (``targets/routes.py``).
 """
 
@@ -49,12 +54,6 @@ class Deployer:
     # ------------------------------------------------------------------ deploy / remove
     async def deploy(self, model: str, replicas: int | None = None, node: str | None = None) -> dict[str, Any]:
         spec = self.placement.catalog.get(model)  # ModelNotFound (404) lists the catalog
-        client = self.cluster.planner_client()
-        if client is not None:
-            out: dict[str, Any] = await client.call("models.deploy", {"model": model, "replicas": replicas,
-                                                                      "node": node},
-                                                    timeout=self.settings.request_timeout_s)
-            return out
         replicas = 1 if replicas is None else replicas
         hosts = self.cluster.hosts()
         if node is not None and node not in hosts:
@@ -62,51 +61,45 @@ class Deployer:
                 f"node '{node}' is not a live host of this cluster; live hosts: {', '.join(sorted(hosts))}",
                 field="node", hosts=sorted(hosts))
         async with self._lock:
-            before = self.desired.to_dict()
-            changed = self.desired.deploy(model, replicas, node)
-            plan = self.placement.plan(hosts)
+            with self.desired.trial(model, Deployment(model, replicas, node)):
+                plan = self.placement.plan(hosts)  # the room check: nothing is recorded without room
             placed = [a for a in plan.assignments if a.model == model]
             if not placed:
-                self._restore(before)
                 raise self._no_room(spec, plan, hosts)
+            changed = self.desired.deploy(model, replicas, node)
             # deployed so already, but failed here (a pull that failed, say): load it again
             retry = not changed and any(t.model == model and t.state == "failed" for t in self.routes.local())
             if changed:
-                self.desired.save()
-                log.info("deploying %s on %s", model, ", ".join(a.node for a in placed),
-                         extra=fields(model=model, node=placed[0].node))
+                log.info("deploying %s (planned on %s): recorded by %s", model, ", ".join(a.node for a in placed),
+                         self.name, extra=fields(model=model, node=placed[0].node))
             if changed or retry:
                 await self.cluster.replan()
+        in_force = [a for a in self.cluster.plan.assignments if a.model == model]
         status = "deploying" if changed else "retrying" if retry else "unchanged"
-        out = {"model": model, "status": status, "replicas": replicas,
-               "node": node, "placement": [a.to_dict() for a in placed], "reason": placed[0].reason}
+        shown = in_force or placed
+        out = {"model": model, "status": status, "replicas": replicas, "node": node,
+               "placement": [a.to_dict() for a in shown], "reason": shown[0].reason, "planner": self.cluster.planner}
         if retry:
             out["message"] = f"'{model}' had failed on {self.name}: loading it again"
         elif not changed:
             out["message"] = f"'{model}' is already deployed with these settings"
-        elif len(placed) < replicas:
-            out["message"] = (f"{len(placed)} of {replicas} replicas placed: the other hosts have no room "
+        elif not in_force:
+            out["message"] = (f"recorded on {self.name}; the planner ({self.cluster.planner or 'none yet'}) has not "
+                              "planned it yet: the placement shown is this host's own plan")
+        elif len(in_force) < replicas:
+            out["message"] = (f"{len(in_force)} of {replicas} replicas placed: the other hosts have no room "
                               "(more are placed when hosts join)")
         return out
 
     async def remove(self, model: str) -> dict[str, Any]:
-        client = self.cluster.planner_client()
-        if client is not None:
-            out: dict[str, Any] = await client.call("models.remove", {"model": model},
-                                                    timeout=self.settings.request_timeout_s)
-            return out
         async with self._lock:
             if model not in self.desired:
                 raise ModelNotFound(model, self.desired.models())
             self.desired.remove(model)
-            self.desired.save()
-            log.info("removing %s", model, extra=fields(model=model))
+            log.info("removing %s: recorded by %s", model, self.name, extra=fields(model=model))
             await self.cluster.replan()
-        return {"model": model, "status": "removing", "models": self.desired.models()}
-
-    def _restore(self, before: dict[str, Any]) -> None:
-        self.desired.deployed = {m: Deployment(**d) for m, d in before["deployed"].items()}
-        self.desired.removed = set(before["removed"])
+        return {"model": model, "status": "removing", "models": self.desired.models(),
+                "planner": self.cluster.planner}
 
     def _no_room(self, spec: ModelSpec, plan: Plan, hosts: dict[str, HostProfile]) -> NoRoom:
         from ..vram import estimate
