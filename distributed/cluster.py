@@ -96,7 +96,7 @@ class Cluster:
             [*static, *self.known.seeds(exclude=set(static))]))
         self.interval = float(settings.heartbeat_s)
         self.first_contact_s = max(2.0, 2 * self.interval)
-        self.applier = PlanApplier(node, self.table, settings, self.failover)
+        self.applier = PlanApplier(node, self.table, settings, self.failover, learn=self._member)
         self._tasks = TaskSet(f"cluster-{self.name}")
         self.control = ControlPlane(node, settings, self.state, self.table, self.applier, hosts=self.hosts,
                                     join=self._spawn_join, push=self._push, spawn=self._tasks.spawn)
@@ -162,6 +162,16 @@ class Cluster:
             await asyncio.sleep(0.05)
         self.control.ready = True
         self.control.poke()
+
+    def _member(self, name: str) -> Peer | None:
+        """A member of the replicated state not met yet: in the table now, joined soon."""
+        member = self.state.members().get(name)
+        try:
+            url = peer_urls.check_url(str((member or {}).get("url", "")))
+        except ValidationFailed:
+            return None
+        self._spawn_join(url)
+        return self.table.upsert(name, url)
 
     def _spawn_join(self, url: str, *, once: bool = False) -> None:
         if url in self._joining or not self._running or url == self.settings.base_url:

@@ -190,10 +190,14 @@ class ControlPlane:
             why, self._dirty = self._dirty, ""
             await self._plan(why)
 
+    def proposal(self) -> Plan:
+        """The plan this node would make now: the desired set over the live hosts."""
+        return self.node.plan_for(self.hosts())
+
     async def _plan(self, why: str, *, force: bool = False) -> None:
         async with self._lock:
-            hosts = self.hosts()
-            plan = self.node.plan_for(hosts)
+            plan = self.proposal()
+            hosts = sorted({a.node for a in plan.assignments} | set(self.hosts()))
             pid = plan_id(plan)
             v = self.election.next_version()
             self.plan_msg = PlanMessage.make(v, self.name, pid, plan.to_dict(), self.state.sign)

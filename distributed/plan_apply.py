@@ -21,6 +21,7 @@ so a link that flaps keeps the stand-ins instead of loading and dropping one per
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from functools import partial
 
 from .domain import Assignment, Plan
@@ -35,8 +36,12 @@ log = get_logger(__name__)
 
 
 class PlanApplier:
-    def __init__(self, node: ClusterNode, table: PeerTable, settings: Settings, failover: Failover) -> None:
+    def __init__(self, node: ClusterNode, table: PeerTable, settings: Settings, failover: Failover,
+                 learn: Callable[[str], Peer | None] = lambda name: None) -> None:
+        """``learn(name)``: a host the plan names that this node has not met yet (the cluster
+        adds it from the replicated membership, and joins it)."""
         self.node = node
+        self.learn = learn
         self.table = table
         self.settings = settings
         self.failover = failover
@@ -65,7 +70,7 @@ class PlanApplier:
                 if len(hosts_of[a.model]) > 1 and (self.name in hosts_of[a.model] or a.model in routed):
                     continue  # replicas: their ReplicaSet routes among them (below); the table keeps one
                 routed.add(a.model)
-                peer = self.table.get(a.node)
+                peer = self.table.get(a.node) or self.learn(a.node)
                 if peer is None:
                     log.warning("plan puts %s on %s, a host this node does not know yet", a.model, a.node)
                     continue

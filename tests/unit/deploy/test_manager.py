@@ -1,6 +1,7 @@
-"""``Deployer`` (deploy/manager.py) on its own: the real desired set, placement and planner
-over simulated hosts, this host's real ``Routes``, and a scripted cluster (``PlanningCluster``)
-that counts re-plans or stands for a worker that forwards to its server."""
+"""``Deployer`` (deploy/manager.py) on its own: the real desired set (over a real cluster
+state), placement and planner over simulated hosts, this host's real ``Routes``, and a
+scripted cluster (``PlanningCluster``) that counts re-plans — on the planner or on a host
+that does not plan (it records the change all the same)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,8 @@ import pytest
 from distributed.catalog import load_catalog
 from distributed.deploy.manager import Deployer
 from distributed.deploy.placement import Placement
-from distributed.deploy.state import STATE_FILE
-from distributed.domain import Assignment, HostProfile
-from distributed.errors import ConfigError, ModelNotFound, NoRoom, ValidationFailed
+from distributed.domain import Assignment, HostProfile, Plan
+from distributed.errors import ModelNotFound, NoRoom, ValidationFailed
 from distributed.profiler import profile_host
 from distributed.settings import load_settings
 from distributed.store import ModelStore
@@ -31,15 +31,7 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-class Server:
-    """The planning host's client as a worker sees it: records what is forwarded."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, dict[str, Any]]] = []
-
-    async def call(self, method: str, params: dict[str, Any], **kw: Any) -> dict[str, Any]:
-        self.sent.append((method, params))
-        return {"model": params["model"], "status": "forwarded"}
+STATE_FILE = "tars-state-pc1.json"
 
 
 class Cluster:
@@ -47,23 +39,19 @@ class Cluster:
 
     def __init__(self, hosts: dict[str, HostProfile], *, planner: bool = True) -> None:
         self._hosts = hosts
-        self.is_planner = planner
-        self.server = Server()
+        self.planner = "pc1" if planner else "pc2"
+        self.plan = Plan()
         self.replans = 0
-        self.joined = True
-
-    def planner_client(self) -> Any:
-        if self.is_planner:
-            return None
-        if not self.joined:
-            raise ConfigError("pc2 is a worker that has not joined its server yet; retry shortly")
-        return self.server
+        self.placement: Placement | None = None
 
     def hosts(self) -> dict[str, HostProfile]:
         return self._hosts
 
     async def replan(self) -> None:
+        """The planner plans the desired set at once; elsewhere the plan comes later."""
         self.replans += 1
+        if self.planner == "pc1" and self.placement is not None:
+            self.plan = self.placement.plan(self._hosts)
 
 
 def deployer(tmp_path: Path, hosts: dict[str, HostProfile] | None = None, *, planner: bool = True,
@@ -73,6 +61,7 @@ def deployer(tmp_path: Path, hosts: dict[str, HostProfile] | None = None, *, pla
     catalog = load_catalog()
     placement = Placement(settings, catalog, ModelStore(tmp_path, catalog))
     cluster = Cluster(hosts or {"pc1": profile_host("rtx3060-12gb", "pc1")}, planner=planner)
+    cluster.placement = placement
     return Deployer(settings, placement, routes or Routes("pc1"), cluster), cluster
 
 
@@ -119,7 +108,7 @@ async def test_an_unknown_model_is_a_404_listing_the_catalog(tmp_path):
     with pytest.raises(ModelNotFound) as ei:
         await d.remove(RR)  # not deployed: the error lists what is
     assert CHAT in ei.value.message and EMB in ei.value.message
-    assert cluster.replans == 0 and not (tmp_path / STATE_FILE).exists()
+    assert cluster.replans == 0 and saved(tmp_path).desired.models() == [CHAT, EMB]
 
 
 async def test_no_room_says_what_it_needs_and_restores_the_desired_set(tmp_path):
@@ -171,21 +160,19 @@ async def test_pinned_to_a_host_it_is_placed_there(tmp_path):
 async def test_remove_persists_and_applies(tmp_path):
     d, cluster = deployer(tmp_path)
     out = await d.remove(EMB)
-    assert out == {"model": EMB, "status": "removing", "models": [CHAT]} and cluster.replans == 1
+    assert out == {"model": EMB, "status": "removing", "models": [CHAT], "planner": "pc1"} and cluster.replans == 1
     assert saved(tmp_path).desired.models() == [CHAT]  # a model of TARS_MODELS stays removed
     out = await d.deploy(EMB)  # and comes back when deployed again
     assert out["status"] == "deploying" and saved(tmp_path).desired.models() == [CHAT, EMB]
 
 
-async def test_a_worker_forwards_to_the_planning_host(tmp_path):
+async def test_a_host_that_does_not_plan_records_the_change_and_asks_the_cluster(tmp_path):
     d, cluster = deployer(tmp_path, planner=False)
-    assert (await d.deploy(RR, replicas=2, node="pc1"))["status"] == "forwarded"
-    assert (await d.remove(RR))["status"] == "forwarded"
-    assert cluster.server.sent == [("models.deploy", {"model": RR, "replicas": 2, "node": "pc1"}),
-                                   ("models.remove", {"model": RR})]
-    assert cluster.replans == 0 and not (tmp_path / STATE_FILE).exists()  # the server owns the set
-    with pytest.raises(ModelNotFound):  # an unknown id is refused here, before forwarding
+    out = await d.deploy(RR, replicas=1, node="pc1")
+    assert out["status"] == "deploying" and out["planner"] == "pc2" and cluster.replans == 1
+    assert "has not planned it yet" in out["message"] and [a["node"] for a in out["placement"]] == ["pc1"]
+    assert saved(tmp_path).desired.models() == [CHAT, EMB, RR]  # recorded here, replicated from here
+    out = await d.remove(RR)
+    assert out["status"] == "removing" and cluster.replans == 2 and saved(tmp_path).desired.models() == [CHAT, EMB]
+    with pytest.raises(ModelNotFound):  # an unknown id is refused here
         await d.deploy("gpt-5")
-    cluster.joined = False
-    with pytest.raises(ConfigError, match="not joined"):
-        await d.deploy(RR)
