@@ -327,6 +327,7 @@ class ClusterState:
                 e = Entry.parse(raw)
             except ValueError as exc:
                 out.refused.append((str(raw.get("k", "?")) if isinstance(raw, dict) else "?", str(exc)))
+                log.warning("refused a malformed state entry sent by %s: %s", sender, exc, extra=fields(peer=sender))
                 continue
             why = self._inadmissible(e)
             cur = self.entries.get(e.key)
