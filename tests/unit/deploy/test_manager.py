@@ -6,7 +6,6 @@ that does not plan (it records the change all the same)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 
