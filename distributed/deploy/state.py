@@ -4,10 +4,10 @@ The desired set lives in the cluster's replicated document (``cluster_state.py``
 node holds it and any node can change it:
 
 * the starting set, entry ``base`` (``{"models": [...]}``): ``TARS_MODELS``, else the
-  catalog's defaults. A node publishes its own at its first start — an explicit
-  ``TARS_MODELS`` stamped then (and again whenever it changes), the catalog's defaults with
-  the oldest possible stamp, so a configured list wins over defaults and the newest
-  configured list wins over older ones;
+  catalog's defaults. A node publishes its own at its first start and whenever its setting
+  changed since — an explicit ``TARS_MODELS`` stamped then, the catalog's defaults with the
+  oldest possible stamp — so a configured list wins over defaults, the newest configured
+  list wins over older ones, and a host restarted with an unchanged setting changes nothing;
 * one entry per model changed at runtime, ``desired:<id>``: its options
   (``{"replicas", "node"}``) when deployed, a tombstone when removed. A removed model stays
   removed (whatever the starting set says) until it is deployed again.
@@ -68,12 +68,11 @@ class DesiredSet:
         configured = list(dict.fromkeys(base))
         if state.fresh and legacy_dir is not None:
             self._import(Path(legacy_dir).expanduser() / LEGACY_FILE)
-        current = state.entry("base")
-        if current is None or (explicit and state.recall("base") != configured):
+        mine = {"explicit": explicit, "models": configured}
+        if state.entry("base") is None or state.recall("base") != mine:  # this host's setting changed
             # defaults get the oldest stamp: any configured list, from any host, is newer
             state.put("base", {"models": configured}, stamp=None if explicit else Stamp(0, 0, state.node))
-        if explicit:
-            state.remember("base", configured)
+            state.remember("base", mine)
 
     def _import(self, path: Path) -> None:
         if not path.is_file():

@@ -142,3 +142,12 @@ def test_a_pull_on_a_peer_shows_in_this_hosts_model_list() -> None:
     assert info["state"] == "pulling" and info["progress"]["percent"] == 25.0 and t.state == "loading"
     peer.reports = {"state": "ready"}
     assert t.info()["state"] == "ready" and "progress" not in t.info()
+
+
+def test_a_host_whose_setting_changed_publishes_it_and_an_unchanged_one_does_not(tmp_path: Path) -> None:
+    assert DesiredSet(state(tmp_path), ["a", "b"], explicit=True).models() == ["a", "b"]
+    assert DesiredSet(state(tmp_path), ["d1", "d2"], explicit=False).models() == ["d1", "d2"]  # back to defaults
+    cluster = DesiredSet(state(tmp_path / "other", "pc2"), ["x"], explicit=True)
+    here = DesiredSet(state(tmp_path), ["d1", "d2"], explicit=False)  # restarted, its setting unchanged
+    here.state.merge(cluster.state.wire(), "pc2")
+    assert DesiredSet(state(tmp_path), ["d1", "d2"], explicit=False).models() == ["x"]  # the cluster's stays
