@@ -41,7 +41,7 @@ from .logs import fields, get_logger
 
 log = get_logger(__name__)
 
-TAKEOVER_BEATS = 4  # heartbeats of silence before the planner's role passes on
+TAKEOVER_BEATS = 3.5  # heartbeats of silence before the planner's role passes on
 
 
 @dataclass(frozen=True)
