@@ -1,37 +1,25 @@
-"""The cluster layer of one node: membership, heartbeats, the planner role, failover.
+"""The cluster layer of one node: membership, heartbeats, failover; the planner role through
+``control.py``.
 
-No host coordinates the others. Every node holds the cluster's replicated state
-(``cluster_state.py``: the desired set and the members, each entry stamped and signed),
-every node accepts joins and runtime deploys, and one of them plans, the one the rule of
-``election.py`` picks from the members it hears. Applying a plan on a host is
-``plan_apply.py``'s; what is known of each peer (liveness alive → suspect → dead, its
-models, its live figures) is ``peers.py``'s.
+No host coordinates the others: every node holds the replicated state (``cluster_state.py``),
+accepts joins and runtime deploys, and the one the rule of ``election.py`` picks plans
+(``control.py``); applying a plan is ``plan_apply.py``'s, what is known of each peer
+``peers.py``'s.
 
 **Joining.** A node contacts its seeds — ``TARS_PEERS``, then the peers it remembers
-(``known_peers.py``), then, when ``TARS_DISCOVERY`` is on, nodes of its cluster answering
-over mDNS (hints: each still proves the token) — with ``cluster.join`` (retrying with
-backoff), and any member answers. Both sides exchange profiles and their copies of the
-state; the members each learns of are joined in turn, so every node heartbeats every other.
-A node with seeds waits ``first_contact_s`` for one of them before it plans for itself
-alone; a node without any plans at once. Each token-checked join and heartbeat is
-remembered (``KnownPeers.remember``), so a restarted PC1 finds PC2 again without
-``TARS_PEERS``.
+(``known_peers.py``), and with ``TARS_DISCOVERY`` on the nodes of its cluster that answer
+over mDNS (hints: each still proves the token) — with ``cluster.join``, and any member
+answers. Both exchange profiles and their copies of the state; members learned of are
+joined in turn, so every node heartbeats every other. A node with seeds (or mDNS) waits
+``first_contact_s`` for the cluster before it plans alone. Each token-checked join and
+heartbeat is remembered, so a restarted PC1 finds PC2 again without ``TARS_PEERS``.
 
-**Heartbeats** go both ways every ``TARS_HEARTBEAT_S``. Each carries the sender's local
-models (the shared routing table), its live figures, and a signed envelope
-(``ClusterState.seal``): the highest term it has seen, the digest of its state and the
-version of the plan it holds — with its whole state when the other side's digest differs,
-and the plan in force when the other side holds an older one. So changes spread in one
-heartbeat, and a change made here (a deploy) is pushed at once (``replan``). A forged,
-replayed or stale envelope is refused and logged (``Unauthorized`` to the caller); so is a
-join from a second host with a name already alive elsewhere.
-
-**Planning.** ``_reconsider`` (on every change, and four times a heartbeat) applies the
-rule; the node it picks starts a new term and plans over the live hosts whenever the desired
-set changed, a host joined (or restarted), a host's VRAM claims were trusted or doubted, or
-another term was heard — and only then: a peer that goes dead and comes back is re-routed
-(stand-ins), not re-planned. Its plan, signed, reaches the others with the next heartbeat
-(pushed at once); they take it only if the rule picks its planner in their own view too.
+**Heartbeats** go both ways every ``TARS_HEARTBEAT_S``: the sender's local models (the shared
+routing table), its live figures, and its signed control envelope (``ControlPlane.envelope``:
+term, state digest, the plan it holds; the state and the plan when the other side lacks
+them). A forged, replayed or stale envelope is refused and logged; so is a join from a
+second host whose name is alive elsewhere. A missed beat makes a peer suspect (unreachable
+too when it failed on the link: its models go to their stand-ins at once), two dead.
 
 **Failover** (``failover.py``): a request for a model whose host is down or unreachable is
 served here when ``TARS_FALLBACK`` is on and it fits; otherwise 503 naming the host.
@@ -45,6 +33,7 @@ from typing import Any
 from . import __version__, peer_urls
 from .cluster_state import ClusterState
 from .control import ControlPlane, plan_id
+from .discovery import advertised_addresses, browse
 from .domain import HostProfile, Plan
 from .errors import ConfigError, PeerUnavailable, TarsError, Unauthorized, ValidationFailed
 from .failover import serve_here
@@ -64,6 +53,7 @@ log = get_logger(__name__)
 
 __all__ = ["Cluster", "Peer", "plan_id"]
 LINK = ("connect", "link")  # PeerUnavailable phases of a call that never reached the peer
+DISCOVERY_S = 3.0  # how long the start-up mDNS question listens for answers
 
 
 def _llama_cpp() -> str:
@@ -95,7 +85,9 @@ class Cluster:
         self.seeds = [] if self.role == "standalone" else list(dict.fromkeys(
             [*static, *self.known.seeds(exclude=set(static))]))
         self.interval = float(settings.heartbeat_s)
-        self.first_contact_s = max(2.0, 2 * self.interval)
+        self.discovers = (self.role != "standalone" and settings.discovery == "on"
+                          and advertised_addresses(settings) != [])  # mDNS: on, and reachable beyond loopback
+        self.first_contact_s = max(2.0, 2 * self.interval) + (DISCOVERY_S if self.discovers else 0.0)
         self.applier = PlanApplier(node, self.table, settings, self.failover, learn=self._member)
         self._tasks = TaskSet(f"cluster-{self.name}")
         self.control = ControlPlane(node, settings, self.state, self.table, self.applier, hosts=self.hosts,
@@ -127,8 +119,7 @@ class Cluster:
     def plan_id(self) -> str:
         return self.applier.plan_id
 
-    def summary(self) -> dict[str, Any]:
-        """The control plane as this node sees it (``/status`` → ``"cluster"``)."""
+    def summary(self) -> dict[str, Any]:  # /status "cluster": the control plane as this node sees it
         return self.control.summary()
 
     # ----------------------------------------------------------------- lifecycle
@@ -136,29 +127,24 @@ class Cluster:
         if self._running:
             return
         self._running = True
-        await self.node.start(load=not self.seeds)  # idempotent: the service started it already
-        profile = self.node.profile
-        self.state.put(f"member:{self.name}", {
-            "url": self.settings.base_url, "inc": self.state.incarnation, "version": __version__,
-            "priority": self.settings.planner_priority,
-            "vram_mb": sum(g.vram_total_mb for g in profile.gpus) if profile is not None else 0})
+        await self.node.start(load=not self.waits_for_peers)  # idempotent: the service started it already
+        self.control.publish_member()
         for url in self.seeds:
             self._spawn_join(url)
         self._tasks.spawn(self._heartbeat_loop(), name=f"heartbeat-{self.name}")
         self._tasks.spawn(self.control.steward(), name=f"planner-{self.name}")
-        if self.role != "standalone" and self.settings.discovery == "on":
+        if self.discovers:
             self._tasks.spawn(self._discover(), name=f"discover-{self.name}")
         self.control.want("this node started")
-        if self.seeds:  # a node with seeds waits a moment for the cluster before it plans alone
+        if self.waits_for_peers:  # a moment for the cluster before it plans alone
             self._tasks.spawn(self._first_contact(), name=f"contact-{self.name}")
         else:
             self.control.ready = True
             await self.control.reconsider()
 
     async def _first_contact(self) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.first_contact_s
-        while loop.time() < deadline and not any(p.last_seen is not None for p in self.table):
+        deadline = time.monotonic() + self.first_contact_s
+        while time.monotonic() < deadline and not any(p.last_seen is not None for p in self.table):
             await asyncio.sleep(0.05)
         self.control.ready = True
         self.control.poke()
@@ -196,16 +182,15 @@ class Cluster:
         except TarsError as exc:
             log.info("could not tell %s we are leaving: %s", peer.name, exc.message)
 
+    @property
+    def waits_for_peers(self) -> bool:
+        """Seeds to contact, or mDNS to ask: the node waits ``first_contact_s`` before it plans alone."""
+        return bool(self.seeds) or self.discovers
+
     async def _discover(self) -> None:
         """mDNS answers of this cluster (hints): each node found is joined once, proving the token."""
-        from urllib.parse import urlparse
-
-        from . import discovery
-
-        if (urlparse(self.settings.base_url).hostname or "").startswith("127."):
-            return  # a loopback node is alone on its machine
         try:
-            found = await asyncio.to_thread(discovery.browse, 3.0, self.settings.cluster_name)
+            found = await asyncio.to_thread(browse, DISCOVERY_S, self.settings.cluster_name)
         except TarsError as exc:
             log.info("no mDNS discovery: %s", exc.message)
             return
@@ -459,9 +444,6 @@ class Cluster:
         return await serve_here(self.node, self.settings, remote, cause)
 
     # ----------------------------------------------------------------- reporting
-    def peers_status(self) -> list[dict[str, Any]]:
-        return self.table.status()
-
     def routing(self) -> dict[str, str]:
         """model id → host that computes it (this node's view)."""
         return {m: t.node for m, t in self.node.routes.targets.items()}

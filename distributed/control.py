@@ -28,7 +28,7 @@ from typing import Any
 
 import orjson
 
-from . import peer_urls
+from . import __version__, peer_urls
 from .cluster_state import ClusterState, Refused
 from .domain import HostProfile, Plan
 from .election import TAKEOVER_BEATS, Candidate, Election, Heard, PlanMessage, Version, electorate
@@ -65,6 +65,12 @@ class ControlPlane:
         self._dirty = ""  # why a new plan is wanted ("" none)
         self._wake: asyncio.Event | None = None
         self._lock = asyncio.Lock()
+
+    def publish_member(self) -> None:
+        """This node's ``member:`` entry: where it is, this run's incarnation, what the rule ranks."""
+        self.state.put(f"member:{self.name}", {
+            "url": self.settings.base_url, "inc": self.state.incarnation, "version": __version__,
+            "priority": self.settings.planner_priority, "vram_mb": self.electorate()[0].vram_mb})
 
     # ----------------------------------------------------------------- envelopes
     def envelope(self, peer: Peer | None, *, full: bool = False) -> dict[str, Any]:

@@ -7,10 +7,11 @@ then the smallest name. The inputs are replicated data, so two nodes that hear t
 members pick the same planner (in the reference pair: PC1, the RTX 3060).
 
 **Hysteresis** (``electorate``). A member counts while it is alive or suspect. The planner
-itself keeps counting until it has been silent for ``takeover_s`` (4 heartbeats: 8 s at the
-default 2 s, so a takeover happens within 10 s of its loss), so a link that flaps for a
-few seconds does not move the role back and forth; a member that comes back counts again
-at once (the node with the better rank takes the role back).
+itself keeps counting until it has been silent for ``takeover_s`` (3.5 heartbeats: 7 s at
+the default 2 s — it is dead after 2 missed ones — so a takeover happens within 10 s of its
+loss), so a link that drops for a few seconds does not move the role back and forth; a
+member that comes back counts again at once (the node with the better rank takes the role
+back).
 
 **Terms** (``Election``). Each plan carries a version ``(term, seq)`` and its planner's name,
 signed by the planner. A node that becomes the planner starts a new term, one above the

@@ -56,7 +56,7 @@ class Service:
 
     async def start(self) -> None:
         await self.notify.start()
-        await self.node.start(load=not self.cluster.seeds)  # with seeds, the cluster's plan comes first
+        await self.node.start(load=not self.cluster.waits_for_peers)  # else the cluster's plan comes first
         self.notify.started()
         log.info("node %s started (role %s)", self.node.name, self.node.role)
         await self.cluster.start()

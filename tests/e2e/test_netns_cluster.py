@@ -14,7 +14,8 @@ client/LAN observer. In order:
   one planner, one placement, one desired set on both;
 * a flapping link (down/up every 5 s): no storm of re-plans (counted), and the cluster
   converges once it stops;
-* the planner host killed (with a third host, PC3): PC2 plans within 10 s, the survivors
+* the planner host killed (with a third host, PC3, that finds the cluster over mDNS and
+  proves the token by joining): PC2 plans within 10 s, the survivors
   serve chat, and both take deploys and removals; PC1 restarted without TARS_PEERS finds
   them through its known peers, adopts their newer desired set and plans again.
 
@@ -227,13 +228,13 @@ def test_the_planner_host_killed_another_plans_and_the_survivors_take_changes(cl
     lan, h1, h2, pc1, pc2, logs = (cluster[k] for k in ("lan", "h1", "h2", "pc1", "pc2", "logs"))
     h4 = lan.add_host("pc3")
     pc3 = nc.node_on(h4, "pc3", log_dir=logs, env={**BASE_ENV, "TARS_GPU_PROFILE": "gtx1660s-6gb",
-                                                    "TARS_MODELS_DIR": str(logs / "m3"),
-                                                    "TARS_PEERS": f"http://{h1.ip}:8000"})
+                                                    "TARS_MODELS_DIR": str(logs / "m3")})  # no TARS_PEERS: mDNS
     with pc3:
         nc.start(pc3, h4)
         trio = ((h1, pc1), (h2, pc2), (h4, pc3))
         until(lambda: nc.one_placement(*trio) and len(nc.control(h4, pc3)["members"]) == 3, 60, "three hosts, one plan",
               pc1, pc2, pc3)
+        assert "over mDNS: joining it (it must prove the cluster token)" in pc3.log_text()  # a hint, then the token
         pc1.kill()  # the planning host dies: no goodbye
         killed = time.monotonic()
         until(lambda: nc.control(h2, pc2)["planner"] == "pc2" and nc.control(h4, pc3)["planner"] == "pc2", 30,
