@@ -87,7 +87,8 @@ class Cluster:
         self.interval = float(settings.heartbeat_s)
         self.discovers = (self.role != "standalone" and settings.discovery == "on"
                           and advertised_addresses(settings) != [])  # mDNS: on, and reachable beyond loopback
-        self.first_contact_s = max(2.0, 2 * self.interval) + (DISCOVERY_S if self.discovers else 0.0)
+        self.first_contact_s = (max(2.0, 2 * self.interval) if self.seeds else 0.5) + \
+            (DISCOVERY_S if self.discovers else 0.0)
         self.applier = PlanApplier(node, self.table, settings, self.failover, learn=self._member)
         self._tasks = TaskSet(f"cluster-{self.name}")
         self.control = ControlPlane(node, settings, self.state, self.table, self.applier, hosts=self.hosts,

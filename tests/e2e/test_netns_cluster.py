@@ -114,8 +114,15 @@ def _discover(host: netns.Host, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_discovery_finds_the_cluster_across_namespaces_and_never_the_token(cluster: dict[str, Any]) -> None:
     h3 = cluster["h3"]
+
+    def found_now() -> list[dict[str, Any]]:
+        r = _discover(h3, "browse", "--json")
+        assert r.returncode == 0, r.stderr
+        return [json.loads(line) for line in r.stdout.splitlines()]
+
+    # the record says "planner" once the node plans (a node with mDNS on first asks the LAN: ~3 s)
+    until(lambda: any(f["node"] == "pc1" and f["planner"] for f in found_now()), 30, "pc1 advertised as the planner")
     r = _discover(h3, "browse", "--json")
-    assert r.returncode == 0, r.stderr
     found = [json.loads(line) for line in r.stdout.splitlines()]
     by_node = {f["node"]: f for f in found}
     assert set(by_node) == {"pc1", "pc2"}, r.stdout
