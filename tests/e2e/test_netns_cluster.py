@@ -158,6 +158,7 @@ def test_a_second_cluster_makes_find_list_both(cluster: dict[str, Any]) -> None:
                                                           "TARS_CLUSTER_TOKEN": "another-token"})
     with other:
         nc.start(other, h4)
+        until(lambda: _discover(h3, "find").returncode == 4, 30, "both clusters' planners advertised", other)
         r = _discover(h3, "find")
         assert r.returncode == 4, r.stdout + r.stderr
         rows = sorted(line.split("\t")[:2] for line in r.stdout.splitlines())
