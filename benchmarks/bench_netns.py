@@ -18,7 +18,10 @@ placement*: from the link's return until both nodes name the same planner and ho
 plan, state and routing. Last, the link flaps (``--flap-period`` s down, as long up) for
 ``--flap-minutes``: re-plans (plans made by whichever host plans), moves of the planner's
 role, fallback loads, stand-in drops and liveness moves per minute, counted in both logs,
-and the share of requests answered.
+and the share of requests answered. Then, ``--repeat`` times, PC1 (the planner) is killed:
+*takeover*, until PC2 says it plans; PC1 is started again without ``TARS_PEERS`` (its known
+peers bring it back): *rejoined*, from its start until both hold one placement with PC1
+planning again.
 
     sudo .venv/bin/python -m benchmarks.bench_netns                 # needs root (namespaces)
     sudo .venv/bin/python -m benchmarks.bench_netns --repeat 5 --flap-minutes 2 --heartbeat 1.0
@@ -104,6 +107,24 @@ def flap(lan: netns.Lan, h1: netns.Host, h2: netns.Host, pc1, pc2, period: float
             "answered": f"{ok}/{len(traffic.outcomes)}"}
 
 
+def takeover(h1: netns.Host, h2: netns.Host, pc1, pc2) -> dict[str, float]:  # noqa: ANN001
+    """PC1, the planner, killed (SIGKILL): until PC2 plans; PC1 restarted (no TARS_PEERS: its known
+    peers): until both name one planner again and hold one placement."""
+    settle(h2, pc2)
+    if not _until(lambda: nc.one_placement((h1, pc1), (h2, pc2)), 60):
+        raise SystemExit("no single placement before the kill")
+    pc1.kill()
+    killed = time.monotonic()
+    took = time.monotonic() - killed if _until(lambda: nc.control(h2, pc2)["planner"] == "pc2", 60) else None
+    pc1.env.pop("TARS_PEERS", None)
+    nc.start(pc1, h1)
+    started = time.monotonic()
+    back = (time.monotonic() - started if _until(lambda: nc.one_placement((h1, pc1), (h2, pc2))
+                                                 and nc.control(h1, pc1)["planner"] == "pc1", 120) else None)
+    return {"takeover_s": took if took is not None else float("nan"),
+            "rejoined_s": back if back is not None else float("nan")}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=3)
@@ -131,6 +152,7 @@ def main() -> int:
                 runs = [partition(lan, h1, h2, pc1, pc2, how) for _ in range(args.repeat)]
                 out["partition"][how] = runs
             out["flap"] = flap(lan, h1, h2, pc1, pc2, args.flap_period, args.flap_minutes)
+            out["takeover"] = [takeover(h1, h2, pc1, pc2) for _ in range(args.repeat)]
     if args.json:
         print(json.dumps(out, indent=1))
         return 0
@@ -145,6 +167,11 @@ def main() -> int:
         print(f"{how:<10} {statistics.median(s):>10.1f} ({min(s):.1f}-{max(s):.1f}) {statistics.median(f):>16.0f} "
               f"{statistics.median(b):>9.1f} ({min(b):.1f}-{max(b):.1f}) {statistics.median(o):>10.1f} "
               f"({min(o):.1f}-{max(o):.1f})")
+    t = [r["takeover_s"] for r in out["takeover"]]
+    j = [r["rejoined_s"] for r in out["takeover"]]
+    print(f"planner PC1 killed: PC2 plans after {statistics.median(t):.1f} s ({min(t):.1f}-{max(t):.1f}); PC1 "
+          f"restarted without TARS_PEERS: one placement again after {statistics.median(j):.1f} s "
+          f"({min(j):.1f}-{max(j):.1f}) from its start")
     fl = out["flap"]
     print(f"flapping {args.flap_period:g} s down / {args.flap_period:g} s up for {fl['minutes']} min: per minute "
           + ", ".join(f"{k} {v}" for k, v in fl["per_minute"].items()) + f"; answered {fl['answered']}")
