@@ -35,6 +35,7 @@ from .cluster_state import ClusterState
 from .control import ControlPlane, plan_id
 from .discovery import advertised_addresses, browse
 from .domain import HostProfile, Plan
+from .engine.binary import llama_cpp_python_version
 from .errors import ConfigError, PeerUnavailable, TarsError, Unauthorized, ValidationFailed
 from .failover import serve_here
 from .known_peers import KnownPeers
@@ -54,13 +55,7 @@ log = get_logger(__name__)
 __all__ = ["Cluster", "Peer", "plan_id"]
 LINK = ("connect", "link")  # PeerUnavailable phases of a call that never reached the peer
 DISCOVERY_S = 3.0  # how long the start-up mDNS question listens for answers
-
-
-def _llama_cpp() -> str:
-    """The llama.cpp this install runs (the llama-cpp-python release that vendors it; "" unknown)."""
-    from .engine.binary import llama_cpp_python_version
-
-    return llama_cpp_python_version()
+SEED_TRIES = 6  # joins to a remembered or learned peer (~13 s of backoff), then it is left to call us
 
 
 class Cluster:
@@ -92,7 +87,8 @@ class Cluster:
         self.applier = PlanApplier(node, self.table, settings, self.failover, learn=self._member)
         self._tasks = TaskSet(f"cluster-{self.name}")
         self.control = ControlPlane(node, settings, self.state, self.table, self.applier, hosts=self.hosts,
-                                    join=self._spawn_join, push=self._push, spawn=self._tasks.spawn)
+                                    join=lambda url: self._spawn_join(url, attempts=SEED_TRIES), push=self._push,
+                                    spawn=self._tasks.spawn)
         self._joining: set[str] = set()
         self._running = False
         self._vitals: dict[str, Any] = {}
@@ -100,12 +96,11 @@ class Cluster:
 
     # ----------------------------------------------------------------- views
     @property
-    def peers(self) -> dict[str, Peer]:
-        """name -> Peer (the table's own dict)."""
+    def peers(self) -> dict[str, Peer]:  # name -> Peer (the table's own dict)
         return self.table.peers
 
     @property
-    def planner(self) -> str | None:
+    def planner(self) -> str | None:  # whom the rule picks, in this node's view
         return self.control.election.planner
 
     @property
@@ -113,7 +108,7 @@ class Cluster:
         return self.control.election.planning
 
     @property
-    def plan(self) -> Plan:
+    def plan(self) -> Plan:  # the plan in force here
         return self.node.plan
 
     @property
@@ -130,8 +125,8 @@ class Cluster:
         self._running = True
         await self.node.start(load=not self.waits_for_peers)  # idempotent: the service started it already
         self.control.publish_member()
-        for url in self.seeds:
-            self._spawn_join(url)
+        for url in self.seeds:  # TARS_PEERS until they answer; a remembered peer for a while (it calls too)
+            self._spawn_join(url, attempts=0 if url in self.settings.peers else SEED_TRIES)
         self._tasks.spawn(self._heartbeat_loop(), name=f"heartbeat-{self.name}")
         self._tasks.spawn(self.control.steward(), name=f"planner-{self.name}")
         if self.discovers:
@@ -157,14 +152,15 @@ class Cluster:
             url = peer_urls.check_url(str((member or {}).get("url", "")))
         except ValidationFailed:
             return None
-        self._spawn_join(url)
+        self._spawn_join(url, attempts=SEED_TRIES)
         return self.table.upsert(name, url)
 
-    def _spawn_join(self, url: str, *, once: bool = False) -> None:
+    def _spawn_join(self, url: str, *, attempts: int = 0) -> None:
+        """``cluster.join`` to ``url`` in the background (``attempts``: at most so many; 0: until it answers)."""
         if url in self._joining or not self._running or url == self.settings.base_url:
             return
         self._joining.add(url)
-        task = self._tasks.spawn(self._join_loop(url, once=once), name=f"join-{url}")
+        task = self._tasks.spawn(self._join_loop(url, attempts=attempts), name=f"join-{url}")
         task.add_done_callback(lambda t: self._joining.discard(url))
 
     async def stop(self) -> None:
@@ -179,7 +175,6 @@ class Cluster:
     async def _leave(self, peer: Peer) -> None:
         try:
             await peer.client.call("cluster.leave", {"name": self.name}, timeout=1.0, retries=0)
-            log.info("left peer %s", peer.name, extra=fields(peer=peer.name))
         except TarsError as exc:
             log.info("could not tell %s we are leaving: %s", peer.name, exc.message)
 
@@ -199,32 +194,34 @@ class Cluster:
         for f in found:
             if f.node != self.name and f.url not in known:
                 log.info("found %s at %s over mDNS: joining it (it must prove the cluster token)", f.node, f.url)
-                self._spawn_join(f.url, once=True)
+                self._spawn_join(f.url, attempts=1)
 
     # ----------------------------------------------------------------- joining
     def _join_params(self) -> dict[str, Any]:
         profile = self.node.profile
         return {"name": self.name, "url": self.settings.base_url, "role": self.role, "version": __version__,
-                "llama_cpp": _llama_cpp(), "profile": profile.to_dict() if profile is not None else {},
+                "llama_cpp": llama_cpp_python_version(), "profile": profile.to_dict() if profile is not None else {},
                 "models": self._local_models(), "fingerprint": self.pins.own,
                 **{k: v for k, v in self.vitals().items() if k == "gpus"}, "ctl": self.control.envelope(None, full=True)}
 
-    async def _join_loop(self, url: str, *, once: bool = False) -> None:
-        """cluster.join until it answers (``once``: a single try); backoff 0.25 s doubling to 5 s."""
+    async def _join_loop(self, url: str, *, attempts: int = 0) -> None:
+        """cluster.join until it answers (or ``attempts`` tries); backoff 0.25 s doubling to 5 s."""
         client = self.table.client(url)
         delay, attempt = 0.25, 0
         while True:
             attempt += 1
+            last = attempt == attempts
+            then = "; giving up (it joins this node when it is back)" if last else f"; retrying in {delay:.1f} s"
             try:
                 answer = await client.call("cluster.join", self._join_params(), retries=0)
                 break
             except (Unauthorized, ValidationFailed, ConfigError) as exc:
                 log.error("joining %s refused (attempt %d): %s%s", url, attempt, exc.message,
-                          "" if once else f"; retrying in {delay:.1f} s", extra=fields(peer=url, attempt=attempt))
+                          then if attempts != 1 else "", extra=fields(peer=url, attempt=attempt))
             except TarsError as exc:
                 log.warning("joining %s failed (attempt %d): %s%s", url, attempt, exc.message,
-                            "" if once else f"; retrying in {delay:.1f} s", extra=fields(peer=url, attempt=attempt))
-            if once:
+                            then if attempts != 1 else "", extra=fields(peer=url, attempt=attempt))
+            if last:
                 await client.aclose()
                 return
             await asyncio.sleep(delay)
@@ -267,7 +264,7 @@ class Cluster:
         if self.role == "standalone":
             raise ConfigError(f"node {self.name} runs standalone (TARS_ROLE=standalone) and accepts no peers")
         name = peer_urls.check_name(name)
-        mine = _llama_cpp()
+        mine = llama_cpp_python_version()  # the llama.cpp this install runs ("" unknown)
         if llama_cpp and mine and llama_cpp != mine and self.settings.split != "off":
             raise ConfigError(f"{name} runs llama.cpp of llama-cpp-python {llama_cpp} and {self.name} runs {mine}: "
                               "a model split across hosts needs one llama.cpp version on both (install the same "
@@ -444,7 +441,5 @@ class Cluster:
         (``failover.serve_here``: one stand-in per model, loaded once, shared by every request)."""
         return await serve_here(self.node, self.settings, remote, cause)
 
-    # ----------------------------------------------------------------- reporting
-    def routing(self) -> dict[str, str]:
-        """model id → host that computes it (this node's view)."""
+    def routing(self) -> dict[str, str]:  # model id → host that computes it (this node's view)
         return {m: t.node for m, t in self.node.routes.targets.items()}
