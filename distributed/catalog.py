@@ -41,7 +41,7 @@ def _toml_load(path: Path) -> dict[str, Any]:
         raise ConfigError(f"catalog file '{path}' is not valid TOML: {exc}", file=str(path)) from None
 
 
-def _spec_from_entry(entry: Any, where: str) -> ModelSpec:
+def _spec_from_entry(entry: Any, where: str, builtin: bool = False) -> ModelSpec:
     """One [[model]] table → ModelSpec, or ConfigError naming ``where`` and the field."""
     if not isinstance(entry, dict):
         raise ConfigError(f"{where}: each [[model]] must be a table of fields")
@@ -79,9 +79,29 @@ def _spec_from_entry(entry: Any, where: str) -> ModelSpec:
         raise ConfigError(f"{at}: needs a source: 'repo' (hub), 'package' (PyPI) or 'path' (local)")
     if entry["kind"] == "embed" and entry.get("dim") is None:
         raise ConfigError(f"{at}: an embed model needs 'dim' (its embedding dimension)")
+    _check_template(entry, at, builtin)
     data = dict(entry)
     data["params_b"] = float(data["params_b"])
     return ModelSpec(**data)
+
+
+def _check_template(entry: dict[str, Any], at: str, builtin: bool) -> None:
+    """``chat_template``: a shipped template name; a file path only in a user catalog."""
+    value = entry.get("chat_template")
+    if value is None:
+        return
+    from . import templates
+
+    shipped = ", ".join(templates.names())
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{at}: field 'chat_template' must be a shipped template name ({shipped}) or, in a "
+                          "user catalog, a file path")
+    if templates.is_name(value):
+        if value not in templates.names():
+            raise ConfigError(f"{at}: chat template '{value}' is not one of the shipped templates ({shipped}); "
+                              "a user catalog may give a file path instead")
+    elif builtin:
+        raise ConfigError(f"{at}: the built-in catalog names shipped templates only ({shipped}), not a path")
 
 
 def read_catalog_file(path: str | Path) -> list[ModelSpec]:
@@ -91,7 +111,8 @@ def read_catalog_file(path: str | Path) -> list[ModelSpec]:
     entries = doc.get("model", [])
     if not isinstance(entries, list):
         raise ConfigError(f"catalog file '{path}': 'model' must be an array of tables ([[model]])")
-    specs = [_spec_from_entry(e, f"catalog file '{path}', entry {i + 1}") for i, e in enumerate(entries)]
+    builtin = path.resolve() == BUILTIN.resolve()
+    specs = [_spec_from_entry(e, f"catalog file '{path}', entry {i + 1}", builtin) for i, e in enumerate(entries)]
     seen: set[str] = set()
     for s in specs:
         if s.id in seen:
@@ -99,7 +120,19 @@ def read_catalog_file(path: str | Path) -> list[ModelSpec]:
         seen.add(s.id)
         if s.path:
             s.path = str((path.parent / Path(s.path).expanduser()).resolve())
+        if s.chat_template and not _is_template_name(s.chat_template):  # a user catalog's own file
+            file = (path.parent / Path(s.chat_template).expanduser()).resolve()
+            if not file.is_file():
+                raise ConfigError(f"catalog file '{path}', model '{s.id}': chat template file '{file}' not found",
+                                  file=str(path))
+            s.chat_template = str(file)
     return specs
+
+
+def _is_template_name(value: str) -> bool:
+    from . import templates
+
+    return templates.is_name(value)
 
 
 class Catalog:

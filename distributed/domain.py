@@ -105,6 +105,9 @@ class ModelSpec(_Data):
     head_dim: int | None = None
     embedded: bool = False  # ships with the package, no download
     description: str = ""
+    # a chat template in place of the GGUF's own: a shipped name (distributed/templates/<name>.jinja)
+    # or, from a user catalog, a file path (resolved when the catalog is read)
+    chat_template: str | None = None
 
 
 @dataclass
@@ -187,11 +190,19 @@ class GenerateRequest(_Data):
     top_logprobs: int = 0  # alternatives per token (0-20) when logprobs
     n: int = 1  # choices; the API fans n > 1 out into n requests of n=1
     choice: int = 0  # this request's index in such a fan-out: the later ones are admitted with the first
+    # llama.cpp's sampler extras the client set ({"top_k": 20, "min_p": 0.1, ...}; names, types and
+    # bounds: distributed/sampling.py). Empty = the engine's defaults.
+    sampling: dict[str, Any] = field(default_factory=dict)
+    # Reach the chat template (llama-server's own request fields): "none" turns thinking off,
+    # another effort is the template's ``reasoning_effort``; kwargs are extra template variables.
+    reasoning_effort: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
     # The fields above are left out of to_rpc() while at their defaults, so a request
     # without them still reaches a peer of the previous version.
     _SURFACE = ("presence_penalty", "frequency_penalty", "response_format", "tools", "tool_choice",
-                "parallel_tool_calls", "logprobs", "top_logprobs", "n", "choice")
+                "parallel_tool_calls", "logprobs", "top_logprobs", "n", "choice", "sampling",
+                "reasoning_effort", "chat_template_kwargs")
 
     def to_rpc(self) -> dict[str, Any]:
         d = self.to_dict()
@@ -234,6 +245,7 @@ class Completion(_Data):
     tool_calls: list[dict[str, Any]] | None = None
     # OpenAI chat "content" logprobs: [{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}]
     logprobs: list[dict[str, Any]] | None = None
+    reasoning: str | None = None  # what a thinking model thought, apart from its answer (reasoning_content)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Completion":
@@ -252,6 +264,7 @@ class TokenChunk(_Data):
     logprobs: list[dict[str, Any]] | None = None  # entries for the tokens of this piece (Completion.logprobs shape)
     tool_calls: list[dict[str, Any]] | None = None  # set on the piece that completes the tool calls (text "")
     tokens: int | None = None  # tokens this piece stands for when not exactly one (a tool-call piece, held text)
+    reasoning: str | None = None  # a piece of a thinking model's reasoning (text "": not part of the answer)
 
 
 @dataclass

@@ -9,6 +9,7 @@ layer and the ``/rpc`` layer translate errors *by type*, in one place each
     ├── ConfigError                500  -32001   bad settings, presets, profiles
     ├── ValidationFailed           400  -32602   a request field is wrong (names the field)
     │   ├── InputTooLong           400  -32005   prompt longer than the context
+    │   ├── ToolsUnsupported       400  -32602   the model's chat template has no tools
     │   └── UnsupportedMediaType   415  -32602   body not declared application/json
     ├── ModelNotFound              404  -32002   unknown model id (lists the known ones)
     │   └── ModelNotDownloaded     404  -32002   known model, files not on this host (pull it)
@@ -78,6 +79,17 @@ class InputTooLong(ValidationFailed):
         super().__init__(message, field=field, limit=limit, got=got)
         self.limit = limit
         self.got = got
+
+
+class ToolsUnsupported(ValidationFailed):
+    """The model cannot take ``tools``: its chat template renders none (or none in a call
+    format its engine reads). With ``tool_choice`` "auto" or absent a dialect answers
+    without the tools instead (api/tool_drop.py); crosses /rpc by its kind."""
+
+    kind = "tools_unsupported"
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message, field="tools", **details)
 
 
 class UnsupportedMediaType(ValidationFailed):

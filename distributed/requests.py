@@ -14,10 +14,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .domain import EmbedRequest, GenerateRequest
 from .errors import ValidationFailed
+from .sampling import check as check_sampling
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -26,6 +27,8 @@ M = TypeVar("M", bound=BaseModel)
 # api/chat_surface.py) ``MaxTokens | None = None``, so both refuse the same values.
 MAX_STOPS = 8
 MAX_CHOICES = 16  # n
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")  # OpenAI's reasoning_effort values
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
 
 MaxTokens = Annotated[int, Field(ge=1, le=131072, description="Most tokens to generate (clamped to the context).")]
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
@@ -70,6 +73,15 @@ class GenerateParams(_Strict):
     top_logprobs: TopLogprobs = 0
     n: Choices = 1
     choice: int = Field(0, ge=0, lt=MAX_CHOICES)
+    sampling: dict[str, Any] = Field(default_factory=dict)
+    reasoning_effort: ReasoningEffort | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @field_validator("sampling", mode="before")
+    @classmethod
+    def _sampling(cls, value: Any) -> Any:
+        # raises ValidationFailed naming "sampling.<knob>" (passes through pydantic as is)
+        return check_sampling(value, prefix="sampling")
 
     def to_domain(self, stream: bool) -> GenerateRequest:
         known = _GENERATE_FIELDS  # a test keeps the two in step; this keeps a partial upgrade working

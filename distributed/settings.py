@@ -76,7 +76,8 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Comma-separated model ids this cluster serves; empty = the embedded defaults.")
     vram_reserve_mb: int = Field(500, ge=0, le=65536, description="VRAM kept free on every GPU, MB (0-65536).")
-    context: int = Field(2048, ge=128, le=131072, description="Context window for chat models, tokens (128-131072).")
+    context: int = Field(8192, ge=128, le=131072, description="Context window for chat models, tokens (128-131072), "
+                         "per request (each engine slot); a model trained on less gets its own.")
     threads: int = Field(0, ge=0, le=512, description="CPU threads for llama.cpp; 0 = llama.cpp's rule: the physical cores this process may use.")
     fallback: bool = Field(True, description="Load a dead peer's model here when it fits (true/false).")
     split: Literal["auto", "off"] = Field(

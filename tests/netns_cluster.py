@@ -77,7 +77,7 @@ def control(host: Host, node: ServerProcess) -> dict[str, Any]:
     """``node``'s /status: its control plane (``"cluster"``) and routing, as it sees them."""
     s = get(host, node.url + "/status").json()
     return {**s["cluster"], "routes": {m["id"]: m["node"] for m in s["models"]},
-            "desired": sorted({a["model"] for a in s["plan"]["assignments"]})}
+            "placed": sorted({a["model"] for a in s["plan"]["assignments"]})}
 
 
 def one_placement(*pairs: tuple[Host, ServerProcess]) -> bool:

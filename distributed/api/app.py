@@ -41,10 +41,9 @@ from .. import __version__
 from ..errors import ModelLoading, PayloadTooLarge, PeerUnavailable, TarsError, Unauthorized, ValidationFailed
 from ..logs import get_logger
 from ..seams import ServiceNode
-from . import deploy, native, openai, rerank
+from . import anthropic, deploy, error_shapes, native, openai, rerank, responses
 from .auth import ApiKey
 from .guards import Guards, host_policy
-from .schemas import error_json
 
 if TYPE_CHECKING:  # types only: the service is built by the composition root
     from ..service import Service
@@ -63,7 +62,7 @@ def _error_response(exc: TarsError, node: str, path: str) -> Response:
         headers["retry-after"] = str(max(1, math.ceil(float(retry))))
     if isinstance(exc, Unauthorized):
         headers["www-authenticate"] = "Bearer"
-    return Response(error_json(exc, node, path.startswith("/v1/")), status_code=exc.http_status,
+    return Response(error_shapes.error_json(exc, node, path), status_code=exc.http_status,
                     headers=headers, media_type="application/json")
 
 
@@ -93,12 +92,14 @@ class Edge:
             return
         t0 = time.perf_counter()
         path: str = scope["path"]
-        auth = length = None
+        auth = length = x_api_key = None
         for k, v in scope["headers"]:
             if k == b"authorization":
                 auth = v
             elif k == b"content-length":
                 length = v
+            elif k == b"x-api-key":  # Anthropic's clients send the key this way
+                x_api_key = v
         state = {"status": 500, "started": False}
 
         async def send_wrapper(message: Message) -> None:
@@ -109,7 +110,7 @@ class Edge:
             await send(message)
 
         try:
-            self.api_key.check(path, auth)
+            self.api_key.check(path, auth, x_api_key)
             if length is not None:
                 try:
                     n = int(length)
@@ -173,7 +174,7 @@ def _document_request_models(app: FastAPI) -> None:
     """Routes read their bodies themselves (one pydantic pass over the raw bytes), so FastAPI
     does not know the request models; their nested models go into the OpenAPI components here
     (the routes' ``openapi_extra`` refers to them)."""
-    from . import chat_surface, schemas
+    from . import anthropic_wire, chat_surface, responses_wire, schemas
 
     base = app.openapi
 
@@ -182,7 +183,8 @@ def _document_request_models(app: FastAPI) -> None:
             doc = base()
             comps = doc.setdefault("components", {}).setdefault("schemas", {})
             for model in (schemas.InferenceRequest, schemas.EmbedBody, chat_surface.ChatCompletionRequest,
-                          chat_surface.CompletionRequest, schemas.EmbeddingsRequest):
+                          chat_surface.CompletionRequest, schemas.EmbeddingsRequest, anthropic_wire.MessagesRequest,
+                          anthropic_wire.CountTokensRequest, responses_wire.ResponsesRequest):
                 comps.update(model.model_json_schema(ref_template="#/components/schemas/{model}").get("$defs", {}))
             for path in doc.get("paths", {}).values():
                 for op in path.values():
@@ -264,7 +266,8 @@ def create_app(service: "Service") -> FastAPI:
     from ..rpc.server import build_rpc_router
 
     rpc = build_rpc_router(settings, node, service.cluster, deployer=service.deployer, split=service.split)
-    routers = [native.router, openai.router, rerank.router, deploy.router, rpc]
+    routers = [native.router, openai.router, anthropic.router, responses.router, rerank.router, deploy.router,
+               rpc]
     for router in routers:
         app.include_router(router)
 
@@ -276,7 +279,8 @@ def create_app(service: "Service") -> FastAPI:
     # routes above stay for /docs and behave the same: they call the same functions).
     fast = {("POST", "/inference"): native.inference, ("POST", "/embed"): native.embed,
             ("POST", "/v1/chat/completions"): openai.chat_completions, ("POST", "/v1/completions"): openai.completions,
-            ("POST", "/v1/embeddings"): openai.embeddings, ("GET", "/health"): native.health}
+            ("POST", "/v1/embeddings"): openai.embeddings, ("GET", "/health"): native.health,
+            ("POST", "/v1/messages"): anthropic.messages, ("POST", "/v1/responses"): responses.responses}
     app.add_middleware(Edge, node=node, api_key=ApiKey(settings.api_key.get_secret_value()),
                        max_body=settings.max_body_bytes, endpoints=endpoints, fast=fast)
     app.add_middleware(Guards, node_name=node.name, hosts=host_policy(settings))  # outermost: api/guards.py

@@ -6,9 +6,13 @@ it (OpenAI's error shape, ``param`` set) — none is silently dropped. Each Open
 field is listed here: a model field (honoured; an engine that cannot do one refuses it by
 name, ``backends.base.ChatBackend.check_request``), a conditional one (``store``,
 ``modalities``, ``service_tier``, ``best_of``, ``echo``, ``suffix``: their no-op values
-are accepted), or an entry of ``REFUSED``. A field OpenAI does not know is refused as
-unknown, as OpenAI does ("Unrecognized request argument"). ``user`` and
-``safety_identifier`` only label a request, and we record them in the node's log.
+are accepted), or an entry of ``REFUSED``. llama.cpp's sampler extras (``top_k``,
+``min_p``, ``dry_*``, …) are fields too (``sampling.Knobs``, bounds there) and travel as
+``GenerateRequest.sampling``; ``reasoning_effort`` and ``chat_template_kwargs`` reach the
+chat template. A field OpenAI does not know is refused as unknown, as OpenAI does
+("Unrecognized request argument"). ``LABELS`` (``user``, ``safety_identifier``,
+``metadata``, ``prompt_cache_key``) only label a request, and we record them in the node's
+log. Message shapes are checked by ``chat_messages.check``.
 
 Answers: ``tool_calls`` (finish_reason "tool_calls"), ``logprobs`` ({"content": [...]}
 for chat; the legacy tokens/token_logprobs/top_logprobs/text_offset shape for
@@ -17,14 +21,16 @@ completions), n choices, and in streams a usage chunk when ``stream_options.incl
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
+from .. import sampling
 from ..domain import Completion, GenerateRequest
 from ..errors import ValidationFailed
-from ..requests import MAX_CHOICES, Choices, MaxTokens, Penalty, Temperature, TopLogprobs, TopP
+from ..requests import MAX_CHOICES, Choices, MaxTokens, Penalty, ReasoningEffort, Temperature, TopLogprobs, TopP
+from . import chat_messages
 from .schemas import ChatMessage, domain_messages, stop_list, usage
 
 MAX_N = MAX_CHOICES
@@ -36,13 +42,17 @@ REFUSED: dict[str, str] = {
     "function_call": "the deprecated 'function_call' is not supported; send 'tool_choice'",
     "logit_bias": "'logit_bias' is not supported (token ids differ between the models served here)",
     "prediction": "predicted outputs ('prediction') are not supported",
-    "reasoning_effort": "'reasoning_effort' is not supported: the models served here are not reasoning models",
     "verbosity": "'verbosity' is not supported",
     "web_search_options": "web search is not supported",
-    "metadata": "'metadata' belongs to stored completions, which are not supported",
-    "prompt_cache_key": "'prompt_cache_key' is not supported (llama.cpp reuses a shared prompt prefix by itself)",
-    "prompt_cache_retention": "'prompt_cache_retention' is not supported",
+    "prompt_cache_retention": "'prompt_cache_retention' is not supported (llama.cpp keeps a shared prompt prefix "
+                              "by itself, for as long as its slot holds it)",
 }
+# Fields that only label a request: recorded in the node's log, nothing else.
+LABELS = ("user", "safety_identifier", "metadata", "prompt_cache_key")
+# Template variables llama-server sets itself: a chat_template_kwargs key may not replace them.
+RESERVED_TEMPLATE_KEYS = frozenset({"messages", "tools", "tool_choice", "add_generation_prompt", "bos_token",
+                                    "eos_token", "raise_exception"})
+Metadata = dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]]
 
 
 class _Strict(BaseModel):
@@ -137,10 +147,10 @@ class _Request(BaseModel):
             temperature=r.temperature if r.temperature is not None else d.temperature,
             top_p=r.top_p if r.top_p is not None else d.top_p, stop=stop_list(r.stop), seed=r.seed,
             stream=bool(r.stream), presence_penalty=r.presence_penalty or 0.0,
-            frequency_penalty=r.frequency_penalty or 0.0, n=r.n or 1, **extra)
+            frequency_penalty=r.frequency_penalty or 0.0, n=r.n or 1, sampling=sampling.picked(self), **extra)
 
 
-class ChatCompletionRequest(_Request):
+class ChatCompletionRequest(_Request, sampling.Knobs):
     """POST /v1/chat/completions (see the module docstring for what is honoured)."""
 
     model: str | None = None
@@ -164,9 +174,13 @@ class ChatCompletionRequest(_Request):
     top_logprobs: TopLogprobs | None = None
     user: str | None = None
     safety_identifier: str | None = None
+    metadata: Metadata | None = Field(None, max_length=16)
+    prompt_cache_key: str | None = Field(None, max_length=1024)
     store: bool | None = None
     modalities: list[Literal["text"]] | None = None
     service_tier: str | None = None
+    reasoning_effort: ReasoningEffort | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
     def to_domain(self) -> GenerateRequest:
         self._common()
@@ -176,9 +190,20 @@ class ChatCompletionRequest(_Request):
             raise ValidationFailed("'top_logprobs' needs 'logprobs': true", field="top_logprobs")
         fmt = self._response_format()
         tools, choice = self._tools()
-        return self._domain(None, domain_messages(self.messages), 256, response_format=fmt, tools=tools,
+        for i, m in enumerate(self.messages):
+            if m.refusal is not None and m.role != "assistant":
+                raise ValidationFailed(f"'messages[{i}].refusal': only an assistant message carries a refusal",
+                                       field=f"messages[{i}].refusal")
+        messages = chat_messages.check(domain_messages(self.messages))  # shapes, before an engine sees them
+        kwargs = self.chat_template_kwargs or None
+        for key in kwargs or ():
+            if key in RESERVED_TEMPLATE_KEYS:
+                raise ValidationFailed(f"'chat_template_kwargs.{key}' is set by the server itself; it cannot be "
+                                       "replaced", field=f"chat_template_kwargs.{key}")
+        return self._domain(None, messages, 256, response_format=fmt, tools=tools,
                             tool_choice=choice, parallel_tool_calls=self.parallel_tool_calls is not False,
-                            logprobs=bool(self.logprobs), top_logprobs=self.top_logprobs or 0)
+                            logprobs=bool(self.logprobs), top_logprobs=self.top_logprobs or 0,
+                            reasoning_effort=self.reasoning_effort, chat_template_kwargs=kwargs)
 
     def _response_format(self) -> dict[str, Any] | None:
         rf = self.response_format
@@ -225,7 +250,7 @@ class ChatCompletionRequest(_Request):
         return [t.model_dump(exclude_none=True) for t in tools], out_choice
 
 
-class CompletionRequest(_Request):
+class CompletionRequest(_Request, sampling.Knobs):
     """POST /v1/completions (legacy text completion)."""
 
     model: str | None = None
@@ -245,6 +270,8 @@ class CompletionRequest(_Request):
     echo: bool | None = False
     suffix: str | None = None
     user: str | None = None
+    metadata: Metadata | None = Field(None, max_length=16)
+    prompt_cache_key: str | None = Field(None, max_length=1024)
 
     def to_domain(self) -> GenerateRequest:
         self._common()
@@ -299,6 +326,8 @@ def chat_completion_body(cs: list[Completion], rid: str, created: int) -> dict[s
     choices = []
     for i, c in enumerate(cs):
         message: dict[str, Any] = {"role": "assistant", "content": c.text}
+        if c.reasoning:
+            message["reasoning_content"] = c.reasoning
         if c.tool_calls:
             message["tool_calls"] = c.tool_calls
             message["content"] = c.text or None
@@ -354,6 +383,19 @@ class ChunkEncoder:
             out = self._choice({"text": text, "logprobs": legacy_logprobs(logprobs, self._offset),
                                 "finish_reason": None})
         self._offset += len(text)
+        return out
+
+    def reasoning(self, text: str) -> bytes:
+        """A piece of a thinking model's reasoning (``delta.reasoning_content``, as llama-server and DeepSeek send it)."""
+        return self._choice({"delta": {"reasoning_content": text}, "logprobs": None, "finish_reason": None})
+
+    def piece(self, item: Any) -> bytes:
+        """The SSE bytes of one TokenChunk (tool calls, reasoning, text): b"" when it carries nothing."""
+        if item.tool_calls:
+            return self.tool_calls(item.tool_calls)
+        out = self.reasoning(item.reasoning) if getattr(item, "reasoning", None) and self.kind == "chat" else b""
+        if item.text or item.logprobs:
+            out += self.token(item.text, item.logprobs)
         return out
 
     def tool_calls(self, calls: list[dict[str, Any]]) -> bytes:

@@ -24,6 +24,8 @@ from ..logs import fields, get_logger
 from ..streams import drain_choices
 from . import chat_surface as cs
 from . import schemas as s
+from . import tool_drop
+from .dialect import body_doc
 from .native import JSON, label
 from .streaming import ClientGone, EventStream, first_item, until_disconnect
 
@@ -35,11 +37,6 @@ def _node(request: Request) -> Any:
     return request.app.state.node
 
 
-def _body_doc(model: type) -> dict[str, Any]:
-    return {"requestBody": {"content": {"application/json": {
-        "schema": model.model_json_schema(ref_template="#/components/schemas/{model}")}}}}  # type: ignore[attr-defined]
-
-
 @router.get("/models", summary="Models (OpenAI list shape)")
 async def list_models(request: Request) -> Response:
     node = _node(request)
@@ -47,14 +44,14 @@ async def list_models(request: Request) -> Response:
 
 
 @router.post("/chat/completions", summary="Chat completion (stream=true for SSE)",
-             openapi_extra=_body_doc(cs.ChatCompletionRequest))
+             openapi_extra=body_doc(cs.ChatCompletionRequest))
 async def chat_completions(request: Request) -> Response:
     r = s.parse(cs.ChatCompletionRequest, await request.body())
     return await _generate(request, "chat", r.to_domain(), r.stream_options, r)
 
 
 @router.post("/completions", summary="Text completion (stream=true for SSE)",
-             openapi_extra=_body_doc(cs.CompletionRequest))
+             openapi_extra=body_doc(cs.CompletionRequest))
 async def completions(request: Request) -> Response:
     r = s.parse(cs.CompletionRequest, await request.body())
     return await _generate(request, "completion", r.to_domain(), r.stream_options, r)
@@ -74,25 +71,16 @@ async def _generate(request: Request, kind: Literal["chat", "completion"], req: 
                     stream_options: cs.StreamOptions | None, body: Any) -> Response:
     node = _node(request)
     label(request, req.model)
-    who = {k: v for k in ("user", "safety_identifier") if (v := getattr(body, k, None))}
-    if who:  # identifiers OpenAI takes for abuse monitoring: recorded, nothing else
+    who = {k: v for k in cs.LABELS if (v := getattr(body, k, None))}
+    if who:  # labels a client puts on a request (abuse monitoring, its own bookkeeping): recorded, nothing else
         log.info("request labelled", extra=fields(model=req.model, **who))
     rid = s.new_id("chatcmpl" if kind == "chat" else "cmpl")
     created = s.now()
-    reqs = _fan_out(req)
     if req.stream:
-        agens = [node.stream(r) for r in reqs]
-        # The first item of the first choice decides between an HTTP error and a stream;
-        # the other choices start inside the stream (an engine with one slot runs them in turn).
-        firsts: list[Any] = [None] * len(reqs)
         try:
-            firsts[0] = await first_item(request.receive, agens[0])
-        except BaseException as exc:
-            for agen in agens[1:]:
-                await agen.aclose()
-            if isinstance(exc, ClientGone):
-                return Response(status_code=499)
-            raise
+            (reqs, agens, firsts), dropped = await tool_drop.attempt(req, lambda r: _start(request, r))
+        except ClientGone:
+            return Response(status_code=499)
         model = firsts[0].model if isinstance(firsts[0], Completion) else node.resolve(req.model, "chat").model
         label(request, model)
         include_usage = bool(stream_options and stream_options.include_usage)
@@ -101,17 +89,42 @@ async def _generate(request: Request, kind: Literal["chat", "completion"], req: 
         def end(completions: list[Completion]) -> bytes:  # after the last choice's finish chunk
             return (encs[0].usage(completions) if include_usage else b"") + b"data: [DONE]\n\n"
 
-        return EventStream(drain_choices(firsts, agens, [_OpenAISse(enc, node.name) for enc in encs], end))
+        fmts = [_OpenAISse(enc, node.name) for enc in encs]
+        return EventStream(drain_choices(firsts, agens, fmts, end), tool_drop.headers(dropped))
     try:
-        if len(reqs) == 1:
-            results = [await until_disconnect(request.receive, node.generate(req))]
-        else:
-            results = await until_disconnect(request.receive, _gather([node.generate(r) for r in reqs]))
+        results, dropped = await tool_drop.attempt(req, lambda r: _complete(request, r))
     except ClientGone:
         return Response(status_code=499)
     label(request, results[0].model)
+    for c in results:
+        tool_drop.note(c, dropped)
     body_fn = cs.chat_completion_body if kind == "chat" else cs.completion_body
-    return JSON(body_fn(results, rid, created))
+    return JSON(body_fn(results, rid, created), headers=tool_drop.headers(dropped))
+
+
+async def _start(request: Request, req: GenerateRequest) -> tuple[list[GenerateRequest], list[Any], list[Any]]:
+    """Open the streams of ``req``'s choices. The first item of the first choice decides
+    between an HTTP error and a stream; the other choices start inside the stream (an
+    engine with one slot runs them in turn)."""
+    node = _node(request)
+    reqs = _fan_out(req)
+    agens = [node.stream(r) for r in reqs]
+    firsts: list[Any] = [None] * len(reqs)
+    try:
+        firsts[0] = await first_item(request.receive, agens[0])
+    except BaseException:
+        for agen in agens[1:]:
+            await agen.aclose()
+        raise
+    return reqs, agens, firsts
+
+
+async def _complete(request: Request, req: GenerateRequest) -> list[Completion]:
+    node = _node(request)
+    reqs = _fan_out(req)
+    if len(reqs) == 1:
+        return [await until_disconnect(request.receive, node.generate(req))]
+    return await until_disconnect(request.receive, _gather([node.generate(r) for r in reqs]))
 
 
 async def _gather(works: list[Any]) -> list[Completion]:
@@ -134,9 +147,7 @@ class _OpenAISse:
         return self.enc.role() if self.enc.kind == "chat" else None
 
     def token(self, item: Any) -> bytes:
-        if item.tool_calls:
-            return self.enc.tool_calls(item.tool_calls)
-        return self.enc.token(item.text, item.logprobs) if item.text or item.logprobs else b""
+        return self.enc.piece(item)
 
     def done(self, c: Completion) -> bytes:
         return self.enc.finish(c)
@@ -149,7 +160,7 @@ def _error_event(exc: TarsError, node: str) -> bytes:
     return b"data: " + s.error_json(exc, node, openai=True) + b"\n\ndata: [DONE]\n\n"
 
 
-@router.post("/embeddings", summary="Embeddings (float or base64)", openapi_extra=_body_doc(s.EmbeddingsRequest))
+@router.post("/embeddings", summary="Embeddings (float or base64)", openapi_extra=body_doc(s.EmbeddingsRequest))
 async def embeddings(request: Request) -> Response:
     node = _node(request)
     r = s.parse(s.EmbeddingsRequest, await request.body())

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import templates
 from ..cpus import physical_cores
 from ..domain import Assignment, ModelSpec
 from .binary import EngineBinary
@@ -42,6 +43,7 @@ class EngineConfig:
     max_failures: int = 3  # failed starts in a row before the model is "failed"
     extra_args: tuple[str, ...] = ()
     host: str = "127.0.0.1"  # the engine listens on loopback only
+    chat_template: Path | None = None  # --chat-template-file: the catalog's template in place of the GGUF's
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "slots", max(1, int(self.slots)))
@@ -55,7 +57,8 @@ class EngineConfig:
             binary=binary, model=spec.id, slots=planned if planned > 0 else settings.parallel,
             context=min(settings.context, spec.context), n_gpu_layers=a.n_gpu_layers, device=a.device,
             threads=threads, cache_mb=settings.engine_cache_mb, queue_size=settings.queue_size,
-            queue_max_wait_s=settings.queue_max_wait_s, timeout_s=settings.request_timeout_s)
+            queue_max_wait_s=settings.queue_max_wait_s, timeout_s=settings.request_timeout_s,
+            chat_template=templates.path_for(spec))
         return cls(**{**options, **overrides})
 
     def argv(self, path: Path, port: int) -> list[str]:
@@ -66,6 +69,8 @@ class EngineConfig:
                 "--cache-ram", str(self.cache_mb)]  # bounded: llama.cpp's own default is 8 GB of RAM
         if self.threads:
             argv += ["-t", str(self.threads)]
+        if self.chat_template is not None:
+            argv += ["--chat-template-file", str(self.chat_template)]
         if self.device.startswith("cuda:") and self.n_gpu_layers != 0:  # the planned GPU only, no split
             argv += ["-sm", "none", "-mg", self.device.split(":", 1)[1]]
         return argv + list(self.extra_args)

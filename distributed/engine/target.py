@@ -33,7 +33,7 @@ import orjson
 
 from ..domain import (Assignment, Completion, EmbedRequest, Embeddings, GenerateRequest, ModelSpec, Timings,
                       TokenChunk, Usage)
-from ..errors import ModelFailed, TarsError, ValidationFailed
+from ..errors import ModelFailed, TarsError, ToolsUnsupported, ValidationFailed
 from ..logs import fields, get_logger
 from ..metrics import Metrics
 from ..targets.base import Target, TargetState
@@ -142,10 +142,11 @@ class EngineTarget(Target):
         """What the GGUF's chat template can do (llama-server's /props ``chat_template_caps``)."""
         try:
             r = await self._client.get(self.base_url + "/props", timeout=5.0)
-            caps = r.json().get("chat_template_caps") if r.status_code == 200 else None
+            props = r.json() if r.status_code == 200 else {}
         except Exception:  # noqa: BLE001 - unknown caps: the engine decides per request
-            caps = None
-        self.template_caps = caps if isinstance(caps, dict) else None
+            props = {}
+        caps = props.get("chat_template_caps")
+        self.template_caps = wire.template_caps(caps, props) if isinstance(caps, dict) else None
 
     async def _healthy(self) -> bool:
         r = await self._client.get(self.base_url + "/health", timeout=2.0)
@@ -173,8 +174,8 @@ class EngineTarget(Target):
             raise ValidationFailed("the prompt is empty; send a non-empty 'prompt' or 'messages'", field="prompt")
         caps = self.template_caps
         if getattr(req, "tools", None) and caps is not None and not caps.get("supports_tool_calls"):
-            raise ValidationFailed(f"model '{self.model}': its chat template cannot do tool calls; send the "
-                                   "request without 'tools' or use a model whose template has them", field="tools",
+            raise ToolsUnsupported(f"model '{self.model}': its chat template cannot do tool calls; send the "
+                                   "request without 'tools' or use a model whose template has them",
                                    model=self.model)
 
     def _gone(self, exc: Exception) -> ModelFailed:
@@ -205,7 +206,7 @@ class EngineTarget(Target):
 
         t0 = time.perf_counter()
         self._validate(req)
-        path, body = wire.payload(req, self.model)
+        path, body = wire.payload(req, self.model, self.template_caps)
         body["stream"] = False
         self.served.requests += 1
         async with self.slots.slot(bounded=not req.choice):
@@ -216,7 +217,7 @@ class EngineTarget(Target):
                 raise self._gone(exc) from None
             if resp.status_code != 200:
                 raise await self._refused(resp, req.messages is not None)
-        text, finish, usage_d, timings_d, extra = wire.answer(orjson.loads(resp.content))
+        text, finish, usage_d, timings_d, extra = wire.answer(orjson.loads(resp.content), req)
         end = time.perf_counter()
         usage = Usage(prompt_tokens=int(usage_d.get("prompt_tokens") or 0),
                       completion_tokens=int(usage_d.get("completion_tokens") or 0))
@@ -230,11 +231,11 @@ class EngineTarget(Target):
     async def stream(self, req: GenerateRequest) -> AsyncIterator[TokenChunk | Completion]:
         t0 = time.perf_counter()
         self._validate(req)
-        path, body = wire.payload(req, self.model)
+        path, body = wire.payload(req, self.model, self.template_caps)
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
         self.served.requests += 1
-        state = wire.StreamState()
+        state = wire.StreamState(req)
         n = 0
         first: float | None = None
         try:

@@ -308,6 +308,8 @@ class NdjsonFormat:
             params["logprobs"] = chunk.logprobs
         if chunk.tool_calls:
             params["tool_calls"] = chunk.tool_calls
+        if getattr(chunk, "reasoning", None):
+            params["reasoning"] = chunk.reasoning
         return p.dumps_line({"jsonrpc": p.JSONRPC, "method": p.TOKEN_METHOD, "params": params})
 
     def done(self, completion: Completion) -> bytes:

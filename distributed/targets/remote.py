@@ -345,7 +345,8 @@ class RemoteTarget(Target):
                     return
                 started = True
                 yield TokenChunk(text=msg.get("text", ""), finish_reason=msg.get("finish_reason"),
-                                 logprobs=msg.get("logprobs"), tool_calls=msg.get("tool_calls"))
+                                 logprobs=msg.get("logprobs"), tool_calls=msg.get("tool_calls"),
+                                 reasoning=msg.get("reasoning"))
         finally:
             gone.cancel()
             try:

@@ -196,7 +196,7 @@ def test_partition_the_survivor_serves_around_the_lost_host_then_heals_to_one_pl
     until(lambda: nc.one_placement((h1, pc1), (h2, pc2)), 60, "one placement on both after the heal", pc1, pc2)
     took = time.monotonic() - healed
     v1, v2 = nc.control(h1, pc1), nc.control(h2, pc2)
-    assert v1["planner"] == "pc1" and v1["desired"] == v2["desired"] == sorted([CHAT, RR])  # both changes kept
+    assert v1["planner"] == "pc1" and v1["placed"] == v2["placed"] == sorted([CHAT, RR])  # both changes kept
     print(f"\npartition: pc2 served chat itself {served:.1f} s after pc1's link went down; heal: computed on pc1 "
           f"again {back:.1f} s after the link came up, one placement after {took:.1f} s (term {v1['term']})")
     assert served <= 3.0, f"served around the lost host after {served:.1f} s (issue 19: within 3 s)"
@@ -257,7 +257,7 @@ def test_the_planner_host_killed_another_plans_and_the_survivors_take_changes(cl
         assert r.status_code == 202 and r.json()["planner"] == "pc2", r.text
         r = nc.delete(h2, pc2.url + f"/models/{RR}", timeout=20)
         assert r.status_code == 202, r.text
-        until(lambda: nc.one_placement((h2, pc2), (h4, pc3)) and nc.control(h4, pc3)["desired"] == sorted([CHAT, EMB]),
+        until(lambda: nc.one_placement((h2, pc2), (h4, pc3)) and nc.control(h4, pc3)["placed"] == sorted([CHAT, EMB]),
               30, "the deploy and the removal applied on both survivors", pc2, pc3)
         print(f"\nplanner killed: pc2 planned {took:.1f} s later (term {nc.control(h2, pc2)['term']})")
         assert took <= 10.0, f"the next planner took over after {took:.1f} s (issue 19: within 10 s)"
@@ -266,5 +266,5 @@ def test_the_planner_host_killed_another_plans_and_the_survivors_take_changes(cl
         nc.start(pc1, h1)
         until(lambda: nc.one_placement(*trio) and nc.control(h1, pc1)["planner"] == "pc1", 60,
               "pc1 back in charge, one placement", pc1, pc2, pc3)
-        assert nc.control(h1, pc1)["desired"] == sorted([CHAT, EMB])  # the cluster's, not its stale file's
+        assert nc.control(h1, pc1)["placed"] == sorted([CHAT, EMB])  # the cluster's, not its stale file's
         assert "joined pc2 at" in pc1.log_text() or "joined pc3 at" in pc1.log_text()

@@ -276,7 +276,10 @@ def test_no_suitable_python_names_the_fix(fresh_repo: Path, tmp_path: Path, mode
     assert "fix:" in r.stderr and "python3.11" in r.stderr
 
 
-def _fake_bin(tmp_path: Path, nvcc: bool) -> Path:
+def _pc1_with_a_driver(repo: Path, tmp_path: Path, models_dir: Path, nvcc: bool) -> subprocess.CompletedProcess[str]:
+    """setup_pc1.sh where nvidia-smi shows an RTX 3060 and the CUDA toolkit (nvcc) is there
+    only when ``nvcc``: a stand-in for each, ahead of a PATH without any real nvcc, no
+    CUDA_HOME, and the self-check skipped."""
     bin_dir = tmp_path / "fakebin"
     bin_dir.mkdir()
     (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: NVIDIA GeForce RTX 3060 (UUID: GPU-fake-0)'\n")
@@ -284,18 +287,14 @@ def _fake_bin(tmp_path: Path, nvcc: bool) -> Path:
         (bin_dir / "nvcc").write_text("#!/bin/sh\necho 'Cuda compilation tools, release 12.4, V12.4.131'\n")
     for f in bin_dir.iterdir():
         f.chmod(0o755)
-    return bin_dir
-
-
-def _path_without_nvcc(extra: Path) -> str:
     dirs = [d for d in os.environ["PATH"].split(os.pathsep) if d and not (Path(d) / "nvcc").exists()]
-    return os.pathsep.join([str(extra), *dirs])
+    env = _env(models_dir, PATH=os.pathsep.join([str(bin_dir), *dirs]), TARS_SETUP_SELFCHECK="0",
+               CUDA_HOME=str(tmp_path / "no-cuda"))
+    return run(repo, "setup_pc1.sh", env=env)
 
 
 def test_cuda_builds_are_chosen_with_a_driver_and_the_toolkit(fresh_repo: Path, tmp_path: Path, models_dir: Path) -> None:
-    env = _env(models_dir, PATH=_path_without_nvcc(_fake_bin(tmp_path, nvcc=True)), TARS_SETUP_SELFCHECK="0",
-               CUDA_HOME=str(tmp_path / "no-cuda"))
-    r = run(fresh_repo, "setup_pc1.sh", env=env)
+    r = _pc1_with_a_driver(fresh_repo, tmp_path, models_dir, nvcc=True)
     assert r.returncode == 0, r.all
     assert "GPU 0: NVIDIA GeForce RTX 3060" in r.stdout and "release 12.4" in r.stdout
     assert "build: cuda" in r.stdout
@@ -314,9 +313,7 @@ def test_cuda_builds_are_chosen_with_a_driver_and_the_toolkit(fresh_repo: Path, 
 
 
 def test_cpu_builds_when_the_driver_has_no_toolkit(fresh_repo: Path, tmp_path: Path, models_dir: Path) -> None:
-    env = _env(models_dir, PATH=_path_without_nvcc(_fake_bin(tmp_path, nvcc=False)), TARS_SETUP_SELFCHECK="0",
-               CUDA_HOME=str(tmp_path / "no-cuda"))
-    r = run(fresh_repo, "setup_pc1.sh", env=env)
+    r = _pc1_with_a_driver(fresh_repo, tmp_path, models_dir, nvcc=False)
     assert r.returncode == 0, r.all
     assert "CUDA toolkit (nvcc) is missing: building for CPU" in r.stdout and "build: cpu" in r.stdout
     assert "torch 2.13.0 cpu installed — already done, unchanged" in r.stdout

@@ -363,7 +363,8 @@ async def test_body_over_the_limit_is_413(tmp_path):
 
 
 async def test_full_queue_is_429_with_retry_after(tmp_path):
-    async with serve(tmp_path, queue_size=1, extra={"token_delay_s": 0.02, "reply_tokens": 15}) as (c, node):
+    # 15 tokens of 0.1 s: the running request holds the queue for 1.5 s, long enough on a busy machine
+    async with serve(tmp_path, queue_size=1, extra={"token_delay_s": 0.1, "reply_tokens": 15}) as (c, node):
         body = {"prompt": "slow one", "max_tokens": 15}
         target = node.targets[CHAT]
         running = asyncio.create_task(c.post("/inference", json=body))

@@ -204,14 +204,16 @@ async def test_a_runtime_deploy_reserves_what_tars_plan_says(tmp_path, llama_ser
     from distributed.cli import hardware
 
     base, new = "qwen2.5-7b-instruct", "mistral-7b-instruct"
-    engine = {"backend_override": "", "engine_bin": llama_server_found, "parallel": 8, "models": [base]}
+    engine = {"backend_override": "", "engine_bin": llama_server_found, "parallel": 8, "context": 2048,
+              "models": [base]}
     async with serve(tmp_path, **engine) as (client, node):
         r = await client.post("/models", json={"model": new})
         assert r.status_code == 202, r.text
         (deployed,) = r.json()["placement"]
     app = typer.Typer()
     hardware.register(app)
-    env = {"TARS_PARALLEL": "8", "TARS_ENGINE_BIN": llama_server_found, "TARS_MODELS_DIR": str(tmp_path)}
+    env = {"TARS_PARALLEL": "8", "TARS_CONTEXT": "2048", "TARS_ENGINE_BIN": llama_server_found,
+           "TARS_MODELS_DIR": str(tmp_path)}
     out = CliRunner().invoke(app, ["plan", "--host", "pc1=rtx3060-12gb", "--models", f"{base},{new}", "--json"],
                              env=env)
     assert out.exit_code == 0, out.output

@@ -20,6 +20,7 @@ from distributed.engine.target import EngineTarget
 from distributed.errors import InputTooLong, ModelFailed, ModelLoading, Overloaded
 from distributed.metrics import Metrics
 from distributed.settings import load_settings
+from tests.support import alive
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -42,14 +43,7 @@ ASSIGN = Assignment(model=SPEC.id, kind="chat", node="n1", device="cpu", quant=S
                     vram_mb=0, reason="test", backend="llama_cpp")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
+# Each test starts and closes its own engine (try/finally, repeated on purpose): a crash or a busy slot never leaks.
 async def _engine(binary, path: Path, *, metrics: Metrics | None = None, **options) -> EngineTarget:
     config = EngineConfig.of(load_settings(), SPEC, ASSIGN, binary,
                              **{"slots": 2, "context": 512, "threads": 1, "timeout_s": 60, **options})
@@ -95,7 +89,7 @@ async def test_streams_whole_answers_slots_and_a_clean_stop(binary, gemma_gguf):
     finally:
         await t.close()
     assert t.state == "unavailable"
-    assert not _alive(pid)
+    assert not alive(pid)
 
 
 async def test_concurrent_streams_share_the_slots_and_the_queue_refuses_past_its_size(binary, gemma_gguf):
@@ -165,7 +159,7 @@ async def test_engine_killed_mid_stream_ends_the_stream_with_an_error_then_serve
                 break
             await asyncio.sleep(0.1)
         assert t.state == "ready" and t.supervisor.pid != first_pid
-        assert not _alive(first_pid)
+        assert not alive(first_pid)
         again = await t.generate(GenerateRequest(prompt="Hello", max_tokens=3, temperature=0.0))
         assert again.usage.completion_tokens > 0
         assert t.info()["engine"]["restarts"] == 1

@@ -92,6 +92,12 @@ def test_the_engine_target_command_line(tmp_path):
     assert argv[argv.index("-mg") + 1] == "1" and "--jinja" in argv and "--slots" in argv and "--metrics" in argv
     assert argv[argv.index("--cache-ram") + 1] == "0"  # llama.cpp's default would let it take 8 GB of RAM
     assert os.environ.get("LLAMA_ARG_API_KEY") is None
+    assert "--chat-template-file" not in argv  # Gemma: the GGUF's own (or llama.cpp's) template
+    smol = load_catalog().get("smollm2-135m-instruct")
+    argv = EngineConfig.of(load_settings(), smol, a, binary.locate(str(exe))).argv(tmp_path / "m.gguf", 4242)
+    from distributed import templates
+
+    assert argv[argv.index("--chat-template-file") + 1] == str(templates.file_of("chatml-tools"))
 
 
 def test_the_engine_starts_with_the_slots_the_plan_gave_it_else_tars_parallel(tmp_path):

@@ -27,6 +27,7 @@ class _T:
         self.model, self.kind, self.node = model, kind, node
 
 
+# Plain class attributes of a stand-in, as other stubs in tests/unit have: alike in shape only.
 class StubNode:
     name = "pc1"
     role = "server"

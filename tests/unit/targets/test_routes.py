@@ -15,6 +15,7 @@ from distributed.profiler import profile_host
 from distributed.settings import load_settings
 from distributed.targets import RemoteTarget, ReplicaSet, Routes, TargetState
 from tests.fakes import FakePeer, StubTarget
+from tests.cluster_support import until
 
 pytestmark = pytest.mark.anyio
 
@@ -59,11 +60,6 @@ class Scripted(StubTarget):
 Peer = FakePeer
 
 
-async def settle_tasks() -> None:
-    for _ in range(10):
-        await asyncio.sleep(0)
-
-
 class World:
     def __init__(self) -> None:
         self.routes = Routes("pc1")
@@ -74,6 +70,14 @@ class World:
         t = Scripted(a, self.log)
         self.made.append(t)
         return t
+
+    def routed_to_peer(self, model: str = "a") -> tuple[Peer, RemoteTarget]:
+        """``model`` served by a live peer where it is ready, and routed there."""
+        peer = Peer()
+        peer.models[model] = {"id": model, "state": "ready"}
+        remote = RemoteTarget(model, "chat", peer)
+        self.routes.set(remote)
+        return peer, remote
 
 
 async def test_apply_local_loads_keeps_reloads_and_unloads():
@@ -101,15 +105,11 @@ async def test_a_failed_model_is_loaded_again_by_the_next_plan():
 
 async def test_a_model_arriving_from_a_live_peer_stays_there_until_the_copy_here_has_loaded():
     w = World()
-    peer = Peer()
-    peer.models["a"] = {"id": "a", "state": "ready"}
-    remote = RemoteTarget("a", "chat", peer)
-    w.routes.set(remote)
+    _, remote = w.routed_to_peer()
     await w.routes.apply_local({"a": place("a")}, w.make)
     assert w.routes.targets["a"] is remote  # make before break: still routed to the peer
     w.made[0].finish()
-    await settle_tasks()
-    assert w.routes.targets["a"] is w.made[0]
+    await until(lambda: w.routes.targets["a"] is w.made[0], what="routed to the copy here")
 
 
 async def test_route_to_peer_keeps_the_ready_copy_as_handoff_until_the_peer_is_ready():
@@ -128,16 +128,13 @@ async def test_route_to_peer_keeps_the_ready_copy_as_handoff_until_the_peer_is_r
     assert remote.standin is copy
     peer.models["a"]["state"] = "ready"
     w.routes.settle(peer)
-    await settle_tasks()
-    assert remote.standin is None and copy.closed and not w.routes.computes_here(remote)
+    await until(lambda: remote.standin is None and copy.closed, what="the handoff copy dropped and closed")
+    assert not w.routes.computes_here(remote)
 
 
 async def test_fallback_is_loaded_once_and_adopted_when_the_plan_assigns_the_model_here():
     w = World()
-    peer = Peer()
-    peer.models["a"] = {"id": "a", "state": "ready"}
-    remote = RemoteTarget("a", "chat", peer)
-    w.routes.set(remote)
+    peer, remote = w.routed_to_peer()
     peer.failed("refused")
     standins = await asyncio.gather(*(w.routes.fallback(remote, lambda: w.make(place("a"))) for _ in range(5)))
     assert len({id(s) for s in standins}) == 1 and w.routes.fallback_loads == 1 and w.log == ["load a@cpu"]
@@ -145,8 +142,8 @@ async def test_fallback_is_loaded_once_and_adopted_when_the_plan_assigns_the_mod
     w.routes.settle(peer)  # unreachable: a stale "ready" drops nothing
     assert remote.standin is standins[0]
     w.routes.adopt_standin(place("a"))  # the plan now puts it here, placed the same: no second load
-    await settle_tasks()
-    assert w.routes.targets["a"] is standins[0] and w.log == ["load a@cpu"]
+    await until(lambda: w.routes.targets["a"] is standins[0], what="the stand-in adopted")
+    assert w.log == ["load a@cpu"]
 
 
 async def test_node_apply_plan_swaps_through_routes(tmp_path):
