@@ -6,6 +6,8 @@ The document is one last-writer-wins map. Its keys:
   tombstone (``None``) once it was removed (``deploy/state.py`` reads and writes them);
 * ``base`` — ``{"models": [...]}``: the starting set the desired set is built on
   (``TARS_MODELS``, else the catalog's defaults);
+* ``spec:<model>`` — the spec a hub reference resolved to (``modelref.plan_specs``), shared
+  by the host that resolved it so no other host asks the hub again;
 * ``member:<name>`` — a node of the cluster, written only by that node: ``{"url", "inc",
   "priority", "vram_mb", "version"}`` (``election.py`` ranks the members).
 
@@ -41,7 +43,7 @@ overtake each other), and logs why.
 
 **Files.** ``TARS_MODELS_DIR/tars-state-<node>.json`` (atomic writes, fsync, 0600) keeps the
 clock's floor, the incarnation, a few local facts (``remember``/``recall``) and the
-persistent entries (``desired:`` and ``base``; membership is learned again at each start).
+persistent entries (``desired:``, ``spec:`` and ``base``; membership is learned again at each start).
 """
 
 from __future__ import annotations
@@ -68,9 +70,9 @@ FLOOR_AHEAD_MS = 60_000  # the clock's floor is reserved this far ahead (one fsy
 REPLAY_WINDOW = 256  # sequence numbers that may arrive out of order
 MAX_ENTRIES = 4096  # entries one message may carry
 AHEAD_WARN_MS = 3_600_000  # a stamp this far ahead of our clock is logged (a host's clock is wrong)
-PREFIXES = ("desired:", "member:")
+PREFIXES = ("desired:", "member:", "spec:")
 SINGLES = ("base",)
-PERSISTED = ("desired:", "base")
+PERSISTED = ("desired:", "base", "spec:")
 
 
 def canonical(obj: Any) -> bytes:

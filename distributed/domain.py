@@ -108,6 +108,16 @@ class ModelSpec(_Data):
     # a chat template in place of the GGUF's own: a shipped name (distributed/templates/<name>.jinja)
     # or, from a user catalog, a file path (resolved when the catalog is read)
     chat_template: str | None = None
+    # a GGUF from the hub (a catalog entry or a resolved hf.co reference, modelref.py):
+    revision: str | None = None  # the repo commit it was resolved at (pulls fetch exactly that)
+    shards: list[str] | None = None  # every file of a split GGUF (-00001-of-0000N.gguf), ``file`` first
+    mmproj: str | None = None  # the vision projector: a file in ``repo``, or a local path (user catalog)
+    mmproj_mb: int | None = None  # its size (VRAM the planner adds)
+
+    @property
+    def vision(self) -> bool:
+        """The model sees images: it has a projector (llama-server ``--mmproj``)."""
+        return bool(self.mmproj)
 
 
 @dataclass
@@ -131,6 +141,9 @@ class Assignment(_Data):
     # tokens): TARS_PARALLEL, or fewer where the planner found VRAM short; None = not a slotted
     # engine, or a plan from a peer that predates the field (the engine then uses TARS_PARALLEL)
     slots: int | None = None
+    # a shipped chat template this deploy asked for (POST /models "chat_template"), in place of
+    # the catalog's or the GGUF's own; None = the spec's
+    chat_template: str | None = None
 
     @property
     def split_nodes(self) -> list[str]:
@@ -148,12 +161,17 @@ class Unplaced(_Data):
 class Plan(_Data):
     assignments: list[Assignment] = field(default_factory=list)
     unplaced: list[Unplaced] = field(default_factory=list)
+    # specs of models no host's catalog has on its own (hub references resolved by some host,
+    # modelref.py): id -> ModelSpec.to_dict(), so every host loads the same files
+    specs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Plan":
+        specs = data.get("specs")
         return cls(
             assignments=[Assignment.from_dict(a) for a in data.get("assignments", [])],
             unplaced=[Unplaced.from_dict(u) for u in data.get("unplaced", [])],
+            specs=dict(specs) if isinstance(specs, dict) else {},
         )
 
     def for_node(self, node: str) -> list[Assignment]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from .domain import Assignment, ModelSpec
 from .errors import ModelFailed, PeerUnavailable
 from .logs import fields, get_logger
+from .modelref import planned_template, with_template
 from .peers import PeerState
 from .seams import ClusterNode
 from .settings import Settings
@@ -29,7 +30,7 @@ async def serve_here(node: ClusterNode, settings: Settings, remote: RemoteTarget
                               peer=peer.name, model=model)
 
     def load() -> Target:
-        spec = node.catalog.get(model)
+        spec = with_template(node.catalog.get(model), planned_template(node.plan, model))  # as its peer runs it
         assignment, reason = fits_here(node, settings, spec)
         if assignment is None:
             raise PeerUnavailable(f"{down}, and it cannot run on {node.name}: {reason}", peer=peer.name,

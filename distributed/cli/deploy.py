@@ -79,7 +79,8 @@ def wait_ready(url: str, api_key: str, model: str, timeout: float, interval: flo
 
 def register(app: typer.Typer) -> None:
     @app.command()
-    def run(model: str = typer.Argument(..., help="Catalog id (`tars models list` shows them)."),
+    def run(model: str = typer.Argument(..., help="Catalog id (`tars models list` shows them) or a hub reference "
+                                                  "hf.co/ORG/REPO[:QUANT] (served under that name)."),
             replicas: Optional[int] = typer.Option(None, "--replicas", min=1, help="Hosts to run it on."),
             host: Optional[str] = typer.Option(None, "--host", help="Run it on this host (node name)."),
             url: str = URL_OPT, api_key: str = KEY_OPT,
@@ -125,6 +126,7 @@ def register(app: typer.Typer) -> None:
         for col in ("model", "kind", "host", "state", "queue", "requests"):
             t.add_column(col)
         for m in rows:
-            t.add_row(str(m.get("id")), str(m.get("kind", "–")), str(m.get("node", "–")), _state(m),
+            kind = str(m.get("kind", "–")) + (" +vision" if m.get("vision") else "")  # sees images
+            t.add_row(str(m.get("id")), kind, str(m.get("node", "–")), _state(m),
                       str(m.get("queue_depth", 0)), str(m.get("requests", 0)))
         Console(file=sys.stdout, soft_wrap=False).print(t)

@@ -11,13 +11,22 @@ change is pushed to the live peers, the planner plans it and its plan comes back
 for a few heartbeats). The host a model is assigned to loads it — pulling it first when it
 is not on disk (``deploy/pull.py``) — and every host routes to it. Nothing restarts.
 
+``model`` is a catalog id or a hub reference (``hf.co/ORG/REPO[:QUANT]``): the name is
+checked where the call arrives (``modelref.check_name``, no network), and a reference is
+resolved there, once (``modelref.resolve_async``: the hub's file list and the GGUF header by
+range reads), before the room check; the spec it resolved to is shared through the
+replicated state (``Placement.share``: ``spec:<id>``), so the planner and every other host
+learn it without the hub. ``chat_template`` names a shipped template the model runs with in
+place of its own (kept in the deploy's entry; every plan carries it).
+
 Answers: ``deploy`` → ``{"model", "status": "deploying" | "unchanged" | "retrying",
 "placement": [assignment], "reason", "replicas", "node", "planner"}`` (the placement of the
 plan in force once the planner has planned it, else this host's own prediction, said in
-``"message"``); an id not in the catalog → ``ModelNotFound`` (404, listing the catalog); no
-host with room → ``NoRoom`` (409) saying what the model needs and what each host has,
-nothing recorded. ``remove`` → ``{"model", "status": "removing", "models"}``: each host stops
-routing the model and unloads it after its requests in flight (``targets/routes.py``).
+``"message"``); an id not in the catalog → ``ModelNotFound`` (404, listing the catalog); a
+reference the hub does not have → ``RefNotFound`` (404); no host with room → ``NoRoom``
+(409) saying what the model needs and what each host has, nothing recorded. ``remove`` →
+``{"model", "status": "removing", "models"}``: each host stops routing the model and unloads
+it after its requests in flight (``targets/routes.py``).
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from typing import Any
 from ..domain import HostProfile, ModelSpec, Plan
 from ..errors import ModelNotFound, NoRoom, ValidationFailed
 from ..logs import fields, get_logger
+from ..modelref import check_name, resolve_async
 from ..seams import PlanningCluster
 from ..settings import Settings
 from ..targets import Routes
@@ -52,8 +62,11 @@ class Deployer:
         self._lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ deploy / remove
-    async def deploy(self, model: str, replicas: int | None = None, node: str | None = None) -> dict[str, Any]:
-        spec = self.placement.catalog.get(model)  # ModelNotFound (404) lists the catalog
+    async def deploy(self, model: str, replicas: int | None = None, node: str | None = None,
+                     chat_template: str | None = None) -> dict[str, Any]:
+        check_name(model, self.placement.catalog, chat_template)  # 404 listing the catalog / 400, no network
+        spec = await resolve_async(model, self.placement.catalog)  # a hub reference: resolved once, here
+        model = spec.id
         replicas = 1 if replicas is None else replicas
         hosts = self.cluster.hosts()
         if node is not None and node not in hosts:
@@ -61,12 +74,14 @@ class Deployer:
                 f"node '{node}' is not a live host of this cluster; live hosts: {', '.join(sorted(hosts))}",
                 field="node", hosts=sorted(hosts))
         async with self._lock:
-            with self.desired.trial(model, Deployment(model, replicas, node)):
+            wanted = Deployment(model, replicas, node, chat_template)
+            with self.desired.trial(model, wanted):
                 plan = self.placement.plan(hosts)  # the room check: nothing is recorded without room
             placed = [a for a in plan.assignments if a.model == model]
             if not placed:
                 raise self._no_room(spec, plan, hosts)
-            changed = self.desired.deploy(model, replicas, node)
+            self.placement.share([spec])  # a resolved reference: every host learns its spec
+            changed = self.desired.deploy(model, replicas, node, chat_template)
             # deployed so already, but failed here (a pull that failed, say): load it again
             retry = not changed and any(t.model == model and t.state == "failed" for t in self.routes.local())
             if changed:

@@ -6,7 +6,9 @@ replicated state, ``cluster_state.py``) into a plan over some hosts:
 the planner, then the models pinned to a host (``deploy --node``), then the extra copies
 of a replicated model (``deploy --replicas N``). The node plans for itself with it
 (``Node.plan_alone``), the cluster over every live host (``Cluster._replan``), and the
-``Deployer`` changes the desired set and asks the cluster to apply a new plan.
+``Deployer`` changes the desired set and asks the cluster to apply a new plan. Every plan
+carries what other hosts need to run it as planned here (``modelref.carry``): each deploy's
+chat template on its assignments, and the specs of the hub references it places.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from ..catalog import Catalog
 from ..cluster_state import ClusterState
 from ..domain import HostProfile, ModelSpec, Plan, Unplaced
 from ..errors import ConfigError
-from ..logs import get_logger
+from ..logs import fields, get_logger
+from ..modelref import carry, plan_specs
 from ..settings import Settings
 from ..store import ModelStore
 from .state import DesiredSet
@@ -41,7 +44,9 @@ class Placement:
 
     # ------------------------------------------------------------------ the desired set
     def specs(self) -> list[ModelSpec]:
-        """The desired models as catalog specs (a runtime deploy whose id left the catalog is skipped)."""
+        """The desired models as catalog specs (a runtime deploy whose id left the catalog is
+        skipped); the hub references another host resolved are learned from the cluster first."""
+        self.catalog.learn(self.desired.specs())
         out = []
         for model in self.desired.models():
             if model in self.catalog:
@@ -53,6 +58,13 @@ class Placement:
                 self._skipped.add(model)
                 log.warning("desired model %s is not in this host's catalog: skipped", model)
         return out
+
+    def share(self, specs: list[ModelSpec]) -> None:
+        """Put the hub references resolved here among ``specs`` into the cluster's state
+        (``DesiredSet.note_spec``), so the planner and every other host learn them."""
+        for model, data in plan_specs(specs).items():
+            if self.desired.note_spec(model, data):
+                log.info("resolved reference %s shared with the cluster", model, extra=fields(model=model))
 
     def model_paths(self, specs: list[ModelSpec]) -> dict[str, Path]:
         """Where each model's file is on this host (those on disk), so the planner reads
@@ -88,7 +100,7 @@ class Placement:
                 self._add_replicas(plan, hosts, spec, wanted)
         order = {s.id: i for i, s in enumerate(specs)}
         plan.assignments.sort(key=lambda a: order.get(a.model, len(order)))
-        return plan
+        return carry(plan, specs, self.desired.chat_templates())  # deploys' templates, resolved references
 
     def _add_replicas(self, plan: Plan, hosts: dict[str, HostProfile], spec: ModelSpec, wanted: int) -> None:
         """More copies of ``spec``, each on another host that has room beside its share of the

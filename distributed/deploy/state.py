@@ -9,8 +9,13 @@ node holds it and any node can change it:
   oldest possible stamp — so a configured list wins over defaults, the newest configured
   list wins over older ones, and a host restarted with an unchanged setting changes nothing;
 * one entry per model changed at runtime, ``desired:<id>``: its options
-  (``{"replicas", "node"}``) when deployed, a tombstone when removed. A removed model stays
-  removed (whatever the starting set says) until it is deployed again.
+  (``{"replicas", "node", "chat_template"?}``) when deployed, a tombstone when removed. A
+  removed model stays removed (whatever the starting set says) until it is deployed again;
+* one entry per hub reference resolved by some host, ``spec:<id>``: the spec it resolved to
+  (``modelref.plan_specs``: the files pinned to a commit, sizes from the GGUF header), so a
+  reference is resolved once, by the host that took its deploy (or has it in its own
+  ``TARS_MODELS``), and every other host — the planner included — learns it from here
+  (``Catalog.learn``) instead of asking the hub again.
 
 The desired models are the starting set less the removed ones, then the deployed ones,
 in that order. Entries merge by their stamps (newest wins), so deploys made on the two sides
@@ -28,6 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import templates
 from ..cluster_state import ClusterState, Stamp
 from ..errors import ConfigError
 from ..logs import get_logger
@@ -43,18 +49,26 @@ class Deployment:
     model: str
     replicas: int = 1
     node: str | None = None  # pinned to this host, else the planner chooses
+    chat_template: str | None = None  # a shipped chat template in place of the model's own
 
     def options(self) -> dict[str, Any]:
-        return {"replicas": self.replicas, "node": self.node}
+        out: dict[str, Any] = {"replicas": self.replicas, "node": self.node}
+        if self.chat_template:
+            out["chat_template"] = self.chat_template
+        return out
 
     @classmethod
     def of(cls, model: str, value: Any) -> "Deployment":
         """From a ``desired:`` entry's value (replicated: read defensively)."""
         v = value if isinstance(value, dict) else {}
         replicas = v.get("replicas")
-        node = v.get("node")
+        node, template = v.get("node"), v.get("chat_template")
+        if template is not None and template not in templates.names():
+            log.warning("deploy of %s names chat template %r, which does not ship here: the model's own is used",
+                        model, template)
+            template = None
         return cls(model, replicas if type(replicas) is int and 1 <= replicas <= 64 else 1,
-                   node if isinstance(node, str) and node else None)
+                   node if isinstance(node, str) and node else None, template)
 
 
 class DesiredSet:
@@ -134,13 +148,29 @@ class DesiredSet:
     def removed(self) -> set[str]:
         return {m for m in self._entries() if self._value(m) is None}
 
+    def chat_templates(self) -> dict[str, str]:
+        """model → the shipped chat template its deploy asked for (those that asked)."""
+        return {m: d.chat_template for m, d in self.deployed.items() if d.chat_template}
+
+    def specs(self) -> dict[str, dict[str, Any]]:
+        """The resolved hub references the cluster knows (``spec:`` entries): id → spec fields."""
+        return {m: e.value for m, e in self.state.items("spec:").items() if isinstance(e.value, dict)}
+
     # ------------------------------------------------------------------ changes (stamped, replicated)
-    def deploy(self, model: str, replicas: int = 1, node: str | None = None) -> bool:
+    def deploy(self, model: str, replicas: int = 1, node: str | None = None, chat_template: str | None = None) -> bool:
         """Add (or re-set) ``model``; False when it is deployed exactly so already."""
-        wanted = Deployment(model, replicas, node)
+        wanted = Deployment(model, replicas, node, chat_template)
         if model in self and self.get(model) == wanted:
             return False
         self.state.put(f"desired:{model}", wanted.options())
+        return True
+
+    def note_spec(self, model: str, spec: dict[str, Any]) -> bool:
+        """Share the spec a hub reference resolved to here (``spec:<model>``); False when the
+        cluster holds exactly that one already (a restart re-resolving writes nothing)."""
+        if self.state.get(f"spec:{model}") == spec:
+            return False
+        self.state.put(f"spec:{model}", spec)
         return True
 
     def remove(self, model: str) -> bool:

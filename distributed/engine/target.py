@@ -57,7 +57,7 @@ class EngineTarget(Target):
     def __init__(self, spec: ModelSpec, assignment: Assignment, config: EngineConfig, *,
                  model_path: Callable[[], Path], node: str, metrics: Metrics | None = None) -> None:
         # backend "llama_cpp": llama.cpp, in another process
-        self.served = Served(spec, assignment, node=node, metrics=metrics)
+        self.served = Served(spec, assignment, node=node, metrics=metrics, sees_images=True)  # --mmproj
         self.model, self.kind, self.node, self.spec, self.assignment = spec.id, spec.kind, node, spec, assignment
         self.config = config
         self.metrics = metrics

@@ -27,7 +27,7 @@ class Served:
     """Lifecycle and counters of one model computed here (see the module doc)."""
 
     def __init__(self, spec: ModelSpec, assignment: Assignment, *, node: str, metrics: Metrics | None = None,
-                 backend_name: str | None = None) -> None:
+                 backend_name: str | None = None, sees_images: bool = False) -> None:
         self.spec = spec
         self.model = spec.id
         self.kind = spec.kind
@@ -35,6 +35,8 @@ class Served:
         self.assignment = assignment
         self.metrics = metrics
         self.backend_name = backend_name or assignment.backend or spec.backend
+        # the engine loads a vision projector (llama-server --mmproj; the in-process engine loads none)
+        self.sees_images = sees_images
         self.state = TargetState.LOADING
         self.error: str | None = None
         self.closed = False
@@ -114,6 +116,7 @@ class Served:
             "queue_depth": queue_depth, "requests": self.requests,
             "tokens_generated": self.tokens_generated, "last_tokens_per_s": round(self.last_tokens_per_s, 3),
             "embeddings": self.embeddings, "load_s": None if self.load_s is None else round(self.load_s, 3),
+            "vision": self.spec.vision and self.sees_images,  # a projector, loaded: it sees images (vision.py)
             **extra,
         }
         progress = self.progress

@@ -23,7 +23,8 @@ from distributed.service import build
 from distributed.profiler import profile_host
 from distributed.settings import load_settings
 from tests.cluster_support import Host, Net, until
-from tests.unit.test_store import FakeHub, hub  # noqa: F401  (the fake hub fixture)
+from tests.hubstub import HubStub as FakeHub
+from tests.hubstub import hub  # noqa: F401  (the hub stand-in fixture)
 
 pytestmark = pytest.mark.anyio
 

@@ -102,3 +102,16 @@ async def test_fits_here_counts_what_this_host_runs_and_its_stand_ins(tmp_path):
     assert a is not None and a.node == "pc1" and a.model == BASE and why == ""
     n.profile = None
     assert fits_here(n, n.settings, n.catalog.get(BASE)) == (None, "pc1 has not profiled its hardware yet")
+
+
+async def test_the_stand_in_runs_with_the_chat_template_its_deploy_asked_for(tmp_path):
+    from distributed.domain import Assignment, Plan
+
+    n = node(tmp_path)
+    a = Assignment(model=BASE, kind="chat", node="pc2", device="cuda:0", quant="Q4_K_M", n_gpu_layers=-1,
+                   vram_mb=300, reason="t", backend="llama_cpp", chat_template="chatml-tools")
+    n.plan = Plan(assignments=[*n.plan.assignments, a])  # the plan puts BASE on pc2, with a deploy's template
+    t = remote(n)
+    standin = await serve_here(n, n.settings, t, down())
+    assert standin.spec.chat_template == "chatml-tools"  # as its peer runs it, not the GGUF's own template
+    assert n.catalog.get(BASE).chat_template is None

@@ -1,5 +1,6 @@
 """ModelStore: embedded defaults with no network, pulls through huggingface_hub against a
-local HTTP server standing in for the hub (HF_ENDPOINT), resume, verification, errors."""
+local HTTP server standing in for the hub (tests/hubstub.py, HF_ENDPOINT), resume,
+verification, errors."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,9 +16,25 @@ from distributed.catalog import Catalog, load_catalog
 from distributed.domain import ModelSpec
 from distributed.errors import ConfigError, DownloadFailed, ModelNotDownloaded, ModelNotFound
 from distributed.store import MARKER, ModelStore
-# FakeHub and hub stay importable from here (tests/integration/test_deploy.py takes them from this module)
-from tests.hub_support import COMMIT, FILE, REPO, FakeHub, dead_endpoint, gguf_spec, hub, payload  # noqa: F401
-from tests.hub_support import snapshot_spec
+from tests.hubstub import COMMIT, hub  # noqa: F401  (the hub stand-in fixture)
+from tests.hubstub import HubStub as FakeHub
+from tests.hub_support import dead_endpoint, snapshot_spec
+
+REPO = "tars-test/Tiny-GGUF"
+FILE = "tiny.Q4_K_M.gguf"
+
+
+def payload(n: int = 3 * 1024 * 1024 + 123) -> bytes:
+    """Deterministic bytes standing in for a GGUF file (size not a multiple of any chunk)."""
+    block = hashlib.sha256(b"tars").digest() * 1024
+    return (block * (n // len(block) + 1))[:n]
+
+
+def gguf_spec(**kw: Any) -> ModelSpec:
+    base = dict(id="tiny-gguf", kind="chat", backend="llama_cpp", params_b=0.001, quant="Q4_K_M", context=128,
+                repo=REPO, file=FILE, size_mb=3)
+    base.update(kw)
+    return ModelSpec(**base)
 
 
 def store_for(tmp_path: Path, *specs: ModelSpec) -> ModelStore:

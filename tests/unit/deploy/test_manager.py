@@ -6,10 +6,12 @@ that does not plan (it records the change all the same)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from distributed.catalog import load_catalog
+from distributed.cluster_state import ClusterState
 from distributed.deploy.manager import Deployer
 from distributed.deploy.placement import Placement
 from distributed.domain import Assignment, HostProfile, Plan
@@ -175,3 +177,74 @@ async def test_a_host_that_does_not_plan_records_the_change_and_asks_the_cluster
     assert out["status"] == "removing" and cluster.replans == 2 and saved(tmp_path).desired.models() == [CHAT, EMB]
     with pytest.raises(ModelNotFound):  # an unknown id is refused here
         await d.deploy("gpt-5")
+
+
+# ---------------------------------------------------------------------- issue 20: references and chat templates
+REF = "hf.co/tars-test/Tiny-GGUF:Q4_K_M"
+
+
+def _ref_spec() -> Any:
+    from distributed.domain import ModelSpec
+
+    return ModelSpec(id=REF, kind="chat", backend="llama_cpp", params_b=0.135, quant="Q4_K_M", context=2048,
+                     repo="tars-test/Tiny-GGUF", file="tiny-Q4_K_M.gguf", size_mb=100, n_layers=30, n_embd=576,
+                     n_head_kv=3, head_dim=64, revision="a" * 40)
+
+
+async def test_a_deploys_chat_template_is_kept_planned_and_compared(tmp_path):
+    d, cluster = deployer(tmp_path)
+    out = await d.deploy(RR, chat_template="chatml-tools")
+    assert out["status"] == "deploying" and out["placement"][0]["chat_template"] == "chatml-tools"
+    assert saved(tmp_path).desired.get(RR).chat_template == "chatml-tools"  # in the replicated state's file
+    plan = d.placement.plan(cluster.hosts())
+    assert plan.where(RR).chat_template == "chatml-tools" and plan.where(CHAT).chat_template is None
+    assert (await d.deploy(RR, chat_template="chatml-tools"))["status"] == "unchanged"
+    assert (await d.deploy(RR))["status"] == "deploying" and cluster.replans == 2  # its own template again
+    assert d.placement.plan(cluster.hosts()).where(RR).chat_template is None
+
+
+async def test_a_template_that_does_not_ship_is_refused_before_anything(tmp_path):
+    d, cluster = deployer(tmp_path, planner=False)
+    with pytest.raises(ValidationFailed) as ei:
+        await d.deploy(RR, chat_template="/etc/passwd")  # over the network a template is named, never a path
+    assert ei.value.details["field"] == "chat_template" and "chatml-tools" in ei.value.message
+    assert cluster.replans == 0 and RR not in d.desired and saved(tmp_path).desired.models() == [CHAT, EMB]
+
+
+async def test_a_host_that_does_not_plan_resolves_a_reference_and_shares_its_spec(tmp_path):
+    d, cluster = deployer(tmp_path, planner=False)
+    d.placement.catalog.remember(_ref_spec())  # resolved here (modelref.resolve leaves it so; no hub in a unit test)
+    out = await d.deploy(REF, chat_template="chatml-tools")
+    assert out["status"] == "deploying" and out["model"] == REF and cluster.replans == 1
+    assert d.desired.specs()[REF]["revision"] == "a" * 40  # spec:<ref> in the replicated state
+    # the planner (another host, a catalog that never resolved it) learns the spec from the state
+    settings = load_settings(None, node_name="pc2", backend_override="fake", models=[CHAT, EMB],
+                             models_dir=tmp_path / "pc2")
+    catalog = load_catalog()
+    state = ClusterState.for_settings(settings)
+    other = Placement(settings, catalog, ModelStore(tmp_path / "pc2", catalog), state=state)
+    assert REF not in catalog
+    merged = state.merge(d.placement.state.wire(), "pc1")
+    assert not merged.refused and {f"spec:{REF}", f"desired:{REF}"} <= set(merged.changed)
+    plan = other.plan(cluster.hosts())
+    assert plan.where(REF) is not None and plan.where(REF).chat_template == "chatml-tools"
+    assert catalog.get(REF).file == "tiny-Q4_K_M.gguf" and list(plan.specs) == [REF]
+    assert d.desired.note_spec(REF, d.desired.specs()[REF]) is False  # the same spec again writes nothing
+    with pytest.raises(ValidationFailed) as ei:  # a malformed reference: refused where it arrives
+        await d.deploy("hf.co/not a repo")
+    assert ei.value.details["field"] == "model" and cluster.replans == 1
+
+
+async def test_the_plan_carries_the_spec_of_a_resolved_reference(tmp_path):
+    d, cluster = deployer(tmp_path)
+    d.placement.catalog.remember(_ref_spec())  # as modelref.resolve leaves it
+    out = await d.deploy(REF)
+    assert out["status"] == "deploying" and out["model"] == REF
+    plan = d.placement.plan(cluster.hosts())
+    assert list(plan.specs) == [REF] and plan.specs[REF]["revision"] == "a" * 40  # catalog ids travel as ids
+    from distributed.domain import Plan
+
+    other = load_catalog()  # a worker's catalog: it never resolved the reference
+    assert REF not in other
+    other.learn(Plan.from_dict(plan.to_dict()).specs)  # Node.apply_plan: over the wire, then learned
+    assert other.get(REF).file == "tiny-Q4_K_M.gguf" and other.get(REF).n_layers == 30

@@ -4,6 +4,7 @@ EngineTarget share (each holds a ``Served``)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 
 import pytest
@@ -30,7 +31,10 @@ def test_info_shape_pulling_and_error() -> None:
     assert info == {"id": "m", "kind": "chat", "backend": "llama_cpp", "quant": "Q4_K_M", "node": "n1",
                     "state": "loading", "local": True, "device": "cuda:0", "n_gpu_layers": -1, "queue_depth": 3,
                     "requests": 0, "tokens_generated": 0, "last_tokens_per_s": 0.0, "embeddings": 0, "load_s": None,
-                    "context": 512}
+                    "vision": False, "context": 512}
+    projector = dataclasses.replace(SPEC, mmproj="mmproj-f16.gguf")  # sees images only where the engine loads it
+    assert Served(projector, A, node="n1", sees_images=True).info(0)["vision"] is True
+    assert Served(projector, A, node="n1").info(0)["vision"] is False  # the in-process engine loads none
     s.progress = {"done_bytes": 5, "total_bytes": 10, "percent": 50.0}
     assert s.info(0)["state"] == "pulling" and s.info(0)["progress"]["percent"] == 50.0  # routing still sees loading
     assert s.state == TargetState.LOADING
