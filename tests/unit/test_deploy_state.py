@@ -91,6 +91,24 @@ def test_a_host_back_with_stale_files_adopts_the_newer_state(tmp_path: Path) -> 
     assert back.models() == pc2.models() == ["chat", "emb", "big"]
 
 
+def test_a_deploys_chat_template_and_a_resolved_spec_travel_with_the_state(tmp_path: Path) -> None:
+    pc1 = DesiredSet(state(tmp_path, "pc1"), ["a"], explicit=True)
+    assert pc1.deploy("b", chat_template="chatml-tools") and not pc1.deploy("b", chat_template="chatml-tools")
+    assert pc1.deploy("b")  # its own template again is a change
+    assert pc1.deploy("b", chat_template="chatml-tools") and pc1.chat_templates() == {"b": "chatml-tools"}
+    ref = {"kind": "chat", "repo": "org/Tiny-GGUF", "file": "tiny-Q4_K_M.gguf", "revision": "a" * 40}
+    assert pc1.note_spec("hf.co/org/Tiny-GGUF:Q4_K_M", ref) and not pc1.note_spec("hf.co/org/Tiny-GGUF:Q4_K_M", ref)
+    pc2 = DesiredSet(state(tmp_path, "pc2"), ["a"], explicit=True)
+    merged = pc2.state.merge(pc1.state.wire(), "pc1")
+    assert not merged.refused
+    assert pc2.get("b").chat_template == "chatml-tools" and pc2.specs() == {"hf.co/org/Tiny-GGUF:Q4_K_M": ref}
+    # a template name this host does not ship (a newer host's, say) runs the model with its own
+    pc1.state.put("desired:c", {"replicas": 1, "node": None, "chat_template": "from-the-future"})
+    assert pc1.get("c").chat_template is None and "c" not in pc1.chat_templates()
+    assert "spec:hf.co/org/Tiny-GGUF:Q4_K_M" in {e["k"] for e in json.loads(
+        (tmp_path / "tars-state-pc1.json").read_text())["entries"]}  # kept across restarts
+
+
 def test_an_older_deployments_file_is_imported_once(tmp_path: Path) -> None:
     legacy = tmp_path / LEGACY_FILE
     legacy.write_text(json.dumps({"version": 1, "deployed": {"c": {"replicas": 2, "node": None}}, "removed": ["a"]}))
