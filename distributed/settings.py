@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     planner_priority: int = Field(
         0, ge=-1000, le=1000, description="Which host plans the cluster: the live host with the highest priority, then "
                                           "the most VRAM, then the smallest name (-1000-1000).")
+    ollama_port: int = Field(0, ge=0, le=65535, description="A second port (on TARS_HOST) serving the same API, for apps "
+                                                            "that only talk to Ollama's port (11434); 0 = off.")
 
     # --- security
     cluster_token: SecretStr = Field(SecretStr(""), description="Shared secret every /rpc call must carry.")
@@ -220,7 +222,8 @@ def load_settings(env_file: str | os.PathLike[str] | None = None, **overrides: A
     if env_file is not None and not Path(env_file).is_file():
         raise ConfigError(f"env file '{env_file}' does not exist")
     try:
-        return Settings(_env_file=env_file, **{k: v for k, v in overrides.items() if v is not None})
+        return Settings(_env_file=env_file,  # type: ignore[call-arg]  # pydantic-settings' own init argument
+                        **{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
         problems = []
         for err in exc.errors():

@@ -19,7 +19,7 @@ from ..logs import fields, get_logger
 from . import anthropic_wire as aw
 from . import schemas as s
 from . import tool_drop
-from .dialect import body_doc, complete, model_of, open_stream
+from .dialect import body_doc, check_images, complete, model_of, open_stream
 from .native import JSON, label
 from .streaming import ClientGone, EventStream, drain
 
@@ -33,6 +33,7 @@ async def messages(request: Request) -> Response:
     r = s.parse(aw.MessagesRequest, await request.body())
     req = r.to_domain()
     label(request, req.model)
+    check_images(request, req.model, aw.raw_messages(r))  # image blocks: only to a model that sees
     who = {k: str(v)[:200] for k, v in (("user", (r.metadata or {}).get("user_id")), ("profile", r.user_profile_id),
                                          ("workspace", r.workspace_id), ("geo", r.inference_geo)) if v}
     if who:  # labels for the client's own bookkeeping: recorded, nothing else
@@ -60,6 +61,7 @@ async def count_tokens(request: Request) -> Response:
     r = s.parse(aw.CountTokensRequest, await request.body())
     req = r.to_domain()
     label(request, req.model)
+    check_images(request, req.model, aw.raw_messages(r))
     try:
         c, dropped = await complete(request, req)
     except ClientGone:

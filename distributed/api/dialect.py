@@ -8,6 +8,7 @@ API::
     await complete(request, req) -> (Completion, reason)
     await open_stream(request, req) -> (first, agen, reason)   # first item already read
     model_of(request, req, first) -> str                 # the model a stream answers with
+    check_images(request, model, messages, images=None)  # images reach only a model that sees them
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 from fastapi import Request
 
+from .. import vision
 from ..domain import Completion, GenerateRequest
 from . import tool_drop
 from .streaming import first_item, until_disconnect
@@ -45,3 +47,15 @@ async def open_stream(request: Request, req: GenerateRequest) -> tuple[Any, Any,
 
 def model_of(request: Request, req: GenerateRequest, first: Any) -> str:
     return getattr(first, "model", None) or request.app.state.node.resolve(req.model, "chat").model
+
+
+def check_images(request: Request, model: str | None, messages: list[Any] | None,
+                 images: list[Any] | None = None) -> int:
+    """``vision.check_images`` on the request as the client sent it (so a refusal names the
+    client's field): each image's form first (inline base64 only; an http(s) URL is refused),
+    then, only when there is one, the chat model ``model`` resolves to (404 if unknown) must
+    see images (a 400 saying it has no vision). Returns how many images there are."""
+    if not vision.image_fields(messages, images):
+        return 0
+    target = request.app.state.node.resolve(model, "chat")
+    return vision.check_images(target.model, vision.sees_images(target), messages, images)

@@ -73,8 +73,7 @@ class Node(ServerProcess):
         super().__init__(name, host, ports=PORTS, taken=taken, log_dir=logdir,
                          env={"TARS_GPU_PROFILE": str(profile), "TARS_CLUSTER_TOKEN": TOKEN,
                               "TARS_MODELS_DIR": str(models_dir), "TARS_MODELS": MODEL, "TARS_HEARTBEAT_S": "1",
-                              "TARS_CHAT_ENGINE": "server", "TARS_PARALLEL": "2",  # gpu_sizes(slots=2)
-                              "TARS_CONTEXT": "2048",  # gpu_sizes estimates at 2048 (the default is 8192)
+                              "TARS_CHAT_ENGINE": "server", "TARS_PARALLEL": "2", "TARS_CONTEXT": "2048",  # as gpu_sizes counts
                               "TARS_THREADS": "1",
                               "TARS_SPLIT_PORT": str(split_port), "TARS_LOG_LEVEL": "info", **env})
         self.split_port = split_port

@@ -311,13 +311,13 @@ def test_native_log_lines_are_joined_and_levelled():
 def test_sampler_extras_are_honoured_in_process(gemma):
     """top_k=1 keeps only the most probable token: at a high temperature, with different
     seeds, the answer is the greedy one (llama-cpp-python's own top-k sampler)."""
-    greedy, _ = _run(gemma, GenerateRequest(messages=CHAT, max_tokens=12, temperature=0.0, seed=0))
+    greedy, _ = run(gemma, GenerateRequest(messages=CHAT, max_tokens=12, temperature=0.0, seed=0))
     for seed in (1, 2):
-        text, _ = _run(gemma, GenerateRequest(messages=CHAT, max_tokens=12, temperature=1.5, seed=seed,
+        text, _ = run(gemma, GenerateRequest(messages=CHAT, max_tokens=12, temperature=1.5, seed=seed,
                                               sampling={"top_k": 1, "min_p": 0.0, "repeat_last_n": 8}))
         assert text == greedy
     assert gemma._llm.last_n_tokens_size == 64  # the per-request look-back is put back
-    loose = {_run(gemma, GenerateRequest(messages=CHAT, max_tokens=12, temperature=1.5, seed=s,
+    loose = {run(gemma, GenerateRequest(messages=CHAT, max_tokens=12, temperature=1.5, seed=s,
                                          sampling={"top_k": 0, "min_p": 0.0, "mirostat": 0}))[0] for s in (1, 2, 3)}
     assert loose != {greedy}  # without the cut the samples differ from the greedy answer
 
