@@ -33,7 +33,7 @@ async def test_a_draft_with_another_vocabulary_is_refused_naming_draft(with_gemm
         assert "draft 'gemma-3-270m' cannot speculate for 'smollm2-135m-instruct'" in err["message"]
         assert "gpt2 tokenizer, 49152 tokens" in err["message"] and "262144 tokens" in err["message"]
         assert node.placement.desired.get(CHAT).draft is None  # nothing changed
-        assert not (with_gemma / "tars-deployments.json").exists()
+        assert f"desired:{CHAT}" not in node.placement.desired.state.entries  # nothing recorded
 
 
 async def test_a_draft_sharing_the_vocabulary_is_kept(with_gemma):
@@ -45,8 +45,8 @@ async def test_a_draft_sharing_the_vocabulary_is_kept(with_gemma):
         assert node.placement.specs()[0].draft == CHAT  # the spec the planner sees names it
         again = await client.post("/models", json={"model": CHAT, "draft": CHAT}, headers=JSON_CT)
         assert again.status_code == 200 and again.json()["status"] == "unchanged"
-    saved = json.loads((with_gemma / "tars-deployments.json").read_text())
-    assert saved["deployed"][CHAT] == {"replicas": 1, "node": None, "draft": CHAT}
+    saved = {e["k"]: e["v"] for e in json.loads((with_gemma / "tars-state-pc1.json").read_text())["entries"]}
+    assert saved[f"desired:{CHAT}"] == {"replicas": 1, "node": None, "draft": CHAT}
     async with serve(with_gemma) as (_client, node):  # after a restart
         assert node.placement.desired.get(CHAT).draft == CHAT
 

@@ -1,5 +1,6 @@
 """``Deployer.deploy(..., draft=)`` (speculative decoding): the draft is checked, kept with the
-deployment, planned beside the model where this install runs drafts, and forwarded by a worker."""
+deployment (the replicated desired set, on any host), planned beside the model where this install
+runs drafts."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from distributed.profiler import profile_host
 from distributed.settings import load_settings
 from distributed.store import ModelStore
 from distributed.targets import Routes
-from tests.unit.deploy.test_manager import CHAT, EMB, Cluster, deployer
+from tests.unit.deploy.test_manager import CHAT, EMB, Cluster, deployer, saved
 
 pytestmark = pytest.mark.anyio
 
@@ -61,9 +62,9 @@ async def test_a_refused_draft_changes_nothing(tmp_path):
     assert cluster.replans == 0 and d.placement.spec(CHAT).draft is None
 
 
-async def test_a_worker_forwards_the_draft(tmp_path):
+async def test_a_host_that_does_not_plan_records_the_draft_for_the_cluster(tmp_path):
     d, cluster = deployer(tmp_path, planner=False)
-    await d.deploy(CHAT, draft=CHAT)
-    await d.deploy(EMB)
-    assert cluster.server.sent == [("models.deploy", {"model": CHAT, "replicas": None, "node": None, "draft": CHAT}),
-                                   ("models.deploy", {"model": EMB, "replicas": None, "node": None})]
+    out = await d.deploy(CHAT, draft=CHAT)
+    assert out["status"] == "deploying" and out["draft"] == CHAT and cluster.replans == 1
+    assert saved(tmp_path).desired.get(CHAT).draft == CHAT  # recorded here, replicated from here
+    assert saved(tmp_path).spec(CHAT).draft == CHAT
