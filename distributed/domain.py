@@ -108,6 +108,9 @@ class ModelSpec(_Data):
     # a chat template in place of the GGUF's own: a shipped name (distributed/templates/<name>.jinja)
     # or, from a user catalog, a file path (resolved when the catalog is read)
     chat_template: str | None = None
+    # speculative decoding: the catalog id of a smaller GGUF chat model with the same vocabulary
+    # (checked from both GGUF headers) that drafts tokens for this one (speculative.py, drafts.py)
+    draft: str | None = None
     # a GGUF from the hub (a catalog entry or a resolved hf.co reference, modelref.py):
     revision: str | None = None  # the repo commit it was resolved at (pulls fetch exactly that)
     shards: list[str] | None = None  # every file of a split GGUF (-00001-of-0000N.gguf), ``file`` first
@@ -141,6 +144,10 @@ class Assignment(_Data):
     # tokens): TARS_PARALLEL, or fewer where the planner found VRAM short; None = not a slotted
     # engine, or a plan from a peer that predates the field (the engine then uses TARS_PARALLEL)
     slots: int | None = None
+    # the draft model planned beside it (speculative decoding, drafts.py): {"model", "device",
+    # "vram_mb", "ram_mb"}; on the model's own GPU its vram_mb is included in ``vram_mb`` above.
+    # None = no draft (none named, no room, or a plan from a peer that predates the field)
+    draft: dict[str, Any] | None = None
     # a shipped chat template this deploy asked for (POST /models "chat_template"), in place of
     # the catalog's or the GGUF's own; None = the spec's
     chat_template: str | None = None

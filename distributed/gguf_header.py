@@ -122,12 +122,21 @@ class _Cursor:
         self.pos += n
         return s
 
+    def take_bytes(self) -> bytes:
+        n = self.take("Q")
+        self.src.need(self.pos + n)
+        b = bytes(self.src.buf[self.pos:self.pos + n])
+        self.pos += n
+        return b
+
     def skip_str(self) -> None:
         n = self.take("Q")  # (not ``self.pos += self.take(..)``: that adds to the position before the read)
         self.pos += n
 
 
-def _read_value(gguf: Any, c: _Cursor, name: str, key: str) -> Any:
+def _read_value(gguf: Any, c: _Cursor, name: str, key: str, whole: bool = False) -> Any:
+    """One metadata value (see ``GGUFMeta.fields``); ``whole``: an array of strings as the list
+    of its raw bytes instead of its length."""
     vt = gguf.GGUFValueType
     fmt = {vt.UINT8: "B", vt.INT8: "b", vt.UINT16: "H", vt.INT16: "h", vt.UINT32: "I", vt.INT32: "i",
            vt.FLOAT32: "f", vt.BOOL: "?", vt.UINT64: "Q", vt.INT64: "q", vt.FLOAT64: "d"}
@@ -138,6 +147,8 @@ def _read_value(gguf: Any, c: _Cursor, name: str, key: str) -> Any:
         return c.take(fmt[t])
     et, count = vt(c.take("I")), c.take("Q")
     if et == vt.STRING:
+        if whole:
+            return [c.take_bytes() for _ in range(count)]
         for _ in range(count):
             c.skip_str()
         c.src.need(c.pos)
@@ -151,8 +162,9 @@ def _read_value(gguf: Any, c: _Cursor, name: str, key: str) -> Any:
     return value
 
 
-def _walk(src: _Bytes, name: str) -> GGUFMeta:
-    """Parse the header in ``src``; ConfigError naming ``name`` when it is not a GGUF."""
+def _walk(src: _Bytes, name: str, keep: tuple[str, ...] = ()) -> GGUFMeta:
+    """Parse the header in ``src``; ConfigError naming ``name`` when it is not a GGUF.
+    ``keep``: keys of string arrays read whole (``_read_value``)."""
     gguf = require("gguf", "gguf", "reading GGUF metadata")
     c = _Cursor(src)
     try:
@@ -165,7 +177,7 @@ def _walk(src: _Bytes, name: str) -> GGUFMeta:
         fields: dict[str, Any] = {"GGUF.version": version}
         for _ in range(n_kv):
             key = c.take_str()
-            fields[key] = _read_value(gguf, c, name, key)
+            fields[key] = _read_value(gguf, c, name, key, key in keep)
         sizes: dict[str, int] = {}
         n_params = 0
         for _ in range(n_tensors):
@@ -191,12 +203,12 @@ def read_header(fetch: Callable[[int, int], bytes], *, name: str, limit: int = H
     return _walk(_Bytes(bytearray(), fetch, limit, name), name)
 
 
-def _read_file(path: Path) -> GGUFMeta:
+def _read_file(path: Path, keep: tuple[str, ...] = ()) -> GGUFMeta:
     with path.open("rb") as fh:
         if os.fstat(fh.fileno()).st_size == 0:
             raise ConfigError(f"'{path}' is not a GGUF file (empty)")
         with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            meta = _walk(_Bytes(mm), str(path))
+            meta = _walk(_Bytes(mm), str(path), keep)
     meta.path = path
     return meta
 
@@ -223,14 +235,18 @@ _CACHE: dict[tuple[str, int, int], GGUFMeta] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def read_gguf(path: str | Path) -> GGUFMeta:
+def read_gguf(path: str | Path, *, keep: tuple[str, ...] = ()) -> GGUFMeta:
     """The header of a GGUF on disk (cached in memory while the file is unchanged).
 
     A split model's first shard reads the tensors of the shards beside it too. A ``.json``
     path is a header cached by ``GGUFMeta.save`` (read with no network). Raises ConfigError
-    for a file that is not a GGUF.
+    for a file that is not a GGUF. ``keep``: keys of string arrays to read whole, as a list of
+    raw bytes (``tokenizer.ggml.tokens`` for the draft's vocabulary check, ``speculative.py``);
+    such a read is not cached (its caller keeps what it needs).
     """
     path = Path(path)
+    if keep:
+        return _read_file(path, keep)
     st = path.stat()
     key = (str(path), st.st_size, st.st_mtime_ns)
     with _CACHE_LOCK:

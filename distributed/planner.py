@@ -37,6 +37,11 @@ split, slots); tests call ``plan()`` directly. Rules, in the order they are appl
    (2.0 GB) does not fit"). Embeddings, rerankers and 8-bit models have no slots
    (``Assignment.slots`` None); with ``slots=1`` (the in-process engine) a GGUF chat model
    has 1.
+7. Drafts (speculative decoding, ``drafts`` = model id → its draft's spec): after every
+   model is placed, a model whole on one GPU gets its draft on that GPU, else on another
+   GPU of its host (``--device-draft``), a model on a CPU gets it in RAM — each only where
+   the room is left ("plus draft ID, N MB on cuda:0" in the reason); a draft never takes
+   the room of a model, a slot or a layer (``drafts.py``).
 
 Every assignment carries a one-line reason a person can check against ``tars profile``.
 """
@@ -50,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from .domain import Assignment, HostProfile, ModelSpec, Plan, Unplaced
+from .drafts import place_drafts
 from .vram import VramEstimate, estimate, has_slots, layers_that_fit, with_slots
 
 FOUR_BIT = ("q4_k_m", "q4_0", "q4_k_s", "int4", "nf4")
@@ -355,11 +361,12 @@ def _slot_choices(est: VramEstimate, spec: ModelSpec, slots: int) -> list[VramEs
 
 
 def plan(hosts: dict[str, HostProfile], models: list[ModelSpec], *, reserve_mb: int = 500,
-         context: int = 2048, paths: dict[str, Path] | None = None, split: bool = True, slots: int = 1) -> Plan:
+         context: int = 2048, paths: dict[str, Path] | None = None, split: bool = True, slots: int = 1,
+         drafts: dict[str, ModelSpec] | None = None) -> Plan:
     """Place every model on a host and device (or split it across hosts' GPUs when ``split``),
     or report it unplaced with the reason. ``slots``: engine slots of a GGUF chat model
     (TARS_PARALLEL with llama-server, else 1): ``context`` is per slot, a KV cache per slot;
-    fewer where VRAM is short (rule 6)."""
+    fewer where VRAM is short (rule 6). ``drafts``: model id → its draft model (rule 7)."""
     paths = paths or {}
     st = _State(_build_hosts(hosts, reserve_mb), reserve_mb, split=split, slots=max(1, slots))
     specs: list[ModelSpec] = []
@@ -375,6 +382,10 @@ def plan(hosts: dict[str, HostProfile], models: list[ModelSpec], *, reserve_mb: 
     for spec in side:
         _place_side(st, spec, choices[spec.id][0])
     _place_rest(st, rest, choices)
+    if drafts:
+        place_drafts(list(st.placed.values()), drafts,  # in placement order: the biggest chat model first
+                     {(g.node, g.device): g.free for h in st.hosts for g in h.gpus},
+                     {h.name: h.ram_free for h in st.hosts}, context=context, paths=paths)
     return Plan(assignments=[st.placed[s.id] for s in specs if s.id in st.placed],
                 unplaced=[st.unplaced[s.id] for s in specs if s.id in st.unplaced])
 

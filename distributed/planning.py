@@ -10,7 +10,11 @@ same memory:
   in llama-server (a build is found, TARS_CHAT_ENGINE is not ``inprocess``, no backend
   override), else 1 — the in-process engine and the fake backend have one slot;
 - ``split`` = ``split.can_split(settings)``: TARS_SPLIT is not ``off`` and that chat engine
-  is llama-server (only it can use RPC workers).
+  is llama-server (only it can use RPC workers);
+- ``drafts`` (the planner's rule 7): for each spec naming a ``draft``, that draft's spec,
+  where TARS_SPECULATIVE is ``auto`` or ``draft`` and that chat engine is llama-server
+  (the in-process engine does not speculate). The ids are looked up in ``catalog`` (the
+  caller's), else in this host's catalog (built-in + ``TARS_MODELS_DIR/catalog.toml``).
 
 The engine facts are those of the host that plans (the server, or the install running
 ``tars plan``) and count for every host it plans for. It sits above ``engine/`` and
@@ -20,7 +24,8 @@ pure function of data.
 API::
 
     options(settings) -> PlanOptions(reserve_mb, context, split, slots)
-    plan_for(settings, hosts, specs, *, paths=None) -> Plan
+    drafts_for(settings, specs, catalog=None) -> {model id: draft ModelSpec}
+    plan_for(settings, hosts, specs, *, paths=None, catalog=None) -> Plan
     recommend_for(settings, hosts, catalog_specs) -> list[ModelSpec]
 """
 
@@ -28,10 +33,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from . import planner
 from .domain import HostProfile, ModelSpec, Plan
-from .engine.choice import engine_slots
+from .engine.choice import engine_slots, uses_server
 from .settings import Settings
 from .split import can_split
 
@@ -52,11 +58,25 @@ def options(settings: Settings) -> PlanOptions:
                        split=can_split(settings), slots=engine_slots(settings))
 
 
+def drafts_for(settings: Settings, specs: list[ModelSpec], catalog: Any = None) -> dict[str, ModelSpec]:
+    """model id → its draft's spec, for the specs whose draft this install would run."""
+    named = [s for s in specs if s.draft]
+    if not named or settings.speculative not in ("auto", "draft") or not uses_server(settings):
+        return {}
+    if catalog is None:
+        from .catalog import load_catalog
+
+        catalog = load_catalog(user_file=settings.models_dir / "catalog.toml")
+    return {s.id: catalog.get(s.draft) for s in named if s.draft in catalog}
+
+
 def plan_for(settings: Settings, hosts: dict[str, HostProfile], specs: list[ModelSpec], *,
-             paths: dict[str, Path] | None = None) -> Plan:
+             paths: dict[str, Path] | None = None, catalog: Any = None) -> Plan:
     """``planner.plan`` over ``hosts`` for ``specs`` with the options of ``settings``;
-    ``paths``: the models' files on disk (their GGUF metadata beats the catalog's hints)."""
-    return planner.plan(hosts, specs, paths=paths, **asdict(options(settings)))
+    ``paths``: the models' files on disk (their GGUF metadata beats the catalog's hints);
+    ``catalog``: where the specs' drafts are looked up (default: this host's catalog)."""
+    return planner.plan(hosts, specs, paths=paths, drafts=drafts_for(settings, specs, catalog),
+                        **asdict(options(settings)))
 
 
 def recommend_for(settings: Settings, hosts: dict[str, HostProfile], catalog: list[ModelSpec]) -> list[ModelSpec]:

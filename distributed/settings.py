@@ -98,6 +98,12 @@ class Settings(BaseSettings):
                                            "it grows the engine by ~1.5 MB per request until full.")
     engine_bin: str = Field("", description="The llama-server binary (or its folder); empty = the scripts/build_engine.sh "
                             "build matching the installed llama-cpp-python.")
+    speculative: Literal["auto", "off", "ngram", "draft"] = Field(
+        "auto", description="Speculative decoding of llama-server chat engines (greedy output is unchanged): ngram "
+                            "(draftless: guesses from text already in the context, no extra memory), draft (the "
+                            "model's draft model, a catalog field or POST /models option, planned beside it), off, "
+                            "or auto: the draft where one is planned, else n-gram where it pays: engines with 1 slot "
+                            "(TARS_PARALLEL=1; see docs/BENCHMARKS.md).")
     fake_token_delay_s: float = Field(0.0, ge=0, le=10, description="With TARS_BACKEND_OVERRIDE=fake: seconds each "
                                       "generated token takes, so fake models keep a host busy (tests of load balancing).")
 
@@ -160,7 +166,8 @@ class Settings(BaseSettings):
     def _expand_home(cls, v: Path) -> Path:
         return v.expanduser()  # "~/models" in an env file means the user's home
 
-    @field_validator("log_level", "log_format", "role", "split", "chat_engine", "discovery", mode="before")
+    @field_validator("log_level", "log_format", "role", "split", "chat_engine", "discovery", "speculative",
+                     mode="before")
     @classmethod
     def _lower(cls, v: Any) -> Any:
         return v.lower() if isinstance(v, str) else v

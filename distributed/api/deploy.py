@@ -1,8 +1,9 @@
 """Runtime deploys: ``POST /models`` and ``DELETE /models/{id}`` (``GET /models`` is native.py's).
 
-``POST /models`` ``{"model": ID, "replicas"?: N, "node"?: NAME, "chat_template"?: SHIPPED}`` on any
-host (ID: a catalog id or a hub reference ``hf.co/ORG/REPO[:QUANT]``, resolved once) → 202 with the
-placement and its reason (200 with ``"status": "unchanged"`` when it is deployed so already);
+``POST /models`` ``{"model": ID, "replicas"?: N, "node"?: NAME, "draft"?: ID, "chat_template"?: SHIPPED}``
+on any host (ID: a catalog id or a hub reference ``hf.co/ORG/REPO[:QUANT]``, resolved once) → 202
+with the placement and its reason (``draft``: a draft model for speculative decoding, 400 naming it
+when its vocabulary differs) (200 with ``"status": "unchanged"`` when it is deployed so already);
 ``DELETE /models/{id}`` → 202. The work is ``deploy/manager.py``'s; a worker forwards it to
 the planning host. Progress (``pulling`` with percent, ``loading``, ``ready``, ``failed``)
 shows in ``GET /models``.
@@ -33,6 +34,7 @@ class DeployRequest(BaseModel):
     model: str = Field(min_length=1)
     replicas: int | None = Field(None, ge=1, le=64)
     node: str | None = Field(None, min_length=1)
+    draft: str | None = Field(None, min_length=1, description="A draft model (catalog id) sharing the vocabulary.")
     chat_template: str | None = Field(None, min_length=1, max_length=64)  # a shipped template's name
 
 
@@ -50,7 +52,7 @@ def deployer_of(request: Request) -> "Deployer":
 async def deploy(request: Request) -> Response:
     r = s.parse(DeployRequest, await request.body())
     label(request, r.model)
-    out = await deployer_of(request).deploy(r.model, r.replicas, r.node, r.chat_template)
+    out = await deployer_of(request).deploy(r.model, r.replicas, r.node, r.draft, r.chat_template)
     out["via"] = request.app.state.node.name
     return JSON(out, status_code=200 if out.get("status") == "unchanged" else 202)
 

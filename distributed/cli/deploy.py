@@ -1,8 +1,10 @@
 """`tars run`, `tars stop`, `tars ps`: models at runtime, against any host of the cluster.
 
-    tars run ID [--replicas N] [--host NAME]   deploy (pull on the serving host if needed), wait until ready
+    tars run ID [--replicas N] [--host NAME] [--draft ID]
+                                               deploy (pull on the serving host if needed), wait until ready
     tars stop ID                               remove it everywhere (after its requests in flight)
-    tars ps                                    every model: host, state (pulling with percent), queue
+    tars ps                                    every model: host, state (pulling with percent), queue,
+                                               speculative decoding (n-gram, or the draft model)
 
 Each talks to one node over HTTP (``--url``, default http://127.0.0.1:8000 or ``$TARS_URL``);
 a worker forwards deploys to the planning host. While a pull runs, `run` shows its percent
@@ -37,6 +39,16 @@ def _state(m: dict[str, Any]) -> str:
     return state
 
 
+def speculative(m: dict[str, Any]) -> str:
+    """``tars ps``' column: "ngram", "draft <id>" or "off", with the acceptance once drafts ran."""
+    s = m.get("speculative")
+    if not s:
+        return "–"
+    what = f"draft {s.get('draft')}" if s.get("kind") == "draft" else str(s.get("kind"))
+    rate = s.get("acceptance")
+    return what + (f" ({rate:.0%} accepted)" if isinstance(rate, (int, float)) else "")
+
+
 def wait_ready(url: str, api_key: str, model: str, timeout: float, interval: float = 0.5,
                echo: Any = None) -> dict[str, Any]:
     """Poll GET /models until ``model`` is ready everywhere it is routed (or failed)."""
@@ -67,6 +79,8 @@ def register(app: typer.Typer) -> None:
                                                   "hf.co/ORG/REPO[:QUANT] (served under that name)."),
             replicas: Optional[int] = typer.Option(None, "--replicas", min=1, help="Hosts to run it on."),
             host: Optional[str] = typer.Option(None, "--host", help="Run it on this host (node name)."),
+            draft: Optional[str] = typer.Option(None, "--draft", help="A draft model (catalog id, same vocabulary) "
+                                                "for speculative decoding."),
             url: str = URL_OPT, api_key: str = KEY_OPT,
             wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until it is ready (progress on stderr)."),
             timeout: float = typer.Option(3600.0, "--timeout", help="Longest to wait, seconds.")) -> None:
@@ -76,6 +90,8 @@ def register(app: typer.Typer) -> None:
             body["replicas"] = replicas
         if host is not None:
             body["node"] = host
+        if draft is not None:
+            body["draft"] = draft
         out = call_node("POST", url, "/models", api_key, body, timeout=120.0)
         where = ", ".join(f"{a['node']} ({a['device']})" for a in out.get("placement", []))
         if out.get("status") == "unchanged":
@@ -107,10 +123,10 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         t = Table(box=None, pad_edge=False)
-        for col in ("model", "kind", "host", "state", "queue", "requests"):
+        for col in ("model", "kind", "host", "state", "queue", "requests", "speculative"):
             t.add_column(col)
         for m in rows:
             kind = str(m.get("kind", "–")) + (" +vision" if m.get("vision") else "")  # sees images
             t.add_row(str(m.get("id")), kind, str(m.get("node", "–")), _state(m),
-                      str(m.get("queue_depth", 0)), str(m.get("requests", 0)))
+                      str(m.get("queue_depth", 0)), str(m.get("requests", 0)), speculative(m))
         Console(file=sys.stdout, soft_wrap=False).print(t)

@@ -127,10 +127,11 @@ def parse_hosts(specs: list[str]) -> dict[str, HostProfile]:
 
 def plan_json(plan: Plan) -> dict[str, Any]:
     """The documented `tars plan --json` shape (a split model adds "split": [{node, device, layers, vram_mb}];
-    a GGUF chat model adds "slots", its engine's slots as planned)."""
+    a GGUF chat model adds "slots", its engine's slots as planned, and "draft" {model, device, vram_mb,
+    ram_mb} when its draft model is planned beside it)."""
     keys = ("model", "kind", "node", "device", "quant", "n_gpu_layers", "vram_mb", "reason")
     return {"assignments": [{**{k: getattr(a, k) for k in keys}, **({"split": a.split} if a.split else {}),
-                             **({"slots": a.slots} if a.slots else {})}
+                             **({"slots": a.slots} if a.slots else {}), **({"draft": a.draft} if a.draft else {})}
                             for a in plan.assignments],
             "unplaced": [{"model": u.model, "reason": u.reason} for u in plan.unplaced]}
 

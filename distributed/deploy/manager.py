@@ -20,13 +20,17 @@ learn it without the hub. ``chat_template`` names a shipped template the model r
 place of its own (kept in the deploy's entry; every plan carries it).
 
 Answers: ``deploy`` → ``{"model", "status": "deploying" | "unchanged" | "retrying",
-"placement": [assignment], "reason", "replicas", "node", "planner"}`` (the placement of the
-plan in force once the planner has planned it, else this host's own prediction, said in
+"placement": [assignment], "reason", "replicas", "node", "planner", "draft"}`` (the placement of
+the plan in force once the planner has planned it, else this host's own prediction, said in
 ``"message"``); an id not in the catalog → ``ModelNotFound`` (404, listing the catalog); a
 reference the hub does not have → ``RefNotFound`` (404); no host with room → ``NoRoom``
-(409) saying what the model needs and what each host has, nothing recorded. ``remove`` →
-``{"model", "status": "removing", "models"}``: each host stops routing the model and unloads
-it after its requests in flight (``targets/routes.py``).
+(409) saying what the model needs and what each host has, nothing recorded. ``draft``
+(speculative decoding) names a GGUF chat model of the catalog that shares the model's
+vocabulary — compared from both GGUF headers here when both files are at hand (else by the
+serving host before its engine starts) → 400 naming ``draft`` when not; it is kept in the
+deploy's entry and planned beside the model. ``remove`` → ``{"model", "status": "removing",
+"models"}``: each host stops routing the model and unloads it after its requests in flight
+(``targets/routes.py``).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import asyncio
 from typing import Any
 
 from ..domain import HostProfile, ModelSpec, Plan
-from ..errors import ModelNotFound, NoRoom, ValidationFailed
+from ..errors import ModelNotFound, NoRoom, TarsError, ValidationFailed
 from ..logs import fields, get_logger
 from ..modelref import check_name, resolve_async
 from ..seams import PlanningCluster
@@ -63,10 +67,11 @@ class Deployer:
 
     # ------------------------------------------------------------------ deploy / remove
     async def deploy(self, model: str, replicas: int | None = None, node: str | None = None,
-                     chat_template: str | None = None) -> dict[str, Any]:
+                     draft: str | None = None, chat_template: str | None = None) -> dict[str, Any]:
         check_name(model, self.placement.catalog, chat_template)  # 404 listing the catalog / 400, no network
         spec = await resolve_async(model, self.placement.catalog)  # a hub reference: resolved once, here
         model = spec.id
+        checked = await self._check_draft(spec, draft) if draft else None
         replicas = 1 if replicas is None else replicas
         hosts = self.cluster.hosts()
         if node is not None and node not in hosts:
@@ -74,14 +79,14 @@ class Deployer:
                 f"node '{node}' is not a live host of this cluster; live hosts: {', '.join(sorted(hosts))}",
                 field="node", hosts=sorted(hosts))
         async with self._lock:
-            wanted = Deployment(model, replicas, node, chat_template)
+            wanted = Deployment(model, replicas, node, draft, chat_template)
             with self.desired.trial(model, wanted):
                 plan = self.placement.plan(hosts)  # the room check: nothing is recorded without room
             placed = [a for a in plan.assignments if a.model == model]
             if not placed:
                 raise self._no_room(spec, plan, hosts)
             self.placement.share([spec])  # a resolved reference: every host learns its spec
-            changed = self.desired.deploy(model, replicas, node, chat_template)
+            changed = self.desired.deploy(model, replicas, node, draft, chat_template)
             # deployed so already, but failed here (a pull that failed, say): load it again
             retry = not changed and any(t.model == model and t.state == "failed" for t in self.routes.local())
             if changed:
@@ -93,7 +98,12 @@ class Deployer:
         status = "deploying" if changed else "retrying" if retry else "unchanged"
         shown = in_force or placed
         out = {"model": model, "status": status, "replicas": replicas, "node": node,
-               "placement": [a.to_dict() for a in shown], "reason": shown[0].reason, "planner": self.cluster.planner}
+               "placement": [a.to_dict() for a in shown], "reason": shown[0].reason, "planner": self.cluster.planner,
+               "draft": draft or spec.draft}
+        if checked is False:
+            out["draft_check"] = "deferred: the vocabularies are compared on the serving host once both files are there"
+        if draft and self.settings.speculative in ("off", "ngram"):
+            out["draft_note"] = f"kept with the deployment, not used while TARS_SPECULATIVE={self.settings.speculative}"
         if retry:
             out["message"] = f"'{model}' had failed on {self.name}: loading it again"
         elif not changed:
@@ -115,6 +125,39 @@ class Deployer:
             await self.cluster.replan()
         return {"model": model, "status": "removing", "models": self.desired.models(),
                 "planner": self.cluster.planner}
+
+
+    async def _check_draft(self, spec: ModelSpec, draft: str) -> bool:
+        """400 naming ``draft`` unless it is a GGUF chat model sharing ``spec``'s vocabulary;
+        False when a file is not at hand here (the serving host checks it before use)."""
+        from ..speculative import check_draft
+
+        catalog = self.placement.catalog
+        chats = [s.id for s in catalog.all() if s.kind == "chat" and s.backend == "llama_cpp"]
+        d = catalog.get(draft) if draft in catalog else None
+        if spec.kind != "chat" or spec.backend != "llama_cpp":
+            raise ValidationFailed(f"'{spec.id}' is a {spec.kind} model on {spec.backend}: only GGUF chat models "
+                                   "take a draft", field="draft", model=spec.id)
+        if d is None or d.kind != "chat" or d.backend != "llama_cpp":
+            what = "is not in the catalog" if d is None else f"is a {d.kind} model on {d.backend}"
+            raise ValidationFailed(f"draft '{draft}' {what}; a draft is a GGUF chat model of the catalog: "
+                                   f"{', '.join(chats)}", field="draft", model=spec.id, available=chats)
+        paths = await asyncio.to_thread(self._local_files, [spec, d])
+        if spec.id not in paths or d.id not in paths:
+            return False
+        await asyncio.to_thread(check_draft, spec.id, paths[spec.id], d.id, paths[d.id])
+        return True
+
+    def _local_files(self, specs: list[ModelSpec]) -> dict[str, Any]:
+        """Files of ``specs`` on this host, the embedded ones assembled (no network)."""
+        out: dict[str, Any] = dict(self.placement.model_paths(specs))
+        for s in specs:
+            if s.id not in out and s.embedded:
+                try:
+                    out[s.id] = self.placement.store.ensure(s)
+                except TarsError:
+                    pass
+        return out
 
     def _no_room(self, spec: ModelSpec, plan: Plan, hosts: dict[str, HostProfile]) -> NoRoom:
         from ..vram import estimate

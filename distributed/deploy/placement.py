@@ -13,6 +13,7 @@ chat template on its assignments, and the specs of the hub references it places.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from ..catalog import Catalog
@@ -50,7 +51,7 @@ class Placement:
         out = []
         for model in self.desired.models():
             if model in self.catalog:
-                out.append(self.catalog.get(model))
+                out.append(self.spec(model))
             elif model in self.settings.models:  # this host's own TARS_MODELS: a typo to fix
                 raise ConfigError(f"TARS_MODELS names unknown model '{model}'; known models: "
                                   f"{', '.join(self.catalog.ids())}", variable="TARS_MODELS")
@@ -58,6 +59,12 @@ class Placement:
                 self._skipped.add(model)
                 log.warning("desired model %s is not in this host's catalog: skipped", model)
         return out
+
+    def spec(self, model: str) -> ModelSpec:
+        """The catalog's spec of ``model``, with the draft its deployment asked for (speculative decoding)."""
+        spec = self.catalog.get(model)
+        draft = self.desired.get(model).draft
+        return dataclasses.replace(spec, draft=draft) if draft else spec
 
     def share(self, specs: list[ModelSpec]) -> None:
         """Put the hub references resolved here among ``specs`` into the cluster's state
@@ -85,7 +92,7 @@ class Placement:
             host = pinned.get(spec.id)
             if host is None:
                 continue
-            beside = [self.catalog.get(a.model) for a in plan.for_node(host)]
+            beside = [self.spec(a.model) for a in plan.for_node(host)]
             alone = self._plan({host: hosts[host]}, [*beside, spec])
             a = alone.where(spec.id)
             if a is not None:
@@ -112,7 +119,7 @@ class Placement:
         for host in sorted((h for h in hosts if h not in have), key=lambda h: (load[h], h)):
             if len(have) >= wanted:
                 break
-            beside = [self.catalog.get(a.model) for a in plan.for_node(host)]
+            beside = [self.spec(a.model) for a in plan.for_node(host)]
             a = self._plan({host: hosts[host]}, [*beside, spec]).where(spec.id)
             if a is None:
                 continue
@@ -123,4 +130,4 @@ class Placement:
     def _plan(self, hosts: dict[str, HostProfile], specs: list[ModelSpec]) -> Plan:
         from ..planning import plan_for
 
-        return plan_for(self.settings, hosts, specs, paths=self.model_paths(specs))
+        return plan_for(self.settings, hosts, specs, paths=self.model_paths(specs), catalog=self.catalog)

@@ -9,7 +9,8 @@ node holds it and any node can change it:
   oldest possible stamp — so a configured list wins over defaults, the newest configured
   list wins over older ones, and a host restarted with an unchanged setting changes nothing;
 * one entry per model changed at runtime, ``desired:<id>``: its options
-  (``{"replicas", "node", "chat_template"?}``) when deployed, a tombstone when removed. A
+  (``{"replicas", "node", "draft"?, "chat_template"?}``; ``draft``: its draft model for
+  speculative decoding) when deployed, a tombstone when removed. A
   removed model stays removed (whatever the starting set says) until it is deployed again;
 * one entry per hub reference resolved by some host, ``spec:<id>``: the spec it resolved to
   (``modelref.plan_specs``: the files pinned to a commit, sizes from the GGUF header), so a
@@ -49,10 +50,13 @@ class Deployment:
     model: str
     replicas: int = 1
     node: str | None = None  # pinned to this host, else the planner chooses
+    draft: str | None = None  # its draft model (speculative decoding), else the catalog's
     chat_template: str | None = None  # a shipped chat template in place of the model's own
 
     def options(self) -> dict[str, Any]:
         out: dict[str, Any] = {"replicas": self.replicas, "node": self.node}
+        if self.draft:
+            out["draft"] = self.draft
         if self.chat_template:
             out["chat_template"] = self.chat_template
         return out
@@ -62,13 +66,14 @@ class Deployment:
         """From a ``desired:`` entry's value (replicated: read defensively)."""
         v = value if isinstance(value, dict) else {}
         replicas = v.get("replicas")
-        node, template = v.get("node"), v.get("chat_template")
+        node, draft, template = v.get("node"), v.get("draft"), v.get("chat_template")
         if template is not None and template not in templates.names():
             log.warning("deploy of %s names chat template %r, which does not ship here: the model's own is used",
                         model, template)
             template = None
         return cls(model, replicas if type(replicas) is int and 1 <= replicas <= 64 else 1,
-                   node if isinstance(node, str) and node else None, template)
+                   node if isinstance(node, str) and node else None,
+                   draft if isinstance(draft, str) and draft else None, template)
 
 
 class DesiredSet:
@@ -157,9 +162,10 @@ class DesiredSet:
         return {m: e.value for m, e in self.state.items("spec:").items() if isinstance(e.value, dict)}
 
     # ------------------------------------------------------------------ changes (stamped, replicated)
-    def deploy(self, model: str, replicas: int = 1, node: str | None = None, chat_template: str | None = None) -> bool:
+    def deploy(self, model: str, replicas: int = 1, node: str | None = None, draft: str | None = None,
+               chat_template: str | None = None) -> bool:
         """Add (or re-set) ``model``; False when it is deployed exactly so already."""
-        wanted = Deployment(model, replicas, node, chat_template)
+        wanted = Deployment(model, replicas, node, draft, chat_template)
         if model in self and self.get(model) == wanted:
             return False
         self.state.put(f"desired:{model}", wanted.options())

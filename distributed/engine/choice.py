@@ -9,6 +9,11 @@ API::
     decide(settings) -> Decision(engine "server"|"inprocess", binary | None, reason)
     engine_target(node, spec, assignment) -> EngineTarget | None   # None: in-process LocalTarget
     engine_slots(settings) -> int      # KV caches the planner counts per GGUF chat model
+    uses_server(settings) -> bool      # GGUF chat runs in llama-server here (it may speculate)
+
+A planned draft (``Assignment.draft``, speculative decoding) is fetched like the model, in
+the same loading thread, and checked against the model's vocabulary before the engine
+starts (``with_draft``); one that does not match runs the engine without it, saying why.
 """
 
 from __future__ import annotations
@@ -92,7 +97,10 @@ def engine_target(node: Any, spec: ModelSpec, a: Assignment) -> Any:
     made: list[Any] = []  # the target built below: a pull's progress shows in its info()
 
     def model_path() -> Any:
-        return fetch(node.store, spec, made[0] if made else None)
+        path = fetch(node.store, spec, made[0] if made else None)
+        if config.speculation.kind == "draft" and made:
+            made[0].config = with_draft(node, spec, path, config, made[0])
+        return path
 
     if a.split_nodes:  # pooled VRAM: layers on other hosts too (split/engine.py)
         from ..split.engine import fit_alone, overlap_fits, split_engine_target
@@ -106,15 +114,40 @@ def engine_target(node: Any, spec: ModelSpec, a: Assignment) -> Any:
     return made[0]
 
 
+def with_draft(node: Any, spec: ModelSpec, path: Any, config: Any, target: Any = None) -> Any:
+    """``config`` with the planned draft's file (fetched like the model), or — when it cannot
+    be had or does not share ``spec``'s vocabulary — without speculation, saying why."""
+    from dataclasses import replace
+
+    from ..deploy.pull import fetch
+    from ..errors import TarsError
+    from ..speculative import Speculation, check_draft
+
+    draft = config.speculation.draft
+    try:
+        draft_path = fetch(node.store, node.catalog.get(draft), target)
+        check_draft(spec.id, path, draft, draft_path)
+    except TarsError as exc:
+        log.warning("model %s runs without its draft %s: %s", spec.id, draft, exc.message,
+                    extra=fields(model=spec.id, draft=draft))
+        return replace(config, speculation=Speculation("off", f"draft {draft} not used: {exc.message}"))
+    return replace(config, draft_path=draft_path)
+
+
 def _peer(node: Any, name: str) -> Any:
     """The peer ``name`` in ``node``'s peer table (shared with its cluster), or None."""
     peers = node.peers
     return peers.get(name) if peers is not None else None
 
 
+def uses_server(settings: Any) -> bool:
+    """Does GGUF chat run in llama-server here (a build found, no backend override)?"""
+    if getattr(settings, "backend_override", "") not in ("", "llama_cpp"):
+        return False
+    d = decide(settings)
+    return d.engine == "server" and d.binary is not None
+
+
 def engine_slots(settings: Any) -> int:
     """Slots the planner counts a KV cache for: TARS_PARALLEL with llama-server, else 1."""
-    if getattr(settings, "backend_override", "") not in ("", "llama_cpp"):
-        return 1
-    d = decide(settings)
-    return int(getattr(settings, "parallel", 1)) if d.engine == "server" and d.binary is not None else 1
+    return int(getattr(settings, "parallel", 1)) if uses_server(settings) else 1

@@ -9,6 +9,11 @@ engine options, and the command line those options give.
 - threads (``-t``): ``TARS_THREADS``, else the physical cores this process may use;
 - the placement (``-ngl``, ``-sm none -mg N`` on the planned GPU) from the assignment;
 - ``--cache-ram`` (``TARS_ENGINE_CACHE_MB``), the queue bounds and the request timeout;
+- speculative decoding (``TARS_SPECULATIVE`` and the plan's ``Assignment.draft``, decided by
+  ``speculative.decide`` with the slots above): ``--spec-type ngram-mod`` for n-gram (shorter
+  drafts unless every layer is on a GPU), or
+  ``--spec-type draft-simple -md DRAFT -ngld N [-devd CUDAk]`` for a draft model, whose file
+  (``draft_path``) is set once it is fetched (``engine/choice.with_draft``);
 - the model's own files beside its GGUF: ``--chat-template-file`` (a catalog entry's or a
   deploy's template in place of the GGUF's, ``templates.path_for``) and ``--mmproj`` (a vision
   projector, ``store.projector_path``; kept off the GPU with ``--no-mmproj-offload`` when the
@@ -27,6 +32,7 @@ from typing import Any
 from .. import templates
 from ..cpus import physical_cores
 from ..domain import Assignment, ModelSpec
+from ..speculative import Speculation, decide
 from ..store import projector_path
 from .binary import EngineBinary
 
@@ -48,6 +54,8 @@ class EngineConfig:
     max_failures: int = 3  # failed starts in a row before the model is "failed"
     extra_args: tuple[str, ...] = ()
     host: str = "127.0.0.1"  # the engine listens on loopback only
+    speculation: Speculation = Speculation("off")  # speculative decoding (speculative.py)
+    draft_path: Path | None = None  # the draft model's file, once fetched (kind "draft")
     chat_template: Path | None = None  # --chat-template-file: in place of the GGUF's own template
     mmproj: str | None = None  # the vision projector: an absolute path, or a file of the model's repo
     model_file: str | None = None  # the GGUF's path in its repo (finds the repo folder from the model path)
@@ -59,14 +67,19 @@ class EngineConfig:
     def of(cls, settings: Any, spec: ModelSpec, a: Assignment, binary: EngineBinary, **overrides: Any) -> EngineConfig:
         """The options of ``spec`` placed as ``a`` under ``settings`` (see the module doc)."""
         planned = int(getattr(a, "slots", 0) or 0)
+        slots = planned if planned > 0 else settings.parallel
         threads = settings.threads or physical_cores()
         options: dict[str, Any] = dict(
-            binary=binary, model=spec.id, slots=planned if planned > 0 else settings.parallel,
+            binary=binary, model=spec.id, slots=slots,
             context=min(settings.context, spec.context), n_gpu_layers=a.n_gpu_layers, device=a.device,
             threads=threads, cache_mb=settings.engine_cache_mb, queue_size=settings.queue_size,
             queue_max_wait_s=settings.queue_max_wait_s, timeout_s=settings.request_timeout_s,
             chat_template=templates.path_for(spec), mmproj=spec.mmproj, model_file=spec.file)
-        return cls(**{**options, **overrides})
+        options.update(overrides)
+        if "speculation" not in overrides:  # decided for the slots the engine really gets
+            options["speculation"] = decide(getattr(settings, "speculative", "off"), spec, int(options["slots"]),
+                                            getattr(a, "draft", None))
+        return cls(**options)
 
     def argv(self, path: Path, port: int) -> list[str]:
         """The engine's command line for one life on ``port``."""
@@ -83,4 +96,7 @@ class EngineConfig:
             argv += ["--chat-template-file", str(self.chat_template)]
         if self.device.startswith("cuda:") and self.n_gpu_layers != 0:  # the planned GPU only, no split
             argv += ["-sm", "none", "-mg", self.device.split(":", 1)[1]]
+        on_gpu = self.device.startswith("cuda:") and self.n_gpu_layers != 0
+        argv += self.speculation.argv(self.draft_path, self.device if on_gpu else "cpu",
+                                      whole_on_gpu=on_gpu and self.n_gpu_layers < 0)
         return argv + list(self.extra_args)

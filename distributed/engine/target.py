@@ -36,6 +36,7 @@ from ..domain import (Assignment, Completion, EmbedRequest, Embeddings, Generate
 from ..errors import ModelFailed, RequestTimeout, TarsError, ToolsUnsupported, ValidationFailed
 from ..logs import fields, get_logger
 from ..metrics import Metrics
+from ..speculative import DraftStats
 from ..targets.base import Target, TargetState
 from ..targets.served import Served, clamp_notes, served_attr
 from . import wire
@@ -71,6 +72,7 @@ class EngineTarget(Target):
         self._boot_task: asyncio.Task[None] | None = None
         self._ever_ready = False
         self.template_caps: dict[str, Any] | None = None  # /props chat_template_caps once ready
+        self.drafts = DraftStats()  # speculative decoding: draft tokens proposed / accepted
 
     state = served_attr("state")
     error = served_attr("error")
@@ -222,6 +224,7 @@ class EngineTarget(Target):
             if resp.status_code != 200:
                 raise await self._refused(resp, req.messages is not None)
         text, finish, usage_d, timings_d, extra = wire.answer(orjson.loads(resp.content), req)
+        self.drafts.add(timings_d)
         end = time.perf_counter()
         usage = Usage(prompt_tokens=int(usage_d.get("prompt_tokens") or 0),
                       completion_tokens=int(usage_d.get("completion_tokens") or 0))
@@ -270,6 +273,7 @@ class EngineTarget(Target):
             tokens = int(state.usage.get("completion_tokens") or n)
             ttft = (first - t0) if first is not None else None
             tps = float(state.timings.get("predicted_per_second") or 0.0)
+            self.drafts.add(state.timings)
             if not tps and n > 1 and first is not None and end > first:
                 tps = (n - 1) / (end - first)
             self.served.generated(tokens, ttft, tps)
@@ -308,7 +312,8 @@ class EngineTarget(Target):
                        "pid": sup.pid if sup is not None and sup.running else None,
                        "state": sup.state.value if sup is not None else "stopped",
                        "restarts": max(0, sup.starts - 1) if sup is not None else 0,
-                       "template_caps": self.template_caps}}
+                       "template_caps": self.template_caps},
+            "speculative": {**self.config.speculation.info(), **self.drafts.info()}}
         if sup is not None and sup.running and sup.pid:
             try:
                 import psutil

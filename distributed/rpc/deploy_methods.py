@@ -21,6 +21,7 @@ class DeployParams(BaseModel):
     model: str = Field(min_length=1)
     replicas: int | None = Field(None, ge=1, le=64)
     node: str | None = None
+    draft: str | None = None
     chat_template: str | None = Field(None, min_length=1, max_length=64)
 
 
@@ -39,7 +40,8 @@ def register_deploy(server: Registry, deployer: "Deployer | None", node_name: st
         return deployer
 
     async def deploy(params: DeployParams) -> dict[str, Any]:
-        return await the_deployer().deploy(params.model, params.replicas, params.node, params.chat_template)
+        return await the_deployer().deploy(params.model, params.replicas, params.node, params.draft,
+                                           params.chat_template)
 
     async def remove(params: RemoveParams) -> dict[str, Any]:
         return await the_deployer().remove(params.model)

@@ -71,8 +71,14 @@ async def _drain_then_close(target: Target, limit_s: float = 300.0) -> None:
 def same_placement(a: Assignment | None, b: Assignment | None) -> bool:
     if a is None or b is None:
         return False
-    return (a.device, a.n_gpu_layers, a.quant, a.backend, a.split, a.chat_template) == (
-        b.device, b.n_gpu_layers, b.quant, b.backend, b.split, b.chat_template)  # a split elsewhere: another engine
+    # a split on other hosts is another engine; so is one with another chat template or draft model
+    return (a.device, a.n_gpu_layers, a.quant, a.backend, a.split, a.chat_template, _draft(a)) == \
+        (b.device, b.n_gpu_layers, b.quant, b.backend, b.split, b.chat_template, _draft(b))
+
+
+def _draft(a: Assignment) -> tuple[str, str] | None:
+    d = getattr(a, "draft", None)
+    return (d.get("model"), d.get("device")) if d else None
 
 
 class Routes:

@@ -169,3 +169,19 @@ def test_a_host_whose_setting_changed_publishes_it_and_an_unchanged_one_does_not
     here = DesiredSet(state(tmp_path), ["d1", "d2"], explicit=False)  # restarted, its setting unchanged
     here.state.merge(cluster.state.wire(), "pc2")
     assert DesiredSet(state(tmp_path), ["d1", "d2"], explicit=False).models() == ["x"]  # the cluster's stays
+
+
+def test_a_draft_and_a_chat_template_are_kept_together(tmp_path: Path) -> None:
+    d = DesiredSet(state(tmp_path), ["a"], explicit=True)
+    assert d.deploy("a", 1, None, draft="b", chat_template="chatml-tools")
+    assert not d.deploy("a", 1, None, draft="b", chat_template="chatml-tools")  # unchanged
+    saved = json.loads((tmp_path / "tars-state-pc1.json").read_text())
+    assert {e["k"]: e["v"] for e in saved["entries"]}["desired:a"] == {
+        "replicas": 1, "node": None, "draft": "b", "chat_template": "chatml-tools"}
+    again = DesiredSet(state(tmp_path), ["a"], explicit=True)
+    assert (again.get("a").draft, again.get("a").chat_template) == ("b", "chatml-tools")
+    assert again.chat_templates() == {"a": "chatml-tools"}
+    assert again.deploy("a", 1, None, chat_template="chatml-tools") and again.get("a").draft is None
+    other = DesiredSet(state(tmp_path / "other", "pc2"), [], explicit=False)  # replicated: another host reads it
+    other.state.merge(again.state.wire(), "pc1")
+    assert other.get("a").chat_template == "chatml-tools" and other.get("a").draft is None

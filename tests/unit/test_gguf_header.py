@@ -96,3 +96,13 @@ def test_a_ranged_read_cut_short_is_asked_again_for_the_rest(hub, smollm2_gguf: 
     ranges = [g["range"] for g in hub.gets(name)]
     first_end = int(ranges[0].split("-")[1])
     assert int(ranges[1].removeprefix("bytes=").split("-")[0]) > 0 and int(ranges[1].split("-")[1]) == first_end
+
+
+def test_keep_reads_a_string_array_whole_and_leaves_the_cache_alone(smollm2_gguf: Path) -> None:
+    key = "tokenizer.ggml.tokens"
+    plain = read_gguf(smollm2_gguf)
+    kept = read_gguf(smollm2_gguf, keep=(key,))
+    assert isinstance(plain.fields[key], int) and len(kept.fields[key]) == plain.fields[key] > 40000
+    assert all(isinstance(t, bytes) for t in kept.fields[key][:100])
+    assert read_gguf(smollm2_gguf).fields[key] == plain.fields[key]  # the cached header still holds the count
+    assert kept.tensor_bytes == plain.tensor_bytes and kept.data_offset == plain.data_offset
