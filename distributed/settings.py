@@ -86,6 +86,10 @@ class Settings(BaseSettings):
                                            "it grows the engine by ~1.5 MB per request until full.")
     engine_bin: str = Field("", description="The llama-server binary (or its folder); empty = the scripts/build_engine.sh "
                             "build matching the installed llama-cpp-python.")
+    embed_runtime: Literal["auto", "torch", "onnx", "openvino"] = Field(
+        "auto", description="Runtime of embedding and rerank models: torch, onnx (ONNX Runtime), openvino, or auto (each "
+                            "measured on this host at a model's first load, the fastest kept whose output matches "
+                            "torch's, cosine >= 0.999; exports and the choice are cached under TARS_MODELS_DIR/runtimes).")
 
     # --- cluster timing
     heartbeat_s: float = Field(2.0, gt=0, le=300, description="Seconds between heartbeats (>0).")

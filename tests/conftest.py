@@ -14,6 +14,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Embedding models load on torch unless a test is about the runtime choice (it says which):
+# "auto", the default, exports and measures each runtime at a model's first load in every
+# fresh models folder — seconds per node on a 2-core machine. tests/unit/backends/test_runtime.py,
+# test_st_base.py and tests/integration/test_embed_runtime.py cover it.
+os.environ.setdefault("TARS_EMBED_RUNTIME", "torch")
 
 CACHE = Path(os.environ.get("TARS_TEST_CACHE", Path(__file__).resolve().parent.parent / ".test-cache"))
 
@@ -102,6 +107,25 @@ def tiny_cross_encoder_dir() -> Path:
     d.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(d)
     fast.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def minilm_cross_encoder_dir(minilm_dir: Path) -> Path:
+    """A cross-encoder of real size and shape: the embedded MiniLM's encoder (6 layers, 384
+    wide) under a seeded random one-label head. No trained reranker is on disk offline; this
+    one scores pairs the way a real one computes them (for runtime exports and speed), not well."""
+    transformers = pytest.importorskip("transformers")
+    d = CACHE / "minilm-cross-encoder"
+    if (d / "config.json").exists() and (d / "tokenizer.json").exists():
+        return d
+    import torch
+
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification.from_pretrained(str(minilm_dir), num_labels=1)
+    d.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(d)
+    transformers.AutoTokenizer.from_pretrained(str(minilm_dir)).save_pretrained(d)
     return d
 
 
