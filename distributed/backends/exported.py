@@ -152,12 +152,13 @@ class Exports:
         try:
             (_export_onnx if runtime == "onnx" else _export_openvino)(model, example, names, output, tmp)
             (tmp / "meta.json").write_text(json.dumps(self.meta(names, output), indent=1))
-            shutil.rmtree(folder, ignore_errors=True)  # a stale export (older files or versions)
-            try:
-                os.replace(tmp, folder)
-            except OSError:  # another process put its export there first: use that one
-                if self.ready(runtime, names, output) is None:
-                    raise
+            if self.ready(runtime, names, output) is None:  # else another process just put one there
+                shutil.rmtree(folder, ignore_errors=True)  # a stale export (older files or versions)
+                try:
+                    os.replace(tmp, folder)
+                except OSError:  # another process put its export there first: use that one
+                    if self.ready(runtime, names, output) is None:
+                        raise
         except RuntimeUnavailable:
             raise
         except Exception as exc:  # noqa: BLE001 - an exporter fails in many ways; the model still runs on torch
