@@ -86,12 +86,13 @@ def bodies_for(texts: list[str], per_request: int) -> list[bytes]:
 
 
 def run(ports: dict[str, int], texts: list[str], rounds: int, baseline_batch: int) -> dict[str, Any]:
+    runner: Any = asyncio.run
     try:
         import uvloop
 
         runner = uvloop.run
     except ImportError:
-        runner = asyncio.run
+        pass
     sides = ["in-process torch", *ports]
     st_encode(texts[:64], batch_size=baseline_batch)  # load + warm the in-process model
     out: dict[str, Any] = {}
@@ -158,7 +159,7 @@ def main() -> None:
                   f"{(row.get('runtime') or {}).get('why')}", flush=True)
         time.sleep(2.0)
         res["rss_mb"] = {rt: round(rss_mb(p.pid)) for rt, p in started.items()}
-        res["workloads"] = run({rt: p.port for rt, p in started.items()}, sentences(args.sentences), args.rounds,
+        res["workloads"] = run({rt: int(p.port or 0) for rt, p in started.items()}, sentences(args.sentences), args.rounds,
                                args.baseline_batch)
         res["load_after"] = round(os.getloadavg()[0], 2)
     finally:

@@ -161,7 +161,8 @@ def main() -> None:
         stream(pc2.url, 16)
         idle = idle_rates(pids)
         res["idle_cpu_ms_per_s"] = {k: round(v * 1000, 2) for k, v in idle.items()}
-        straight, forwarded = [], []
+        straight: list[dict[str, float]] = []
+        forwarded: list[dict[str, float]] = []
         for r in range(args.rounds):
             sides = [("straight", pc1.url), ("forwarded", pc2.url)]
             for side, url in sides if r % 2 == 0 else sides[::-1]:

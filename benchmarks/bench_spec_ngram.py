@@ -21,7 +21,6 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -141,7 +140,8 @@ def main() -> None:
                            "spec_args": args.spec_arg, "binary": str(binary)}
     try:
         for name, port in ports.items():
-            wait_until(lambda p=port: httpx.get(f"http://127.0.0.1:{p}/health", timeout=2).status_code == 200, 120,
+            url = f"http://127.0.0.1:{port}/health"
+            wait_until(lambda u=url: httpx.get(u, timeout=2).status_code == 200, 120,  # type: ignore[misc]
                        f"llama-server {name} healthy (log {logs})")
         for port in ports.values():
             run_streams(port, "Hello", 8, 1)
@@ -172,4 +172,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

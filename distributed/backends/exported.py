@@ -75,7 +75,7 @@ def runtime_module(run: Callable[[list[Any]], Any], names: list[str], output: st
     stands in for the transformer: ``forward(**tokens)`` → ``{output: tensor}`` from ``run``."""
     torch = require("torch", purpose=_PURPOSE)
 
-    class RuntimeModule(torch.nn.Module):
+    class RuntimeModule(torch.nn.Module):  # type: ignore[name-defined]
         def __init__(self) -> None:
             super().__init__()
             self.config = config
@@ -98,7 +98,7 @@ def runtime_module(run: Callable[[list[Any]], Any], names: list[str], output: st
 def _graph(model: Any, names: list[str], output: str, torch: Any) -> Any:
     """The transformer as a module of positional tensors returning the one output we use."""
 
-    class _Graph(torch.nn.Module):
+    class _Graph(torch.nn.Module):  # type: ignore[name-defined]
         def __init__(self) -> None:
             super().__init__()
             self.model = model

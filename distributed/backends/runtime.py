@@ -210,10 +210,12 @@ def choose(mode: str, cands: Candidates, *, cache: ChoiceCache | None, key: dict
         cands.prepare(mode)
         agree = agreement(cands.outputs(mode), cands.outputs("torch"))
     except RuntimeUnavailable as exc:
-        why = f"torch: TARS_EMBED_RUNTIME={mode}, but {exc.message}"
+        name = cands.default()
+        why = f"{name}: TARS_EMBED_RUNTIME={mode}, but {exc.message}"
         log.warning("model %s: %s", model, why, extra=fields(model=model, runtime=mode))
-        cands.activate("torch")
-        return Choice("torch", why, "setting")
+        cands.prepare(name)
+        cands.activate(name)
+        return Choice(name, why, "setting")
     cands.activate(mode)
     return Choice(mode, f"{mode}: TARS_EMBED_RUNTIME={mode}, cosine {agree:.5f} to torch", "setting",
                   agreement=agree)

@@ -78,6 +78,8 @@ class STBackend(EmbedBackend):
         self.runtime = choose(self.options.runtime, cands, cache=ChoiceCache(root), key=self._cache_key(torch, cands),
                               model=self.spec.id, log=log)
         self._runtime_mb = cands.sizes.get(self.runtime.name)
+        if self.options.runtime not in ("auto", self.runtime.name.split("-")[0]):
+            self.notes.append(self.runtime.why)  # asked for a runtime it could not have
         del cands  # the losers (and the torch weights, when another runtime won) go with it
         self._model = model
         self._counter = self._make_counter(model)

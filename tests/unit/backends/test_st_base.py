@@ -147,6 +147,7 @@ def test_an_unwritable_runtimes_folder_leaves_the_model_on_torch(tiny_cross_enco
     try:
         assert b.runtime is not None and b.runtime.name == "torch"
         assert "TARS_EMBED_RUNTIME=openvino, but cannot write the openvino export" in b.runtime.why
+        assert b.notes == [b.runtime.why]  # shown with the model in /models and /status
         assert b.embed(PAIRS).shape == (len(PAIRS),)
     finally:
         b.unload()
