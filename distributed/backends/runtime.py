@@ -241,8 +241,8 @@ def _auto(cands: Candidates, cache: ChoiceCache | None, key: dict[str, Any], mod
     winner = pick(trials)
     choice = explain(winner, trials)
     cands.activate(winner.name)
-    log.info("model %s runs on %s: %s (chosen in %.1f s, exports included; %s)", model, choice.name, choice.why, clock() - t0,
-             "; ".join(_trial_text(t) for t in trials), extra=fields(model=model, runtime=choice.name))
+    log.info("model %s runs on %s: %s (chosen in %.1f s, exports included; %s)", model, choice.name, choice.why,
+             clock() - t0, "; ".join(_trial_text(t) for t in trials), extra=fields(model=model, runtime=choice.name))
     if cache is not None:
         cache.put(key, choice, log)
     return choice

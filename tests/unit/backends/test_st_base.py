@@ -76,7 +76,8 @@ def test_minilm_exports_once_and_answers_like_torch(runtime, minilm_dir, runtime
         assert b.memory_mb()["ram_mb"] > 50  # the export's weights
     finally:
         b.unload()
-    folder = runtime_dir / "minilm-rt" / f"{runtime}-{exported.version('onnxruntime' if runtime == 'onnx' else 'openvino')}"
+    package = "onnxruntime" if runtime == "onnx" else "openvino"
+    folder = runtime_dir / "minilm-rt" / f"{runtime}-{exported.version(package)}"
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["torch"] == exported.version("torch") and meta["inputs"][0] == "input_ids"
     weights = next(f for f in folder.iterdir() if f.suffix in (".onnx", ".bin"))
