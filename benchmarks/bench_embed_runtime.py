@@ -171,16 +171,17 @@ def rerank(models_dir: Path, runtimes: list[str], rounds: int, n_pairs: int = 25
 
 
 def markdown(res: dict[str, Any], runtimes: list[str]) -> str:
-    lines = [f"| workload | in-process torch, sentences/s | " + " | ".join(f"node {r}" for r in runtimes)
-             + " | target |", "|---|---|" + "---|" * len(runtimes) + "---|"]
+    lines = ["| workload (per second; ratio to in-process torch) | in-process torch | "
+             + " | ".join(f"TARS_EMBED_RUNTIME={r}" for r in runtimes) + " | target |",
+             "|---|---|" + "---|" * len(runtimes) + "---|"]
     for name, w in res.get("workloads", {}).items():
         cells = [f"{w['per_s'][r]:.0f} (**{w['ratio'][r]:.2f}x**)" for r in runtimes]
-        lines.append(f"| {name}: {w['clients']} clients × {w['per_request']} sentence(s)/request | "
+        lines.append(f"| {name}: {w['clients']} clients × {w['per_request']} sentence(s)/request, node, sentences | "
                      f"{w['per_s']['in-process torch']:.0f} | " + " | ".join(cells) + f" | >= {TARGETS[name]}x |")
     rr = res.get("rerank")
     if rr:
         cells = [f"{rr['per_s'][r]:.0f} (**{rr['ratio'][r]:.2f}x**)" if r in rr["ratio"] else "" for r in runtimes]
-        lines.append(f"| rerank in process, pairs/s: CrossEncoderBackend vs CrossEncoder.predict | "
+        lines.append(f"| rerank, in process: CrossEncoderBackend vs CrossEncoder.predict, pairs | "
                      f"{rr['per_s']['in-process torch']:.0f} | " + " | ".join(cells) + " | |")
     return "\n".join(lines)
 
