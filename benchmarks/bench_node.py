@@ -40,6 +40,7 @@ import httpx
 import orjson
 
 from benchmarks.inprocess import default_threads, embedded_gguf, llama_decode, st_encode
+from benchmarks.soak import rss_mb
 from tests.support import ROOT, ServerProcess, ServerFailed
 HOST = "127.0.0.2"
 CHAT, EMBED = "gemma-3-270m", "all-MiniLM-L6-v2"
@@ -54,12 +55,6 @@ def node_process(models_dir: Path, threads: int, context: int, extra_env: dict[s
         env["TARS_THREADS"] = str(threads)
     return ServerProcess("bench", HOST, ports=range(18450, 18500), env=env,
                          args=["--models-dir", str(models_dir), "--log-level", "warning"])
-
-
-def rss_mb(pid: int) -> float:
-    import psutil
-
-    return psutil.Process(pid).memory_info().rss / 2**20
 
 
 # --------------------------------------------------------------------------- chat
@@ -242,12 +237,12 @@ async def _overhead() -> dict[str, float]:
     """The node's own cost, without a model or sockets: the fake backends through the app."""
     from distributed.api.app import create_app
     from distributed.domain import HostProfile
-    from distributed.node import Node
+    from distributed.service import build
     from distributed.settings import load_settings
 
     settings = load_settings(None, node_name="probe", backend_override="fake", context=8192)
-    node = Node(settings, HostProfile("probe", "cpu", 2, 16000, 16000), backend_extra={"reply_tokens": 4000})
-    app = create_app(settings, node)
+    service = build(settings, profile=HostProfile("probe", "cpu", 2, 16000, 16000), backend_extra={"reply_tokens": 4000})
+    node, app = service.node, create_app(service)
     async with app.router.lifespan_context(app):
         for t in node.local_targets():
             await t.wait_loaded(10)
@@ -337,7 +332,7 @@ def main() -> None:
     port = node.port
     try:
         time.sleep(2.0)
-        res: dict[str, Any] = {"start_to_health_s": startup, "idle_rss_mb": rss_mb(node.pid),
+        res: dict[str, Any] = {"start_to_health_s": startup, "idle_rss_mb": rss_mb(node.pid, children=False),
                                "load_before": round(os.getloadavg()[0], 2), "server_env": server_env,
                                "threads": threads, "threads_rule": rule, "context": args.context,
                                "machine": f"{os.cpu_count()} CPUs, {os.uname().machine}, Python {sys.version.split()[0]}"}

@@ -40,7 +40,7 @@ async def _cluster(token_ms: float, tokens: int) -> list[Host]:
         peers = () if name == "pc1" else (URLS["pc1"],)
         hosts.append(await Host(net, name, URLS[name], preset, peers=peers, extra=extra, heartbeat_s=0.2,
                                 models=["smollm2-135m-instruct", "all-MiniLM-L6-v2"], models_dir=d / name).start())
-    await until(lambda: len(hosts[0].node.cluster.hosts()) == 3, timeout=20, what="three hosts")
+    await until(lambda: len(hosts[0].cluster.hosts()) == 3, timeout=20, what="three hosts")
     return hosts
 
 
@@ -50,8 +50,8 @@ async def _scale(hosts: list[Host], replicas: int) -> None:
 
     def ready() -> bool:
         for h in hosts[:2]:
-            rs = h.node.deployer.replicas.sets.get(MODEL)
-            live = {m.node for m in rs.members() if rs._live(m)} if rs else set()
+            rs = h.node.routes.replicas.get(MODEL)
+            live = {m.node for m in rs.members() if rs.live(m)} if rs else set()
             t = h.node.targets.get(MODEL)
             if replicas > 1 and len(live) != replicas:
                 return False

@@ -27,7 +27,7 @@ import httpx  # noqa: E402
 
 from distributed.api.app import create_app  # noqa: E402
 from distributed.domain import HostProfile  # noqa: E402
-from distributed.node import Node  # noqa: E402
+from distributed.service import build  # noqa: E402
 from distributed.settings import load_settings  # noqa: E402
 
 EMB = "all-MiniLM-L6-v2"
@@ -44,9 +44,9 @@ async def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()
     settings = load_settings(None, node_name="bench", models_dir=tempfile.mkdtemp(), models=[EMB])
-    node = Node(settings, HostProfile(hostname="bench", cpu_model="cpu", cpu_cores=2, ram_total_mb=8000,
-                                      ram_free_mb=4000))
-    app = create_app(settings, node)
+    service = build(settings, profile=HostProfile(hostname="bench", cpu_model="cpu", cpu_cores=2, ram_total_mb=8000,
+                                                  ram_free_mb=4000))
+    node, app = service.node, create_app(service)
     docs, query = _docs(args.docs), "a boat on the river at dusk"
     async with app.router.lifespan_context(app):
         target = node.targets[EMB]

@@ -156,6 +156,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def main() -> int:
+    # Option declarations: alike in shape with the other benchmarks' (bench_split), nothing to share.
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--clients", type=int, default=32)

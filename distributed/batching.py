@@ -1,11 +1,4 @@
-"""Concurrency in front of a backend: the generation queue and the embedding micro-batcher.
-
-``GenerationQueue`` — a llama model is not thread-safe, and a newer request must
-never interrupt a running stream, so each chat model runs one generation at a
-time in its own worker thread, behind a one-slot ``SlotQueue`` (below). Tokens cross from the
-worker thread to the event loop through ``_Channel``: the thread appends to a
-deque and wakes the loop only when no wake-up is pending, so a consumer that lags
-gets several tokens per wake-up instead of one loop callback per token.
+"""The embedding micro-batcher: concurrent requests merged into one encode call.
 
 ``MicroBatcher`` — embedding throughput comes from batching: concurrent requests
 are merged into one ``encode`` call (up to ``max_batch`` sentences), sorted by
@@ -14,13 +7,8 @@ are handed back to each caller. An idle worker starts at once (no added latency
 for a lone request); while it is busy, requests coalesce for the next batch,
 which waits at most ``max_wait_ms`` (counted from its oldest request) to fill —
 as does a batch that starts right after another one ended (a burst: the clients
-just answered are about to send again).
-
-``SlotQueue`` — admission in front of an engine that runs ``slots`` generations at
-once itself (llama-server ``-np``): up to ``slots`` requests hold a slot, the rest wait
-in a bounded FIFO, no thread. A request that finds the FIFO full, or that would wait
-longer than ``max_wait_s`` by the recent time a slot is held, is refused at once
-(``Overloaded``: 429 with ``retry_after``) instead of answered after its client gave up.
+just answered are about to send again). ``LocalTarget`` puts every embedding and
+rerank model behind one. (Chat admission lives with the engine: ``engine/slots.py``.)
 """
 
 from __future__ import annotations
@@ -28,10 +16,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import math
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,51 +26,7 @@ import numpy as np
 
 from .errors import Overloaded, RequestTimeout
 
-_END = object()
 BURST_WINDOW_S = 0.05  # a batch that ended this recently means more requests are on their way
-
-
-class _Channel:
-    """Thread → event loop hand-off with at most one pending wake-up."""
-
-    __slots__ = ("_loop", "_items", "_lock", "_waiter", "_scheduled")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._items: collections.deque[Any] = collections.deque()
-        self._lock = threading.Lock()
-        self._waiter: asyncio.Future[None] | None = None
-        self._scheduled = False
-
-    def put(self, item: Any) -> None:
-        """Any thread. Wakes the loop unless a wake-up is already on its way."""
-        with self._lock:
-            self._items.append(item)
-            if self._scheduled:
-                return
-            self._scheduled = True
-        try:
-            self._loop.call_soon_threadsafe(self._wake)
-        except RuntimeError:  # loop closed: nobody is listening any more
-            pass
-
-    def _wake(self) -> None:
-        with self._lock:
-            self._scheduled = False
-        w = self._waiter
-        if w is not None and not w.done():
-            w.set_result(None)
-
-    async def get_all(self) -> list[Any]:
-        """Loop thread. Everything queued so far (at least one item)."""
-        while True:
-            with self._lock:
-                if self._items:
-                    items = list(self._items)
-                    self._items.clear()
-                    return items
-                self._waiter = self._loop.create_future()
-            await self._waiter
 
 
 class _Ewma:
@@ -94,247 +36,6 @@ class _Ewma:
 
     def add(self, x: float) -> None:
         self.value += self.alpha * (x - self.value)
-
-
-class GenerationQueue:
-    """One generation at a time for one model, behind a bounded FIFO.
-
-    ``run(req, cancel)`` is the backend's synchronous ``stream``; it is called in the
-    queue's single worker thread. Admission is a one-slot ``SlotQueue``: ``max_waiting``
-    counts requests waiting *behind* the running one, ``max_wait_s`` bounds the wait it
-    expects (see ``SlotQueue``).
-    """
-
-    def __init__(self, run: Callable[[Any, threading.Event], Iterator[Any]], *, max_waiting: int,
-                 timeout_s: float, name: str = "model", max_wait_s: float = 0.0) -> None:
-        self._run = run
-        self.timeout_s = timeout_s
-        self.name = name
-        self._slot = SlotQueue(1, max_waiting=max_waiting, timeout_s=timeout_s, name=name, max_wait_s=max_wait_s)
-        self._running = False  # for reporting: the slot itself frees when the worker thread returns
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"gen-{name}")
-
-    @property
-    def max_waiting(self) -> int:
-        return self._slot.max_waiting
-
-    @property
-    def waiting(self) -> int:
-        return self._slot.waiting
-
-    @property
-    def depth(self) -> int:
-        """Requests waiting plus the one running."""
-        return self._slot.waiting + (1 if self._running else 0)
-
-    def retry_after(self) -> float:
-        return self._slot.retry_after()
-
-    async def stream(self, req: Any) -> AsyncIterator[Any]:
-        """Yield the backend's chunks in order. Leaving early (break, disconnect,
-        cancellation) sets the cancel event, so the worker stops generating."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout_s
-        ticket = await self._slot.acquire(bounded=not getattr(req, "choice", 0))
-        cancel = threading.Event()
-        chan = _Channel(loop)
-        try:
-            job = loop.run_in_executor(self._executor, self._work, req, cancel, chan)
-        except BaseException:
-            self._slot.release(ticket, learn=False)
-            raise
-        self._running = True
-
-        def _done(_: Any) -> None:  # the slot frees only when the worker has really finished
-            self._running = False
-            self._slot.release(ticket)
-
-        job.add_done_callback(_done)
-
-        def _expire() -> None:
-            cancel.set()
-            chan.put(RequestTimeout(f"generation on model '{self.name}' exceeded the request timeout "
-                                    f"of {self.timeout_s:g} s", timeout_s=self.timeout_s))
-
-        timer = loop.call_at(deadline, _expire)
-        try:
-            while True:
-                for item in await chan.get_all():
-                    if item is _END:
-                        self._running = False
-                        return
-                    if isinstance(item, BaseException):
-                        raise item
-                    yield item
-        finally:
-            timer.cancel()
-            cancel.set()
-
-    def _work(self, req: Any, cancel: threading.Event, chan: _Channel) -> None:
-        """Worker thread: run the backend stream, push every chunk, then the end marker."""
-        try:
-            for chunk in self._run(req, cancel):
-                chan.put(chunk)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
-            chan.put(exc)
-        finally:
-            chan.put(_END)
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
-
-
-class SlotQueue:
-    """Up to ``slots`` requests at once; up to ``max_waiting`` more wait in FIFO order.
-
-    ``async with queue.slot():`` holds a slot for the block (or ``ticket = await acquire()``
-    … ``release(ticket)``). A request is refused at once with ``Overloaded`` (429,
-    ``retry_after``) when the queue is full, or when the wait it can expect — how long a slot
-    is held, times the requests ahead of it, over the slots — is over ``max_wait_s`` (0: no
-    such bound). Better a prompt "retry in N s" than an answer that comes after the client
-    gave up. How long a slot is held: the moving average of the slots released, raised to
-    the time every slot has been held without one coming free (a slowdown shows before
-    anything finishes). Before the first release nothing is known: then at most a quarter of
-    the queue (at least one round, ``slots``) may wait — a burst at start-up on a starved host
-    otherwise waits minutes. ``bounded=False`` skips these bounds (not the queue size): the
-    later choices of an ``n > 1`` request, admitted with its first. A request admitted but
-    still waiting after ``timeout_s`` → ``RequestTimeout``. ``on_change`` (busy, waiting) is
-    called whenever either changes (metrics gauges).
-    """
-
-    def __init__(self, slots: int, *, max_waiting: int, timeout_s: float, name: str = "model",
-                 max_wait_s: float = 0.0, on_change: Callable[[int, int], None] | None = None) -> None:
-        self.slots = max(1, int(slots))
-        self.max_waiting = max_waiting
-        self.timeout_s = timeout_s
-        self.max_wait_s = max_wait_s
-        self.name = name
-        self.on_change = on_change
-        self.busy = 0
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
-        self._held = _Ewma(2.0)
-        self._held_seen = 0  # releases that reported how long the slot was held
-        self._holding: list[float] = []  # tickets (monotonic time a slot was taken) not yet released
-
-    @property
-    def waiting(self) -> int:
-        return len(self._waiters)
-
-    @property
-    def depth(self) -> int:
-        """Requests waiting plus those holding a slot."""
-        return self.busy + len(self._waiters)
-
-    def held_estimate(self) -> float | None:
-        """Seconds a slot is held (see the class docstring); None while nothing is known."""
-        all_held_for = 0.0
-        if self._holding and len(self._holding) >= self.slots:
-            all_held_for = time.monotonic() - max(self._holding)
-        if not self._held_seen:
-            return all_held_for or None
-        return max(self._held.value, all_held_for)
-
-    def expected_wait(self) -> float:
-        """Seconds a request arriving now can expect to wait for a slot (0.0 with no estimate)."""
-        if self.busy < self.slots and not self._waiters:
-            return 0.0
-        return (self.held_estimate() or 0.0) * (len(self._waiters) + 1) / self.slots
-
-    def retry_after(self) -> float:
-        held = self.held_estimate() or self._held.value
-        return float(min(120, max(1, math.ceil(held * (len(self._waiters) + 1) / self.slots))))
-
-    def _changed(self) -> None:
-        if self.on_change is not None:
-            self.on_change(self.busy, len(self._waiters))
-
-    @asynccontextmanager
-    async def slot(self, bounded: bool = True) -> AsyncIterator[None]:
-        ticket = await self.acquire(bounded)
-        try:
-            yield
-        finally:
-            self.release(ticket)
-
-    def _admit_or_refuse(self, bounded: bool) -> None:
-        """Raise ``Overloaded`` if a request arriving now must not join the queue."""
-        busy = f"{self.busy} of {self.slots} slot{'s' if self.slots != 1 else ''} busy, {len(self._waiters)} waiting"
-        if len(self._waiters) >= self.max_waiting:
-            raise Overloaded(f"model '{self.name}' is busy ({busy}; queue size {self.max_waiting}); retry later",
-                             retry_after=self.retry_after(), model=self.name, queue_size=self.max_waiting,
-                             slots=self.slots)
-        if self.max_wait_s <= 0 or not bounded:
-            return
-        cold_cap = max(self.slots, self.max_waiting // 4)
-        if not self._held_seen and len(self._waiters) >= cold_cap:
-            raise Overloaded(f"model '{self.name}' is busy ({busy}) and has not yet measured how long a request "
-                             f"takes: until it has, at most {cold_cap} wait; retry later",
-                             retry_after=self.retry_after(), model=self.name, slots=self.slots)
-        wait = self.expected_wait()
-        if wait > self.max_wait_s:
-            raise Overloaded(f"model '{self.name}' is busy ({busy}): this request would wait about {wait:.0f} s "
-                             f"for a slot, over the {self.max_wait_s:g} s bound (TARS_QUEUE_MAX_WAIT_S); retry later",
-                             retry_after=self.retry_after(), model=self.name, expected_wait_s=round(wait, 1),
-                             max_wait_s=self.max_wait_s, slots=self.slots)
-
-    async def acquire(self, bounded: bool = True) -> float:
-        """Take a slot, waiting in line if need be; returns the ticket for ``release``."""
-        if self.busy < self.slots and not self._waiters:
-            self.busy += 1
-            self._changed()
-            return self._took()
-        self._admit_or_refuse(bounded)
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
-        self._changed()
-        try:
-            await asyncio.wait_for(asyncio.shield(fut), self.timeout_s)
-        except BaseException as exc:
-            if fut.done() and not fut.cancelled():
-                self.release()  # handed a slot just as we gave up: pass it on
-            else:
-                fut.cancel()
-                try:
-                    self._waiters.remove(fut)
-                except ValueError:
-                    pass
-                self._changed()
-            if isinstance(exc, asyncio.TimeoutError):
-                raise RequestTimeout(f"request waited {self.timeout_s:g} s for a slot of model '{self.name}' "
-                                     "and timed out", timeout_s=self.timeout_s) from None
-            raise
-        return self._took()
-
-    def _took(self) -> float:
-        ticket = time.monotonic()
-        self._holding.append(ticket)
-        return ticket
-
-    def release(self, ticket: float | None = None, *, learn: bool = True) -> None:
-        """Free the slot taken with ``ticket`` (``learn``: count how long it was held): hand
-        it straight to the oldest waiter (busy stays), else busy - 1."""
-        if ticket is not None:
-            try:
-                self._holding.remove(ticket)
-            except ValueError:
-                pass
-            if learn:
-                self._learn(time.monotonic() - ticket)
-        while self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)
-                self._changed()
-                return
-        self.busy = max(0, self.busy - 1)
-        self._changed()
-
-    def _learn(self, held_s: float) -> None:
-        if self._held_seen:
-            self._held.add(held_s)
-        else:
-            self._held.value = held_s  # the first measurement replaces the guess
-        self._held_seen += 1
 
 
 @dataclass

@@ -11,9 +11,11 @@ Two roles (``settings.effective_role``):
 * a **worker** (``TARS_PEERS=http://pc1:8000``) joins it, retrying with
   exponential backoff until it answers, then applies the plan it got.
 
-Both apply the same plan (``_apply``): the node loads this host's share, and every
-model assigned to another host is routed to it (``Routes.route_to_peer``), so either
-host answers every request. Every change of which target serves a model goes through
+Both apply the same plan (``_apply``): the node loads this host's share, every model
+assigned to another host is routed to it (``Routes.route_to_peer``), and a model on
+several hosts is served by its replicas (``Routes.replicate``), so any host answers every
+request. The plan itself comes from the node (``ClusterNode.plan_for``: the desired set
+placed over the live hosts, deploy/placement.py). Every change of which target serves a model goes through
 the node's ``targets.Routes`` (the one owner of target swaps): re-plans are make
 before break, a model moving away keeps being served by the copy here until its new
 host reports it ready.
@@ -39,18 +41,22 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from functools import partial
 from typing import Any
 
 import orjson
 
 from . import __version__, peer_urls
-from .domain import HostProfile, Plan
+from .domain import Assignment, HostProfile, Plan
 from .errors import ConfigError, PeerUnavailable, TarsError, Unauthorized, ValidationFailed
+from .failover import serve_here
 from .logs import fields, get_logger
 from .peers import VITALS, ClientFactory, Peer, PeerState, PeerTable
+from .peers import client_factory as default_clients
 from .rpc.client import PeerClient
 from .seams import ClusterNode
-from .targets import RemoteTarget, Target
+from .settings import Settings
+from .targets import PeerView, RemoteTarget, Target
 from .tasks import TaskSet, background
 from .tls import Pins
 
@@ -71,32 +77,30 @@ def plan_id(plan: Plan) -> str:
 
 
 class Cluster:
-    """The cluster layer of one node. ``client_factory(url) -> PeerClient`` is how it
-    reaches a peer (tests pass one wired to in-process apps)."""
+    """The cluster layer of one node. The composition root (``service.build``) hands it
+    the node's ``peers`` table (shared with the node and the split service) and the TLS
+    ``pins`` its clients trust; without them it makes its own (``client_factory(url) ->
+    PeerClient``: how it reaches a peer; tests pass one wired to in-process apps)."""
 
-    def __init__(self, node: ClusterNode, settings: Any, client_factory: ClientFactory | None = None) -> None:
+    def __init__(self, node: ClusterNode, settings: Settings, peers: PeerTable | None = None, *,
+                 pins: Pins | None = None, client_factory: ClientFactory | None = None) -> None:
         self.node = node
         self.settings = settings
         self.name: str = node.name
         self.seeds: list[str] = list(settings.peers)
         self.role: str = settings.effective_role
-        self.table = PeerTable(self.name, lambda url: self._factory(url))
+        self.pins = pins or Pins.from_settings(settings)  # TLS fingerprints trusted for https:// peers (tls.py)
+        factory = client_factory or default_clients(settings, self.pins)
+        self.table = peers if peers is not None else PeerTable(self.name, factory)
         self.server: str | None = None if self.seeds else self.name  # who plans
         self.plan_id = ""
         self.interval = float(settings.heartbeat_s)
-        self._factory = client_factory or self._default_client
         self._tasks = TaskSet(f"cluster-{self.name}")
         self._joining: set[str] = set()
         self._plan_lock = asyncio.Lock()
         self._running = False
         self._vitals: dict[str, Any] = {}
         self._vitals_at = -1e9
-        self.pins = Pins.from_settings(settings)  # TLS fingerprints trusted for https:// peers (tls.py)
-
-    def _default_client(self, url: str) -> PeerClient:
-        s = self.settings
-        return PeerClient(url, s.cluster_token.get_secret_value(), timeout=s.rpc_timeout_s,
-                          long_timeout=s.request_timeout_s, pins=self.pins)
 
     @property
     def peers(self) -> dict[str, Peer]:
@@ -106,6 +110,16 @@ class Cluster:
     @property
     def is_planner(self) -> bool:
         return self.server == self.name
+
+    def planner_client(self) -> PeerClient | None:
+        """The client of the host that plans, or None when this host plans (runtime deploys
+        are forwarded there); ``ConfigError`` on a worker that has not joined yet."""
+        if self.is_planner:
+            return None
+        peer = self.peers.get(self.server) if self.server else None
+        if peer is None:
+            raise ConfigError(f"{self.name} is a worker that has not joined its server yet; retry shortly")
+        return peer.client
 
     # ----------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -150,7 +164,7 @@ class Cluster:
 
     async def _join_loop(self, url: str) -> None:
         """cluster.join until it answers; backoff 0.25 s doubling to 5 s; each attempt logged."""
-        client = self._factory(url)
+        client = self.table.client(url)
         delay, attempt = 0.25, 0
         while True:
             attempt += 1
@@ -336,7 +350,10 @@ class Cluster:
     # ----------------------------------------------------------------- planning
     def hosts(self) -> dict[str, HostProfile]:
         """The hosts a plan may use: this one and every live, trusted peer."""
-        hosts: dict[str, HostProfile] = {self.name: self.node.profile}
+        profile = self.node.profile
+        if profile is None:  # node.start() profiles before the cluster starts
+            raise ConfigError(f"{self.name} has not profiled its hardware yet; retry shortly")
+        hosts: dict[str, HostProfile] = {self.name: profile}
         for peer in sorted(self.table.live(), key=lambda p: p.name):
             if peer.profile is not None and peer_urls.trusted(peer):  # no models until its figures agree
                 hosts[peer.name] = peer.profile
@@ -348,14 +365,7 @@ class Cluster:
         await self._reapply()
 
     def _replan(self) -> Plan:
-        from .planning import plan_for
-
-        hosts = self.hosts()
-        deployer = getattr(self.node, "deployer", None)
-        if deployer is not None:  # runtime deploys: pinned hosts (deploy/manager.py)
-            return deployer.plan(hosts)
-        specs = self.node.model_specs()
-        return plan_for(self.settings, hosts, specs, paths=self.node.model_paths(specs))
+        return self.node.plan_for(self.hosts())  # the desired set over the live hosts (deploy/placement.py)
 
     async def _reapply(self) -> None:
         plan = self._replan()
@@ -383,19 +393,29 @@ class Cluster:
                 if a.node == self.name:
                     continue
                 if len(hosts_of[a.model]) > 1 and (self.name in hosts_of[a.model] or a.model in routed):
-                    continue  # replicas: deploy/replicas.py routes among them; the table keeps one
+                    continue  # replicas: their ReplicaSet routes among them (below); the table keeps one
                 routed.add(a.model)
                 peer = self.table.get(a.node)
                 if peer is None:
                     log.warning("plan puts %s on %s, a host this node does not know yet", a.model, a.node)
                     continue
-                routes.route_to_peer(a, peer, lambda handoff, a=a, peer=peer: RemoteTarget(
-                    a.model, a.kind, peer, failover=self.failover, assignment=a.to_dict(),
-                    max_batch=4 * self.settings.embed_max_batch, handoff=handoff))
+                routes.route_to_peer(a, peer, partial(self._remote, a, peer))
             await self.node.apply_plan(plan)
+            routes.replicate(plan.assignments, self.table.get, self._replica)
             routes.forget_unplanned({a.model for a in plan.assignments})
             for peer in self.table:
                 routes.settle(peer)
+
+    def _remote(self, a: Assignment, peer: PeerView, handoff: Target | None) -> RemoteTarget:
+        """A model the plan puts on ``peer``, failing over here while it is down (``handoff``:
+        the copy here that serves until the peer reports the model ready)."""
+        return RemoteTarget(a.model, a.kind, peer, failover=self.failover, assignment=a.to_dict(),
+                            max_batch=4 * self.settings.embed_max_batch, handoff=handoff)
+
+    def _replica(self, a: Assignment, peer: PeerView) -> RemoteTarget:
+        """A peer's member of a replicated model: no failover of its own (the other replicas are)."""
+        return RemoteTarget(a.model, a.kind, peer, failover=None, assignment=a.to_dict(),
+                            max_batch=4 * self.settings.embed_max_batch)
 
     def _settle(self, peer: Peer) -> None:
         """``peer`` answered with a fresh report: drop the stand-ins of the models it serves again."""
@@ -405,8 +425,6 @@ class Cluster:
     async def failover(self, remote: RemoteTarget, cause: PeerUnavailable) -> Target:
         """Serve ``remote.model`` here while its host is down, or raise PeerUnavailable naming it
         (``failover.serve_here``: one stand-in per model, loaded once, shared by every request)."""
-        from .failover import serve_here
-
         return await serve_here(self.node, self.settings, remote, cause)
 
     # ----------------------------------------------------------------- reporting
@@ -415,4 +433,4 @@ class Cluster:
 
     def routing(self) -> dict[str, str]:
         """model id → host that computes it (this node's view)."""
-        return {m: t.node for m, t in self.node.targets.items()}
+        return {m: t.node for m, t in self.node.routes.targets.items()}

@@ -105,6 +105,19 @@ class ModelSpec(_Data):
     head_dim: int | None = None
     embedded: bool = False  # ships with the package, no download
     description: str = ""
+    # a chat template in place of the GGUF's own: a shipped name (distributed/templates/<name>.jinja)
+    # or, from a user catalog, a file path (resolved when the catalog is read)
+    chat_template: str | None = None
+    # a GGUF from the hub (a catalog entry or a resolved hf.co reference, modelref.py):
+    revision: str | None = None  # the repo commit it was resolved at (pulls fetch exactly that)
+    shards: list[str] | None = None  # every file of a split GGUF (-00001-of-0000N.gguf), ``file`` first
+    mmproj: str | None = None  # the vision projector: a file in ``repo``, or a local path (user catalog)
+    mmproj_mb: int | None = None  # its size (VRAM the planner adds)
+
+    @property
+    def vision(self) -> bool:
+        """The model sees images: it has a projector (llama-server ``--mmproj``)."""
+        return bool(self.mmproj)
 
 
 @dataclass
@@ -128,6 +141,9 @@ class Assignment(_Data):
     # tokens): TARS_PARALLEL, or fewer where the planner found VRAM short; None = not a slotted
     # engine, or a plan from a peer that predates the field (the engine then uses TARS_PARALLEL)
     slots: int | None = None
+    # a shipped chat template this deploy asked for (POST /models "chat_template"), in place of
+    # the catalog's or the GGUF's own; None = the spec's
+    chat_template: str | None = None
 
     @property
     def split_nodes(self) -> list[str]:
@@ -145,12 +161,17 @@ class Unplaced(_Data):
 class Plan(_Data):
     assignments: list[Assignment] = field(default_factory=list)
     unplaced: list[Unplaced] = field(default_factory=list)
+    # specs of models no host's catalog has on its own (hub references resolved by the planning
+    # host, modelref.py): id -> ModelSpec.to_dict(), so every host loads the same files
+    specs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Plan":
+        specs = data.get("specs")
         return cls(
             assignments=[Assignment.from_dict(a) for a in data.get("assignments", [])],
             unplaced=[Unplaced.from_dict(u) for u in data.get("unplaced", [])],
+            specs=dict(specs) if isinstance(specs, dict) else {},
         )
 
     def for_node(self, node: str) -> list[Assignment]:
@@ -187,11 +208,19 @@ class GenerateRequest(_Data):
     top_logprobs: int = 0  # alternatives per token (0-20) when logprobs
     n: int = 1  # choices; the API fans n > 1 out into n requests of n=1
     choice: int = 0  # this request's index in such a fan-out: the later ones are admitted with the first
+    # llama.cpp's sampler extras the client set ({"top_k": 20, "min_p": 0.1, ...}; names, types and
+    # bounds: distributed/sampling.py). Empty = the engine's defaults.
+    sampling: dict[str, Any] = field(default_factory=dict)
+    # Reach the chat template (llama-server's own request fields): "none" turns thinking off,
+    # another effort is the template's ``reasoning_effort``; kwargs are extra template variables.
+    reasoning_effort: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
     # The fields above are left out of to_rpc() while at their defaults, so a request
     # without them still reaches a peer of the previous version.
     _SURFACE = ("presence_penalty", "frequency_penalty", "response_format", "tools", "tool_choice",
-                "parallel_tool_calls", "logprobs", "top_logprobs", "n", "choice")
+                "parallel_tool_calls", "logprobs", "top_logprobs", "n", "choice", "sampling",
+                "reasoning_effort", "chat_template_kwargs")
 
     def to_rpc(self) -> dict[str, Any]:
         d = self.to_dict()
@@ -234,6 +263,7 @@ class Completion(_Data):
     tool_calls: list[dict[str, Any]] | None = None
     # OpenAI chat "content" logprobs: [{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}]
     logprobs: list[dict[str, Any]] | None = None
+    reasoning: str | None = None  # what a thinking model thought, apart from its answer (reasoning_content)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Completion":
@@ -252,6 +282,7 @@ class TokenChunk(_Data):
     logprobs: list[dict[str, Any]] | None = None  # entries for the tokens of this piece (Completion.logprobs shape)
     tool_calls: list[dict[str, Any]] | None = None  # set on the piece that completes the tool calls (text "")
     tokens: int | None = None  # tokens this piece stands for when not exactly one (a tool-call piece, held text)
+    reasoning: str | None = None  # a piece of a thinking model's reasoning (text "": not part of the answer)
 
 
 @dataclass

@@ -9,9 +9,11 @@ layer and the ``/rpc`` layer translate errors *by type*, in one place each
     ├── ConfigError                500  -32001   bad settings, presets, profiles
     ├── ValidationFailed           400  -32602   a request field is wrong (names the field)
     │   ├── InputTooLong           400  -32005   prompt longer than the context
+    │   ├── ToolsUnsupported       400  -32602   the model's chat template has no tools
     │   └── UnsupportedMediaType   415  -32602   body not declared application/json
     ├── ModelNotFound              404  -32002   unknown model id (lists the known ones)
-    │   └── ModelNotDownloaded     404  -32002   known model, files not on this host (pull it)
+    │   ├── ModelNotDownloaded     404  -32002   known model, files not on this host (pull it)
+    │   └── RefNotFound            404  -32002   a hub reference names no repo / GGUF / quant (the hub's reason)
     ├── ModelLoading               503  -32003   model exists but is not ready yet
     ├── ModelFailed                503  -32008   model failed to load
     ├── Overloaded                 429  -32004   queue full (carries retry_after)
@@ -22,7 +24,8 @@ layer and the ``/rpc`` layer translate errors *by type*, in one place each
     ├── PayloadTooLarge            413  -32011   body over the configured limit
     ├── MissingDependency          500  -32012   an optional heavy library is absent
     ├── DownloadFailed             502  -32013   a model pull from the hub failed
-    └── NoRoom                     409  -32014   a model being deployed fits on no host
+    ├── NoRoom                     409  -32014   a model being deployed fits on no host
+    └── ModelGated                 403  -32015   a hub reference names a gated repo (the hub's reason)
 
 Foreign exceptions (httpx, llama_cpp, torch, pynvml) are translated at the
 boundary of the module that owns the library.
@@ -80,6 +83,17 @@ class InputTooLong(ValidationFailed):
         self.got = got
 
 
+class ToolsUnsupported(ValidationFailed):
+    """The model cannot take ``tools``: its chat template renders none (or none in a call
+    format its engine reads). With ``tool_choice`` "auto" or absent a dialect answers
+    without the tools instead (api/tool_drop.py); crosses /rpc by its kind."""
+
+    kind = "tools_unsupported"
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message, field="tools", **details)
+
+
 class UnsupportedMediaType(ValidationFailed):
     """A state-changing request whose body is not declared ``application/json`` (HTTP 415)."""
 
@@ -110,6 +124,19 @@ class ModelNotDownloaded(ModelNotFound):
                                  f"run `tars models pull {model}`", model=model, where=where)
         self.model = model
         self.available = []
+
+
+class RefNotFound(ModelNotFound):
+    """A hub reference (``hf.co/ORG/REPO:QUANT``) that names no repo, no GGUF or no such quant:
+    the message gives the hub's reason, or the quants the repo has (``available``)."""
+
+    kind = "ref_not_found"
+
+    def __init__(self, message: str, model: str = "", available: list[str] | None = None, **details: Any) -> None:
+        details.setdefault("field", "model")
+        TarsError.__init__(self, message, model=model, available=available, **details)
+        self.model = model
+        self.available = list(available or [])
 
 
 class ModelLoading(TarsError):
@@ -199,6 +226,14 @@ class NoRoom(TarsError):
     http_status = 409
     rpc_code = -32014
     kind = "no_room"
+
+
+class ModelGated(TarsError):
+    """A hub reference to a gated repo this host has no access to (403): the hub's reason."""
+
+    http_status = 403
+    rpc_code = -32015
+    kind = "model_gated"
 
 
 # JSON-RPC application error table, documented in docs/RPC.md (keep in sync).

@@ -8,18 +8,19 @@ request, kept until the peer is back and has answered). Otherwise, or with
 """
 from __future__ import annotations
 
-from typing import Any
-
 from .domain import Assignment, ModelSpec
 from .errors import ModelFailed, PeerUnavailable
 from .logs import fields, get_logger
+from .modelref import planned_template, with_template
 from .peers import PeerState
+from .seams import ClusterNode
+from .settings import Settings
 from .targets import RemoteTarget, Target, TargetState
 
 log = get_logger(__name__)
 
 
-async def serve_here(node: Any, settings: Any, remote: RemoteTarget, cause: PeerUnavailable) -> Target:
+async def serve_here(node: ClusterNode, settings: Settings, remote: RemoteTarget, cause: PeerUnavailable) -> Target:
     """The stand-in here for ``remote.model`` once loaded, or PeerUnavailable / ModelFailed naming the peer."""
     peer, model = remote.peer, remote.model
     why = peer.state if peer.state != PeerState.ALIVE else "unreachable"
@@ -29,7 +30,7 @@ async def serve_here(node: Any, settings: Any, remote: RemoteTarget, cause: Peer
                               peer=peer.name, model=model)
 
     def load() -> Target:
-        spec = node.catalog.get(model)
+        spec = with_template(node.catalog.get(model), planned_template(node.plan, model))  # as its peer runs it
         assignment, reason = fits_here(node, settings, spec)
         if assignment is None:
             raise PeerUnavailable(f"{down}, and it cannot run on {node.name}: {reason}", peer=peer.name,
@@ -46,10 +47,12 @@ async def serve_here(node: Any, settings: Any, remote: RemoteTarget, cause: Peer
     return standin
 
 
-def fits_here(node: Any, settings: Any, spec: ModelSpec) -> tuple[Assignment | None, str]:
+def fits_here(node: ClusterNode, settings: Settings, spec: ModelSpec) -> tuple[Assignment | None, str]:
     """Would the planner place ``spec`` on this host beside what it already runs? (assignment, why not)"""
     from .planning import plan_for
 
+    if node.profile is None:
+        return None, f"{node.name} has not profiled its hardware yet"
     ids = [a.model for a in node.plan.for_node(node.name)]
     ids += [t.model for t in node.routes.standins()]
     ids.append(spec.id)

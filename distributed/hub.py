@@ -1,4 +1,6 @@
-"""Downloads from the Hugging Face Hub: one file resumed and verified, a repo file by file.
+"""The Hugging Face Hub: downloads (one file resumed and verified, a GGUF with its shards and
+projector, a repo file by file), a repo's file list, and ranged reads of a file's first bytes
+(``RangeReader``: how ``modelref`` reads a GGUF header before any pull).
 
 Every file goes through huggingface_hub's ``http_get`` into ``<name>.part``, so an
 interrupted pull — even a killed process — resumes where it stopped (``hf_hub_download``
@@ -16,11 +18,12 @@ import hashlib
 import re
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .domain import ModelSpec
-from .errors import DownloadFailed, TarsError
+from .errors import DownloadFailed, ModelGated, RefNotFound, TarsError
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 # What a transformers / sentence-transformers repo needs; skips duplicate weights (.bin,
@@ -45,17 +48,18 @@ def sha256(path: Path) -> str:
 
 def download(hub: Any, spec: ModelSpec, url: str, dest: Path, *, endpoint: str | None, label: str,
              progress: Progress, offset: int = 0, grand_total: int | None = None,
-             lfs_sha256: str | None = None) -> dict[str, Any]:
+             lfs_sha256: str | None = None, meta: Any = None) -> dict[str, Any]:
     """One hub file into ``dest``: resumed from ``dest.part``, verified, then renamed.
 
     Verification: the catalog's sha256 (single-file models), else the hub's LFS sha256
     (the tree listing or the ETag of an LFS file), else the size the hub announced.
+    ``meta``: the file's ``get_hf_file_metadata`` when the caller has it already.
     Returns what was checked, for the completion marker.
     """
     from huggingface_hub.file_download import http_get
     from huggingface_hub.utils import build_hf_headers
 
-    meta = hub.get_hf_file_metadata(url, endpoint=endpoint)
+    meta = meta or hub.get_hf_file_metadata(url, endpoint=endpoint)
     size = meta.size
     part = dest.with_name(dest.name + ".part")
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -86,12 +90,42 @@ def download(hub: Any, spec: ModelSpec, url: str, dest: Path, *, endpoint: str |
             "verified": "sha256" if expected_sha else "size"}
 
 
-def pull_file(hub: Any, spec: ModelSpec, dest: Path, endpoint: str | None, progress: Progress) -> dict[str, Any]:
-    """A single-file model (``spec.file``, a GGUF) into ``dest``; returns what was checked."""
+def gguf_files(spec: ModelSpec) -> list[str]:
+    """A GGUF model's files in its repo: every shard of a split model (or its one file),
+    then its projector (``mmproj``) when it has one."""
+    names = list(spec.shards or ([spec.file] if spec.file else []))
+    if spec.mmproj and not Path(spec.mmproj).is_absolute():
+        names.append(spec.mmproj)
+    return names
+
+
+def pull_file(hub: Any, spec: ModelSpec, folder: Path, endpoint: str | None, progress: Progress) -> dict[str, Any]:
+    """A GGUF model (``spec.file``; every shard of a split one and its projector with it) into
+    ``folder`` (each file at its path in the repo), at ``spec.revision`` when it is pinned;
+    files already there whole are kept. Progress is one count over all the files."""
     assert spec.repo and spec.file
-    url = hub.hf_hub_url(spec.repo, spec.file, endpoint=endpoint)
-    return download(hub, spec, url, dest, endpoint=endpoint, label=spec.file, progress=progress,
-                    lfs_sha256=spec.sha256)
+    names = gguf_files(spec)
+    urls = [hub.hf_hub_url(spec.repo, n, revision=spec.revision, endpoint=endpoint) for n in names]
+    metas = [hub.get_hf_file_metadata(u, endpoint=endpoint) for u in urls]
+    total = sum(int(m.size or 0) for m in metas)
+    offset, checked, commit, first_sha = 0, [], None, None
+    for name, url, meta in zip(names, urls, metas):
+        dest = folder / name
+        size = int(meta.size or 0)
+        if dest.is_file() and meta.size is not None and dest.stat().st_size == meta.size:
+            checked.append("kept")
+            if callable(progress):
+                progress(offset + size, total)
+        else:
+            one = spec.sha256 if name == spec.file and len(names) == 1 else None  # the catalog's hash: one file
+            info = download(hub, spec, url, dest, endpoint=endpoint, label=name, progress=progress, offset=offset,
+                            grand_total=total if len(names) > 1 else None, lfs_sha256=one, meta=meta)
+            checked.append(info["verified"])
+            first_sha = first_sha or (info["sha256"] if name == spec.file else None)
+        commit = commit or meta.commit_hash
+        offset += size
+    verified = "sha256" if all(c in ("sha256", "kept") for c in checked) else "size"
+    return {"commit": commit, "sha256": first_sha, "size": total, "files": names, "verified": verified}
 
 
 def pull_snapshot(hub: Any, spec: ModelSpec, dest: Path, endpoint: str | None, progress: Progress) -> dict[str, Any]:
@@ -106,7 +140,7 @@ def pull_snapshot(hub: Any, spec: ModelSpec, dest: Path, endpoint: str | None, p
 
     assert spec.repo
     api = hub.HfApi(endpoint=endpoint)
-    commit = api.repo_info(spec.repo, revision="main").sha or "main"
+    commit = api.repo_info(spec.repo, revision=spec.revision or "main").sha or "main"
     files = sorted((f for f in api.list_repo_tree(spec.repo, revision=commit, recursive=True)
                     if isinstance(f, RepoFile) and _wanted(f.path)), key=lambda f: f.path)
     if not any(f.path in ("config.json", "modules.json") for f in files):
@@ -127,6 +161,79 @@ def pull_snapshot(hub: Any, spec: ModelSpec, dest: Path, endpoint: str | None, p
         offset += int(f.size or 0)
     return {"commit": commit, "sha256": None, "size": dir_size(dest), "files": len(files),
             "verified": "sha256+size" if sha_checked else "size"}
+
+
+@dataclass(frozen=True)
+class RepoEntry:
+    """One file of a hub repo as its tree lists it."""
+
+    path: str
+    size: int
+    sha256: str | None = None  # the LFS sha256 the hub lists (large files)
+
+
+def repo_files(hub: Any, repo: str, endpoint: str | None, revision: str = "main") -> tuple[str, list[RepoEntry]]:
+    """The commit ``revision`` points at, and every file of ``repo`` at that commit (repo info,
+    then one recursive tree listing). huggingface_hub's errors pass through (``translate_for``)."""
+    from huggingface_hub.hf_api import RepoFile
+
+    api = hub.HfApi(endpoint=endpoint)
+    commit = api.model_info(repo, revision=revision).sha or revision
+    files = [RepoEntry(f.path, int(f.size or 0), getattr(f.lfs, "sha256", None) if f.lfs is not None else None)
+             for f in api.list_repo_tree(repo, revision=commit, recursive=True) if isinstance(f, RepoFile)]
+    return commit, sorted(files, key=lambda f: f.path)
+
+
+class RangeReader:
+    """Ranged reads of one hub file through huggingface_hub's HTTP session (its headers, token,
+    ``HF_ENDPOINT``, redirects): ``reader(offset, length) -> bytes``. ``bytes_read`` and
+    ``requests`` count what it fetched; a server that ignores ``Range`` is read only as far
+    as asked, then the connection is dropped."""
+
+    def __init__(self, hub: Any, repo: str, filename: str, *, revision: str, endpoint: str | None) -> None:
+        url = hub.hf_hub_url(repo, filename, revision=revision, endpoint=endpoint)
+        self.meta = hub.get_hf_file_metadata(url, endpoint=endpoint)
+        self.size: int | None = self.meta.size
+        self.bytes_read = 0
+        self.requests = 0
+
+    def __call__(self, offset: int, length: int) -> bytes:
+        if self.size is not None:
+            length = max(0, min(length, self.size - offset))
+        out = bytearray()
+        for attempt in range(self.ATTEMPTS):  # a dropped connection: ask again for what is missing
+            try:
+                self._read(offset + len(out), length - len(out), out)
+                break
+            except Exception as exc:  # noqa: BLE001 - only network failures are retried
+                if _network_cause(exc) is None or attempt == self.ATTEMPTS - 1:
+                    raise
+        return bytes(out[:length])
+
+    ATTEMPTS = 3
+
+    def _read(self, offset: int, length: int, out: bytearray) -> None:
+        from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+        if length <= 0:
+            return
+        headers = {**build_hf_headers(), "Range": f"bytes={offset}-{offset + length - 1}",
+                   "Accept-Encoding": "identity"}
+        want = len(out) + length
+        self.requests += 1
+        with get_session().stream("GET", self.meta.location, headers=headers, timeout=60) as r:
+            if r.status_code == 416:
+                return
+            hf_raise_for_status(r)
+            skip = offset if r.status_code == 200 else 0  # Range ignored: the whole file from byte 0
+            for chunk in r.iter_bytes():
+                self.bytes_read += len(chunk)
+                if skip:
+                    cut = min(skip, len(chunk))
+                    chunk, skip = chunk[cut:], skip - cut
+                out += chunk
+                if len(out) >= want:
+                    break
 
 
 def _wanted(path: str) -> bool:
@@ -201,30 +308,46 @@ def _network_cause(exc: BaseException) -> BaseException | None:
 
 def translate(exc: Exception, spec: ModelSpec, endpoint: str = "https://huggingface.co") -> TarsError:
     """A huggingface_hub / network exception → a TarsError naming the repo and file."""
+    what = f"'{spec.repo}'" + (f" file '{spec.file}'" if spec.file else "")
+    return translate_for(exc, what, spec.id, endpoint)
+
+
+def _reason(exc: Exception) -> str:
+    """The hub's own words for a refusal (X-Error-Message / the body's "error"), else the first line."""
+    said = (getattr(exc, "server_message", None) or "").strip()
+    return said.splitlines()[0] if said else str(exc).splitlines()[0]
+
+
+def translate_for(exc: Exception, what: str, model: str, endpoint: str = "https://huggingface.co",
+                  ref: bool = False) -> TarsError:
+    """``translate`` for ``what`` (a quoted repo, maybe with a file). ``ref``: a hub reference a user
+    gave — a missing repo is then a 404 (``RefNotFound``) and a gated one a 403 (``ModelGated``),
+    each with the hub's reason."""
     from huggingface_hub import errors as hf
 
-    what = f"'{spec.repo}'" + (f" file '{spec.file}'" if spec.file else "")
     if isinstance(exc, hf.OfflineModeIsEnabled):
-        return DownloadFailed(f"cannot pull {what}: offline mode is on (HF_HUB_OFFLINE=1)", model=spec.id)
+        return DownloadFailed(f"cannot reach {what}: offline mode is on (HF_HUB_OFFLINE=1)", model=model)
     if isinstance(exc, hf.GatedRepoError):
-        return DownloadFailed(f"{what} is gated: accept its licence on the hub and set HF_TOKEN", model=spec.id)
+        msg = f"{what} is gated: {_reason(exc)} (accept its licence on the hub and set HF_TOKEN)"
+        return ModelGated(msg, model=model) if ref else DownloadFailed(msg, model=model)
     if isinstance(exc, hf.RepositoryNotFoundError):
-        return DownloadFailed(f"repository {what} not found on the hub (check the catalog entry)", model=spec.id)
+        msg = f"repository {what} not found on the hub: {_reason(exc)}"
+        return RefNotFound(msg, model) if ref else DownloadFailed(msg + " (check the catalog entry)", model=model)
     if isinstance(exc, hf.RevisionNotFoundError):
-        return DownloadFailed(f"{what}: revision not found on the hub", model=spec.id)
+        return DownloadFailed(f"{what}: revision not found on the hub", model=model)
     net = _network_cause(exc)
     if net is not None or isinstance(exc, hf.LocalEntryNotFoundError):
         why = f"{type(net).__name__}: {net}" if net is not None else str(exc).splitlines()[0]
         return DownloadFailed(
-            f"cannot reach the model hub at {endpoint} to pull {what} ({why}). Check this machine's network "
+            f"cannot reach the model hub at {endpoint} for {what} ({why}). Check this machine's network "
             "connection (and HF_ENDPOINT or HTTPS_PROXY if you set them), then run the same command again: "
-            "the download resumes where it stopped", model=spec.id, endpoint=endpoint)
+            "a download resumes where it stopped", model=model, endpoint=endpoint)
     if isinstance(exc, hf.EntryNotFoundError):
-        return DownloadFailed(f"{what} not found on the hub (check the catalog entry)", model=spec.id)
+        return DownloadFailed(f"{what} not found on the hub (check the catalog entry)", model=model)
     if isinstance(exc, hf.HfHubHTTPError):
         status = getattr(getattr(exc, "response", None), "status_code", None)
-        return DownloadFailed(f"the hub refused {what} (HTTP {status})", model=spec.id, status=status)
+        return DownloadFailed(f"the hub refused {what} (HTTP {status}: {_reason(exc)})", model=model, status=status)
     if isinstance(exc, OSError) and "Consistency check failed" not in str(exc):
         if getattr(exc, "errno", None) is not None:
-            return DownloadFailed(f"cannot write {what} into the models folder: {exc}", model=spec.id)
-    return DownloadFailed(f"pulling {what} failed: {type(exc).__name__}: {exc}", model=spec.id)
+            return DownloadFailed(f"cannot write {what} into the models folder: {exc}", model=model)
+    return DownloadFailed(f"pulling {what} failed: {type(exc).__name__}: {exc}", model=model)

@@ -63,6 +63,7 @@ class Metrics:
              models: Callable[[], Container[str]] | None = None) -> None:
         """Tell the collectors where the state gauges come from (read at scrape time) and
         which model ids exist (``models``: a container of ids, e.g. the node's targets)."""
+        # Three independent optional setters (same shape as Peer.report, no logic in common).
         if queue_depths is not None:
             self._queue_fn = queue_depths
         if gpus is not None:

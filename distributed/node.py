@@ -1,12 +1,16 @@
 """The node: one host's service. Routes each request to a Target, local or remote.
 
-The node's table ``model id → Target`` is owned by ``targets.Routes`` (``node.routes``),
-the one place where targets are installed, swapped and dropped. At start a standalone
-node plans for itself (profiler → planner) and loads its share in the background; a
-node with peers loads nothing until the cluster layer hands it a plan (``apply_plan``)
-and routes the peers' models (``Routes.route_to_peer``). The HTTP and RPC layers only
-ever call the methods here, so both see the same routing, the same limits and the
-same errors.
+Which target serves a model is ``targets.Routes``'s to say (``node.routes``): the one
+place where targets — local copies, peers' models, replicas, stand-ins — are installed,
+swapped and dropped, and the one routing question (``Routes.resolve``). At start a
+standalone node plans for itself (``Placement``: the desired set → planner) and loads its
+share in the background; a node with peers loads nothing until the cluster layer hands it
+a plan (``apply_plan``) and routes the peers' models. The HTTP and RPC layers only ever
+call the methods here, so both see the same routing, the same limits and the same errors.
+
+The composition root (``service.build``) hands the node what it needs: its settings,
+catalog and store, the desired set (``placement``), the peer table (``/status``) and the
+split service (its split engines); each defaults to its own for a bare node (tests).
 """
 
 from __future__ import annotations
@@ -14,23 +18,29 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .backends.base import Backend, BackendOptions, create_backend
+from .catalog import Catalog
+from .deploy.placement import Placement
 from .domain import (Assignment, Completion, EmbedRequest, Embeddings, GenerateRequest, GPUInfo, HostProfile,
                      ModelKind, ModelSpec, Plan, TokenChunk)
-from .errors import ConfigError, ModelFailed, ModelLoading, ModelNotFound, ValidationFailed
+from .errors import ModelFailed, ModelNotFound, ValidationFailed
 from .logs import get_logger
 from .metrics import Metrics
+from .modelref import is_ref, resolve_all, with_template
+from .peers import PeerTable
 from .settings import Settings
-from .seams import ClusterView
+from .split.service import SplitService
+from .store import ModelStore
 from .targets import LocalTarget, Routes, Target, TargetState
 
 log = get_logger(__name__)
 
 
-def user_catalog(settings: Settings) -> Any:
+def user_catalog(settings: Settings) -> Catalog:
     """The one catalog of a host: built-in entries, then ``TARS_MODELS_DIR/catalog.toml``
     (the user's own models, e.g. a local GGUF by ``path``). The composition root builds it
     once and hands it to the node, the store and the planner (``tars plan`` / ``models``
@@ -41,53 +51,43 @@ def user_catalog(settings: Settings) -> Any:
 
 
 class Node:
-    def __init__(self, settings: Settings, profile: HostProfile | None = None, catalog: Any = None,
-                 store: Any = None, metrics: Metrics | None = None, *,
-                 backend_extra: dict[str, Any] | None = None) -> None:
+    def __init__(self, settings: Settings, profile: HostProfile | None = None, catalog: Catalog | None = None,
+                 store: ModelStore | None = None, metrics: Metrics | None = None, *,
+                 backend_extra: dict[str, Any] | None = None, placement: Placement | None = None,
+                 peers: PeerTable | None = None, split: SplitService | None = None) -> None:
         """``profile``/``catalog``/``store`` default to detecting, the one catalog of this
         host (built-in + ``TARS_MODELS_DIR/catalog.toml``, see ``user_catalog``) and a store
-        over ``settings.models_dir`` sharing that catalog. ``backend_extra`` is merged into
+        over ``settings.models_dir`` sharing that catalog; ``placement`` to the desired set of
+        ``settings`` (deploy/placement.py); ``peers`` (the peer table ``/status`` lists) to
+        none; ``split`` to a split service over ``peers``. ``backend_extra`` is merged into
         every backend's ``BackendOptions.extra`` (tests tune the fake backend through it)."""
         self.settings = settings
         self.name = settings.node_name
         self.role = settings.effective_role
         self.profile = profile
-        if catalog is None:
-            catalog = user_catalog(settings)
-        self.catalog = catalog
-        if store is None:
-            from .store import ModelStore
-
-            store = ModelStore(settings.models_dir, catalog)
-        self.store = store
+        catalog = catalog if catalog is not None else user_catalog(settings)
+        self.store = store if store is not None else ModelStore(settings.models_dir, catalog)
+        self.placement = placement if placement is not None else Placement(settings, catalog, self.store)
+        self.peers = peers
+        self.split = split if split is not None else SplitService(settings, peers)
         self.metrics = metrics or Metrics(self.name)
         self.metrics.bind(queue_depths=self._queue_depths, gpus=self.live_gpus, models=lambda: self.targets)
         self.backend_extra = dict(backend_extra or {})
         self.routes = Routes(self.name)  # the one owner of which target serves each model
         self.plan = Plan()
-        self.cluster: ClusterView | None = None  # set by the composition root (create_app)
-        self.deployer: Any = None  # runtime deploys (deploy/manager.py), attached by create_app
         self.started_at = time.monotonic()
         self._started = False
-        self._specs: list[ModelSpec] | None = None
+
+    @property
+    def catalog(self) -> Catalog:
+        """The one catalog of this host (the placement's: what may be deployed and planned)."""
+        return self.placement.catalog
 
     # ----------------------------------------------------------------- lifecycle
     def model_specs(self) -> list[ModelSpec]:
-        """The models this cluster serves: TARS_MODELS in order, else the embedded defaults —
-        or, with a ``deployer`` attached (deploy/manager.py), its desired set (those plus
-        runtime deploys, less removals)."""
-        if self.deployer is not None:
-            return self.deployer.specs()
-        if self._specs is None:
-            if self.settings.models:
-                try:
-                    self._specs = [self.catalog.get(m) for m in self.settings.models]
-                except ModelNotFound as exc:
-                    raise ConfigError(f"TARS_MODELS names unknown model '{exc.model}'; known models: "
-                                      f"{', '.join(exc.available)}", variable="TARS_MODELS") from None
-            else:
-                self._specs = list(self.catalog.defaults())
-        return self._specs
+        """The models this cluster serves: the desired set (``TARS_MODELS`` in order, else the
+        embedded defaults, plus runtime deploys, less removals; deploy/placement.py)."""
+        return self.placement.specs()
 
     async def start(self, load: bool | None = None) -> None:
         """Profile (if not given), plan for this host alone and start loading in the
@@ -101,6 +101,8 @@ class Node:
             from . import profiler
 
             self.profile = await asyncio.to_thread(profiler.profile_host, self.settings.gpu_profile, self.name)
+        if any(is_ref(m) for m in self.settings.models):  # hf.co/... in TARS_MODELS: resolved once (modelref.py)
+            await asyncio.to_thread(resolve_all, [m for m in self.settings.models if is_ref(m)], self.catalog)
         if load is None:
             load = not self.settings.peers
         if load:
@@ -108,24 +110,18 @@ class Node:
 
     def plan_alone(self) -> Plan:
         """The plan for this host alone (what a standalone node loads)."""
-        from .planning import plan_for
+        assert self.profile is not None, "start() profiles this host first"
+        return self.plan_for({self.name: self.profile})
 
-        assert self.profile is not None
-        if self.deployer is not None:  # the desired set, hosts asked for by deploys included
-            return self.deployer.plan({self.name: self.profile})
-        specs = self.model_specs()
-        return plan_for(self.settings, {self.name: self.profile}, specs, paths=self.model_paths(specs))
+    def plan_for(self, hosts: dict[str, HostProfile]) -> Plan:
+        """The desired set placed over ``hosts`` (hosts asked for by deploys, replicas included)."""
+        return self.placement.plan(hosts)
 
-    def model_paths(self, specs: list[ModelSpec]) -> dict[str, Any]:
-        """Where each model's file is on this host (those on disk), so the planner reads
-        GGUF metadata when it can. The one "where is this model's file" helper."""
-        if self.settings.backend_override == "fake":
-            return {}
-        return self.store.paths(specs)
+    def model_paths(self, specs: list[ModelSpec]) -> dict[str, Path]:
+        """Where each model's file is on this host (``Placement.model_paths``)."""
+        return self.placement.model_paths(specs)
 
     async def stop(self) -> None:
-        if self.deployer is not None:
-            await self.deployer.close()
         await self.routes.close()
         self._started = False
 
@@ -139,9 +135,9 @@ class Node:
         (``Routes.apply_local``: make before break for a model arriving from a peer)."""
         self.plan = plan
         mine = {a.model: a for a in plan.for_node(self.name)}
-        await self.routes.apply_local(mine, lambda a: self.local_target(self.catalog.get(a.model), a))
-        if self.deployer is not None:
-            self.deployer.applied(plan)  # replicas: route among the hosts of a replicated model
+        self.catalog.learn(plan.specs)  # hub references the planning host resolved (modelref.py)
+        await self.routes.apply_local(
+            mine, lambda a: self.local_target(with_template(self.catalog.get(a.model), a.chat_template), a))
 
     def local_target(self, spec: ModelSpec, a: Assignment) -> LocalTarget:
         """A LocalTarget for ``spec`` placed as ``a``, not started (``.start()`` loads it in the
@@ -151,7 +147,7 @@ class Node:
         from .deploy.pull import fetch
         from .engine.choice import engine_target
 
-        served = engine_target(self, spec, a)
+        served: LocalTarget | None = engine_target(self, spec, a)
         if served is not None:
             return served
         s = self.settings
@@ -165,6 +161,8 @@ class Node:
                 from . import profiler
 
                 extra.update(profiler.tuning(self.profile, s.vram_reserve_mb) or {})
+            if fake and s.fake_token_delay_s:
+                extra["token_delay_s"] = s.fake_token_delay_s  # TARS_FAKE_TOKEN_DELAY_S (backends/fake.py)
             extra.update(self.backend_extra)
             context = min(s.context, spec.context) if spec.kind == "chat" else spec.context
             # TARS_THREADS=0 leaves the choice to the backend (llama.cpp: the physical
@@ -189,20 +187,6 @@ class Node:
         """Stop routing ``model`` (``Routes.remove``)."""
         return self.routes.remove(model, close=close)
 
-    def resolve_here(self, model: str | None, kind: ModelKind) -> Target:
-        """Like ``resolve``, for a call a peer forwarded: the target must be computed *here*
-        (locally, or by a stand-in while the model moves). A forwarded call is never
-        forwarded again: while routing tables converge two hosts could otherwise bounce
-        a request between them."""
-        if self.deployer is not None:
-            self.deployer.mark_forwarded()  # replicas: this request is computed here
-        target = self.resolve(model, kind)
-        if not self.routes.computes_here(target):
-            raise ModelLoading(f"model '{target.model}' is not served by {self.name} (its routing points to "
-                               f"{target.node}); the cluster is re-planning, retry shortly",
-                               model=target.model, node=self.name)
-        return target
-
     def target(self, model: str) -> Target:
         try:
             return self.targets[model]
@@ -217,8 +201,11 @@ class Node:
                 return s.id
         return next((m for m, t in self.targets.items() if t.kind == kind), None)
 
-    def resolve(self, model: str | None, kind: ModelKind) -> Target:
-        """The target for ``model`` (None → this node's default of ``kind``)."""
+    def resolve(self, model: str | None, kind: ModelKind, *, here: bool = False) -> Target:
+        """The target for ``model`` (None → this node's default of ``kind``), as ``Routes.resolve``
+        says. ``here``: a call a peer forwarded, computed on this host and never forwarded
+        again (else ``ModelLoading``: while routing tables converge two hosts could otherwise
+        bounce a request between them)."""
         if model is None or model == "":
             default = self.default_model(kind)
             if default is None:
@@ -229,35 +216,41 @@ class Node:
                                       "; ".join(f"'{u.model}' is not placed: {u.reason}" for u in unplaced))
                 raise ModelNotFound(f"<default {kind} model>", list(self.targets))
             model = default
-        target = self.targets.get(model)
+        target = self.routes.resolve(model, here=here)
         if target is None:
-            unplaced = next((u for u in self.plan.unplaced if u.model == model), None)
-            if unplaced is not None:
-                raise ModelFailed(f"model '{model}' is not served: {unplaced.reason}", model=model)
+            why = next((u.reason for u in self.plan.unplaced if u.model == model), None)
+            if why is not None:
+                raise ModelFailed(f"model '{model}' is not served: {why}", model=model)
             raise ModelNotFound(model, list(self.targets))
-        if self.deployer is not None:  # a model on several hosts: its ReplicaSet (deploy/replicas.py)
-            target = self.deployer.route(model, target)
         if target.kind != kind:
             what = "an embedding model: use /embed or /v1/embeddings" if target.kind == "embed" else \
                 "a chat model: use /inference, /v1/chat/completions or /v1/completions"
             raise ValidationFailed(f"model '{model}' is {what}", field="model", model=model)
         return target
 
-    async def generate(self, req: GenerateRequest) -> Completion:
-        completion = await self.resolve(req.model, "chat").generate(req)
+    async def generate(self, req: GenerateRequest, *, here: bool = False) -> Completion:
+        """The answer (``via`` = this node). ``here``: a call a peer forwarded (see ``resolve``)."""
+        completion = await self.resolve(req.model, "chat", here=here).generate(req)
         completion.via = self.name
         return completion
 
-    async def stream(self, req: GenerateRequest) -> AsyncIterator[TokenChunk | Completion]:
+    async def stream(self, req: GenerateRequest, *, here: bool = False) -> AsyncIterator[TokenChunk | Completion]:
         """Chunks as they come, then the Completion (with ``via`` set). The first
-        ``__anext__`` raises any error that happens before the first token."""
-        async for item in self.resolve(req.model, "chat").stream(req):
-            if isinstance(item, Completion):
-                item.via = self.name
-            yield item
+        ``__anext__`` raises any error that happens before the first token. Closing this
+        stream closes the target's at once (its generation stops, its slot is freed)."""
+        items = self.resolve(req.model, "chat", here=here).stream(req)
+        try:
+            async for item in items:
+                if isinstance(item, Completion):
+                    item.via = self.name
+                yield item
+        finally:
+            aclose = getattr(items, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
-    async def embed(self, req: EmbedRequest) -> Embeddings:
-        result = await self.resolve(req.model, "embed").embed(req)
+    async def embed(self, req: EmbedRequest, *, here: bool = False) -> Embeddings:
+        result = await self.resolve(req.model, "embed", here=here).embed(req)
         result.via = self.name
         return result
 
@@ -298,8 +291,8 @@ class Node:
         return {t.model: t.queue_depth for t in self.local_targets()}
 
     def models(self) -> list[dict[str, Any]]:
-        infos = [t.info() for t in self.targets.values()]
-        return self.deployer.annotate(infos) if self.deployer is not None else infos
+        """``Target.info()`` of every model, local and remote (replicas listed, ``Routes.describe``)."""
+        return self.routes.describe()
 
     def totals(self) -> dict[str, Any]:
         """Live figures of the models computed here (``/status`` → totals; heartbeats carry them)."""
@@ -321,13 +314,11 @@ class Node:
 
     def status(self) -> dict[str, Any]:
         models = self.models()
-        peers: list[dict[str, Any]] = []
-        if self.cluster is not None:
-            peers = self.cluster.peers_status()
+        peers = self.peers.status() if self.peers is not None else []
         ok, _ = self.health()
         return {
             "node": self.name,
-            "role": self.cluster.role if self.cluster is not None else self.role,
+            "role": self.role,
             "version": __version__,
             "uptime_s": round(time.monotonic() - self.started_at, 3),
             "healthy": ok,

@@ -9,7 +9,9 @@ this module keeps *what is known* about each other host:
   so a peer that rejoins keeps the same object and its targets follow it.
 * ``PeerTable``: the peers by name — added or updated from joins and heartbeats,
   learned second-hand from the server's peer list (clusters of 3+ hosts), listed for
-  ``/status`` and for other peers.
+  ``/status`` and for other peers. The composition root (``service.build``) makes one per
+  node and hands it to the node (``/status``), the cluster and the split service;
+  ``client_factory(settings, pins)`` is how it reaches a new peer.
 
 Liveness per peer, from the calls *we* make to it::
 
@@ -29,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterator
-from enum import StrEnum
+from .compat import StrEnum
 from typing import Any
 
 from . import peer_urls
@@ -37,12 +39,25 @@ from .domain import GPUInfo, HostProfile
 from .errors import ValidationFailed
 from .logs import fields, get_logger
 from .rpc.client import PeerClient
+from .settings import Settings
 from .tasks import background
+from .tls import Pins
 
 log = get_logger(__name__)
 
 ClientFactory = Callable[[str], PeerClient]
 
+
+def client_factory(settings: Settings, pins: Pins) -> ClientFactory:
+    """How a node reaches a peer: a ``PeerClient`` with the cluster token, its timeouts, and
+    TLS trusting only the pinned fingerprints (``tls.py``) for https:// peers."""
+    token = settings.cluster_token.get_secret_value()
+
+    def connect(url: str) -> PeerClient:
+        return PeerClient(url, token, timeout=settings.rpc_timeout_s, long_timeout=settings.request_timeout_s,
+                          pins=pins)
+
+    return connect
 
 
 class PeerState(StrEnum):
@@ -201,11 +216,15 @@ class PeerTable:
     def get(self, name: str) -> Peer | None:
         return self.peers.get(name)
 
+    def client(self, url: str) -> PeerClient:
+        """A new client for ``url`` (the cluster's join calls; peers added here get one too)."""
+        return self._factory(url)
+
     def __iter__(self) -> Iterator[Peer]:
         return iter(list(self.peers.values()))
 
     def upsert(self, name: str, url: str, *, role: str = "worker", client: PeerClient | None = None,
-               profile: Any = None, models: list[dict[str, Any]] | None = None, version: str = "") -> Peer:
+               profile: HostProfile | dict[str, Any] | None = None, models: list[dict[str, Any]] | None = None, version: str = "") -> Peer:
         """Add a peer or update what is known of it. A new URL or client replaces the old
         client (closed in the background); the Peer object itself is kept."""
         peer = self.peers.get(name)

@@ -31,6 +31,18 @@ PRESETS_DIR = Path(__file__).with_name("presets")
 PRESETS: dict[str, Path] = {p.stem: p for p in sorted(PRESETS_DIR.glob("*.json"))}
 MIB = 1024 * 1024
 CPU_NOTE = "no GPU: CPU mode"
+OSRELEASE = Path("/proc/sys/kernel/osrelease")
+WSL_NOTE = ("WSL2: the RAM shown is the WSL VM's share of this PC (memory= in %UserProfile%\\.wslconfig); "
+            "the GPU is the Windows driver's (NVML answers fewer figures there)")
+
+
+def on_wsl() -> bool:
+    """Running under WSL (Windows): its kernel release names Microsoft."""
+    try:
+        release = OSRELEASE.read_text().lower()
+    except OSError:
+        return False
+    return "microsoft" in release or "wsl" in release
 
 
 # --------------------------------------------------------------------------- simulated
@@ -279,6 +291,8 @@ def profile_host(gpu_profile: str = "", node_name: str | None = None) -> HostPro
     prof.source = source if gpus else "cpu"
     if not gpus:
         notes.append(CPU_NOTE)
+    if on_wsl():
+        notes.append(WSL_NOTE)
     prof.notes = notes
     return prof
 

@@ -14,27 +14,28 @@ from __future__ import annotations
 import dataclasses
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .domain import EmbedRequest, GenerateRequest
 from .errors import ValidationFailed
+from .sampling import check as check_sampling
 
 M = TypeVar("M", bound=BaseModel)
 
 # --------------------------------------------------------------------------- the bounds
-MAX_TOKENS = {"ge": 1, "le": 131072}
-TEMPERATURE = {"ge": 0.0, "le": 2.0}
-TOP_P = {"gt": 0.0, "le": 1.0}
-PENALTY = {"ge": -2.0, "le": 2.0}
-TOP_LOGPROBS = {"ge": 0, "le": 20}
+# One definition per knob, as a type: ``/rpc`` uses ``MaxTokens``; REST (api/schemas.py,
+# api/chat_surface.py) ``MaxTokens | None = None``, so both refuse the same values.
 MAX_STOPS = 8
 MAX_CHOICES = 16  # n
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")  # OpenAI's reasoning_effort values
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
 
-MaxTokens = Annotated[int, Field(**MAX_TOKENS)]
-Temperature = Annotated[float, Field(**TEMPERATURE)]
-TopP = Annotated[float, Field(**TOP_P)]
-Penalty = Annotated[float, Field(**PENALTY)]
-TopLogprobs = Annotated[int, Field(**TOP_LOGPROBS)]
+MaxTokens = Annotated[int, Field(ge=1, le=131072, description="Most tokens to generate (clamped to the context).")]
+Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+TopLogprobs = Annotated[int, Field(ge=0, le=20)]
+Choices = Annotated[int, Field(ge=1, le=MAX_CHOICES)]  # n (and best_of): completions per request
 
 _DEFAULT = GenerateRequest()
 _GENERATE_FIELDS = frozenset(f.name for f in dataclasses.fields(GenerateRequest))
@@ -70,8 +71,17 @@ class GenerateParams(_Strict):
     parallel_tool_calls: bool = True
     logprobs: bool = False
     top_logprobs: TopLogprobs = 0
-    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    n: Choices = 1
     choice: int = Field(0, ge=0, lt=MAX_CHOICES)
+    sampling: dict[str, Any] = Field(default_factory=dict)
+    reasoning_effort: ReasoningEffort | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @field_validator("sampling", mode="before")
+    @classmethod
+    def _sampling(cls, value: Any) -> Any:
+        # raises ValidationFailed naming "sampling.<knob>" (passes through pydantic as is)
+        return check_sampling(value, prefix="sampling")
 
     def to_domain(self, stream: bool) -> GenerateRequest:
         known = _GENERATE_FIELDS  # a test keeps the two in step; this keeps a partial upgrade working

@@ -76,14 +76,15 @@ def validate(req: RerankRequest, max_documents: int) -> None:
         raise ValidationFailed("'top_n' must be at least 1", field="top_n")
 
 
-def resolve(node: Any, model: str | None) -> Any:
+def resolve(node: Any, model: str | None, *, here: bool = False) -> Any:
     """The target that ranks for ``model`` (None: a reranker if one is served, else the
-    default embedding model). A chat model → 400 naming the field."""
-    targets = node.targets
+    default embedding model), as ``Routes.resolve`` says (``here``: a call a peer forwarded,
+    computed on this host). A chat model → 400 naming the field."""
+    targets = node.routes.targets
     if not model:
         reranker = next((t for t in targets.values() if t.kind == "rerank"), None)
         if reranker is None:
-            return node.resolve(None, "embed")
+            return node.resolve(None, "embed", here=here)
         model = reranker.model
     target = targets.get(model)
     if target is None:
@@ -92,8 +93,7 @@ def resolve(node: Any, model: str | None) -> Any:
     if target.kind not in RANKING_KINDS:
         raise ValidationFailed(f"model '{model}' is a {target.kind} model; rerank needs an embedding or a "
                                "rerank model", field="model", model=model)
-    deployer = getattr(node, "deployer", None)
-    return deployer.route(model, target) if deployer is not None else target  # replicas
+    return node.routes.resolve(model, here=here)  # a replicated model: its ReplicaSet
 
 
 async def rerank(node: Any, req: RerankRequest, *, max_documents: int | None = None) -> RerankResult:
@@ -125,8 +125,7 @@ async def _on_peer(node: Any, target: Any, query: str, documents: list[str]) -> 
     the call before it was sent), the cluster's failover serves it here when it fits."""
     from .errors import PeerUnavailable
 
-    cluster = getattr(node, "cluster", None)
-    failover = getattr(target, "failover", None) if cluster is not None else None
+    failover = getattr(target, "failover", None)  # the cluster's (None: a replica, or no fallback)
     if getattr(target, "peer_down", False) and failover is not None:
         standin = await failover(target, PeerUnavailable(
             f"model '{target.model}' runs on {target.node}, which is down", peer=target.node, model=target.model))

@@ -45,6 +45,12 @@ class Settings(BaseSettings):
         description="Comma-separated base URLs of peers to join, e.g. http://192.168.1.10:8000.")
     role: Literal["auto", "server", "worker", "standalone"] = Field(
         "auto", description="auto (server without peers, worker with peers), server, worker or standalone.")
+    cluster_name: str = Field("tars", min_length=1, max_length=32, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                              description="Name of the cluster this node belongs to, advertised on the LAN (letters, "
+                                          "digits, . _ -); setup_pc2.sh without an address joins the one cluster it finds.")
+    discovery: Literal["on", "off"] = Field(
+        "on", description="on: advertise this node on the LAN over mDNS (_tars._tcp: cluster, node, port, version; never "
+                          "the token) when it listens beyond loopback; off: silent (TARS_PEERS only).")
 
     # --- security
     cluster_token: SecretStr = Field(SecretStr(""), description="Shared secret every /rpc call must carry.")
@@ -67,7 +73,8 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Comma-separated model ids this cluster serves; empty = the embedded defaults.")
     vram_reserve_mb: int = Field(500, ge=0, le=65536, description="VRAM kept free on every GPU, MB (0-65536).")
-    context: int = Field(2048, ge=128, le=131072, description="Context window for chat models, tokens (128-131072).")
+    context: int = Field(8192, ge=128, le=131072, description="Context window for chat models, tokens (128-131072), "
+                         "per request (each engine slot); a model trained on less gets its own.")
     threads: int = Field(0, ge=0, le=512, description="CPU threads for llama.cpp; 0 = llama.cpp's rule: the physical cores this process may use.")
     fallback: bool = Field(True, description="Load a dead peer's model here when it fits (true/false).")
     split: Literal["auto", "off"] = Field(
@@ -86,6 +93,8 @@ class Settings(BaseSettings):
                                            "it grows the engine by ~1.5 MB per request until full.")
     engine_bin: str = Field("", description="The llama-server binary (or its folder); empty = the scripts/build_engine.sh "
                             "build matching the installed llama-cpp-python.")
+    fake_token_delay_s: float = Field(0.0, ge=0, le=10, description="With TARS_BACKEND_OVERRIDE=fake: seconds each "
+                                      "generated token takes, so fake models keep a host busy (tests of load balancing).")
     embed_runtime: Literal["auto", "torch", "onnx", "openvino"] = Field(
         "auto", description="Runtime of embedding and rerank models: torch, onnx (ONNX Runtime), openvino, or auto (each "
                             "measured on this host at a model's first load, the fastest kept whose output matches "
@@ -146,7 +155,7 @@ class Settings(BaseSettings):
     def _expand_home(cls, v: Path) -> Path:
         return v.expanduser()  # "~/models" in an env file means the user's home
 
-    @field_validator("log_level", "log_format", "role", "split", "chat_engine", mode="before")
+    @field_validator("log_level", "log_format", "role", "split", "chat_engine", "discovery", mode="before")
     @classmethod
     def _lower(cls, v: Any) -> Any:
         return v.lower() if isinstance(v, str) else v

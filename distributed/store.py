@@ -6,7 +6,11 @@ Layout under ``models_dir`` (``TARS_MODELS_DIR``)::
     <id>/<file>.gguf                  a pulled single-file GGUF (<file>.gguf.part while downloading)
     <id>/config.json ...              a pulled transformers / sentence-transformers repo
     <id>/.tars-pull.json              written last, after verification: "this pull is complete"
-    catalog.toml                      optional user catalog (see catalog.py)
+    hub/<ORG>/<REPO>/<path in repo>   the files of a hub reference (hf.co/ORG/REPO:QUANT): every
+                                      shard of a split GGUF, the vision projector beside it
+    catalog.toml                      optional user catalog (see catalog.py; `tars models add`)
+    refs.json                         hub references resolved once (modelref.py)
+    .cache/gguf-headers/*.json        GGUF headers read by range before a pull (modelref.py)
 
 Pulls go through ``huggingface_hub`` (its HTTP stack, token handling, ``HF_ENDPOINT``,
 progress bars), file by file, resumable and verified: ``hub.py``. A model's folder gets its
@@ -23,10 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from . import hub as hubio
-from .catalog import Catalog, load_catalog
+from .catalog import Catalog, correct, load_catalog
 from .domain import ModelSpec
 from .errors import ConfigError, DownloadFailed, MissingDependency, ModelNotDownloaded, TarsError
+from .gguf_header import numbers, read_gguf
 from .hub import Progress
+from .modelref import header_cache, parse
 from .optional import require
 
 MARKER = ".tars-pull.json"
@@ -61,8 +67,14 @@ class ModelStore:
         return self._catalog
 
     # ------------------------------------------------------------------ where
+    def _hub_folder(self, spec: ModelSpec) -> Path:
+        """A catalog model's own folder (``<id>``), or a reference's repo folder (``hub/ORG/REPO``)."""
+        if parse(spec.id) is not None and spec.repo:
+            return self.models_dir / "hub" / spec.repo
+        return self.models_dir / spec.id
+
     def _hub_path(self, spec: ModelSpec) -> Path:
-        base = self.models_dir / spec.id
+        base = self._hub_folder(spec)
         return base / spec.file if spec.file else base
 
     def _package_gguf(self, spec: ModelSpec) -> tuple[Any, Path, int]:
@@ -76,8 +88,8 @@ class ModelStore:
             p = Path(spec.path).expanduser()
             return p if p.exists() else None
         if spec.embedded and spec.package and spec.file:
-            p = _package_file(spec)
-            return p if p is not None and p.is_file() else None
+            inside = _package_file(spec)
+            return inside if inside is not None and inside.is_file() else None
         if spec.embedded and spec.package:
             if spec.backend == "llama_cpp":
                 _, target, expected = self._package_gguf(spec)
@@ -87,15 +99,14 @@ class ModelStore:
             return folder if (folder / "config.json").is_file() else None
         if spec.repo:
             p = self._hub_path(spec)
-            if spec.file:
-                return p if p.is_file() else None
+            if spec.file:  # every shard and the projector too: a pull renames each file once verified
+                folder = self._hub_folder(spec)
+                return p if all((folder / n).is_file() for n in hubio.gguf_files(spec)) else None
             return p if (p / MARKER).is_file() else None
         return None
 
-    def paths(self, specs: Iterable[ModelSpec]) -> dict[str, Path]:
-        """id → file or folder of each of ``specs`` that is on disk (one unreadable is left
-        out): the one "where are these models' files" helper (the planner reads GGUF
-        metadata from them)."""
+    def on_disk(self, specs: Iterable[ModelSpec]) -> dict[str, Path]:
+        """id → file or folder of each of ``specs`` that is on disk (one unreadable is left out)."""
         out: dict[str, Path] = {}
         for spec in specs:
             try:
@@ -105,6 +116,36 @@ class ModelStore:
             if path is not None:
                 out[spec.id] = path
         return out
+
+    def paths(self, specs: Iterable[ModelSpec]) -> dict[str, Path]:
+        """id → where the planner reads each model's metadata: its file or folder on disk, else
+        (a hub reference not pulled yet) its GGUF header read by range and cached. The one
+        "where are these models' files" helper. A GGUF's header is the truth: a catalog
+        entry that disagrees with it is corrected here (``catalog.correct``, logged)."""
+        specs = list(specs)
+        out = self.on_disk(specs)
+        for spec in specs:
+            if spec.backend != "llama_cpp":
+                continue
+            if spec.id not in out and spec.repo and spec.file and spec.revision:
+                cached = header_cache(self.models_dir, spec.repo, spec.revision, spec.file)
+                if cached.is_file():
+                    out[spec.id] = cached
+            if spec.id in out:
+                self.check(spec, out[spec.id])
+        return out
+
+    @staticmethod
+    def check(spec: ModelSpec, path: Path) -> None:
+        """Correct ``spec`` from the GGUF header at ``path`` (an unreadable one is left to the
+        estimate, which says so)."""
+        if not path.is_file():
+            return
+        try:
+            nums = numbers(read_gguf(path))
+        except TarsError:
+            return
+        correct(spec, {k: nums[k] for k in ("n_layers", "n_embd", "n_head_kv", "head_dim", "context")}, str(path))
 
     def ensure(self, spec: ModelSpec) -> Path:
         """A usable path for ``spec``, with no network: assembles the embedded GGUF once.
@@ -171,7 +212,8 @@ class ModelStore:
         dest = self._hub_path(spec)
         try:
             if spec.file:
-                self._write_marker(dest.parent, spec, **hubio.pull_file(hub, spec, dest, endpoint, progress))
+                info = hubio.pull_file(hub, spec, self._hub_folder(spec), endpoint, progress)
+                self._write_marker(dest.parent, spec, **info)
             else:
                 self._write_marker(dest, spec, **hubio.pull_snapshot(hub, spec, dest, endpoint, progress))
         except TarsError:
@@ -196,11 +238,14 @@ class ModelStore:
                 path = None
             if path is not None:
                 known.add(path.resolve())
+                if spec.repo and spec.file and not spec.path:  # the other shards, the projector
+                    known.update((self._hub_folder(spec) / n).resolve() for n in hubio.gguf_files(spec))
             rows.append({
                 "id": spec.id, "kind": spec.kind, "backend": spec.backend, "on_disk": path is not None,
                 "path": str(path) if path else None,
                 "size_mb": round(hubio.dir_size(path) / 2**20) if path else spec.size_mb,
-                "source": _source(spec), "embedded": spec.embedded,
+                "source": _source(spec), "embedded": spec.embedded, "vision": spec.vision,
+                "quant": spec.quant,
             })
         if self.models_dir.is_dir():
             for f in sorted(self.models_dir.rglob("*.gguf")):
@@ -211,11 +256,28 @@ class ModelStore:
         return rows
 
 
+def projector_path(mmproj: str | None, model_file: str | None, model_path: Path) -> Path | None:
+    """Where a vision projector is, given where its model's file is (None: no projector).
+
+    ``mmproj`` (``ModelSpec.mmproj``) of a local entry is an absolute path; a hub model's is
+    a file of its repo, found from the model file's place in the repo folder (``model_file``,
+    ``ModelSpec.file``, may sit in a subfolder)."""
+    if not mmproj:
+        return None
+    if Path(mmproj).is_absolute():
+        return Path(mmproj)
+    root = Path(model_path)
+    for _ in Path(model_file or model_path.name).parts:
+        root = root.parent
+    return root / mmproj
+
+
 def _source(spec: ModelSpec) -> str:
     if spec.path:
         return f"local:{spec.path}"
     if spec.embedded and spec.package:
         return f"package:{spec.package}"
     if spec.repo:
-        return f"hub:{spec.repo}" + (f"/{spec.file}" if spec.file else "")
+        at = f"@{spec.revision[:12]}" if spec.revision else ""
+        return f"hub:{spec.repo}" + (f"/{spec.file}" if spec.file else "") + at
     return "unknown"

@@ -7,6 +7,12 @@ stream that ends without one, or fails after it started, ends with the format's 
 item (no traceback reaches a client; the log gets it). The node stream is always
 closed, so its generation stops and its queue slot is freed.
 
+``drain_choices(firsts, agens, fmts, end)`` is the same loop over the ``n`` choices of one
+request streamed at once (OpenAI ``n > 1``): each choice's items go through its own format,
+in its order, the choices interleaved as their items come; after the last ``Completion``,
+``end(completions)`` closes the stream (OpenAI: the usage chunk and ``[DONE]``). ``drain``
+is its one-choice case.
+
 A generation must stop when its client goes away. uvicorn (ASGI spec 2.3) does not
 fail ``send`` after a disconnect — it silently drops the bytes — so the only signal
 is an ``http.disconnect`` message from ``receive``: ``until_disconnect`` awaits some
@@ -16,7 +22,7 @@ work unless that message comes first (then cancels the work: ``ClientGone``).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 from starlette.types import Receive
@@ -27,6 +33,7 @@ from .logs import get_logger
 
 log = get_logger(__name__)
 T = TypeVar("T")
+_FINISHED = object()  # a choice's stream has nothing more
 
 
 class WireFormat(Protocol):
@@ -41,30 +48,93 @@ class WireFormat(Protocol):
         """The closing error item; ``None``: an unexpected failure (say only "internal")."""
 
 
-async def drain(first: TokenChunk | Completion, agen: Any, fmt: WireFormat) -> AsyncIterator[bytes]:
+def drain(first: TokenChunk | Completion, agen: Any, fmt: WireFormat) -> AsyncIterator[bytes]:
     """Wire bytes for a node stream whose first item is ``first`` (see the module doc)."""
-    item: Any = first
+    return drain_choices([first], [agen], [fmt])
+
+
+async def drain_choices(firsts: Sequence[TokenChunk | Completion | None], agens: Sequence[Any],
+                        fmts: Sequence[WireFormat],
+                        end: Callable[[list[Completion]], bytes] | None = None) -> AsyncIterator[bytes]:
+    """Wire bytes for the node streams of the choices of one request (see the module doc);
+    ``firsts[i]``: the item already read from ``agens[i]``, or None."""
+    n = len(agens)
+    done: dict[int, Completion] = {}
+    items = _one(firsts[0], agens[0]) if n == 1 else _interleave(firsts, agens)
     try:
-        head = fmt.start()
-        if head:
-            yield head
-        while not isinstance(item, Completion):
-            data = fmt.token(item)
+        for fmt in fmts:
+            head = fmt.start()
+            if head:
+                yield head
+        async for i, item in items:
+            if isinstance(item, Completion):
+                done[i] = item
+                yield fmts[i].done(item)
+                continue
+            data = fmts[i].token(item)
             if data:  # a piece may carry nothing to send (e.g. an empty text)
                 yield data
-            try:
-                item = await agen.__anext__()
-            except StopAsyncIteration:
-                yield fmt.error(TarsError("the stream ended without a final result"))
-                return
-        yield fmt.done(item)
+        if len(done) < n:
+            yield fmts[0].error(TarsError("the stream ended without a final result"))
+        elif end is not None:
+            yield end([done[i] for i in range(n)])
     except TarsError as exc:
-        yield fmt.error(exc)
+        yield fmts[0].error(exc)
     except Exception:  # noqa: BLE001 - the client gets a generic message, the log the traceback
         log.exception("stream failed after its first token")
-        yield fmt.error(None)
+        yield fmts[0].error(None)
     finally:
-        await agen.aclose()  # the caller left, or we finished: stop the generation now
+        await items.aclose()
+        for agen in agens:  # the caller left, or we finished: stop the generations now
+            await agen.aclose()
+
+
+async def _one(first: Any, agen: Any) -> AsyncGenerator[tuple[int, Any], None]:
+    """One stream's items up to its Completion, as (0, item)."""
+    item = first
+    while True:
+        yield 0, item
+        if isinstance(item, Completion):
+            return
+        try:
+            item = await agen.__anext__()
+        except StopAsyncIteration:
+            return
+
+
+async def _interleave(firsts: Sequence[Any], agens: Sequence[Any]) -> AsyncGenerator[tuple[int, Any], None]:
+    """Every stream's items up to its Completion, as (i, item), in the order they come."""
+    queue: asyncio.Queue[tuple[int, Any, Exception | None]] = asyncio.Queue()
+
+    async def pump(i: int) -> None:
+        try:
+            item = firsts[i] if firsts[i] is not None else await agens[i].__anext__()
+            while True:
+                await queue.put((i, item, None))
+                if isinstance(item, Completion):
+                    break
+                item = await agens[i].__anext__()
+        except StopAsyncIteration:
+            pass
+        except Exception as exc:  # noqa: BLE001 - raised where the items are read
+            await queue.put((i, None, exc))
+        await queue.put((i, _FINISHED, None))
+
+    tasks = [asyncio.ensure_future(pump(i)) for i in range(len(agens))]
+    try:
+        running = len(tasks)
+        while running:
+            i, item, exc = await queue.get()
+            if exc is not None:
+                raise exc
+            if item is _FINISHED:
+                running -= 1
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)  # none is inside its stream when it is closed
 
 
 class ClientGone(Exception):

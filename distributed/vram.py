@@ -19,23 +19,22 @@ but no model file mentions) plus the compute buffer: for llama.cpp dominated by 
 attention scores of one 512-token micro-batch against the whole context
 (``512 × ctx × heads × 4`` bytes).
 
-``gguf.GGUFReader`` parses every metadata array (a 262k-token vocabulary takes ~10 s on
-a small CPU), so the header is walked here with ``struct`` over an mmap, skipping the
-arrays, using the gguf package's own type and quantisation tables.
+The header itself is read by ``gguf_header.py`` (a file on disk, a header fetched by ranged
+reads and cached, the shards of a split model together).
 """
 
 from __future__ import annotations
 
 import math
-import mmap
-import struct
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .domain import ModelSpec
 from .errors import ConfigError
-from .optional import require
+from .gguf_header import GGUFMeta, read_gguf
+
+__all__ = ["GGUFMeta", "VramEstimate", "estimate", "layers_that_fit", "read_gguf", "effective_context"]
 
 MIB = 1024 * 1024
 RUNTIME_MB = 250  # CUDA context + cuBLAS workspace per process using the GPU
@@ -100,100 +99,6 @@ def layers_that_fit(est: VramEstimate, budget_mb: int) -> int:
         return 0
     n = math.floor((budget_mb - est.overhead_mb) / est.layer_mb)
     return max(0, min(n, est.n_layers - 1))
-
-
-# --------------------------------------------------------------------------- GGUF header
-@dataclass
-class GGUFMeta:
-    """What the estimate needs from a GGUF header: scalar metadata + tensor sizes."""
-
-    path: Path
-    fields: dict[str, Any]  # scalars and strings; arrays as a list when short, else their length
-    tensor_bytes: dict[str, int]
-    data_offset: int
-
-    @property
-    def arch(self) -> str:
-        return str(self.fields.get("general.architecture", "llama"))
-
-    def arch_field(self, key: str, default: Any = None) -> Any:
-        return self.fields.get(f"{self.arch}.{key}", default)
-
-
-_ARRAY_KEEP = 4096  # numeric arrays up to this length are kept (per-layer head counts)
-
-
-class _Cursor:
-    """Little-endian reads from a mapped file, moving forward."""
-
-    def __init__(self, buf: Any) -> None:
-        self.buf, self.pos = buf, 0
-
-    def take(self, f: str) -> Any:
-        (v,) = struct.unpack_from("<" + f, self.buf, self.pos)
-        self.pos += struct.calcsize(f)
-        return v
-
-    def take_str(self) -> str:
-        n = self.take("Q")
-        s = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8", "replace")
-        self.pos += n
-        return s
-
-
-def read_gguf(path: str | Path) -> GGUFMeta:
-    """Walk a GGUF header without loading arrays. Raises ConfigError on a non-GGUF file."""
-    gguf = require("gguf", "gguf", "reading GGUF metadata")
-    path = Path(path)
-    with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        c = _Cursor(mm)
-        try:
-            if c.take("I") != gguf.GGUF_MAGIC:
-                raise ConfigError(f"'{path}' is not a GGUF file (bad magic)")
-            version = c.take("I")
-            if version & 0xFFFF == 0:
-                raise ConfigError(f"'{path}' is a big-endian GGUF; only little-endian files are supported")
-            n_tensors, n_kv = c.take("Q"), c.take("Q")
-            fields: dict[str, Any] = {"GGUF.version": version}
-            for _ in range(n_kv):
-                key = c.take_str()
-                fields[key] = _read_value(gguf, c, path, key)
-            sizes: dict[str, int] = {}
-            for _ in range(n_tensors):
-                name = c.take_str()
-                dims = [c.take("Q") for _ in range(c.take("I"))]
-                qtype = gguf.GGMLQuantizationType(c.take("I"))
-                c.take("Q")  # offset within the data section
-                block, type_size = gguf.GGML_QUANT_SIZES[qtype]
-                sizes[name] = math.prod(dims) // block * type_size
-            align = int(fields.get("general.alignment", 32))
-            data_offset = c.pos + (-c.pos % align)
-        except (struct.error, ValueError, KeyError) as exc:
-            raise ConfigError(f"'{path}' has a malformed GGUF header: {exc}") from None
-    return GGUFMeta(path=path, fields=fields, tensor_bytes=sizes, data_offset=data_offset)
-
-
-def _read_value(gguf: Any, c: _Cursor, path: Path, key: str) -> Any:
-    """One metadata value: a scalar or string as it is; an array of strings as its length
-    (skipped); a numeric array as a list when short, else its length."""
-    vt = gguf.GGUFValueType
-    fmt = {vt.UINT8: "B", vt.INT8: "b", vt.UINT16: "H", vt.INT16: "h", vt.UINT32: "I", vt.INT32: "i",
-           vt.FLOAT32: "f", vt.BOOL: "?", vt.UINT64: "Q", vt.INT64: "q", vt.FLOAT64: "d"}
-    t = vt(c.take("I"))
-    if t == vt.STRING:
-        return c.take_str()
-    if t != vt.ARRAY:
-        return c.take(fmt[t])
-    et, count = vt(c.take("I")), c.take("Q")
-    if et == vt.STRING:
-        for _ in range(count):
-            c.pos += 8 + struct.unpack_from("<Q", c.buf, c.pos)[0]
-        return count
-    if et == vt.ARRAY:
-        raise ConfigError(f"'{path}': nested arrays in key '{key}' are not supported")
-    value = list(struct.unpack_from(f"<{count}{fmt[et]}", c.buf, c.pos)) if count <= _ARRAY_KEEP else count
-    c.pos += struct.calcsize(fmt[et]) * count
-    return value
 
 
 # --------------------------------------------------------------------------- estimate
@@ -280,6 +185,20 @@ def with_slots(est: VramEstimate, spec: ModelSpec, slots: int) -> VramEstimate:
                    notes=(*est.notes, f"KV cache for {slots} engine slots of {est.context} tokens"))
 
 
+PROJECTOR_COMPUTE_MB = 256  # the buffer a vision projector encodes one image in (an estimate)
+
+
+def with_projector(est: VramEstimate, spec: ModelSpec) -> VramEstimate:
+    """A vision model's projector (``mmproj``): its weights and the buffer that encodes an image.
+    llama-server puts it on the GPU of the model's layers, or in RAM on CPU: counted with the
+    overhead (on the GPU with any offloaded layer) and the compute part (in RAM on CPU)."""
+    if not spec.mmproj:
+        return est
+    mb = int(spec.mmproj_mb or 0) + PROJECTOR_COMPUTE_MB
+    return replace(est, overhead_mb=est.overhead_mb + mb, compute_mb=est.compute_mb + mb, total_mb=est.total_mb + mb,
+                   notes=est.notes + (f"vision projector: {mb} MB (its weights + an image's encoding buffer)",))
+
+
 def effective_context(spec: ModelSpec, context: int) -> int:
     """The context a model is loaded with: the configured one, capped at the model's native one."""
     return spec.context if spec.kind in ("embed", "rerank") else max(1, min(context, spec.context))
@@ -298,9 +217,9 @@ def estimate(spec: ModelSpec, context: int, path: str | Path | None = None, *, s
         p = Path(path)
         if p.is_file():
             try:
-                return with_slots(_from_gguf(spec, ctx, read_gguf(p)), spec, slots)
+                return with_projector(with_slots(_from_gguf(spec, ctx, read_gguf(p)), spec, slots), spec)
             except ConfigError as exc:
                 notes = (f"GGUF metadata unreadable ({exc.message}): used catalog hints",)
         else:
             notes = (f"'{p}' not on disk: used catalog hints",)
-    return with_slots(_from_catalog(spec, ctx, notes), spec, slots)
+    return with_projector(with_slots(_from_catalog(spec, ctx, notes), spec, slots), spec)

@@ -18,6 +18,14 @@
 #   --tls   serve HTTPS with a self-signed certificate (env/tls/pc1.crt, key 0600); the value
 #           printed for PC2's --token then carries the certificate's SHA-256 fingerprint,
 #           which PC2 pins (no certificate authority, nothing to click through)
+#   --service          run the node as a systemd service (starts at boot, restarts on failure,
+#                      logs to journald): writes env/tars-pc1.service (+ a user-unit variant);
+#                      as root where systemd runs, installs, enables and starts it and waits
+#                      until the node reports ready; elsewhere prints the exact commands
+#   --remove-service   stop, disable and remove that service (nothing else runs)
+#
+# On WSL2 (Windows) it also says what to set on the Windows side: mirrored networking, the
+# advertised address, the firewall ports (QUICK_START.md, "Windows PCs").
 #
 # Overrides (environment variables):
 #   PYTHON=/path/to/python3.11      interpreter used to create .venv (default: newest python3.1x found)
@@ -33,9 +41,9 @@
 #                                   not used for them, as it ignores CMAKE_ARGS (CPU vs CUDA)
 #   TARS_SETUP_SELFCHECK=0          skip the final self-check
 #   TARS_SETUP_SELFCHECK_TIMEOUT=S  seconds to wait for /health 200 (default 300)
-#   TARS_NODE_NAME, TARS_HOST, TARS_PORT, TARS_ADVERTISE_URL
+#   TARS_NODE_NAME, TARS_HOST, TARS_PORT, TARS_ADVERTISE_URL, TARS_CLUSTER_NAME
 #                                   written into env/.env.pc1 when it is created (defaults pc1,
-#                                   0.0.0.0, 8000, this host's LAN address); they also override
+#                                   0.0.0.0, 8000, this host's LAN address, tars); they also override
 #                                   the file for the self-check, exactly as they do for the node
 #   Any other TARS_* variable reaches the node started by the self-check.
 set -euo pipefail
@@ -44,31 +52,22 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib/setup_common.sh"
 
 ENV_FILE=env/.env.pc1
 
-TLS=0
-case "${1:-}" in
-  -h|--help) sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
-  "") ;;
-  --tls) TLS=1 ;;
-  *) die "unknown argument '$1'" "setup_pc1.sh takes no arguments but --tls; see bash scripts/setup_pc1.sh --help" ;;
-esac
+TLS=0; SERVICE=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
+    --tls) TLS=1 ;;
+    --service) SERVICE=1 ;;
+    --remove-service) SERVICE_SCRIPT=setup_pc1.sh; remove_service pc1; exit 0 ;;
+    *) die "unknown argument '$1'" "setup_pc1.sh takes --tls, --service or --remove-service; see bash scripts/setup_pc1.sh --help" ;;
+  esac
+  shift
+done
+[ "$SERVICE" = 1 ] && TOTAL_STEPS=11
 
 printf '%sTARS Distributed — setting up PC1 (server) in %s%s\n' "$_B" "$ROOT" "$_0"
 
-check_python
-ensure_venv
-detect_build
-install_torch
-install_llama
-# llama.cpp's own server from the same llama.cpp source, same build kind (part of this step)
-if skip_install; then
-  info "TARS_SETUP_SKIP_INSTALL=1, not running: scripts/build_engine.sh --python $VPY"
-elif bash "$ROOT/scripts/build_engine.sh" --python "$VPY" | sed 's/^/      /'; then
-  ok "llama-server built (GGUF chat serves several requests at once)"
-else
-  warn "llama-server did not build (output above); GGUF chat runs in process, one request at a time, until: bash scripts/build_engine.sh"
-fi
-install_project
-profile_and_plan pc1
+install_stack pc1
 
 # ----------------------------------------------------------------------------- 8. env file
 step "Settings file $ENV_FILE"
@@ -83,7 +82,9 @@ else
   write_env_file pc1 server 8000 "" \
     "0.0.0.0 listens on the LAN so PC2 can join; 127.0.0.1 keeps the node to this machine." PC2 \
     "Shared secret of the /rpc channel: PC2 needs the same value (setup_pc2.sh --token ...)." \
-    "# Comma-separated model ids to serve; empty = the embedded defaults (tars models list)." "TARS_MODELS="
+    "# Comma-separated model ids to serve; empty = the embedded defaults (tars models list)." "TARS_MODELS=" \
+    "# This cluster's name on the LAN: setup_pc2.sh --token ... (no address) finds PC1 by it over mDNS." \
+    "TARS_CLUSTER_NAME=${TARS_CLUSTER_NAME:-tars}"
   changed "wrote $ENV_FILE with a new cluster token"
 fi
 ensure_private "$ROOT/$ENV_FILE"
@@ -106,6 +107,10 @@ if [ "$SCHEME" = https ]; then
 else
   info "On PC2 run:  bash scripts/setup_pc2.sh ${PC1_ADDR:-<PC1 address>} --token $TOKEN"
 fi
+if [ "${TARS_DISCOVERY:-$(env_get "$ROOT/$ENV_FILE" TARS_DISCOVERY)}" != off ] && [[ "$PC1_ADDR" != 127.* ]]; then
+  info "   (on the same LAN the address may be left out: PC2 finds PC1 over mDNS)"
+fi
+wsl_advice "$PORT" "$ADVERTISE"
 KEY=$(env_get "$ROOT/$ENV_FILE" TARS_API_KEY)
 if [ -n "$KEY" ]; then
   info "${_B}API key for clients:${_0} $KEY   (TARS_API_KEY in $ENV_FILE; /health needs none)"
@@ -117,6 +122,7 @@ else
 fi
 
 write_launcher pc1 "$ENV_FILE"
+[ "$SERVICE" = 1 ] && setup_service pc1 server  # started now: the self-check below checks that node
 
 # ----------------------------------------------------------------------------- 10. self-check
 step "Self-check: start the node, wait for /health, stop it"

@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
 # Set up PC2, the worker host, in this checkout, joined to PC1:
 #
-#   bash scripts/setup_pc2.sh <PC1 address> [--token TOKEN] && ./run_pc2.sh
+#   bash scripts/setup_pc2.sh [<PC1 address>] [--token TOKEN] [--tls] [--service] && ./run_pc2.sh
 #
 # <PC1 address> is PC1's LAN address (192.168.1.10), optionally with a port
-# (192.168.1.10:8000) or as a URL (http://192.168.1.10:8000). TOKEN is the cluster token
+# (192.168.1.10:8000) or as a URL (http://192.168.1.10:8000). Without it (and without an
+# env/.env.pc2 that names PC1 already) PC1 is looked for on the LAN over mDNS: exactly one
+# cluster answering is joined; several are listed (and one asked for, when a person is
+# there; TARS_CLUSTER_NAME=NAME picks one). An mDNS answer is only a hint: the self-check
+# still proves that the node found accepts the token. TOKEN is the cluster token
 # setup_pc1.sh printed on PC1; without --token it is asked for (when a person is there)
 # or taken from an existing env/.env.pc2. A PC1 set up with --tls prints TOKEN#sha256:FP:
 # PC2 then reaches PC1 over HTTPS and pins that certificate (TARS_TLS_PINS).
 #   --tls   PC2 serves HTTPS too, with its own self-signed certificate (env/tls/pc2.crt);
 #           PC1 learns its fingerprint when PC2 joins (over the pinned channel)
+#   --service, --remove-service   as in setup_pc1.sh (the unit is env/tars-pc2.service)
 # env/.env.pc2 is made 0600 (it holds the token), also when it was copied by hand.
 #
 # Checks Python, creates .venv, installs the CUDA or CPU builds (as setup_pc1.sh), installs
@@ -23,6 +28,8 @@
 #   PYTHON, TARS_VENV, TARS_SETUP_BUILD, CUDA_HOME, TARS_SETUP_SKIP_INSTALL, TARS_SETUP_VERBOSE,
 #   TARS_TORCH_CPU_INDEX, TARS_WHEEL_CACHE, TARS_SETUP_SELFCHECK=0   as in setup_pc1.sh
 #   TARS_PC1_PORT=8000              PC1's port when the address has none
+#   TARS_CLUSTER_NAME=NAME          without an address: join the cluster of that name
+#   TARS_DISCOVERY_TIMEOUT=4        seconds to listen for PC1 on the LAN
 #   TARS_NODE_NAME, TARS_HOST, TARS_PORT, TARS_ADVERTISE_URL
 #                                   written into env/.env.pc2 when it is created (defaults pc2,
 #                                   0.0.0.0, 8001, this host's address on the route to PC1)
@@ -31,12 +38,14 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib/setup_common.sh"
 
 ENV_FILE=env/.env.pc2
-usage="usage: bash scripts/setup_pc2.sh <PC1 address> [--token TOKEN] [--tls]"
+usage="usage: bash scripts/setup_pc2.sh [<PC1 address>] [--token TOKEN] [--tls] [--service | --remove-service]"
 
-PC1_ARG=""; TOKEN_ARG=""; TLS=0
+PC1_ARG=""; TOKEN_ARG=""; TLS=0; SERVICE=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --tls) TLS=1; shift ;;
+    --service) SERVICE=1; shift ;;
+    --remove-service) SERVICE_SCRIPT=setup_pc2.sh; remove_service pc2; exit 0 ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
     --token) [ $# -ge 2 ] || die "--token needs a value" "$usage"; TOKEN_ARG=$2; shift 2 ;;
     --token=*) TOKEN_ARG=${1#--token=}; shift ;;
@@ -45,48 +54,83 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-# PC1's base URL from an address, address:port or URL.
-EXISTING_PEERS=$(env_get "$ROOT/$ENV_FILE" TARS_PEERS)
-if [ -z "$PC1_ARG" ]; then
-  if [ -n "$EXISTING_PEERS" ]; then
-    PC1_URL=${EXISTING_PEERS%%,*}
-  elif interactive; then
-    read -r -p "PC1 address (its LAN IP, e.g. 192.168.1.10): " PC1_ARG
-  fi
-  [ -n "$PC1_ARG" ] || [ -n "${PC1_URL:-}" ] || die "PC1's address is missing" \
-    "$usage   (on PC1, 'hostname -I' shows its address)"
-fi
-if [ -n "$PC1_ARG" ]; then
-  case "$PC1_ARG" in
-    http://*|https://*) PC1_URL=${PC1_ARG%/} ;;
-    *:*) PC1_URL="http://$PC1_ARG" ;;
-    *) PC1_URL="http://$PC1_ARG:${TARS_PC1_PORT:-8000}" ;;
+[ "$SERVICE" = 1 ] && TOTAL_STEPS=11
+
+# pc1_url_of ADDRESS: PC1's base URL from an address, address:port or URL (sets PC1_URL).
+pc1_url_of() {
+  case "$1" in
+    http://*|https://*) PC1_URL=${1%/} ;;
+    *:*) PC1_URL="http://$1" ;;
+    *) PC1_URL="http://$1:${TARS_PC1_PORT:-8000}" ;;
   esac
-fi
-[[ "$PC1_URL" =~ ^https?://[A-Za-z0-9._-]+(:[0-9]+)?$ ]] || die "'$PC1_URL' is not a valid PC1 address" \
-  "give PC1's IP address or host name, e.g. 192.168.1.10 or 192.168.1.10:8000"
+}
 
-printf '%sTARS Distributed — setting up PC2 (worker) in %s, joining %s%s\n' "$_B" "$ROOT" "$PC1_URL" "$_0"
+# discover_pc1: PC1 found on the LAN over mDNS (distributed/discovery.py), as PC1_URL and
+# FOUND_CLUSTER; several clusters are listed (and one chosen, when a person is there).
+discover_pc1() {
+  local args=(find --timeout "${TARS_DISCOVERY_TIMEOUT:-4}") out rc=0 fix
+  [ -n "${TARS_CLUSTER_NAME:-}" ] && args+=(--cluster "$TARS_CLUSTER_NAME")
+  info "no PC1 address given: looking for PC1 on the LAN (mDNS _tars._tcp${TARS_CLUSTER_NAME:+, cluster $TARS_CLUSTER_NAME}, ${TARS_DISCOVERY_TIMEOUT:-4} s)"
+  out=$(cd "$ROOT" && "$VPY" -m distributed.discovery "${args[@]}" 2>&1) || rc=$?
+  fix="give PC1's address instead: bash scripts/setup_pc2.sh <PC1 address> --token <token> ('hostname -I' on PC1 shows it)"
+  case $rc in
+    0) ;;
+    3)
+      if interactive; then
+        warn "no TARS cluster answered on the LAN (mDNS does not cross Wi-Fi client isolation, VLANs or WSL's NAT networking)"
+        local answer; read -r -p "      PC1 address (its LAN IP, e.g. 192.168.1.10): " answer
+        [ -n "$answer" ] || die "PC1's address is missing" "$fix"
+        pc1_url_of "$answer"; return 0
+      fi
+      die "no TARS cluster answered on the LAN${TARS_CLUSTER_NAME:+ under the name $TARS_CLUSTER_NAME} (mDNS, ${TARS_DISCOVERY_TIMEOUT:-4} s)" \
+        "$fix. mDNS does not cross Wi-Fi client isolation, VLANs or WSL's NAT networking; on PC1 TARS_DISCOVERY must be on and TARS_HOST not 127.0.0.1" ;;
+    4)
+      local i=0 line choice=""
+      printf '      several TARS clusters answer on the LAN:\n'
+      while IFS=$'\t' read -r c n u _; do i=$((i + 1)); printf '        %d) cluster %s: %s at %s\n' "$i" "$c" "$n" "$u"; done <<<"$out"
+      if interactive; then
+        read -r -p "      Which one (1-$i, or PC1's address)? " choice
+      fi
+      if [[ "$choice" =~ ^[0-9]+$ ]] && [ "$choice" -ge 1 ] && [ "$choice" -le "$i" ]; then
+        out=$(sed -n "${choice}p" <<<"$out")
+      elif [ -n "$choice" ]; then
+        pc1_url_of "$choice"; return 0
+      else
+        die "several TARS clusters answer on the LAN (listed above): which one is PC1's?" \
+          "name it: TARS_CLUSTER_NAME=<cluster> bash scripts/setup_pc2.sh --token <token>, or give PC1's address: bash scripts/setup_pc2.sh <address> --token <token>"
+      fi ;;
+    *) die "LAN discovery could not run: ${out:0:300}" "$fix" ;;
+  esac
+  local node
+  IFS=$'\t' read -r FOUND_CLUSTER node PC1_URL _ <<<"$out"
+  ok "found cluster '$FOUND_CLUSTER' on the LAN: its planner $node at $PC1_URL (an mDNS hint: the token check below proves it)"
+}
 
-check_python
-ensure_venv
-detect_build
-install_torch
-install_llama
-# llama.cpp's own server from the same llama.cpp source, same build kind (part of this step)
-if skip_install; then
-  info "TARS_SETUP_SKIP_INSTALL=1, not running: scripts/build_engine.sh --python $VPY"
-elif bash "$ROOT/scripts/build_engine.sh" --python "$VPY" | sed 's/^/      /'; then
-  ok "llama-server built (GGUF chat serves several requests at once)"
-else
-  warn "llama-server did not build (output above); GGUF chat runs in process, one request at a time, until: bash scripts/build_engine.sh"
+# PC1's base URL from an address, address:port or URL; none: found on the LAN after the install.
+EXISTING_PEERS=$(env_get "$ROOT/$ENV_FILE" TARS_PEERS)
+PC1_URL=""; FOUND_CLUSTER=""
+if [ -z "$PC1_ARG" ] && [ -n "$EXISTING_PEERS" ]; then
+  PC1_URL=${EXISTING_PEERS%%,*}
 fi
-install_project
-profile_and_plan pc2
+[ -z "$PC1_ARG" ] || pc1_url_of "$PC1_ARG"
+check_pc1_url() {
+  [[ "$PC1_URL" =~ ^https?://[A-Za-z0-9._-]+(:[0-9]+)?$ ]] || die "'$PC1_URL' is not a valid PC1 address" \
+    "give PC1's IP address or host name, e.g. 192.168.1.10 or 192.168.1.10:8000"
+}
+[ -z "$PC1_URL" ] || check_pc1_url
+
+printf '%sTARS Distributed — setting up PC2 (worker) in %s, joining %s%s\n' "$_B" "$ROOT" \
+  "${PC1_URL:-the PC1 found on the LAN}" "$_0"
+
+install_stack pc2
 info "this is the plan of PC2 alone: once it joins, PC1 plans both hosts together (tars status, the dashboard)"
 
 # ----------------------------------------------------------------------------- 8. env file
 step "Settings file $ENV_FILE"
+if [ -z "$PC1_URL" ]; then
+  discover_pc1   # sets PC1_URL and FOUND_CLUSTER, or stops with what to do
+  check_pc1_url
+fi
 TOKEN=${TOKEN_ARG:-$(env_get "$ROOT/$ENV_FILE" TARS_CLUSTER_TOKEN)}
 if [ -z "$TOKEN" ] && interactive; then
   read -r -p "Cluster token (printed by setup_pc1.sh on PC1): " TOKEN
@@ -117,8 +161,13 @@ else
   pc1_host=${PC1_URL#*://}; pc1_host=${pc1_host%:*}
   write_env_file pc2 worker 8001 "$pc1_host" "0.0.0.0 listens on the LAN so PC1 can forward requests here." PC1 \
     "Shared secret of the /rpc channel: the value from PC1's env/.env.pc1." \
-    "# PC1, the node this one joins (comma-separated base URLs)." "TARS_PEERS=$PC1_URL"
+    "# PC1, the node this one joins (comma-separated base URLs)." "TARS_PEERS=$PC1_URL" \
+    "# The cluster's name on the LAN (as PC1 advertises it)." "TARS_CLUSTER_NAME=${FOUND_CLUSTER:-${TARS_CLUSTER_NAME:-tars}}"
   changed "wrote $ENV_FILE (joins $PC1_URL)"
+fi
+if [ -n "$FOUND_CLUSTER" ] && [ "$(env_get "$ROOT/$ENV_FILE" TARS_CLUSTER_NAME)" != "$FOUND_CLUSTER" ]; then
+  "$VPY" "$PROBE" env-set "$ROOT/$ENV_FILE" "TARS_CLUSTER_NAME=$FOUND_CLUSTER"
+  changed "set TARS_CLUSTER_NAME=$FOUND_CLUSTER in $ENV_FILE (the cluster found on the LAN)"
 fi
 if [ -n "$PIN" ] && [ "$(env_get "$ROOT/$ENV_FILE" TARS_TLS_PINS)" != "$PIN" ]; then
   "$VPY" "$PROBE" env-set "$ROOT/$ENV_FILE" "TARS_TLS_PINS=$PIN"
@@ -127,8 +176,10 @@ fi
 ensure_private "$ROOT/$ENV_FILE"
 [ "$TLS" = 1 ] && setup_tls pc2
 node_address 8001
+wsl_advice "$PORT" "${TARS_ADVERTISE_URL:-$(env_get "$ROOT/$ENV_FILE" TARS_ADVERTISE_URL)}"
 
 write_launcher pc2 "$ENV_FILE"
+[ "$SERVICE" = 1 ] && setup_service pc2 worker
 
 # ----------------------------------------------------------------------------- 10. self-check
 step "Self-check: PC1 reachable and the token accepted"

@@ -16,9 +16,11 @@ import httpx
 
 from distributed.api.app import create_app
 from distributed.cluster import Cluster
+from distributed.deploy.manager import Deployer
 from distributed.node import Node
 from distributed.profiler import profile_host
 from distributed.rpc.client import PeerClient
+from distributed.service import build
 from distributed.settings import load_settings
 
 TOKEN = "cluster-secret"
@@ -44,7 +46,8 @@ class _Link(httpx.AsyncBaseTransport):
 
 
 class Host:
-    """One node: settings, Node, Cluster (peer clients over the Net) and its app."""
+    """One node: settings, its service (``service.build``: Node, Cluster with peer clients
+    over the Net, Deployer, split service) and its app."""
 
     def __init__(self, net: Net, name: str, url: str, preset: str, peers: tuple[str, ...] = (),
                  extra: dict[str, Any] | None = None, **overrides: Any) -> None:
@@ -54,11 +57,23 @@ class Host:
                                          "peers": ",".join(peers) or None, "cluster_token": TOKEN,
                                          "backend_override": "fake", "heartbeat_s": 0.1, "rpc_timeout_s": 1.0,
                                          **overrides})
-        self.node = Node(self.settings, profile=profile_host(preset, name), backend_extra=dict(extra or {}))
-        self.node.cluster = Cluster(self.node, self.settings, client_factory=self._client)
-        self.app = create_app(self.settings, self.node)
+        self.service = build(self.settings, profile=profile_host(preset, name), backend_extra=dict(extra or {}),
+                             clients=lambda url: self._client(url))  # late-bound: a test may swap _client
+        self.app = create_app(self.service)
         self.http = httpx.AsyncClient(transport=httpx.ASGITransport(self.app), base_url=url, timeout=10)
         self._stack = AsyncExitStack()
+
+    @property
+    def node(self) -> Node:
+        return self.service.node
+
+    @property
+    def cluster(self) -> Cluster:
+        return self.service.cluster
+
+    @property
+    def deployer(self) -> Deployer:
+        return self.service.deployer
 
     def _client(self, url: str) -> PeerClient:
         return PeerClient(url, TOKEN, transport=self.net.link(self.url, url), timeout=1.0, backoff_s=0.01)

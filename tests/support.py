@@ -11,6 +11,10 @@ stops the whole group — nothing is left behind, whatever the node started::
         node.start()                 # launch + wait for /health 200
         httpx.get(node.url + "/status")
 
+``serve_in_thread`` serves the app of one node with uvicorn in a thread of the test's own
+process instead (fake backends, fast), ``serve_in_process`` runs it with no socket at all
+(httpx over ASGI), and ``tars`` runs the real CLI against a node.
+
 Importable without pytest (the benchmarks use it); ``free_port`` skips the calling test.
 """
 
@@ -23,7 +27,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +71,16 @@ def free_port(host: str, ports: range, taken: set[int] | None = None) -> int:
     pytest.skip(f"no free port in {ports.start}-{ports.stop - 1} on {host}")
 
 
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` is running: it exists and is not a zombie (killed, but not yet
+    reaped by its parent or init)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:  # gone (FileNotFoundError), or its /proc entry vanished while being read
+        return False
+    return "\nState:\tZ" not in status
+
+
 def wait_until(cond: Callable[[], Any], timeout: float, what: str, *servers: "ServerProcess",
                interval: float = 0.2) -> None:
     """Poll ``cond`` until it is true. HTTP errors and missing keys count as "not yet".
@@ -86,6 +101,78 @@ def wait_until(cond: Callable[[], Any], timeout: float, what: str, *servers: "Se
             logs = "\n".join(f"--- {s.name} log ---\n{s.tail()}" for s in servers)
             raise ServerFailed(f"timed out after {timeout:g} s waiting for {what} (last error: {last!r})\n{logs}")
         time.sleep(interval)
+
+
+async def until(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition",
+                interval: float = 0.002) -> None:
+    """``wait_until`` inside an event loop: let the loop (and threads) run until ``cond()``
+    holds — a wait on a condition, never a guessed sleep (the machine may be busy)."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+@asynccontextmanager
+async def serve_in_process(settings: Any, load_timeout: float = 300.0,
+                           client_timeout: float = 120.0) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
+    """The real app of one ``Node`` of ``settings`` (on a 2-core CPU host with 16 GB) in this
+    process, its lifespan running: yields an httpx client over ``ASGITransport`` (base URL
+    ``http://<node name>``) and the node, once every model assigned here is ready (a model
+    that fails to load fails the test with its error)."""
+    from distributed.api.app import create_app
+    from distributed.domain import HostProfile
+    from distributed.service import build
+
+    name = settings.node_name
+    profile = HostProfile(hostname=name, cpu_model="test cpu", cpu_cores=2, ram_total_mb=16000, ram_free_mb=12000)
+    service = build(settings, profile=profile)
+    node = service.node
+    app = create_app(service)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=f"http://{name}",
+                                     timeout=client_timeout) as client:
+            for t in node.local_targets():
+                assert await t.wait_loaded(load_timeout) == "ready", t.error
+            yield client, node
+
+
+@contextmanager
+def serve_in_thread(settings: Any, name: str, timeout: float = 60.0) -> Iterator[str]:
+    """The real app (``create_app`` over a ``Node`` of ``settings``) served by uvicorn on
+    ``settings.host:settings.port`` in a thread of this process; yields its URL once
+    ``/health`` answers 200, and stops the server after."""
+    import threading
+
+    import uvicorn
+
+    from distributed.api.app import create_app
+    from distributed.service import build
+
+    app = create_app(build(settings))
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
+                                          access_log=False))
+    thread = threading.Thread(target=server.run, name=f"{name}-node", daemon=True)
+    thread.start()
+    url = f"http://{settings.host}:{settings.port}"
+    try:
+        wait_until(lambda: httpx.get(f"{url}/health", timeout=2).status_code == 200, timeout, f"{url} /health 200")
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(15)
+
+
+def tars(*args: str, env: Mapping[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI (``python -m distributed ...``) as a user does, without this process's
+    ``TARS_*`` settings; COLUMNS keeps rich from folding ids across lines."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("TARS_")}
+    full_env.update({"COLUMNS": "200", **(env or {})})
+    return subprocess.run([sys.executable, "-m", "distributed", *args], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 class ServerProcess:

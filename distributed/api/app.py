@@ -1,4 +1,8 @@
-"""``create_app(settings, node)``: the FastAPI app of one node. Nothing at import time.
+"""``create_app(service)``: the FastAPI app of one node's service. Nothing at import time.
+
+The parts (node, cluster, deployer, split service) are built by the composition root
+(``service.build``); this module only serves them. Its lifespan starts and stops the
+service (``Service.start``/``stop``).
 
 Layers, outside in:
 
@@ -22,7 +26,8 @@ import math
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -35,11 +40,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .. import __version__
 from ..errors import ModelLoading, PayloadTooLarge, PeerUnavailable, TarsError, Unauthorized, ValidationFailed
 from ..logs import get_logger
-from ..seams import ClusterView, ServiceNode
-from . import deploy, native, openai, rerank
+from ..seams import ServiceNode
+from . import anthropic, deploy, error_shapes, native, openai, rerank, responses
 from .auth import ApiKey
 from .guards import Guards, host_policy
-from .schemas import error_json
+
+if TYPE_CHECKING:  # types only: the service is built by the composition root
+    from ..service import Service
 
 log = get_logger(__name__)
 
@@ -55,14 +62,14 @@ def _error_response(exc: TarsError, node: str, path: str) -> Response:
         headers["retry-after"] = str(max(1, math.ceil(float(retry))))
     if isinstance(exc, Unauthorized):
         headers["www-authenticate"] = "Bearer"
-    return Response(error_json(exc, node, path.startswith("/v1/")), status_code=exc.http_status,
+    return Response(error_shapes.error_json(exc, node, path), status_code=exc.http_status,
                     headers=headers, media_type="application/json")
 
 
 class Edge:
     """Auth, body limit, metrics, via header and the last-resort 500, in one layer."""
 
-    def __init__(self, app: ASGIApp, *, node: Any, api_key: ApiKey, max_body: int, endpoints: set[str],
+    def __init__(self, app: ASGIApp, *, node: ServiceNode, api_key: ApiKey, max_body: int, endpoints: set[str],
                  fast: dict[tuple[str, str], Any] | None = None) -> None:
         self.app = app
         self.node = node
@@ -85,12 +92,14 @@ class Edge:
             return
         t0 = time.perf_counter()
         path: str = scope["path"]
-        auth = length = None
+        auth = length = x_api_key = None
         for k, v in scope["headers"]:
             if k == b"authorization":
                 auth = v
             elif k == b"content-length":
                 length = v
+            elif k == b"x-api-key":  # Anthropic's clients send the key this way
+                x_api_key = v
         state = {"status": 500, "started": False}
 
         async def send_wrapper(message: Message) -> None:
@@ -101,7 +110,7 @@ class Edge:
             await send(message)
 
         try:
-            self.api_key.check(path, auth)
+            self.api_key.check(path, auth, x_api_key)
             if length is not None:
                 try:
                     n = int(length)
@@ -165,7 +174,7 @@ def _document_request_models(app: FastAPI) -> None:
     """Routes read their bodies themselves (one pydantic pass over the raw bytes), so FastAPI
     does not know the request models; their nested models go into the OpenAPI components here
     (the routes' ``openapi_extra`` refers to them)."""
-    from . import chat_surface, schemas
+    from . import anthropic_wire, chat_surface, responses_wire, schemas
 
     base = app.openapi
 
@@ -174,7 +183,8 @@ def _document_request_models(app: FastAPI) -> None:
             doc = base()
             comps = doc.setdefault("components", {}).setdefault("schemas", {})
             for model in (schemas.InferenceRequest, schemas.EmbedBody, chat_surface.ChatCompletionRequest,
-                          chat_surface.CompletionRequest, schemas.EmbeddingsRequest):
+                          chat_surface.CompletionRequest, schemas.EmbeddingsRequest, anthropic_wire.MessagesRequest,
+                          anthropic_wire.CountTokensRequest, responses_wire.ResponsesRequest):
                 comps.update(model.model_json_schema(ref_template="#/components/schemas/{model}").get("$defs", {}))
             for path in doc.get("paths", {}).values():
                 for op in path.values():
@@ -227,20 +237,18 @@ def _add_dashboard(app: FastAPI) -> None:
     app.mount("/dashboard/static", StaticFiles(directory=DASHBOARD_DIR, check_dir=False), name="dashboard")
 
 
-def create_app(settings: Any, node: ServiceNode, cluster: ClusterView | None = None) -> Any:
-    """The app of one node (the composition root of the service). The lifespan starts and
-    stops ``node``; the ``/rpc`` router's lifespan starts and stops ``cluster`` — given,
-    else ``node.cluster``, else a ``Cluster(node, settings)`` built here — which is also
-    attached as ``node.cluster`` (``/status`` reads it)."""
+def create_app(service: "Service") -> FastAPI:
+    """The app serving ``service`` (built by ``service.build``). The lifespan starts the
+    service (the node, then its cluster) and stops it (the cluster says goodbye first)."""
+    settings, node = service.settings, service.node
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> Any:
-        await node.start()
-        log.info("node %s started (role %s)", node.name, node.role)
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await service.start()
         try:
             yield
         finally:
-            await node.stop()
+            await service.stop()
 
     extra: dict[str, Any] = {}
     if "telemetry" in inspect.signature(FastAPI.__init__).parameters:
@@ -251,21 +259,14 @@ def create_app(settings: Any, node: ServiceNode, cluster: ClusterView | None = N
                               "JSON-RPC /rpc between nodes.", **extra)
     app.state.node = node
     app.state.settings = settings
+    app.state.deployer = service.deployer  # POST/DELETE /models (api/deploy.py)
     _add_error_handlers(app, node.name)
 
     from ..rpc.server import build_rpc_router
 
-    cluster = cluster or node.cluster
-    if cluster is None:
-        from ..cluster import Cluster
-
-        cluster = Cluster(node, settings)  # type: ignore[arg-type]  # a Node is both seams
-    node.cluster = cluster
-    if getattr(node, "deployer", None) is None:  # runtime deploys (deploy/manager.py)
-        from ..deploy.manager import Deployer
-
-        Deployer(node, settings)
-    routers = [native.router, openai.router, rerank.router, deploy.router, build_rpc_router(settings, node, cluster)]
+    rpc = build_rpc_router(settings, node, service.cluster, deployer=service.deployer, split=service.split)
+    routers = [native.router, openai.router, anthropic.router, responses.router, rerank.router, deploy.router,
+               rpc]
     for router in routers:
         app.include_router(router)
 
@@ -277,7 +278,8 @@ def create_app(settings: Any, node: ServiceNode, cluster: ClusterView | None = N
     # routes above stay for /docs and behave the same: they call the same functions).
     fast = {("POST", "/inference"): native.inference, ("POST", "/embed"): native.embed,
             ("POST", "/v1/chat/completions"): openai.chat_completions, ("POST", "/v1/completions"): openai.completions,
-            ("POST", "/v1/embeddings"): openai.embeddings, ("GET", "/health"): native.health}
+            ("POST", "/v1/embeddings"): openai.embeddings, ("GET", "/health"): native.health,
+            ("POST", "/v1/messages"): anthropic.messages, ("POST", "/v1/responses"): responses.responses}
     app.add_middleware(Edge, node=node, api_key=ApiKey(settings.api_key.get_secret_value()),
                        max_body=settings.max_body_bytes, endpoints=endpoints, fast=fast)
     app.add_middleware(Guards, node_name=node.name, hosts=host_policy(settings))  # outermost: api/guards.py

@@ -1,5 +1,5 @@
 """The API key: with ``TARS_API_KEY`` set, every endpoint but the public ones needs
-``Authorization: Bearer <key>``.
+``Authorization: Bearer <key>`` or, as Anthropic's clients send it, ``x-api-key: <key>``.
 
 Public: ``/health`` (load balancers and ``tars status`` probe it), the dashboard
 page and its static assets (a browser cannot attach a bearer header to a
@@ -9,6 +9,8 @@ The comparison is constant-time (``bearer.bearer_matches``, shared with ``/rpc``
 """
 
 from __future__ import annotations
+
+import hmac
 
 from ..bearer import bearer_matches
 from ..errors import Unauthorized
@@ -31,11 +33,18 @@ class ApiKey:
     def enabled(self) -> bool:
         return bool(self._key)
 
-    def check(self, path: str, authorization: bytes | None) -> None:
-        """Raise Unauthorized unless ``path`` is public or the header carries the key."""
+    def check(self, path: str, authorization: bytes | None, x_api_key: bytes | None = None) -> None:
+        """Raise Unauthorized unless ``path`` is public or a header carries the key
+        (``Authorization: Bearer``, else ``x-api-key``)."""
         if not self._key or is_public(path):
             return
-        if not authorization:
-            raise Unauthorized("this node requires an API key: send 'Authorization: Bearer <TARS_API_KEY>'")
-        if not bearer_matches(authorization, self._key):  # constant time; the /rpc token check uses it too
-            raise Unauthorized("the API key is wrong: send 'Authorization: Bearer <TARS_API_KEY>'")
+        if authorization:
+            if not bearer_matches(authorization, self._key):  # constant time; the /rpc token check uses it too
+                raise Unauthorized("the API key is wrong: send 'Authorization: Bearer <TARS_API_KEY>'")
+            return
+        if x_api_key:
+            if not hmac.compare_digest(x_api_key.strip(), self._key):  # constant time
+                raise Unauthorized("the API key is wrong: send 'x-api-key: <TARS_API_KEY>'")
+            return
+        raise Unauthorized("this node requires an API key: send 'Authorization: Bearer <TARS_API_KEY>' "
+                           "(or 'x-api-key: <TARS_API_KEY>')")

@@ -6,9 +6,13 @@ it (OpenAI's error shape, ``param`` set) — none is silently dropped. Each Open
 field is listed here: a model field (honoured; an engine that cannot do one refuses it by
 name, ``backends.base.ChatBackend.check_request``), a conditional one (``store``,
 ``modalities``, ``service_tier``, ``best_of``, ``echo``, ``suffix``: their no-op values
-are accepted), or an entry of ``REFUSED``. A field OpenAI does not know is refused as
-unknown, as OpenAI does ("Unrecognized request argument"). ``user`` and
-``safety_identifier`` only label a request, and we record them in the node's log.
+are accepted), or an entry of ``REFUSED``. llama.cpp's sampler extras (``top_k``,
+``min_p``, ``dry_*``, …) are fields too (``sampling.Knobs``, bounds there) and travel as
+``GenerateRequest.sampling``; ``reasoning_effort`` and ``chat_template_kwargs`` reach the
+chat template. A field OpenAI does not know is refused as unknown, as OpenAI does
+("Unrecognized request argument"). ``LABELS`` (``user``, ``safety_identifier``,
+``metadata``, ``prompt_cache_key``) only label a request, and we record them in the node's
+log. Message shapes are checked by ``chat_messages.check``.
 
 Answers: ``tool_calls`` (finish_reason "tool_calls"), ``logprobs`` ({"content": [...]}
 for chat; the legacy tokens/token_logprobs/top_logprobs/text_offset shape for
@@ -17,18 +21,19 @@ completions), n choices, and in streams a usage chunk when ``stream_options.incl
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
+from .. import sampling
 from ..domain import Completion, GenerateRequest
 from ..errors import ValidationFailed
-from ..requests import MAX_CHOICES, PENALTY, TOP_LOGPROBS
-from .schemas import ChatMessage, MaxTokens, Temperature, TopP, _messages, _stops, usage
+from ..requests import MAX_CHOICES, Choices, MaxTokens, Penalty, ReasoningEffort, Temperature, TopLogprobs, TopP
+from . import chat_messages
+from .schemas import ChatMessage, domain_messages, stop_list, usage
 
 MAX_N = MAX_CHOICES
-Penalty = Field(None, **PENALTY)  # the bounds /rpc enforces too (distributed/requests.py)
 
 # Known OpenAI parameters we do not serve, each with the reason the 400 gives.
 REFUSED: dict[str, str] = {
@@ -37,13 +42,17 @@ REFUSED: dict[str, str] = {
     "function_call": "the deprecated 'function_call' is not supported; send 'tool_choice'",
     "logit_bias": "'logit_bias' is not supported (token ids differ between the models served here)",
     "prediction": "predicted outputs ('prediction') are not supported",
-    "reasoning_effort": "'reasoning_effort' is not supported: the models served here are not reasoning models",
     "verbosity": "'verbosity' is not supported",
     "web_search_options": "web search is not supported",
-    "metadata": "'metadata' belongs to stored completions, which are not supported",
-    "prompt_cache_key": "'prompt_cache_key' is not supported (llama.cpp reuses a shared prompt prefix by itself)",
-    "prompt_cache_retention": "'prompt_cache_retention' is not supported",
+    "prompt_cache_retention": "'prompt_cache_retention' is not supported (llama.cpp keeps a shared prompt prefix "
+                              "by itself, for as long as its slot holds it)",
 }
+# Fields that only label a request: recorded in the node's log, nothing else.
+LABELS = ("user", "safety_identifier", "metadata", "prompt_cache_key")
+# Template variables llama-server sets itself: a chat_template_kwargs key may not replace them.
+RESERVED_TEMPLATE_KEYS = frozenset({"messages", "tools", "tool_choice", "add_generation_prompt", "bos_token",
+                                    "eos_token", "raise_exception"})
+Metadata = dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]]
 
 
 class _Strict(BaseModel):
@@ -136,38 +145,42 @@ class _Request(BaseModel):
             model=r.model or None, prompt=prompt, messages=messages,
             max_tokens=r.max_tokens if r.max_tokens is not None else max_tokens,
             temperature=r.temperature if r.temperature is not None else d.temperature,
-            top_p=r.top_p if r.top_p is not None else d.top_p, stop=_stops(r.stop), seed=r.seed,
+            top_p=r.top_p if r.top_p is not None else d.top_p, stop=stop_list(r.stop), seed=r.seed,
             stream=bool(r.stream), presence_penalty=r.presence_penalty or 0.0,
-            frequency_penalty=r.frequency_penalty or 0.0, n=r.n or 1, **extra)
+            frequency_penalty=r.frequency_penalty or 0.0, n=r.n or 1, sampling=sampling.picked(self), **extra)
 
 
-class ChatCompletionRequest(_Request):
+class ChatCompletionRequest(_Request, sampling.Knobs):
     """POST /v1/chat/completions (see the module docstring for what is honoured)."""
 
     model: str | None = None
     messages: list[ChatMessage]
-    max_tokens: int | None = MaxTokens
-    max_completion_tokens: int | None = MaxTokens
-    temperature: float | None = Temperature
-    top_p: float | None = TopP
-    n: int | None = Field(None, ge=1, le=MAX_N)
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    n: Choices | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = Penalty
-    frequency_penalty: float | None = Penalty
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
     response_format: ResponseFormat | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, **TOP_LOGPROBS)
+    top_logprobs: TopLogprobs | None = None
     user: str | None = None
     safety_identifier: str | None = None
+    metadata: Metadata | None = Field(None, max_length=16)
+    prompt_cache_key: str | None = Field(None, max_length=1024)
     store: bool | None = None
     modalities: list[Literal["text"]] | None = None
     service_tier: str | None = None
+    reasoning_effort: ReasoningEffort | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
     def to_domain(self) -> GenerateRequest:
         self._common()
@@ -177,9 +190,20 @@ class ChatCompletionRequest(_Request):
             raise ValidationFailed("'top_logprobs' needs 'logprobs': true", field="top_logprobs")
         fmt = self._response_format()
         tools, choice = self._tools()
-        return self._domain(None, _messages(self.messages), 256, response_format=fmt, tools=tools,
+        for i, m in enumerate(self.messages):
+            if m.refusal is not None and m.role != "assistant":
+                raise ValidationFailed(f"'messages[{i}].refusal': only an assistant message carries a refusal",
+                                       field=f"messages[{i}].refusal")
+        messages = chat_messages.check(domain_messages(self.messages))  # shapes, before an engine sees them
+        kwargs = self.chat_template_kwargs or None
+        for key in kwargs or ():
+            if key in RESERVED_TEMPLATE_KEYS:
+                raise ValidationFailed(f"'chat_template_kwargs.{key}' is set by the server itself; it cannot be "
+                                       "replaced", field=f"chat_template_kwargs.{key}")
+        return self._domain(None, messages, 256, response_format=fmt, tools=tools,
                             tool_choice=choice, parallel_tool_calls=self.parallel_tool_calls is not False,
-                            logprobs=bool(self.logprobs), top_logprobs=self.top_logprobs or 0)
+                            logprobs=bool(self.logprobs), top_logprobs=self.top_logprobs or 0,
+                            reasoning_effort=self.reasoning_effort, chat_template_kwargs=kwargs)
 
     def _response_format(self) -> dict[str, Any] | None:
         rf = self.response_format
@@ -226,26 +250,28 @@ class ChatCompletionRequest(_Request):
         return [t.model_dump(exclude_none=True) for t in tools], out_choice
 
 
-class CompletionRequest(_Request):
+class CompletionRequest(_Request, sampling.Knobs):
     """POST /v1/completions (legacy text completion)."""
 
     model: str | None = None
     prompt: str | list[str]
-    max_tokens: int | None = MaxTokens
-    temperature: float | None = Temperature
-    top_p: float | None = TopP
-    n: int | None = Field(None, ge=1, le=MAX_N)
-    best_of: int | None = Field(None, ge=1, le=MAX_N)
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    n: Choices | None = None
+    best_of: Choices | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = Penalty
-    frequency_penalty: float | None = Penalty
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool | None = False
     suffix: str | None = None
     user: str | None = None
+    metadata: Metadata | None = Field(None, max_length=16)
+    prompt_cache_key: str | None = Field(None, max_length=1024)
 
     def to_domain(self) -> GenerateRequest:
         self._common()
@@ -300,6 +326,8 @@ def chat_completion_body(cs: list[Completion], rid: str, created: int) -> dict[s
     choices = []
     for i, c in enumerate(cs):
         message: dict[str, Any] = {"role": "assistant", "content": c.text}
+        if c.reasoning:
+            message["reasoning_content"] = c.reasoning
         if c.tool_calls:
             message["tool_calls"] = c.tool_calls
             message["content"] = c.text or None
@@ -355,6 +383,19 @@ class ChunkEncoder:
             out = self._choice({"text": text, "logprobs": legacy_logprobs(logprobs, self._offset),
                                 "finish_reason": None})
         self._offset += len(text)
+        return out
+
+    def reasoning(self, text: str) -> bytes:
+        """A piece of a thinking model's reasoning (``delta.reasoning_content``, as llama-server and DeepSeek send it)."""
+        return self._choice({"delta": {"reasoning_content": text}, "logprobs": None, "finish_reason": None})
+
+    def piece(self, item: Any) -> bytes:
+        """The SSE bytes of one TokenChunk (tool calls, reasoning, text): b"" when it carries nothing."""
+        if item.tool_calls:
+            return self.tool_calls(item.tool_calls)
+        out = self.reasoning(item.reasoning) if getattr(item, "reasoning", None) and self.kind == "chat" else b""
+        if item.text or item.logprobs:
+            out += self.token(item.text, item.logprobs)
         return out
 
     def tool_calls(self, calls: list[dict[str, Any]]) -> bytes:

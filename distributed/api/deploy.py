@@ -1,6 +1,7 @@
 """Runtime deploys: ``POST /models`` and ``DELETE /models/{id}`` (``GET /models`` is native.py's).
 
-``POST /models`` ``{"model": ID, "replicas"?: N, "node"?: NAME}`` on any host → 202 with the
+``POST /models`` ``{"model": ID, "replicas"?: N, "node"?: NAME, "chat_template"?: SHIPPED}`` on any
+host (ID: a catalog id or a hub reference ``hf.co/ORG/REPO[:QUANT]``, resolved once) → 202 with the
 placement and its reason (200 with ``"status": "unchanged"`` when it is deployed so already);
 ``DELETE /models/{id}`` → 202. The work is ``deploy/manager.py``'s; a worker forwards it to
 the planning host. Progress (``pulling`` with percent, ``loading``, ``ready``, ``failed``)
@@ -9,7 +10,7 @@ shows in ``GET /models``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -18,6 +19,9 @@ from starlette.responses import Response
 from ..errors import ConfigError
 from . import schemas as s
 from .native import JSON, label
+
+if TYPE_CHECKING:  # types only: built by the composition root (service.build)
+    from ..deploy.manager import Deployer
 
 router = APIRouter()
 
@@ -29,12 +33,13 @@ class DeployRequest(BaseModel):
     model: str = Field(min_length=1)
     replicas: int | None = Field(None, ge=1, le=64)
     node: str | None = Field(None, min_length=1)
+    chat_template: str | None = Field(None, min_length=1, max_length=64)  # a shipped template's name
 
 
-def _deployer(request: Request) -> Any:
-    deployer = getattr(request.app.state.node, "deployer", None)
+def _deployer(request: Request) -> "Deployer":
+    deployer: Deployer | None = getattr(request.app.state, "deployer", None)  # create_app sets it
     if deployer is None:
-        raise ConfigError("this node has no deployer attached (runtime deploys are off)")
+        raise ConfigError("this node has no deployer (runtime deploys are off)")
     return deployer
 
 
@@ -44,7 +49,7 @@ def _deployer(request: Request) -> Any:
 async def deploy(request: Request) -> Response:
     r = s.parse(DeployRequest, await request.body())
     label(request, r.model)
-    out = await _deployer(request).deploy(r.model, r.replicas, r.node)
+    out = await _deployer(request).deploy(r.model, r.replicas, r.node, r.chat_template)
     out["via"] = request.app.state.node.name
     return JSON(out, status_code=200 if out.get("status") == "unchanged" else 202)
 

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..domain import Completion, EmbedRequest, Embeddings, GenerateRequest
 from ..errors import TarsError, ValidationFailed
-from ..requests import MAX_STOPS, MAX_TOKENS, TEMPERATURE, TOP_P
+from ..requests import MAX_STOPS, MaxTokens, Temperature, TopP
 
 M = TypeVar("M", bound=BaseModel)
 NUMPY = orjson.OPT_SERIALIZE_NUMPY
@@ -104,7 +104,8 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
-def _messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+def domain_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """The request's messages as domain dicts (400 naming what is empty or unsupported)."""
     if not messages:
         raise ValidationFailed("'messages' is empty; send at least one message", field="messages")
     out = []
@@ -121,7 +122,8 @@ def _messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return out
 
 
-def _stops(stop: str | list[str] | None) -> list[str]:
+def stop_list(stop: str | list[str] | None) -> list[str]:
+    """``stop`` as a list (400 past ``MAX_STOPS``); empty strings dropped."""
     if stop is None:
         return []
     stops = [stop] if isinstance(stop, str) else list(stop)
@@ -130,10 +132,7 @@ def _stops(stop: str | list[str] | None) -> list[str]:
     return [s for s in stops if s]
 
 
-# The bounds live in distributed/requests.py: /rpc enforces the same ones (-32602 where REST says 400).
-MaxTokens = Field(None, **MAX_TOKENS, description="Most tokens to generate (clamped to the context).")
-Temperature = Field(None, **TEMPERATURE)
-TopP = Field(None, **TOP_P)
+# The bounds are the types of distributed/requests.py: /rpc enforces the same ones (-32602 where REST says 400).
 
 
 class InferenceRequest(_Native):
@@ -142,9 +141,9 @@ class InferenceRequest(_Native):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
-    max_tokens: int | None = MaxTokens
-    temperature: float | None = Temperature
-    top_p: float | None = TopP
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
@@ -153,7 +152,7 @@ class InferenceRequest(_Native):
         if self.prompt is not None and self.messages is not None:
             raise ValidationFailed("send either 'prompt' or 'messages', not both", field="prompt")
         if self.messages is not None:
-            messages, prompt = _messages(self.messages), None
+            messages, prompt = domain_messages(self.messages), None
         elif self.prompt is None:
             raise ValidationFailed("field 'prompt' (or 'messages') is required", field="prompt")
         elif not self.prompt.strip():
@@ -169,7 +168,7 @@ def _generate(r: Any, prompt: str | None, messages: list[dict[str, Any]] | None,
                            max_tokens=r.max_tokens if r.max_tokens is not None else max_tokens,
                            temperature=r.temperature if r.temperature is not None else d.temperature,
                            top_p=r.top_p if r.top_p is not None else d.top_p,
-                           stop=_stops(r.stop), seed=r.seed, stream=r.stream)
+                           stop=stop_list(r.stop), seed=r.seed, stream=r.stream)
 
 
 class EmbedBody(_Native):
@@ -297,7 +296,8 @@ def embeddings_json(e: Embeddings, encoding_format: str) -> bytes:
 def models_list_body(models: list[dict[str, Any]], node: str) -> dict[str, Any]:
     return {"object": "list", "node": node, "via": node,
             "data": [{"id": m["id"], "object": "model", "created": 0, "owned_by": m.get("node", node),
-                      "kind": m.get("kind"), "state": m.get("state")} for m in models]}
+                      "kind": m.get("kind"), "state": m.get("state"), "vision": bool(m.get("vision"))}
+                     for m in models]}
 
 
 # --------------------------------------------------------------------------- errors

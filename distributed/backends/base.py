@@ -98,6 +98,7 @@ FEATURE_FIELDS: dict[str, tuple[str, ...]] = {
     "response_format": ("response_format",),
     "tools": ("tools", "tool_choice"),
     "logprobs": ("logprobs", "top_logprobs"),
+    "template_inputs": ("reasoning_effort", "chat_template_kwargs"),  # values handed to the chat template
 }
 
 
@@ -118,6 +119,10 @@ def requested_features(req: GenerateRequest) -> dict[str, str]:
         used["logprobs"] = "logprobs"
     elif req.top_logprobs:
         used["logprobs"] = "top_logprobs"
+    if getattr(req, "reasoning_effort", None) is not None:
+        used["template_inputs"] = "reasoning_effort"
+    elif getattr(req, "chat_template_kwargs", None):
+        used["template_inputs"] = "chat_template_kwargs"
     return used
 
 
@@ -125,6 +130,8 @@ class ChatBackend(Backend):
     kind = "chat"
     # Which of FEATURE_FIELDS this backend honours; check_request refuses the rest by name.
     features: ClassVar[frozenset[str]] = frozenset()
+    # Which of llama.cpp's sampler extras (distributed/sampling.py) it honours; the rest are refused by name.
+    sampling_knobs: ClassVar[frozenset[str]] = frozenset()
 
     def check_request(self, req: GenerateRequest) -> None:
         """Raise ValidationFailed (400) naming the first field this backend cannot honour.
@@ -134,6 +141,11 @@ class ChatBackend(Backend):
                 raise ValidationFailed(
                     f"'{field_name}' is not supported by the {self.name} engine that serves model "
                     f"'{self.spec.id}'; leave it out", field=field_name, engine=self.name)
+        for name in getattr(req, "sampling", None) or ():
+            if name not in self.sampling_knobs:
+                raise ValidationFailed(
+                    f"'{name}' is not supported by the {self.name} engine that serves model '{self.spec.id}' "
+                    "(the llama-server engine honours it); leave it out", field=name, engine=self.name)
         if req.n != 1:
             raise ValidationFailed("only n=1 reaches an engine (the API serves n > 1 as n requests)", field="n")
 

@@ -13,7 +13,10 @@ Knobs, read from ``options.extra`` at every call (tests may change them live):
 - ``fail_models``     model ids whose ``load()`` raises ``ModelFailed``
 - ``batch_delay_s``   seconds one embedding batch takes (default 0)
 
-Tokens are whitespace-separated words, so counts are easy to reason about.
+Tokens are whitespace-separated words, so counts are easy to reason about. The fake engine
+honours none of the optional request parameters (penalties, response formats, tools,
+logprobs, llama.cpp's sampler extras, template inputs): ``ChatBackend.check_request``
+refuses each by name, as a real engine refuses what it cannot do.
 """
 
 from __future__ import annotations

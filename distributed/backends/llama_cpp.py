@@ -40,6 +40,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
+from .. import sampling, templates
 from ..cpus import physical_cores
 from ..domain import GenerateRequest, TokenChunk
 from ..errors import ConfigError, InputTooLong, ModelFailed, TarsError, ValidationFailed
@@ -173,7 +174,8 @@ class LlamaCppBackend(ChatBackend):
     reads the vocabulary)."""
 
     name = "llama_cpp"
-    features = frozenset({"penalties", "response_format", "tools", "logprobs"})
+    features = frozenset({"penalties", "response_format", "tools", "logprobs", "template_inputs"})
+    sampling_knobs = frozenset(sampling.INPROCESS)  # top_k, min_p, typical_p, repeat_*, mirostat*
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -233,8 +235,9 @@ class LlamaCppBackend(ChatBackend):
     def _bind_formatter(self, llama_cpp: Any) -> None:
         """Find the prompt formatter for the chat format the Llama settled on (the one we
         asked for, else the GGUF's template, else llama-cpp-python's fallback)."""
-        template = self.options.extra.get("chat_template")
-        if template:  # a Jinja chat template in place of the GGUF's (backend_extra "chat_template")
+        # a Jinja chat template in place of the GGUF's: backend_extra "chat_template", else the catalog's
+        template = self.options.extra.get("chat_template") or templates.source_for(self.spec)
+        if template:
             model, llm = self._llm._model, self._llm
             eos, bos = llm.token_eos(), llm.token_bos()
             self._formatter = llama_cpp.llama_chat_format.Jinja2ChatFormatter(
@@ -290,15 +293,17 @@ class LlamaCppBackend(ChatBackend):
         return int(self._require_llm().n_ctx())
 
     def format_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
-                    tool_choice: Any = None) -> tuple[str, list[str], bool]:
+                    tool_choice: Any = None, inputs: dict[str, Any] | None = None) -> tuple[str, list[str], bool]:
         """Prompt text, the format's own stop strings, and whether the text already
-        carries its special tokens (then no BOS is added). ``tools`` go to the template."""
+        carries its special tokens (then no BOS is added). ``tools`` and ``inputs``
+        (``surface.template_inputs``) go to the template."""
         if self._formatter is None:
             raise ModelFailed(f"model '{self.spec.id}' is not loaded")
         msgs = _fold_system(messages) if self._chat_format == "gemma" else messages
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = dict(inputs or {})
         if tools:
-            msgs, extra = surface.template_messages(msgs), {"tools": tools, "tool_choice": tool_choice}
+            msgs = surface.template_messages(msgs)
+            extra.update(tools=tools, tool_choice=tool_choice)
         try:
             result = self._formatter(messages=msgs, **extra)
         except Exception as exc:  # a jinja template may reject roles or orderings
@@ -315,7 +320,8 @@ class LlamaCppBackend(ChatBackend):
         llm = self._require_llm()
         if req.messages is not None:
             plan = self._plan_for(req)
-            text, stops, added_special = self.format_chat(req.messages, plan.tools, plan.tool_choice)
+            text, stops, added_special = self.format_chat(req.messages, plan.tools, plan.tool_choice,
+                                                          surface.template_inputs(req))
             tokens = llm.tokenize(text.encode("utf-8"), add_bos=not added_special, special=True)
         else:
             stops = []
@@ -337,6 +343,7 @@ class LlamaCppBackend(ChatBackend):
             return last[1]
         llama_cpp, llm = _import_llama_cpp(), self._require_llm()
         plan = surface.Plan()
+        surface.check_template_inputs(req, self._formatter, self.spec.id)
         use_tools = bool(req.tools)
         if use_tools and req.messages is None:
             raise ValidationFailed("'tools' needs chat messages", field="tools")
@@ -383,6 +390,10 @@ class LlamaCppBackend(ChatBackend):
             self._plan = None
         llama_cpp = _import_llama_cpp()
         grammar = llama_cpp.LlamaGrammar.from_string(plan.grammar, verbose=False) if plan.grammar else None
+        # repeat_last_n: llama-cpp-python reads it from the model when it builds the sampler
+        # (one generation at a time per model, so setting it per request is safe)
+        default_last_n = llm.last_n_tokens_size
+        llm.last_n_tokens_size = surface.last_n(req, default_last_n)
         if req.logprobs:
             pieces = surface.LogprobDecoder(llama_cpp, llm, req, tokens, stop, grammar, cancel).run()
         else:
@@ -402,6 +413,7 @@ class LlamaCppBackend(ChatBackend):
             raise TarsError(f"generation failed in llama.cpp for '{self.spec.id}': {exc}") from exc
         finally:
             pieces.close()
+            llm.last_n_tokens_size = default_last_n
 
     def _pieces(self, llm: Any, tokens: list[int], req: GenerateRequest, stop: list[str], grammar: Any,
                 cancel: threading.Event) -> Iterator[tuple[str, Any] | str]:
@@ -410,7 +422,7 @@ class LlamaCppBackend(ChatBackend):
         chunks = llm.create_completion(prompt=tokens, max_tokens=req.max_tokens, temperature=req.temperature,
                                        top_p=req.top_p, stop=stop, seed=req.seed, stream=True, grammar=grammar,
                                        presence_penalty=req.presence_penalty,
-                                       frequency_penalty=req.frequency_penalty)
+                                       frequency_penalty=req.frequency_penalty, **surface.sampler_kwargs(req))
         finish: str | None = None
         try:
             for chunk in chunks:

@@ -34,8 +34,9 @@ from typing import Any
 
 import numpy as np
 
+from .. import sampling
 from ..domain import GenerateRequest, TokenChunk
-from ..errors import ValidationFailed
+from ..errors import ToolsUnsupported, ValidationFailed
 
 _PROBE_TOOL = "tars_probe_tool_7f3a"
 _CALL_RE = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
@@ -49,6 +50,51 @@ class Plan:
     tools: list[dict[str, Any]] | None = None  # passed to the chat template
     tool_choice: Any = None
     parse_calls: bool = False  # read <tool_call> blocks out of the answer
+
+
+# --------------------------------------------------------------------------- samplers
+# llama-cpp-python's own defaults, which are llama.cpp's (top_k 40, min_p 0.05, ...)
+_SAMPLER_DEFAULTS = {"top_k": 40, "min_p": 0.05, "typical_p": 1.0, "repeat_penalty": 1.0}
+
+
+def sampler_kwargs(req: GenerateRequest) -> dict[str, Any]:
+    """The keywords of ``Llama.create_completion`` / ``Llama.generate`` for the request's
+    sampler extras (``repeat_last_n`` is not one: see ``last_n``)."""
+    out = dict(_SAMPLER_DEFAULTS)
+    for name, value in (getattr(req, "sampling", None) or {}).items():
+        keyword = sampling.INPROCESS.get(name)
+        if keyword is not None and name != "repeat_last_n":
+            out[keyword] = value
+    return out
+
+
+def last_n(req: GenerateRequest, default: int) -> int:
+    """Tokens the repetition penalties look back over (llama-cpp-python reads it from the model)."""
+    return int((getattr(req, "sampling", None) or {}).get("repeat_last_n", default))
+
+
+# --------------------------------------------------------------------------- template inputs
+def template_inputs(req: GenerateRequest) -> dict[str, Any]:
+    """What llama-server hands its chat template for ``chat_template_kwargs`` and
+    ``reasoning_effort`` ("none" → ``enable_thinking`` false, else the effort itself)."""
+    out = dict(getattr(req, "chat_template_kwargs", None) or {})
+    effort = getattr(req, "reasoning_effort", None)
+    if effort == "none":
+        out["enable_thinking"] = False
+        out.pop("reasoning_effort", None)
+    elif effort:
+        out["reasoning_effort"] = effort
+    return out
+
+
+def check_template_inputs(req: GenerateRequest, formatter: Any, model: str) -> None:
+    """Template inputs need a Jinja template to reach: a built-in chat format has none."""
+    if template_source(formatter) is not None:
+        return
+    for name in ("reasoning_effort", "chat_template_kwargs"):
+        if getattr(req, name, None):
+            raise ValidationFailed(f"model '{model}' has a built-in chat format, not a Jinja chat template, on the "
+                                   f"in-process engine: '{name}' has nothing to reach; leave it out", field=name)
 
 
 # --------------------------------------------------------------------------- grammars
@@ -127,7 +173,7 @@ def tool_support(formatter: Any, model: str) -> None:
             why = ("its chat template uses a tool-call format the in-process engine does not read "
                    "(it reads <tool_call>{json}</tool_call>); the server engine (TARS_CHAT_ENGINE=server) reads more")
     if why:
-        raise ValidationFailed(f"model '{model}' cannot use tools on the in-process engine: {why}", field="tools")
+        raise ToolsUnsupported(f"model '{model}' cannot use tools on the in-process engine: {why}")
 
 
 def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -230,9 +276,8 @@ class LogprobDecoder:
     def run(self) -> Iterator[tuple[str, list[dict[str, Any]]] | str]:
         llm, req = self.llm, self.req
         llm.set_seed(req.seed if req.seed is not None else random.randint(0, 2**31))
-        gen = llm.generate(self.tokens, top_k=40, top_p=req.top_p, min_p=0.05, typical_p=1.0,
-                           temp=req.temperature, repeat_penalty=1.0, presence_penalty=req.presence_penalty,
-                           frequency_penalty=req.frequency_penalty, grammar=self.grammar)
+        gen = llm.generate(self.tokens, top_p=req.top_p, temp=req.temperature, presence_penalty=req.presence_penalty,
+                           frequency_penalty=req.frequency_penalty, grammar=self.grammar, **sampler_kwargs(req))
         vocab = llm._model.vocab
         n_ctx = llm.n_ctx()
         decoder = codecs.getincrementaldecoder("utf-8")("replace")

@@ -1,4 +1,5 @@
-"""The `tars` command line: the composition root.
+"""The `tars` command line (``tars serve`` builds a node with ``service.build``, the
+composition root).
 
 Each command group lives in its own module and registers itself on ``app``:
 

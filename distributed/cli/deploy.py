@@ -19,7 +19,7 @@ from typing import Any, Optional
 import typer
 
 from ..errors import ModelFailed, RequestTimeout
-from .ops import DEFAULT_URL, KEY_OPT, _fail_for, _headers, _unreachable
+from .node_http import DEFAULT_URL, KEY_OPT, auth_headers, fail_for, unreachable
 
 URL_OPT = typer.Option(DEFAULT_URL, "--url", envvar="TARS_URL", help="Base URL of any node of the cluster.")
 
@@ -28,15 +28,15 @@ def _call(method: str, url: str, path: str, api_key: str, body: Any = None, time
     import httpx
 
     url = url.rstrip("/")
-    headers = {**_headers(api_key), "Content-Type": "application/json"}
+    headers = {**auth_headers(api_key), "Content-Type": "application/json"}
     try:
         resp = httpx.request(method, f"{url}{path}", headers=headers, timeout=timeout,
                              content=None if body is None else json.dumps(body))
     except httpx.TimeoutException as exc:
         raise RequestTimeout(f"{url}{path} gave no answer within {timeout:g}s") from exc
     except httpx.TransportError as exc:
-        raise _unreachable(url, exc) from exc
-    _fail_for(resp, url)
+        raise unreachable(url, exc) from exc
+    fail_for(resp, url)
     return resp.json()
 
 
@@ -88,7 +88,8 @@ def wait_ready(url: str, api_key: str, model: str, timeout: float, interval: flo
 
 def register(app: typer.Typer) -> None:
     @app.command()
-    def run(model: str = typer.Argument(..., help="Catalog id (`tars models list` shows them)."),
+    def run(model: str = typer.Argument(..., help="Catalog id (`tars models list` shows them) or a hub reference "
+                                                  "hf.co/ORG/REPO[:QUANT] (served under that name)."),
             replicas: Optional[int] = typer.Option(None, "--replicas", min=1, help="Hosts to run it on."),
             host: Optional[str] = typer.Option(None, "--host", help="Run it on this host (node name)."),
             url: str = URL_OPT, api_key: str = KEY_OPT,
@@ -136,6 +137,7 @@ def register(app: typer.Typer) -> None:
         for col in ("model", "kind", "host", "state", "runtime", "queue", "requests"):
             t.add_column(col)
         for m in rows:
-            t.add_row(str(m.get("id")), str(m.get("kind", "–")), str(m.get("node", "–")), _state(m), runtime_cell(m),
+            kind = str(m.get("kind", "–")) + (" +vision" if m.get("vision") else "")  # sees images
+            t.add_row(str(m.get("id")), kind, str(m.get("node", "–")), _state(m), runtime_cell(m),
                       str(m.get("queue_depth", 0)), str(m.get("requests", 0)))
         Console(file=sys.stdout, soft_wrap=False).print(t)

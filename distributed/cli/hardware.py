@@ -233,7 +233,9 @@ def render_plan(hosts: dict[str, HostProfile], plan: Plan, settings: Any,
 
 def plan_cmd(
     host: list[str] = typer.Option([], "--host", help="NAME=PRESET_OR_JSON; repeat per host. Default: this host."),
-    models: str = typer.Option("", "--models", help="Comma-separated model ids. Default: TARS_MODELS or the embedded defaults."),
+    models: str = typer.Option("", "--models", help="Comma-separated model ids or hub references (hf.co/ORG/REPO:QUANT, "
+                                                    "planned from their GGUF header before a pull). Default: TARS_MODELS "
+                                                    "or the embedded defaults."),
     as_json: bool = typer.Option(False, "--json", help='Print {"assignments": [...], "unplaced": [...]}.'),
     recommended: bool = typer.Option(False, "--recommended",
                                      help="Plan the catalog models recommended for this hardware instead "
@@ -243,6 +245,7 @@ def plan_cmd(
     """Show which model each host serves, on which device, and why (plus what to pull)."""
     from .. import profiler
     from ..catalog import load_catalog
+    from ..modelref import resolve
     from ..planning import plan_for, recommend_for
     from ..store import ModelStore
 
@@ -251,10 +254,11 @@ def plan_cmd(
     hosts = parse_hosts(host) if host else {
         settings.node_name: profiler.profile_host(settings.gpu_profile, settings.node_name)}
     ids = [m.strip() for m in models.split(",") if m.strip()] if models else list(settings.models)
-    specs = catalog.select(ids) if ids else catalog.defaults()
+    # catalog ids and hub references (hf.co/ORG/REPO:QUANT: resolved once, its header read by range)
+    specs = [resolve(i, catalog) for i in ids] if ids else catalog.defaults()
     store = ModelStore(settings.models_dir, catalog)
     paths: dict[str, Path] = store.paths(catalog.all())
-    on_disk = {s.id: s.id in paths for s in catalog.all()}
+    on_disk = {s.id: s.id in store.on_disk([s]) for s in catalog.all()}
     if recommended:
         if models:
             raise ConfigError("--recommended and --models do not go together: --recommended picks the models")

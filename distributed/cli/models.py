@@ -1,4 +1,14 @@
-"""`tars models list | pull`: what is on disk, what the catalog offers, and getting it."""
+"""`tars models list | pull | add | rm`: what is on disk, what the catalog offers, getting it,
+and the user's own entries.
+
+    tars models pull ID|hf.co/ORG/REPO[:QUANT]    download (resumable, verified); a reference is resolved once
+    tars models add FILE.gguf [--id ID] [--chat-template FILE|NAME] [--mmproj FILE]
+                                                  register a local GGUF (referenced in place, not copied)
+    tars models rm ID|REFERENCE                   take an entry out of the user catalog / the references
+
+Entries go to ``TARS_MODELS_DIR/catalog.toml`` (``catalog_files.py``); a running node sees the
+change at its next lookup (``POST /models {"model": ID}`` serves it), with no restart.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +20,7 @@ import typer
 
 EnvFile = typer.Option(None, "--env-file", help="Env file to read settings from (e.g. env/.env.pc1).")
 
-models_app = typer.Typer(help="Models on disk and in the catalog: list, pull.", no_args_is_help=True)
+models_app = typer.Typer(help="Models on disk and in the catalog: list, pull, add, rm.", no_args_is_help=True)
 
 
 def _store(env_file: Optional[Path]) -> Any:
@@ -64,7 +74,8 @@ def list_cmd(
         else:
             missing.append(r["id"])
             where = f"[yellow]no[/] [dim](hub: {'/'.join(r['source'].removeprefix('hub:').split('/')[:2])})[/]"
-        t.add_row(r["id"], f"{r['kind']}\n[dim]{r['backend']}[/]", size, where)
+        kind = r["kind"] + (" +vision" if r.get("vision") else "")
+        t.add_row(r["id"], f"{kind}\n[dim]{r['backend']}[/]", size, where)
     con = _console()
     con.print(t)
     if missing:
@@ -76,15 +87,17 @@ def list_cmd(
 
 @models_app.command("pull")
 def pull_cmd(
-    model_id: str = typer.Argument(..., metavar="ID", help="A catalog model id (see `tars models list`)."),
+    model_id: str = typer.Argument(..., metavar="ID", help="A catalog model id (see `tars models list`) or a hub "
+                                                         "reference hf.co/ORG/REPO[:QUANT]."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     env_file: Optional[Path] = EnvFile,
 ) -> None:
-    """Download a catalog model from the hub into the models folder (resumable, verified)."""
+    """Download a catalog model or a hub reference into the models folder (resumable, verified)."""
     from ..errors import DownloadFailed
+    from ..modelref import resolve
 
     store = _store(env_file)
-    spec = store.catalog.get(model_id)  # unknown id → ModelNotFound listing the valid ids
+    spec = resolve(model_id, store.catalog)  # unknown id → ModelNotFound listing the valid ids
     try:
         if store.path_for(spec) is not None or spec.embedded or spec.path:
             path = store.pull(spec, progress=False)
@@ -108,7 +121,8 @@ def _pull_with_bar(store: Any, spec: Any) -> Path:
                                TransferSpeedColumn)
 
     con = Console(stderr=True, highlight=False)
-    con.print(f"pulling {spec.id} from {spec.repo} …")
+    con.print(f"pulling {spec.id} from {spec.repo}" + (f" ({', '.join(_files(spec))})" if spec.shards or spec.mmproj
+                                                       else "") + " …")
     bar = Progress(TextColumn(f"[bold]{spec.id}[/]"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                    TimeRemainingColumn(), console=con, transient=False)
     state: dict[str, Any] = {}
@@ -124,6 +138,84 @@ def _pull_with_bar(store: Any, spec: Any) -> Path:
     finally:
         if "task" in state:
             bar.stop()
+
+
+@models_app.command("add")
+def add_cmd(
+    file: Path = typer.Argument(..., metavar="FILE.gguf", help="A GGUF on this disk (the first file of a split one)."),
+    model_id: Optional[str] = typer.Option(None, "--id", help="The id to serve it under (default: the file name)."),
+    chat_template: Optional[str] = typer.Option(None, "--chat-template",
+                                                help="A Jinja chat template file, or a shipped template's name, in "
+                                                     "place of the GGUF's own."),
+    mmproj: Optional[Path] = typer.Option(None, "--mmproj", help="Its vision projector GGUF (mmproj-*.gguf)."),
+    env_file: Optional[Path] = EnvFile,
+) -> None:
+    """Register a local GGUF in your catalog (its numbers read from its header). The file is
+    referenced where it is, not copied."""
+    from .. import catalog_files
+    from ..modelref import local_entry
+    from ..settings import load_settings
+
+    settings = load_settings(env_file)
+    entry = local_entry(file, model_id=model_id, chat_template=chat_template, mmproj=mmproj)
+    user = settings.models_dir / catalog_files.USER_FILE
+    builtin = _store(env_file).catalog
+    note = ""
+    if entry["id"] in builtin and not _in_user_file(user, entry["id"]):
+        note = f" (it replaces the entry '{entry['id']}' had; `tars models rm {entry['id']}` restores it)"
+    catalog_files.add_entry(user, entry, comment=f"added by `tars models add {file}`")
+    typer.echo(f"{entry['id']}: registered in {_home(str(user))}{note}")
+    typer.echo(f"  file: {entry['path']} — referenced in place, not copied: moving or deleting it breaks the entry; "
+               f"`tars models rm {entry['id']}` removes the entry, never the file")
+    typer.echo(f"  {entry['quant']}, {entry['size_mb']} MB, {entry.get('n_layers')} layers, context {entry['context']}"
+               + (f", chat template {entry['chat_template']}" if entry.get("chat_template")
+                  else ", its own chat template")
+               + (", sees images" if entry.get("mmproj") else ""))
+    typer.secho(f"a running node serves it with POST /models {{\"model\": \"{entry['id']}\"}} (`tars run "
+                f"{entry['id']}`), no restart needed", err=True)
+
+
+@models_app.command("rm")
+def rm_cmd(
+    model_id: str = typer.Argument(..., metavar="ID", help="An entry of your catalog, or a hub reference."),
+    env_file: Optional[Path] = EnvFile,
+) -> None:
+    """Take a model out of your catalog (a `tars models add` entry) or forget a hub reference.
+    Files stay where they are."""
+    from .. import catalog_files
+    from ..errors import ModelNotFound, ValidationFailed
+    from ..settings import load_settings
+
+    settings = load_settings(env_file)
+    store = _store(env_file)
+    spec = store.catalog.get(model_id) if model_id in store.catalog else None
+    where = store.path_for(spec) if spec is not None else None
+    user = settings.models_dir / catalog_files.USER_FILE
+    if catalog_files.remove_entry(user, model_id):
+        typer.echo(f"{model_id}: removed from {_home(str(user))}")
+    elif store.catalog.forget(model_id):
+        typer.echo(f"{model_id}: reference forgotten (resolved again from the hub when next asked for)")
+    elif spec is not None:
+        raise ValidationFailed(f"'{model_id}' is a built-in catalog model: it cannot be removed (nothing of it is "
+                               "served unless TARS_MODELS or a deploy names it)", field="model")
+    else:
+        raise ModelNotFound(model_id, store.catalog.ids())
+    if where is not None:
+        typer.echo(f"  its files stay: {_home(str(where))}")
+    typer.secho("a running node sees the change at its next lookup; a model it serves keeps running until "
+                f"`tars stop {model_id}`", err=True)
+
+
+def _in_user_file(user: Path, model_id: str) -> bool:
+    from ..catalog import read_catalog_file
+
+    return user.is_file() and any(s.id == model_id for s in read_catalog_file(user))
+
+
+def _files(spec: Any) -> list[str]:
+    from ..hub import gguf_files
+
+    return gguf_files(spec)
 
 
 def register(app: typer.Typer) -> None:

@@ -17,9 +17,9 @@ from typing import Any, Optional
 
 import typer
 
-from ..errors import PeerError, PeerUnavailable, RequestTimeout, Unauthorized, ValidationFailed
+from ..errors import PeerError, RequestTimeout, ValidationFailed
+from .node_http import KEY_OPT, URL_ARG, auth_headers, fail_for, unreachable
 
-DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_PROMPT = "Write a short story about a robot who learns to paint."
 _SENTENCES = (
     "The cat sat on the warm windowsill all afternoon.",
@@ -32,49 +32,20 @@ _SENTENCES = (
     "Quantisation stores weights with fewer bits per value.",
 )
 
-URL_ARG = typer.Argument(DEFAULT_URL, help="Base URL of a node, e.g. http://192.168.1.10:8000.")
-KEY_OPT = typer.Option("", "--api-key", envvar="TARS_API_KEY", show_default=False,
-                       help="The node's TARS_API_KEY, when it has one (default: $TARS_API_KEY).")
-
 
 # ----------------------------------------------------------------------------- HTTP
-def _headers(api_key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
-
-
-def _fail_for(resp: Any, url: str) -> None:
-    """Raise the right TarsError for a non-2xx answer (never a traceback to the user)."""
-    if resp.status_code < 400:
-        return
-    if resp.status_code == 401:
-        raise Unauthorized(f"{url} wants an API key: pass --api-key KEY or set TARS_API_KEY")
-    try:
-        body = resp.json()
-        err = body.get("error", body) if isinstance(body, dict) else body
-        msg = err.get("message", str(err)) if isinstance(err, dict) else str(err)
-    except ValueError:
-        msg = resp.text[:300]
-    raise PeerError(f"{resp.request.method} {resp.request.url} answered HTTP {resp.status_code}: {msg}")
-
-
-def _unreachable(url: str, exc: Exception) -> PeerUnavailable:
-    return PeerUnavailable(
-        f"cannot reach the node at {url} ({type(exc).__name__}: {exc or 'no answer'}); is it running? "
-        "Start it with ./run_pc1.sh (or `tars serve`), and check the address and port", peer=url)
-
-
 def fetch_status(url: str, api_key: str = "", timeout: float = 10.0) -> dict[str, Any]:
     """GET /status of the node at ``url``, or raise a TarsError that says what to do."""
     import httpx
 
     url = url.rstrip("/")
     try:
-        resp = httpx.get(f"{url}/status", headers=_headers(api_key), timeout=timeout)
+        resp = httpx.get(f"{url}/status", headers=auth_headers(api_key), timeout=timeout)
     except httpx.TimeoutException as exc:
         raise RequestTimeout(f"{url}/status gave no answer within {timeout:g}s") from exc
     except httpx.TransportError as exc:
-        raise _unreachable(url, exc) from exc
-    _fail_for(resp, url)
+        raise unreachable(url, exc) from exc
+    fail_for(resp, url)
     return resp.json()
 
 
@@ -100,7 +71,7 @@ def _gpus(x: Any) -> list[dict[str, Any]]:
 
 
 def _gpu_rows(host: str, gpus: list[dict[str, Any]], simulated: bool = False) -> list[tuple[str, ...]]:
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for g in gpus:
         total, used = g.get("vram_total_mb"), g.get("vram_used_mb")
         if used is None and isinstance(total, (int, float)) and isinstance(g.get("vram_free_mb"), (int, float)):
@@ -242,7 +213,7 @@ async def _chat_once(client: Any, model: str, prompt: str, max_tokens: int) -> d
     async with client.stream("POST", "/v1/chat/completions", json=body) as resp:
         if resp.status_code >= 400:
             await resp.aread()
-            _fail_for(resp, str(client.base_url))
+            fail_for(resp, str(client.base_url))
         async for line in resp.aiter_lines():
             if not line.startswith("data:"):
                 continue
@@ -274,7 +245,7 @@ async def _embed_level(client: Any, model: str, concurrency: int, n: int) -> dic
             t = time.perf_counter()
             try:
                 resp = await client.post("/v1/embeddings", json={"model": model, "input": text})
-                _fail_for(resp, str(client.base_url))
+                fail_for(resp, str(client.base_url))
                 if len(resp.json().get("data") or []) != 1:
                     raise PeerError("answer without exactly one embedding")
                 latencies.append((time.perf_counter() - t) * 1000)
@@ -305,7 +276,7 @@ async def run_bench(url: str, *, api_key: str = "", chat_requests: int = 3, max_
     out: dict[str, Any] = {"url": url, "node": data.get("node"), "chat": None, "embeddings": None, "notes": []}
     most = max((*concurrency, *chat_concurrency))
     limits = httpx.Limits(max_connections=most + 2, max_keepalive_connections=most + 2)
-    async with httpx.AsyncClient(base_url=url, headers=_headers(api_key), timeout=timeout, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=url, headers=auth_headers(api_key), timeout=timeout, limits=limits) as client:
         try:
             if chat:
                 m = _pick(models, "chat", model)
@@ -341,7 +312,7 @@ async def run_bench(url: str, *, api_key: str = "", chat_requests: int = 3, max_
         except httpx.TimeoutException as exc:
             raise RequestTimeout(f"{url} gave no answer within {timeout:g}s during the benchmark") from exc
         except httpx.TransportError as exc:
-            raise _unreachable(url, exc) from exc
+            raise unreachable(url, exc) from exc
     return out
 
 

@@ -1,4 +1,5 @@
-"""``tars serve``: run one node (the composition root of the service).
+"""``tars serve``: run one node — ``service.build`` (the composition root) makes its parts,
+``create_app`` serves them under uvicorn.
 
 Settings come from ``--env-file`` + ``TARS_*`` + the flags here (flags win). On a
 fresh machine with no env file this serves the embedded default models on
@@ -46,17 +47,15 @@ def serve(env_file: Optional[Path] = None, host: Optional[str] = None, port: Opt
     log = logs.get_logger("serve")
 
     from ..api.app import create_app
-    from ..node import Node, user_catalog
-    from ..store import ModelStore
+    from ..service import build
 
     try:
-        catalog = user_catalog(settings)  # one catalog (built-in + TARS_MODELS_DIR/catalog.toml) for all
-        node = Node(settings, catalog=catalog, store=ModelStore(settings.models_dir, catalog))
-        node.model_specs()  # an unknown model in TARS_MODELS stops here, before the socket opens
+        service = build(settings)  # one catalog (built-in + TARS_MODELS_DIR/catalog.toml) for every part
+        service.node.model_specs()  # an unknown model in TARS_MODELS stops here, before the socket opens
     except TarsError as exc:
         typer.secho(f"error: {exc.message}", fg="red", err=True)
         sys.exit(2)
-    app = create_app(settings, node)
+    app = create_app(service)
     log.info("starting node %s on %s://%s:%d (role %s)", settings.node_name, "https" if settings.tls_cert else "http",
              settings.host, settings.port, settings.effective_role)
     from .http_server import build_server

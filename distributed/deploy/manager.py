@@ -1,16 +1,22 @@
 """``Deployer``: deploy and remove models at runtime, cluster-wide.
 
 The planning host (the server; a standalone node plans for itself) owns the desired set
-(``state.DesiredSet``). ``deploy``/``remove`` there check the request, persist the new
-set, plan again over the live hosts and apply the plan (``Cluster.replan``): the host a
-model is assigned to loads it — pulling it first when it is not on disk
-(``deploy/pull.py``) — and every host routes to it; workers receive the new plan with
-their next heartbeat. Nothing restarts. A worker asked to deploy forwards the call to the
+(``state.DesiredSet``, planned by ``placement.Placement``). ``deploy``/``remove`` there
+check the request, persist the new set, plan again over the live hosts and apply the plan
+(``Cluster.replan``): the host a model is assigned to loads it — pulling it first when it
+is not on disk (``deploy/pull.py``) — and every host routes to it; workers receive the new
+plan with their next heartbeat. Nothing restarts. A worker asked to deploy forwards the call to the
 server (``models.deploy`` / ``models.remove`` over ``/rpc``).
+
+``model`` is a catalog id or a hub reference (``hf.co/ORG/REPO[:QUANT]``): the name is
+checked where the call arrives (``modelref.check_name``, no network) and a reference is
+resolved once, by the planning host (``modelref.resolve_async``: the hub's file list and the
+GGUF header by range reads), before the plan; the plan carries its spec to every host.
+``chat_template`` names a shipped template the model runs with in place of its own.
 
 Answers: ``deploy`` → ``{"model", "status": "deploying" | "unchanged", "placement":
 [assignment], "reason", "replicas", "node"}``; an id not in the catalog → ``ModelNotFound``
-(404, listing the catalog); no host with room → ``NoRoom`` (409) saying what the model needs
+(404, listing the catalog); a reference the hub does not have → ``RefNotFound`` (404); no host with room → ``NoRoom`` (409) saying what the model needs
 and what each host has. ``remove`` → ``{"model", "status": "removing"}``: each host stops
 routing the model and unloads it after its requests in flight (``targets/routes.py``).
 """
@@ -20,148 +26,73 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from ..domain import HostProfile, ModelSpec, Plan, Unplaced
-from ..errors import ConfigError, ModelNotFound, NoRoom, ValidationFailed
+from ..domain import HostProfile, ModelSpec, Plan
+from ..errors import ModelNotFound, NoRoom, ValidationFailed
 from ..logs import fields, get_logger
-from .replicas import FORWARDED, Replicas
-from .state import DesiredSet
+from ..modelref import check_name, resolve_async
+from ..seams import PlanningCluster
+from ..settings import Settings
+from ..targets import Routes
+from .placement import Placement
+from .state import Deployment
 
 log = get_logger(__name__)
 
 
 class Deployer:
-    def __init__(self, node: Any, settings: Any) -> None:
-        self.node = node
+    """Runtime deploys of one host. ``placement`` holds the desired set and plans it,
+    ``routes`` is this host's routing table (a model that failed here is loaded again),
+    ``cluster`` plans and applies across the live hosts (or names the host that plans)."""
+
+    def __init__(self, settings: Settings, placement: Placement, routes: Routes, cluster: PlanningCluster) -> None:
         self.settings = settings
-        base = list(settings.models) or [s.id for s in node.catalog.defaults()]
-        self.desired = DesiredSet(settings.models_dir, base)
+        self.name = settings.node_name
+        self.placement = placement
+        self.desired = placement.desired
+        self.routes = routes
+        self.cluster = cluster
         self._lock = asyncio.Lock()
-        self.replicas = Replicas(node)
-        node.deployer = self
-
-    # ------------------------------------------------------------------ the desired set
-    def specs(self) -> list[ModelSpec]:
-        """The desired models as catalog specs (a runtime deploy whose id left the catalog is skipped)."""
-        out = []
-        for model in self.desired.models():
-            if model in self.node.catalog:
-                out.append(self.node.catalog.get(model))
-            elif model in self.desired.base and self.settings.models:
-                raise ConfigError(f"TARS_MODELS names unknown model '{model}'; known models: "
-                                  f"{', '.join(self.node.catalog.ids())}", variable="TARS_MODELS")
-            else:
-                log.warning("deployed model %s is no longer in the catalog: skipped", model)
-        return out
-
-    def plan(self, hosts: dict[str, HostProfile]) -> Plan:
-        """The planner over ``hosts`` for the desired set; a model pinned to a host (deploy
-        with ``node``) is placed there beside what the plan already puts on it."""
-        specs = self.specs()
-        pinned = {m: d.node for m, d in self.desired.deployed.items() if d.node in hosts}
-        free = [s for s in specs if s.id not in pinned]
-        plan = self._plan(hosts, free)
-        for spec in specs:
-            host = pinned.get(spec.id)
-            if host is None:
-                continue
-            beside = [self.node.catalog.get(a.model) for a in plan.for_node(host)]
-            alone = self._plan({host: hosts[host]}, [*beside, spec])
-            a = alone.where(spec.id)
-            if a is not None:
-                a.reason = f"deployed to {host} as asked; {a.reason}"
-                plan.assignments.append(a)
-            else:
-                why = next((u.reason for u in alone.unplaced if u.model == spec.id), "no room")
-                plan.unplaced.append(Unplaced(spec.id, f"asked for on {host}: {why}"))
-        for spec in specs:
-            wanted = self.desired.get(spec.id).replicas
-            if wanted > 1:
-                self._add_replicas(plan, hosts, spec, wanted)
-        order = {s.id: i for i, s in enumerate(specs)}
-        plan.assignments.sort(key=lambda a: order.get(a.model, len(order)))
-        return plan
-
-    def _add_replicas(self, plan: Plan, hosts: dict[str, HostProfile], spec: ModelSpec, wanted: int) -> None:
-        """More copies of ``spec``, each on another host that has room beside its share of the
-        plan (hosts with the least planned for them first)."""
-        have = {a.node for a in plan.assignments if a.model == spec.id}
-        if not have:
-            return
-        load = {h: sum(a.vram_mb for a in plan.for_node(h)) for h in hosts}
-        for host in sorted((h for h in hosts if h not in have), key=lambda h: (load[h], h)):
-            if len(have) >= wanted:
-                break
-            beside = [self.node.catalog.get(a.model) for a in plan.for_node(host)]
-            a = self._plan({host: hosts[host]}, [*beside, spec]).where(spec.id)
-            if a is None:
-                continue
-            a.reason = f"replica {len(have) + 1} of {wanted}; {a.reason}"
-            plan.assignments.append(a)
-            have.add(host)
-
-    def _plan(self, hosts: dict[str, HostProfile], specs: list[ModelSpec]) -> Plan:
-        from ..planning import plan_for
-
-        return plan_for(self.settings, hosts, specs, paths=self.node.model_paths(specs))
-
-    def _hosts(self) -> dict[str, HostProfile]:
-        cluster = self.node.cluster
-        if cluster is not None and hasattr(cluster, "hosts"):
-            return cluster.hosts()
-        return {self.node.name: self.node.profile}
-
-    # ------------------------------------------------------------------ who decides
-    def _server_client(self) -> Any:
-        """The planning host's PeerClient, or None when this host plans."""
-        cluster = self.node.cluster
-        if cluster is None or getattr(cluster, "is_planner", True):
-            return None
-        peer = cluster.peers.get(cluster.server) if cluster.server else None
-        if peer is None:
-            raise ConfigError(f"{self.node.name} is a worker that has not joined its server yet; retry shortly")
-        return peer.client
-
-    async def _apply(self) -> None:
-        cluster = self.node.cluster
-        if cluster is not None and hasattr(cluster, "replan"):
-            await cluster.replan()
-        else:
-            await self.node.apply_plan(self.plan(self._hosts()))
 
     # ------------------------------------------------------------------ deploy / remove
-    async def deploy(self, model: str, replicas: int | None = None, node: str | None = None) -> dict[str, Any]:
-        spec = self.node.catalog.get(model)  # ModelNotFound (404) lists the catalog
-        client = self._server_client()
+    async def deploy(self, model: str, replicas: int | None = None, node: str | None = None,
+                     chat_template: str | None = None) -> dict[str, Any]:
+        check_name(model, self.placement.catalog, chat_template)  # 404 listing the catalog / 400, no network
+        client = self.cluster.planner_client()
         if client is not None:
-            return await client.call("models.deploy", {"model": model, "replicas": replicas, "node": node},
-                                     timeout=self.settings.request_timeout_s)
+            params = {"model": model, "replicas": replicas, "node": node}
+            if chat_template is not None:  # only when set: a planning host of the previous version takes the call
+                params["chat_template"] = chat_template
+            out: dict[str, Any] = await client.call("models.deploy", params, timeout=self.settings.request_timeout_s)
+            return out
+        spec = await resolve_async(model, self.placement.catalog)  # a hub reference: resolved once, here
+        model = spec.id
         replicas = 1 if replicas is None else replicas
-        hosts = self._hosts()
+        hosts = self.cluster.hosts()
         if node is not None and node not in hosts:
             raise ValidationFailed(
                 f"node '{node}' is not a live host of this cluster; live hosts: {', '.join(sorted(hosts))}",
                 field="node", hosts=sorted(hosts))
         async with self._lock:
             before = self.desired.to_dict()
-            changed = self.desired.deploy(model, replicas, node)
-            plan = self.plan(hosts)
+            changed = self.desired.deploy(model, replicas, node, chat_template)
+            plan = self.placement.plan(hosts)
             placed = [a for a in plan.assignments if a.model == model]
             if not placed:
                 self._restore(before)
                 raise self._no_room(spec, plan, hosts)
             # deployed so already, but failed here (a pull that failed, say): load it again
-            retry = not changed and any(t.model == model and t.state == "failed" for t in self.node.routes.local())
+            retry = not changed and any(t.model == model and t.state == "failed" for t in self.routes.local())
             if changed:
                 self.desired.save()
                 log.info("deploying %s on %s", model, ", ".join(a.node for a in placed),
                          extra=fields(model=model, node=placed[0].node))
             if changed or retry:
-                await self._apply()
+                await self.cluster.replan()
         status = "deploying" if changed else "retrying" if retry else "unchanged"
         out = {"model": model, "status": status, "replicas": replicas,
                "node": node, "placement": [a.to_dict() for a in placed], "reason": placed[0].reason}
         if retry:
-            out["message"] = f"'{model}' had failed on {self.node.name}: loading it again"
+            out["message"] = f"'{model}' had failed on {self.name}: loading it again"
         elif not changed:
             out["message"] = f"'{model}' is already deployed with these settings"
         elif len(placed) < replicas:
@@ -170,21 +101,21 @@ class Deployer:
         return out
 
     async def remove(self, model: str) -> dict[str, Any]:
-        client = self._server_client()
+        client = self.cluster.planner_client()
         if client is not None:
-            return await client.call("models.remove", {"model": model}, timeout=self.settings.request_timeout_s)
+            out: dict[str, Any] = await client.call("models.remove", {"model": model},
+                                                    timeout=self.settings.request_timeout_s)
+            return out
         async with self._lock:
             if model not in self.desired:
                 raise ModelNotFound(model, self.desired.models())
             self.desired.remove(model)
             self.desired.save()
             log.info("removing %s", model, extra=fields(model=model))
-            await self._apply()
+            await self.cluster.replan()
         return {"model": model, "status": "removing", "models": self.desired.models()}
 
     def _restore(self, before: dict[str, Any]) -> None:
-        from .state import Deployment
-
         self.desired.deployed = {m: Deployment(**d) for m, d in before["deployed"].items()}
         self.desired.removed = set(before["removed"])
 
@@ -205,32 +136,3 @@ class Deployer:
                       + "; ".join(have), model=spec.id, needs_mb=est.total_mb,
                       hosts={n: {"gpus": [g.to_dict() for g in p.gpus], "ram_free_mb": p.ram_free_mb,
                                  "planned_vram_mb": used.get(n, 0)} for n, p in hosts.items()})
-
-    # ------------------------------------------------------------------ replicas (node hooks)
-    def route(self, model: str, target: Any) -> Any:
-        return self.replicas.route(model, target)
-
-    @staticmethod
-    def mark_forwarded() -> None:
-        """The current request came from a peer: compute it here (see replicas.py)."""
-        FORWARDED.set(True)
-
-    def applied(self, plan: Plan) -> None:
-        self.replicas.applied(plan.assignments)
-
-    def annotate(self, infos: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """GET /models rows: a replicated model's row lists its replicas."""
-        for row in infos:
-            rs = self.replicas.sets.get(row.get("id", ""))
-            if rs is not None:
-                extra = rs.info()
-                row["replicas"] = extra["replicas"]
-                row["retried"] = extra["retried"]
-        return infos
-
-    async def close(self) -> None:
-        await self.replicas.close()
-
-    # ------------------------------------------------------------------ reporting
-    def status(self) -> dict[str, Any]:
-        return {"node": self.node.name, "desired": self.desired.to_dict(), "models": self.node.models()}

@@ -12,16 +12,20 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ..domain import ModelSpec
 from ..errors import ModelNotDownloaded
 from ..logs import fields, get_logger
 
+if TYPE_CHECKING:
+    from ..store import ModelStore
+    from ..targets.local import LocalTarget
+
 log = get_logger(__name__)
 
 
-def fetch(store: Any, spec: ModelSpec, target: Any = None) -> Path:
+def fetch(store: "ModelStore", spec: ModelSpec, target: "LocalTarget | None" = None) -> Path:
     try:
         return store.ensure(spec)
     except ModelNotDownloaded:

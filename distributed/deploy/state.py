@@ -3,7 +3,8 @@
 The file (``TARS_MODELS_DIR/tars-deployments.json``) holds changes on top of the starting
 set (``TARS_MODELS``, else the catalog's defaults)::
 
-    {"version": 1, "deployed": {"<id>": {"replicas": 1, "node": null}}, "removed": ["<id>"]}
+    {"version": 1, "deployed": {"<id>": {"replicas": 1, "node": null, "chat_template"?: "<name>"}},
+     "removed": ["<id>"]}
 
 so a model deployed at runtime is back after a restart, one removed stays removed, and a
 model added to ``TARS_MODELS`` later is still picked up. Writes are atomic (temp + rename).
@@ -27,9 +28,13 @@ class Deployment:
     model: str
     replicas: int = 1
     node: str | None = None  # pinned to this host, else the planner chooses
+    chat_template: str | None = None  # a shipped chat template in place of the model's own
 
     def options(self) -> dict[str, Any]:
-        return {"replicas": self.replicas, "node": self.node}
+        out: dict[str, Any] = {"replicas": self.replicas, "node": self.node}
+        if self.chat_template:
+            out["chat_template"] = self.chat_template
+        return out
 
 
 class DesiredSet:
@@ -47,7 +52,8 @@ class DesiredSet:
         try:
             doc = json.loads(self.path.read_text())
             deployed = doc.get("deployed", {})
-            self.deployed = {m: Deployment(m, int(o.get("replicas", 1)), o.get("node")) for m, o in deployed.items()}
+            self.deployed = {m: Deployment(m, int(o.get("replicas", 1)), o.get("node"), o.get("chat_template"))
+                             for m, o in deployed.items()}
             self.removed = set(doc.get("removed", []))
         except (OSError, ValueError, TypeError, AttributeError) as exc:
             raise ConfigError(f"the deployments file {self.path} cannot be read ({exc}); fix or delete it "
@@ -74,16 +80,20 @@ class DesiredSet:
     def get(self, model: str) -> Deployment:
         return self.deployed.get(model) or Deployment(model)
 
+    def chat_templates(self) -> dict[str, str]:
+        """model → the shipped chat template its deploy asked for (those that asked)."""
+        return {m: d.chat_template for m, d in self.deployed.items() if d.chat_template}
+
     # ------------------------------------------------------------------ changes
-    def deploy(self, model: str, replicas: int = 1, node: str | None = None) -> bool:
+    def deploy(self, model: str, replicas: int = 1, node: str | None = None, chat_template: str | None = None) -> bool:
         """Add (or re-set) ``model``; False when it is already deployed exactly so."""
-        if model in self and self.get(model) == Deployment(model, replicas, node):
+        if model in self and self.get(model) == Deployment(model, replicas, node, chat_template):
             return False
         self.removed.discard(model)
-        if model in self.base and replicas == 1 and node is None:
+        if model in self.base and replicas == 1 and node is None and chat_template is None:
             self.deployed.pop(model, None)
         else:
-            self.deployed[model] = Deployment(model, replicas, node)
+            self.deployed[model] = Deployment(model, replicas, node, chat_template)
         return True
 
     def remove(self, model: str) -> bool:

@@ -1,3 +1,10 @@
-"""Child processes the node runs: llama.cpp's ``llama-server`` per GGUF chat model (and the
-ggml RPC worker). ``supervisor.py`` runs any child; ``binary.py`` finds the engine build;
-``llama_server.py`` is the chat target that drives one engine over HTTP on 127.0.0.1."""
+"""How chat generation runs on this host.
+
+* ``supervisor.py`` — any child process the node runs (start, health, restart, stop, logs);
+* ``binary.py`` — which ``llama-server`` build; ``choice.py`` — llama-server or in process;
+* ``config.py`` — ``EngineConfig``: settings + a plan's assignment → engine options, argv;
+* ``target.py`` — ``EngineTarget``: one llama-server per GGUF chat model, driven over HTTP
+  on 127.0.0.1 (``wire.py`` maps requests and answers, ``sse.py`` reads its streams);
+* ``slots.py`` — ``SlotQueue``: admission in front of an engine's slots;
+* ``inprocess.py`` — ``GenerationQueue``: the in-process engine, one generation at a time.
+"""

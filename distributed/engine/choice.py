@@ -57,7 +57,12 @@ def _log_once(node: str, d: Decision) -> None:
 
 
 def engine_target(node: Any, spec: ModelSpec, a: Assignment) -> Any:
-    """An EngineTarget for a GGUF chat model when the server engine is chosen, else None."""
+    """An EngineTarget for a GGUF chat model when the server engine is chosen, else None.
+
+    What it uses of ``node``: ``settings``, ``name``, ``metrics``, ``store`` (the model file,
+    pulled when missing); for a split assignment also its split service (``node.split``), its
+    peer table (``node.peers``), and ``plan``/``profile`` (where the model goes alone:
+    ``split.engine.fit_alone``)."""
     s = node.settings
     backend = s.backend_override or a.backend or spec.backend
     if spec.kind != "chat" or backend != "llama_cpp":
@@ -66,12 +71,10 @@ def engine_target(node: Any, spec: ModelSpec, a: Assignment) -> Any:
     _log_once(node.name, d)
     if d.engine != "server":
         return None
+    from .config import EngineConfig
     from .target import EngineTarget
 
-    context = min(s.context, spec.context)
-    threads = s.threads or _physical_cores()
-    binary = d.binary
-    if binary is None:  # TARS_CHAT_ENGINE=server without a build: the model fails, saying why
+    if d.binary is None:  # TARS_CHAT_ENGINE=server without a build: the model fails, saying why
         reason = d.reason
 
         def missing() -> Any:
@@ -81,38 +84,32 @@ def engine_target(node: Any, spec: ModelSpec, a: Assignment) -> Any:
 
         binary = EngineBinary(server=Path("llama-server"), rpc_server=None, version="", kind="", build="",
                               source="missing")
-        return EngineTarget(spec, a, binary=binary, model_path=missing, node=node.name, parallel=s.parallel,
-                            context=context, threads=threads, queue_size=s.queue_size,
-                            timeout_s=s.request_timeout_s, queue_max_wait_s=s.queue_max_wait_s,
-                            cache_mb=s.engine_cache_mb, metrics=node.metrics)
+        return EngineTarget(spec, a, EngineConfig.of(s, spec, a, binary), model_path=missing, node=node.name,
+                            metrics=node.metrics)
     from ..deploy.pull import fetch
 
+    config = EngineConfig.of(s, spec, a, d.binary)
     made: list[Any] = []  # the target built below: a pull's progress shows in its info()
-    kw = dict(binary=binary, model_path=lambda: fetch(node.store, spec, made[0] if made else None), node=node.name,
-              parallel=_parallel(a, s.parallel), context=context, threads=threads,
-              queue_size=s.queue_size, timeout_s=s.request_timeout_s, queue_max_wait_s=s.queue_max_wait_s,
-              cache_mb=s.engine_cache_mb, metrics=node.metrics)
-    if getattr(a, "split_nodes", None):  # pooled VRAM: layers on other hosts too (split/engine.py)
-        from ..split.engine import split_engine_target
 
-        made.append(split_engine_target(node, spec, a, **kw))
-        return made[0]
-    made.append(EngineTarget(spec, a, **kw))
+    def model_path() -> Any:
+        return fetch(node.store, spec, made[0] if made else None)
+
+    if a.split_nodes:  # pooled VRAM: layers on other hosts too (split/engine.py)
+        from ..split.engine import fit_alone, overlap_fits, split_engine_target
+
+        made.append(split_engine_target(spec, a, config, node=node.name, model_path=model_path, metrics=node.metrics,
+                                        service=node.split, peers=lambda name: _peer(node, name),
+                                        alone=lambda: fit_alone(node, spec, a),
+                                        overlap=lambda n: overlap_fits(node, spec, a, n)))
+    else:
+        made.append(EngineTarget(spec, a, config, model_path=model_path, node=node.name, metrics=node.metrics))
     return made[0]
 
 
-def _parallel(a: Assignment, default: int) -> int:
-    """The slots the plan counted (``Assignment.slots``: TARS_PARALLEL, or fewer where VRAM is
-    short); ``default`` (TARS_PARALLEL) for a plan from a peer that predates the field."""
-    return a.slots if a.slots else default
-
-
-def _physical_cores() -> int | None:
-    try:
-        from ..cpus import physical_cores
-    except ImportError:
-        return None  # llama-server's own default is the same rule
-    return physical_cores()
+def _peer(node: Any, name: str) -> Any:
+    """The peer ``name`` in ``node``'s peer table (shared with its cluster), or None."""
+    peers = node.peers
+    return peers.get(name) if peers is not None else None
 
 
 def engine_slots(settings: Any) -> int:

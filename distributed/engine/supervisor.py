@@ -72,7 +72,7 @@ def default_level(line: str) -> int:
     return logging.WARNING if _ERRORISH.search(line) else logging.DEBUG
 
 
-async def _drain(pumps: list[asyncio.Future[Any]]) -> None:
+async def _drain(pumps: Sequence[asyncio.Future[Any]]) -> None:
     """Let the log pumps read what the child wrote last (not forever: a grandchild may
     still hold the pipes)."""
     await asyncio.wait(pumps, timeout=2.0)

@@ -27,13 +27,16 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncGenerator
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from ..errors import PeerError, PeerUnavailable, TarsError, Unauthorized
 from . import protocol as p
+
+if TYPE_CHECKING:
+    from ..tls import Pins
 
 _HEADERS = {"content-type": "application/json", "accept": f"application/json, {p.NDJSON}"}
 
@@ -45,7 +48,7 @@ class PeerClient:
     def __init__(self, base_url: str, token: str, *, transport: httpx.AsyncBaseTransport | None = None,
                  timeout: float = 5.0, long_timeout: float = 300.0, name: str | None = None,
                  retries: int = 3, backoff_s: float = 0.1, max_backoff_s: float = 2.0,
-                 max_connections: int = 64, pins: Any = None) -> None:
+                 max_connections: int = 64, pins: "Pins | None" = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.name = name or self.base_url
         self.timeout = timeout
@@ -198,7 +201,8 @@ class PeerClient:
             raise PeerError(f"peer {self.name} sent unreadable vectors ({exc})", peer=self.name) from None
         return result
 
-    async def stream(self, params: dict[str, Any], *, timeout: float | None = None) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, params: dict[str, Any], *,
+                     timeout: float | None = None) -> AsyncGenerator[dict[str, Any], None]:
         """``inference.stream``: yields each token notification's params
         (``{"id","text",["finish_reason"]}``), then ``{"result": completion}`` last.
         A peer that dies mid-stream ends it with PeerUnavailable, never a hang

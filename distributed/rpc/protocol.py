@@ -140,15 +140,15 @@ def error_from_rpc(error: Any, peer: str) -> TarsError:
     code: int = error["code"]
     message = str(error.get("message") or "")
     data = error.get("data")
-    typed = isinstance(data, dict) and isinstance(data.get("type"), str)
+    kind = data.get("type") if isinstance(data, dict) else None
     cls = ERROR_TABLE.get(code)
-    if typed:
-        by_kind = KIND_TABLE.get(data["type"])
+    if isinstance(kind, str):
+        by_kind = KIND_TABLE.get(kind)
         if by_kind is not None and (cls is None or issubclass(by_kind, cls)):
             cls = by_kind
-    if cls is not None and typed:
-        details = data.get("details") if isinstance(data.get("details"), dict) else {}
-        return _rebuild(cls, message, dict(details))
+    if cls is not None and isinstance(data, dict) and isinstance(kind, str):
+        details = data.get("details")
+        return _rebuild(cls, message, dict(details) if isinstance(details, dict) else {})
     if APP_CODE_MIN <= code <= APP_CODE_MAX:
         return TarsError(message or f"peer {peer} answered error {code}", peer=peer, rpc_code=code)
     label = SPEC_MESSAGES.get(code, f"error {code}")

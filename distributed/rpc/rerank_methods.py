@@ -1,9 +1,9 @@
 """``rerank.score``: a peer asks this node to score documents with a reranker it serves.
 
-Registered on the node's ``RpcServer`` with one line (``register_rerank(self)``). Like
-``embed.encode``, a forwarded call is computed here — by the model's local target or its
-stand-in — or refused, never forwarded again (two hosts whose routing tables are
-converging could bounce it otherwise).
+Registered on the node's ``RpcServer`` by ``register_rerank``. Like ``embed.encode``, a
+forwarded call is computed here — by the model's local target, a replicated reranker's
+copy here, or a stand-in — or refused, never forwarded again (two hosts whose routing
+tables are converging could bounce it otherwise): ``rerank.resolve(..., here=True)``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from ..errors import ModelLoading
+from ..seams import ServiceNode
+from .registry import Registry
 
 
 class RerankParams(BaseModel):
@@ -23,19 +25,14 @@ class RerankParams(BaseModel):
     documents: list[str]
 
 
-def register_rerank(server: Any) -> None:
-    """Add ``rerank.score`` to ``server`` (an ``RpcServer``)."""
-    from ..rerank import DEFAULT_MAX_DOCUMENTS, RerankRequest, computing_here, resolve, score_local, validate
-
-    node = server.node
+def register_rerank(server: Registry, node: ServiceNode) -> None:
+    """Add ``rerank.score`` (over ``node``'s targets) to ``server``."""
+    from ..rerank import RerankRequest, computing_here, resolve, score_local, validate
 
     async def score(params: RerankParams) -> dict[str, Any]:
-        limit = int(getattr(server.settings, "rerank_max_documents", DEFAULT_MAX_DOCUMENTS))
-        validate(RerankRequest(query=params.query, documents=params.documents, model=params.model), limit)
-        deployer = getattr(node, "deployer", None)
-        if deployer is not None:
-            deployer.mark_forwarded()  # a replicated reranker: the copy here computes it
-        target = resolve(node, params.model)
+        validate(RerankRequest(query=params.query, documents=params.documents, model=params.model),
+                 node.settings.rerank_max_documents)
+        target = resolve(node, params.model, here=True)
         here = computing_here(target) if target.kind == "rerank" else None
         if here is None:
             raise ModelLoading(f"model '{params.model}' is not computed by {node.name} (its routing points to "
@@ -45,15 +42,4 @@ def register_rerank(server: Any) -> None:
         return {"model": result.model, "node": result.node, "scores": result.scores,
                 "prompt_tokens": result.prompt_tokens, "method": result.method}
 
-    if hasattr(server, "register"):
-        server.register("rerank.score", RerankParams, score)
-    else:  # an RpcServer of the older shape: named-parameter schemas, fn(**params)
-        from .server import L, Param, S  # type: ignore[attr-defined]
-
-        schema = {"model": Param(S, required=True), "query": Param(S, required=True),
-                  "documents": Param(L, required=True, items=str)}
-
-        async def score_named(**params: Any) -> dict[str, Any]:
-            return await score(RerankParams(**params))
-
-        server.methods["rerank.score"] = server._wrap("rerank.score", schema, score_named)
+    server.register("rerank.score", RerankParams, score)

@@ -1,9 +1,12 @@
 """JSON-RPC 2.0 serving side: ``POST /rpc`` over a node (and its cluster layer).
 
-``build_rpc_router(settings, node, cluster)`` returns a FastAPI router. Each router
-owns its own jsonrpcserver methods dict (never the library's global registry), so two
-nodes can live in one process — the in-process cluster tests rely on it. The cluster
-is handed in by the composition root (``create_app``): this package never imports it.
+``build_rpc_router(settings, node, cluster, deployer=, split=)`` returns a FastAPI router.
+Each router owns its own jsonrpcserver methods dict (never the library's global registry),
+so two nodes can live in one process — the in-process cluster tests rely on it. The
+cluster, the deployer and the split service are handed in by the composition root
+(``service.build`` → ``create_app``): this package never imports the cluster. The method
+modules (``split_methods.py``, ``deploy_methods.py``, ``rerank_methods.py``) register
+their methods on the server through ``registry.Registry``; they never import this module.
 
 What this module adds around jsonrpcserver's dispatcher:
 
@@ -30,8 +33,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
@@ -40,17 +42,23 @@ from pydantic import BaseModel
 
 from .. import __version__
 from ..bearer import bearer_matches
-from ..domain import Completion, TokenChunk
+from ..domain import Completion, EmbedRequest, TokenChunk
 from ..errors import ConfigError, PayloadTooLarge, TarsError, Unauthorized, ValidationFailed
 from ..logs import get_logger
 from ..requests import (EmbedParams, GenerateParams, HeartbeatParams, JoinParams, LeaveParams, ModelsListParams,
                         NoParams, parse_params)
 from ..seams import ClusterView, ServiceNode
+from ..settings import Settings
 from ..streams import ClientGone, drain, until_disconnect
 from . import protocol as p
-from .split import register as register_split
 from .deploy_methods import register_deploy
+from .registry import Handler
 from .rerank_methods import register_rerank
+from .split_methods import register_split
+
+if TYPE_CHECKING:  # types only: handed in by the composition root
+    from ..deploy.manager import Deployer
+    from ..split.service import SplitService
 
 log = get_logger(__name__)
 
@@ -61,7 +69,11 @@ Method = Callable[..., Awaitable[Any]]
 class RpcServer:
     """The methods of one node, and the HTTP handling of ``/rpc``."""
 
-    def __init__(self, settings: Any, node: ServiceNode, cluster: ClusterView | None = None) -> None:
+    def __init__(self, settings: Settings, node: ServiceNode, cluster: ClusterView | None = None, *,
+                 deployer: "Deployer | None" = None, split: "SplitService | None" = None) -> None:
+        """``cluster``: the membership methods' handler (without one they say none is
+        attached); ``deployer``: ``models.deploy/remove``; ``split``: the ``split.*`` methods
+        (not registered without one)."""
         self.settings = settings
         self.node = node
         self.cluster = cluster
@@ -80,19 +92,18 @@ class RpcServer:
             "embed.encode": self._wrap("embed.encode", EmbedParams, self.encode),
             p.STREAM_METHOD: self._stream_misuse,
         }
-        from .split import register as register_split  # split.* (the pooled-VRAM worker side)
+        if split is not None:
+            register_split(self, split)  # split.* (the pooled-VRAM worker side)
+        register_rerank(self, node)  # rerank.score
+        register_deploy(self, deployer, node.name)  # models.deploy / models.remove
 
-        register_split(self, settings, node)
-        register_rerank(self)  # rerank.score (rpc/rerank_methods.py)
-        register_deploy(self)  # models.deploy / models.remove (rpc/deploy_methods.py)
-
-    def register(self, name: str, params: type[BaseModel], fn: Callable[[Any], Awaitable[Any]]) -> None:
+    def register(self, name: str, params: type[BaseModel], fn: Handler) -> None:
         """Add a method: ``fn(validated_params_model)`` returns the result (other modules,
         e.g. the split worker's, register theirs with one call)."""
         self.methods[name] = self._wrap(name, params, fn)
 
     # ------------------------------------------------------------ plumbing
-    def _wrap(self, name: str, params_model: type[BaseModel], fn: Callable[[Any], Awaitable[Any]]) -> Method:
+    def _wrap(self, name: str, params_model: type[BaseModel], fn: Handler) -> Method:
         async def method(*args: Any, **params: Any) -> Any:
             try:
                 checked = parse_params(params_model, name, list(args) if args else params)
@@ -118,8 +129,11 @@ class RpcServer:
         return bearer_matches(header, self._token)
 
     async def dispatch_one(self, obj: Any) -> dict[str, Any] | None:
-        return await async_dispatch_to_serializable(
+        """The answer to one request object (None: a notification). ``handle`` splits batches."""
+        answer = await async_dispatch_to_serializable(
             obj, methods=self.methods, deserializer=_identity, validator=p.validate_request)
+        assert not isinstance(answer, list), "one request object at a time"
+        return answer
 
     async def handle(self, request: Request) -> Response:
         if not self.authorized(request.headers.get("authorization")):
@@ -190,8 +204,7 @@ class RpcServer:
 
     async def generate(self, params: GenerateParams) -> dict[str, Any]:
         req = params.to_domain(stream=False)
-        req.model = self.node.resolve_here(req.model, "chat").model  # computed here, never forwarded again
-        completion = await self.node.generate(req)
+        completion = await self.node.generate(req, here=True)  # computed here, never forwarded again
         return completion.to_dict()
 
     async def encode(self, params: EmbedParams) -> dict[str, Any]:
@@ -200,12 +213,12 @@ class RpcServer:
         each group is embedded as its own request (this node's micro-batcher merges
         them back into one encode), so each gets its exact token count back."""
         self._check_encode_size(params)
-        model = self.node.resolve_here(params.model, "embed").model
+        model = self.node.resolve(params.model, "embed", here=True).model  # computed here, never forwarded again
         req = params.to_domain()
         req.model = model
         group_tokens = None
         if params.groups is None:
-            emb = await self.node.embed(req)
+            emb = await self.node.embed(req, here=True)
             vectors, node, tokens, fallback = emb.vectors, emb.node, emb.prompt_tokens, emb.fallback
         else:
             vectors, node, fallback, group_tokens = await self._encode_groups(req, params.groups)
@@ -232,7 +245,7 @@ class RpcServer:
             raise ValidationFailed(f"embed.encode: {got} texts in one request; {self.node.name} embeds at most "
                                    f"{most} (TARS_EMBED_MAX_INPUTS): split it", field="input", limit=most, got=got)
 
-    async def _encode_groups(self, req: Any, groups: list[int]) -> tuple[Any, str, bool, list[int]]:
+    async def _encode_groups(self, req: EmbedRequest, groups: list[int]) -> tuple[Any, str, bool, list[int]]:
         if sum(groups) != len(req.input):
             raise ValidationFailed(f"embed.encode: 'groups' must be positive sizes summing to "
                                    f"len(input) = {len(req.input)}", field="groups")
@@ -243,7 +256,7 @@ class RpcServer:
         bounds = [0]
         for g in groups:
             bounds.append(bounds[-1] + g)
-        parts = await asyncio.gather(*(self.node.embed(dataclasses.replace(req, input=req.input[a:b]))
+        parts = await asyncio.gather(*(self.node.embed(dataclasses.replace(req, input=req.input[a:b]), here=True)
                                        for a, b in zip(bounds, bounds[1:])))
         vectors = np.concatenate([np.asarray(e.vectors, dtype=np.float32) for e in parts])
         return vectors, parts[0].node, parts[0].fallback, [e.prompt_tokens for e in parts]
@@ -263,8 +276,7 @@ class RpcServer:
             return _json(p.failure(None, p.spec_error_object(p.INVALID_REQUEST, str(exc))))
         try:
             req = parse_params(GenerateParams, p.STREAM_METHOD, obj.get("params", {})).to_domain(stream=True)
-            req.model = self.node.resolve_here(req.model, "chat").model
-            agen = self.node.stream(req).__aiter__()
+            agen = self.node.stream(req, here=True).__aiter__()  # computed here, never forwarded again
             first = await agen.__anext__()
         except TarsError as exc:
             return _json(p.failure(rid, p.error_object(exc)))
@@ -296,6 +308,8 @@ class NdjsonFormat:
             params["logprobs"] = chunk.logprobs
         if chunk.tool_calls:
             params["tool_calls"] = chunk.tool_calls
+        if getattr(chunk, "reasoning", None):
+            params["reasoning"] = chunk.reasoning
         return p.dumps_line({"jsonrpc": p.JSONRPC, "method": p.TOKEN_METHOD, "params": params})
 
     def done(self, completion: Completion) -> bytes:
@@ -314,29 +328,13 @@ def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) ->
     return Response(p.dumps(obj), status_code=status, media_type=JSON, headers=headers)
 
 
-def build_rpc_router(settings: Any, node: ServiceNode, cluster: ClusterView | None = None) -> APIRouter:
-    """The ``POST /rpc`` route of one node (its own methods dict, no globals).
-
-    ``cluster`` is the node's cluster layer, built by the composition root
-    (``create_app``); the router's lifespan starts it after the app's own lifespan
-    started the node and stops it (``cluster.leave`` to peers) before the node stops.
-    Without one the membership methods answer that no cluster layer is attached.
-    """
-    server = RpcServer(settings, node, cluster)
-    split = node.split  # pooled VRAM: the service RpcServer registered split.* for (rpc/split.py); closed below
-
-    @asynccontextmanager
-    async def lifespan(app: Any) -> AsyncIterator[None]:
-        if cluster is not None:
-            await cluster.start()
-        try:
-            yield
-        finally:
-            if cluster is not None:
-                await cluster.stop()
-            await split.close()  # its RPC workers, relay and tunnels
-
-    router = APIRouter(lifespan=lifespan)
+def build_rpc_router(settings: Settings, node: ServiceNode, cluster: ClusterView | None = None, *,
+                     deployer: "Deployer | None" = None, split: "SplitService | None" = None) -> APIRouter:
+    """The ``POST /rpc`` route of one node (its own methods dict, no globals; see ``RpcServer``).
+    Starting and stopping the cluster and the split service is the service's
+    (``service.Service``), not this router's."""
+    server = RpcServer(settings, node, cluster, deployer=deployer, split=split)
+    router = APIRouter()
     router.add_api_route("/rpc", server.handle, methods=["POST"], include_in_schema=False)
     return router
 

@@ -1,7 +1,9 @@
 """The engine side of a split: one llama-server whose layers live on several hosts.
 
 ``SplitEngineTarget`` is an ``engine.target.EngineTarget`` (same lifecycle, requests,
-slots, errors) whose assignment carries ``split`` shares on other hosts. Before the
+slots, errors) whose assignment carries ``split`` shares on other hosts. Its command line
+is the engine's (``EngineConfig.argv``) with the flags of its mode: a pure function of the
+options, the mode and the port (``_argv_for``). Before the
 engine starts it asks each worker host over ``/rpc`` for an RPC worker
 (``split.worker_start``, which also checks that both hosts run one llama.cpp version) and
 opens a token-checked tunnel to it (``relay.Tunnel``, 127.0.0.1 here); the engine gets
@@ -38,12 +40,15 @@ from typing import Any
 from urllib.parse import urlparse
 
 from ..domain import Assignment, ModelSpec
+from ..engine.config import EngineConfig
 from ..engine.supervisor import ChildState, Supervisor
 from ..engine.target import EngineTarget, free_port
-from ..errors import TarsError
+from ..errors import PeerUnavailable, TarsError
 from ..logs import fields, get_logger
+from ..metrics import Metrics
+from ..targets.base import TargetState
 from .relay import open_channel
-from .service import SplitService, service_of
+from .service import SplitService
 
 log = get_logger(__name__)
 
@@ -51,19 +56,21 @@ KEEP_OUTPUT_HERE = r"^(output|token_embd)\.weight$=CPU"
 Alone = Callable[[], "tuple[int | None, str]"]  # → (n_gpu_layers on this host alone | None, why)
 
 
-class PeerLink:
-    """How the engine host reaches its worker hosts: their ``/rpc`` and their address."""
+PeerLookup = Callable[[str], Any]  # host name → its ``peers.Peer`` (url, client, live, state), or None
 
-    def __init__(self, node: Any) -> None:
-        self.node = node
+
+class PeerLink:
+    """How the engine host ``me`` reaches its worker hosts: their ``/rpc`` and their
+    address, through ``lookup`` (the cluster's peer table)."""
+
+    def __init__(self, me: str, lookup: PeerLookup) -> None:
+        self.me = me
+        self.lookup = lookup
 
     def _peer(self, name: str) -> Any:
-        cluster = getattr(self.node, "cluster", None)
-        peer = cluster.table.get(name) if cluster is not None else None
+        peer = self.lookup(name)
         if peer is None:
-            from ..errors import PeerUnavailable
-
-            raise PeerUnavailable(f"{name} is not a known peer of {self.node.name}", peer=name)
+            raise PeerUnavailable(f"{name} is not a known peer of {self.me}", peer=name)
         return peer
 
     def host(self, name: str) -> str:
@@ -71,8 +78,7 @@ class PeerLink:
 
     def gone(self, name: str) -> str | None:
         """Why the cluster holds ``name`` for dead or gone (missed heartbeats), else None."""
-        cluster = getattr(self.node, "cluster", None)
-        peer = cluster.table.get(name) if cluster is not None else None
+        peer = self.lookup(name)
         if peer is None or peer.live:
             return None
         return f"{name} is {getattr(peer, 'state', 'gone')} (missed heartbeats)"
@@ -95,9 +101,10 @@ class SplitEngineTarget(EngineTarget):
     PROBE_TIMEOUT_S = 2.0
     WORKER_TIMEOUT_S = 120.0
 
-    def __init__(self, spec: ModelSpec, assignment: Assignment, *, service: SplitService, link: Any,
-                 alone: Alone, overlap: Callable[[int], bool] = lambda n: True, **kw: Any) -> None:
-        super().__init__(spec, assignment, **kw)
+    def __init__(self, spec: ModelSpec, assignment: Assignment, config: EngineConfig, *, service: SplitService,
+                 link: Any, alone: Alone, overlap: Callable[[int], bool] = lambda n: True,
+                 model_path: Callable[[], Path], node: str, metrics: Metrics | None = None) -> None:
+        super().__init__(spec, assignment, config, model_path=model_path, node=node, metrics=metrics)
         self.service, self.link, self._alone, self._overlap = service, link, alone, overlap
         shares = assignment.split or []
         self.remote = [s for s in shares if s["node"] != self.node]
@@ -114,11 +121,9 @@ class SplitEngineTarget(EngineTarget):
 
     # ----------------------------------------------------------------- argv
     def _argv_for(self, path: Path, mode: str, port: int) -> list[str]:
-        saved = self._port
-        argv = EngineTarget.argv(self, path)
-        self._port = saved
-        argv[argv.index("--port") + 1] = str(port)
-        cuda = self.binary.kind == "cuda"
+        """The command line of an engine on ``port`` in ``mode`` ("split" | "alone"); changes nothing."""
+        argv = self.config.argv(path, port)
+        cuda = self.config.binary.kind == "cuda"
         if mode == "alone":
             n = self._alone_layers
             return _set_opt(argv, "-ngl", str(n if n >= 0 else 999))
@@ -133,8 +138,8 @@ class SplitEngineTarget(EngineTarget):
         return argv + (["--tensor-split", ",".join(map(str, layers))] if len(layers) > 1 else [])
 
     def argv(self, path: Path) -> list[str]:
-        self._port = free_port(self.host)
-        return self._argv_for(path, self.mode, self._port)
+        self.port = free_port(self.config.host)
+        return self._argv_for(path, self.mode, self.port)
 
     # ----------------------------------------------------------------- workers
     async def _connect(self, share: dict[str, Any]) -> None:
@@ -190,7 +195,7 @@ class SplitEngineTarget(EngineTarget):
             self._choose_degraded()
         self._watch = asyncio.get_running_loop().create_task(self._watcher(), name=f"split-{self.model}")
         if self.mode == "down":
-            self._loaded.set()
+            self.served.loaded.set()
             return
         await EngineTarget._boot(self)
 
@@ -199,9 +204,8 @@ class SplitEngineTarget(EngineTarget):
         hosts = ", ".join(f"{h} ({w})" for h, w in sorted(self.missing.items()))
         if n is None:
             self.mode = "down"
-            self._state = "failed"
-            self.error = (f"needs {', '.join(sorted(self.missing))} for its split and that host is unreachable: "
-                          f"{hosts}; it does not fit {self.node} alone ({why})")
+            self.served.failed(f"needs {', '.join(sorted(self.missing))} for its split and that host is unreachable: "
+                               f"{hosts}; it does not fit {self.node} alone ({why})")
         else:
             self.mode = "alone"
             self._alone_layers = n
@@ -217,13 +221,13 @@ class SplitEngineTarget(EngineTarget):
         if sup is not None:
             await sup.stop()
             if self.mode == "alone":
-                self._state = "loading"
+                self.served.state = TargetState.LOADING
                 await sup.start()
         elif self.mode == "alone":
             await EngineTarget._boot(self)
 
     async def _watcher(self) -> None:
-        while not self._closed:
+        while not self.served.closed:
             await asyncio.sleep(0.5)
             try:
                 if self.mode == "split":
@@ -233,7 +237,7 @@ class SplitEngineTarget(EngineTarget):
                     if not gone and engine_down and time.monotonic() - self._last_probe >= 1.0:
                         self._last_probe = time.monotonic()
                         gone = await self._probe()  # did the engine die because a worker went away?
-                    if gone and not self._closed:
+                    if gone and not self.served.closed:
                         await self._degrade(gone)
                 elif time.monotonic() - self._last_restore >= self.RESTORE_EVERY_S:
                     self._last_restore = time.monotonic()
@@ -250,45 +254,47 @@ class SplitEngineTarget(EngineTarget):
             return
         assert self._path is not None
         if self.supervisor is None:  # never served (down from the start): nothing to keep serving
-            self.mode, self.missing, self._state, self.error = "split", {}, "loading", None
+            self.mode, self.missing = "split", {}
+            self.served.state, self.served.error = TargetState.LOADING, None
             await EngineTarget._boot(self)
             return
-        if self.mode == "alone" and self.binary.kind == "cuda" and not self._overlap(self._alone_layers):
+        if self.mode == "alone" and self.config.binary.kind == "cuda" and not self._overlap(self._alone_layers):
             # both engines at once would not fit this GPU: break before make, said out loud
             log.warning("split model %s: the single-host engine and the split engine do not fit %s's GPU "
                         "together; restarting straight into the split (a short gap)", self.model, self.node,
                         extra=fields(model=self.model))
-            self.mode, self.missing, self._state = "split", {}, "loading"
+            self.mode, self.missing = "split", {}
+            self.served.state = TargetState.LOADING
             await self.supervisor.stop()
             await self.supervisor.start()
             return
-        port = free_port(self.host)
+        port = free_port(self.config.host)
         holder: dict[str, Supervisor] = {}
+        path = self._path
 
         def argv() -> list[str]:
             # the first life on the port the health check knows; once serving, the usual way
-            return self.argv(self._path) if self.supervisor is holder.get("sup") else \
-                self._argv_for(self._path, "split", port)
+            return self.argv(path) if self.supervisor is holder.get("sup") else self._argv_for(path, "split", port)
 
         async def healthy() -> bool:
-            r = await self._client.get(f"http://{self.host}:{port}/health", timeout=2.0)
+            r = await self._client.get(f"http://{self.config.host}:{port}/health", timeout=2.0)
             return r.status_code == 200
 
         sup = Supervisor(self.model, argv, health=healthy, env=self.supervisor.env if self.supervisor else None,
-                         start_timeout_s=self._start_timeout_s, max_failures=1)
+                         start_timeout_s=self.config.start_timeout_s, max_failures=1)
         holder["sup"] = sup
         await sup.start()
-        if await sup.wait_ready() is not ChildState.READY or self._closed:
+        if await sup.wait_ready() is not ChildState.READY or self.served.closed:
             log.warning("split model %s: the split engine did not come back (%s); still %s", self.model,
                         sup.error, self.mode, extra=fields(model=self.model))
             await sup.stop()
             return
         old, self.supervisor = self.supervisor, sup
-        self._port, self.mode, self.missing = port, "split", {}
-        sup.max_failures = self._max_failures
+        self.port, self.mode, self.missing = port, "split", {}
+        sup.max_failures = self.config.max_failures
         sup.on_state = self._on_child
         self._ever_ready = True
-        self._state, self.error = "ready", None
+        self.served.ready()
         log.info("split model %s: split restored across %s (make before break)", self.model,
                  ", ".join(s["node"] for s in self.remote), extra=fields(model=self.model))
         if old is not None:
@@ -299,7 +305,7 @@ class SplitEngineTarget(EngineTarget):
             await old.stop()
 
     async def close(self) -> None:
-        self._closed = True
+        self.served.close()
         watch, self._watch = self._watch, None
         if watch is not None:
             watch.cancel()
@@ -327,11 +333,15 @@ class SplitEngineTarget(EngineTarget):
         return out
 
 
-def split_engine_target(node: Any, spec: ModelSpec, a: Assignment, /, **kw: Any) -> SplitEngineTarget:
-    """The engine for a split assignment on ``node`` (``engine.choice`` calls this)."""
-    svc = service_of(node, node.settings)
-    return SplitEngineTarget(spec, a, service=svc, link=PeerLink(node), alone=lambda: fit_alone(node, spec, a),
-                             overlap=lambda n: overlap_fits(node, spec, a, n), **kw)
+def split_engine_target(spec: ModelSpec, a: Assignment, config: EngineConfig, *, node: str,
+                        model_path: Callable[[], Path], metrics: Metrics | None, service: SplitService,
+                        peers: PeerLookup, alone: Alone, overlap: Callable[[int], bool]) -> SplitEngineTarget:
+    """The engine for a split assignment on host ``node`` (``engine.choice`` calls this), from
+    what it needs and nothing else: the split service of this host (workers, relay, tunnels),
+    the cluster's peer lookup, and where the model goes without its worker hosts (``alone``:
+    ``fit_alone``) and whether both engines fit at once (``overlap``: ``overlap_fits``)."""
+    return SplitEngineTarget(spec, a, config, service=service, link=PeerLink(node, peers), alone=alone,
+                             overlap=overlap, model_path=model_path, node=node, metrics=metrics)
 
 
 def fit_alone(node: Any, spec: ModelSpec, a: Assignment) -> tuple[int | None, str]:

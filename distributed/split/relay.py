@@ -32,7 +32,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from ..errors import PeerUnavailable, Unauthorized
 from ..logs import fields, get_logger
@@ -152,7 +152,8 @@ async def splice(a: tuple[asyncio.StreamReader, asyncio.StreamWriter],
     bytes and reads each way (``up``: a → b), live. The streams' transports get a plain
     forwarding protocol each (asyncio streams cost a task switch per message)."""
     ch = _Splice(stats)
-    ta, tb = a[1].transport, b[1].transport
+    # a socket stream's transport is a full Transport (it reads too), typed as its write half
+    ta, tb = cast(asyncio.Transport, a[1].transport), cast(asyncio.Transport, b[1].transport)
     ch.transports = [ta, tb]
     if live is not None:
         live.add(ch)

@@ -11,17 +11,29 @@
 
 Both hosts must run one llama.cpp version (llama.cpp's RPC protocol changes between
 releases): ``worker_start`` refuses a caller whose version differs, naming both.
+
+The composition root (``service.build``) makes one per node and hands it the node's
+``peers`` (``seams.PeerDirectory``): the worker side stops the workers of an engine host
+the cluster holds for dead or gone, the engine side (``engine.SplitEngineTarget``) looks
+its worker hosts up there. The node builds its split engines with it (``Node.split``);
+``rpc/split_methods.py`` serves its ``split.*`` methods.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
 from ..logs import get_logger
+from ..seams import PeerDirectory
+from ..settings import Settings
 from .relay import RelayServer, Tunnel
 from .worker import WorkerPool
+
+if TYPE_CHECKING:
+    from ..engine.binary import EngineBinary
 
 log = get_logger(__name__)
 
@@ -29,16 +41,25 @@ log = get_logger(__name__)
 class SplitService:
     REAP_EVERY_S = 5.0
 
-    def __init__(self, settings: Any, *, binary: Any = None, caller_gone: Any = None) -> None:
+    def __init__(self, settings: Settings, peers: PeerDirectory | None = None, *,
+                 binary: "EngineBinary | None" = None, caller_gone: Callable[[str], bool] | None = None) -> None:
+        """``peers``: the hosts this node knows (the engine side's worker hosts, the worker
+        side's engine hosts); ``caller_gone(name)`` overrides "is that engine host dead or
+        gone" (default: its peer is known and not live)."""
         self.settings = settings
+        self.peers = peers
         self.name = settings.node_name
         self._token = settings.cluster_token.get_secret_value()
         self.pool = WorkerPool(settings, binary)
         self.relay: RelayServer | None = None
         self.tunnels: dict[str, Tunnel] = {}
         self._lock = asyncio.Lock()
-        self._caller_gone = caller_gone or (lambda name: False)  # the engine host is dead or left
+        self._caller_gone = caller_gone or self._peer_gone  # the engine host is dead or left
         self._reaper: asyncio.Task[None] | None = None
+
+    def _peer_gone(self, name: str) -> bool:
+        peer = self.peers.get(name) if self.peers is not None else None
+        return peer is not None and not peer.live
 
     @property
     def version(self) -> str:
@@ -127,17 +148,3 @@ class SplitService:
         if self.relay is not None:
             await self.relay.close()
             self.relay = None
-
-
-def service_of(node: Any, settings: Any) -> SplitService:
-    """The node's split service (created on first use; ``node.split``)."""
-    svc = getattr(node, "split", None)
-    if svc is None:
-        def caller_gone(name: str) -> bool:
-            cluster = getattr(node, "cluster", None)
-            peer = cluster.table.get(name) if cluster is not None else None
-            return peer is not None and not peer.live
-
-        svc = SplitService(settings, caller_gone=caller_gone)
-        node.split = svc
-    return svc

@@ -11,7 +11,7 @@ import collections
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
-from enum import StrEnum
+from ..compat import StrEnum
 from typing import Any, ClassVar
 
 from ..domain import Completion, EmbedRequest, Embeddings, GenerateRequest, ModelKind, TokenChunk

@@ -1,10 +1,12 @@
-"""``LocalTarget``: a model computed on this host — a backend behind its
-``GenerationQueue`` (chat) or ``MicroBatcher`` (embeddings).
+"""``LocalTarget``: a model computed in this process — a backend behind its
+``GenerationQueue`` (chat: the in-process engine, engine/inprocess.py) or ``MicroBatcher``
+(embeddings, rerank: batching.py).
 
 It loads its backend in a background thread (the node answers ``/health`` 503
 "loading" meanwhile), keeps the error text when loading fails (the node stays up and
 reports it), and does the context checks before a request queues, so a prompt that
-can never fit is refused at once instead of after a wait.
+can never fit is refused at once instead of after a wait. Its lifecycle, counters and
+the common ``info()`` live in its ``served`` (targets/served.py), as an EngineTarget's do.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from ..backends.base import Backend, ChatBackend, EmbedBackend
-from ..batching import GenerationQueue, MicroBatcher
+from ..batching import MicroBatcher
 from ..domain import Assignment, Completion, EmbedRequest, Embeddings, GenerateRequest, ModelSpec, Timings, TokenChunk, Usage
-from ..errors import InputTooLong, ModelFailed, ModelLoading, TarsError, ValidationFailed
+from ..engine.inprocess import GenerationQueue
+from ..errors import InputTooLong, ModelFailed, TarsError, ValidationFailed
 from ..logs import fields, get_logger
 from ..metrics import Metrics
-from .base import Rate, Target, TargetState
+from .base import Target, TargetState
+from .served import Served, clamp_notes, served_attr
 
 log = get_logger(__name__)
 
@@ -36,28 +40,11 @@ class LocalTarget(Target):
                  embed_max_batch: int = 64,
                  embed_max_wait_ms: float = 2.0, metrics: Metrics | None = None,
                  backend_name: str | None = None) -> None:
-        self.model = spec.id
-        self.kind = spec.kind
-        self.node = node
-        self.spec = spec
-        self.assignment = assignment
+        self.served = Served(spec, assignment, node=node, metrics=metrics, backend_name=backend_name)
+        self.model, self.kind, self.node, self.spec, self.assignment = spec.id, spec.kind, node, spec, assignment
         self.metrics = metrics
-        self.backend_name = backend_name or assignment.backend or spec.backend
         self.backend: Backend | None = None
-        self.error: str | None = None
         self._factory = factory
-        self._state = TargetState.LOADING
-        self._loaded = LoadedFlag()  # set once loading ended (subclasses set it too, from any thread)
-        self._closed = False
-        self.requests = 0
-        self.tokens_generated = 0
-        self.embeddings = 0
-        self.last_tokens_per_s = 0.0
-        self.load_s: float | None = None
-        # {"done_bytes","total_bytes","percent"} while the model is being pulled (deploy/pull.py)
-        self.progress: dict[str, Any] | None = None
-        self._token_rate = Rate()
-        self._embed_rate = Rate()
         self.queue: GenerationQueue | None = None
         self.batcher: MicroBatcher | None = None
         if self.kind == "chat":
@@ -69,9 +56,11 @@ class LocalTarget(Target):
                                         timeout_s=timeout_s, name=self.model)
 
     # ----------------------------------------------------------------- lifecycle
-    @property
-    def state(self) -> TargetState:
-        return self._state
+    state = served_attr("state")
+    error = served_attr("error")
+    requests = served_attr("requests")
+    progress = served_attr("progress")  # set by the loading thread while it pulls (deploy/pull.py)
+    load_s = served_attr("load_s")
 
     def start(self) -> None:
         """Load in a background thread; returns at once."""
@@ -83,35 +72,27 @@ class LocalTarget(Target):
             backend = self._factory()
             backend.load()
             backend.warmup()
-            if self._closed:
+            if self.served.closed:
                 backend.unload()
                 return
             self.backend = backend
-            self.load_s = time.monotonic() - t0
-            self._state = TargetState.READY
-            log.info("model %s ready in %.1f s", self.model, self.load_s,
+            self.served.ready(time.monotonic() - t0)
+            log.info("model %s ready in %.1f s", self.model, self.served.load_s,
                      extra=fields(model=self.model, backend=backend.name))
         except Exception as exc:  # noqa: BLE001 - the node stays up and reports the failure
-            self.error = exc.message if isinstance(exc, TarsError) else f"{type(exc).__name__}: {exc}"
-            self._state = TargetState.FAILED
-            log.error("model %s failed to load: %s", self.model, self.error, exc_info=not isinstance(exc, TarsError),
+            why = self.served.failed(exc)
+            log.error("model %s failed to load: %s", self.model, why, exc_info=not isinstance(exc, TarsError),
                       extra=fields(model=self.model))
         finally:
-            self._finished_loading()
-
-    def _finished_loading(self) -> None:
-        self._loaded.set()
+            self.served.loaded.set()
 
     async def wait_loaded(self, timeout: float | None = None) -> TargetState:
         """Wait until loading has finished (ready or failed), at most ``timeout`` seconds;
         returns the state."""
-        await self._loaded.wait(timeout)
-        return self._state
+        return await self.served.wait_loaded(timeout)
 
     async def close(self) -> None:
-        self._closed = True
-        if self._state != TargetState.FAILED:
-            self._state = TargetState.UNAVAILABLE
+        self.served.close()
         if self.queue is not None:
             self.queue.close()
         if self.batcher is not None:
@@ -125,15 +106,10 @@ class LocalTarget(Target):
 
     def _check_ready(self) -> Backend:
         backend = self.backend
-        if self._state == TargetState.READY and backend is not None:
+        if self.served.state == TargetState.READY and backend is not None:
             return backend
-        if self._state == TargetState.FAILED:
-            raise ModelFailed(f"model '{self.model}' failed to load on {self.node}: {self.error}",
-                              model=self.model, node=self.node)
-        if self._state == TargetState.LOADING:
-            raise ModelLoading(f"model '{self.model}' is still loading on {self.node}; retry in a few seconds",
-                               model=self.model, node=self.node, retry_after=2)
-        raise ModelFailed(f"model '{self.model}' is not available on {self.node} ({self._state})",
+        self.served.check_ready()  # raises unless ready
+        raise ModelFailed(f"model '{self.model}' is not available on {self.node} ({self.served.state})",
                           model=self.model, node=self.node)
 
     # ----------------------------------------------------------------- chat
@@ -158,19 +134,16 @@ class LocalTarget(Target):
             raise InputTooLong(f"the prompt is {n} tokens but model '{self.model}' has a context of {ctx} tokens; "
                                f"shorten it to fewer than {ctx} tokens", limit=ctx, got=n,
                                field="messages" if req.messages else "prompt")
-        notes: list[str] = []
-        if n + req.max_tokens > ctx:
-            room = ctx - n
-            notes.append(f"max_tokens clamped from {req.max_tokens} to {room}: the prompt ({n} tokens) plus "
-                         f"max_tokens must fit the context of {ctx} tokens")
-            req = dataclasses.replace(req, max_tokens=room)
+        notes = clamp_notes(req.max_tokens, n, ctx)
+        if notes:
+            req = dataclasses.replace(req, max_tokens=ctx - n)
         return req, n, notes
 
     async def stream(self, req: GenerateRequest) -> AsyncIterator[TokenChunk | Completion]:
         t0 = time.perf_counter()
         req, prompt_tokens, notes = self.prepare(req)
         assert self.queue is not None
-        self.requests += 1
+        self.served.requests += 1
         n = 0
         first: float | None = None
         finish = "stop"
@@ -190,17 +163,12 @@ class LocalTarget(Target):
                     yield chunk
         finally:
             end = time.perf_counter()
-            self.tokens_generated += n
-            self._token_rate.add(n)
             ttft = (first - t0) if first is not None else None
             if n > 1 and first is not None and end > first:
                 tps = (n - 1) / (end - first)
             else:
                 tps = n / (end - t0) if end > t0 else 0.0
-            if n:
-                self.last_tokens_per_s = tps
-            if self.metrics is not None:
-                self.metrics.observe_generation(self.model, n, ttft)
+            self.served.generated(n, ttft, tps)
         yield Completion(model=self.model, node=self.node, text="", finish_reason=finish,
                          usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=n),
                          timings=Timings(ttft_ms=round((ttft or 0.0) * 1000, 3), total_ms=round((end - t0) * 1000, 3),
@@ -231,13 +199,10 @@ class LocalTarget(Target):
                                        field=f"input[{i}]")
         assert self.batcher is not None
         del backend
-        self.requests += 1
+        self.served.requests += 1
         vecs, counts = await self.batcher.embed(req.input, req.normalize)
         n = len(req.input)
-        self.embeddings += n
-        self._embed_rate.add(n)
-        if self.metrics is not None:
-            self.metrics.observe_embeddings(self.model, n)
+        self.served.embedded(n)
         total = (time.perf_counter() - t0) * 1000
         return Embeddings(model=self.model, node=self.node, vectors=vecs, prompt_tokens=sum(counts or ()),
                           timings=Timings(total_ms=round(total, 3)))
@@ -250,21 +215,13 @@ class LocalTarget(Target):
         return self.batcher.depth if self.batcher is not None else 0
 
     def tokens_per_s(self) -> float:
-        return self._token_rate.per_s()
+        return self.served.token_rate.per_s()
 
     def embeddings_per_s(self) -> float:
-        return self._embed_rate.per_s()
+        return self.served.embed_rate.per_s()
 
     def info(self) -> dict[str, Any]:
-        a = self.assignment
-        out: dict[str, Any] = {
-            "id": self.model, "kind": self.kind, "backend": self.backend_name,
-            "quant": a.quant or self.spec.quant, "node": self.node, "state": self._state,
-            "local": True, "device": a.device, "n_gpu_layers": a.n_gpu_layers,
-            "queue_depth": self.queue_depth, "requests": self.requests,
-            "tokens_generated": self.tokens_generated, "last_tokens_per_s": round(self.last_tokens_per_s, 3),
-            "embeddings": self.embeddings, "load_s": None if self.load_s is None else round(self.load_s, 3),
-        }
+        out: dict[str, Any] = {}
         b = self.backend
         if b is not None:
             if isinstance(b, ChatBackend):
@@ -280,57 +237,7 @@ class LocalTarget(Target):
                 out["memory"] = b.memory_mb()
             except Exception:  # noqa: BLE001 - best effort figure
                 pass
-        progress = self.progress
-        if progress is not None and self._state == TargetState.LOADING:
-            out["state"] = "pulling"  # still "loading" for routing and /health
-            out["progress"] = dict(progress)
-        if self.error:
-            out["error"] = self.error
-        return out
-
-
-class LoadedFlag:
-    """A ``threading.Event``-like flag whose ``set()`` (from any thread) also wakes the
-    coroutines in ``wait()``, each on a future of its own loop: no polling."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-        self._lock = threading.Lock()
-        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
-
-    def is_set(self) -> bool:
-        return self._event.is_set()
-
-    def set(self) -> None:
-        with self._lock:
-            self._event.set()
-            waiters, self._waiters = self._waiters, []
-        for loop, fut in waiters:
-            try:
-                loop.call_soon_threadsafe(_resolve, fut)
-            except RuntimeError:  # that loop has closed: nobody waits any more
-                pass
-
-    async def wait(self, timeout: float | None = None) -> bool:
-        """True once set; False when ``timeout`` seconds passed first."""
-        if self._event.is_set():
-            return True
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
-        with self._lock:
-            if self._event.is_set():
-                return True
-            self._waiters.append((loop, fut))
-        try:
-            await asyncio.wait_for(fut, timeout)
-        except TimeoutError:
-            return False
-        return True
-
-
-def _resolve(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
+        return self.served.info(self.queue_depth, **out)
 
 
 def _unload(backend: Backend) -> float:

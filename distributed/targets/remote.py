@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, ClassVar, Protocol
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from ..domain import Completion, EmbedRequest, Embeddings, GenerateRequest, ModelKind, Timings, TokenChunk
 from ..errors import PeerUnavailable
@@ -39,6 +39,9 @@ from ..rpc.coalescer import Coalescer
 from ..tasks import TaskSet
 from .base import Target, TargetState
 
+if TYPE_CHECKING:
+    from ..rpc.client import PeerClient
+
 log = get_logger(__name__)
 
 DOWN = ("dead", "left")
@@ -46,13 +49,25 @@ DRAIN_S = 10.0  # how long a retired stand-in or target waits for its requests i
 
 
 class PeerView(Protocol):
-    """What a RemoteTarget needs to know about its peer (``peers.Peer`` provides it)."""
+    """What a RemoteTarget (and ``Routes``) needs to know about its peer (``peers.Peer``)."""
 
-    name: str
-    state: str  # PeerState: "alive" | "suspect" | "dead" | "left"
-    client: Any  # rpc.client.PeerClient
-    gone: asyncio.Event  # set while the peer is dead or has left
-    reachable: bool  # False from a refused connection until it answers again
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def state(self) -> str:  # PeerState: "alive" | "suspect" | "dead" | "left"
+        ...
+
+    @property
+    def client(self) -> "PeerClient": ...
+
+    @property
+    def gone(self) -> asyncio.Event:  # set while the peer is dead or has left
+        ...
+
+    @property
+    def reachable(self) -> bool:  # False from a refused connection until it answers again
+        ...
 
     def model_info(self, model: str) -> dict[str, Any] | None: ...
 
@@ -290,19 +305,26 @@ class RemoteTarget(Target):
         with self._active:
             standin = await self._route()
             if standin is None:
+                forward = self._forward_stream(req)
                 try:
-                    async for item in self._forward_stream(req):
+                    async for item in forward:
                         yield item
                     return
                 except _Refused as refused:
                     standin = await self._failover(refused.exc)
-            async for item in self._standin_stream(standin, req):
-                yield item
+                finally:
+                    await forward.aclose()  # our caller left: the peer's stream closes now, not at GC
+            here = self._standin_stream(standin, req)
+            try:
+                async for item in here:
+                    yield item
+            finally:
+                await here.aclose()
 
-    async def _forward_stream(self, req: GenerateRequest) -> AsyncIterator[TokenChunk | Completion]:
+    async def _forward_stream(self, req: GenerateRequest) -> AsyncGenerator[TokenChunk | Completion, None]:
         """The peer's stream; ``_Refused`` when its connection is refused before any token."""
         self.forwarded += 1
-        agen = self.peer.client.stream(self._params(req)).__aiter__()
+        agen = self.peer.client.stream(self._params(req))
         gone = asyncio.ensure_future(self.peer.gone.wait())
         started = False
         try:
@@ -321,7 +343,8 @@ class RemoteTarget(Target):
                     return
                 started = True
                 yield TokenChunk(text=msg.get("text", ""), finish_reason=msg.get("finish_reason"),
-                                 logprobs=msg.get("logprobs"), tool_calls=msg.get("tool_calls"))
+                                 logprobs=msg.get("logprobs"), tool_calls=msg.get("tool_calls"),
+                                 reasoning=msg.get("reasoning"))
         finally:
             gone.cancel()
             try:
@@ -329,7 +352,8 @@ class RemoteTarget(Target):
             except RuntimeError:  # still unwinding from a cancellation
                 pass
 
-    async def _standin_stream(self, standin: Target, req: GenerateRequest) -> AsyncIterator[TokenChunk | Completion]:
+    async def _standin_stream(self, standin: Target,
+                              req: GenerateRequest) -> AsyncGenerator[TokenChunk | Completion, None]:
         fallback = not self.handoff
         local = standin.stream(req)
         with self._use(standin):
@@ -387,7 +411,8 @@ class RemoteTarget(Target):
         }
         if self.kind == "embed":
             out["channel_calls"] = self._coalescer.calls  # < forwarded: requests were coalesced
-        for key in ("embeddings", "dim", "context", "error", "split", "split_mode", "missing", "progress", "runtime"):
+        for key in ("embeddings", "dim", "context", "error", "split", "split_mode", "missing", "progress",
+                    "runtime", "vision"):
             if key in remote:
                 out[key] = remote[key]
         if remote.get("state") == "pulling" and out["state"] == TargetState.LOADING:

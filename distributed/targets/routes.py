@@ -21,23 +21,38 @@ The changes it makes, all make before break:
   and reports the model ready. Only then are its models' stand-ins dropped (each
   unloads after its requests in flight). A stale "ready" from before a failure
   never drops a stand-in, so failover does not thrash.
+* ``replicate(assignments, peer_of, make_remote)`` — a model the plan puts on several
+  hosts is served by a ``ReplicaSet`` (targets/replicas.py): the copy here, if any, and a
+  RemoteTarget per other host; requests go to the least busy live one.
 * ``set``/``remove`` — direct installs (tests, runtime deploys).
 
-Readers: ``targets`` (model id → Target), ``get``, ``local()``, ``remote()``,
-``standins()``, ``computes_here(target)``; ``fallback_loads`` counts fallback loads.
+The one routing question, ``resolve(model, here=False)``: the target that serves
+``model`` for a request arriving here — a model's ``ReplicaSet`` when it has one, else its
+entry in ``targets``. ``here=True`` is for a call a peer forwarded: it must be computed on
+this host (the copy here, or a stand-in while the model moves) and is never forwarded
+again, else ``ModelLoading`` (two hosts whose tables are converging would otherwise
+bounce it between them).
+
+Readers: ``targets`` (model id → the copy here or the RemoteTarget of the host the plan
+put it on), ``replicas`` (model id → ReplicaSet), ``get``, ``local()``, ``remote()``,
+``standins()``, ``computes_here(target)``, ``describe()`` (``GET /models`` rows);
+``fallback_loads`` counts fallback loads.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from functools import partial
 from typing import Any
 
 from ..domain import Assignment
+from ..errors import ModelLoading
 from ..logs import fields, get_logger
 from ..tasks import TaskSet
 from .base import GONE, Target, TargetState
-from .remote import RemoteTarget
+from .remote import PeerView, RemoteTarget
+from .replicas import ReplicaSet
 
 log = get_logger(__name__)
 
@@ -56,8 +71,8 @@ async def _drain_then_close(target: Target, limit_s: float = 300.0) -> None:
 def same_placement(a: Assignment | None, b: Assignment | None) -> bool:
     if a is None or b is None:
         return False
-    return (a.device, a.n_gpu_layers, a.quant, a.backend, a.split) == (b.device, b.n_gpu_layers, b.quant, b.backend,
-                                                                       b.split)  # a split on other hosts is another engine
+    return (a.device, a.n_gpu_layers, a.quant, a.backend, a.split, a.chat_template) == (
+        b.device, b.n_gpu_layers, b.quant, b.backend, b.split, b.chat_template)  # a split elsewhere: another engine
 
 
 class Routes:
@@ -66,6 +81,7 @@ class Routes:
     def __init__(self, node: str) -> None:
         self.node = node
         self.targets: dict[str, Target] = {}
+        self.replicas: dict[str, ReplicaSet] = {}  # models on several hosts (replicate)
         self._incoming: dict[str, Target] = {}  # copies loading here while a peer still serves the model
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks = TaskSet(f"routes-{node}")
@@ -90,6 +106,37 @@ class Routes:
     def computes_here(target: Target) -> bool:
         """Would a request for ``target`` be computed on this host (locally or by a stand-in)?"""
         return target.local or (isinstance(target, RemoteTarget) and target.serves_here)
+
+    def resolve(self, model: str, *, here: bool = False) -> Target | None:
+        """The target serving ``model`` for a request that arrived here (None: not routed).
+        ``here``: a call a peer forwarded — the target computing it on this host (a replicated
+        model's copy here; a stand-in through its RemoteTarget), never one that forwards it
+        again; ``ModelLoading`` when this host does not compute it (the cluster re-plans)."""
+        target = self.targets.get(model)
+        if target is None:
+            return None
+        replicas = self.replicas.get(model)
+        if replicas is not None:
+            if not here:
+                return replicas
+            target = replicas.local_member() or target
+        if here and not self.computes_here(target):
+            raise ModelLoading(f"model '{model}' is not served by {self.node} (its routing points to "
+                               f"{target.node}); the cluster is re-planning, retry shortly", model=model,
+                               node=self.node)
+        return target
+
+    def describe(self) -> list[dict[str, Any]]:
+        """``Target.info()`` of every routed model; a replicated model's row lists its replicas."""
+        rows = []
+        for model, target in self.targets.items():
+            row = target.info()
+            replicas = self.replicas.get(model)
+            if replicas is not None:
+                extra = replicas.info()
+                row["replicas"], row["retried"] = extra["replicas"], extra["retried"]
+            rows.append(row)
+        return rows
 
     # ----------------------------------------------------------------- direct changes
     def set(self, target: Target, *, close_old: bool = True) -> Target | None:
@@ -183,7 +230,7 @@ class Routes:
         else:
             current.drop_standin(f"the plan assigns it to {self.node} ({a.device})")
 
-    def route_to_peer(self, a: Assignment, peer: Any, make_remote: Callable[[Target | None], RemoteTarget]) -> None:
+    def route_to_peer(self, a: Assignment, peer: PeerView, make_remote: Callable[[Target | None], RemoteTarget]) -> None:
         """Route ``a.model`` to ``peer``. ``make_remote(handoff)`` builds the RemoteTarget;
         ``handoff`` is the ready copy here that keeps serving until the peer is ready."""
         current = self.targets.get(a.model)
@@ -200,13 +247,13 @@ class Routes:
         if isinstance(current, RemoteTarget):
             self._tasks.spawn(current.close())
 
-    def forget_unplanned(self, planned: set[str]) -> None:
+    def forget_unplanned(self, planned: Collection[str]) -> None:
         """Remote targets of models the plan no longer has."""
         for target in self.remote():
             if target.model not in planned:
                 self.remove(target.model)
 
-    def settle(self, peer: Any) -> None:
+    def settle(self, peer: PeerView) -> None:
         """Drop the stand-ins of models ``peer`` serves again: it is alive, has answered
         since its last failure, and (in that fresh report) says the model is ready."""
         if peer.state != "alive" or not peer.reachable:
@@ -214,6 +261,37 @@ class Routes:
         for target in self.remote():
             if target.peer is peer and target.standin is not None and target.remote_state == READY:
                 target.drop_standin(f"{peer.name} reports it ready")
+
+    def replicate(self, assignments: list[Assignment], peer_of: Callable[[str], PeerView | None],
+                  make_remote: Callable[[Assignment, PeerView], RemoteTarget]) -> None:
+        """Serve each model the plan puts on several hosts through its ``ReplicaSet``: the copy
+        here (``targets``, loaded by ``apply_local``) and a RemoteTarget per other host, built
+        by ``make_remote(a, peer)`` (no failover: the other replicas are). A host this node does
+        not know yet (``peer_of(name)`` is None) joins the set with a later plan."""
+        by_model: dict[str, list[Assignment]] = {}
+        for a in assignments:
+            by_model.setdefault(a.model, []).append(a)
+        replicated = {m: al for m, al in by_model.items() if len({a.node for a in al}) > 1}
+        for model in [m for m in self.replicas if m not in replicated]:
+            self._tasks.spawn(self.replicas.pop(model).close())
+        for model, al in replicated.items():
+            rs = self.replicas.get(model)
+            if rs is None:
+                rs = ReplicaSet(model, al[0].kind, self.node, partial(self.targets.get, model))
+                self.replicas[model] = rs
+            wanted = {a.node: a for a in al if a.node != self.node}
+            for name in [n for n in rs.remotes if n not in wanted]:
+                self._tasks.spawn(rs.remotes.pop(name).close())
+            for name, a in wanted.items():
+                peer = peer_of(name)
+                current = rs.remotes.get(name)
+                if peer is None or (current is not None and current.peer is peer):
+                    continue
+                if current is not None:
+                    self._tasks.spawn(current.close())
+                rs.remotes[name] = make_remote(a, peer)
+            log.info("%s runs on %d hosts: %s", model, len(al), ", ".join(a.node for a in al),
+                     extra=fields(model=model))
 
     async def fallback(self, remote: RemoteTarget, load: Callable[[], Target]) -> Target:
         """The one stand-in of ``remote.model`` while its peer is down: the copy it already
@@ -236,7 +314,8 @@ class Routes:
     # ----------------------------------------------------------------- lifecycle
     async def close(self) -> None:
         await asyncio.gather(*self._tasks.cancel(), return_exceptions=True)
-        targets = list(self.targets.values()) + list(self._incoming.values())
+        targets: list[Target] = [*self.replicas.values(), *self.targets.values(), *self._incoming.values()]
+        self.replicas.clear()
         self.targets.clear()
         self._incoming.clear()
         await asyncio.gather(*(t.close() for t in targets), return_exceptions=True)

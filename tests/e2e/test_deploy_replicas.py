@@ -1,7 +1,13 @@
 """Runtime deploys and replicas across three real node processes on 127.0.0.2 / .3 / .4
 (fake models): a deploy asked on a worker, three replicas, the replica host SIGKILLed under
 load with no failed request, removal everywhere, and the deployed set back after the server
-restarts."""
+restarts.
+
+The fake models take ``TARS_FAKE_TOKEN_DELAY_S`` per token, so the clients really keep pc1 and
+pc2 busy: least work in flight sends a request to the copy where it arrived while that copy is
+idle, and to another replica only while it is busy. With instant fake models no request ever
+found pc1 or pc2 busy, so pc3 (which no client calls) was rarely picked — sometimes never before
+the kill (``{'pc2': 115, 'pc1': 65}``): the routing was right, the load was not load."""
 
 from __future__ import annotations
 
@@ -26,7 +32,8 @@ JSON_CT = {"Content-Type": "application/json"}
 def cluster(tmp_path: Path):
     taken: set[int] = set()
     common = {"TARS_CLUSTER_TOKEN": TOKEN, "TARS_BACKEND_OVERRIDE": "fake", "TARS_HEARTBEAT_S": "0.5",
-              "TARS_MODELS": "smollm2-135m-instruct,all-MiniLM-L6-v2", "TARS_LOG_LEVEL": "info"}
+              "TARS_MODELS": "smollm2-135m-instruct,all-MiniLM-L6-v2", "TARS_LOG_LEVEL": "info",
+              "TARS_FAKE_TOKEN_DELAY_S": "0.01"}  # up to 16 tokens: ~0.1 s a request, so 8 clients keep hosts busy
     pc1 = ServerProcess("pc1", "127.0.0.2", ports=PORTS, taken=taken, log_dir=tmp_path,
                         env={**common, "TARS_GPU_PROFILE": "rtx3060-12gb", "TARS_MODELS_DIR": str(tmp_path / "m1")})
     procs = [pc1.start(timeout=120)]

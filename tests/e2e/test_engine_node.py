@@ -18,21 +18,13 @@ import httpx
 import pytest
 
 from distributed.engine.binary import locate
-from tests.support import ServerProcess
+from tests.support import ServerProcess, alive
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 HOST = "127.0.0.3"
 KEY = "engine-e2e-key"
 H = {"Authorization": f"Bearer {KEY}"}
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def _wait(cond, timeout: float, what: str, log: Path | None = None):
@@ -77,7 +69,7 @@ def node(gemma_gguf, models_dir, tmp_path_factory):
     finally:
         server.stop()
         for pid in engines:
-            _wait(lambda: not _alive(pid), 10, f"engine pid {pid} to end with the node")
+            _wait(lambda: not alive(pid), 10, f"engine pid {pid} to end with the node")
 
 
 def test_the_node_serves_chat_through_its_llama_server(node):
@@ -87,7 +79,7 @@ def test_the_node_serves_chat_through_its_llama_server(node):
     assert m["slots"]["total"] == 2 and m["context"] == 512
     pid = m["engine"]["pid"]
     engines.append(pid)
-    assert _alive(pid)
+    assert alive(pid)
     with open(f"/proc/{pid}/status") as f:
         ppid = int(next(line for line in f if line.startswith("PPid:")).split()[1])
     assert ppid == proc.pid
@@ -128,7 +120,7 @@ def test_engine_killed_mid_stream_error_event_then_served_again(node):
     new = _wait(lambda: (lambda m: m["engine"]["pid"] if m["state"] == "ready" and m["engine"]["pid"] not in (None, pid)
                          else None)(_engine(base)), 120, "the engine to come back", log)
     engines.append(new)
-    assert not _alive(pid)
+    assert not alive(pid)
     r = httpx.post(base + "/inference", headers=H, timeout=60, json={"prompt": "Hello", "max_tokens": 3})
     assert r.status_code == 200, r.text
     assert _engine(base)["engine"]["restarts"] == 1
@@ -140,4 +132,4 @@ def test_sigkill_of_the_node_takes_its_engine_along(node):
     engines.append(pid)
     os.kill(proc.pid, signal.SIGKILL)  # the node only, not its process group
     proc.wait(10)
-    _wait(lambda: not _alive(pid), 10, "the engine to die with its node")
+    _wait(lambda: not alive(pid), 10, "the engine to die with its node")

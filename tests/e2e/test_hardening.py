@@ -4,6 +4,7 @@ between two hosts (§8)."""
 
 from __future__ import annotations
 
+import re
 import socket
 import ssl
 import sys
@@ -23,11 +24,6 @@ FILE_LIMIT = 1024
 LIMITED = [sys.executable, "-c",
            "import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (%d, %d)); "
            "os.execv(sys.executable, [sys.executable, '-m', 'distributed', 'serve'])" % (FILE_LIMIT, FILE_LIMIT)]
-
-
-def _env(name: str, host: str, port: int, **extra: str) -> dict[str, str]:
-    return {"TARS_NODE_NAME": name, "TARS_HOST": host, "TARS_PORT": str(port), "TARS_BACKEND_OVERRIDE": "fake",
-            "TARS_CLUSTER_TOKEN": TOKEN, "TARS_LOG_LEVEL": "info", **extra}
 
 
 def _closed_within(sock: socket.socket, seconds: float, trickle: bytes = b"") -> float | None:
@@ -53,15 +49,16 @@ def _closed_within(sock: socket.socket, seconds: float, trickle: bytes = b"") ->
 def limited_node(request, tmp_path: Path):
     """PC1 under a 1024 file limit, plain or HTTPS: over TLS a connection that never
     finishes its handshake must count and time out like one that never sends headers."""
-    port = free_port(HOST1, range(18700, 18720))
     extra, verify = {}, True
     if request.param == "https":
         tls.generate(tmp_path / "pc1.crt", tmp_path / "pc1.key", ["pc1"], [HOST1])
         extra = {"TARS_TLS_CERT": str(tmp_path / "pc1.crt"), "TARS_TLS_KEY": str(tmp_path / "pc1.key")}
         verify = ssl.create_default_context(cafile=str(tmp_path / "pc1.crt"))  # the test trusts it directly
-    node = ServerProcess("pc1", HOST1, port=port, command=LIMITED, log_dir=tmp_path, scheme=request.param,
-                         verify=verify, env=_env("pc1", HOST1, port, TARS_HEADER_TIMEOUT_S="3",
-                                                 TARS_MODELS_DIR=str(tmp_path), **extra))
+    # a range of ports, not one: if another process takes the port first, the next one is tried
+    env = {"TARS_BACKEND_OVERRIDE": "fake", "TARS_CLUSTER_TOKEN": TOKEN, "TARS_LOG_LEVEL": "info",
+           "TARS_HEADER_TIMEOUT_S": "3", "TARS_MODELS_DIR": str(tmp_path), **extra}
+    node = ServerProcess("pc1", HOST1, ports=range(18700, 18720), command=LIMITED, address_env=True,
+                         log_dir=tmp_path, scheme=request.param, verify=verify, env=env)
     with node:
         node.start(timeout=120)
         yield node
@@ -69,6 +66,19 @@ def limited_node(request, tmp_path: Path):
 
 def _health(node: ServerProcess) -> httpx.Response:
     return httpx.get(node.url + "/health", timeout=2.0, verify=node.verify)
+
+
+def _closed_by_server(socks: list[socket.socket]) -> int:
+    """How many of the non-blocking ``socks`` the other end has closed (EOF or reset)."""
+    closed = 0
+    for s in socks:
+        try:
+            closed += s.recv(1, socket.MSG_PEEK) == b""
+        except BlockingIOError:  # open, nothing to read
+            pass
+        except OSError:  # reset, or the connect itself failed
+            closed += 1
+    return closed
 
 
 def test_idle_connections_cannot_starve_the_node(limited_node):
@@ -81,7 +91,9 @@ def test_idle_connections_cannot_starve_the_node(limited_node):
             s.setblocking(False)
             s.connect_ex((HOST1, limited_node.port))
             socks.append(s)
-        time.sleep(1.0)  # let the server accept (and shed) them
+        cap = int(re.search(r"at most (\d+) connections", limited_node.log_text()).group(1))
+        wait_until(lambda: _closed_by_server(socks) >= len(socks) - cap, 30,
+                   f"the node to accept them all and shed those over its bound of {cap}", limited_node)
         for attempt in range(3):
             t0 = time.monotonic()
             r = _health(limited_node)
@@ -161,10 +173,12 @@ def test_https_between_two_hosts_with_a_pinned_certificate(tmp_path: Path):
         with httpx.Client(verify=ctx2.ssl, timeout=5.0) as c2:
             wait_until(lambda: next(p["state"] for p in c2.get(url2 + "/status").json()["peers"]
                                     if p["name"] == "pc1") == "alive", 30, "pc2 sees pc1 alive", pc1, pc2)
-        # PC1 beats PC2 over https too (it learned PC2's fingerprint from the join): still alive after beats
-        time.sleep(2.0)
-        pc2_seen = next(p for p in client.get(url1 + "/status").json()["peers"] if p["name"] == "pc2")
-        assert pc2_seen["state"] == "alive" and pc2_seen["rtt_ms"] is not None  # PC1's own beats are answered
+        # PC1 beats PC2 over https too (it learned PC2's fingerprint from the join): its beats are answered
+        def pc2_seen() -> dict:
+            return next(p for p in client.get(url1 + "/status").json()["peers"] if p["name"] == "pc2")
+
+        wait_until(lambda: pc2_seen()["rtt_ms"] is not None, 30, "pc1's beats answered by pc2 over https", pc1, pc2)
+        assert pc2_seen()["state"] == "alive"
         assert "missed heartbeat" not in pc1.log_text() and "not pinned" not in pc1.log_text()
         r = client.post(url1 + "/embed", json={"input": ["over tls"]})
         assert r.status_code == 200, r.text

@@ -276,7 +276,10 @@ def test_no_suitable_python_names_the_fix(fresh_repo: Path, tmp_path: Path, mode
     assert "fix:" in r.stderr and "python3.11" in r.stderr
 
 
-def _fake_bin(tmp_path: Path, nvcc: bool) -> Path:
+def _pc1_with_a_driver(repo: Path, tmp_path: Path, models_dir: Path, nvcc: bool) -> subprocess.CompletedProcess[str]:
+    """setup_pc1.sh where nvidia-smi shows an RTX 3060 and the CUDA toolkit (nvcc) is there
+    only when ``nvcc``: a stand-in for each, ahead of a PATH without any real nvcc, no
+    CUDA_HOME, and the self-check skipped."""
     bin_dir = tmp_path / "fakebin"
     bin_dir.mkdir()
     (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: NVIDIA GeForce RTX 3060 (UUID: GPU-fake-0)'\n")
@@ -284,18 +287,14 @@ def _fake_bin(tmp_path: Path, nvcc: bool) -> Path:
         (bin_dir / "nvcc").write_text("#!/bin/sh\necho 'Cuda compilation tools, release 12.4, V12.4.131'\n")
     for f in bin_dir.iterdir():
         f.chmod(0o755)
-    return bin_dir
-
-
-def _path_without_nvcc(extra: Path) -> str:
     dirs = [d for d in os.environ["PATH"].split(os.pathsep) if d and not (Path(d) / "nvcc").exists()]
-    return os.pathsep.join([str(extra), *dirs])
+    env = _env(models_dir, PATH=os.pathsep.join([str(bin_dir), *dirs]), TARS_SETUP_SELFCHECK="0",
+               CUDA_HOME=str(tmp_path / "no-cuda"))
+    return run(repo, "setup_pc1.sh", env=env)
 
 
 def test_cuda_builds_are_chosen_with_a_driver_and_the_toolkit(fresh_repo: Path, tmp_path: Path, models_dir: Path) -> None:
-    env = _env(models_dir, PATH=_path_without_nvcc(_fake_bin(tmp_path, nvcc=True)), TARS_SETUP_SELFCHECK="0",
-               CUDA_HOME=str(tmp_path / "no-cuda"))
-    r = run(fresh_repo, "setup_pc1.sh", env=env)
+    r = _pc1_with_a_driver(fresh_repo, tmp_path, models_dir, nvcc=True)
     assert r.returncode == 0, r.all
     assert "GPU 0: NVIDIA GeForce RTX 3060" in r.stdout and "release 12.4" in r.stdout
     assert "build: cuda" in r.stdout
@@ -314,9 +313,7 @@ def test_cuda_builds_are_chosen_with_a_driver_and_the_toolkit(fresh_repo: Path, 
 
 
 def test_cpu_builds_when_the_driver_has_no_toolkit(fresh_repo: Path, tmp_path: Path, models_dir: Path) -> None:
-    env = _env(models_dir, PATH=_path_without_nvcc(_fake_bin(tmp_path, nvcc=False)), TARS_SETUP_SELFCHECK="0",
-               CUDA_HOME=str(tmp_path / "no-cuda"))
-    r = run(fresh_repo, "setup_pc1.sh", env=env)
+    r = _pc1_with_a_driver(fresh_repo, tmp_path, models_dir, nvcc=False)
     assert r.returncode == 0, r.all
     assert "CUDA toolkit (nvcc) is missing: building for CPU" in r.stdout and "build: cpu" in r.stdout
     assert "torch 2.13.0 cpu installed — already done, unchanged" in r.stdout
@@ -338,3 +335,95 @@ def test_fresh_venv_is_created_and_the_cpu_install_commands_are_the_right_ones(f
     assert f"not running: pip install -e {fresh_repo}" in r.stdout
     # with the installs skipped the new venv is empty, so the profiler cannot run: a clear stop
     assert r.returncode == 1 and "the hardware profiler failed" in r.stderr and "fix:" in r.stderr
+
+
+# ----------------------------------------------------------------------------- PC2 finds PC1 on the LAN
+def _lan_reason() -> str | None:
+    from tests import netns
+
+    return netns.available()
+
+
+@pytest.fixture(scope="module")
+def lan_pc1(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """A Lan (tests/netns.py: namespaces on a bridge, mDNS crosses it) with PC1 of cluster
+    'home' running (fake backend) and an empty host for PC2's setup."""
+    reason = _lan_reason()
+    if reason is not None:
+        pytest.skip(f"no network namespaces: {reason}")
+    from tests import netns
+    from tests import netns_cluster as nc
+
+    logs = tmp_path_factory.mktemp("lan")
+    with netns.Lan("s") as lan:
+        h1, h2 = lan.add_host("pc1"), lan.add_host("pc2")
+        env = {"TARS_BACKEND_OVERRIDE": "fake", "TARS_CLUSTER_TOKEN": "home-token", "TARS_CLUSTER_NAME": "home",
+               "TARS_MODELS_DIR": str(logs / "m1"), "TARS_GPU_PROFILE": "cpu"}
+        with nc.node_on(h1, "pc1", env=env, log_dir=logs) as pc1:
+            nc.start(pc1, h1)
+            yield {"lan": lan, "h1": h1, "h2": h2, "pc1": pc1, "logs": logs}
+
+
+def run_in(host, repo: Path, script: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:  # noqa: ANN001
+    r = subprocess.run(host.command("bash", f"scripts/{script}", *args), cwd=repo, env=env,
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
+    r.all = r.stdout + r.stderr  # type: ignore[attr-defined]
+    return r
+
+
+def test_pc2_without_an_address_finds_the_one_cluster_and_still_proves_the_token(lan_pc1, fresh_repo: Path,
+                                                                                 models_dir: Path) -> None:
+    h1, h2 = lan_pc1["h1"], lan_pc1["h2"]
+    env = _env(models_dir, TARS_HOST=h2.ip, TARS_PORT="8001")
+    r = run_in(h2, fresh_repo, "setup_pc2.sh", "--token", "not-the-token", env=env)
+    assert r.returncode == 1  # found by mDNS, but a hint is no trust: the token is checked
+    assert f"found cluster 'home' on the LAN: its planner pc1 at http://{h1.ip}:8000" in r.stdout
+    assert "token rejected" in r.stderr
+    assert "looking for PC1 on the LAN" in r.stdout
+    (fresh_repo / "env" / ".env.pc2").unlink()  # (the run above wrote it, as with an address given)
+    r = run_in(h2, fresh_repo, "setup_pc2.sh", "--token", "home-token", env=env)
+    assert r.returncode == 0, r.all
+    assert "found cluster 'home' on the LAN" in r.stdout and "PC1 accepted the cluster token" in r.stdout
+    values = env_file(fresh_repo / "env" / ".env.pc2")
+    assert values["TARS_PEERS"] == f"http://{h1.ip}:8000" and values["TARS_CLUSTER_NAME"] == "home"
+    # a re-run reads PC1 from the env file: no discovery, nothing changed
+    r = run_in(h2, fresh_repo, "setup_pc2.sh", "--token", "home-token", env=env)
+    assert r.returncode == 0 and "Nothing changed" in r.stdout and "looking for PC1" not in r.stdout, r.all
+
+
+def test_pc2_with_two_clusters_visible_lists_them_and_picks_by_name(lan_pc1, fresh_repo: Path,
+                                                                     models_dir: Path) -> None:
+    from tests import netns_cluster as nc
+
+    lan, h2, logs = lan_pc1["lan"], lan_pc1["h2"], lan_pc1["logs"]
+    h3 = lan.add_host("lab")
+    env3 = {"TARS_BACKEND_OVERRIDE": "fake", "TARS_CLUSTER_TOKEN": "lab-token", "TARS_CLUSTER_NAME": "lab",
+            "TARS_MODELS_DIR": str(logs / "m3"), "TARS_GPU_PROFILE": "cpu"}
+    with nc.node_on(h3, "lab1", env=env3, log_dir=logs) as lab:
+        nc.start(lab, h3)
+        env = _env(models_dir, TARS_HOST=h2.ip, TARS_PORT="8001")
+        r = run_in(h2, fresh_repo, "setup_pc2.sh", "--token", "home-token", env=env)
+        assert r.returncode == 1
+        assert "several TARS clusters answer on the LAN" in r.all
+        assert f"cluster home: pc1 at http://{lan_pc1['h1'].ip}:8000" in r.all
+        assert f"cluster lab: lab1 at http://{h3.ip}:8000" in r.all
+        assert "TARS_CLUSTER_NAME=<cluster>" in r.stderr
+        assert not (fresh_repo / "env" / ".env.pc2").exists()
+        r = run_in(h2, fresh_repo, "setup_pc2.sh", "--token", "lab-token", env={**env, "TARS_CLUSTER_NAME": "lab"})
+        assert r.returncode == 0, r.all
+        assert env_file(fresh_repo / "env" / ".env.pc2")["TARS_PEERS"] == f"http://{h3.ip}:8000"
+
+
+def test_pc2_with_no_cluster_visible_says_to_give_the_address(fresh_repo: Path, models_dir: Path) -> None:
+    reason = _lan_reason()
+    if reason is not None:
+        pytest.skip(f"no network namespaces: {reason}")
+    from tests import netns
+
+    with netns.Lan("n") as lan:
+        h = lan.add_host("pc2")
+        r = run_in(h, fresh_repo, "setup_pc2.sh", "--token", "t",
+                   env=_env(models_dir, TARS_HOST=h.ip, TARS_PORT="8001", TARS_DISCOVERY_TIMEOUT="2"))
+    assert r.returncode == 1
+    assert "no TARS cluster answered on the LAN" in r.stderr and "<PC1 address>" in r.stderr
+    assert "client isolation" in r.stderr

@@ -23,6 +23,7 @@ from distributed.api.app import create_app
 from distributed.api.schemas import EmbedResponse, ErrorResponse, InferenceResponse
 from distributed.domain import HostProfile
 from distributed.node import Node
+from distributed.service import build
 from distributed.settings import load_settings
 
 pytestmark = pytest.mark.anyio
@@ -44,8 +45,8 @@ async def serve(tmp_path, wait: bool = True, extra: dict[str, Any] | None = None
                 **overrides: Any) -> AsyncIterator[tuple[httpx.AsyncClient, Node]]:
     settings = load_settings(None, **{"node_name": "pc1", "backend_override": "fake", "models_dir": tmp_path,
                                       "models": [CHAT, EMBED], **overrides})
-    node = Node(settings, _profile("pc1"), backend_extra=extra)
-    app = create_app(settings, node)
+    service = build(settings, profile=_profile("pc1"), backend_extra=extra)
+    node, app = service.node, create_app(service)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://pc1") as client:
@@ -362,7 +363,8 @@ async def test_body_over_the_limit_is_413(tmp_path):
 
 
 async def test_full_queue_is_429_with_retry_after(tmp_path):
-    async with serve(tmp_path, queue_size=1, extra={"token_delay_s": 0.02, "reply_tokens": 15}) as (c, node):
+    # 15 tokens of 0.1 s: the running request holds the queue for 1.5 s, long enough on a busy machine
+    async with serve(tmp_path, queue_size=1, extra={"token_delay_s": 0.1, "reply_tokens": 15}) as (c, node):
         body = {"prompt": "slow one", "max_tokens": 15}
         target = node.targets[CHAT]
         running = asyncio.create_task(c.post("/inference", json=body))

@@ -11,10 +11,8 @@ import numpy as np
 import orjson
 import pytest
 
-from distributed.api.app import create_app
-from distributed.domain import HostProfile
-from distributed.node import Node
 from distributed.settings import load_settings
+from tests.support import serve_in_process
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -31,15 +29,8 @@ def anyio_backend() -> str:
 async def real(gemma_gguf, minilm_dir, models_dir) -> Any:
     settings = load_settings(None, node_name="real1", models_dir=models_dir, context=CONTEXT, threads=2,
                              models=[CHAT, EMBED])
-    profile = HostProfile(hostname="real1", cpu_model="test cpu", cpu_cores=2, ram_total_mb=16000, ram_free_mb=12000)
-    node = Node(settings, profile)
-    app = create_app(settings, node)
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://real1",
-                                     timeout=120) as client:
-            for t in node.local_targets():
-                assert await t.wait_loaded(300) == "ready", t.error
-            yield client, node
+    async with serve_in_process(settings) as (client, node):
+        yield client, node
 
 
 async def test_health_and_models_after_loading(real):

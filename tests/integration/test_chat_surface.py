@@ -5,8 +5,9 @@ where no build exists). Every test runs once per engine.
 
 What is proven: JSON mode content parses; json_schema content parses and matches the
 schema; logprobs are there and numeric, streamed too; penalties change a greedy answer;
-n choices; a usage chunk in streams; tools give tool_calls or a 400 that says the
-template cannot do tools; and each refused parameter is a 400 naming it.
+n choices; a usage chunk in streams; tools give tool_calls (SmolLM2's shipped ChatML tools
+template); tools that do not fit are dropped when the model may choose; llama.cpp's sampler
+extras; and each refused parameter is a 400 naming it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import pytest
 
 from distributed.api.app import create_app
 from distributed.domain import HostProfile
-from distributed.node import Node
+from distributed.service import build
 from distributed.settings import load_settings
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -62,10 +63,11 @@ def _smollm2_or_skip() -> None:
 
 async def _serve(tmp: Any, name: str, engine: str, **extra: Any) -> Any:
     settings = load_settings(None, node_name=name, models_dir=tmp, context=CONTEXT, threads=2, models=[CHAT],
-                             chat_engine=engine, parallel=2, request_timeout_s=900, cluster_token=TOKEN)
+                             chat_engine=engine, parallel=2, request_timeout_s=900, cluster_token=TOKEN,
+                             queue_max_wait_s=0)  # a loaded 2-core machine: no admission by expected wait
     profile = HostProfile(hostname=name, cpu_model="test cpu", cpu_cores=2, ram_total_mb=16000, ram_free_mb=12000)
-    node = Node(settings, profile, backend_extra=extra or None)
-    return node, create_app(settings, node)
+    service = build(settings, profile=profile, backend_extra=extra or None)
+    return service.node, create_app(service)
 
 
 @pytest.fixture(scope="module", params=["inprocess", "server"])
@@ -199,20 +201,60 @@ async def test_n_choices_and_streamed_usage(api):
     assert texts[0] and texts[0] == texts[1]  # greedy with one seed each: the same answer twice
 
 
-async def test_tools_give_tool_calls_or_a_400_saying_the_template_cannot(api):
-    r = await chat(api, tools=[WEATHER], tool_choice="required", max_tokens=80)
-    if r.status_code == 400:
-        err = r.json()["error"]
-        assert err["param"] == "tools" and "tools" in err["message"], err
-        if api.engine == "inprocess":
-            assert "cannot use tools" in err["message"] and "template" in err["message"]
-        return
-    assert r.status_code == 200, r.text
-    choice = r.json()["choices"][0]
-    assert choice["finish_reason"] == "tool_calls"
-    call = choice["message"]["tool_calls"][0]
-    assert call["type"] == "function" and call["function"]["name"] == "get_weather" and call["id"]
-    assert isinstance(json.loads(call["function"]["arguments"]), dict)
+async def test_tools_give_tool_calls_on_the_default_model(api):
+    """SmolLM2's catalog names the shipped ChatML tools template: both engines do tools."""
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        r = await chat(api, tools=[WEATHER], tool_choice=choice, max_tokens=80)
+        assert r.status_code == 200, r.text
+        choice_ = r.json()["choices"][0]
+        assert choice_["finish_reason"] == "tool_calls"
+        call = choice_["message"]["tool_calls"][0]
+        assert call["type"] == "function" and call["function"]["name"] == "get_weather" and call["id"]
+        assert isinstance(json.loads(call["function"]["arguments"]).get("city"), str)
+
+
+def _many_tools(n: int) -> list[dict[str, Any]]:
+    return [{"type": "function", "function": {
+        "name": f"tool_{i}", "description": f"Built-in tool number {i}: looks things up in the user's notes and memory",
+        "parameters": {"type": "object", "properties": {"query": {"type": "string", "description": "what to look for"},
+                                                        "limit": {"type": "integer", "description": "at most"}},
+                       "required": ["query"]}}} for i in range(n)]
+
+
+async def test_tools_that_do_not_fit_are_dropped_when_the_model_may_choose(api):
+    """36 tools (what Open WebUI sends) do not fit a 1,024-token context: with tool_choice
+    auto or absent the answer comes without them and says so; 'required' stays a 400."""
+    tools = _many_tools(36)
+    for stream in (False, True):
+        for extra in ({}, {"tool_choice": "auto"}):
+            r = await chat(api, tools=tools, max_tokens=8, stream=stream, **extra)
+            assert r.status_code == 200, r.text
+            assert r.headers["x-tars-tools-dropped"].startswith("context:")
+            if not stream:
+                assert r.json()["choices"][0]["message"]["content"] is not None
+                assert any("tools dropped" in n for n in r.json()["notes"])
+            else:
+                assert sse(r)[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    r = await chat(api, tools=tools, tool_choice="required", max_tokens=8)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "input_too_long", r.text
+    r = await chat(api, tools=[WEATHER], max_tokens=4)  # tools that fit are kept
+    assert r.status_code == 200 and "x-tars-tools-dropped" not in r.headers
+
+
+async def test_sampler_extras(api):
+    if api.engine == "server":  # llama-server honours every one, e.g. ignore_eos: all max_tokens come
+        r = await chat(api, ignore_eos=True, max_tokens=24, top_k=20, min_p=0.1, repeat_penalty=1.1,
+                       dry_multiplier=0.5, samplers=["penalties", "dry", "top_k", "min_p", "temperature"])
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 24
+    else:  # the in-process engine: top_k=1 is the greedy answer at any temperature; ignore_eos refused by name
+        greedy = (await chat(api, max_tokens=12)).json()["choices"][0]["message"]["content"]
+        r = await chat(api, max_tokens=12, temperature=1.5, seed=7, top_k=1, min_p=0.0)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == greedy
+        r = await chat(api, ignore_eos=True)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "ignore_eos", r.text
+    r = await chat(api, top_k=-1)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_k"
 
 
 @pytest.mark.parametrize("body,param", [
@@ -221,7 +263,8 @@ async def test_tools_give_tool_calls_or_a_400_saying_the_template_cannot(api):
     ({"audio": {"voice": "alloy"}}, "audio"),
     ({"store": True}, "store"),
     ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
-    ({"top_k": 5}, "top_k"),
+    ({"top_k": -5}, "top_k"),
+    ({"reasoning_effort": "extreme"}, "reasoning_effort"),
     ({"top_logprobs": 2}, "top_logprobs"),
     ({"n": 99}, "n"),
 ])

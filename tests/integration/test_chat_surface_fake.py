@@ -15,6 +15,7 @@ import pytest
 from distributed.api.app import create_app
 from distributed.domain import HostProfile
 from distributed.node import Node
+from distributed.service import build
 from distributed.settings import load_settings
 
 pytestmark = pytest.mark.anyio
@@ -33,9 +34,9 @@ async def serve(tmp_path: Any, settings_kw: dict[str, Any] | None = None,
                 **extra: Any) -> AsyncIterator[tuple[httpx.AsyncClient, Node]]:
     settings = load_settings(None, node_name="pc1", backend_override="fake", models_dir=tmp_path, models=[CHAT],
                              **(settings_kw or {}))
-    node = Node(settings, HostProfile(hostname="pc1", cpu_model="cpu", cpu_cores=2, ram_total_mb=8000,
-                                      ram_free_mb=6000), backend_extra=extra or None)
-    app = create_app(settings, node)
+    service = build(settings, profile=HostProfile(hostname="pc1", cpu_model="cpu", cpu_cores=2, ram_total_mb=8000,
+                                                  ram_free_mb=6000), backend_extra=extra or None)
+    node, app = service.node, create_app(service)
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://pc1") as client:
             for t in node.local_targets():

@@ -4,12 +4,10 @@ uvicorn on 127.0.0.2 in a thread of this process, with the fake backends."""
 from __future__ import annotations
 
 import json
-import threading
 
 import pytest
 
-from tests.integration.test_cli_ops import _wait_healthy, tars
-from tests.support import free_port
+from tests.support import free_port, serve_in_thread, tars
 
 HOST = "127.0.0.2"
 PORTS = range(18660, 18670)
@@ -19,27 +17,14 @@ RR = "ms-marco-MiniLM-L-6-v2"
 
 @pytest.fixture(scope="module")
 def url(tmp_path_factory):
-    import uvicorn
-
-    from distributed.api.app import create_app
-    from distributed.node import Node
     from distributed.settings import load_settings
 
-    port = free_port(HOST, PORTS)
-    settings = load_settings(None, host=HOST, port=port, node_name="deploynode", backend_override="fake",
-                             gpu_profile="rtx3060-12gb", models_dir=tmp_path_factory.mktemp("models"), api_key=KEY,
+    settings = load_settings(None, host=HOST, port=free_port(HOST, PORTS), node_name="deploynode",
+                             backend_override="fake", gpu_profile="rtx3060-12gb",
+                             models_dir=tmp_path_factory.mktemp("models"), api_key=KEY,
                              models=["smollm2-135m-instruct", "all-MiniLM-L6-v2"])
-    app = create_app(settings, Node(settings))
-    server = uvicorn.Server(uvicorn.Config(app, host=HOST, port=port, log_config=None, access_log=False))
-    thread = threading.Thread(target=server.run, name="deploy-node", daemon=True)
-    thread.start()
-    base = f"http://{HOST}:{port}"
-    try:
-        _wait_healthy(base, 60)
+    with serve_in_thread(settings, "deploy") as base:
         yield base
-    finally:
-        server.should_exit = True
-        thread.join(15)
 
 
 def test_run_ps_stop(url: str) -> None:

@@ -1,8 +1,9 @@
 """`tars status` and `tars bench` against a running node.
 
-The node is the real app (create_app + Node) served by uvicorn on 127.0.0.2 in a
-thread of this process, with the fake backends for speed; one slow test runs the
-CLI against a node process with the real embedded models. The CLI runs as a
+The node is the real app (create_app + service.build) served by uvicorn on 127.0.0.2 in a
+thread of this process (``tests.support.serve_in_thread``), with the fake backends for
+speed; one slow test runs the CLI against a node process (``ServerProcess``) with the
+real embedded models. The CLI runs as a
 subprocess (`python -m distributed ...`), exactly as a user runs it, so its exit
 codes and error messages are what is checked.
 """
@@ -10,73 +11,28 @@ codes and error messages are what is checked.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.support import free_port
+from tests.support import ServerProcess, free_port, serve_in_thread, tars
 
-ROOT = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.2"
 PORTS = range(18610, 18620)  # this file's share of 18600-18699
 API_KEY = "ops-test-key"
 
 
-def _wait_healthy(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    last = ""
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"node exited with {proc.returncode} (see its log)")
-        try:
-            r = httpx.get(f"{url}/health", timeout=2)
-            if r.status_code == 200:
-                return
-            last = r.text
-        except httpx.TransportError as exc:
-            last = repr(exc)
-        time.sleep(0.2)
-    raise AssertionError(f"{url} not healthy after {timeout}s: {last}")
-
-
-def tars(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """Run the real CLI; COLUMNS keeps rich from folding ids across lines."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("TARS_")}
-    full_env.update({"COLUMNS": "200", **(env or {})})
-    return subprocess.run([sys.executable, "-m", "distributed", *args], cwd=ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.fixture(scope="module")
 def node_url(models_dir: Path):
     """A node with fake backends, a simulated RTX 3060 and an API key, in a uvicorn thread."""
-    import uvicorn
-
-    from distributed.api.app import create_app
-    from distributed.node import Node
     from distributed.settings import load_settings
 
-    port = free_port(HOST, PORTS)
-    settings = load_settings(None, host=HOST, port=port, node_name="opsnode", backend_override="fake",
-                             gpu_profile="rtx3060-12gb", models_dir=models_dir, api_key=API_KEY,
-                             models=["gemma-3-270m", "all-MiniLM-L6-v2"])
-    app = create_app(settings, Node(settings))
-    server = uvicorn.Server(uvicorn.Config(app, host=HOST, port=port, log_config=None, access_log=False))
-    thread = threading.Thread(target=server.run, name="ops-node", daemon=True)
-    thread.start()
-    url = f"http://{HOST}:{port}"
-    try:
-        _wait_healthy(url, 60)
+    settings = load_settings(None, host=HOST, port=free_port(HOST, PORTS), node_name="opsnode",
+                             backend_override="fake", gpu_profile="rtx3060-12gb", models_dir=models_dir,
+                             api_key=API_KEY, models=["gemma-3-270m", "all-MiniLM-L6-v2"])
+    with serve_in_thread(settings, "ops") as url:
         yield url
-    finally:
-        server.should_exit = True
-        thread.join(15)
 
 
 def _status(url: str) -> dict:
@@ -215,33 +171,18 @@ def test_bench_unreachable_node_is_a_clear_error(node_url: str) -> None:
 @pytest.mark.slow
 def test_status_and_bench_against_a_node_with_the_real_models(models_dir: Path, gemma_gguf: Path,
                                                               minilm_dir: Path, tmp_path: Path) -> None:
-    port = free_port(HOST, PORTS)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TARS_")}
-    env.update({"TARS_HOST": HOST, "TARS_PORT": str(port), "TARS_NODE_NAME": "realops",
-                "TARS_MODELS_DIR": str(models_dir), "TARS_GPU_PROFILE": "cpu", "HF_HUB_OFFLINE": "1",
-                "TARS_MODELS": "gemma-3-270m,all-MiniLM-L6-v2"})
-    log = (tmp_path / "node.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "distributed", "serve"], cwd=ROOT, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, text=True)
-    url = f"http://{HOST}:{port}"
-    try:
-        _wait_healthy(url, 180, proc)
-        r = tars("status", url)
+    env = {"TARS_MODELS_DIR": str(models_dir), "TARS_GPU_PROFILE": "cpu",
+           "TARS_MODELS": "gemma-3-270m,all-MiniLM-L6-v2"}
+    with ServerProcess("realops", HOST, ports=PORTS, env=env, log_dir=tmp_path) as node:
+        node.start(timeout=180)
+        r = tars("status", node.url)
         assert r.returncode == 0, r.stderr
         assert "realops" in r.stdout and "llama_cpp" in r.stdout and "sentence" in r.stdout
 
-        r = tars("bench", url, "--json", "-n", "8", "-c", "1,4", "--chat-requests", "1", "--max-tokens", "16")
+        r = tars("bench", node.url, "--json", "-n", "8", "-c", "1,4", "--chat-requests", "1", "--max-tokens", "16")
         assert r.returncode == 0, r.stderr
         result = json.loads(r.stdout)
         run = result["chat"]["runs"][0]
         assert result["chat"]["model"] == "gemma-3-270m" and run["tokens"] >= 2
         assert run["ttft_ms"] > 0 and run["decode_tokens_per_s"] > 0
         assert [lv["ok"] for lv in result["embeddings"]["levels"]] == [8, 8]
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()

@@ -17,7 +17,6 @@ import httpx
 import numpy as np
 import pytest
 
-from distributed.cluster import Cluster
 from distributed.targets import RemoteTarget
 from distributed.rpc.client import PeerClient
 from tests.cluster_support import Net, until
@@ -41,10 +40,6 @@ class Host(SupportHost):
                  extra: dict[str, Any] | None = None, **overrides: Any) -> None:
         overrides.setdefault("models", [CHAT, EMB])
         super().__init__(net, name, url, preset, peers, extra, **overrides)
-
-    @property
-    def cluster(self) -> Cluster:
-        return self.node.cluster
 
     # ---- API helpers
     async def embed(self, texts: list[str] | str, **kw: Any) -> httpx.Response:
@@ -331,7 +326,7 @@ async def test_wrong_token_never_joins(pair):
         client.call = call  # type: ignore[method-assign]
         return client
 
-    bad.node.cluster._factory = wrong_token
+    bad._client = wrong_token  # type: ignore[method-assign]
     await bad.start()
     pair.hosts.append(bad)
     await until(lambda: attempts.count("cluster.join") >= 3, what="three refused join attempts")

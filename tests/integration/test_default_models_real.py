@@ -7,13 +7,10 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
-import httpx
 import pytest
 
-from distributed.api.app import create_app
-from distributed.domain import HostProfile
-from distributed.node import Node
 from distributed.settings import load_settings
+from tests.support import serve_in_process
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -34,16 +31,8 @@ async def node_client(minilm_dir, tmp_path_factory) -> Any:
     settings = load_settings(None, node_name="defaults", models_dir=tmp_path_factory.mktemp("models"),
                              context=1024, threads=1)
     assert settings.models == []  # the default set, as a new user gets it
-    profile = HostProfile(hostname="defaults", cpu_model="test cpu", cpu_cores=2, ram_total_mb=16000,
-                          ram_free_mb=12000)
-    node = Node(settings, profile)
-    app = create_app(settings, node)
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://defaults",
-                                     timeout=120) as client:
-            for t in node.local_targets():
-                assert await t.wait_loaded(180) == "ready", t.error
-            yield node, client
+    async with serve_in_process(settings, load_timeout=180) as (client, node):
+        yield node, client
 
 
 async def test_the_default_set_is_smollm2_and_minilm(node_client):

@@ -19,10 +19,12 @@ import pytest
 from distributed.api.app import create_app
 from distributed.domain import HostProfile
 from distributed.node import Node
+from distributed.service import build
 from distributed.profiler import profile_host
 from distributed.settings import load_settings
 from tests.cluster_support import Host, Net, until
-from tests.unit.test_store import FakeHub, hub  # noqa: F401  (the fake hub fixture)
+from tests.hubstub import HubStub as FakeHub
+from tests.hubstub import hub  # noqa: F401  (the hub stand-in fixture)
 
 pytestmark = pytest.mark.anyio
 
@@ -42,8 +44,8 @@ async def serve(models_dir: Path, profile: HostProfile | None = None, **override
     opts = {"node_name": "pc1", "backend_override": "fake", "models_dir": models_dir, "models": [CHAT, EMB],
             **overrides}
     settings = load_settings(None, **opts)
-    node = Node(settings, profile or profile_host("rtx3060-12gb", "pc1"))
-    app = create_app(settings, node)
+    service = build(settings, profile=profile or profile_host("rtx3060-12gb", "pc1"))
+    node, app = service.node, create_app(service)
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://pc1",
                                      timeout=30) as client:
@@ -201,14 +203,16 @@ async def test_a_runtime_deploy_reserves_what_tars_plan_says(tmp_path, llama_ser
     from distributed.cli import hardware
 
     base, new = "qwen2.5-7b-instruct", "mistral-7b-instruct"
-    engine = {"backend_override": "", "engine_bin": llama_server_found, "parallel": 8, "models": [base]}
+    engine = {"backend_override": "", "engine_bin": llama_server_found, "parallel": 8, "context": 2048,
+              "models": [base]}
     async with serve(tmp_path, **engine) as (client, node):
         r = await client.post("/models", json={"model": new})
         assert r.status_code == 202, r.text
         (deployed,) = r.json()["placement"]
     app = typer.Typer()
     hardware.register(app)
-    env = {"TARS_PARALLEL": "8", "TARS_ENGINE_BIN": llama_server_found, "TARS_MODELS_DIR": str(tmp_path)}
+    env = {"TARS_PARALLEL": "8", "TARS_CONTEXT": "2048", "TARS_ENGINE_BIN": llama_server_found,
+           "TARS_MODELS_DIR": str(tmp_path)}
     out = CliRunner().invoke(app, ["plan", "--host", "pc1=rtx3060-12gb", "--models", f"{base},{new}", "--json"],
                              env=env)
     assert out.exit_code == 0, out.output
@@ -291,7 +295,7 @@ async def test_deploy_pulls_from_the_hub_with_progress_then_serves(hub, tiny_cro
             import dataclasses
 
             gone = dataclasses.replace(node.catalog.get("tiny-ce"), id="gone-ce", repo="tars-test/gone")
-            node.catalog = type(node.catalog)([*node.catalog.all(), gone])
+            node.placement.catalog = type(node.catalog)([*node.catalog.all(), gone])  # the host's one catalog
             r = await client.post("/models", json={"model": "gone-ce"})
             assert r.status_code == 202
             failed = await wait_state(client, "gone-ce", "failed", timeout=30)

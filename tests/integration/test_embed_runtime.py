@@ -13,7 +13,7 @@ import pytest
 from distributed.api.app import create_app
 from distributed.cli.deploy import runtime_cell
 from distributed.domain import HostProfile
-from distributed.node import Node
+from distributed.service import build
 from distributed.settings import load_settings
 
 EMBED = "all-MiniLM-L6-v2"
@@ -30,8 +30,8 @@ async def node_on(minilm_dir, tmp_path_factory) -> Any:
     models_dir = tmp_path_factory.mktemp("models")
     settings = load_settings(None, node_name="rt", models_dir=models_dir, models=[EMBED], embed_runtime="openvino")
     profile = HostProfile(hostname="rt", cpu_model="test cpu", cpu_cores=2, ram_total_mb=16000, ram_free_mb=12000)
-    node = Node(settings, profile)
-    app = create_app(settings, node)
+    service = build(settings, profile=profile)
+    node, app = service.node, create_app(service)
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://rt",
                                      timeout=120) as client:

@@ -15,9 +15,12 @@ import pytest
 from distributed.catalog import load_catalog
 from distributed.domain import Assignment, Completion, GenerateRequest, TokenChunk
 from distributed.engine.binary import locate
+from distributed.engine.config import EngineConfig
 from distributed.engine.target import EngineTarget
 from distributed.errors import InputTooLong, ModelFailed, ModelLoading, Overloaded
 from distributed.metrics import Metrics
+from distributed.settings import load_settings
+from tests.support import alive
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -40,19 +43,11 @@ ASSIGN = Assignment(model=SPEC.id, kind="chat", node="n1", device="cpu", quant=S
                     vram_mb=0, reason="test", backend="llama_cpp")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-async def _engine(binary, path: Path, **kw) -> EngineTarget:
-    kw.setdefault("parallel", 2)
-    kw.setdefault("context", 512)
-    t = EngineTarget(SPEC, ASSIGN, binary=binary, model_path=lambda: path, node="n1", threads=1,
-                     timeout_s=60, **kw)
+# Each test starts and closes its own engine (try/finally, repeated on purpose): a crash or a busy slot never leaks.
+async def _engine(binary, path: Path, *, metrics: Metrics | None = None, **options) -> EngineTarget:
+    config = EngineConfig.of(load_settings(), SPEC, ASSIGN, binary,
+                             **{"slots": 2, "context": 512, "threads": 1, "timeout_s": 60, **options})
+    t = EngineTarget(SPEC, ASSIGN, config, model_path=lambda: path, node="n1", metrics=metrics)
     t.start()
     return t
 
@@ -94,11 +89,11 @@ async def test_streams_whole_answers_slots_and_a_clean_stop(binary, gemma_gguf):
     finally:
         await t.close()
     assert t.state == "unavailable"
-    assert not _alive(pid)
+    assert not alive(pid)
 
 
 async def test_concurrent_streams_share_the_slots_and_the_queue_refuses_past_its_size(binary, gemma_gguf):
-    t = await _engine(binary, gemma_gguf, parallel=2, queue_size=1)
+    t = await _engine(binary, gemma_gguf, slots=2, queue_size=1)
     try:
         assert await t.wait_loaded(120) == "ready", t.error
         seen_busy = []
@@ -128,7 +123,7 @@ async def test_concurrent_streams_share_the_slots_and_the_queue_refuses_past_its
 
 
 async def test_a_prompt_over_the_context_is_a_400_with_the_limit(binary, gemma_gguf):
-    t = await _engine(binary, gemma_gguf, parallel=1, context=256)
+    t = await _engine(binary, gemma_gguf, slots=1, context=256)
     try:
         assert await t.wait_loaded(120) == "ready", t.error
         long = "word " * 600
@@ -143,7 +138,7 @@ async def test_a_prompt_over_the_context_is_a_400_with_the_limit(binary, gemma_g
 
 
 async def test_engine_killed_mid_stream_ends_the_stream_with_an_error_then_serves_again(binary, gemma_gguf):
-    t = await _engine(binary, gemma_gguf, parallel=1)
+    t = await _engine(binary, gemma_gguf, slots=1)
     try:
         assert await t.wait_loaded(120) == "ready", t.error
         first_pid = t.supervisor.pid
@@ -164,7 +159,7 @@ async def test_engine_killed_mid_stream_ends_the_stream_with_an_error_then_serve
                 break
             await asyncio.sleep(0.1)
         assert t.state == "ready" and t.supervisor.pid != first_pid
-        assert not _alive(first_pid)
+        assert not alive(first_pid)
         again = await t.generate(GenerateRequest(prompt="Hello", max_tokens=3, temperature=0.0))
         assert again.usage.completion_tokens > 0
         assert t.info()["engine"]["restarts"] == 1
@@ -190,7 +185,7 @@ async def test_a_crash_loop_leaves_the_model_failed_with_the_engines_last_lines(
 async def test_a_client_that_goes_away_frees_its_engine_slot(binary, gemma_gguf):
     import httpx
 
-    t = await _engine(binary, gemma_gguf, parallel=1)
+    t = await _engine(binary, gemma_gguf, slots=1)
     try:
         assert await t.wait_loaded(120) == "ready", t.error
         gen = t.stream(GenerateRequest(prompt="Write a very long story about the sea:", max_tokens=400,
@@ -236,8 +231,8 @@ async def test_openai_extras_reach_the_engine_json_schema_logprobs_and_refusals(
     spec = load_catalog().get("smollm2-135m-instruct")
     a = Assignment(model=spec.id, kind="chat", node="n1", device="cpu", quant=spec.quant, n_gpu_layers=0, vram_mb=0,
                    reason="test", backend="llama_cpp")
-    t = EngineTarget(spec, a, binary=binary, model_path=lambda: smollm2_gguf, node="n1", parallel=1, context=1024,
-                     threads=1, timeout_s=60)
+    config = EngineConfig.of(load_settings(), spec, a, binary, slots=1, context=1024, threads=1, timeout_s=60)
+    t = EngineTarget(spec, a, config, model_path=lambda: smollm2_gguf, node="n1")
     t.start()
     try:
         assert await t.wait_loaded(120) == "ready", t.error

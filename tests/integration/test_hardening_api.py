@@ -17,6 +17,7 @@ from distributed.api.app import create_app
 from distributed.api.guards import HostPolicy, split_host
 from distributed.domain import HostProfile
 from distributed.node import Node
+from distributed.service import build
 from distributed.settings import load_settings
 
 pytestmark = pytest.mark.anyio
@@ -37,8 +38,8 @@ async def serve(tmp_path, base_url: str = "http://127.0.0.2:8000", client: tuple
                                       "models": [CHAT, EMBED], "host": "127.0.0.2", "port": 8000,
                                       "cluster_token": TOKEN, **overrides})
     profile = HostProfile(hostname="pc1", cpu_model="cpu", cpu_cores=2, ram_total_mb=16000, ram_free_mb=12000)
-    node = Node(settings, profile)
-    app = create_app(settings, node)
+    service = build(settings, profile=profile)
+    node, app = service.node, create_app(service)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app, client=client)
         async with httpx.AsyncClient(transport=transport, base_url=base_url) as c:
@@ -162,9 +163,9 @@ async def test_join_checks_name_url_and_origin(tmp_path):
                                  ("pc2", "http://192.168.1.99:8000", "url")]:  # not where the join came from
             r = (await c.post("/rpc", json=_join(name, url), headers=auth)).json()
             assert r["error"]["code"] == -32602 and r["error"]["data"]["details"]["field"] == field, r
-        assert not node.cluster.peers
+        assert node.peers is not None and not node.peers.peers
         r = (await c.post("/rpc", json=_join("pc2", "http://192.168.1.20:8000"), headers=auth)).json()
-        assert r["result"]["server"] == "pc1" and "pc2" in node.cluster.peers
+        assert r["result"]["server"] == "pc1" and node.peers.get("pc2") is not None
         beat = {"jsonrpc": "2.0", "method": "cluster.heartbeat", "id": 2, "params": {"name": "bad name!"}}
         r = (await c.post("/rpc", json=beat, headers=auth)).json()
         assert r["error"]["code"] == -32602
@@ -200,7 +201,7 @@ async def test_a_host_claiming_more_vram_than_it_reports_gets_no_models(tmp_path
                 break
             await asyncio.sleep(0.05)
         assert {a.node for a in node.plan.assignments} == {"pc1"}, node.plan.to_dict()
-        assert "81920" in node.cluster.peers["pc2"].vram_doubt
+        assert "81920" in node.peers.peers["pc2"].vram_doubt
         await c.post("/rpc", json=beat(81920), headers=auth)  # the figures agree: trusted again
         for _ in range(100):
             if any(a.node == "pc2" for a in node.plan.assignments):
@@ -211,7 +212,7 @@ async def test_a_host_claiming_more_vram_than_it_reports_gets_no_models(tmp_path
         join3 = _join("pc3", "http://127.0.0.4:18998")
         join3["params"]["profile"] = _gpu_profile("pc3", 81920)
         r = (await c.post("/rpc", json=join3, headers=auth)).json()
-        assert node.cluster.peers["pc3"].vram_doubt is None and "pc3" in {a["node"] for a in r["result"]["plan"]["assignments"]}
+        assert node.peers.peers["pc3"].vram_doubt is None and "pc3" in {a["node"] for a in r["result"]["plan"]["assignments"]}
 
 
 def test_transient_503s_say_when_to_retry():

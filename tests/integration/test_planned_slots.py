@@ -17,7 +17,7 @@ from distributed.api.app import create_app
 from distributed.catalog import load_catalog
 from distributed.domain import GPUInfo, HostProfile
 from distributed.engine.binary import locate
-from distributed.node import Node
+from distributed.service import build
 from distributed.settings import load_settings
 from distributed.vram import estimate
 
@@ -43,8 +43,8 @@ async def test_a_node_starts_its_engine_with_the_slots_the_plan_gave(gemma_gguf:
                           gpus=[gpu])
     settings = load_settings(None, node_name="pc1", models_dir=models_dir, context=CONTEXT, threads=1, parallel=4,
                              chat_engine="server", engine_bin=engine_bin, models=[SPEC.id])
-    node = Node(settings, profile)
-    app = create_app(settings, node)
+    service = build(settings, profile=profile)
+    node, app = service.node, create_app(service)
     async with app.router.lifespan_context(app):
         a = node.plan.where(SPEC.id)
         assert (a.device, a.n_gpu_layers, a.slots, a.vram_mb) == ("cuda:0", -1, 2, two)

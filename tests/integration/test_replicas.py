@@ -33,7 +33,7 @@ async def trio(tmp_path):
             hosts.append(await Host(net, name, URLS[name], preset, peers=peers, extra=SLOW, models=[CHAT, EMB],
                                     models_dir=tmp_path / name).start())
         pc1 = hosts[0]
-        await until(lambda: len(pc1.node.cluster.hosts()) == 3 and all(
+        await until(lambda: len(pc1.cluster.hosts()) == 3 and all(
             t.state == "ready" for h in hosts for t in h.node.targets.values()) and all(
             len(h.node.targets) == 2 for h in hosts), timeout=10, what="three hosts joined and ready")
         yield hosts
@@ -43,12 +43,12 @@ async def trio(tmp_path):
 
 
 def replica_set(host: Host, model: str):
-    return host.node.deployer.replicas.sets.get(model)
+    return host.node.routes.replicas.get(model)
 
 
 def live_members(host: Host, model: str) -> set[str]:
     rs = replica_set(host, model)
-    return {m.node for m in rs.members() if rs._live(m)} if rs is not None else set()
+    return {m.node for m in rs.members() if rs.live(m)} if rs is not None else set()
 
 
 async def test_replicas_balance_and_survive_a_host_killed_under_load(trio):

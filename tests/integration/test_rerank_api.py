@@ -14,6 +14,7 @@ import pytest
 from distributed.api.app import create_app
 from distributed.domain import HostProfile
 from distributed.node import Node
+from distributed.service import build
 from distributed.settings import load_settings
 from tests.cluster_support import Host, Net, until
 
@@ -35,8 +36,8 @@ async def serve(tmp_path, models: list[str], **overrides: Any) -> AsyncIterator[
     settings = load_settings(None, node_name="pc1", backend_override="fake", models_dir=tmp_path, models=models,
                              **overrides)
     profile = HostProfile(hostname="pc1", cpu_model="test", cpu_cores=4, ram_total_mb=16000, ram_free_mb=12000)
-    node = Node(settings, profile)
-    app = create_app(settings, node)
+    service = build(settings, profile=profile)
+    node, app = service.node, create_app(service)
     async with app.router.lifespan_context(app):
         for t in node.local_targets():
             assert await t.wait_loaded(10) == "ready"
@@ -167,13 +168,13 @@ async def test_a_replicated_reranker_is_served_by_its_replicas_and_survives_one_
     pc2 = await Host(net, "pc2", PC2_URL, "gtx1660s-6gb", peers=(PC1_URL,), models=[CHAT, EMB],
                      models_dir=tmp_path / "2").start()
     try:
-        await until(lambda: len(pc1.node.cluster.hosts()) == 2, what="pc2 joined")
+        await until(lambda: len(pc1.cluster.hosts()) == 2, what="pc2 joined")
         r = await pc1.http.post("/models", json={"model": RR, "replicas": 2})
         assert r.status_code == 202 and len(r.json()["placement"]) == 2, r.text
 
         def both_ready() -> bool:
-            rs = pc1.node.deployer.replicas.sets.get(RR)
-            return rs is not None and {m.node for m in rs.members() if rs._live(m)} == {"pc1", "pc2"}
+            rs = pc1.node.routes.replicas.get(RR)
+            return rs is not None and {m.node for m in rs.members() if rs.live(m)} == {"pc1", "pc2"}
 
         await until(both_ready, timeout=10, what="two live replicas of the reranker")
         body = {"model": RR, "query": QUERY, "documents": DOCS}

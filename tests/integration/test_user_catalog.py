@@ -12,6 +12,7 @@ import pytest
 from distributed.api.app import create_app
 from distributed.domain import HostProfile
 from distributed.node import Node, user_catalog
+from distributed.service import build
 from distributed.settings import load_settings
 
 pytestmark = pytest.mark.anyio
@@ -57,8 +58,8 @@ async def test_serves_a_local_gguf_known_only_from_the_user_catalog(gemma_gguf, 
     pytest.importorskip("llama_cpp")
     folder = _user_catalog(tmp_path / "models", gemma_gguf)
     settings = load_settings(None, node_name="mine", models_dir=folder, models=MINE, context=512, threads=2)
-    node = Node(settings, _profile("mine"))
-    app = create_app(settings, node)
+    service = build(settings, profile=_profile("mine"))
+    node, app = service.node, create_app(service)
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://mine",
                                      timeout=120) as client:

@@ -18,6 +18,7 @@ from distributed.targets import Routes
 pytestmark = pytest.mark.anyio
 
 
+# Every async test module pins asyncio like this; one shared copy would belong in tests/conftest.py.
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"

@@ -68,7 +68,8 @@ def test_node_cluster_and_deployer_plan_with_the_same_numbers(node: Node) -> Non
     assert node.plan_alone() == expected
     cluster = Cluster(node, node.settings)
     assert cluster._replan() == expected
-    Deployer(node, node.settings)  # a node with runtime deploys plans its desired set through it
+    deployer = Deployer(node.settings, node.placement, node.routes, cluster)  # runtime deploys: the same placement
+    assert deployer.placement.plan({"pc1": node.profile}) == expected
     assert node.plan_alone() == expected and cluster._replan() == expected
 
 
@@ -90,7 +91,7 @@ def test_the_engine_starts_with_the_planned_slots(node: Node, tmp_path: Path) ->
     t = engine_target(node, CATALOG.get(LLAMA2), a)
     argv = t.argv(tmp_path / "m.gguf")
     assert (argv[argv.index("-np") + 1], argv[argv.index("-c") + 1]) == ("3", str(3 * 4096))
-    assert t.parallel == 3
+    assert t.config.slots == 3
     import dataclasses
 
     older = dataclasses.replace(a, slots=None)  # a plan from a peer that predates Assignment.slots

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ServerFailed, ServerProcess
+from tests.support import ServerFailed, ServerProcess, alive
 
 HOST = "127.0.0.2"
 PORTS = range(18690, 18700)  # this file's share of 18600-18699
@@ -44,14 +44,6 @@ http.server.HTTPServer((os.environ["TARS_HOST"], int(os.environ["TARS_PORT"])), 
 """
 
 
-def _gone(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return True
-    return "\nState:\tZ" in state  # killed, not yet reaped by init
-
-
 def _standin(tmp_path: Path, **env: str) -> ServerProcess:
     return ServerProcess("standin", HOST, ports=PORTS, command=[sys.executable, "-c", STANDIN], address_env=True,
                          log_dir=tmp_path, grace_s=5, env={"CHILD_PID_FILE": str(tmp_path / "child.pid"), **env})
@@ -65,9 +57,9 @@ def test_a_bind_failure_moves_to_the_next_port_and_stop_leaves_nothing(tmp_path:
         assert "address already in use" in (tmp_path / "standin.log").read_text()
         assert server.port in PORTS
         leader, child = server.pid, int((tmp_path / "child.pid").read_text())
-    assert server.exited() and _gone(leader)
+    assert server.exited() and not alive(leader)
     deadline = time.monotonic() + 5
-    while not _gone(child):  # SIGKILL is delivered at once; reaping by init may lag
+    while alive(child):  # SIGKILL is delivered at once; reaping by init may lag
         assert time.monotonic() < deadline, f"child {child} of the server outlived stop()"
         time.sleep(0.05)
     server.stop()  # idempotent, and never signals a group id that may have been reused

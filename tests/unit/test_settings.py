@@ -32,7 +32,7 @@ def env_file(tmp_path: Path, text: str) -> Path:
 
 def test_defaults() -> None:
     s = load_settings()
-    assert (s.port, s.vram_reserve_mb, s.context, s.heartbeat_s) == (8000, 500, 2048, 2.0)
+    assert (s.port, s.vram_reserve_mb, s.context, s.heartbeat_s) == (8000, 500, 8192, 2.0)  # SmolLM2 was trained on 8,192
     assert s.peers == [] and s.gpu_profile == "" and s.effective_role == "server"
     assert s.node_name and re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", s.node_name)
 

@@ -1,16 +1,14 @@
 """ModelStore: embedded defaults with no network, pulls through huggingface_hub against a
-local HTTP server standing in for the hub (HF_ENDPOINT), resume, verification, errors."""
+local HTTP server standing in for the hub (tests/hubstub.py, HF_ENDPOINT), resume,
+verification, errors."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
 
 import pytest
 
@@ -18,143 +16,12 @@ from distributed.catalog import Catalog, load_catalog
 from distributed.domain import ModelSpec
 from distributed.errors import ConfigError, DownloadFailed, ModelNotDownloaded, ModelNotFound
 from distributed.store import MARKER, ModelStore
+from tests.hubstub import COMMIT, hub  # noqa: F401  (the hub stand-in fixture)
+from tests.hubstub import HubStub as FakeHub
+from tests.hub_support import dead_endpoint, snapshot_spec
 
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
 REPO = "tars-test/Tiny-GGUF"
 FILE = "tiny.Q4_K_M.gguf"
-
-
-class FakeHub:
-    """The few hub endpoints huggingface_hub calls to download files.
-
-    - ``HEAD|GET /{repo}/resolve/{rev}/{path}``: ETag (sha256 for LFS-style files),
-      X-Repo-Commit, Content-Length, Accept-Ranges; GET honours ``Range: bytes=N-``.
-    - ``GET /api/models/{repo}/revision/{rev}`` and ``/api/models/{repo}/tree/{rev}``: repo
-      info and file listing (snapshot_download).
-    Unknown repos/files answer 404 with the X-Error-Code header the hub sends.
-    """
-
-    def __init__(self) -> None:
-        self.repos: dict[str, dict[str, bytes]] = {}
-        self.etag_override: dict[tuple[str, str], str] = {}
-        self.truncate_first_get: set[tuple[str, str]] = set()
-        self.lfs: dict[tuple[str, str], str] = {}  # (repo, file) → sha256 listed in the tree
-        self.refuse: set[tuple[str, str]] = set()  # files whose GET answers 503 (until removed)
-        self.log: list[dict[str, Any]] = []
-        hub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:  # keep test output clean
-                pass
-
-            def do_HEAD(self) -> None:
-                hub._serve(self, head=True)
-
-            def do_GET(self) -> None:
-                hub._serve(self, head=False)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)  # free ephemeral port
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> "FakeHub":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    # ---------------------------------------------------------------- handlers
-    def _json(self, h: BaseHTTPRequestHandler, body: Any, status: int = 200) -> None:
-        data = json.dumps(body).encode()
-        h.send_response(status)
-        h.send_header("Content-Type", "application/json")
-        h.send_header("Content-Length", str(len(data)))
-        h.end_headers()
-        h.wfile.write(data)
-
-    def _missing(self, h: BaseHTTPRequestHandler, code: str, head: bool) -> None:
-        body = b'{"error": "not found"}'
-        h.send_response(404)
-        h.send_header("X-Error-Code", code)
-        h.send_header("X-Error-Message", f"{code} (fake hub)")
-        h.send_header("Content-Type", "application/json")
-        h.send_header("Content-Length", "0" if head else str(len(body)))
-        h.end_headers()
-        if not head:
-            h.wfile.write(body)
-
-    def _tree_entry(self, repo: str, f: str, b: bytes) -> dict[str, Any]:
-        entry: dict[str, Any] = {"type": "file", "path": f, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
-        if (repo, f) in self.lfs:  # what the hub lists for an LFS file: its sha256
-            entry["lfs"] = {"oid": self.lfs[(repo, f)], "size": len(b), "pointerSize": 134}
-        return entry
-
-    def _serve(self, h: BaseHTTPRequestHandler, head: bool) -> None:
-        path = unquote(urlparse(h.path).path)
-        self.log.append({"method": h.command, "path": path, "range": h.headers.get("Range")})
-        if path.startswith("/api/models/"):
-            rest = path[len("/api/models/"):]
-            for repo, files in self.repos.items():
-                if rest.startswith(repo + "/revision/"):
-                    return self._json(h, {"id": repo, "sha": COMMIT,
-                                          "siblings": [{"rfilename": f} for f in files]})
-                if rest.startswith(repo + "/tree/"):
-                    return self._json(h, [self._tree_entry(repo, f, b) for f, b in files.items()])
-            return self._missing(h, "RepoNotFound", head)
-        repo, sep, tail = path.lstrip("/").partition("/resolve/")
-        if not sep or repo not in self.repos:
-            return self._missing(h, "RepoNotFound", head)
-        filename = tail.split("/", 1)[1]
-        data = self.repos[repo].get(filename)
-        if data is None:
-            return self._missing(h, "EntryNotFound", head)
-        etag = self.etag_override.get((repo, filename), hashlib.sha256(data).hexdigest())
-        if (repo, filename) in self.refuse and not head:
-            return self._json(h, {"error": "unavailable (fake hub)"}, status=503)
-        start = 0
-        rng = h.headers.get("Range")
-        if rng and not head:
-            start = int(rng.split("=")[1].split("-")[0])
-        body = data[start:]
-        h.send_response(206 if start else 200)
-        h.send_header("ETag", f'"{etag}"')
-        h.send_header("X-Repo-Commit", COMMIT)
-        h.send_header("Accept-Ranges", "bytes")
-        h.send_header("Content-Length", str(len(body)))
-        if start:
-            h.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        h.end_headers()
-        if head:
-            return
-        key = (repo, filename)
-        if key in self.truncate_first_get:  # drop the connection half way through, once
-            self.truncate_first_get.discard(key)
-            h.wfile.write(body[: len(body) // 2])
-            h.wfile.flush()
-            h.close_connection = True
-            return
-        h.wfile.write(body)
-
-    def gets(self, filename: str) -> list[dict[str, Any]]:
-        return [r for r in self.log if r["method"] == "GET" and r["path"].endswith("/" + filename)]
-
-
-@pytest.fixture
-def hub(monkeypatch: pytest.MonkeyPatch):
-    import huggingface_hub.constants as hf_constants
-
-    with FakeHub() as fake:
-        monkeypatch.setenv("HF_ENDPOINT", fake.url)
-        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-        monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)  # conftest turns it on for the suite
-        monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-        monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-        monkeypatch.delenv("HF_TOKEN", raising=False)
-        yield fake
 
 
 def payload(n: int = 3 * 1024 * 1024 + 123) -> bytes:
@@ -277,16 +144,7 @@ def test_pull_refuses_in_offline_mode(monkeypatch: pytest.MonkeyPatch, tmp_path:
 
 
 def test_pull_of_an_unreachable_hub_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import socket
-
-    import huggingface_hub.constants as hf_constants
-
-    with socket.socket() as s:  # a port with nothing listening
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    dead_endpoint(monkeypatch)
     spec = gguf_spec()
     with pytest.raises(DownloadFailed, match=REPO):
         store_for(tmp_path, spec).pull(spec, progress=False)
@@ -382,17 +240,12 @@ def test_list_shows_catalog_and_disk(hub: FakeHub, tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- pull: a repo, resumed and verified
-def _snapshot_spec() -> ModelSpec:
-    return ModelSpec(id="tiny-8bit", kind="chat", backend="hf8bit", params_b=0.001, quant="int8", context=256,
-                     repo="tars-test/tiny-8bit")
-
-
 def test_pull_snapshot_resumes_each_file_and_keeps_finished_ones(hub: FakeHub, tmp_path: Path) -> None:
     files = {"config.json": b'{"model_type": "llama"}', "model.safetensors": payload(24 * 1024 * 1024 + 5),
              "tokenizer.json": b"{}"}
     hub.repos["tars-test/tiny-8bit"] = files
     hub.truncate_first_get.add(("tars-test/tiny-8bit", "model.safetensors"))  # the connection drops once
-    spec = _snapshot_spec()
+    spec = snapshot_spec()
     store = store_for(tmp_path, spec)
 
     path = store.pull(spec, progress=False)
@@ -408,7 +261,7 @@ def test_pull_snapshot_interrupted_then_run_again_fetches_only_the_rest(hub: Fak
              "tokenizer.json": b"{}"}
     hub.repos["tars-test/tiny-8bit"] = files
     hub.refuse.add(("tars-test/tiny-8bit", "tokenizer.json"))  # the last file fails the first time
-    spec = _snapshot_spec()
+    spec = snapshot_spec()
     store = store_for(tmp_path, spec)
     with pytest.raises(DownloadFailed):
         store.pull(spec, progress=False)
@@ -427,7 +280,7 @@ def test_pull_snapshot_verifies_lfs_sha256(hub: FakeHub, tmp_path: Path) -> None
     files = {"config.json": b"{}", "model.safetensors": payload(100_000)}
     hub.repos[repo] = files
     hub.lfs[(repo, "model.safetensors")] = hashlib.sha256(files["model.safetensors"]).hexdigest()
-    spec = _snapshot_spec()
+    spec = snapshot_spec()
     store = store_for(tmp_path, spec)
     path = store.pull(spec, progress=False)
     marker = json.loads((path / MARKER).read_text())
@@ -445,7 +298,7 @@ def test_pull_snapshot_verifies_lfs_sha256(hub: FakeHub, tmp_path: Path) -> None
 
 def test_pull_snapshot_of_a_repo_without_config_is_refused(hub: FakeHub, tmp_path: Path) -> None:
     hub.repos["tars-test/tiny-8bit"] = {"README.md": b"hi", "weights.bin": b"x"}
-    spec = _snapshot_spec()
+    spec = snapshot_spec()
     with pytest.raises(DownloadFailed, match="no config.json"):
         store_for(tmp_path, spec).pull(spec, progress=False)
 
@@ -468,23 +321,15 @@ def test_pull_without_the_disk_space_stops_before_downloading(hub: FakeHub, tmp_
 @pytest.mark.parametrize("kind", ["file", "snapshot"])
 def test_unreachable_hub_says_so_and_that_a_rerun_resumes(kind: str, monkeypatch: pytest.MonkeyPatch,
                                                           tmp_path: Path) -> None:
-    import socket
     import time
 
-    import huggingface_hub.constants as hf_constants
-
-    with socket.socket() as s:  # a port with nothing listening: connection refused
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-    spec = gguf_spec() if kind == "file" else _snapshot_spec()
+    url = dead_endpoint(monkeypatch)  # connection refused
+    spec = gguf_spec() if kind == "file" else snapshot_spec()
     t0 = time.monotonic()
     with pytest.raises(DownloadFailed) as err:
         store_for(tmp_path, spec).pull(spec, progress=False)
     assert time.monotonic() - t0 < 10
     msg = err.value.message
-    assert f"cannot reach the model hub at http://127.0.0.1:{port}" in msg and spec.repo in msg
+    assert f"cannot reach the model hub at {url}" in msg and spec.repo in msg
     assert "network connection" in msg and "resumes" in msg
     assert "not found" not in msg  # a network failure is not reported as a missing repo

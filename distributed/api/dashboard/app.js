@@ -329,7 +329,7 @@
     body.replaceChildren.apply(body, models.map(function (m) {
       var row = h("tr", { "data-model": m.id, "data-state": m.state },
         h("td", null, h("code", { text: m.id }), m.fallback ? " (fallback)" : null),
-        h("td", { text: m.kind || "–" }),
+        h("td", { text: (m.kind || "–") + (m.vision ? " +vision" : ""), title: m.vision ? "sees images (a vision projector)" : null }),
         // a model on several hosts (replicas) lists them all
         h("td", { text: m.replicas ? m.replicas.map(function (r) { return r.node; }).join(", ") : (m.node || "–") }),
         h("td", null, h("span", { class: stateClass(m.state), text: stateText(m), title: m.error || null })),

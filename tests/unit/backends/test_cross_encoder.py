@@ -1,5 +1,6 @@
 """CrossEncoderBackend: a tiny random BERT cross-encoder through real sentence-transformers,
-alone and behind a LocalTarget's micro-batcher; the fake reranker."""
+alone and behind a LocalTarget's micro-batcher; the fake reranker. (rerank.py's own checks:
+tests/unit/test_rerank.py.)"""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import pytest
 
 from distributed.backends.base import BackendOptions, create_backend
 from distributed.backends.cross_encoder import CrossEncoderBackend, FakeRerankBackend, Pair
-from distributed.domain import Assignment, ModelSpec
+from distributed.domain import ModelSpec
 from distributed.errors import ModelFailed
-from distributed.rerank import RerankRequest, rerank, score_local
+from distributed.rerank import score_local
 from distributed.targets import LocalTarget
+from tests.unit.backends.helpers import assignment_for, loaded
 
 pytestmark = pytest.mark.anyio
 
@@ -28,19 +30,9 @@ def _spec() -> ModelSpec:
     return ModelSpec(id="tiny-ce", kind="rerank", backend="cross_encoder", params_b=0.0001, quant="fp32", context=128)
 
 
-def _assignment() -> Assignment:
-    return Assignment(model="tiny-ce", kind="rerank", node="t", device="cpu", quant="fp32",
-                      n_gpu_layers=0, vram_mb=0, reason="test", backend="cross_encoder")
-
-
 @pytest.fixture(scope="module")
 def tiny(tiny_cross_encoder_dir: Path):
-    b = create_backend(_spec(), _assignment(), BackendOptions(context=128, batch_size=8), tiny_cross_encoder_dir)
-    assert isinstance(b, CrossEncoderBackend)
-    b.load()
-    b.warmup()
-    yield b
-    b.unload()
+    yield from loaded(_spec(), BackendOptions(context=128, batch_size=8), tiny_cross_encoder_dir, CrossEncoderBackend)
 
 
 PAIRS = [Pair("what is the capital of france", "paris is the capital of france"),
@@ -69,7 +61,7 @@ def test_token_counts_are_the_pair_encodings(tiny):
 
 @pytest.mark.slow
 def test_missing_folder_is_model_failed(tmp_path: Path):
-    b = create_backend(_spec(), _assignment(), BackendOptions(), tmp_path / "nope")
+    b = create_backend(_spec(), assignment_for(_spec()), BackendOptions(), tmp_path / "nope")
     with pytest.raises(ModelFailed, match="folder not found"):
         b.load()
 
@@ -85,7 +77,8 @@ async def test_concurrent_requests_share_one_predict_through_the_micro_batcher(t
     calls: list[int] = []
 
     def factory():
-        b = create_backend(_spec(), _assignment(), BackendOptions(context=128, batch_size=64), tiny_cross_encoder_dir)
+        b = create_backend(_spec(), assignment_for(_spec()), BackendOptions(context=128, batch_size=64),
+                           tiny_cross_encoder_dir)
         original = b.embed
 
         def counting(texts, normalize=True):
@@ -95,7 +88,7 @@ async def test_concurrent_requests_share_one_predict_through_the_micro_batcher(t
         b.embed = counting  # type: ignore[method-assign]
         return b
 
-    target = LocalTarget(_spec(), _assignment(), factory, node="t", embed_max_batch=64, embed_max_wait_ms=50)
+    target = LocalTarget(_spec(), assignment_for(_spec()), factory, node="t", embed_max_batch=64, embed_max_wait_ms=50)
     target.start()
     assert await target.wait_loaded(60) == "ready"
     calls.clear()
@@ -110,29 +103,8 @@ async def test_concurrent_requests_share_one_predict_through_the_micro_batcher(t
 
 def test_fake_reranker_orders_by_shared_words():
     spec = ModelSpec(id="fake-rr", kind="rerank", backend="fake", params_b=0.001, quant="fp32", context=128)
-    b = create_backend(spec, _assignment(), BackendOptions(), None, backend="fake")
+    b = create_backend(spec, assignment_for(_spec()), BackendOptions(), None, backend="fake")
     assert isinstance(b, FakeRerankBackend)
     b.load()
     scores = b.embed([Pair("capital of France", "Paris is the capital of France."), Pair("capital of France", "cats")])
     assert scores[0] == 1.0 and scores[1] == 0.0
-
-
-async def test_rerank_validates_before_it_routes():
-    class _Node:
-        name = "n"
-        targets: dict = {}
-
-        class settings:
-            rerank_max_documents = 3
-
-    from distributed.errors import ValidationFailed
-
-    for req, field in [(RerankRequest(query=" ", documents=["a"]), "query"),
-                       (RerankRequest(query="q", documents=[]), "documents"),
-                       (RerankRequest(query="q", documents=["a"] * 4), "documents"),
-                       (RerankRequest(query="q", documents=["a", ""]), "documents[1]")]:
-        with pytest.raises(ValidationFailed) as err:
-            await rerank(_Node(), req)
-        assert err.value.details["field"] == field
-    with pytest.raises(ValidationFailed, match="at most 3"):
-        await rerank(_Node(), RerankRequest(query="q", documents=["a"] * 4))

@@ -9,32 +9,18 @@ import pytest
 
 from distributed.backends.base import BackendOptions, create_backend
 from distributed.backends.hf8bit import HF8BitBackend, StopMatcher
-from distributed.domain import Assignment, GenerateRequest, ModelSpec
+from distributed.domain import GenerateRequest, ModelSpec
 from distributed.errors import InputTooLong, ModelFailed
+from tests.unit.backends.helpers import assignment_for, loaded, run
 
 
 def _spec() -> ModelSpec:
     return ModelSpec(id="tiny-8bit", kind="chat", backend="hf8bit", params_b=0.0001, quant="int8", context=256)
 
 
-def _assignment(device: str = "cpu") -> Assignment:
-    return Assignment(model="tiny-8bit", kind="chat", node="t", device=device, quant="int8",
-                      n_gpu_layers=0, vram_mb=0, reason="test", backend="hf8bit")
-
-
 @pytest.fixture(scope="module")
 def tiny(tiny_llama_dir: Path):
-    b = create_backend(_spec(), _assignment(), BackendOptions(context=2048), tiny_llama_dir)
-    assert isinstance(b, HF8BitBackend)
-    b.load()
-    b.warmup()
-    yield b
-    b.unload()
-
-
-def _run(b, req: GenerateRequest, cancel: threading.Event | None = None):
-    chunks = list(b.stream(req, cancel or threading.Event()))
-    return "".join(c.text for c in chunks), chunks
+    yield from loaded(_spec(), BackendOptions(context=2048), tiny_llama_dir, HF8BitBackend)
 
 
 PROMPT = "the cat is on the"
@@ -59,7 +45,7 @@ def test_context_is_capped_by_the_model(tiny):
 
 @pytest.mark.slow
 def test_generates_text_with_length_finish(tiny):
-    text, chunks = _run(tiny, GenerateRequest(prompt=PROMPT, max_tokens=6, temperature=0.0))
+    text, chunks = run(tiny, GenerateRequest(prompt=PROMPT, max_tokens=6, temperature=0.0))
     assert text.strip()
     assert chunks[-1].finish_reason == "length" and chunks[-1].text == ""
     assert all(c.finish_reason is None for c in chunks[:-1])
@@ -69,22 +55,22 @@ def test_generates_text_with_length_finish(tiny):
 
 @pytest.mark.slow
 def test_greedy_and_seeded_sampling_are_reproducible(tiny):
-    greedy = [_run(tiny, GenerateRequest(prompt=PROMPT, max_tokens=12, temperature=0.0))[0] for _ in range(2)]
+    greedy = [run(tiny, GenerateRequest(prompt=PROMPT, max_tokens=12, temperature=0.0))[0] for _ in range(2)]
     assert greedy[0] == greedy[1]
-    seeded = [_run(tiny, GenerateRequest(prompt=PROMPT, max_tokens=12, temperature=1.0, seed=7))[0]
+    seeded = [run(tiny, GenerateRequest(prompt=PROMPT, max_tokens=12, temperature=1.0, seed=7))[0]
               for _ in range(2)]
     assert seeded[0] == seeded[1]
-    other = _run(tiny, GenerateRequest(prompt=PROMPT, max_tokens=12, temperature=1.0, seed=8))[0]
+    other = run(tiny, GenerateRequest(prompt=PROMPT, max_tokens=12, temperature=1.0, seed=8))[0]
     assert other != seeded[0]  # a random 60-word vocabulary: 12 equal draws is out of reach
 
 
 @pytest.mark.slow
 def test_stop_string_cuts_output(tiny):
-    free, _ = _run(tiny, GenerateRequest(prompt=PROMPT, max_tokens=12, temperature=1.0, seed=3))
+    free, _ = run(tiny, GenerateRequest(prompt=PROMPT, max_tokens=12, temperature=1.0, seed=3))
     words = free.split()
     stop = " ".join(words[3:5])
     cut = free.index(stop)
-    text, chunks = _run(tiny, GenerateRequest(prompt=PROMPT, max_tokens=12, temperature=1.0, seed=3, stop=[stop]))
+    text, chunks = run(tiny, GenerateRequest(prompt=PROMPT, max_tokens=12, temperature=1.0, seed=3, stop=[stop]))
     assert text == free[:cut]
     assert chunks[-1].finish_reason == "stop"
 
@@ -107,7 +93,7 @@ def test_abandoned_stream_stops_the_generation_thread(tiny):
     next(gen)
     gen.close()  # joins the worker: nothing left running
     assert not [t for t in threading.enumerate() if t.name.startswith("hf8bit-")]
-    text, _ = _run(tiny, GenerateRequest(prompt=PROMPT, max_tokens=3, temperature=0.0))
+    text, _ = run(tiny, GenerateRequest(prompt=PROMPT, max_tokens=3, temperature=0.0))
     assert text
 
 
@@ -118,7 +104,7 @@ def test_chat_without_template_uses_role_lines(tiny):
     assert text == "system: be brief\nuser: the cat\nassistant:" and not has_special
     req = GenerateRequest(messages=msgs, max_tokens=3, temperature=0.0)
     assert tiny.prompt_tokens(req) == len(tiny._tok(text)["input_ids"])
-    out, chunks = _run(tiny, req)
+    out, chunks = run(tiny, req)
     assert out and chunks[-1].finish_reason == "length"
 
 
@@ -133,7 +119,7 @@ def test_chat_with_template_uses_it(tiny):
         assert text == "<s>user the cat you " and has_special
         req = GenerateRequest(messages=msgs, max_tokens=2, temperature=0.0)
         assert tiny.prompt_tokens(req) == len(tok(text, add_special_tokens=False)["input_ids"]) == 5
-        assert _run(tiny, req)[1][-1].finish_reason == "length"
+        assert run(tiny, req)[1][-1].finish_reason == "length"
     finally:
         tok.chat_template = None
 
@@ -146,7 +132,7 @@ def test_prompt_longer_than_context_is_input_too_long(tiny):
 
 
 def test_missing_folder_is_model_failed(tmp_path: Path):
-    b = create_backend(_spec(), _assignment(), BackendOptions(), tmp_path / "nope")
+    b = create_backend(_spec(), assignment_for(_spec()), BackendOptions(), tmp_path / "nope")
     with pytest.raises(ModelFailed, match="folder not found"):
         b.load()
 

@@ -10,8 +10,9 @@ import pytest
 
 from distributed.backends.base import BackendOptions, create_backend
 from distributed.backends.llama_cpp import LlamaCppBackend
-from distributed.domain import Assignment, GenerateRequest, ModelSpec
+from distributed.domain import GenerateRequest, ModelSpec
 from distributed.errors import ConfigError, InputTooLong, MissingDependency, ModelFailed
+from tests.unit.backends.helpers import assignment_for, loaded, run
 
 CONTEXT = 1024
 
@@ -21,24 +22,9 @@ def _spec(chat_format: str | None = "gemma") -> ModelSpec:
                      context=32768, chat_format=chat_format)
 
 
-def _assignment(n_gpu_layers: int = 0) -> Assignment:
-    return Assignment(model="gemma-test", kind="chat", node="t", device="cpu", quant="Q4_K_M",
-                      n_gpu_layers=n_gpu_layers, vram_mb=0, reason="test", backend="llama_cpp")
-
-
 @pytest.fixture(scope="module")
 def gemma(gemma_gguf: Path):
-    b = create_backend(_spec(), _assignment(), BackendOptions(context=CONTEXT), gemma_gguf)
-    assert isinstance(b, LlamaCppBackend)
-    b.load()
-    b.warmup()
-    yield b
-    b.unload()
-
-
-def _run(b, req: GenerateRequest, cancel: threading.Event | None = None):
-    chunks = list(b.stream(req, cancel or threading.Event()))
-    return "".join(c.text for c in chunks), chunks
+    yield from loaded(_spec(), BackendOptions(context=CONTEXT), gemma_gguf, LlamaCppBackend)
 
 
 CHAT = [{"role": "user", "content": "Write one sentence about the sea."}]
@@ -83,7 +69,7 @@ def test_prompt_tokens_for_plain_prompt(gemma):
 
 @pytest.mark.slow
 def test_chat_stream_produces_text_and_ends_with_finish_reason(gemma):
-    text, chunks = _run(gemma, GenerateRequest(messages=CHAT, max_tokens=24, temperature=0.0))
+    text, chunks = run(gemma, GenerateRequest(messages=CHAT, max_tokens=24, temperature=0.0))
     assert text.strip()
     assert all(c.finish_reason is None for c in chunks[:-1])
     assert chunks[-1].text == "" and chunks[-1].finish_reason in ("stop", "length")
@@ -94,16 +80,16 @@ def test_chat_stream_produces_text_and_ends_with_finish_reason(gemma):
 def test_seed_makes_output_reproducible_whatever_ran_before(gemma):
     for temperature in (0.0, 0.9):
         req = GenerateRequest(prompt="Once upon a time", max_tokens=16, temperature=temperature, seed=42)
-        first, _ = _run(gemma, req)
-        _run(gemma, GenerateRequest(prompt="A different prompt entirely", max_tokens=4, temperature=0.0))
-        second, _ = _run(gemma, GenerateRequest(prompt="Once upon a time", max_tokens=16,
+        first, _ = run(gemma, req)
+        run(gemma, GenerateRequest(prompt="A different prompt entirely", max_tokens=4, temperature=0.0))
+        second, _ = run(gemma, GenerateRequest(prompt="Once upon a time", max_tokens=16,
                                                 temperature=temperature, seed=42))
         assert first and first == second
 
 
 @pytest.mark.slow
 def test_max_tokens_gives_length(gemma):
-    text, chunks = _run(gemma, GenerateRequest(prompt="Count: one, two, three,", max_tokens=5, temperature=0.0))
+    text, chunks = run(gemma, GenerateRequest(prompt="Count: one, two, three,", max_tokens=5, temperature=0.0))
     assert chunks[-1].finish_reason == "length"
     assert 1 <= len(chunks) - 1 <= 5
     assert len(gemma._llm.tokenize(text.encode(), add_bos=False)) <= 6  # re-tokenizing may split differently
@@ -112,12 +98,12 @@ def test_max_tokens_gives_length(gemma):
 @pytest.mark.slow
 def test_stop_string_cuts_output(gemma):
     req = dict(prompt="The days of the week are Monday, Tuesday,", max_tokens=24, temperature=0.0)
-    free, _ = _run(gemma, GenerateRequest(**req))
+    free, _ = run(gemma, GenerateRequest(**req))
     words = free.split()
     assert len(words) >= 3, free
     stop = words[2]
     cut = free.index(stop)
-    text, chunks = _run(gemma, GenerateRequest(**req, stop=[stop]))
+    text, chunks = run(gemma, GenerateRequest(**req, stop=[stop]))
     assert text == free[:cut]
     assert chunks[-1].finish_reason == "stop"
 
@@ -145,7 +131,7 @@ def test_abandoned_stream_leaves_model_usable(gemma):
                        threading.Event())
     next(gen)
     gen.close()
-    text, chunks = _run(gemma, GenerateRequest(messages=CHAT, max_tokens=8, temperature=0.0, seed=1))
+    text, chunks = run(gemma, GenerateRequest(messages=CHAT, max_tokens=8, temperature=0.0, seed=1))
     assert text and chunks[-1].finish_reason in ("stop", "length")
 
 
@@ -160,7 +146,8 @@ def test_prompt_longer_than_context_is_input_too_long(gemma):
 def test_fallback_format_and_gpu_request_on_cpu_build(gemma_gguf: Path):
     import llama_cpp
 
-    b = create_backend(_spec(chat_format=None), _assignment(n_gpu_layers=-1), BackendOptions(context=256), gemma_gguf)
+    b = create_backend(_spec(chat_format=None), assignment_for(_spec(), n_gpu_layers=-1), BackendOptions(context=256),
+                       gemma_gguf)
     b.load()
     try:
         # no template in the GGUF and none configured: llama-cpp-python's fallback format
@@ -175,31 +162,32 @@ def test_fallback_format_and_gpu_request_on_cpu_build(gemma_gguf: Path):
 
 @pytest.mark.slow
 def test_unknown_chat_format_is_config_error(gemma_gguf: Path):
-    b = create_backend(_spec(chat_format="no-such-format"), _assignment(), BackendOptions(context=256), gemma_gguf)
+    b = create_backend(_spec(chat_format="no-such-format"), assignment_for(_spec()), BackendOptions(context=256),
+                       gemma_gguf)
     with pytest.raises(ConfigError, match="no-such-format"):
         b.load()
 
 
 def test_missing_or_broken_file_is_model_failed(tmp_path: Path):
-    b = create_backend(_spec(), _assignment(), BackendOptions(context=256), tmp_path / "absent.gguf")
+    b = create_backend(_spec(), assignment_for(_spec()), BackendOptions(context=256), tmp_path / "absent.gguf")
     with pytest.raises(ModelFailed, match="not found"):
         b.load()
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"not a gguf file at all" * 100)
-    b = create_backend(_spec(), _assignment(), BackendOptions(context=256), junk)
+    b = create_backend(_spec(), assignment_for(_spec()), BackendOptions(context=256), junk)
     with pytest.raises(ModelFailed, match="failed to load"):
         b.load()
 
 
 def test_stream_before_load_is_model_failed(tmp_path: Path):
-    b = create_backend(_spec(), _assignment(), BackendOptions(), tmp_path / "x.gguf")
+    b = create_backend(_spec(), assignment_for(_spec()), BackendOptions(), tmp_path / "x.gguf")
     with pytest.raises(ModelFailed, match="not loaded"):
         b.prompt_tokens(GenerateRequest(prompt="hi"))
 
 
 def test_missing_llama_cpp_says_what_to_install(monkeypatch, tmp_path: Path):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # makes `import llama_cpp` fail
-    b = create_backend(_spec(), _assignment(), BackendOptions(), tmp_path / "x.gguf")
+    b = create_backend(_spec(), assignment_for(_spec()), BackendOptions(), tmp_path / "x.gguf")
     with pytest.raises(MissingDependency) as err:
         b.load()
     assert "pip install llama-cpp-python" in err.value.message
@@ -317,3 +305,28 @@ def test_native_log_lines_are_joined_and_levelled():
                    (logging.DEBUG, "using full-size SWA cache"),
                    (logging.WARNING, "error loading model"),
                    (logging.DEBUG, "two"), (logging.DEBUG, "lines")]
+
+
+@pytest.mark.slow
+def test_sampler_extras_are_honoured_in_process(gemma):
+    """top_k=1 keeps only the most probable token: at a high temperature, with different
+    seeds, the answer is the greedy one (llama-cpp-python's own top-k sampler)."""
+    greedy, _ = run(gemma, GenerateRequest(messages=CHAT, max_tokens=12, temperature=0.0, seed=0))
+    for seed in (1, 2):
+        text, _ = run(gemma, GenerateRequest(messages=CHAT, max_tokens=12, temperature=1.5, seed=seed,
+                                              sampling={"top_k": 1, "min_p": 0.0, "repeat_last_n": 8}))
+        assert text == greedy
+    assert gemma._llm.last_n_tokens_size == 64  # the per-request look-back is put back
+    loose = {run(gemma, GenerateRequest(messages=CHAT, max_tokens=12, temperature=1.5, seed=s,
+                                         sampling={"top_k": 0, "min_p": 0.0, "mirostat": 0}))[0] for s in (1, 2, 3)}
+    assert loose != {greedy}  # without the cut the samples differ from the greedy answer
+
+
+@pytest.mark.slow
+def test_template_inputs_need_a_jinja_template(gemma):
+    from distributed.errors import ValidationFailed
+
+    for name, value in (("reasoning_effort", "low"), ("chat_template_kwargs", {"enable_thinking": False})):
+        with pytest.raises(ValidationFailed) as err:
+            gemma.check_request(GenerateRequest(messages=CHAT, **{name: value}))
+        assert err.value.field == name and "built-in chat format" in err.value.message

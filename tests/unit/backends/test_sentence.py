@@ -9,8 +9,9 @@ import pytest
 
 from distributed.backends.base import BackendOptions, create_backend
 from distributed.backends.sentence import SentenceBackend
-from distributed.domain import Assignment, ModelSpec
+from distributed.domain import ModelSpec
 from distributed.errors import ModelFailed
+from tests.unit.backends.helpers import assignment_for, loaded
 
 
 def _spec() -> ModelSpec:
@@ -18,19 +19,9 @@ def _spec() -> ModelSpec:
                      context=256, dim=384)
 
 
-def _assignment(device: str = "cpu") -> Assignment:
-    return Assignment(model="minilm-test", kind="embed", node="t", device=device, quant="fp32",
-                      n_gpu_layers=0, vram_mb=0, reason="test", backend="sentence")
-
-
 @pytest.fixture(scope="module")
 def minilm(minilm_dir: Path):
-    b = create_backend(_spec(), _assignment(), BackendOptions(batch_size=4), minilm_dir)
-    assert isinstance(b, SentenceBackend)
-    b.load()
-    b.warmup()
-    yield b
-    b.unload()
+    yield from loaded(_spec(), BackendOptions(batch_size=4), minilm_dir, SentenceBackend)
 
 
 SENTENCES = ["A cat sits on the mat.", "A kitten is resting on a rug.", "The stock market fell sharply today.",
@@ -92,7 +83,7 @@ def test_cuda_plan_on_cpu_host_runs_on_cpu_and_says_so(minilm_dir: Path):
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
         pytest.skip("this host has CUDA")
-    b = create_backend(_spec(), _assignment("cuda:0"), BackendOptions(), minilm_dir)
+    b = create_backend(_spec(), assignment_for(_spec(), "cuda:0"), BackendOptions(), minilm_dir)
     b.load()
     try:
         assert any("cuda:0" in n and "cpu" in n for n in b.notes)
@@ -102,6 +93,6 @@ def test_cuda_plan_on_cpu_host_runs_on_cpu_and_says_so(minilm_dir: Path):
 
 
 def test_missing_folder_is_model_failed(tmp_path: Path):
-    b = create_backend(_spec(), _assignment(), BackendOptions(), tmp_path / "nope")
+    b = create_backend(_spec(), assignment_for(_spec()), BackendOptions(), tmp_path / "nope")
     with pytest.raises(ModelFailed, match="folder not found"):
         b.load()

@@ -72,22 +72,60 @@ def test_settings_validate_the_new_knobs():
 def test_the_engine_target_command_line(tmp_path):
     from distributed.catalog import load_catalog
     from distributed.domain import Assignment
+    from distributed.engine.config import EngineConfig
     from distributed.engine.target import EngineTarget
 
     exe = _fake_server(tmp_path / "bin")
     spec = load_catalog().get("gemma-3-270m")
     a = Assignment(model=spec.id, kind="chat", node="n", device="cuda:1", quant="Q4_K_M", n_gpu_layers=-1,
                    vram_mb=1, reason="t", backend="llama_cpp")
-    t = EngineTarget(spec, a, binary=binary.locate(str(exe)), model_path=lambda: tmp_path / "m.gguf", node="n",
-                     parallel=3, context=1000, threads=2)
+    config = EngineConfig.of(load_settings(parallel=3, context=1000, threads=2), spec, a, binary.locate(str(exe)))
+    assert (config.slots, config.context, config.threads, config.device) == (3, 1000, 2, "cuda:1")
+    t = EngineTarget(spec, a, config, model_path=lambda: tmp_path / "m.gguf", node="n")
     argv = t.argv(tmp_path / "m.gguf")
     pairs = {flag: argv[argv.index(flag) + 1] for flag in ("-m", "--host", "--port", "-np", "-c", "-t", "-ngl")}
     assert argv[0] == str(exe) and pairs["-m"] == str(tmp_path / "m.gguf")
-    assert pairs["--host"] == "127.0.0.1" and int(pairs["--port"]) == t._port > 0
+    assert pairs["--host"] == "127.0.0.1" and int(pairs["--port"]) == t.port > 0
+    assert config.argv(tmp_path / "m.gguf", 4242) == argv[:argv.index("--port") + 1] + ["4242"] + \
+        argv[argv.index("--port") + 2:]  # a pure function of the options and the port
     assert (pairs["-np"], pairs["-c"], pairs["-t"], pairs["-ngl"]) == ("3", "3000", "2", "999")
     assert argv[argv.index("-mg") + 1] == "1" and "--jinja" in argv and "--slots" in argv and "--metrics" in argv
     assert argv[argv.index("--cache-ram") + 1] == "0"  # llama.cpp's default would let it take 8 GB of RAM
     assert os.environ.get("LLAMA_ARG_API_KEY") is None
+    assert "--chat-template-file" not in argv  # Gemma: the GGUF's own (or llama.cpp's) template
+    smol = load_catalog().get("smollm2-135m-instruct")
+    argv = EngineConfig.of(load_settings(), smol, a, binary.locate(str(exe))).argv(tmp_path / "m.gguf", 4242)
+    from distributed import templates
+
+    assert argv[argv.index("--chat-template-file") + 1] == str(templates.file_of("chatml-tools"))
+
+
+def test_the_engine_starts_with_the_slots_the_plan_gave_it_else_tars_parallel(tmp_path):
+    """One mapping from settings + assignment to engine options (EngineConfig.of), used by
+    engine_target: a plan that lowered a model's slots wins over TARS_PARALLEL."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from distributed.catalog import load_catalog
+    from distributed.domain import Assignment
+
+    exe = _fake_server(tmp_path / "bin")
+    spec = load_catalog().get("gemma-3-270m")
+    a = Assignment(model=spec.id, kind="chat", node="n", device="cpu", quant="Q4_K_M", n_gpu_layers=0, vram_mb=0,
+                   reason="t", backend="llama_cpp")
+    settings = load_settings(engine_bin=str(exe), chat_engine="server", parallel=8, context=4096, threads=3,
+                             queue_size=5, queue_max_wait_s=7.5, request_timeout_s=42, engine_cache_mb=64)
+    node = SimpleNamespace(settings=settings, name="n", store=None, metrics=None)
+    t = choice.engine_target(node, spec, a)
+    c = t.config
+    assert (c.slots, c.context, c.threads, c.queue_size, c.queue_max_wait_s, c.timeout_s, c.cache_mb) == \
+        (8, min(4096, spec.context), 3, 5, 7.5, 42, 64)
+    assert t.info()["slots"] == {"busy": 0, "total": 8, "waiting": 0} and t.slots.slots == 8
+    lowered = choice.engine_target(node, spec, dataclasses.replace(a, slots=2))
+    assert lowered.config.slots == 2 and lowered.info()["slots"]["total"] == 2
+    argv = lowered.config.argv(tmp_path / "m.gguf", 1234)
+    assert argv[argv.index("-np") + 1] == "2" and argv[argv.index("-c") + 1] == str(2 * lowered.config.context)
+    assert argv[argv.index("-ngl") + 1] == "0" and "-mg" not in argv  # on the CPU, as planned
 
 
 def test_tars_profile_says_which_engine_and_its_build(tmp_path, monkeypatch):

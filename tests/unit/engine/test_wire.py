@@ -77,5 +77,72 @@ def test_refusals_map_to_our_errors():
     assert e.field == "tools"
     assert isinstance(wire.engine_error(503, {"error": {"message": "Loading model"}}, "m", "n1", messages=False),
                       ModelLoading)
-    e = wire.engine_error(500, "boom", "m", "n1", messages=False)
-    assert isinstance(e, ModelFailed) and "HTTP 500" in e.message and "boom" in e.message
+    # the engine answered: a request it cannot parse or render is a 400 (llama-server says 500 for
+    # a template that raises), never a 503 that tells the client to retry the same request
+    e = wire.engine_error(500, {"error": {"code": 500, "message": "Conversation roles must alternate",
+                                          "type": "server_error"}}, "m", "n1", messages=True)
+    assert isinstance(e, ValidationFailed) and e.field == "messages" and e.http_status == 400
+    for status in (413, 422):
+        assert isinstance(wire.engine_error(status, "no", "m", "n1", messages=False), ValidationFailed)
+    # our own wiring (its key, a path) or a broken gateway is not the request's fault
+    for status in (401, 404, 502):
+        e = wire.engine_error(status, "boom", "m", "n1", messages=False)
+        assert isinstance(e, ModelFailed) and f"HTTP {status}" in e.message and "boom" in e.message
+
+
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}},
+         {"type": "function", "function": {"name": "g", "parameters": {"type": "object"}}}]
+HERMES = wire.template_caps({"supports_tool_calls": True}, {"chat_template": "{{ '<tool_call>\\n' }}"})
+
+
+def test_template_caps_recognise_the_hermes_call_format():
+    assert HERMES["tool_call_start"] == "<tool_call>\n" and HERMES["supports_tool_calls"] is True
+    xml = wire.template_caps({"supports_tool_calls": True}, {"chat_template": "<tool_call><function=x>"})
+    assert xml["tool_call_start"] is None
+    assert wire.template_caps({"supports_tool_calls": False}, {"chat_template": "<tool_call>"})["tool_call_start"] is None
+
+
+def test_a_forced_call_is_prefilled_and_a_named_one_sent_alone():
+    msgs = [{"role": "user", "content": "x"}]
+    _, body = wire.payload(GenerateRequest(messages=msgs, tools=TOOLS, tool_choice="required"), "m", HERMES)
+    assert body["tool_choice"] == "required" and body["tools"] == TOOLS
+    assert body["messages"] == [*msgs, {"role": "assistant", "content": "<tool_call>\n"}]
+    named = {"type": "function", "function": {"name": "g"}}
+    _, body = wire.payload(GenerateRequest(messages=msgs, tools=TOOLS, tool_choice=named), "m", HERMES)
+    assert body["tool_choice"] == "required" and body["tools"] == [TOOLS[1]] and body["messages"][-1]["role"] == "assistant"
+    # another call format: no prefill (llama-server's own grammar), the named tool still alone
+    _, body = wire.payload(GenerateRequest(messages=msgs, tools=TOOLS, tool_choice=named), "m", None)
+    assert body["tool_choice"] == "required" and body["tools"] == [TOOLS[1]] and body["messages"] == msgs
+    # auto is the model's choice: nothing added; a conversation that ends with the assistant is not prefilled twice
+    _, body = wire.payload(GenerateRequest(messages=msgs, tools=TOOLS, tool_choice="auto"), "m", HERMES)
+    assert body["messages"] == msgs and body["tool_choice"] == "auto"
+    ends = [*msgs, {"role": "assistant", "content": "Sure"}]
+    _, body = wire.payload(GenerateRequest(messages=ends, tools=TOOLS, tool_choice="required"), "m", HERMES)
+    assert body["messages"] == ends
+
+
+def test_a_call_cut_off_by_max_tokens_is_dropped():
+    whole = {"id": "a", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
+    cut = {"id": "b", "type": "function", "function": {"name": "f", "arguments": '{"x":'}}
+    assert wire.whole_calls([whole, cut], "length") == [whole]
+    assert wire.whole_calls([whole, cut], "stop") == [whole, cut]  # the engine said it ended: its parse stands
+    *_, extra = wire.answer({"choices": [{"message": {"tool_calls": [whole, cut]}, "finish_reason": "length"}]})
+    assert extra["tool_calls"] == [whole]
+    state = wire.StreamState()
+    for delta in ({"tool_calls": [{"index": 0, "id": "a", "function": {"name": "f", "arguments": '{"x": 1}'}}]},
+                  {"tool_calls": [{"index": 1, "id": "b", "function": {"name": "f", "arguments": '{"x":'}}]}):
+        state.feed({"choices": [{"delta": delta}]})
+    state.feed({"choices": [{"delta": {}, "finish_reason": "length"}]})
+    piece = state.tool_chunk()
+    assert piece is not None and [c["id"] for c in piece.tool_calls] == ["a"] and state.extras()["tool_calls"] == [whole]
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call():
+    a = {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    b = {"id": "b", "type": "function", "function": {"name": "g", "arguments": "{}"}}
+    one = GenerateRequest(messages=[{"role": "user", "content": "x"}], tools=TOOLS, parallel_tool_calls=False)
+    body = {"choices": [{"message": {"tool_calls": [a, b]}, "finish_reason": "tool_calls"}]}
+    assert wire.answer(body, one)[4]["tool_calls"] == [a] and wire.answer(body)[4]["tool_calls"] == [a, b]
+    state = wire.StreamState(one)
+    state.feed({"choices": [{"delta": {"tool_calls": [{"index": 0, **a}, {"index": 1, **b}]}}]})
+    assert [c["id"] for c in state.tool_chunk().tool_calls] == ["a"]

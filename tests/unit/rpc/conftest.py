@@ -27,10 +27,10 @@ class _T:
         self.model, self.kind, self.node = model, kind, node
 
 
+# Plain class attributes of a stand-in, as other stubs in tests/unit have: alike in shape only.
 class StubNode:
     name = "pc1"
     role = "server"
-    cluster = None
     profile = None
 
     def __init__(self) -> None:
@@ -40,15 +40,12 @@ class StubNode:
         self.stream_closed = asyncio.Event()
         self.fail_with: Exception | None = None
 
-    def resolve(self, model: str | None, kind: str) -> _T:
+    def resolve(self, model: str | None, kind: str, *, here: bool = False) -> _T:
         model = model or {"chat": "chat-a", "embed": "emb-a"}[kind]
         if model not in self.targets:
             raise ModelNotFound(model, list(self.targets))
-        return self.targets[model]
-
-    def resolve_here(self, model: str | None, kind: str) -> _T:
-        target = self.resolve(model, kind)
-        if target.node != self.name:
+        target = self.targets[model]
+        if here and target.node != self.name:  # a forwarded call is computed here or refused
             raise ModelLoading(f"model '{target.model}' is not served by {self.name} (its routing points to "
                                f"{target.node})", model=target.model, node=self.name)
         return target
@@ -59,7 +56,8 @@ class StubNode:
     def models(self) -> list[dict[str, Any]]:
         return [{"id": t.model, "kind": t.kind, "node": t.node} for t in self.targets.values()]
 
-    async def generate(self, req: Any) -> Completion:
+    async def generate(self, req: Any, *, here: bool = False) -> Completion:
+        req.model = self.resolve(req.model, "chat", here=here).model
         self.calls.append(req)
         if self.fail_with:
             raise self.fail_with
@@ -67,7 +65,8 @@ class StubNode:
         return Completion(model=req.model, node=self.name, text=text, finish_reason="stop",
                           usage=Usage(3, len(text)), via=self.name)
 
-    async def stream(self, req: Any):
+    async def stream(self, req: Any, *, here: bool = False):
+        req.model = self.resolve(req.model, "chat", here=here).model
         self.calls.append(req)
         if self.fail_with:
             raise self.fail_with
@@ -84,7 +83,8 @@ class StubNode:
         finally:
             self.stream_closed.set()
 
-    async def embed(self, req: Any) -> Embeddings:
+    async def embed(self, req: Any, *, here: bool = False) -> Embeddings:
+        req.model = self.resolve(req.model, "embed", here=here).model
         self.calls.append(req)
         vecs = np.array([[float(len(t)), 1.0, -0.5] for t in req.input], dtype=np.float32)
         return Embeddings(model=req.model, node=self.name, vectors=vecs, prompt_tokens=len(req.input))

@@ -227,7 +227,8 @@ async def test_membership_methods_without_a_cluster_say_so(http):
     assert "no cluster layer" in err["message"]
 
 
-async def test_the_router_serves_the_methods_of_the_cluster_it_is_given(node):
+def with_cluster(node) -> httpx.AsyncClient:
+    """A client of the /rpc router of ``node`` with a real Cluster layer (membership methods)."""
     from fastapi import FastAPI
 
     from distributed.cluster import Cluster
@@ -235,8 +236,12 @@ async def test_the_router_serves_the_methods_of_the_cluster_it_is_given(node):
     settings = load_settings(node_name="pc1", cluster_token=TOKEN)
     app = FastAPI()
     app.include_router(build_rpc_router(settings, node, Cluster(node, settings)))
-    http = httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://pc1",
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://pc1",
                              headers={"authorization": f"Bearer {TOKEN}"})
+
+
+async def test_the_router_serves_the_methods_of_the_cluster_it_is_given(node):
+    http = with_cluster(node)
     assert (await post(http, req("cluster.leave", {"name": "pc9"}))).json()["result"] == {"ok": True, "known": False}
     beat = (await post(http, req("cluster.heartbeat", {"name": "pc9", "url": "http://x"}))).json()["result"]
     assert beat == {"known": False, "name": "pc1"}  # the server tells an unknown host to join
@@ -246,15 +251,7 @@ async def test_the_router_serves_the_methods_of_the_cluster_it_is_given(node):
 
 async def test_membership_methods_ignore_unknown_params_from_newer_peers(node):
     """A newer peer may send more than this version knows: it still joins, beats and leaves."""
-    from fastapi import FastAPI
-
-    from distributed.cluster import Cluster
-
-    settings = load_settings(node_name="pc1", cluster_token=TOKEN)
-    app = FastAPI()
-    app.include_router(build_rpc_router(settings, node, Cluster(node, settings)))
-    http = httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://pc1",
-                             headers={"authorization": f"Bearer {TOKEN}"})
+    http = with_cluster(node)
     beat = (await post(http, req("cluster.heartbeat", {"name": "pc9", "url": "http://x", "gpus": [],
                                                        "totals": {"requests": 1}, "ram": None,
                                                        "from_the_future": {"x": 1}}))).json()
@@ -337,7 +334,7 @@ async def test_a_generate_whose_caller_disconnects_stops_generating(node):
     (the slot is freed), as REST already does."""
     started, cancelled = asyncio.Event(), asyncio.Event()
 
-    async def slow(req):
+    async def slow(req, *, here=False):
         started.set()
         try:
             await asyncio.sleep(30)

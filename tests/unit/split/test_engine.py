@@ -7,10 +7,12 @@ from types import SimpleNamespace
 
 from distributed.catalog import load_catalog
 from distributed.engine.binary import EngineBinary
+from distributed.engine.config import EngineConfig
 from distributed.planner import plan
 from distributed.profiler import profile_host
 from distributed.settings import load_settings
 from distributed.split.engine import SplitEngineTarget, _set_opt, fit_alone
+from distributed.split.service import SplitService
 
 CATALOG = load_catalog()
 BIG = CATALOG.get("mistral-small-24b")
@@ -26,9 +28,10 @@ def target(kind: str) -> SplitEngineTarget:
     a = p.where(BIG.id)
     binary = EngineBinary(server=Path("/opt/llama-server"), rpc_server=Path("/opt/ggml-rpc-server"),
                           version="0.3.36", kind=kind, build="", source="test")
-    t = SplitEngineTarget(BIG, a, service=SimpleNamespace(version="0.3.36", token="t"), link=None,
-                          alone=lambda: (20, "20 of 40 layers on its GPU"), binary=binary,
-                          model_path=lambda: Path("/m.gguf"), node="pc1", parallel=2, context=2048)
+    config = EngineConfig.of(load_settings(parallel=2, context=2048), BIG, a, binary)
+    t = SplitEngineTarget(BIG, a, config, service=SimpleNamespace(version="0.3.36", token="t"), link=None,
+                          alone=lambda: (20, "20 of 40 layers on its GPU"), model_path=lambda: Path("/m.gguf"),
+                          node="pc1")
     t._tunnel["pc2"] = "127.0.0.1:40001"
     return t
 
@@ -45,7 +48,12 @@ def test_cuda_engine_host_puts_every_layer_on_gpus_remote_first() -> None:
     assert opt(argv, "-ngl") == "999" and opt(argv, "-sm") == "layer"
     assert opt(argv, "--tensor-split") == f"{shares['pc2']},{shares['pc1']}"  # RPC devices come first
     assert "-mg" not in argv and opt(argv, "--host") == "127.0.0.1"
-    assert argv.count("--port") == 1 and opt(argv, "--port") == str(t._port)
+    assert argv.count("--port") == 1 and opt(argv, "--port") == str(t.port)
+    # the command line of another life: a pure function of the options, the mode and the port
+    before = (t.port, t.mode)
+    other = t._argv_for(Path("/m.gguf"), "alone", 40999)
+    assert opt(other, "--port") == "40999" and "--rpc" not in other and (t.port, t.mode) == before
+    assert t._argv_for(Path("/m.gguf"), "split", t.port) == argv
 
 
 def test_cpu_engine_host_offloads_the_workers_layers_from_the_end() -> None:
@@ -99,6 +107,7 @@ def test_engine_choice_builds_a_split_engine_for_a_split_assignment(tmp_path: Pa
     node.settings = load_settings(node_name="pc1", models_dir=tmp_path, chat_engine="server", cluster_token="t")
     node.metrics = None
     node.store = SimpleNamespace(path_for=lambda spec: None, ensure=lambda spec: Path("/m.gguf"))
+    node.split, node.peers = SplitService(node.settings), None  # what service.build hands a node
     binary = EngineBinary(server=Path("/opt/llama-server"), rpc_server=Path("/opt/ggml-rpc-server"),
                           version="0.3.36", kind="cpu", build="", source="test")
     orig = choice.decide

@@ -8,10 +8,9 @@ import httpx
 import pytest
 
 from distributed.api.app import create_app
-from distributed.cluster import Cluster
 from distributed.engine.binary import llama_cpp_python_version
-from distributed.node import Node
 from distributed.profiler import profile_host
+from distributed.service import build
 from distributed.settings import load_settings
 
 pytestmark = pytest.mark.anyio
@@ -26,9 +25,7 @@ def anyio_backend() -> str:
 async def join(split: str, llama_cpp: str) -> dict:
     settings = load_settings(node_name="pc1", host="127.0.0.2", port=18531, cluster_token=TOKEN,
                              backend_override="fake", models=["all-MiniLM-L6-v2"], split=split)
-    node = Node(settings, profile=profile_host("rtx3060-12gb", "pc1"))
-    node.cluster = Cluster(node, settings)
-    app = create_app(settings, node)
+    app = create_app(build(settings, profile=profile_host("rtx3060-12gb", "pc1")))
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(app.router.lifespan_context(app))
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://127.0.0.2:18531") as c:

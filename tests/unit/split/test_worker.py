@@ -24,6 +24,7 @@ from distributed.settings import load_settings
 from distributed.split.relay import open_channel
 from distributed.split.service import SplitService
 from distributed.split.worker import WorkerPool, rpc_device
+from tests.support import until
 
 pytestmark = pytest.mark.anyio
 TOKEN = "cluster-s3cret"
@@ -110,12 +111,9 @@ async def test_a_crashed_worker_is_restarted(tmp_path, fake_binary) -> None:
     try:
         first = await pool.start_worker("m", caller="pc1")
         os.kill(first["pid"], signal.SIGKILL)
-        for _ in range(100):
-            await asyncio.sleep(0.1)
-            now = pool.info()[0]
-            if now["state"] == "ready" and now["pid"] != first["pid"]:
-                break
-        assert now["state"] == "ready" and now["pid"] != first["pid"] and now["starts"] == 2
+        await until(lambda: pool.info()[0]["state"] == "ready" and pool.info()[0]["pid"] != first["pid"],
+                    timeout=30, what="the worker restarted")
+        assert pool.info()[0]["starts"] == 2
     finally:
         await pool.close()
 
@@ -205,15 +203,14 @@ async def test_a_busy_relay_port_is_a_clear_error(tmp_path, fake_binary) -> None
 
 
 async def test_the_rpc_methods_register_on_the_server(tmp_path, fake_binary) -> None:
-    from distributed.rpc.split import WorkerStartParams, register
+    from distributed.rpc.split_methods import WorkerStartParams, register_split
 
     registered: dict = {}
     server = SimpleNamespace(register=lambda name, params, fn: registered.__setitem__(name, (params, fn)))
-    node = SimpleNamespace()
-    svc = register(server, settings(tmp_path), node)
-    svc.pool._binary = fake_binary
+    svc = SplitService(settings(tmp_path), binary=fake_binary)
+    register_split(server, svc)
     try:
-        assert node.split is svc and set(registered) == {"split.worker_start", "split.worker_stop", "split.info"}
+        assert set(registered) == {"split.worker_start", "split.worker_stop", "split.info"}
         params, fn = registered["split.worker_start"]
         out = await fn(params(model="m", caller="pc1", version="0.3.36"))
         assert out["relay_port"] == svc.relay.port
@@ -228,17 +225,20 @@ async def test_the_rpc_methods_register_on_the_server(tmp_path, fake_binary) -> 
 
 async def test_workers_of_an_engine_host_that_is_gone_are_stopped(tmp_path, fake_binary) -> None:
     gone: set[str] = set()
-    svc = SplitService(settings(tmp_path), binary=fake_binary, caller_gone=lambda name: name in gone)
-    svc.REAP_EVERY_S = 0.1
+    asked: list[str] = []  # every time the reaper asked whether an engine host is gone
+
+    def caller_gone(name: str) -> bool:
+        asked.append(name)
+        return name in gone
+
+    svc = SplitService(settings(tmp_path), binary=fake_binary, caller_gone=caller_gone)
+    svc.REAP_EVERY_S = 0.05
     try:
         await svc.worker_start("m", caller="pc1")
-        await asyncio.sleep(0.3)
-        assert len(svc.pool) == 1  # pc1 alive: kept
+        await until(lambda: len(asked) >= 2, timeout=30, what="two rounds of the reaper")
+        assert len(svc.pool) == 1 and asked[:2] == ["pc1", "pc1"]  # pc1 alive: kept, round after round
         gone.add("pc1")
-        for _ in range(50):
-            await asyncio.sleep(0.1)
-            if not len(svc.pool):
-                break
-        assert not len(svc.pool) and svc.relay is None
+        await until(lambda: not len(svc.pool) and svc.relay is None, timeout=30,
+                    what="the worker of the gone host stopped")
     finally:
         await svc.close()

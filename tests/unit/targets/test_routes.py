@@ -5,15 +5,17 @@ sleeps: each load ends when the test says so."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import pytest
 
 from distributed.domain import Assignment, Plan
+from distributed.errors import ModelLoading
 from distributed.node import Node
 from distributed.profiler import profile_host
 from distributed.settings import load_settings
-from distributed.targets import RemoteTarget, Routes, Target, TargetState
+from distributed.targets import RemoteTarget, ReplicaSet, Routes, TargetState
+from tests.fakes import FakePeer, StubTarget
+from tests.cluster_support import until
 
 pytestmark = pytest.mark.anyio
 
@@ -28,19 +30,15 @@ def place(model: str, node: str = "pc1", device: str = "cpu", kind: str = "chat"
                       reason="test")
 
 
-class Scripted(Target):
+class Scripted(StubTarget):
     """A local target whose load ends when the test calls ``finish``."""
 
     def __init__(self, a: Assignment, log: list[str]) -> None:
-        self.model, self.kind, self.node, self.assignment = a.model, a.kind, "pc1", a
-        self._state = TargetState.LOADING
+        super().__init__(a.model, a.kind, "pc1", TargetState.LOADING)
+        self.assignment = a
         self._loaded = asyncio.Event()
         self.closed = False
         self.log = log
-
-    @property
-    def state(self) -> TargetState:
-        return self._state
 
     def start(self) -> None:
         self.log.append(f"load {self.model}@{self.assignment.device}")
@@ -58,33 +56,8 @@ class Scripted(Target):
         self.log.append(f"close {self.model}@{self.assignment.device}")
         self._state = TargetState.UNAVAILABLE
 
-    def stream(self, req: Any) -> Any:
-        raise NotImplementedError
 
-    async def embed(self, req: Any) -> Any:
-        raise NotImplementedError
-
-    def info(self) -> dict[str, Any]:
-        return {"id": self.model, "state": self.state}
-
-
-class Peer:
-    def __init__(self, name: str = "pc2") -> None:
-        self.name, self.state, self.reachable = name, "alive", True
-        self.gone = asyncio.Event()
-        self.client = None
-        self.models: dict[str, dict[str, Any]] = {}
-
-    def model_info(self, model: str) -> dict[str, Any] | None:
-        return self.models.get(model)
-
-    def failed(self, why: str) -> None:
-        self.reachable = False
-
-
-async def settle_tasks() -> None:
-    for _ in range(10):
-        await asyncio.sleep(0)
+Peer = FakePeer
 
 
 class World:
@@ -97,6 +70,14 @@ class World:
         t = Scripted(a, self.log)
         self.made.append(t)
         return t
+
+    def routed_to_peer(self, model: str = "a") -> tuple[Peer, RemoteTarget]:
+        """``model`` served by a live peer where it is ready, and routed there."""
+        peer = Peer()
+        peer.models[model] = {"id": model, "state": "ready"}
+        remote = RemoteTarget(model, "chat", peer)
+        self.routes.set(remote)
+        return peer, remote
 
 
 async def test_apply_local_loads_keeps_reloads_and_unloads():
@@ -124,15 +105,11 @@ async def test_a_failed_model_is_loaded_again_by_the_next_plan():
 
 async def test_a_model_arriving_from_a_live_peer_stays_there_until_the_copy_here_has_loaded():
     w = World()
-    peer = Peer()
-    peer.models["a"] = {"id": "a", "state": "ready"}
-    remote = RemoteTarget("a", "chat", peer)
-    w.routes.set(remote)
+    _, remote = w.routed_to_peer()
     await w.routes.apply_local({"a": place("a")}, w.make)
     assert w.routes.targets["a"] is remote  # make before break: still routed to the peer
     w.made[0].finish()
-    await settle_tasks()
-    assert w.routes.targets["a"] is w.made[0]
+    await until(lambda: w.routes.targets["a"] is w.made[0], what="routed to the copy here")
 
 
 async def test_route_to_peer_keeps_the_ready_copy_as_handoff_until_the_peer_is_ready():
@@ -151,16 +128,13 @@ async def test_route_to_peer_keeps_the_ready_copy_as_handoff_until_the_peer_is_r
     assert remote.standin is copy
     peer.models["a"]["state"] = "ready"
     w.routes.settle(peer)
-    await settle_tasks()
-    assert remote.standin is None and copy.closed and not w.routes.computes_here(remote)
+    await until(lambda: remote.standin is None and copy.closed, what="the handoff copy dropped and closed")
+    assert not w.routes.computes_here(remote)
 
 
 async def test_fallback_is_loaded_once_and_adopted_when_the_plan_assigns_the_model_here():
     w = World()
-    peer = Peer()
-    peer.models["a"] = {"id": "a", "state": "ready"}
-    remote = RemoteTarget("a", "chat", peer)
-    w.routes.set(remote)
+    peer, remote = w.routed_to_peer()
     peer.failed("refused")
     standins = await asyncio.gather(*(w.routes.fallback(remote, lambda: w.make(place("a"))) for _ in range(5)))
     assert len({id(s) for s in standins}) == 1 and w.routes.fallback_loads == 1 and w.log == ["load a@cpu"]
@@ -168,12 +142,13 @@ async def test_fallback_is_loaded_once_and_adopted_when_the_plan_assigns_the_mod
     w.routes.settle(peer)  # unreachable: a stale "ready" drops nothing
     assert remote.standin is standins[0]
     w.routes.adopt_standin(place("a"))  # the plan now puts it here, placed the same: no second load
-    await settle_tasks()
-    assert w.routes.targets["a"] is standins[0] and w.log == ["load a@cpu"]
+    await until(lambda: w.routes.targets["a"] is standins[0], what="the stand-in adopted")
+    assert w.log == ["load a@cpu"]
 
 
-async def test_node_apply_plan_swaps_through_routes():
-    settings = load_settings(node_name="pc1", backend_override="fake", models=["gemma-3-270m", "all-MiniLM-L6-v2"])
+async def test_node_apply_plan_swaps_through_routes(tmp_path):
+    settings = load_settings(node_name="pc1", backend_override="fake", models=["gemma-3-270m", "all-MiniLM-L6-v2"],
+                             models_dir=tmp_path)
     node = Node(settings, profile=profile_host("rtx3060-12gb", "pc1"))
     plan = node.plan_alone()
     await node.apply_plan(plan)
@@ -186,3 +161,63 @@ async def test_node_apply_plan_swaps_through_routes():
     assert node.health()[0]
     await node.stop()
     assert node.targets == {}
+
+
+# ----------------------------------------------------------------------------- resolve and replicas
+async def test_resolve_is_the_routing_question_and_here_never_forwards_again():
+    w = World()
+    assert w.routes.resolve("a") is None  # not routed: the node says 404 or why it is not placed
+    await w.routes.apply_local({"a": place("a")}, w.make)
+    copy = w.made[0]
+    assert w.routes.resolve("a") is copy and w.routes.resolve("a", here=True) is copy
+    peer = Peer()
+    peer.models["b"] = {"id": "b", "state": "ready"}
+    remote = RemoteTarget("b", "chat", peer)
+    w.routes.set(remote)
+    assert w.routes.resolve("b") is remote
+    with pytest.raises(ModelLoading) as ei:  # a forwarded call for a model this host does not compute
+        w.routes.resolve("b", here=True)
+    assert "not served by pc1" in ei.value.message and "pc2" in ei.value.message
+    copy.finish()
+    remote.hold(copy, handoff=True)  # the copy here serves while the model moves: computed here
+    assert w.routes.resolve("b", here=True) is remote
+
+
+def member(a: Assignment, peer: Peer) -> RemoteTarget:
+    return RemoteTarget(a.model, a.kind, peer, failover=None, assignment=a.to_dict())
+
+
+async def test_replicate_installs_a_replica_set_over_the_copy_here_and_each_peer():
+    w = World()
+    pc2, pc3 = Peer("pc2"), Peer("pc3")
+    known: dict[str, Peer] = {"pc2": pc2}  # pc3 is not known yet
+    plan = [place("a"), place("a", node="pc2"), place("a", node="pc3"), place("b")]
+    await w.routes.apply_local({"a": place("a"), "b": place("b")}, w.make)
+    w.routes.replicate(plan, known.get, member)
+    rs = w.routes.replicas["a"]
+    assert isinstance(rs, ReplicaSet) and set(rs.remotes) == {"pc2"} and "b" not in w.routes.replicas
+    assert rs.local_member() is w.routes.targets["a"]
+    assert w.routes.resolve("a") is rs  # a request arriving here: the set picks the copy
+    assert w.routes.resolve("a", here=True) is w.routes.targets["a"]  # a forwarded one: the copy here
+    assert w.routes.resolve("b") is w.routes.targets["b"]
+    known["pc3"] = pc3
+    pc2_member = rs.remotes["pc2"]
+    w.routes.replicate(plan, known.get, member)  # the next plan: pc3 joins, pc2's member is kept
+    assert w.routes.replicas["a"] is rs and set(rs.remotes) == {"pc2", "pc3"} and rs.remotes["pc2"] is pc2_member
+    rows = {r["id"]: r for r in w.routes.describe()}
+    assert [x["node"] for x in rows["a"]["replicas"]] == ["pc1", "pc2", "pc3"] and "replicas" not in rows["b"]
+    w.routes.replicate([place("a"), place("b")], known.get, member)  # back to one copy: the set goes
+    assert w.routes.replicas == {} and w.routes.resolve("a") is w.routes.targets["a"]
+    await w.routes.close()
+
+
+async def test_a_replicated_model_not_here_is_refused_for_forwarded_calls():
+    w = World()
+    pc2, pc3 = Peer("pc2"), Peer("pc3")
+    pc2.models["a"] = pc3.models["a"] = {"id": "a", "state": "ready"}
+    w.routes.set(RemoteTarget("a", "chat", pc2))  # the table keeps one host of the model
+    w.routes.replicate([place("a", node="pc2"), place("a", node="pc3")], {"pc2": pc2, "pc3": pc3}.get, member)
+    rs = w.routes.resolve("a")
+    assert isinstance(rs, ReplicaSet) and rs.local_member() is None and set(rs.remotes) == {"pc2", "pc3"}
+    with pytest.raises(ModelLoading):
+        w.routes.resolve("a", here=True)

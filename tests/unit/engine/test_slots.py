@@ -1,4 +1,6 @@
-"""SlotQueue: N at once, FIFO past the slots, 429 past the queue, timeouts and cancels free their place."""
+"""SlotQueue (engine/slots.py): N at once, FIFO past the slots, 429 past the queue, timeouts
+and cancels free their place. No fixed sleeps: each step waits until the queue shows the
+state it needs (``until``), which on an idle queue takes a few loop turns."""
 
 from __future__ import annotations
 
@@ -6,8 +8,9 @@ import asyncio
 
 import pytest
 
-from distributed.batching import SlotQueue
+from distributed.engine.slots import SlotQueue
 from distributed.errors import Overloaded, RequestTimeout
+from tests.support import until
 
 pytestmark = pytest.mark.anyio
 
@@ -29,7 +32,7 @@ async def test_admits_up_to_the_slots_then_queues_in_order_then_refuses():
             await gate.wait()
 
     tasks = [asyncio.create_task(job(i)) for i in range(4)]
-    await asyncio.sleep(0.05)
+    await until(lambda: q.waiting == 2)
     assert (q.busy, q.waiting, q.depth) == (2, 2, 4)
     assert order == [0, 1]
     with pytest.raises(Overloaded) as exc:
@@ -50,8 +53,7 @@ async def test_a_waiter_that_times_out_or_is_cancelled_leaves_the_queue():
     assert q.waiting == 0
     q.timeout_s = 10
     t = asyncio.create_task(q.acquire())
-    await asyncio.sleep(0.02)
-    assert q.waiting == 1
+    await until(lambda: q.waiting == 1)
     t.cancel()
     with pytest.raises(asyncio.CancelledError):
         await t
@@ -70,8 +72,8 @@ async def test_a_request_that_would_wait_past_the_bound_is_refused_at_once():
     q._learn(8.0)
     tickets = [await q.acquire(), await q.acquire()]
     waiters = [asyncio.create_task(q.acquire()) for _ in range(2)]
-    await asyncio.sleep(0.01)
-    assert q.waiting == 2 and q.expected_wait() == pytest.approx(12.0, abs=0.1)
+    await until(lambda: q.waiting == 2)
+    assert q.expected_wait() == pytest.approx(12.0, abs=0.1)
     with pytest.raises(Overloaded) as exc:
         await q.acquire()
     assert "would wait about 12 s" in exc.value.message and "TARS_QUEUE_MAX_WAIT_S" in exc.value.message
@@ -87,13 +89,11 @@ async def test_before_the_first_measure_a_quarter_of_the_queue_may_wait():
     q = SlotQueue(2, max_waiting=16, timeout_s=300, name="m", max_wait_s=10)  # cap: max(2, 16 // 4) = 4
     held = [await q.acquire(), await q.acquire()]
     waiters = [asyncio.create_task(q.acquire()) for _ in range(4)]
-    await asyncio.sleep(0.01)
-    assert q.waiting == 4
+    await until(lambda: q.waiting == 4)
     with pytest.raises(Overloaded, match="not yet measured how long a request takes: until it has, at most 4"):
         await q.acquire()
     later_choice = asyncio.create_task(q.acquire(bounded=False))  # an n > 1 request's later choice: admitted
-    await asyncio.sleep(0.01)
-    assert q.waiting == 5
+    await until(lambda: q.waiting == 5)
     for t in held:
         q.release(t)  # measured now (~0 s): the bound is the expected wait again
     for _ in range(3):
@@ -107,8 +107,7 @@ async def test_unmeasured_unbounded_or_a_later_choice_is_limited_by_the_queue_si
     held = [await q.acquire(), await q.acquire()]
     waiters = [asyncio.create_task(q.acquire()) for _ in range(2)]  # nothing measured yet: one round
     waiters.append(asyncio.create_task(q.acquire(bounded=False)))
-    await asyncio.sleep(0.01)
-    assert q.waiting == 3
+    await until(lambda: q.waiting == 3)
     with pytest.raises(Overloaded, match="queue size 3"):
         await q.acquire(bounded=False)
     for t in held:
@@ -117,8 +116,8 @@ async def test_unmeasured_unbounded_or_a_later_choice_is_limited_by_the_queue_si
     with pytest.raises(Overloaded, match="would wait about"):
         await q.acquire()
     later_choice = asyncio.create_task(q.acquire(bounded=False))  # n > 1: admitted with its first choice
-    await asyncio.sleep(0.01)
-    assert q.waiting == 2 and not later_choice.done()
+    await until(lambda: q.waiting == 2)
+    assert not later_choice.done()
     q.release()
     q.release()
     await asyncio.gather(*waiters, later_choice)
@@ -126,8 +125,7 @@ async def test_unmeasured_unbounded_or_a_later_choice_is_limited_by_the_queue_si
     unbounded._learn(60.0)
     await unbounded.acquire()
     tasks = [asyncio.create_task(unbounded.acquire()) for _ in range(3)]  # ~60-180 s each: no bound, queued
-    await asyncio.sleep(0.01)
-    assert unbounded.waiting == 3
+    await until(lambda: unbounded.waiting == 3)
     for _ in range(3):
         unbounded.release()
     await asyncio.gather(*tasks)
@@ -136,10 +134,10 @@ async def test_unmeasured_unbounded_or_a_later_choice_is_limited_by_the_queue_si
 async def test_slots_all_held_long_raise_the_estimate_before_any_finishes(monkeypatch):
     """Requests used to take 1 s; now every slot has been busy for 30 s and none came free:
     a newcomer must expect ~30 s per round, not the stale 1 s."""
-    from distributed import batching
+    from distributed.engine import slots
 
     now = [1000.0]
-    monkeypatch.setattr(batching.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(slots.time, "monotonic", lambda: now[0])
     q = SlotQueue(2, max_waiting=16, timeout_s=300, name="m", max_wait_s=10)
     q._learn(1.0)
     await q.acquire()

@@ -18,7 +18,7 @@ from distributed.catalog import load_catalog
 from distributed.cli import hardware, models
 from distributed.errors import ConfigError, ModelNotFound
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture
@@ -91,12 +91,12 @@ def test_plan_reserves_a_kv_cache_per_slot_of_llama_server(app: typer.Typer) -> 
     from distributed.vram import estimate
 
     chat = load_catalog().get("smollm2-135m-instruct")
-    one, eight = (_reserved(app, chat.id, {"TARS_PARALLEL": str(n)}) for n in (1, 8))
+    one, eight = (_reserved(app, chat.id, {"TARS_PARALLEL": str(n), "TARS_CONTEXT": "2048"}) for n in (1, 8))
     assert (one["slots"], eight["slots"]) == (1, 8)
     assert eight["vram_mb"] - one["vram_mb"] == 7 * estimate(chat, 2048).kv_mb > 0
     assert "at 8 × 2048 tokens" in eight["reason"]
     # the in-process engine has one slot whatever TARS_PARALLEL says
-    inproc = _reserved(app, chat.id, {"TARS_PARALLEL": "8", "TARS_CHAT_ENGINE": "inprocess"})
+    inproc = _reserved(app, chat.id, {"TARS_PARALLEL": "8", "TARS_CONTEXT": "2048", "TARS_CHAT_ENGINE": "inprocess"})
     assert (inproc["vram_mb"], inproc["slots"]) == (one["vram_mb"], 1)
 
 

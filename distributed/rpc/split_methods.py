@@ -1,5 +1,5 @@
 """``/rpc`` methods of pooled VRAM (docs/RPC.md, *Pooled VRAM*): the engine host asks a
-worker host to lend its GPU. Registered on a node's ``RpcServer`` by ``register``; the
+worker host to lend its GPU. Registered on a node's ``RpcServer`` by ``register_split``; the
 cluster token is checked by the server before any method runs, as for every method.
 
 | method | params | result |
@@ -15,7 +15,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..split.service import SplitService, service_of
+from ..split.service import SplitService
+from .registry import Registry
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$"
 
@@ -40,9 +41,8 @@ class InfoParams(_Strict):
     pass
 
 
-def register(server: Any, settings: Any, node: Any) -> SplitService:
-    """Add the ``split.*`` methods to ``server`` (an ``RpcServer``); returns the node's service."""
-    svc = service_of(node, settings)
+def register_split(server: Registry, svc: SplitService) -> None:
+    """Add the ``split.*`` methods of the node's split service ``svc`` to ``server``."""
 
     async def worker_start(p: WorkerStartParams) -> dict[str, Any]:
         return await svc.worker_start(p.model, p.device, p.caller, p.version)
@@ -56,4 +56,3 @@ def register(server: Any, settings: Any, node: Any) -> SplitService:
     server.register("split.worker_start", WorkerStartParams, worker_start)
     server.register("split.worker_stop", WorkerStopParams, worker_stop)
     server.register("split.info", InfoParams, info)
-    return svc

@@ -1,0 +1,100 @@
+"""Images in requests: which models see them, and the one check every dialect calls.
+
+A model sees images when it has a vision projector (``ModelSpec.mmproj``: a repo's
+``mmproj-*.gguf``, pulled beside the model) and runs in llama-server, which loads it with
+``--mmproj``: its ``Target.info()`` then says ``"vision": true`` (``/v1/models``, ``tars ps``,
+the dashboard, and peers through heartbeats).
+
+``check_images(model, vision, messages=..., images=...)`` runs before a request is queued:
+
+- OpenAI ``image_url`` content parts must be inline ``data:image/...;base64,...`` URLs: an
+  ``http(s)`` URL is refused (the node fetches nothing on a client's behalf), and so is
+  anything else that is not base64 image data;
+- Ollama's ``images`` (base64 strings, per message or per request) are checked the same way;
+- any image sent to a model that does not see images is a 400 saying so.
+
+Each refusal is a ``ValidationFailed`` naming the field (``messages[1].content[0].image_url``).
+The adapters call it with the resolved target: ``check_images(t.model, sees_images(t), ...)``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from typing import Any
+
+from .errors import ValidationFailed
+
+_DATA_URL = re.compile(r"^data:(image/[A-Za-z0-9.+-]+);base64,", re.IGNORECASE)
+
+
+def sees_images(target: Any) -> bool:
+    """Whether the model behind ``target`` (local or on a peer) sees images."""
+    try:
+        return bool(target.info().get("vision"))
+    except Exception:  # noqa: BLE001 - a target that cannot report: no vision
+        return False
+
+
+def _check_base64(data: str, where: str) -> None:
+    try:
+        base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValidationFailed(f"{where}: not valid base64 image data", field=where) from None
+
+
+def _image_url(part: dict[str, Any], where: str) -> None:
+    raw = part.get("image_url")
+    url = raw.get("url") if isinstance(raw, dict) else raw
+    where = f"{where}.image_url" + (".url" if isinstance(raw, dict) else "")
+    if not isinstance(url, str) or not url:
+        raise ValidationFailed(f"{where}: an image_url part needs a 'url' (a data:image/...;base64,... URL)",
+                               field=where)
+    if url.lower().startswith(("http://", "https://")):
+        raise ValidationFailed(f"{where}: image URLs are not fetched (the node fetches nothing on a client's behalf); "
+                               "send the image inline as a data:image/png;base64,... URL", field=where)
+    m = _DATA_URL.match(url)
+    if m is None:
+        raise ValidationFailed(f"{where}: an image must be a data:image/<type>;base64,<data> URL", field=where)
+    _check_base64(url[m.end():], where)
+
+
+def image_fields(messages: list[Any] | None, images: list[Any] | None = None) -> list[str]:
+    """Where the images of a request are (field paths), each checked for its form."""
+    found: list[str] = []
+    for i, msg in enumerate(messages or []):
+        if not isinstance(msg, dict):
+            continue
+        content = msg.get("content")
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                if isinstance(part, dict) and part.get("type") in ("image_url", "input_image", "image"):
+                    where = f"messages[{i}].content[{j}]"
+                    if part.get("type") == "image_url":
+                        _image_url(part, where)
+                    found.append(where)
+        for k, data in enumerate(msg.get("images") or []):  # Ollama: base64 strings on the message
+            where = f"messages[{i}].images[{k}]"
+            if not isinstance(data, str) or not data:
+                raise ValidationFailed(f"{where}: an image must be a base64 string", field=where)
+            _check_base64(data, where)
+            found.append(where)
+    for k, data in enumerate(images or []):  # Ollama /api/generate: base64 strings on the request
+        where = f"images[{k}]"
+        if not isinstance(data, str) or not data:
+            raise ValidationFailed(f"{where}: an image must be a base64 string", field=where)
+        _check_base64(data, where)
+        found.append(where)
+    return found
+
+
+def check_images(model: str, vision: bool, messages: list[Any] | None = None, images: list[Any] | None = None) -> int:
+    """Refuse images a model cannot see, and images in a form the node does not take; returns
+    how many images the request carries (0: nothing to check)."""
+    found = image_fields(messages, images)
+    if found and not vision:
+        raise ValidationFailed(f"model '{model}' has no vision: it cannot read images ({found[0]}); use a model "
+                               "with a vision projector (a repo with an mmproj-*.gguf, run by llama-server): "
+                               "GET /v1/models shows \"vision\": true for those", field=found[0], model=model)
+    return len(found)
