@@ -119,6 +119,7 @@ def complete(url: str, prompt: str, max_tokens: int) -> dict[str, float]:
 
 
 def main() -> None:
+    # Option declarations: alike in shape with soak.py's, nothing to share.
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--max-tokens", type=int, default=64)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -41,12 +42,12 @@ _INTS = ("context", "size_mb", "dim", "n_layers", "n_embd", "n_head_kv", "head_d
 
 
 def _toml_load(path: Path) -> dict[str, Any]:
-    try:
-        import tomllib  # Python >= 3.11
-    except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
         from .optional import require
 
-        tomllib = require("tomli", "tomli", "reading catalog.toml on Python 3.10")  # type: ignore[assignment]
+        tomllib = require("tomli", "tomli", "reading catalog.toml on Python 3.10")
     try:
         with path.open("rb") as fh:
             return tomllib.load(fh)

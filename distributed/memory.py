@@ -15,13 +15,14 @@ import ctypes.util
 import gc
 import logging
 import os
+from collections.abc import Callable
 from functools import cache
 
 log = logging.getLogger(__name__)
 
 
 @cache
-def _malloc_trim() -> object | None:
+def _malloc_trim() -> Callable[[int], int] | None:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         trim = libc.malloc_trim

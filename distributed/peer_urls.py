@@ -117,7 +117,7 @@ async def check_join_origin(url: str, origin: str | None = None) -> None:
             raise ValidationFailed(f"the join URL's host '{safe(host, 80)}' does not resolve here; set "
                                    f"TARS_ADVERTISE_URL on the joining host to the address it has on the LAN "
                                    f"(this join came from {src})", field="url") from None
-        addrs = [a for a in (_ip(i[4][0]) for i in infos) if a is not None]
+        addrs = [a for a in (_ip(str(i[4][0])) for i in infos) if a is not None]
         if any(_same_host(a, src) for a in addrs):
             return
     raise ValidationFailed(f"the join URL {safe(url, 120)} points at {', '.join(map(str, addrs[:4]))}, but the join "

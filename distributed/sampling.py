@@ -45,6 +45,8 @@ SAMPLER_NAMES = frozenset(
 SAMPLER_CHARS = frozenset("dkypsmtxiea")  # common_sampler_type_to_chr, one per sampler
 
 
+# A table of fields, each a type with llama.cpp's bounds and a description: `duplicates` sees
+# one shape repeated (boilerplate), which is what a schema is; no logic repeats.
 class Knobs(BaseModel):
     """The sampler extras as optional fields (``None`` = not set: the engine's default).
     Descriptions give llama.cpp's default."""

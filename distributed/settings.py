@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     discovery: Literal["on", "off"] = Field(
         "on", description="on: advertise this node on the LAN over mDNS (_tars._tcp: cluster, node, port, version; never "
                           "the token) when it listens beyond loopback; off: silent (TARS_PEERS only).")
+    ollama_port: int = Field(0, ge=0, le=65535, description="A second port (on TARS_HOST) serving the same API, for apps "
+                                                            "that only talk to Ollama's port (11434); 0 = off.")
 
     # --- security
     cluster_token: SecretStr = Field(SecretStr(""), description="Shared secret every /rpc call must carry.")
@@ -217,7 +219,8 @@ def load_settings(env_file: str | os.PathLike[str] | None = None, **overrides: A
     if env_file is not None and not Path(env_file).is_file():
         raise ConfigError(f"env file '{env_file}' does not exist")
     try:
-        return Settings(_env_file=env_file, **{k: v for k, v in overrides.items() if v is not None})
+        return Settings(_env_file=env_file,  # type: ignore[call-arg]  # pydantic-settings' own init argument
+                        **{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
         problems = []
         for err in exc.errors():

@@ -14,7 +14,14 @@ the dashboard, and peers through heartbeats).
 - any image sent to a model that does not see images is a 400 saying so.
 
 Each refusal is a ``ValidationFailed`` naming the field (``messages[1].content[0].image_url``).
-The adapters call it with the resolved target: ``check_images(t.model, sees_images(t), ...)``.
+The adapters call it with the resolved target: ``check_images(t.model, sees_images(t), ...)``
+(``api/dialect.py``'s ``check_images(request, model, messages, images)`` does both, resolving
+the target only when the request carries an image).
+
+Images reach the engine in OpenAI's shape, whatever the dialect: a user message whose
+``content`` is a list of ``{"type": "text", "text"}`` and ``{"type": "image_url",
+"image_url": {"url": "data:image/...;base64,..."}}`` parts (``image_part``, ``data_url`` for
+Ollama's and Anthropic's bare base64), which llama-server with ``--mmproj`` reads.
 """
 
 from __future__ import annotations
@@ -29,6 +36,37 @@ from .errors import ValidationFailed
 _DATA_URL = re.compile(r"^data:(image/[A-Za-z0-9.+-]+);base64,", re.IGNORECASE)
 
 
+_MAGIC = ((b"\x89PNG", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF8", "image/gif"),
+          (b"RIFF", "image/webp"), (b"BM", "image/bmp"))
+
+
+def data_url(data: str, media_type: str | None = None) -> str:
+    """Bare base64 image data (Ollama's ``images``, Anthropic's base64 source) as a data: URL;
+    without ``media_type`` the type is read from the image's first bytes (PNG if unknown)."""
+    if media_type is None:
+        head = data[:16]
+        try:
+            first = base64.b64decode(head + "=" * (-len(head) % 4))
+        except (binascii.Error, ValueError):
+            first = b""
+        media_type = next((t for magic, t in _MAGIC if first.startswith(magic)), "image/png")
+    return f"data:{media_type};base64,{data}"
+
+
+def image_part(url: str) -> dict[str, Any]:
+    """One image as an OpenAI content part."""
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def with_images(text: str, images: list[str] | None) -> str | list[dict[str, Any]]:
+    """A message's content with Ollama's base64 ``images``: the text alone when there are
+    none, else the images' parts followed by the text's."""
+    if not images:
+        return text
+    parts = [image_part(data_url(d)) for d in images]
+    return [*parts, {"type": "text", "text": text}] if text else parts
+
+
 def sees_images(target: Any) -> bool:
     """Whether the model behind ``target`` (local or on a peer) sees images."""
     try:
@@ -37,7 +75,8 @@ def sees_images(target: Any) -> bool:
         return False
 
 
-def _check_base64(data: str, where: str) -> None:
+def check_base64(data: str, where: str) -> None:
+    """``data`` is base64 (an image's bytes), or a 400 naming ``where``."""
     try:
         base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
@@ -57,7 +96,7 @@ def _image_url(part: dict[str, Any], where: str) -> None:
     m = _DATA_URL.match(url)
     if m is None:
         raise ValidationFailed(f"{where}: an image must be a data:image/<type>;base64,<data> URL", field=where)
-    _check_base64(url[m.end():], where)
+    check_base64(url[m.end():], where)
 
 
 def image_fields(messages: list[Any] | None, images: list[Any] | None = None) -> list[str]:
@@ -78,13 +117,13 @@ def image_fields(messages: list[Any] | None, images: list[Any] | None = None) ->
             where = f"messages[{i}].images[{k}]"
             if not isinstance(data, str) or not data:
                 raise ValidationFailed(f"{where}: an image must be a base64 string", field=where)
-            _check_base64(data, where)
+            check_base64(data, where)
             found.append(where)
     for k, data in enumerate(images or []):  # Ollama /api/generate: base64 strings on the request
         where = f"images[{k}]"
         if not isinstance(data, str) or not data:
             raise ValidationFailed(f"{where}: an image must be a base64 string", field=where)
-        _check_base64(data, where)
+        check_base64(data, where)
         found.append(where)
     return found
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,6 +24,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TARS_EMBED_RUNTIME", "torch")
 
 CACHE = Path(os.environ.get("TARS_TEST_CACHE", Path(__file__).resolve().parent.parent / ".test-cache"))
+
+
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    """Every ``pytest.mark.anyio`` test runs on asyncio (the project's loop; trio is not
+    supported). Module scope, as anyio's own default, so module-scoped async fixtures work."""
+    return "asyncio"
 
 
 @pytest.fixture(scope="session")
@@ -46,13 +55,26 @@ def minilm_dir() -> Path:
     return Path(pkg.get_model_path())
 
 
+def _saved_once(folder: Path, build: Callable[[], tuple[Any, Any]]) -> Path:
+    """``folder`` holding the (model, tokenizer) that ``build`` makes, built on the first run
+    only: later runs find its config.json and tokenizer.json in the test cache."""
+    if (folder / "config.json").exists() and (folder / "tokenizer.json").exists():
+        return folder
+    model, tokenizer = build()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir() -> Path:
     """A tiny random LlamaConfig causal LM + tokenizer on disk, for the 8-bit backend."""
     transformers = pytest.importorskip("transformers")
-    d = CACHE / "tiny-llama"
-    if (d / "config.json").exists() and (d / "tokenizer.json").exists():
-        return d
+    return _saved_once(CACHE / "tiny-llama", lambda: _tiny_llama(transformers))
+
+
+def _tiny_llama(transformers: Any) -> tuple[Any, Any]:
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -69,11 +91,7 @@ def tiny_llama_dir() -> Path:
     cfg = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128,
                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                    max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    model = transformers.LlamaForCausalLM(cfg)
-    d.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(d)
-    fast.save_pretrained(d)
-    return d
+    return transformers.LlamaForCausalLM(cfg), fast
 
 
 @pytest.fixture(scope="session")
@@ -81,9 +99,10 @@ def tiny_cross_encoder_dir() -> Path:
     """A tiny random BERT cross-encoder (one relevance label) + WordPiece tokenizer on disk,
     for the cross_encoder (rerank) backend: real sentence-transformers code, no download."""
     transformers = pytest.importorskip("transformers")
-    d = CACHE / "tiny-cross-encoder"
-    if (d / "config.json").exists() and (d / "tokenizer.json").exists():
-        return d
+    return _saved_once(CACHE / "tiny-cross-encoder", lambda: _tiny_cross_encoder(transformers))
+
+
+def _tiny_cross_encoder(transformers: Any) -> tuple[Any, Any]:
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
@@ -104,11 +123,7 @@ def tiny_cross_encoder_dir() -> Path:
                                                 model_max_length=128)
     cfg = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                   intermediate_size=64, max_position_embeddings=128, num_labels=1)
-    model = transformers.BertForSequenceClassification(cfg)
-    d.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(d)
-    fast.save_pretrained(d)
-    return d
+    return transformers.BertForSequenceClassification(cfg), fast
 
 
 @pytest.fixture(scope="session")

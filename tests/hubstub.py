@@ -20,15 +20,19 @@ Files are ``bytes`` or a ``Path`` (served from disk in slices, never read whole)
 counts the body bytes sent per (repo, file), ``log`` every request. Knobs for failure tests:
 ``truncate_first_get`` (drop the connection half way through a download, once), ``cut_first_range``
 (the same for a ranged read ``bytes=A-B``), ``refuse`` (503), ``etag_override``,
-``ignore_range`` (a repo whose files come whole, 200, whatever ``Range`` asks).
+``ignore_range`` (a repo whose files come whole, 200, whatever ``Range`` asks), ``errors`` (a
+repo whose every request answers one status and ``X-Error-Code``, as the hub does for a refusal).
 
-Use the ``hub`` fixture (``from tests.hubstub import hub``), which points HF_ENDPOINT at it.
+Use the ``hub`` fixture (``from tests.hubstub import hub``), which points HF_ENDPOINT at it. Also
+here: ``payload`` / ``gguf_spec`` / ``snapshot_spec`` (a made-up ``REPO`` and its specs) and
+``dead_endpoint`` (a hub that refuses connections). Nothing here reaches a real hub.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import threading
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -37,6 +41,8 @@ from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlparse
 
 import pytest
+
+from distributed.domain import ModelSpec
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 LFS_SUFFIXES = (".gguf", ".safetensors", ".bin")
@@ -72,6 +78,7 @@ class HubStub:
         self.cut_first_range: set[tuple[str, str]] = set()  # the first ranged read (bytes=A-B) of these too
         self.refuse: set[tuple[str, str]] = set()  # files whose GET answers 503 (until removed)
         self.ignore_range: set[str] = set()  # repos whose files come whole, whatever Range asks (some proxies)
+        self.errors: dict[str, tuple[int, str | None]] = {}  # repo -> (status, X-Error-Code) for every request
         self.log: list[dict[str, Any]] = []
         self.served: Counter[tuple[str, str]] = Counter()
         self._lock = threading.Lock()
@@ -134,10 +141,11 @@ class HubStub:
         h.end_headers()
         h.wfile.write(data)
 
-    def _error(self, h: BaseHTTPRequestHandler, status: int, code: str, message: str, head: bool) -> None:
+    def _error(self, h: BaseHTTPRequestHandler, status: int, code: str | None, message: str, head: bool) -> None:
         body = json.dumps({"error": message}).encode()
         h.send_response(status)
-        h.send_header("X-Error-Code", code)
+        if code is not None:
+            h.send_header("X-Error-Code", code)
         h.send_header("X-Error-Message", message)
         h.send_header("Content-Type", "application/json")
         h.send_header("Content-Length", "0" if head else str(len(body)))
@@ -194,6 +202,9 @@ class HubStub:
         cdn = h.server is self.cdn
         with self._lock:
             self.log.append({"method": h.command, "path": path, "range": h.headers.get("Range"), "cdn": cdn})
+        for repo, (status, code) in self.errors.items():
+            if f"/{repo}/" in path:
+                return self._error(h, status, code, f"{code or status} (hub stub)", head)
         if path.startswith("/api/models/") and not cdn:
             return self._api(h, path[len("/api/models/"):], query, head)
         repo, sep, tail = path.lstrip("/").partition("/resolve/")
@@ -292,6 +303,46 @@ def hub(monkeypatch: pytest.MonkeyPatch):
         monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
         monkeypatch.delenv("HF_TOKEN", raising=False)
         yield stub
+
+
+def dead_endpoint(monkeypatch: pytest.MonkeyPatch) -> str:
+    """Point HF_ENDPOINT at a 127.0.0.1 port with nothing listening (connection refused);
+    returns that URL."""
+    import huggingface_hub.constants as hf_constants
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    return url
+
+
+# --------------------------------------------------------------------------- a made-up repo of made-up bytes
+REPO = "tars-test/Tiny-GGUF"
+FILE = "tiny.Q4_K_M.gguf"
+
+
+def payload(n: int = 3 * 1024 * 1024 + 123) -> bytes:
+    """Deterministic bytes standing in for a GGUF file (size not a multiple of any chunk)."""
+    block = hashlib.sha256(b"tars").digest() * 1024
+    return (block * (n // len(block) + 1))[:n]
+
+
+def gguf_spec(**kw: Any) -> ModelSpec:
+    """A single-file (GGUF) model of ``REPO``; ``kw`` overrides its fields."""
+    base = dict(id="tiny-gguf", kind="chat", backend="llama_cpp", params_b=0.001, quant="Q4_K_M", context=128,
+                repo=REPO, file=FILE, size_mb=3)
+    base.update(kw)
+    return ModelSpec(**base)
+
+
+def snapshot_spec() -> ModelSpec:
+    """A transformers model pulled as a whole repo (``tars-test/tiny-8bit``)."""
+    return ModelSpec(id="tiny-8bit", kind="chat", backend="hf8bit", params_b=0.001, quant="int8", context=256,
+                     repo="tars-test/tiny-8bit")
 
 
 # --------------------------------------------------------------------------- real GGUFs for the repos

@@ -10,7 +10,9 @@ Translation (what Claude Code and the ``anthropic`` SDK send):
   user's text; assistant ``tool_use`` blocks → ``tool_calls`` (``input`` as JSON arguments),
   ``thinking`` blocks → the assistant's ``reasoning_content``; ``redacted_thinking`` is dropped
   (nothing here can read it); ``cache_control`` is accepted and has nothing to do (llama.cpp
-  keeps a shared prompt prefix by itself). Images and documents → 400: no model here has vision.
+  keeps a shared prompt prefix by itself). ``image`` blocks with a base64 source → OpenAI
+  ``image_url`` parts (data: URLs) for a model that sees images (``vision.py``; the route checks
+  it); a ``url`` source → 400 (the node fetches nothing for a client). Documents → 400.
 - ``tools`` (custom: ``input_schema``) → function tools; Anthropic's server tools (a ``type``
   such as ``web_search_20250305``) → 400 naming ``tools[i].type``. ``tool_choice`` auto / any
   / tool / none → auto / required / the named tool / none; ``disable_parallel_tool_use`` →
@@ -36,6 +38,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
+from .. import vision
 from ..domain import Completion, GenerateRequest, TokenChunk
 from ..errors import TarsError, ValidationFailed
 from ..requests import MAX_STOPS, MaxTokens
@@ -72,6 +75,11 @@ class _Common(_Strict):
         for name in REFUSED:
             if getattr(self, name, None) not in (None, [], {}):
                 raise ValidationFailed(f"'{name}': {REFUSED[name]}", field=name)
+
+
+def raw_messages(r: _Common) -> list[dict[str, Any]]:
+    """The messages as sent (for ``vision.check_images``: a refusal names the client's field)."""
+    return [{"role": m.role, "content": m.content} for m in r.messages]
 
 
 class MessagesRequest(_Common):
@@ -134,16 +142,49 @@ def _text_of(blocks: Any, field: str) -> str:
     return "\n\n".join(parts)
 
 
+def _image(block: dict[str, Any], where: str) -> dict[str, Any]:
+    """An ``image`` block as an OpenAI ``image_url`` part (inline base64 only)."""
+    src = block.get("source")
+    kind = src.get("type") if isinstance(src, dict) else None
+    if kind == "url":
+        raise ValidationFailed(f"'{where}.source': image URLs are not fetched (the node fetches nothing on a client's "
+                               "behalf); send the image as a base64 source", field=f"{where}.source")
+    media = src.get("media_type") if isinstance(src, dict) else None
+    data = src.get("data") if isinstance(src, dict) else None
+    if kind != "base64" or not isinstance(media, str) or not media.startswith("image/") or not isinstance(data, str):
+        raise ValidationFailed(f"'{where}.source' must be {{\"type\": \"base64\", \"media_type\": \"image/...\", "
+                               "\"data\": ...}", field=f"{where}.source")
+    vision.check_base64(data, f"{where}.source.data")
+    return vision.image_part(vision.data_url(data, media))
+
+
+def _blocks(content: Any, at: str) -> tuple[list[str], list[tuple[str, str | None, Any]]]:
+    """A message's text blocks' text, and its other blocks as (where, type, block), in order."""
+    texts: list[str] = []
+    others: list[tuple[str, str | None, Any]] = []
+    for j, b in enumerate(content):
+        kind = b.get("type") if isinstance(b, dict) else None
+        if kind == "text" and isinstance(b.get("text"), str):
+            texts.append(b["text"])
+        else:
+            others.append((f"{at}.content[{j}]", kind, b))
+    return texts, others
+
+
 def _user(content: Any, at: str) -> list[dict[str, Any]]:
     if isinstance(content, str):
         return [{"role": "user", "content": content}]
     out: list[dict[str, Any]] = []
     texts: list[str] = []
+    parts: list[dict[str, Any]] = []  # text and image parts in order, when there is an image
     for j, b in enumerate(content):
         where = f"{at}.content[{j}]"
         kind = b.get("type") if isinstance(b, dict) else None
         if kind == "text" and isinstance(b.get("text"), str):
             texts.append(b["text"])
+            parts.append({"type": "text", "text": b["text"]})
+        elif kind == "image":
+            parts.append(_image(b, where))
         elif kind == "tool_result":
             ident = b.get("tool_use_id")
             if not isinstance(ident, str) or not ident:
@@ -151,12 +192,14 @@ def _user(content: Any, at: str) -> list[dict[str, Any]]:
             result = _text_of(b.get("content") or "", f"{where}.content")
             out.append({"role": "tool", "tool_call_id": ident,
                         "content": f"Error: {result}" if b.get("is_error") else result})
-        elif kind in ("image", "document", "search_result"):
-            raise ValidationFailed(f"'{where}': {kind} blocks are not supported: the models here read text only "
-                                   "(no vision)", field=where)
+        elif kind in ("document", "search_result"):
+            raise ValidationFailed(f"'{where}': {kind} blocks are not supported: the models here read text and, "
+                                   "with a vision projector, images", field=where)
         else:
-            raise ValidationFailed(f"'{where}' must be a text or tool_result block", field=where)
-    if texts:
+            raise ValidationFailed(f"'{where}' must be a text, image or tool_result block", field=where)
+    if len(parts) > len(texts):  # an image: the parts in order (vision.py)
+        out.append({"role": "user", "content": parts})
+    elif texts:
         out.append({"role": "user", "content": "\n\n".join(texts)})
     return out
 
@@ -164,13 +207,10 @@ def _user(content: Any, at: str) -> list[dict[str, Any]]:
 def _assistant(content: Any, at: str) -> dict[str, Any]:
     if isinstance(content, str):
         return {"role": "assistant", "content": content}
-    texts, calls, thoughts = [], [], []
-    for j, b in enumerate(content):
-        where = f"{at}.content[{j}]"
-        kind = b.get("type") if isinstance(b, dict) else None
-        if kind == "text" and isinstance(b.get("text"), str):
-            texts.append(b["text"])
-        elif kind == "tool_use":
+    calls, thoughts = [], []
+    texts, others = _blocks(content, at)
+    for where, kind, b in others:
+        if kind == "tool_use":
             for key, typ in (("id", str), ("name", str), ("input", dict)):
                 if not isinstance(b.get(key), typ) or (typ is str and not b[key]):
                     raise ValidationFailed(f"'{where}.{key}' is required ({'an object' if typ is dict else 'text'})",

@@ -11,10 +11,11 @@ Layers, outside in:
    actually streamed), the ``x-tars-via`` header, request metrics by endpoint and
    model, and the last-resort 500 (generic message to the client, traceback to
    the log; never a traceback to a client).
-2. Exception handlers — ``TarsError`` → its HTTP status, by type, in the native
-   shape or OpenAI's on ``/v1/*``; FastAPI's validation errors → 400 naming the
-   field; unknown routes → 404 in the same shape.
-3. Routers — native.py, openai.py, ``/rpc`` (rpc/server.py, its own token auth),
+2. Exception handlers — ``TarsError`` → its HTTP status, by type, in each dialect's
+   shape (api/error_shapes.py: native, OpenAI's on ``/v1/*``, Anthropic's, Ollama's on
+   ``/api/*``); FastAPI's validation errors → 400 naming the field; unknown routes →
+   404 in the same shape.
+3. Routers — native.py, openai.py, ollama.py, ``/rpc`` (rpc/server.py, its own token auth),
    and the dashboard: ``/`` and ``/dashboard`` serve ``dashboard/index.html``,
    ``/dashboard/static/<file>`` its assets.
 """
@@ -41,7 +42,7 @@ from .. import __version__
 from ..errors import ModelLoading, PayloadTooLarge, PeerUnavailable, TarsError, Unauthorized, ValidationFailed
 from ..logs import get_logger
 from ..seams import ServiceNode
-from . import anthropic, deploy, error_shapes, native, openai, rerank, responses
+from . import anthropic, deploy, error_shapes, native, ollama, openai, rerank, responses
 from .auth import ApiKey
 from .guards import Guards, host_policy
 
@@ -226,9 +227,9 @@ def _add_error_handlers(app: FastAPI, node_name: str) -> None:
 def _add_dashboard(app: FastAPI) -> None:
     """``/`` and ``/dashboard`` serve the page, ``/dashboard/static/<file>`` its assets."""
 
-    @app.get("/", include_in_schema=False)
-    async def root() -> Response:
-        return _dashboard_page()
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
+    async def root(request: Request) -> Response:
+        return ollama.root(request) or _dashboard_page()  # "Ollama is running" on TARS_OLLAMA_PORT
 
     @app.get("/dashboard", include_in_schema=False)
     async def dashboard() -> Response:
@@ -265,8 +266,8 @@ def create_app(service: "Service") -> FastAPI:
     from ..rpc.server import build_rpc_router
 
     rpc = build_rpc_router(settings, node, service.cluster, deployer=service.deployer, split=service.split)
-    routers = [native.router, openai.router, anthropic.router, responses.router, rerank.router, deploy.router,
-               rpc]
+    routers = [native.router, openai.router, anthropic.router, responses.router, ollama.router, rerank.router,
+               deploy.router, rpc]
     for router in routers:
         app.include_router(router)
 
@@ -279,7 +280,8 @@ def create_app(service: "Service") -> FastAPI:
     fast = {("POST", "/inference"): native.inference, ("POST", "/embed"): native.embed,
             ("POST", "/v1/chat/completions"): openai.chat_completions, ("POST", "/v1/completions"): openai.completions,
             ("POST", "/v1/embeddings"): openai.embeddings, ("GET", "/health"): native.health,
-            ("POST", "/v1/messages"): anthropic.messages, ("POST", "/v1/responses"): responses.responses}
+            ("POST", "/v1/messages"): anthropic.messages, ("POST", "/v1/responses"): responses.responses,
+            **ollama.FAST}
     app.add_middleware(Edge, node=node, api_key=ApiKey(settings.api_key.get_secret_value()),
                        max_body=settings.max_body_bytes, endpoints=endpoints, fast=fast)
     app.add_middleware(Guards, node_name=node.name, hosts=host_policy(settings))  # outermost: api/guards.py

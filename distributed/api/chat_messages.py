@@ -13,7 +13,10 @@ back from llama-server as an HTTP 500).
   are dropped.
 - ``tool_call_id`` only on a tool message, and a tool message needs one naming a call of
   an earlier assistant message (what OpenAI requires; templates break on stray results).
-- ``content``: a string after the dialect's translation (text parts joined).
+- ``content``: a string after the dialect's translation (text parts joined), or, on a user
+  message carrying images, a list of ``text`` and ``image_url`` parts (OpenAI's shape, which
+  llama-server reads; whether the model sees images is ``vision.check_images``'s, called by
+  every dialect before this list reaches a node).
 
 API::
 
@@ -35,6 +38,34 @@ def _text(value: Any, field: str) -> str:
     if not isinstance(value, str):
         raise ValidationFailed(f"'{field}' must be a string", field=field)
     return value
+
+
+def _content(value: Any, role: str, field: str) -> str | list[dict[str, Any]]:
+    if not isinstance(value, list):
+        return _text(value, field)
+    if role != "user":
+        raise ValidationFailed(f"'{field}': only a user message carries images (this one is '{role}')", field=field)
+    parts: list[dict[str, Any]] = []
+    for j, part in enumerate(value):
+        at = f"{field}[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            parts.append({"type": "text", "text": part["text"]})
+        elif kind == "image_url" and isinstance(part.get("image_url"), dict) \
+                and isinstance(part["image_url"].get("url"), str):
+            parts.append({"type": "image_url", "image_url": {"url": part["image_url"]["url"]}})
+        else:
+            raise ValidationFailed(f"'{at}' must be a text part or an image_url part {{\"url\": \"data:...\"}}",
+                                   field=at)
+    return parts
+
+
+def has_content(message: dict[str, Any]) -> bool:
+    """Whether a domain message says something: text, an image, or tool calls."""
+    content = message.get("content")
+    if isinstance(content, list):
+        return any(p.get("type") != "text" or p.get("text", "").strip() for p in content)
+    return bool((content or "").strip() or message.get("tool_calls"))
 
 
 def _call(call: Any, field: str) -> dict[str, Any]:
@@ -77,7 +108,7 @@ def check(messages: list[dict[str, Any]], where: str = "messages") -> list[dict[
         unknown = sorted(set(m) - _KEYS)
         if unknown:
             raise ValidationFailed(f"'{at}.{unknown[0]}' is not a field of a chat message", field=f"{at}.{unknown[0]}")
-        msg: dict[str, Any] = {"role": role, "content": _text(m.get("content") or "", f"{at}.content")}
+        msg: dict[str, Any] = {"role": role, "content": _content(m.get("content") or "", role, f"{at}.content")}
         if m.get("name") is not None:
             msg["name"] = _text(m["name"], f"{at}.name")
         calls = m.get("tool_calls")
@@ -109,6 +140,6 @@ def check(messages: list[dict[str, Any]], where: str = "messages") -> list[dict[
                                        field=f"{at}.reasoning_content")
             msg["reasoning_content"] = _text(reasoning, f"{at}.reasoning_content")
         out.append(msg)
-    if not any(m["content"].strip() or m.get("tool_calls") for m in out):
+    if not any(has_content(m) for m in out):
         raise ValidationFailed(f"every message in '{where}' is empty", field=where)
     return out

@@ -115,6 +115,8 @@ def check_schema(schema: Any, field: str) -> None:
 class _Request(BaseModel):
     # "allow": the extras are inspected by _refuse_extras (refused or unknown, each by name)
     model_config = ConfigDict(extra="allow", populate_by_name=True)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
 
     def _refuse_extras(self) -> None:
         for name, value in (self.model_extra or {}).items():
@@ -162,8 +164,6 @@ class ChatCompletionRequest(_Request, sampling.Knobs):
     n: Choices | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     response_format: ResponseFormat | None = None
@@ -194,7 +194,7 @@ class ChatCompletionRequest(_Request, sampling.Knobs):
             if m.refusal is not None and m.role != "assistant":
                 raise ValidationFailed(f"'messages[{i}].refusal': only an assistant message carries a refusal",
                                        field=f"messages[{i}].refusal")
-        messages = chat_messages.check(domain_messages(self.messages))  # shapes, before an engine sees them
+        messages = chat_messages.check(domain_messages(self.messages, images=True))  # shapes, before an engine sees them
         kwargs = self.chat_template_kwargs or None
         for key in kwargs or ():
             if key in RESERVED_TEMPLATE_KEYS:
@@ -250,6 +250,9 @@ class ChatCompletionRequest(_Request, sampling.Knobs):
         return [t.model_dump(exclude_none=True) for t in tools], out_choice
 
 
+# The OpenAI fields it shares with ChatCompletionRequest are declared again, not inherited:
+# each class is one endpoint's schema in OpenAI's own field order (which /openapi.json shows and
+# the first validation error follows). `duplicates` sees the same shape (boilerplate).
 class CompletionRequest(_Request, sampling.Knobs):
     """POST /v1/completions (legacy text completion)."""
 
@@ -262,8 +265,6 @@ class CompletionRequest(_Request, sampling.Knobs):
     best_of: Choices | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     logprobs: int | None = Field(None, ge=0, le=5)

@@ -36,7 +36,8 @@ class DeployRequest(BaseModel):
     chat_template: str | None = Field(None, min_length=1, max_length=64)  # a shipped template's name
 
 
-def _deployer(request: Request) -> "Deployer":
+def deployer_of(request: Request) -> "Deployer":
+    """The node's deployer (``app.state.deployer``), or a ConfigError when runtime deploys are off."""
     deployer: Deployer | None = getattr(request.app.state, "deployer", None)  # create_app sets it
     if deployer is None:
         raise ConfigError("this node has no deployer (runtime deploys are off)")
@@ -49,7 +50,7 @@ def _deployer(request: Request) -> "Deployer":
 async def deploy(request: Request) -> Response:
     r = s.parse(DeployRequest, await request.body())
     label(request, r.model)
-    out = await _deployer(request).deploy(r.model, r.replicas, r.node, r.chat_template)
+    out = await deployer_of(request).deploy(r.model, r.replicas, r.node, r.chat_template)
     out["via"] = request.app.state.node.name
     return JSON(out, status_code=200 if out.get("status") == "unchanged" else 202)
 
@@ -57,6 +58,6 @@ async def deploy(request: Request) -> Response:
 @router.delete("/models/{model_id:path}", summary="Remove a model everywhere (after its requests in flight)")
 async def remove(request: Request, model_id: str) -> Response:
     label(request, model_id)
-    out = await _deployer(request).remove(model_id)
+    out = await deployer_of(request).remove(model_id)
     out["via"] = request.app.state.node.name
     return JSON(out, status_code=202)

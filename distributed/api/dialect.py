@@ -8,23 +8,52 @@ API::
     await complete(request, req) -> (Completion, reason)
     await open_stream(request, req) -> (first, agen, reason)   # first item already read
     model_of(request, req, first) -> str                 # the model a stream answers with
+    check_images(request, model, messages, images=None)  # images reach only a model that sees them
+    await read(request, model) -> (body, req)            # the body parsed, its domain request labelled
+    await answer(request, req, stream, whole) -> Response      # all of the above, in the dialect's shapes
+    log_labels(model, labels)                            # the client's bookkeeping labels, logged
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar, cast
 
 from fastapi import Request
+from pydantic import BaseModel
+from starlette.responses import Response
 
+from .. import vision
 from ..domain import Completion, GenerateRequest
+from ..logs import fields, get_logger
+from . import schemas as s
 from . import tool_drop
-from .streaming import first_item, until_disconnect
+from .native import JSON, label
+from .streaming import ClientGone, EventStream, drain, first_item, until_disconnect
+
+log = get_logger(__name__)
+
+
+class _ToDomain(Protocol):
+    def to_domain(self) -> GenerateRequest: ...
+
+
+_B = TypeVar("_B", bound=BaseModel)  # a dialect's request body, which has a to_domain() too
 
 
 def body_doc(model: type) -> dict[str, Any]:
     """The ``requestBody`` of a route that reads its body itself (one pydantic pass)."""
     return {"requestBody": {"content": {"application/json": {
         "schema": model.model_json_schema(ref_template="#/components/schemas/{model}")}}}}  # type: ignore[attr-defined]
+
+
+async def read(request: Request, model: type[_B]) -> tuple[_B, GenerateRequest]:
+    """The request's body as ``model`` (ValidationFailed naming the field), and the domain
+    request it becomes, its model named for the metrics."""
+    r = s.parse(model, await request.body())
+    req = cast(_ToDomain, r).to_domain()
+    label(request, req.model)
+    return r, req
 
 
 async def complete(request: Request, req: GenerateRequest) -> tuple[Completion, str | None]:
@@ -45,3 +74,39 @@ async def open_stream(request: Request, req: GenerateRequest) -> tuple[Any, Any,
 
 def model_of(request: Request, req: GenerateRequest, first: Any) -> str:
     return getattr(first, "model", None) or request.app.state.node.resolve(req.model, "chat").model
+
+
+def check_images(request: Request, model: str | None, messages: list[Any] | None,
+                 images: list[Any] | None = None) -> int:
+    """``vision.check_images`` on the request as the client sent it (so a refusal names the
+    client's field): each image's form first (inline base64 only; an http(s) URL is refused),
+    then, only when there is one, the chat model ``model`` resolves to (404 if unknown) must
+    see images (a 400 saying it has no vision). Returns how many images there are."""
+    if not vision.image_fields(messages, images):
+        return 0
+    target = request.app.state.node.resolve(model, "chat")
+    return vision.check_images(target.model, vision.sees_images(target), messages, images)
+
+
+async def answer(request: Request, req: GenerateRequest, stream: Callable[[str], Any],
+                 whole: Callable[[Completion, str | None], Any]) -> Response:
+    """A dialect's answer to ``req``: its event stream, formatted by ``stream(model)``, or the
+    JSON body ``whole(completion, dropped)``; the tools-dropped header either way (``dropped``
+    says why, or is None), and 499 for a client that left first."""
+    try:
+        if req.stream:
+            first, agen, dropped = await open_stream(request, req)
+            model = model_of(request, req, first)
+            label(request, model)
+            return EventStream(drain(first, agen, stream(model)), tool_drop.headers(dropped))
+        c, dropped = await complete(request, req)
+    except ClientGone:
+        return Response(status_code=499)
+    label(request, c.model)
+    return JSON(whole(c, dropped), headers=tool_drop.headers(dropped))
+
+
+def log_labels(model: str | None, labels: dict[str, Any]) -> None:
+    """Labels a request carries for the client's own bookkeeping: logged, nothing else."""
+    if labels:
+        log.info("request labelled", extra=fields(model=model, **labels))

@@ -8,6 +8,7 @@ module only writes the body a dialect's clients parse:
 - Anthropic (``/v1/messages*``): ``{"type": "error", "error": {"type", "message"}}`` — the
   ``anthropic`` SDK maps its error ``type`` (invalid_request_error, authentication_error,
   not_found_error, request_too_large, rate_limit_error, api_error, overloaded_error)
+- Ollama (``/api/*``): ``{"error": "<message>"}`` (api/ollama_answers.py)
 
 A dialect added later (Ollama's ``/api/*``) registers its prefix and renderer in ``SHAPES``.
 
@@ -26,6 +27,7 @@ from typing import Any
 import orjson
 
 from ..errors import TarsError
+from .ollama_answers import ollama_error
 from .schemas import native_error, openai_error
 
 _ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -46,6 +48,7 @@ def _anthropic(exc: TarsError, node: str) -> dict[str, Any]:
 SHAPES: list[tuple[str, str, Callable[[TarsError, str], dict[str, Any]]]] = [
     ("/v1/messages", "anthropic", _anthropic),
     ("/v1/", "openai", openai_error),
+    ("/api/", "ollama", ollama_error),
 ]
 
 

@@ -25,7 +25,7 @@ from ..streams import drain_choices
 from . import chat_surface as cs
 from . import schemas as s
 from . import tool_drop
-from .dialect import body_doc
+from .dialect import body_doc, check_images
 from .native import JSON, label
 from .streaming import ClientGone, EventStream, first_item, until_disconnect
 
@@ -47,7 +47,9 @@ async def list_models(request: Request) -> Response:
              openapi_extra=body_doc(cs.ChatCompletionRequest))
 async def chat_completions(request: Request) -> Response:
     r = s.parse(cs.ChatCompletionRequest, await request.body())
-    return await _generate(request, "chat", r.to_domain(), r.stream_options, r)
+    req = r.to_domain()
+    check_images(request, req.model, req.messages)  # image_url parts: inline, and only to a model that sees
+    return await _generate(request, "chat", req, r.stream_options, r)
 
 
 @router.post("/completions", summary="Text completion (stream=true for SSE)",

@@ -140,6 +140,8 @@ class ResponsesRequest(BaseModel):
 
 
 # =========================================================================== translation
+# Alike in shape with anthropic_wire._text_of (text or a list of typed parts), not in logic:
+# the part types, the refusal parts of an assistant and the errors are the Responses API's.
 def _parts(content: Any, at: str, role: str) -> str:
     if isinstance(content, str):
         return content

@@ -88,36 +88,43 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = None  # a tool turn: the call it answers
     refusal: str | None = None  # an assistant turn's refusal text (used as its content when that is empty)
 
-    def text(self, index: int) -> str:
+    def text(self, index: int, images: bool = False) -> str | list[dict[str, Any]]:
+        """The content as text (text parts joined); with ``images``, a user message's content
+        that has ``image_url`` parts stays a list of parts (checked by vision.py)."""
         c = self.content
         if c is None:
             return ""
         if isinstance(c, str):
             return c
+        if images and self.role == "user" and any(p.get("type") == "image_url" for p in c):
+            return c
         parts = []
         for j, part in enumerate(c):
             if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ValidationFailed(f"messages[{index}].content[{j}]: only text parts "
-                                       "({\"type\": \"text\", \"text\": ...}) are supported",
+                what = "text parts ({\"type\": \"text\", \"text\": ...}) and, on user messages, image_url parts" \
+                    if images else "text parts ({\"type\": \"text\", \"text\": ...})"
+                raise ValidationFailed(f"messages[{index}].content[{j}]: only {what} are supported",
                                        field=f"messages[{index}].content[{j}]")
             parts.append(part["text"])
         return "".join(parts)
 
 
-def domain_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """The request's messages as domain dicts (400 naming what is empty or unsupported)."""
+def domain_messages(messages: list[ChatMessage], images: bool = False) -> list[dict[str, Any]]:
+    """The request's messages as domain dicts (400 naming what is empty or unsupported).
+    ``images``: user messages may keep ``image_url`` parts (/v1/chat/completions)."""
     if not messages:
         raise ValidationFailed("'messages' is empty; send at least one message", field="messages")
     out = []
     for i, m in enumerate(messages):
         msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
-                               "content": m.text(i) or (m.refusal or "")}
+                               "content": m.text(i, images) or (m.refusal or "")}
         for key in ("name", "tool_calls", "tool_call_id"):
             value = getattr(m, key)
             if value is not None:
                 msg[key] = value
         out.append(msg)
-    if not any(m["content"].strip() or m.get("tool_calls") for m in out):
+    if not any((isinstance(m["content"], list) and m["content"]) or m["content"].strip() or m.get("tool_calls")
+               for m in out):
         raise ValidationFailed("every message in 'messages' is empty", field="messages")
     return out
 

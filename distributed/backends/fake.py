@@ -51,8 +51,18 @@ def render_messages(messages: list[dict[str, Any]]) -> str:
 
 
 class _FakeBase:
+    """What both fakes share: the knobs, and load/unload (``loaded`` says which ran last)."""
+
     options: Any
     spec: Any
+    loaded = False
+
+    def load(self) -> None:
+        self._fake_load()
+        self.loaded = True
+
+    def unload(self) -> None:
+        self.loaded = False
 
     def _extra(self, key: str, default: Any = None) -> Any:
         return self.options.extra.get(key, default)
@@ -75,19 +85,11 @@ class FakeChatBackend(_FakeBase, ChatBackend):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.loaded = False
         self.tokens_produced = 0  # total, across requests (tests watch it)
         self.active = 0  # generations running right now
         self.max_active = 0  # most that ever ran at once (must stay 1)
         self.cancelled = 0  # streams that stopped on the cancel event
         self._guard = threading.Lock()
-
-    def load(self) -> None:
-        self._fake_load()
-        self.loaded = True
-
-    def unload(self) -> None:
-        self.loaded = False
 
     @property
     def context_length(self) -> int:
@@ -142,15 +144,7 @@ class FakeEmbedBackend(_FakeBase, EmbedBackend):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.loaded = False
         self.batches: list[int] = []  # size of every encode call (the micro-batcher test reads it)
-
-    def load(self) -> None:
-        self._fake_load()
-        self.loaded = True
-
-    def unload(self) -> None:
-        self.loaded = False
 
     @property
     def dim(self) -> int:

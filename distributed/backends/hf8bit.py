@@ -268,8 +268,9 @@ class HF8BitBackend(ChatBackend):
         """``model.generate`` arguments: greedy or sampled, seeded, with a stopping
         criterion that ends generation before the next token once ``cancel`` or ``halt`` is set."""
         torch, tf = self._torch, self._tf
+        criterion: Any = tf.StoppingCriteria  # transformers' base class, imported lazily
 
-        class _Control(tf.StoppingCriteria):
+        class _Control(criterion):
             def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
                 stop = cancel.is_set() or halt.is_set()
                 return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)

@@ -36,7 +36,7 @@ import importlib
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any, Callable
 
@@ -133,7 +133,7 @@ def _route_native_output(llama_cpp: Any) -> None:
             except ImportError:
                 continue
             if hasattr(module, "suppress_stdout_stderr"):
-                module.suppress_stdout_stderr = _KeepStdStreams
+                setattr(module, "suppress_stdout_stderr", _KeepStdStreams)
 
 
 def _formatter_of(handler: Callable[..., Any]) -> Callable[..., Any] | None:
@@ -416,7 +416,7 @@ class LlamaCppBackend(ChatBackend):
             llm.last_n_tokens_size = default_last_n
 
     def _pieces(self, llm: Any, tokens: list[int], req: GenerateRequest, stop: list[str], grammar: Any,
-                cancel: threading.Event) -> Iterator[tuple[str, Any] | str]:
+                cancel: threading.Event) -> Generator[tuple[str, Any] | str, None, None]:
         """(text, None) per piece from llama-cpp-python's own decode loop, then the finish reason."""
         # A generator: nothing runs until the first next(), which evaluates the prompt.
         chunks = llm.create_completion(prompt=tokens, max_tokens=req.max_tokens, temperature=req.temperature,

@@ -28,7 +28,7 @@ import random
 import re
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -273,7 +273,7 @@ class LogprobDecoder:
                                               "logprob": float(logp[alt]), "bytes": list(b)})
         return entry
 
-    def run(self) -> Iterator[tuple[str, list[dict[str, Any]]] | str]:
+    def run(self) -> Generator[tuple[str, list[dict[str, Any]]] | str, None, None]:
         llm, req = self.llm, self.req
         llm.set_seed(req.seed if req.seed is not None else random.randint(0, 2**31))
         gen = llm.generate(self.tokens, top_p=req.top_p, temp=req.temperature, presence_penalty=req.presence_penalty,

@@ -19,29 +19,13 @@ from typing import Any, Optional
 import typer
 
 from ..errors import ModelFailed, RequestTimeout
-from .node_http import DEFAULT_URL, KEY_OPT, auth_headers, fail_for, unreachable
+from .node_http import DEFAULT_URL, KEY_OPT, call_node
 
 URL_OPT = typer.Option(DEFAULT_URL, "--url", envvar="TARS_URL", help="Base URL of any node of the cluster.")
 
 
-def _call(method: str, url: str, path: str, api_key: str, body: Any = None, timeout: float = 30.0) -> Any:
-    import httpx
-
-    url = url.rstrip("/")
-    headers = {**auth_headers(api_key), "Content-Type": "application/json"}
-    try:
-        resp = httpx.request(method, f"{url}{path}", headers=headers, timeout=timeout,
-                             content=None if body is None else json.dumps(body))
-    except httpx.TimeoutException as exc:
-        raise RequestTimeout(f"{url}{path} gave no answer within {timeout:g}s") from exc
-    except httpx.TransportError as exc:
-        raise unreachable(url, exc) from exc
-    fail_for(resp, url)
-    return resp.json()
-
-
 def models(url: str, api_key: str) -> list[dict[str, Any]]:
-    return list(_call("GET", url, "/models", api_key).get("models", []))
+    return list(call_node("GET", url, "/models", api_key).get("models", []))
 
 
 def _state(m: dict[str, Any]) -> str:
@@ -101,7 +85,7 @@ def register(app: typer.Typer) -> None:
             body["replicas"] = replicas
         if host is not None:
             body["node"] = host
-        out = _call("POST", url, "/models", api_key, body, timeout=120.0)
+        out = call_node("POST", url, "/models", api_key, body, timeout=120.0)
         where = ", ".join(f"{a['node']} ({a['device']})" for a in out.get("placement", []))
         if out.get("status") == "unchanged":
             typer.echo(f"{model}: already deployed on {where}")
@@ -117,7 +101,7 @@ def register(app: typer.Typer) -> None:
     def stop(model: str = typer.Argument(..., help="A deployed model's id."),
              url: str = URL_OPT, api_key: str = KEY_OPT) -> None:
         """Remove a model from the cluster (each host unloads it after its requests in flight)."""
-        out = _call("DELETE", url, f"/models/{model}", api_key, timeout=120.0)
+        out = call_node("DELETE", url, f"/models/{model}", api_key, timeout=120.0)
         typer.echo(f"{model}: removing; the cluster now serves {', '.join(out.get('models', [])) or 'nothing'}")
 
     @app.command()

@@ -227,8 +227,8 @@ def render_plan(hosts: dict[str, HostProfile], plan: Plan, settings: Any,
             con.print(f"  {where}: " + " && ".join(f"tars models pull {m}" for m in ids))
     else:
         con.print("[bold]To run it[/]: every recommended model is already on disk.")
-    ids = ",".join(s.id for s in rec)
-    con.print(f"  then set [bold]TARS_MODELS={ids}[/]\n  in env/.env.pc1 (the server's env file) and restart it.")
+    wanted = ",".join(s.id for s in rec)
+    con.print(f"  then set [bold]TARS_MODELS={wanted}[/]\n  in env/.env.pc1 (the server's env file) and restart it.")
 
 
 def plan_cmd(

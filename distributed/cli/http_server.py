@@ -192,6 +192,7 @@ def guarded(base: type, guard: ConnectionGuard, tls: ssl.SSLContext | None = Non
 
         async def _tars_start_tls(self, raw: Any) -> None:
             loop = asyncio.get_running_loop()
+            assert tls is not None  # only started when the server has TLS
             try:  # the guard's headers deadline closes a stalled handshake first; this is a backstop
                 wrapped = await loop.start_tls(raw, self, tls, server_side=True,
                                                ssl_handshake_timeout=guard.header_timeout_s + 2 * SWEEP_S)
@@ -235,6 +236,7 @@ def build_server(app: Any, settings: Any, log: Any) -> Any:
     from ..optional import available
 
     http = "httptools" if available("httptools") else "h11"
+    base: type[Any]
     if http == "httptools":
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
     else:

@@ -18,7 +18,7 @@ from typing import Any, Optional
 import typer
 
 from ..errors import PeerError, RequestTimeout, ValidationFailed
-from .node_http import KEY_OPT, URL_ARG, auth_headers, fail_for, unreachable
+from .node_http import KEY_OPT, URL_ARG, auth_headers, call_node, fail_for, unreachable
 
 DEFAULT_PROMPT = "Write a short story about a robot who learns to paint."
 _SENTENCES = (
@@ -36,17 +36,7 @@ _SENTENCES = (
 # ----------------------------------------------------------------------------- HTTP
 def fetch_status(url: str, api_key: str = "", timeout: float = 10.0) -> dict[str, Any]:
     """GET /status of the node at ``url``, or raise a TarsError that says what to do."""
-    import httpx
-
-    url = url.rstrip("/")
-    try:
-        resp = httpx.get(f"{url}/status", headers=auth_headers(api_key), timeout=timeout)
-    except httpx.TimeoutException as exc:
-        raise RequestTimeout(f"{url}/status gave no answer within {timeout:g}s") from exc
-    except httpx.TransportError as exc:
-        raise unreachable(url, exc) from exc
-    fail_for(resp, url)
-    return resp.json()
+    return call_node("GET", url, "/status", api_key, timeout=timeout)
 
 
 # ----------------------------------------------------------------------------- status

@@ -61,7 +61,9 @@ def serve(env_file: Optional[Path] = None, host: Optional[str] = None, port: Opt
     from .http_server import build_server
 
     server = build_server(app, settings, log)  # connection deadlines and bound, TLS (cli/http_server.py)
-    server.run()
+    from .ollama_port import sockets
+
+    server.run(sockets=sockets(server.config, settings, log))  # + TARS_OLLAMA_PORT's socket when set
     if getattr(server, "started", True) is False:  # e.g. the port is taken: uvicorn logged why
         sys.exit(1)
 

@@ -86,6 +86,8 @@ class GenerationQueue:
         self._running = False  # for reporting: the slot itself frees when the worker thread returns
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"gen-{name}")
 
+    # Read-only views of the slot (the Queue protocol); tests/cluster_support.Host's properties
+    # have the same shape (boilerplate), nothing in common.
     @property
     def max_waiting(self) -> int:
         return self._slot.max_waiting

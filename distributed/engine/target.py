@@ -33,7 +33,7 @@ import orjson
 
 from ..domain import (Assignment, Completion, EmbedRequest, Embeddings, GenerateRequest, ModelSpec, Timings,
                       TokenChunk, Usage)
-from ..errors import ModelFailed, TarsError, ToolsUnsupported, ValidationFailed
+from ..errors import ModelFailed, RequestTimeout, TarsError, ToolsUnsupported, ValidationFailed
 from ..logs import fields, get_logger
 from ..metrics import Metrics
 from ..targets.base import Target, TargetState
@@ -213,6 +213,10 @@ class EngineTarget(Target):
             try:
                 resp = await self._client.post(self.base_url + path, content=orjson.dumps(body),
                                                headers={"Content-Type": "application/json"})
+            except httpx.ReadTimeout:  # the engine is alive but slow: the request's deadline, not a failure
+                raise RequestTimeout(f"model '{self.model}' on {self.node} gave no answer within "
+                                     f"{self.config.timeout_s:g} s (TARS_REQUEST_TIMEOUT_S); ask for fewer tokens "
+                                     "or retry", model=self.model, node=self.node) from None
             except httpx.TransportError as exc:
                 raise self._gone(exc) from None
             if resp.status_code != 200:

@@ -31,7 +31,7 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 from ..errors import PeerUnavailable, Unauthorized
@@ -181,12 +181,20 @@ async def splice(a: tuple[asyncio.StreamReader, asyncio.StreamWriter],
             live.discard(ch)
 
 
-class _Channels:
-    """The live connections of one listener, so close() ends them all."""
+class _Listener:
+    """One listening socket and its live connections, so close() ends them all."""
 
     def __init__(self) -> None:
+        self.server: asyncio.base_events.Server | None = None
         self.tasks: set[asyncio.Task[Any]] = set()
         self.splices: set[_Splice] = set()
+
+    async def listen(self, handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+                     host: str, port: int) -> int:
+        """Start listening (once) on host:port; the port it listens on (a free one for 0)."""
+        if self.server is None:
+            self.server = await asyncio.start_server(handle, host, port)
+        return int(self.server.sockets[0].getsockname()[1])
 
     def track(self) -> None:
         task = asyncio.current_task()
@@ -195,6 +203,9 @@ class _Channels:
             task.add_done_callback(self.tasks.discard)
 
     async def close(self) -> None:
+        if self.server is None:
+            return
+        self.server.close()
         for ch in list(self.splices):  # open channels end as if a side had closed
             ch.close()
         if self.tasks:
@@ -202,6 +213,8 @@ class _Channels:
         for t in list(self.tasks):  # still in the handshake
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.server.wait_closed()
+        self.server = None
 
 
 class RelayServer:
@@ -219,23 +232,17 @@ class RelayServer:
         self._skew = skew_s
         self._timeout = handshake_timeout_s
         self._seen: dict[bytes, float] = {}
-        self._server: asyncio.base_events.Server | None = None
-        self._channels = _Channels()
+        self._listener = _Listener()
         self.stats: dict[str, int] = {"accepted": 0, "refused": 0, "open": 0}
 
     async def start(self) -> None:
-        if self._server is None:
-            self._server = await asyncio.start_server(self._handle, self.host, self.port)
-            self.port = self._server.sockets[0].getsockname()[1]
+        if self._listener.server is None:
+            self.port = await self._listener.listen(self._handle, self.host, self.port)
             log.info("split relay listening on %s:%d (cluster token first)", self.host, self.port,
                      extra=fields(relay=self.name))
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._channels.close()
-            await self._server.wait_closed()
-            self._server = None
+        await self._listener.close()
 
     def info(self) -> dict[str, Any]:
         return {"listen": f"{self.host}:{self.port}", **self.stats}
@@ -257,7 +264,7 @@ class RelayServer:
         return where
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._channels.track()
+        self._listener.track()
         peer = writer.get_extra_info("peername")
         try:
             preface = await asyncio.wait_for(reader.readexactly(PREFACE_LEN), self._timeout)
@@ -284,7 +291,7 @@ class RelayServer:
         _nodelay(local[1])
         writer.write(_mac(self._token, b"ok", preface[16:32]))
         try:
-            await splice((reader, writer), local, self.stats, self._channels.splices)
+            await splice((reader, writer), local, self.stats, self._listener.splices)
         finally:
             self.stats["open"] -= 1
 
@@ -325,8 +332,7 @@ class Tunnel:
                  name: str = "tunnel", timeout: float = HANDSHAKE_TIMEOUT_S) -> None:
         self._token, self.remote, self.target, self.port, self.name = token, remote, target, port, name
         self._timeout = timeout
-        self._server: asyncio.base_events.Server | None = None
-        self._channels = _Channels()
+        self._listener = _Listener()
         self.stats: dict[str, int] = {"accepted": 0, "failed": 0, "open": 0}
         self.last_error: str | None = None
 
@@ -335,23 +341,17 @@ class Tunnel:
         return f"127.0.0.1:{self.port}"
 
     async def start(self) -> None:
-        if self._server is None:
-            self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
-            self.port = self._server.sockets[0].getsockname()[1]
+        self.port = await self._listener.listen(self._handle, "127.0.0.1", self.port)
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._channels.close()
-            await self._server.wait_closed()
-            self._server = None
+        await self._listener.close()
 
     def info(self) -> dict[str, Any]:
         return {"listen": self.address, "remote": f"{self.remote[0]}:{self.remote[1]}", **self.stats,
                 **({"error": self.last_error} if self.last_error else {})}
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._channels.track()
+        self._listener.track()
         _nodelay(writer)
         try:
             remote = await open_channel(*self.remote, self._token, self.target, self._timeout)
@@ -365,6 +365,6 @@ class Tunnel:
         self.stats["accepted"] += 1
         self.stats["open"] += 1
         try:
-            await splice((reader, writer), remote, self.stats, self._channels.splices)
+            await splice((reader, writer), remote, self.stats, self._listener.splices)
         finally:
             self.stats["open"] -= 1

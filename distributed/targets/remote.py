@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 from ..domain import Completion, EmbedRequest, Embeddings, GenerateRequest, ModelKind, Timings, TokenChunk
 from ..errors import PeerUnavailable
@@ -46,6 +46,7 @@ log = get_logger(__name__)
 
 DOWN = ("dead", "left")
 DRAIN_S = 10.0  # how long a retired stand-in or target waits for its requests in flight
+_R = TypeVar("_R")  # what a call answered at once returns (Completion, Embeddings)
 
 
 class PeerView(Protocol):
@@ -285,20 +286,31 @@ class RemoteTarget(Target):
         d.pop("stream", None)
         return d
 
-    async def generate(self, req: GenerateRequest) -> Completion:
+    async def _one_call(self, forward: Callable[[], Awaitable[_R]], here: Callable[[Target], Awaitable[_R]],
+                        *, down_too: bool = False) -> _R:
+        """A call answered at once: ``forward()`` on the peer, or ``here(standin)`` when the
+        peer is routed around or refuses the connection (with ``down_too``, also when any
+        failure finds the peer down)."""
         self.requests += 1
         with self._active:
             standin = await self._route()
             if standin is None:
                 try:
                     self.forwarded += 1
-                    result = await self._watch(self.peer.client.call("inference.generate", self._params(req)))
-                    return Completion.from_dict(result)
+                    return await forward()
                 except PeerUnavailable as exc:
-                    if not self._refused(exc):
+                    if not self._refused(exc) and not (down_too and self.peer.state in DOWN):
                         raise
                     standin = await self._failover(exc)
-            return await self._on_standin(standin, standin.generate(req))
+            result: _R = await self._on_standin(standin, here(standin))
+            return result
+
+    async def generate(self, req: GenerateRequest) -> Completion:
+        async def forward() -> Completion:
+            return Completion.from_dict(
+                await self._watch(self.peer.client.call("inference.generate", self._params(req))))
+
+        return await self._one_call(forward, lambda standin: standin.generate(req))
 
     async def stream(self, req: GenerateRequest) -> AsyncIterator[TokenChunk | Completion]:
         self.requests += 1
@@ -373,21 +385,13 @@ class RemoteTarget(Target):
 
     async def embed(self, req: EmbedRequest) -> Embeddings:
         t0 = time.perf_counter()
-        self.requests += 1
-        with self._active:
-            standin = await self._route()
-            if standin is None:
-                try:
-                    self.forwarded += 1
-                    vectors, tokens, node = await self._coalescer.submit(list(req.input), req.normalize)
-                    return Embeddings(model=self.model, node=node or self.peer.name, vectors=vectors,
-                                      prompt_tokens=tokens,
-                                      timings=Timings(total_ms=round((time.perf_counter() - t0) * 1000, 3)))
-                except PeerUnavailable as exc:
-                    if not self._refused(exc) and self.peer.state not in DOWN:
-                        raise
-                    standin = await self._failover(exc)
-            return await self._on_standin(standin, standin.embed(req))
+
+        async def forward() -> Embeddings:
+            vectors, tokens, node = await self._coalescer.submit(list(req.input), req.normalize)
+            return Embeddings(model=self.model, node=node or self.peer.name, vectors=vectors, prompt_tokens=tokens,
+                              timings=Timings(total_ms=round((time.perf_counter() - t0) * 1000, 3)))
+
+        return await self._one_call(forward, lambda standin: standin.embed(req), down_too=True)
 
     # ------------------------------------------------------------ reporting
     @property

@@ -23,7 +23,8 @@ hypothesis = pytest.importorskip("hypothesis")
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 HOST = "127.0.0.4"
-CHAT_ROUTES = r"^/(inference|v1/chat/completions|v1/completions|v1/messages(/count_tokens)?|v1/responses)$"
+CHAT_ROUTES = (r"^/(inference|v1/chat/completions|v1/completions|v1/messages(/count_tokens)?|v1/responses"
+               r"|api/chat|api/generate)$")
 # no shrinking: an example against the engine takes seconds; the failing one is printed as found
 SETTINGS = hypothesis.settings(deadline=None, suppress_health_check=list(hypothesis.HealthCheck), derandomize=True,
                                database=None, print_blob=False,
@@ -61,9 +62,11 @@ def engine_node(smollm2_gguf, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def every_route(fake_node):
-    # not /rpc (its own token and JSON-RPC envelope) nor the runtime deploys (they start pulls)
+    # not /rpc (its own token and JSON-RPC envelope) nor the runtime deploys (they start pulls;
+    # Ollama's /api/pull and /api/delete are the same deploys)
     return (schemathesis.openapi.from_url(f"{fake_node.url}/openapi.json")
-            .exclude(path_regex=r"^/rpc").exclude(method=["POST", "DELETE"], path_regex=r"^/models"))
+            .exclude(path_regex=r"^/rpc").exclude(method=["POST", "DELETE"], path_regex=r"^/models")
+            .exclude(path_regex=r"^/api/(pull|delete)$"))
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +78,15 @@ def _cap(case: Any) -> None:
     """At most 8 tokens a generated request, set or not (the defaults run to hundreds)."""
     body = case.body
     if not isinstance(body, dict) or case.path.endswith("/count_tokens"):  # counting generates one token
+        return
+    if case.path.startswith("/api/"):  # Ollama: options.num_predict (-1, -2 or absent: until the context is full)
+        options = body.get("options")
+        if isinstance(options, dict):
+            n = options.get("num_predict")
+            if n is None or isinstance(n, (int, float)) and not isinstance(n, bool) and not 0 < n <= 8:
+                options["num_predict"] = 8  # a wrong type stays: it must be a 400
+        elif options is None:
+            body["options"] = {"num_predict": 8}
         return
     key = {"/v1/responses": "max_output_tokens"}.get(case.path, "max_tokens")
     for name in (key, "max_completion_tokens"):
@@ -121,7 +133,9 @@ def _fuzz(schema: Any, base_url: str, examples: int) -> list[str]:
 
 
 def test_no_route_answers_5xx_to_what_the_fuzzer_sends(every_route, fake_node):
-    assert len(list(every_route.get_all_operations())) >= 15
+    labels = {r.ok().label for r in every_route.get_all_operations()}
+    assert len(labels) >= 15 and {"POST /api/chat", "POST /api/generate", "GET /api/tags", "POST /api/show"} <= labels
+    assert not {"POST /api/pull", "DELETE /api/delete"} & labels  # deploys, as POST /models
     SENT.clear()
     found = _fuzz(every_route, fake_node.url, int(os.environ.get("TARS_FUZZ_EXAMPLES", "25")))
     assert not found, "\n\n".join(found)
@@ -130,7 +144,8 @@ def test_no_route_answers_5xx_to_what_the_fuzzer_sends(every_route, fake_node):
 
 def test_the_engine_never_makes_a_request_a_5xx(chat_routes, engine_node):
     labels = {r.ok().label for r in chat_routes.get_all_operations()}
-    assert {"POST /v1/messages", "POST /v1/responses", "POST /v1/chat/completions"} <= labels
+    assert {"POST /v1/messages", "POST /v1/responses", "POST /v1/chat/completions", "POST /api/chat",
+            "POST /api/generate"} <= labels
     SENT.clear()
     found = _fuzz(chat_routes, engine_node.url, int(os.environ.get("TARS_FUZZ_ENGINE_EXAMPLES", "12")))
     assert not found, "\n\n".join(found)

@@ -20,11 +20,6 @@ CHAT = "gemma-3-270m"  # the fake engine's chat model (test_chat_surface_fake)
 KEY = "anthropic-test-key"
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def serve(tmp_path: Any, **extra: Any) -> Any:
     """The fake-engine node of test_chat_surface_fake, with an API key."""
     return _serve(tmp_path, {"api_key": KEY}, **extra)
@@ -128,7 +123,12 @@ def test_translation_of_blocks_tools_and_results():
 
 
 @pytest.mark.parametrize("body,field", [
-    ({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, "messages[0].content[0]"),
+    ({"messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}]}, "messages[0].content[0]"),
+    ({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, "messages[0].content[0].source"),
+    ({"messages": [{"role": "user", "content": [{"type": "image", "source": {"type": "url", "url": "http://x/a.png"}}]}]},
+     "messages[0].content[0].source"),
+    ({"messages": [{"role": "user", "content": [{"type": "image", "source": {
+        "type": "base64", "media_type": "image/png", "data": "not base64!"}}]}]}, "messages[0].content[0].source.data"),
     ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "web_search_20250305", "name": "w"}]},
      "tools[0].type"),
     ({"messages": [{"role": "user", "content": "x"}], "tools": [{"name": "f", "input_schema": 3}]},

@@ -31,11 +31,6 @@ pytestmark = pytest.mark.anyio
 CHAT, EMBED = "gemma-3-270m", "all-MiniLM-L6-v2"
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def _profile(name: str) -> HostProfile:
     return HostProfile(hostname=name, cpu_model="test cpu", cpu_cores=2, ram_total_mb=16000, ram_free_mb=12000)
 

@@ -21,11 +21,6 @@ CONTEXT = 512
 
 
 @pytest.fixture(scope="module")
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
 async def real(gemma_gguf, minilm_dir, models_dir) -> Any:
     settings = load_settings(None, node_name="real1", models_dir=models_dir, context=CONTEXT, threads=2,
                              models=[CHAT, EMBED])

@@ -40,11 +40,6 @@ WEATHER = {"type": "function", "function": {
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
-@pytest.fixture(scope="module")
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def _server_engine_or_skip() -> None:
     choice = pytest.importorskip("distributed.engine.choice", reason="the server engine is not in this checkout")
     binary = pytest.importorskip("distributed.engine.binary")

@@ -24,11 +24,6 @@ CHAT = "gemma-3-270m"
 MSG = [{"role": "user", "content": "hello there"}]
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @contextlib.asynccontextmanager
 async def serve(tmp_path: Any, settings_kw: dict[str, Any] | None = None,
                 **extra: Any) -> AsyncIterator[tuple[httpx.AsyncClient, Node]]:

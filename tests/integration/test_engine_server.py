@@ -6,28 +6,25 @@ a crash loop, and no process left behind. Skips where no llama-server is built
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from distributed.catalog import load_catalog
-from distributed.domain import Assignment, Completion, GenerateRequest, TokenChunk
+from distributed.domain import Assignment, Completion, GenerateRequest, ModelSpec, TokenChunk
 from distributed.engine.binary import locate
 from distributed.engine.config import EngineConfig
 from distributed.engine.target import EngineTarget
-from distributed.errors import InputTooLong, ModelFailed, ModelLoading, Overloaded
+from distributed.errors import InputTooLong, ModelFailed, ModelLoading, Overloaded, RequestTimeout
 from distributed.metrics import Metrics
 from distributed.settings import load_settings
 from tests.support import alive
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
 
 
 @pytest.fixture(scope="module")
@@ -43,19 +40,24 @@ ASSIGN = Assignment(model=SPEC.id, kind="chat", node="n1", device="cpu", quant=S
                     vram_mb=0, reason="test", backend="llama_cpp")
 
 
-# Each test starts and closes its own engine (try/finally, repeated on purpose): a crash or a busy slot never leaks.
-async def _engine(binary, path: Path, *, metrics: Metrics | None = None, **options) -> EngineTarget:
-    config = EngineConfig.of(load_settings(), SPEC, ASSIGN, binary,
+@contextlib.asynccontextmanager
+async def _engine(binary, path: Path, *, metrics: Metrics | None = None, spec: ModelSpec = SPEC,
+                  assign: Assignment = ASSIGN, **options) -> AsyncIterator[EngineTarget]:
+    """An EngineTarget started for the test and closed after it, whatever happened (a crash or a
+    busy slot never leaks into the next test)."""
+    config = EngineConfig.of(load_settings(), spec, assign, binary,
                              **{"slots": 2, "context": 512, "threads": 1, "timeout_s": 60, **options})
-    t = EngineTarget(SPEC, ASSIGN, config, model_path=lambda: path, node="n1", metrics=metrics)
+    t = EngineTarget(spec, assign, config, model_path=lambda: path, node="n1", metrics=metrics)
     t.start()
-    return t
+    try:
+        yield t
+    finally:
+        await t.close()
 
 
 async def test_streams_whole_answers_slots_and_a_clean_stop(binary, gemma_gguf):
     metrics = Metrics("n1")
-    t = await _engine(binary, gemma_gguf, metrics=metrics)
-    try:
+    async with _engine(binary, gemma_gguf, metrics=metrics) as t:
         assert t.state == "loading"
         assert await t.wait_loaded(120) == "ready", t.error
         pid = t.supervisor.pid
@@ -86,15 +88,12 @@ async def test_streams_whole_answers_slots_and_a_clean_stop(binary, gemma_gguf):
         scraped = metrics.render().decode() if hasattr(metrics, "render") else ""
         if scraped:
             assert 'tars_slots_total{model="gemma-3-270m"} 2.0' in scraped
-    finally:
-        await t.close()
     assert t.state == "unavailable"
     assert not alive(pid)
 
 
 async def test_concurrent_streams_share_the_slots_and_the_queue_refuses_past_its_size(binary, gemma_gguf):
-    t = await _engine(binary, gemma_gguf, slots=2, queue_size=1)
-    try:
+    async with _engine(binary, gemma_gguf, slots=2, queue_size=1) as t:
         assert await t.wait_loaded(120) == "ready", t.error
         seen_busy = []
 
@@ -118,13 +117,10 @@ async def test_concurrent_streams_share_the_slots_and_the_queue_refuses_past_its
         done = await asyncio.gather(*tasks)
         assert all(isinstance(c, Completion) and c.usage.completion_tokens > 0 for c in done)
         assert max(seen_busy) == 2 and t.slots.busy == 0
-    finally:
-        await t.close()
 
 
 async def test_a_prompt_over_the_context_is_a_400_with_the_limit(binary, gemma_gguf):
-    t = await _engine(binary, gemma_gguf, slots=1, context=256)
-    try:
+    async with _engine(binary, gemma_gguf, slots=1, context=256) as t:
         assert await t.wait_loaded(120) == "ready", t.error
         long = "word " * 600
         with pytest.raises(InputTooLong) as exc:
@@ -133,13 +129,23 @@ async def test_a_prompt_over_the_context_is_a_400_with_the_limit(binary, gemma_g
         with pytest.raises(InputTooLong):
             async for _ in t.stream(GenerateRequest(messages=[{"role": "user", "content": long}], stream=True)):
                 pass
+
+
+async def test_an_answer_past_the_request_timeout_is_a_504_and_the_model_stays_ready(binary, gemma_gguf):
+    t = await _engine(binary, gemma_gguf, slots=1, timeout_s=0.3)  # the engine's read deadline
+    try:
+        assert await t.wait_loaded(120) == "ready", t.error
+        with pytest.raises(RequestTimeout, match="TARS_REQUEST_TIMEOUT_S") as exc:  # ~400 tokens: seconds here
+            await t.generate(GenerateRequest(prompt="Write a long story about a cat:", max_tokens=400,
+                                             temperature=0.0, sampling={"ignore_eos": True}))
+        assert exc.value.http_status == 504
+        assert t.state == "ready" and t.info()["engine"]["restarts"] == 0  # slow is not dead
     finally:
         await t.close()
 
 
 async def test_engine_killed_mid_stream_ends_the_stream_with_an_error_then_serves_again(binary, gemma_gguf):
-    t = await _engine(binary, gemma_gguf, slots=1)
-    try:
+    async with _engine(binary, gemma_gguf, slots=1) as t:
         assert await t.wait_loaded(120) == "ready", t.error
         first_pid = t.supervisor.pid
         got = 0
@@ -163,30 +169,24 @@ async def test_engine_killed_mid_stream_ends_the_stream_with_an_error_then_serve
         again = await t.generate(GenerateRequest(prompt="Hello", max_tokens=3, temperature=0.0))
         assert again.usage.completion_tokens > 0
         assert t.info()["engine"]["restarts"] == 1
-    finally:
-        await t.close()
 
 
 async def test_a_crash_loop_leaves_the_model_failed_with_the_engines_last_lines(binary, tmp_path):
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"this is not a gguf file at all" * 10)
-    t = await _engine(binary, bad, max_failures=2)
-    try:
+    async with _engine(binary, bad, max_failures=2) as t:
         assert await t.wait_loaded(60) == "failed"
         assert "llama-server exited with status" in t.error and "last lines" in t.error
         assert t.info()["state"] == "failed" and t.info()["error"] == t.error
         with pytest.raises(ModelFailed) as exc:
             await t.generate(GenerateRequest(prompt="hi"))
         assert exc.value.http_status == 503
-    finally:
-        await t.close()
 
 
 async def test_a_client_that_goes_away_frees_its_engine_slot(binary, gemma_gguf):
     import httpx
 
-    t = await _engine(binary, gemma_gguf, slots=1)
-    try:
+    async with _engine(binary, gemma_gguf, slots=1) as t:
         assert await t.wait_loaded(120) == "ready", t.error
         gen = t.stream(GenerateRequest(prompt="Write a very long story about the sea:", max_tokens=400,
                                        temperature=0.0, stream=True))
@@ -206,8 +206,6 @@ async def test_a_client_that_goes_away_frees_its_engine_slot(binary, gemma_gguf)
         assert not any(s.get("is_processing") for s in slots)
         again = await t.generate(GenerateRequest(prompt="Hi", max_tokens=2))  # the one slot serves the next
         assert again.usage.completion_tokens > 0
-    finally:
-        await t.close()
 
 
 @pytest.fixture(scope="module")
@@ -231,10 +229,7 @@ async def test_openai_extras_reach_the_engine_json_schema_logprobs_and_refusals(
     spec = load_catalog().get("smollm2-135m-instruct")
     a = Assignment(model=spec.id, kind="chat", node="n1", device="cpu", quant=spec.quant, n_gpu_layers=0, vram_mb=0,
                    reason="test", backend="llama_cpp")
-    config = EngineConfig.of(load_settings(), spec, a, binary, slots=1, context=1024, threads=1, timeout_s=60)
-    t = EngineTarget(spec, a, config, model_path=lambda: smollm2_gguf, node="n1")
-    t.start()
-    try:
+    async with _engine(binary, smollm2_gguf, spec=spec, assign=a, slots=1, context=1024) as t:
         assert await t.wait_loaded(120) == "ready", t.error
         msgs = [{"role": "user", "content": "Give me a JSON object with a key 'name' set to a fruit."}]
         c = await t.generate(GenerateRequest(messages=msgs, max_tokens=48, temperature=0,
@@ -259,5 +254,3 @@ async def test_openai_extras_reach_the_engine_json_schema_logprobs_and_refusals(
             with pytest.raises(ValidationFailed, match="cannot do tool calls") as exc:
                 await t.generate(GenerateRequest(messages=msgs, tools=tools))
             assert exc.value.field == "tools"
-    finally:
-        await t.close()

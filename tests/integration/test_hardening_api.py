@@ -26,11 +26,6 @@ CHAT, EMBED = "gemma-3-270m", "all-MiniLM-L6-v2"
 TOKEN = "cluster-secret"
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @contextlib.asynccontextmanager
 async def serve(tmp_path, base_url: str = "http://127.0.0.2:8000", client: tuple[str, int] = ("127.0.0.1", 5000),
                 **overrides: Any) -> AsyncIterator[tuple[httpx.AsyncClient, Node]]:

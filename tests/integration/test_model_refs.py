@@ -20,11 +20,6 @@ pytestmark = pytest.mark.anyio
 REF = f"hf.co/{SMOL_REPO}:Q4_1"
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def _gguf_gets(hub) -> list[dict]:
     return [r for r in hub.log if r["method"] == "GET" and r["path"].endswith(".gguf")]
 
@@ -126,20 +121,9 @@ async def test_the_catalog_is_followed_while_the_node_runs(smollm2_gguf: Path, t
 @pytest.mark.slow
 async def test_a_wrong_catalog_entry_is_corrected_by_the_header(smollm2_gguf: Path, tmp_path: Path, caplog):
     """The plan of a real node (in-process engine: the file is loaded) uses the header's numbers."""
-    (tmp_path / "catalog.toml").write_text(f'''
-[[model]]
-id = "wrong-smol"
-kind = "chat"
-backend = "llama_cpp"
-params_b = 7.0
-quant = "Q4_1"
-context = 131072
-path = "{smollm2_gguf}"
-n_layers = 80
-n_embd = 8192
-n_head_kv = 64
-head_dim = 128
-''')
+    (tmp_path / "catalog.toml").write_text(catalog_files.toml_entry(dict(
+        id="wrong-smol", kind="chat", backend="llama_cpp", params_b=7.0, quant="Q4_1", context=131072,
+        path=str(smollm2_gguf), n_layers=80, n_embd=8192, n_head_kv=64, head_dim=128)))
     caplog.set_level(logging.WARNING, logger="distributed.catalog")
     async with serve(tmp_path, models=["wrong-smol"], backend_override="", chat_engine="inprocess") as (client, node):
         await wait_state(client, "wrong-smol", "ready", timeout=120)

@@ -17,11 +17,6 @@ from tests.integration.test_deploy import EMB, PC1_URL, PC2_URL, serve, wait_sta
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 async def test_a_split_reference_runs_in_llama_server_under_its_name(hub, smollm2_gguf: Path,
                                                                       smollm2_shards: list[Path], tmp_path: Path):
     if locate("") is None:

@@ -27,11 +27,6 @@ SPEC = load_catalog().get("gemma-3-270m")
 CONTEXT = 512
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 async def test_a_node_starts_its_engine_with_the_slots_the_plan_gave(gemma_gguf: Path, models_dir: Path) -> None:
     engine_bin = os.environ.get("TARS_ENGINE_BIN", "")
     if locate(engine_bin) is None:

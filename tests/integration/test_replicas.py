@@ -19,11 +19,6 @@ SLOW = {"token_delay_s": 0.02, "reply_tokens": 8}
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 async def trio(tmp_path):
     net = Net()
     hosts = []

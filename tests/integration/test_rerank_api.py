@@ -26,11 +26,6 @@ QUERY = "capital of France"
 DOCS = ["Berlin is a city in Germany.", "Paris is the capital of France.", "The capital city is big."]
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @contextlib.asynccontextmanager
 async def serve(tmp_path, models: list[str], **overrides: Any) -> AsyncIterator[tuple[httpx.AsyncClient, Node]]:
     settings = load_settings(None, node_name="pc1", backend_override="fake", models_dir=tmp_path, models=models,

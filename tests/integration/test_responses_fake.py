@@ -18,11 +18,6 @@ from tests.integration.test_anthropic_fake import CHAT, KEY, serve
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def _events(text: str) -> list[dict[str, Any]]:
     out = []
     for block in text.strip().split("\n\n"):

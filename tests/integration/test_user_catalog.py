@@ -20,11 +20,6 @@ pytestmark = pytest.mark.anyio
 MINE = "my-gemma"
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def _user_catalog(folder: Path, gguf: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "catalog.toml").write_text(

@@ -15,11 +15,6 @@ from tests.support import until
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 class FakeClock:
     """The running loop's clock, frozen until the test moves it. Every loop timer — the
     batcher's max_wait and burst window, ``asyncio.sleep``, ``wait_for`` — fires only when

@@ -23,11 +23,6 @@ pytestmark = pytest.mark.anyio
 CHAT, EMB, BASE, BIG = "smollm2-135m-instruct", "all-MiniLM-L6-v2", "gemma-3-270m", "mistral-7b-instruct"
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def node(tmp_path: Path, profile: HostProfile | None = None, extra: dict[str, Any] | None = None,
          **overrides: Any) -> Node:
     settings = load_settings(None, node_name="pc1", backend_override="fake", models=[CHAT, EMB],

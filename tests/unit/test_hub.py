@@ -3,7 +3,7 @@ sha256 first, else the hub's LFS sha256, else the size — a repo pulled file by
 one commit, and every hub or network failure turned into ``DownloadFailed`` naming the
 repo and the file.
 
-The hub is ``FakeHub`` (tests/hub_support.py), a local HTTP server on 127.0.0.1 reached
+The hub is ``HubStub`` (tests/hubstub.py), a local HTTP server on 127.0.0.1 reached
 through ``HF_ENDPOINT``, and ``hub`` arguments are the real huggingface_hub module, as
 ``ModelStore.pull`` passes them; nothing else is reached.
 """
@@ -20,8 +20,8 @@ import pytest
 
 from distributed import hub as hubio
 from distributed.errors import DownloadFailed
-from tests.hub_support import COMMIT, FILE, REPO, FakeHub, dead_endpoint, gguf_spec, hub, payload  # noqa: F401
-from tests.hub_support import snapshot_spec
+from tests.hubstub import COMMIT, FILE, REPO, dead_endpoint, gguf_spec, hub, payload, snapshot_spec  # noqa: F401
+from tests.hubstub import HubStub as FakeHub
 
 DATA = payload()
 SHA = hashlib.sha256(DATA).hexdigest()

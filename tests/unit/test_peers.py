@@ -18,12 +18,6 @@ from distributed.targets import Routes
 pytestmark = pytest.mark.anyio
 
 
-# Every async test module pins asyncio like this; one shared copy would belong in tests/conftest.py.
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 class Clock:
     def __init__(self) -> None:
         self.now = 1000.0

@@ -11,11 +11,6 @@ from distributed.rerank import RerankRequest, rerank
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 async def test_rerank_validates_before_it_routes():
     class _Node:
         name = "n"

@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -16,25 +15,8 @@ from distributed.catalog import Catalog, load_catalog
 from distributed.domain import ModelSpec
 from distributed.errors import ConfigError, DownloadFailed, ModelNotDownloaded, ModelNotFound
 from distributed.store import MARKER, ModelStore
-from tests.hubstub import COMMIT, hub  # noqa: F401  (the hub stand-in fixture)
+from tests.hubstub import COMMIT, FILE, REPO, dead_endpoint, gguf_spec, hub, payload, snapshot_spec  # noqa: F401
 from tests.hubstub import HubStub as FakeHub
-from tests.hub_support import dead_endpoint, snapshot_spec
-
-REPO = "tars-test/Tiny-GGUF"
-FILE = "tiny.Q4_K_M.gguf"
-
-
-def payload(n: int = 3 * 1024 * 1024 + 123) -> bytes:
-    """Deterministic bytes standing in for a GGUF file (size not a multiple of any chunk)."""
-    block = hashlib.sha256(b"tars").digest() * 1024
-    return (block * (n // len(block) + 1))[:n]
-
-
-def gguf_spec(**kw: Any) -> ModelSpec:
-    base = dict(id="tiny-gguf", kind="chat", backend="llama_cpp", params_b=0.001, quant="Q4_K_M", context=128,
-                repo=REPO, file=FILE, size_mb=3)
-    base.update(kw)
-    return ModelSpec(**base)
 
 
 def store_for(tmp_path: Path, *specs: ModelSpec) -> ModelStore:
@@ -155,8 +137,7 @@ def test_pull_snapshot_repo_for_transformers_models(hub: FakeHub, tmp_path: Path
     files = {"config.json": b'{"model_type": "llama"}', "model.safetensors": payload(200_000),
              "tokenizer.json": b"{}", "pytorch_model.bin": b"duplicate weights, not wanted"}
     hub.repos["tars-test/tiny-8bit"] = files
-    spec = ModelSpec(id="tiny-8bit", kind="chat", backend="hf8bit", params_b=0.001, quant="int8", context=256,
-                     repo="tars-test/tiny-8bit")
+    spec = snapshot_spec()
     store = store_for(tmp_path, spec)
     seen: list[tuple[int, int | None]] = []
 

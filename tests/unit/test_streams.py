@@ -30,11 +30,6 @@ from distributed.streams import ClientGone, drain, drain_choices, until_disconne
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 DONE = Completion(model="m", node="pc2", text="", finish_reason="stop", usage=Usage(3, 2), via="pc1")
 
 

@@ -14,13 +14,9 @@ from distributed.streams import drain, drain_choices
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 class Fmt:
-    """A wire format that says what it was given, tagged with its choice."""
+    """A wire format that says what it was given, tagged with its choice. The same four methods
+    as test_streams.Recorder (the WireFormat protocol), in the shape these tests assert."""
 
     def __init__(self, tag: str = "") -> None:
         self.tag = tag

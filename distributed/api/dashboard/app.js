@@ -390,13 +390,25 @@
   function drawCharts() {
     var span = chartSpan(Date.now() / 1000);
     $("#window").textContent = span >= 90 ? Math.round(span / 60) + " min" : Math.round(span) + " s";
-    var css = getComputedStyle(document.documentElement);
     document.querySelectorAll("canvas.chart").forEach(function (c) {
-      drawChart(c, c.getAttribute("data-series"), css);
+      drawChart(c, c.getAttribute("data-series"));
     });
   }
 
-  function drawChart(canvas, key, css) {
+  // A theme colour as the canvas takes it (rgb): the stylesheet writes each one as
+  // light-dark(...), which only an element's style resolves, so a hidden probe does.
+  var probe = null;
+  function themeColor(name, fallback) {
+    if (!probe) {
+      probe = document.createElement("span");
+      probe.hidden = true;
+      document.body.appendChild(probe);
+    }
+    probe.style.color = "var(" + name + ", " + fallback + ")";
+    return getComputedStyle(probe).color || fallback;
+  }
+
+  function drawChart(canvas, key) {
     var dpr = window.devicePixelRatio || 1;
     var w = canvas.clientWidth, ht = canvas.clientHeight;
     if (!w || !ht) return;
@@ -407,9 +419,9 @@
     var ctx = canvas.getContext("2d");
     ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
     ctx.clearRect(0, 0, w, ht);
-    var color = css.getPropertyValue(SERIES[key]).trim() || "#2563eb";
-    var grid = css.getPropertyValue("--chart-grid").trim() || "#ddd";
-    var muted = css.getPropertyValue("--muted").trim() || "#888";
+    var color = themeColor(SERIES[key], "#2563eb");
+    var grid = themeColor("--chart-grid", "#ddd");
+    var muted = themeColor("--muted", "#888");
 
     var now = Date.now() / 1000;
     var span = chartSpan(now);

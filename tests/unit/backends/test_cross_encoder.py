@@ -21,11 +21,6 @@ from tests.unit.backends.helpers import assignment_for, loaded
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def _spec() -> ModelSpec:
     return ModelSpec(id="tiny-ce", kind="rerank", backend="cross_encoder", params_b=0.0001, quant="fp32", context=128)
 

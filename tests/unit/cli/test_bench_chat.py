@@ -13,11 +13,6 @@ from distributed.cli.bench_chat import chat_level, render_levels
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 async def test_a_level_runs_its_streams_at_once_and_sums_tokens_over_the_wall_time():
     running = 0
     peak = 0

@@ -15,27 +15,14 @@ import typer
 from typer.testing import CliRunner
 
 from distributed.catalog import load_catalog
-from distributed.cli import hardware, models
 from distributed.errors import ConfigError, ModelNotFound
 
 ROOT = Path(__file__).resolve().parents[3]
 
 
-@pytest.fixture
-def app() -> typer.Typer:
-    a = typer.Typer()
-    hardware.register(a)
-    models.register(a)
-    return a
-
-
 @pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, llama_server_found: str) -> None:
-    """No TARS_* from the caller; plans are for llama-server (TARS_PARALLEL slots, splits)."""
-    for name in list(os.environ):
-        if name.startswith("TARS_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("TARS_MODELS_DIR", str(tmp_path / "models"))
+def clean_env(no_tars_env: Path, monkeypatch: pytest.MonkeyPatch, llama_server_found: str) -> None:
+    """Plans are for llama-server (TARS_PARALLEL slots, splits)."""
     monkeypatch.setenv("TARS_ENGINE_BIN", llama_server_found)
 
 

@@ -26,11 +26,6 @@ pytestmark = pytest.mark.anyio
 CHAT, EMB, RR, BIG = "smollm2-135m-instruct", "all-MiniLM-L6-v2", "ms-marco-MiniLM-L-6-v2", "mistral-7b-instruct"
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 class Server:
     """The planning host's client as a worker sees it: records what is forwarded."""
 

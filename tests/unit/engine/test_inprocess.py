@@ -18,11 +18,6 @@ from tests.support import until
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def _chat(token_delay: float = 0.0, reply_tokens: int | None = 5) -> FakeChatBackend:
     spec = ModelSpec(id="m", kind="chat", backend="fake", params_b=0.1, quant="Q4_K_M", context=512)
     a = Assignment(model="m", kind="chat", node="n", device="cpu", quant="Q4_K_M", n_gpu_layers=0, vram_mb=0, reason="t")

@@ -15,11 +15,6 @@ from tests.support import until
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 async def test_admits_up_to_the_slots_then_queues_in_order_then_refuses():
     changes: list[tuple[int, int]] = []
     q = SlotQueue(2, max_waiting=2, timeout_s=10, name="m", on_change=lambda b, w: changes.append((b, w)))

@@ -19,11 +19,6 @@ from distributed.engine.supervisor import ChildState, Supervisor
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

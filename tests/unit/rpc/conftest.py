@@ -91,11 +91,6 @@ class StubNode:
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 def node() -> StubNode:
     return StubNode()
 

@@ -17,11 +17,6 @@ pytestmark = pytest.mark.anyio
 TOKEN = "cluster-secret"
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 async def join(split: str, llama_cpp: str) -> dict:
     settings = load_settings(node_name="pc1", host="127.0.0.2", port=18531, cluster_token=TOKEN,
                              backend_override="fake", models=["all-MiniLM-L6-v2"], split=split)

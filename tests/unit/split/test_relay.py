@@ -20,11 +20,6 @@ pytestmark = pytest.mark.anyio
 TOKEN = "cluster-s3cret"
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 class Echo:
     """The stand-in worker: echoes every byte, counts connections and bytes it received."""
 

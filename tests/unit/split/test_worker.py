@@ -55,11 +55,6 @@ asyncio.run(main())
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 def fake_binary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> EngineBinary:
     rpc = tmp_path / "bin" / "ggml-rpc-server"
     rpc.parent.mkdir()

@@ -18,11 +18,6 @@ from distributed.targets import LocalTarget, Rate
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 CHAT = ModelSpec(id="chat-m", kind="chat", backend="fake", params_b=0.1, quant="Q4_K_M", context=4096)
 EMBED = ModelSpec(id="emb-m", kind="embed", backend="fake", params_b=0.02, quant="fp32", context=256, dim=16)
 

@@ -19,11 +19,6 @@ from distributed.targets import RemoteTarget, Routes
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 async def spin() -> None:
     for _ in range(5):
         await asyncio.sleep(0)

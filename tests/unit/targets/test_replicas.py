@@ -19,11 +19,6 @@ from tests.fakes import FakePeer
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 class Client:
     """A peer's /rpc as a RemoteTarget uses it: answers at once, or fails as the test says."""
 

@@ -20,11 +20,6 @@ from tests.cluster_support import until
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def place(model: str, node: str = "pc1", device: str = "cpu", kind: str = "chat") -> Assignment:
     return Assignment(model=model, kind=kind, node=node, device=device, quant="Q4", n_gpu_layers=0, vram_mb=0,
                       reason="test")

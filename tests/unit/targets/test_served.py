@@ -20,11 +20,6 @@ SPEC = ModelSpec(id="m", kind="chat", backend="llama_cpp", params_b=0.1, quant="
 A = Assignment(model="m", kind="chat", node="n1", device="cuda:0", quant="", n_gpu_layers=-1, vram_mb=1, reason="t")
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def test_info_shape_pulling_and_error() -> None:
     s = Served(SPEC, A, node="n1")
     info = s.info(3, context=512)

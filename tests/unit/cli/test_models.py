@@ -4,36 +4,21 @@ CliRunner against the hub stand-in (tests/hubstub.py)."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
 from distributed.catalog import load_catalog
-from distributed.cli import hardware, models
 from distributed.errors import ConfigError, ModelNotFound, RefNotFound, ValidationFailed
 from tests.hubstub import SMOL_REPO, VISION_REPO, add_repos, hub, projector  # noqa: F401
 
 runner = CliRunner()
 
 
-@pytest.fixture
-def app() -> typer.Typer:
-    a = typer.Typer()
-    hardware.register(a)
-    models.register(a)
-    return a
-
-
 @pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    for name in list(os.environ):
-        if name.startswith("TARS_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("TARS_MODELS_DIR", str(tmp_path / "models"))
-    return tmp_path / "models"
+def clean_env(no_tars_env: Path) -> Path:
+    return no_tars_env
 
 
 def test_add_registers_a_local_gguf_in_place_and_rm_takes_it_out(app, smollm2_gguf: Path, projector: Path,
