@@ -21,11 +21,6 @@ SENTENCES = ["A cat sits on the mat.", "The stock market fell sharply today.", "
 
 
 @pytest.fixture(scope="module")
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
 async def node_on(minilm_dir, tmp_path_factory) -> Any:
     models_dir = tmp_path_factory.mktemp("models")
     settings = load_settings(None, node_name="rt", models_dir=models_dir, models=[EMBED], embed_runtime="openvino")
