@@ -23,10 +23,17 @@ split/single, and the relay's reads per generated token each way — about one p
 message, so ``reads × RTT`` is what a LAN adds per token (the arithmetic for 1 GbE is
 printed with the measured numbers).
 
+With ``--netns`` the two hosts are real network namespaces on one bridge, their links
+limited to 1 Gbit/s with ``tbf`` (tests/netns.py; root): the workers and the relay live on
+PC2 (``10.213.0.2``), the engines and the tunnel on PC1, and every RPC message crosses the
+rate-limited link (veth, no added delay: netem is not available, so the LAN's round trip is
+the veth's, not a switch's). *direct* then reaches PC2's worker over the link without a token.
+
 Run from the repository root::
 
     .venv/bin/python -m benchmarks.bench_split               # ~2-4 min on 2 cores
     .venv/bin/python -m benchmarks.bench_split --rounds 3 --max-tokens 32
+    sudo .venv/bin/python -m benchmarks.bench_split --netns  # over the 1 Gbit/s namespace link
 """
 
 from __future__ import annotations
@@ -67,24 +74,24 @@ def spawn(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
                             start_new_session=True)
 
 
-def wait_tcp(port: int, timeout: float = 60) -> None:
+def wait_tcp(port: int, timeout: float = 60, host: str = "127.0.0.1", at: Any = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            (at or Place()).call(lambda: socket.create_connection((host, port), timeout=1).close())
             return
         except OSError:
             time.sleep(0.1)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+    raise RuntimeError(f"nothing listens on {host}:{port}")
 
 
-def wait_health(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 300) -> None:
+def wait_health(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 300, at: Any = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"engine exited: {log.read_text()[-2000:]}")
         try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
+            if (at or Place()).call(lambda: httpx.get(url + "/health", timeout=2)).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -93,11 +100,18 @@ def wait_health(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: flo
 
 
 class LoopThread:
-    """An asyncio loop in a thread for the tunnel and the relay (as in the nodes)."""
+    """An asyncio loop in a thread for the tunnel and the relay (as in the nodes); ``host``: a
+    namespace host the thread enters first, so the sockets it opens are that host's."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: Any = None) -> None:
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+        def run() -> None:
+            if host is not None:
+                host.enter()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, daemon=True)
         self.thread.start()
 
     def run(self, coro: Any) -> Any:
@@ -108,10 +122,24 @@ class LoopThread:
         self.thread.join(5)
 
 
-def complete(url: str, prompt: str, max_tokens: int) -> dict[str, float]:
-    r = httpx.post(url + "/completion", timeout=300,
-                   json={"prompt": prompt, "n_predict": max_tokens, "temperature": 0, "cache_prompt": False,
-                         "ignore_eos": True})
+class Place:
+    """Where a process runs and a call is made from: this machine's loopback, or a namespace host."""
+
+    def __init__(self, host: Any = None) -> None:
+        self.host = host
+
+    def argv(self, *argv: str) -> list[str]:
+        return list(self.host.command(*argv)) if self.host is not None else list(argv)
+
+    def call(self, fn: Any) -> Any:
+        return self.host.call(fn, timeout=600) if self.host is not None else fn()
+
+
+def complete(url: str, prompt: str, max_tokens: int, at: Place | None = None) -> dict[str, float]:
+    at = at or Place()
+    r = at.call(lambda: httpx.post(url + "/completion", timeout=300,
+                                   json={"prompt": prompt, "n_predict": max_tokens, "temperature": 0,
+                                         "cache_prompt": False, "ignore_eos": True}))
     r.raise_for_status()
     t = r.json()["timings"]
     return {"decode_tps": t["predicted_per_second"], "ttft_ms": t["prompt_ms"] + t["predicted_ms"] / max(1, t["predicted_n"]),
@@ -128,7 +156,11 @@ def main() -> None:
     ap.add_argument("--output-on-worker", action="store_true",
                     help="leave the output layer on the worker (llama.cpp's default for -ngl): the logits then "
                          "cross the link every token; by default it stays here (-ot ...=CPU), as on a CUDA engine host")
+    ap.add_argument("--netns", action="store_true",
+                    help="the two hosts in network namespaces on a bridge, links at 1 Gbit/s (tbf); needs root")
     args = ap.parse_args()
+
+    from contextlib import ExitStack
 
     from distributed.engine.binary import locate
     from distributed.split.relay import RelayServer, Tunnel
@@ -142,46 +174,62 @@ def main() -> None:
     gguf = Path(pkg.assemble(CACHE / "models" / pkg.MODEL_NAME))
     tmp = Path(tempfile.mkdtemp(prefix="bench-split-"))
     procs: list[subprocess.Popen[bytes]] = []
-    loop = LoopThread()
+    stack = ExitStack()
+    if args.netns:
+        from tests import netns
+
+        reason = netns.available()
+        if reason is not None:
+            sys.exit(f"--netns cannot run: {reason}")
+        lan = stack.enter_context(netns.Lan("s"))
+        h1, h2 = lan.add_host("pc1"), lan.add_host("pc2")
+        engine_at, worker_at, worker_ip = Place(h1), Place(h2), h2.ip  # PC1 the engines, PC2 the workers
+        loops = {"engine": LoopThread(h1), "worker": LoopThread(h2)}
+    else:
+        engine_at = worker_at = Place()
+        worker_ip = "127.0.0.3"
+        loops = {"engine": LoopThread(), "worker": LoopThread()}
     try:
         workers = {}
-        for name in ("w1", "w2"):
-            port = free_port()
+        for name, listen in (("w1", worker_ip if args.netns else "127.0.0.1"), ("w2", "127.0.0.1")):
+            port = free_port()  # a namespace has every port to itself; this one is free here too
             env = {**os.environ, "LLAMA_CACHE": str(tmp / f"cache-{name}")}
             log = tmp / f"{name}.log"
-            procs.append(subprocess.Popen([str(binary.rpc_server), "--host", "127.0.0.1", "--port", str(port),
-                                           "--threads", str(args.threads)], env=env, stdout=log.open("wb"),
-                                          stderr=subprocess.STDOUT, start_new_session=True))
-            wait_tcp(port)
-            workers[name] = port
-        relay = RelayServer(TOKEN, "127.0.0.3", 0, lambda: {"gemma": ("127.0.0.1", workers["w2"])})
-        loop.run(relay.start())
-        tunnel = Tunnel(TOKEN, ("127.0.0.3", relay.port), target="gemma")
-        loop.run(tunnel.start())
+            procs.append(subprocess.Popen(worker_at.argv(str(binary.rpc_server), "--host", listen, "--port", str(port),
+                                                         "--threads", str(args.threads)),
+                                          env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                                          start_new_session=True))
+            wait_tcp(port, host=listen, at=worker_at)
+            workers[name] = (listen, port)
+        relay = RelayServer(TOKEN, worker_ip, 0, lambda: {"gemma": ("127.0.0.1", workers["w2"][1])})
+        loops["worker"].run(relay.start())
+        tunnel = Tunnel(TOKEN, (worker_ip, relay.port), target="gemma")
+        loops["engine"].run(tunnel.start())
 
         def engine(name: str, extra: list[str]) -> str:
             port = free_port()
             log = tmp / f"{name}.log"
-            p = spawn([str(binary.server), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-np", "1",
-                       "-c", "2048", "-t", str(args.threads), *extra], log)
+            p = spawn(engine_at.argv(str(binary.server), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+                                     "-np", "1", "-c", "2048", "-t", str(args.threads), *extra), log)
             procs.append(p)
-            wait_health(f"http://127.0.0.1:{port}", p, log)
+            wait_health(f"http://127.0.0.1:{port}", p, log, at=engine_at)
             return f"http://127.0.0.1:{port}"
 
         keep = [] if args.output_on_worker else ["-ot", r"^(output|token_embd)\.weight$=CPU"]
-        urls = {"direct": engine("direct", ["--rpc", f"127.0.0.1:{workers['w1']}", "-ngl", str(args.layers), *keep]),
+        w1 = f"{workers['w1'][0]}:{workers['w1'][1]}"
+        urls = {"direct": engine("direct", ["--rpc", w1, "-ngl", str(args.layers), *keep]),
                 "relay": engine("relay", ["--rpc", tunnel.address, "-ngl", str(args.layers), *keep]),
                 "single": engine("single", ["-ngl", "0"])}
         results: dict[str, list[dict[str, float]]] = {k: [] for k in urls}
         reads = {"up": 0, "down": 0, "tokens": 0, "bytes_up": 0, "bytes_down": 0}
         for k, u in urls.items():  # warm-up
-            complete(u, "Hello", 8)
+            complete(u, "Hello", 8, engine_at)
         order = list(urls)
         for rnd in range(args.rounds):
             for name in (order if rnd % 2 == 0 else order[::-1]):
                 prompt = f"{STARTS[rnd % len(STARTS)]} ({rnd}), "
                 before = dict(tunnel.stats)
-                res = complete(urls[name], prompt, args.max_tokens)
+                res = complete(urls[name], prompt, args.max_tokens, engine_at)
                 results[name].append(res)
                 if name == "relay":
                     reads["up"] += tunnel.stats.get("reads_up", 0) - before.get("reads_up", 0)
@@ -193,8 +241,10 @@ def main() -> None:
                 f"{k} {results[k][-1]['decode_tps']:.1f} tok/s" for k in urls), flush=True)
 
         med = {k: {m: statistics.median(r[m] for r in v) for m in ("decode_tps", "ttft_ms")} for k, v in results.items()}
+        where = (f"engine host and worker host in network namespaces, link {netns.RATE} (tbf)" if args.netns
+                 else "loopback")
         print(f"\nGemma 3 270M Q4_K_M, CPU, {args.threads} thread(s), {args.layers} of 19 layers on the worker, "
-              f"{args.max_tokens} tokens, {args.rounds} alternating rounds (medians):")
+              f"{args.max_tokens} tokens, {args.rounds} alternating rounds (medians), {where}:")
         for k in urls:
             print(f"  {k:7s} decode {med[k]['decode_tps']:7.1f} tok/s   first token {med[k]['ttft_ms']:7.1f} ms")
         print(f"  relay / direct decode: {med['relay']['decode_tps'] / med['direct']['decode_tps']:.3f}x   "
@@ -213,16 +263,18 @@ def main() -> None:
               f"= +{lan_ms:.2f} ms per token → here {1000 / d:.1f} → {1000 / d + lan_ms:.1f} ms per token "
               f"({d:.1f} → {1000 / (1000 / d + lan_ms):.1f} tok/s)")
     finally:
-        for obj in ("tunnel", "relay"):
+        for obj, side in (("tunnel", "engine"), ("relay", "worker")):
             if obj in locals():
-                loop.run(locals()[obj].close())
+                loops[side].run(locals()[obj].close())
         for p in procs:
             try:
                 os.killpg(p.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
             p.wait()
-        loop.stop()
+        for lt in loops.values():
+            lt.stop()
+        stack.close()  # the namespaces, with anything still in them
 
 
 if __name__ == "__main__":

@@ -328,7 +328,7 @@ class Catalog:
             return had
 
     def learn(self, specs: dict[str, dict[str, Any]]) -> None:
-        """Take the hub references a plan carries (``Plan.specs``, from the planning host),
+        """Take resolved hub references (``Plan.specs``, or the cluster state's ``spec:`` entries),
         validated as entries, unless known already: this host then loads exactly those files."""
         for model, data in (specs or {}).items():
             if model in self or not isinstance(data, dict):

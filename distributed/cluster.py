@@ -1,141 +1,166 @@
-"""The cluster's orchestration: join, heartbeat loops, applying plans, failover.
+"""The cluster layer of one node: membership, heartbeats, failover; the planner role through
+``control.py``.
 
-What is known about each peer (liveness alive → suspect → dead, the models it
-reports, its live figures) lives in ``peers.py``; this module decides when things
-happen and what the node does about them.
+No host coordinates the others: every node holds the replicated state (``cluster_state.py``),
+accepts joins and runtime deploys, and the one the rule of ``election.py`` picks plans
+(``control.py``); applying a plan is ``plan_apply.py``'s, what is known of each peer
+``peers.py``'s.
 
-Two roles (``settings.effective_role``):
+**Joining.** A node contacts its seeds — ``TARS_PEERS``, then the peers it remembers
+(``known_peers.py``), and with ``TARS_DISCOVERY`` on the nodes of its cluster that answer
+over mDNS (hints: each still proves the token) — with ``cluster.join``, and any member
+answers. Both exchange profiles and their copies of the state; members learned of are
+joined in turn, so every node heartbeats every other. A node with seeds (or mDNS) waits
+``first_contact_s`` for the cluster before it plans alone. Each token-checked join and
+heartbeat is remembered, so a restarted PC1 finds PC2 again without ``TARS_PEERS``.
 
-* the **server** (no ``TARS_PEERS``; PC1 in the reference setup) accepts joins,
-  runs the planner over every live host's profile and hands the plan back;
-* a **worker** (``TARS_PEERS=http://pc1:8000``) joins it, retrying with
-  exponential backoff until it answers, then applies the plan it got.
+**Heartbeats** go both ways every ``TARS_HEARTBEAT_S``: the sender's local models (the shared
+routing table), its live figures, and its signed control envelope (``ControlPlane.envelope``:
+term, state digest, the plan it holds; the state and the plan when the other side lacks
+them). A forged, replayed or stale envelope is refused and logged; so is a join from a
+second host whose name is alive elsewhere. A missed beat makes a peer suspect (unreachable
+too when it failed on the link: its models go to their stand-ins at once), two dead.
 
-Both apply the same plan (``_apply``): the node loads this host's share, every model
-assigned to another host is routed to it (``Routes.route_to_peer``), and a model on
-several hosts is served by its replicas (``Routes.replicate``), so any host answers every
-request. The plan itself comes from the node (``ClusterNode.plan_for``: the desired set
-placed over the live hosts, deploy/placement.py). Every change of which target serves a model goes through
-the node's ``targets.Routes`` (the one owner of target swaps): re-plans are make
-before break, a model moving away keeps being served by the copy here until its new
-host reports it ready.
-
-Heartbeats go both ways every ``TARS_HEARTBEAT_S``. Each carries the sender's
-local models (id, state, queue, rates) — that is the shared routing table — its
-live figures and the plan id; the server answers a worker whose plan id is stale
-with the current plan. A missed beat makes a peer suspect, three in a row dead.
-A dead peer stays in the table and keeps being probed, so it is noticed when it
-returns. A restarted worker simply joins again; a restarted server answers the
-worker's next heartbeat with ``known: false`` and the worker rejoins. Nothing
-else restarts. ``cluster.leave`` (sent on shutdown) marks a peer "left".
-
-Failover (``failover``): a request for a model whose host is down (dead, or it
-refused a connection since it last answered) is served here when ``TARS_FALLBACK``
-is on and the planner says it fits beside what this host already runs; the answer
-says ``fallback: true``. One stand-in per model, loaded once and kept until the peer
-is back and has answered (``Routes.fallback``/``Routes.settle``). Otherwise it fails
-at once with ``PeerUnavailable`` (503) naming the peer.
+**Failover** (``failover.py``): a request for a model whose host is down or unreachable is
+served here when ``TARS_FALLBACK`` is on and it fits; otherwise 503 naming the host.
 """
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
-from functools import partial
 from typing import Any
 
-import orjson
-
 from . import __version__, peer_urls
-from .domain import Assignment, HostProfile, Plan
+from .cluster_state import ClusterState
+from .control import ControlPlane, plan_id
+from .discovery import advertised_addresses, browse
+from .domain import HostProfile, Plan
+from .engine.binary import llama_cpp_python_version
 from .errors import ConfigError, PeerUnavailable, TarsError, Unauthorized, ValidationFailed
 from .failover import serve_here
+from .known_peers import KnownPeers
 from .logs import fields, get_logger
 from .peers import VITALS, ClientFactory, Peer, PeerState, PeerTable
 from .peers import client_factory as default_clients
+from .plan_apply import PlanApplier
 from .rpc.client import PeerClient
 from .seams import ClusterNode
 from .settings import Settings
-from .targets import PeerView, RemoteTarget, Target
-from .tasks import TaskSet, background
+from .targets import RemoteTarget, Target
+from .tasks import TaskSet
 from .tls import Pins
 
 log = get_logger(__name__)
 
 __all__ = ["Cluster", "Peer", "plan_id"]
-
-
-def _llama_cpp() -> str:
-    """The llama.cpp this install runs (the llama-cpp-python release that vendors it; "" unknown)."""
-    from .engine.binary import llama_cpp_python_version
-
-    return llama_cpp_python_version()
-
-
-def plan_id(plan: Plan) -> str:
-    return hashlib.sha1(orjson.dumps(plan.to_dict(), option=orjson.OPT_SORT_KEYS)).hexdigest()[:12]
+LINK = ("connect", "link")  # PeerUnavailable phases of a call that never reached the peer
+DISCOVERY_S = 3.0  # how long the start-up mDNS question listens for answers
+SEED_TRIES = 6  # joins to a remembered or learned peer (~13 s of backoff), then it is left to call us
 
 
 class Cluster:
-    """The cluster layer of one node. The composition root (``service.build``) hands it
-    the node's ``peers`` table (shared with the node and the split service) and the TLS
-    ``pins`` its clients trust; without them it makes its own (``client_factory(url) ->
+    """The cluster layer of one node. The composition root (``service.build``) hands it the
+    node's ``peers`` table and ``state`` (shared with the node, the placement and the split
+    service) and the TLS ``pins``; without them it makes its own (``client_factory(url) ->
     PeerClient``: how it reaches a peer; tests pass one wired to in-process apps)."""
 
     def __init__(self, node: ClusterNode, settings: Settings, peers: PeerTable | None = None, *,
-                 pins: Pins | None = None, client_factory: ClientFactory | None = None) -> None:
+                 pins: Pins | None = None, client_factory: ClientFactory | None = None,
+                 state: ClusterState | None = None, known: KnownPeers | None = None) -> None:
         self.node = node
         self.settings = settings
         self.name: str = node.name
-        self.seeds: list[str] = list(settings.peers)
         self.role: str = settings.effective_role
         self.pins = pins or Pins.from_settings(settings)  # TLS fingerprints trusted for https:// peers (tls.py)
-        factory = client_factory or default_clients(settings, self.pins)
-        self.table = peers if peers is not None else PeerTable(self.name, factory)
-        self.server: str | None = None if self.seeds else self.name  # who plans
-        self.plan_id = ""
+        self.table = peers if peers is not None else PeerTable(self.name, client_factory or
+                                                               default_clients(settings, self.pins))
+        self.state = state if state is not None else ClusterState.for_settings(settings)
+        self.known = known if known is not None else KnownPeers.for_settings(settings)
+        static = list(settings.peers)
+        self.seeds = [] if self.role == "standalone" else list(dict.fromkeys(
+            [*static, *self.known.seeds(exclude=set(static))]))
         self.interval = float(settings.heartbeat_s)
+        self.discovers = (self.role != "standalone" and settings.discovery == "on"
+                          and advertised_addresses(settings) != [])  # mDNS: on, and reachable beyond loopback
+        self.first_contact_s = (max(2.0, 2 * self.interval) if self.seeds else 0.5) + \
+            (DISCOVERY_S if self.discovers else 0.0)
+        self.applier = PlanApplier(node, self.table, settings, self.failover, learn=self._member)
         self._tasks = TaskSet(f"cluster-{self.name}")
+        self.control = ControlPlane(node, settings, self.state, self.table, self.applier, hosts=self.hosts,
+                                    join=lambda url: self._spawn_join(url, attempts=SEED_TRIES), push=self._push,
+                                    spawn=self._tasks.spawn)
         self._joining: set[str] = set()
-        self._plan_lock = asyncio.Lock()
         self._running = False
         self._vitals: dict[str, Any] = {}
         self._vitals_at = -1e9
 
+    # ----------------------------------------------------------------- views
     @property
-    def peers(self) -> dict[str, Peer]:
-        """name -> Peer (the table's own dict)."""
+    def peers(self) -> dict[str, Peer]:  # name -> Peer (the table's own dict)
         return self.table.peers
 
     @property
-    def is_planner(self) -> bool:
-        return self.server == self.name
+    def planner(self) -> str | None:  # whom the rule picks, in this node's view
+        return self.control.election.planner
 
-    def planner_client(self) -> PeerClient | None:
-        """The client of the host that plans, or None when this host plans (runtime deploys
-        are forwarded there); ``ConfigError`` on a worker that has not joined yet."""
-        if self.is_planner:
-            return None
-        peer = self.peers.get(self.server) if self.server else None
-        if peer is None:
-            raise ConfigError(f"{self.name} is a worker that has not joined its server yet; retry shortly")
-        return peer.client
+    @property
+    def is_planner(self) -> bool:
+        return self.control.election.planning
+
+    @property
+    def plan(self) -> Plan:  # the plan in force here
+        return self.node.plan
+
+    @property
+    def plan_id(self) -> str:
+        return self.applier.plan_id
+
+    def summary(self) -> dict[str, Any]:  # /status "cluster": the control plane as this node sees it
+        return self.control.summary()
 
     # ----------------------------------------------------------------- lifecycle
     async def start(self) -> None:
         if self._running:
             return
         self._running = True
-        await self.node.start()  # idempotent: the app lifespan normally did it already
-        for url in self.seeds:
-            self._spawn_join(url)
+        await self.node.start(load=not self.waits_for_peers)  # idempotent: the service started it already
+        self.control.publish_member()
+        for url in self.seeds:  # TARS_PEERS until they answer; a remembered peer for a while (it calls too)
+            self._spawn_join(url, attempts=0 if url in self.settings.peers else SEED_TRIES)
         self._tasks.spawn(self._heartbeat_loop(), name=f"heartbeat-{self.name}")
+        self._tasks.spawn(self.control.steward(), name=f"planner-{self.name}")
+        if self.discovers:
+            self._tasks.spawn(self._discover(), name=f"discover-{self.name}")
+        self.control.want("this node started")
+        if self.waits_for_peers:  # a moment for the cluster before it plans alone
+            self._tasks.spawn(self._first_contact(), name=f"contact-{self.name}")
+        else:
+            self.control.ready = True
+            await self.control.reconsider()
 
-    def _spawn_join(self, url: str) -> None:
-        if url in self._joining or not self._running:
+    async def _first_contact(self) -> None:
+        deadline = time.monotonic() + self.first_contact_s
+        while time.monotonic() < deadline and not any(p.last_seen is not None for p in self.table):
+            await asyncio.sleep(0.05)
+        self.control.ready = True
+        self.control.poke()
+
+    def _member(self, name: str) -> Peer | None:
+        """A member of the replicated state not met yet: in the table now, joined soon."""
+        member = self.state.members().get(name)
+        try:
+            url = peer_urls.check_url(str((member or {}).get("url", "")))
+        except ValidationFailed:
+            return None
+        self._spawn_join(url, attempts=SEED_TRIES)
+        return self.table.upsert(name, url)
+
+    def _spawn_join(self, url: str, *, attempts: int = 0) -> None:
+        """``cluster.join`` to ``url`` in the background (``attempts``: at most so many; 0: until it answers)."""
+        if url in self._joining or not self._running or url == self.settings.base_url:
             return
         self._joining.add(url)
-        task = self._tasks.spawn(self._join_loop(url), name=f"join-{url}")
+        task = self._tasks.spawn(self._join_loop(url, attempts=attempts), name=f"join-{url}")
         task.add_done_callback(lambda t: self._joining.discard(url))
 
     async def stop(self) -> None:
@@ -150,33 +175,55 @@ class Cluster:
     async def _leave(self, peer: Peer) -> None:
         try:
             await peer.client.call("cluster.leave", {"name": self.name}, timeout=1.0, retries=0)
-            log.info("left peer %s", peer.name, extra=fields(peer=peer.name))
         except TarsError as exc:
             log.info("could not tell %s we are leaving: %s", peer.name, exc.message)
 
-    # ----------------------------------------------------------------- joining (worker)
+    @property
+    def waits_for_peers(self) -> bool:
+        """Seeds to contact, or mDNS to ask: the node waits ``first_contact_s`` before it plans alone."""
+        return bool(self.seeds) or self.discovers
+
+    async def _discover(self) -> None:
+        """mDNS answers of this cluster (hints): each node found is joined once, proving the token."""
+        try:
+            found = await asyncio.to_thread(browse, DISCOVERY_S, self.settings.cluster_name)
+        except TarsError as exc:
+            log.info("no mDNS discovery: %s", exc.message)
+            return
+        known = {p.url for p in self.table}
+        for f in found:
+            if f.node != self.name and f.url not in known:
+                log.info("found %s at %s over mDNS: joining it (it must prove the cluster token)", f.node, f.url)
+                self._spawn_join(f.url, attempts=1)
+
+    # ----------------------------------------------------------------- joining
     def _join_params(self) -> dict[str, Any]:
         profile = self.node.profile
         return {"name": self.name, "url": self.settings.base_url, "role": self.role, "version": __version__,
-                "llama_cpp": _llama_cpp(),
-                "profile": profile.to_dict() if profile is not None else {}, "models": self._local_models(),
-                "fingerprint": self.pins.own, **{k: v for k, v in self.vitals().items() if k == "gpus"}}
+                "llama_cpp": llama_cpp_python_version(), "profile": profile.to_dict() if profile is not None else {},
+                "models": self._local_models(), "fingerprint": self.pins.own,
+                **{k: v for k, v in self.vitals().items() if k == "gpus"}, "ctl": self.control.envelope(None, full=True)}
 
-    async def _join_loop(self, url: str) -> None:
-        """cluster.join until it answers; backoff 0.25 s doubling to 5 s; each attempt logged."""
+    async def _join_loop(self, url: str, *, attempts: int = 0) -> None:
+        """cluster.join until it answers (or ``attempts`` tries); backoff 0.25 s doubling to 5 s."""
         client = self.table.client(url)
         delay, attempt = 0.25, 0
         while True:
             attempt += 1
+            last = attempt == attempts
+            then = "; giving up (it joins this node when it is back)" if last else f"; retrying in {delay:.1f} s"
             try:
                 answer = await client.call("cluster.join", self._join_params(), retries=0)
                 break
             except (Unauthorized, ValidationFailed, ConfigError) as exc:
-                log.error("joining %s refused (attempt %d): %s; retrying in %.1f s", url, attempt, exc.message,
-                          delay, extra=fields(peer=url, attempt=attempt))
+                log.error("joining %s refused (attempt %d): %s%s", url, attempt, exc.message,
+                          then if attempts != 1 else "", extra=fields(peer=url, attempt=attempt))
             except TarsError as exc:
-                log.warning("joining %s failed (attempt %d): %s; retrying in %.1f s", url, attempt, exc.message,
-                            delay, extra=fields(peer=url, attempt=attempt))
+                log.warning("joining %s failed (attempt %d): %s%s", url, attempt, exc.message,
+                            then if attempts != 1 else "", extra=fields(peer=url, attempt=attempt))
+            if last:
+                await client.aclose()
+                return
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
         try:
@@ -187,91 +234,108 @@ class Cluster:
 
     async def _joined(self, url: str, client: PeerClient, answer: dict[str, Any]) -> None:
         try:
-            server = peer_urls.check_name(answer["server"], "server")
-            plan = Plan.from_dict(answer["plan"])
+            name = peer_urls.check_name(answer["name"], "name")
+            profile = HostProfile.from_dict(answer["profile"])
         except (KeyError, TypeError, ValueError):
-            raise ValidationFailed(f"peer at {url} sent a join answer without server/plan") from None
-        client.name = server
-        peer = self.table.upsert(server, url, role=str(answer.get("role", "server")), client=client,
-                                 profile=answer.get("profile"), models=answer.get("models", []),
-                                 version=str(answer.get("version", "")))
+            raise ValidationFailed(f"peer at {url} sent a join answer without its name and profile") from None
+        if name == self.name:
+            raise ValidationFailed(f"the node at {url} is also named '{name}': give each host its own "
+                                   "TARS_NODE_NAME", field="name")
+        ctl = self.control.open(answer.get("ctl"), name)
+        client.name = name
+        peer = self.table.get(name) or self.table.upsert(name, url, client=client)
+        new = peer.profile is None or peer.inc != ctl["inc"]
+        peer = self.table.upsert(name, url, role=str(answer.get("role", "worker")), client=client, profile=profile,
+                                 models=answer.get("models", []), version=str(answer.get("version", "")))
         peer.answered()
-        self.server = server
-        for other in answer.get("peers", []):
-            self.table.learn(other)
-        log.info("joined %s at %s: plan %s", server, url, answer.get("plan_id", ""),
-                 extra=fields(peer=server, assignments=len(plan.assignments)))
-        await self._apply(plan, str(answer.get("plan_id") or plan_id(plan)))
+        self.known.remember(name, url)
+        log.info("joined %s at %s", name, url, extra=fields(peer=name))
+        if new:
+            self.control.want(f"joined {name}")
+        self.control.take(peer, ctl)
+        self.applier.settle(peer)
 
     # ----------------------------------------------------------------- RPC handlers
     async def handle_join(self, name: str, url: str, profile: dict[str, Any], role: str = "worker",
                           version: str = "", llama_cpp: str = "", models: list[dict[str, Any]] | None = None,
-                          fingerprint: str = "", gpus: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-        """A host joins (or rejoins after a restart): replan over every live host, apply, answer the plan."""
+                          fingerprint: str = "", gpus: list[dict[str, Any]] | None = None,
+                          ctl: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A host joins (or rejoins after a restart): any member answers; the planner plans again at once."""
         if self.role == "standalone":
             raise ConfigError(f"node {self.name} runs standalone (TARS_ROLE=standalone) and accepts no peers")
-        if not self.is_planner:
-            raise ValidationFailed(f"node {self.name} is a worker; join the server {self.server or '(unknown)'} "
-                                   "instead", field="TARS_PEERS")
         name = peer_urls.check_name(name)
-        mine = _llama_cpp()
+        mine = llama_cpp_python_version()  # the llama.cpp this install runs ("" unknown)
         if llama_cpp and mine and llama_cpp != mine and self.settings.split != "off":
             raise ConfigError(f"{name} runs llama.cpp of llama-cpp-python {llama_cpp} and {self.name} runs {mine}: "
                               "a model split across hosts needs one llama.cpp version on both (install the same "
                               "llama-cpp-python and rebuild the engine with scripts/build_engine.sh, or set "
-                              "TARS_SPLIT=off on the server)", peer=name, peer_version=llama_cpp, version=mine)
+                              "TARS_SPLIT=off on both)", peer=name, peer_version=llama_cpp, version=mine)
         if name == self.name:
             raise ValidationFailed(f"node name '{name}' is already taken by the node you are joining; give each "
                                    "host its own TARS_NODE_NAME", field="name")
         url = peer_urls.check_url(url)
         await peer_urls.check_join_origin(url)  # the URL must point back at the host that sent the join
+        opened = self.control.open(ctl, name)
+        old = self.table.get(name)
+        if old is not None and old.url != url and old.live and old.silent_s() < 2 * self.interval \
+                and old.inc != opened["inc"]:
+            log.error("refused the join of %s from %s: a node named %s is alive at %s (two hosts share the name; "
+                      "give each its own TARS_NODE_NAME)", name, url, name, old.url, extra=fields(peer=name))
+            raise ValidationFailed(f"a node named '{name}' is alive at {old.url}; give each host its own "
+                                   "TARS_NODE_NAME", field="name")
         if fingerprint and url.startswith("https://"):  # its TLS certificate, told over the token-checked channel
             self.pins.add(fingerprint)
         try:
             host = HostProfile.from_dict(profile)
         except (TypeError, ValueError, KeyError) as exc:
             raise ValidationFailed(f"cluster.join: 'profile' is not a host profile ({exc})", field="profile") from None
-        known = name in self.peers
+        known = old is not None and old.profile is not None and old.inc == opened["inc"] \
+            and old.profile.to_dict() == host.to_dict()  # the same run of it, the same hardware
         peer = self.table.upsert(name, url, role=role, profile=host, models=models or [], version=version)
         peer.answered()
         peer.report(gpus=gpus)  # its live GPU figures, sent with the join: checked against the profile now
         peer_urls.recheck_vram(peer, log)  # no models while its live VRAM figures disagree
-        log.info("peer %s %s from %s", name, "rejoined" if known else "joined", url,
+        self.known.remember(name, url)
+        log.info("peer %s %s from %s", name, "rejoined" if old is not None else "joined", url,
                  extra=fields(peer=name, gpu=host.best_gpu.name if host.best_gpu else "cpu"))
-        plan = self._replan()
-        await self._apply(plan, plan_id(plan))
-        return {"server": self.name, "role": self.role, "url": self.settings.base_url, "version": __version__,
-                "plan": plan.to_dict(), "plan_id": self.plan_id,
-                "profile": self.node.profile.to_dict() if self.node.profile is not None else None,
-                "models": self._local_models(), "peers": self.table.listing(exclude=name)}
+        if not known:
+            self.control.want(f"{name} joined")
+        self.control.take(peer, opened)
+        self.applier.settle(peer)
+        await self.control.reconsider()  # the planner plans now, so the answer carries the plan
+        return {"name": self.name, "role": self.role, "url": self.settings.base_url, "version": __version__,
+                "plan_id": self.plan_id, "profile": self.node.profile.to_dict() if self.node.profile else None,
+                "models": self._local_models(), "peers": self.table.listing(exclude=name),
+                "ctl": self.control.envelope(peer, full=True)}
 
     async def handle_heartbeat(self, name: str, url: str = "", models: list[dict[str, Any]] | None = None,
                                plan_id: str = "", sent_at: float = 0.0, gpus: list[dict[str, Any]] | None = None,
-                               totals: dict[str, Any] | None = None,
-                               ram: dict[str, Any] | None = None) -> dict[str, Any]:
+                               totals: dict[str, Any] | None = None, ram: dict[str, Any] | None = None,
+                               ctl: dict[str, Any] | None = None) -> dict[str, Any]:
         peer = self.table.get(peer_urls.check_name(name))
-        if peer is None or peer.state == PeerState.LEFT:
-            if self.is_planner or not url:
-                return {"known": False, "name": self.name}  # → the sender joins (again)
-            peer = self.table.upsert(name, peer_urls.check_url(url))
+        if peer is None or peer.state == PeerState.LEFT or peer.profile is None:
+            if url and url in self._joining:  # this node is joining it right now: the answer tells all
+                return {"known": True, "joining": True, "name": self.name}
+            return {"known": False, "name": self.name}  # → the sender joins (again)
+        opened = self.control.open(ctl, peer.name)
+        if opened["inc"] != peer.inc:
+            return {"known": False, "name": self.name}  # restarted since it joined: it joins again
         peer.answered()
         peer.report(models or [], gpus, totals, ram)
-        if peer_urls.recheck_vram(peer, log) and self.is_planner:  # its live VRAM now (dis)agrees with its profile
-            background(self._reapply())
-        self._settle(peer)
-        out: dict[str, Any] = {"known": True, "name": self.name, "models": self._local_models(),
-                               "plan_id": self.plan_id, **self.vitals()}
-        if self.is_planner:
-            if plan_id != self.plan_id:
-                out["plan"] = self.node.plan.to_dict()
-            out["peers"] = self.table.listing(exclude=name)
-        return out
+        if peer_urls.recheck_vram(peer, log):  # its live VRAM now (dis)agrees with its profile
+            self.control.want(f"{peer.name}'s VRAM figures changed what may be planned on it")
+        self.control.take(peer, opened)
+        self.applier.settle(peer)
+        self.known.remember(peer.name, peer.url)
+        return {"known": True, "name": self.name, "models": self._local_models(), "plan_id": self.plan_id,
+                **self.vitals(), "ctl": self.control.envelope(peer)}
 
     async def handle_leave(self, name: str) -> dict[str, Any]:
         peer = self.table.get(name)
         if peer is None:
             return {"ok": True, "known": False}
         peer.set_state(PeerState.LEFT, "it said goodbye")
+        self.control.poke()
         return {"ok": True, "known": True}
 
     # ----------------------------------------------------------------- heartbeats
@@ -282,14 +346,12 @@ class Cluster:
             next_at += self.interval
             await asyncio.sleep(max(0.0, next_at - loop.time()))
             next_at = max(next_at, loop.time() - self.interval)  # never try to "catch up" a burst
-            peers = [p for p in self.table if p.state != PeerState.LEFT]
+            peers = [p for p in self.table if p.state != PeerState.LEFT and p.profile is not None]
             if peers:
                 await asyncio.gather(*(self._beat(p) for p in peers), return_exceptions=True)
 
     def vitals(self) -> dict[str, Any]:
-        """This host's live figures for heartbeats: ``gpus`` (live GPUInfo dicts), ``totals``
-        (as in /status) and ``ram``. Cached for half a heartbeat interval, so answering
-        several peers' beats costs one NVML read."""
+        """This host's live figures for heartbeats: ``gpus``, ``totals`` and ``ram``, cached half a beat."""
         now = time.monotonic()
         if now - self._vitals_at < self.interval / 2:
             return self._vitals
@@ -303,9 +365,10 @@ class Cluster:
         self._vitals, self._vitals_at = out, now
         return out
 
-    async def _beat(self, peer: Peer) -> None:
+    async def _beat(self, peer: Peer, *, push: bool = False) -> None:
+        """One heartbeat (``push``: sent at once to spread a change; a failure is not a missed beat)."""
         params = {"name": self.name, "url": self.settings.base_url, "models": self._local_models(),
-                  "plan_id": self.plan_id, "sent_at": time.time()}
+                  "plan_id": self.plan_id, "sent_at": time.time(), "ctl": self.control.envelope(peer)}
         if peer.takes_vitals:
             params.update(self.vitals())
         timeout = min(self.settings.rpc_timeout_s, self.interval)
@@ -316,33 +379,42 @@ class Cluster:
             except ValidationFailed as exc:
                 if exc.details.get("field") not in VITALS:
                     raise
-                # An older peer refuses parameters it does not know: beat without the figures from now on.
                 log.info("%s does not take live figures in heartbeats (an older version): sending none",
                          peer.name, extra=fields(peer=peer.name))
                 peer.takes_vitals = False
                 for key in VITALS:
                     params.pop(key, None)
+                params["ctl"] = self.control.envelope(peer)
                 t0 = time.perf_counter()
                 answer = await peer.client.call("cluster.heartbeat", params, timeout=timeout, retries=0)
         except TarsError as exc:
-            peer.missed_beat(exc.message, refused=isinstance(exc, PeerUnavailable) and
-                             exc.details.get("phase") == "connect")
+            if not push:
+                peer.missed_beat(exc.message, refused=isinstance(exc, PeerUnavailable) and
+                                 exc.details.get("phase") in LINK)
+                self.control.poke()
             return
         peer.answered(rtt_ms=(time.perf_counter() - t0) * 1000)
+        if answer.get("joining"):
+            return
         if not answer.get("known", True):
-            if peer.name == self.server or peer.url in self.seeds:
-                log.warning("%s does not know us (it restarted?): joining again", peer.name,
-                            extra=fields(peer=peer.name))
-                self._spawn_join(peer.url if peer.url in self.seeds else self.seeds[0] if self.seeds else peer.url)
+            log.info("%s does not know this node (it restarted?): joining it again", peer.name,
+                     extra=fields(peer=peer.name))
+            self._spawn_join(peer.url)
+            return
+        try:
+            opened = self.control.open(answer.get("ctl"), peer.name)
+        except TarsError:
             return
         peer.report(answer.get("models", []), answer.get("gpus"), answer.get("totals"), answer.get("ram"))
-        self._settle(peer)
-        for other in answer.get("peers", []):
-            self.table.learn(other)
-        new_plan = answer.get("plan")
-        if new_plan is not None and peer.name == self.server and answer.get("plan_id") != self.plan_id:
-            log.info("plan changed on %s: applying %s", peer.name, answer.get("plan_id"))
-            await self._apply(Plan.from_dict(new_plan), str(answer.get("plan_id")))
+        self.control.take(peer, opened)
+        self.applier.settle(peer)
+        self.known.remember(peer.name, peer.url)
+
+    def _push(self) -> None:
+        """A heartbeat to every live peer now (a change here spreads at once)."""
+        for p in self.table.live():
+            if p.profile is not None:
+                self._tasks.spawn(self._beat(p, push=True))
 
     def _local_models(self) -> list[dict[str, Any]]:
         return [t.info() for t in self.node.local_targets()]
@@ -360,66 +432,8 @@ class Cluster:
         return hosts
 
     async def replan(self) -> None:
-        """Plan again over the live hosts and apply it everywhere (runtime deploys; the
-        workers get it with their next heartbeat)."""
-        await self._reapply()
-
-    def _replan(self) -> Plan:
-        return self.node.plan_for(self.hosts())  # the desired set over the live hosts (deploy/placement.py)
-
-    async def _reapply(self) -> None:
-        plan = self._replan()
-        await self._apply(plan, plan_id(plan))
-
-    async def _apply(self, plan: Plan, pid: str) -> None:
-        """This host's share via the node; every model on another host routed to it.
-
-        Make before break, both ways (``targets/routes.py`` does each swap). A model
-        leaving this host for a peer: the copy here becomes the RemoteTarget's handoff
-        stand-in and keeps serving until the peer reports the model ready (``settle``). A
-        model coming here from a peer that still serves it: the node keeps routing there
-        until the copy here has loaded; a fallback copy that already runs it as planned is
-        adopted instead of loaded again."""
-        routes = self.node.routes
-        async with self._plan_lock:
-            self.plan_id = pid
-            for a in plan.for_node(self.name):
-                routes.adopt_standin(a)
-            hosts_of: dict[str, set[str]] = {}
-            for a in plan.assignments:
-                hosts_of.setdefault(a.model, set()).add(a.node)
-            routed: set[str] = set()
-            for a in plan.assignments:
-                if a.node == self.name:
-                    continue
-                if len(hosts_of[a.model]) > 1 and (self.name in hosts_of[a.model] or a.model in routed):
-                    continue  # replicas: their ReplicaSet routes among them (below); the table keeps one
-                routed.add(a.model)
-                peer = self.table.get(a.node)
-                if peer is None:
-                    log.warning("plan puts %s on %s, a host this node does not know yet", a.model, a.node)
-                    continue
-                routes.route_to_peer(a, peer, partial(self._remote, a, peer))
-            await self.node.apply_plan(plan)
-            routes.replicate(plan.assignments, self.table.get, self._replica)
-            routes.forget_unplanned({a.model for a in plan.assignments})
-            for peer in self.table:
-                routes.settle(peer)
-
-    def _remote(self, a: Assignment, peer: PeerView, handoff: Target | None) -> RemoteTarget:
-        """A model the plan puts on ``peer``, failing over here while it is down (``handoff``:
-        the copy here that serves until the peer reports the model ready)."""
-        return RemoteTarget(a.model, a.kind, peer, failover=self.failover, assignment=a.to_dict(),
-                            max_batch=4 * self.settings.embed_max_batch, handoff=handoff)
-
-    def _replica(self, a: Assignment, peer: PeerView) -> RemoteTarget:
-        """A peer's member of a replicated model: no failover of its own (the other replicas are)."""
-        return RemoteTarget(a.model, a.kind, peer, failover=None, assignment=a.to_dict(),
-                            max_batch=4 * self.settings.embed_max_batch)
-
-    def _settle(self, peer: Peer) -> None:
-        """``peer`` answered with a fresh report: drop the stand-ins of the models it serves again."""
-        self.node.routes.settle(peer)
+        """The desired set changed here (a deploy or removal): see ``ControlPlane.replan``."""
+        await self.control.replan()
 
     # ----------------------------------------------------------------- failover
     async def failover(self, remote: RemoteTarget, cause: PeerUnavailable) -> Target:
@@ -427,10 +441,5 @@ class Cluster:
         (``failover.serve_here``: one stand-in per model, loaded once, shared by every request)."""
         return await serve_here(self.node, self.settings, remote, cause)
 
-    # ----------------------------------------------------------------- reporting
-    def peers_status(self) -> list[dict[str, Any]]:
-        return self.table.status()
-
-    def routing(self) -> dict[str, str]:
-        """model id → host that computes it (this node's view)."""
+    def routing(self) -> dict[str, str]:  # model id → host that computes it (this node's view)
         return {m: t.node for m, t in self.node.routes.targets.items()}

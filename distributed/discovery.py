@@ -55,7 +55,7 @@ log = get_logger(__name__)
 
 SERVICE = "_tars._tcp.local."
 BROWSE_S = 3.0
-REFRESH_S = 5.0  # how often the advertiser checks whether its record changed (the planner moved)
+REFRESH_S = 1.0  # how often the advertiser checks whether its record changed (the planner moved)
 TXT_KEYS = ("cluster", "node", "version", "planner", "role", "scheme")
 
 

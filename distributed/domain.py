@@ -161,8 +161,8 @@ class Unplaced(_Data):
 class Plan(_Data):
     assignments: list[Assignment] = field(default_factory=list)
     unplaced: list[Unplaced] = field(default_factory=list)
-    # specs of models no host's catalog has on its own (hub references resolved by the planning
-    # host, modelref.py): id -> ModelSpec.to_dict(), so every host loads the same files
+    # specs of models no host's catalog has on its own (hub references resolved by some host,
+    # modelref.py): id -> ModelSpec.to_dict(), so every host loads the same files
     specs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod

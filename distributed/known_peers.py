@@ -1,4 +1,4 @@
-"""The peers a node has seen, remembered across restarts (``TARS_MODELS_DIR/tars-known-peers.json``).
+"""The peers a node has seen, remembered across restarts (``TARS_MODELS_DIR/tars-known-peers-<node>.json``).
 
 A node restarted without ``TARS_PEERS`` (PC1, say) still knows where its cluster's other
 hosts were: ``KnownPeers.seeds()`` lists their URLs, most recently seen first, for the
@@ -13,6 +13,8 @@ written atomically (temporary file, fsync, rename) and only when something chang
 entry's last sighting is ``REFRESH_S`` old, so heartbeats do not rewrite it. It holds
 names, URLs and times — no secret — and is still made readable by its owner only.
 A file that cannot be read is logged and treated as empty (it is a cache, not state).
+The file is named for its node, as the cluster state's is: nodes that share a models
+folder (several on one machine) do not take each other's peers for their own.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from .logs import get_logger
 
 log = get_logger(__name__)
 
-FILE_NAME = "tars-known-peers.json"
+FILE_NAME = "tars-known-peers-{node}.json"  # one per node name
 MAX_ENTRIES = 32
 MAX_AGE_S = 30 * 86400.0
 REFRESH_S = 3600.0
@@ -59,7 +61,8 @@ class KnownPeers:
 
     @classmethod
     def for_settings(cls, settings: Any, **kw: Any) -> "KnownPeers":
-        return cls(Path(settings.models_dir) / FILE_NAME, settings.node_name, settings.cluster_name, **kw)
+        return cls(Path(settings.models_dir) / FILE_NAME.format(node=settings.node_name), settings.node_name,
+                   settings.cluster_name, **kw)
 
     # ------------------------------------------------------------------ reading
     def _load(self) -> dict[str, KnownPeer]:
@@ -70,7 +73,8 @@ class KnownPeers:
         except (OSError, ValueError) as exc:
             log.warning("ignoring the known-peers file %s: %s", self.path, exc)
             return {}
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("cluster") != self.cluster:
+        if (not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("cluster") != self.cluster
+                or doc.get("node", self.me) != self.me):  # another cluster's, or another node's
             return {}
         out: dict[str, KnownPeer] = {}
         now = self.clock()

@@ -102,7 +102,9 @@ class Node:
 
             self.profile = await asyncio.to_thread(profiler.profile_host, self.settings.gpu_profile, self.name)
         if any(is_ref(m) for m in self.settings.models):  # hf.co/... in TARS_MODELS: resolved once (modelref.py)
-            await asyncio.to_thread(resolve_all, [m for m in self.settings.models if is_ref(m)], self.catalog)
+            resolved = await asyncio.to_thread(resolve_all, [m for m in self.settings.models if is_ref(m)],
+                                               self.catalog)
+            self.placement.share(resolved)  # the cluster learns them from here (spec: entries)
         if load is None:
             load = not self.settings.peers
         if load:

@@ -15,15 +15,23 @@ this module keeps *what is known* about each other host:
 
 Liveness per peer, from the calls *we* make to it::
 
-    alive --1 missed beat--> suspect --DEAD_AFTER missed in a row--> dead
-      ^---------------------- any answered beat ------------------------'
+    alive --1 missed beat--> suspect --DEAD_AFTER (2) missed in a row--> dead
+      ^------------------------- any answered beat -------------------------'
 
 ``left`` (it said goodbye) holds until it beats or joins again. ``Peer.gone`` is set
 while a peer is dead or has left, so calls in flight to it end at once.
-``Peer.reachable`` turns False when a call to it is refused (``failed``) and True when
-it answers again: until then requests for its models go to their stand-in
+``Peer.reachable`` turns False when a call to it fails on the link — a refused
+connection, a connection that did not open in time, data the peer's kernel never
+acknowledged (``rpc/client.py``: phase "connect" or "link"), a heartbeat included — and
+True when it answers again: until then requests for its models go to their stand-in
 (targets/routes.py), and a stand-in is never dropped on the word of a report from
-before the failure.
+before the failure. ``Peer.steady(settle_s)``: alive and reachable for ``settle_s`` in a
+row — only then does the cluster drop its models' stand-ins, so a flapping link keeps
+them (one load per outage, not one per flap).
+
+What the control plane heard from it (``cluster.py``): its incarnation (``inc``), the digest
+of its copy of the replicated state, the highest term it has seen and the version of the
+plan it holds (``held``, ``held_by``).
 """
 
 from __future__ import annotations
@@ -49,13 +57,14 @@ ClientFactory = Callable[[str], PeerClient]
 
 
 def client_factory(settings: Settings, pins: Pins) -> ClientFactory:
-    """How a node reaches a peer: a ``PeerClient`` with the cluster token, its timeouts, and
+    """How a node reaches a peer: a ``PeerClient`` with the cluster token, its timeouts (a
+    connection opens within ``TARS_CONNECT_TIMEOUT_S`` or the peer counts as unreachable), and
     TLS trusting only the pinned fingerprints (``tls.py``) for https:// peers."""
     token = settings.cluster_token.get_secret_value()
 
     def connect(url: str) -> PeerClient:
         return PeerClient(url, token, timeout=settings.rpc_timeout_s, long_timeout=settings.request_timeout_s,
-                          pins=pins)
+                          pins=pins, connect_timeout=settings.connect_timeout_s)
 
     return connect
 
@@ -69,7 +78,7 @@ class PeerState(StrEnum):
     LEFT = "left"
 
 
-DEAD_AFTER = 3  # missed heartbeats in a row
+DEAD_AFTER = 2  # missed heartbeats in a row
 LIVE = (PeerState.ALIVE, PeerState.SUSPECT)
 DOWN = (PeerState.DEAD, PeerState.LEFT)
 VITALS = ("gpus", "totals", "ram")  # live figures a heartbeat carries (optional: older peers send none)
@@ -121,6 +130,13 @@ class Peer:
         self.totals: dict[str, Any] | None = None
         self.ram: dict[str, Any] | None = None
         self.takes_vitals = True  # False once it refused them (an older version): beats go without
+        self.up_since = -1e18  # since when it is alive and reachable again after an outage (steady)
+        # What the control plane heard from it (cluster.py)
+        self.inc = 0
+        self.digest = ""
+        self.term = 0
+        self.held: Any = None  # election.Version of the plan it holds
+        self.held_by = ""
 
     # ------------------------------------------------------------ what it reports
     def report(self, models: Any = None, gpus: Any = None, totals: Any = None, ram: Any = None) -> None:
@@ -152,6 +168,8 @@ class Peer:
         """It answered a call (or called us): alive, missed count reset."""
         self.missed = 0
         self.last_seen = self._clock()
+        if not self.reachable or self.state != PeerState.ALIVE:
+            self.up_since = self.last_seen
         self.reachable = True
         if rtt_ms is not None:
             self.rtt_ms = rtt_ms
@@ -160,15 +178,16 @@ class Peer:
                            else "joined")
 
     def failed(self, why: str) -> None:
-        """A call to it was refused: unreachable (its models go to their stand-ins) until it
-        answers again. Liveness itself still follows the heartbeats."""
+        """A call to it failed on the link (refused, not connected in time, never
+        acknowledged): unreachable (its models go to their stand-ins) until it answers
+        again. Liveness itself still follows the heartbeats."""
         if self.reachable:
             self.reachable = False
-            log.warning("peer %s refused a call: %s; serving its models elsewhere until it answers", self.name,
+            log.warning("peer %s cannot be reached: %s; serving its models elsewhere until it answers", self.name,
                         why, extra=fields(peer=self.name))
 
     def missed_beat(self, why: str, *, refused: bool = False) -> None:
-        """A heartbeat went unanswered (``refused``: the connection was refused)."""
+        """A heartbeat went unanswered (``refused``: it failed on the link, see ``failed``)."""
         self.missed += 1
         if refused:
             self.failed(why)
@@ -188,6 +207,14 @@ class Peer:
     @property
     def live(self) -> bool:
         return self.state in LIVE
+
+    def steady(self, settle_s: float) -> bool:
+        """Alive and reachable for ``settle_s`` seconds in a row (its stand-ins may go)."""
+        return self.state == PeerState.ALIVE and self.reachable and self._clock() - self.up_since >= settle_s
+
+    def silent_s(self) -> float:
+        """Seconds since it last answered (or called us); infinite if it never did."""
+        return float("inf") if self.last_seen is None else self._clock() - self.last_seen
 
     # ------------------------------------------------------------ reporting
     def status(self) -> dict[str, Any]:

@@ -115,6 +115,7 @@ class JoinParams(_Lenient):
     fingerprint: str = ""  # SHA-256 of its TLS certificate when it serves https (tls.py pins it)
     gpus: list[dict[str, Any]] | None = None  # its live GPU figures (checked against the profile's claims)
     llama_cpp: str = ""  # its llama.cpp (the llama-cpp-python release): a split needs one version on both hosts
+    ctl: dict[str, Any] | None = None  # the control plane's signed envelope (cluster_state.py)
 
 
 class HeartbeatParams(_Lenient):
@@ -127,6 +128,7 @@ class HeartbeatParams(_Lenient):
     gpus: list[dict[str, Any]] | None = None
     totals: dict[str, Any] | None = None
     ram: dict[str, Any] | None = None
+    ctl: dict[str, Any] | None = None  # the control plane's signed envelope (cluster_state.py)
 
 
 class LeaveParams(_Lenient):

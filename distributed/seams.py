@@ -26,7 +26,6 @@ if TYPE_CHECKING:  # types only: no import cycle at run time
     from .catalog import Catalog
     from .metrics import Metrics
     from .peers import Peer
-    from .rpc.client import PeerClient
     from .settings import Settings
     from .targets import Routes, Target
 
@@ -37,12 +36,13 @@ class ClusterView(Protocol):
 
     async def handle_join(self, name: str, url: str, profile: dict[str, Any], role: str = "worker",
                           version: str = "", llama_cpp: str = "", models: list[dict[str, Any]] | None = None,
-                          fingerprint: str = "", gpus: list[dict[str, Any]] | None = None) -> dict[str, Any]: ...
+                          fingerprint: str = "", gpus: list[dict[str, Any]] | None = None,
+                          ctl: dict[str, Any] | None = None) -> dict[str, Any]: ...
 
     async def handle_heartbeat(self, name: str, url: str = "", models: list[dict[str, Any]] | None = None,
                                plan_id: str = "", sent_at: float = 0.0, gpus: list[dict[str, Any]] | None = None,
-                               totals: dict[str, Any] | None = None,
-                               ram: dict[str, Any] | None = None) -> dict[str, Any]: ...
+                               totals: dict[str, Any] | None = None, ram: dict[str, Any] | None = None,
+                               ctl: dict[str, Any] | None = None) -> dict[str, Any]: ...
 
     async def handle_leave(self, name: str) -> dict[str, Any]: ...
 
@@ -118,9 +118,10 @@ class ClusterNode(Protocol):
 
 class PlanningCluster(Protocol):
     @property
-    def is_planner(self) -> bool: ...
+    def planner(self) -> str | None: ...
 
-    def planner_client(self) -> "PeerClient | None": ...
+    @property
+    def plan(self) -> Plan: ...
 
     def hosts(self) -> dict[str, HostProfile]: ...
 

@@ -3,15 +3,16 @@ what it needs when it is made — nothing is attached to another object afterwar
 
 ::
 
-    catalog, store ──► Placement          the desired set and the plan that places it
+    ClusterState                          this node's copy of the replicated state (file, clock)
+    catalog, store, state ──► Placement   the desired set and the plan that places it
     Pins ──► PeerTable                    the peers this node knows, how to reach them
     SplitService(settings, peers)         pooled VRAM: RPC workers, relay, tunnels
     Node(settings, ..., placement, peers, split)
-    Cluster(node, settings, peers, pins)  join, heartbeats, plans, failover
+    Cluster(node, settings, peers, pins, state)  joins, heartbeats, the planner role, failover
     Deployer(settings, placement, node.routes, cluster)
 
-``Service.start()`` starts the node (profile, and a standalone node's own plan), then the
-cluster (joins, heartbeats); ``Service.stop()`` says goodbye to the peers, stops the split
+``Service.start()`` starts the node (profile; a node without seeds loads its own plan at
+once), then the cluster (joins, heartbeats, planning); ``Service.stop()`` says goodbye to the peers, stops the split
 workers and tunnels, then unloads the models. ``api.app.create_app(service)`` serves it;
 ``cli/serve.py`` and the tests build it here (two nodes live in one process).
 """
@@ -23,6 +24,7 @@ from typing import Any
 
 from .catalog import Catalog
 from .cluster import Cluster
+from .cluster_state import ClusterState
 from .deploy.manager import Deployer
 from .deploy.placement import Placement
 from .discovery import Advertiser
@@ -54,7 +56,7 @@ class Service:
 
     async def start(self) -> None:
         await self.notify.start()
-        await self.node.start()
+        await self.node.start(load=not self.cluster.waits_for_peers)  # else the cluster's plan comes first
         self.notify.started()
         log.info("node %s started (role %s)", self.node.name, self.node.role)
         await self.cluster.start()
@@ -80,13 +82,14 @@ def build(settings: Settings, *, profile: HostProfile | None = None, catalog: Ca
     in-process apps); ``backend_extra``: merged into every backend's options (the fake's knobs)."""
     catalog = catalog if catalog is not None else user_catalog(settings)
     store = store if store is not None else ModelStore(settings.models_dir, catalog)
-    placement = Placement(settings, catalog, store)
+    state = ClusterState.for_settings(settings)
+    placement = Placement(settings, catalog, store, state)
     pins = Pins.from_settings(settings)
     peers = PeerTable(settings.node_name, clients or client_factory(settings, pins))
     split = SplitService(settings, peers)
     node = Node(settings, profile, catalog, store, metrics, backend_extra=backend_extra, placement=placement,
                 peers=peers, split=split)
-    cluster = Cluster(node, settings, peers, pins=pins)
+    cluster = Cluster(node, settings, peers, pins=pins, state=state)
     deployer = Deployer(settings, placement, node.routes, cluster)
     return Service(settings, node, cluster, deployer, split, Lifecycle.from_environ(node, settings),
                    Advertiser(settings, cluster))

@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     discovery: Literal["on", "off"] = Field(
         "on", description="on: advertise this node on the LAN over mDNS (_tars._tcp: cluster, node, port, version; never "
                           "the token) when it listens beyond loopback; off: silent (TARS_PEERS only).")
+    planner_priority: int = Field(
+        0, ge=-1000, le=1000, description="Which host plans the cluster: the live host with the highest priority, then "
+                                          "the most VRAM, then the smallest name (-1000-1000).")
     ollama_port: int = Field(0, ge=0, le=65535, description="A second port (on TARS_HOST) serving the same API, for apps "
                                                             "that only talk to Ollama's port (11434); 0 = off.")
 
@@ -105,6 +108,10 @@ class Settings(BaseSettings):
     # --- cluster timing
     heartbeat_s: float = Field(2.0, gt=0, le=300, description="Seconds between heartbeats (>0).")
     rpc_timeout_s: float = Field(5.0, gt=0, le=600, description="Timeout of a control call to a peer, seconds.")
+    connect_timeout_s: float = Field(
+        1.0, gt=0, le=60, description="Seconds a connection to a peer may take to open, and data sent to it may stay "
+                                      "unacknowledged (TCP_USER_TIMEOUT), before the peer counts as unreachable and its "
+                                      "models are served elsewhere; sized for a LAN.")
 
     # --- serving limits
     queue_size: int = Field(16, ge=1, le=10000, description="Waiting generations per model before 429.")

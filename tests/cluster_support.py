@@ -8,6 +8,8 @@ every call to or from it fails like a refused connection (a crash).
 from __future__ import annotations
 
 import asyncio
+import shutil
+import tempfile
 import time
 from contextlib import AsyncExitStack
 from typing import Any
@@ -53,6 +55,10 @@ class Host:
                  extra: dict[str, Any] | None = None, **overrides: Any) -> None:
         host, port = url.removeprefix("http://").split(":")
         self.net, self.name, self.url = net, name, url
+        # its own models folder (the cluster state, known peers), unless the test shares one
+        self._tmp = None if "models_dir" in overrides else tempfile.mkdtemp(prefix=f"tars-{name}-")
+        if self._tmp is not None:
+            overrides["models_dir"] = self._tmp
         self.settings = load_settings(**{"node_name": name, "host": host, "port": int(port),
                                          "peers": ",".join(peers) or None, "cluster_token": TOKEN,
                                          "backend_override": "fake", "heartbeat_s": 0.1, "rpc_timeout_s": 1.0,
@@ -94,6 +100,8 @@ class Host:
             await self._stack.aclose()
         self.net.up[self.url] = False
         await self.http.aclose()
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
 
 
 async def until(cond: Any, timeout: float = 5.0, what: str = "condition") -> None:

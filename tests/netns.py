@@ -107,6 +107,11 @@ class Host:
     def run(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return _in(self.ns, *argv, check=check)
 
+    def enter(self) -> None:
+        """Move the calling thread into this host's namespace (sockets it opens from now on
+        are there; e.g. an event loop's thread, so a relay or tunnel lives on this host)."""
+        _setns(f"/var/run/netns/{self.ns}")
+
     def call(self, fn: Callable[[], T], timeout: float | None = None) -> T:
         """``fn()`` in a thread inside this host's namespace (sockets it opens are there)."""
         if self._pool is None:

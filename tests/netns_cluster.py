@@ -5,7 +5,8 @@ benchmarks/bench_netns.py measure there.
     start(node, host)                                     # waits for /health 200 from inside
     traffic = Traffic(client_host, node.url).start()      # a chat request every 0.25 s, overlapping
     lan.link_down(h1); ...; traffic.first_ok_after(t)     # seconds until served again
-    events(node.log_text())                               # plan changes, fallbacks, liveness moves
+    events(node.log_text())                               # re-plans, planner moves, fallbacks, liveness moves
+    control(host, node)                                   # planner, term, plan id, routing as it sees them
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ CHAT = "gemma-3-270m"
 
 # What the nodes log when the cluster changes course (counted per minute under a flapping link)
 EVENTS = {
-    "plan": re.compile(r"peer \S+ (?:re)?joined from|plan changed on \S+: applying|joined \S+ at \S+: plan"),
+    "replan": re.compile(r"planned term \d+ plan \d+"),  # a plan made (by whichever host plans)
+    "planner_moved": re.compile(r"planner: \S+ \(rule"),  # a host's view of who plans changed
     "fallback": re.compile(r"fallback: loading"),
     "standin_dropped": re.compile(r"dropping the local (?:fallback|handoff) copy"),
     "liveness": re.compile(r"peer \S+ is (?:alive|suspect|dead|left) \(was"),
@@ -64,6 +66,25 @@ def get(host: Host, url: str, timeout: float = 5.0, **kw: Any) -> httpx.Response
 def post(host: Host, url: str, timeout: float = 5.0, **kw: Any) -> httpx.Response:
     """``httpx.post`` from inside ``host``'s namespace."""
     return host.call(lambda: httpx.post(url, timeout=timeout, **kw), timeout=timeout + 5)
+
+
+def delete(host: Host, url: str, timeout: float = 5.0, **kw: Any) -> httpx.Response:
+    """``httpx.delete`` from inside ``host``'s namespace."""
+    return host.call(lambda: httpx.delete(url, timeout=timeout, **kw), timeout=timeout + 5)
+
+
+def control(host: Host, node: ServerProcess) -> dict[str, Any]:
+    """``node``'s /status: its control plane (``"cluster"``) and routing, as it sees them."""
+    s = get(host, node.url + "/status").json()
+    return {**s["cluster"], "routes": {m["id"]: m["node"] for m in s["models"]},
+            "placed": sorted({a["model"] for a in s["plan"]["assignments"]})}
+
+
+def one_placement(*pairs: tuple[Host, ServerProcess]) -> bool:
+    """Every node names the same planner, holds the same plan and state, and routes every model alike."""
+    views = [control(h, n) for h, n in pairs]
+    keys = ("planner", "plan_id", "routes", "state_digest")
+    return all(v[k] == views[0][k] for v in views for k in keys)
 
 
 def start(node: ServerProcess, host: Host, timeout: float = 120.0) -> ServerProcess:

@@ -261,6 +261,7 @@ def create_app(service: "Service") -> FastAPI:
     app.state.node = node
     app.state.settings = settings
     app.state.deployer = service.deployer  # POST/DELETE /models (api/deploy.py)
+    app.state.cluster = service.cluster  # /status "cluster": the planner, the term, the plan in force
     _add_error_handlers(app, node.name)
 
     from ..rpc.server import build_rpc_router

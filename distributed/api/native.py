@@ -62,6 +62,9 @@ async def health(request: Request) -> Response:
 async def status(request: Request) -> Response:
     node = _node(request)
     body = node.status()
+    cluster = getattr(request.app.state, "cluster", None)
+    if cluster is not None:
+        body["cluster"] = cluster.summary()  # the planner, the term, the plan in force (cluster.py)
     body["via"] = node.name
     return JSON(body)
 

@@ -1,24 +1,32 @@
-"""``Deployer``: deploy and remove models at runtime, cluster-wide.
+"""``Deployer``: deploy and remove models at runtime, cluster-wide, on any host.
 
-The planning host (the server; a standalone node plans for itself) owns the desired set
-(``state.DesiredSet``, planned by ``placement.Placement``). ``deploy``/``remove`` there
-check the request, persist the new set, plan again over the live hosts and apply the plan
-(``Cluster.replan``): the host a model is assigned to loads it — pulling it first when it
-is not on disk (``deploy/pull.py``) — and every host routes to it; workers receive the new
-plan with their next heartbeat. Nothing restarts. A worker asked to deploy forwards the call to the
-server (``models.deploy`` / ``models.remove`` over ``/rpc``).
+The desired set is replicated (``state.DesiredSet`` over ``cluster_state.py``), so every host
+accepts ``deploy``/``remove`` (``POST``/``DELETE /models``, ``tars run``/``tars stop``, and
+``models.deploy``/``models.remove`` on ``/rpc``) — also while the planning host is down or
+on the other side of a partition. The host that gets the call checks it (the catalog, the
+host asked for, and the room: it plans the new desired set over the live hosts itself),
+records the change as a stamped entry of the replicated state, and asks the cluster to act
+on it (``Cluster.replan``): on the planner that plans and applies at once; elsewhere the
+change is pushed to the live peers, the planner plans it and its plan comes back (waited
+for a few heartbeats). The host a model is assigned to loads it — pulling it first when it
+is not on disk (``deploy/pull.py``) — and every host routes to it. Nothing restarts.
 
 ``model`` is a catalog id or a hub reference (``hf.co/ORG/REPO[:QUANT]``): the name is
-checked where the call arrives (``modelref.check_name``, no network) and a reference is
-resolved once, by the planning host (``modelref.resolve_async``: the hub's file list and the
-GGUF header by range reads), before the plan; the plan carries its spec to every host.
-``chat_template`` names a shipped template the model runs with in place of its own.
+checked where the call arrives (``modelref.check_name``, no network), and a reference is
+resolved there, once (``modelref.resolve_async``: the hub's file list and the GGUF header by
+range reads), before the room check; the spec it resolved to is shared through the
+replicated state (``Placement.share``: ``spec:<id>``), so the planner and every other host
+learn it without the hub. ``chat_template`` names a shipped template the model runs with in
+place of its own (kept in the deploy's entry; every plan carries it).
 
-Answers: ``deploy`` → ``{"model", "status": "deploying" | "unchanged", "placement":
-[assignment], "reason", "replicas", "node"}``; an id not in the catalog → ``ModelNotFound``
-(404, listing the catalog); a reference the hub does not have → ``RefNotFound`` (404); no host with room → ``NoRoom`` (409) saying what the model needs
-and what each host has. ``remove`` → ``{"model", "status": "removing"}``: each host stops
-routing the model and unloads it after its requests in flight (``targets/routes.py``).
+Answers: ``deploy`` → ``{"model", "status": "deploying" | "unchanged" | "retrying",
+"placement": [assignment], "reason", "replicas", "node", "planner"}`` (the placement of the
+plan in force once the planner has planned it, else this host's own prediction, said in
+``"message"``); an id not in the catalog → ``ModelNotFound`` (404, listing the catalog); a
+reference the hub does not have → ``RefNotFound`` (404); no host with room → ``NoRoom``
+(409) saying what the model needs and what each host has, nothing recorded. ``remove`` →
+``{"model", "status": "removing", "models"}``: each host stops routing the model and unloads
+it after its requests in flight (``targets/routes.py``).
 """
 
 from __future__ import annotations
@@ -57,13 +65,6 @@ class Deployer:
     async def deploy(self, model: str, replicas: int | None = None, node: str | None = None,
                      chat_template: str | None = None) -> dict[str, Any]:
         check_name(model, self.placement.catalog, chat_template)  # 404 listing the catalog / 400, no network
-        client = self.cluster.planner_client()
-        if client is not None:
-            params = {"model": model, "replicas": replicas, "node": node}
-            if chat_template is not None:  # only when set: a planning host of the previous version takes the call
-                params["chat_template"] = chat_template
-            out: dict[str, Any] = await client.call("models.deploy", params, timeout=self.settings.request_timeout_s)
-            return out
         spec = await resolve_async(model, self.placement.catalog)  # a hub reference: resolved once, here
         model = spec.id
         replicas = 1 if replicas is None else replicas
@@ -73,51 +74,47 @@ class Deployer:
                 f"node '{node}' is not a live host of this cluster; live hosts: {', '.join(sorted(hosts))}",
                 field="node", hosts=sorted(hosts))
         async with self._lock:
-            before = self.desired.to_dict()
-            changed = self.desired.deploy(model, replicas, node, chat_template)
-            plan = self.placement.plan(hosts)
+            wanted = Deployment(model, replicas, node, chat_template)
+            with self.desired.trial(model, wanted):
+                plan = self.placement.plan(hosts)  # the room check: nothing is recorded without room
             placed = [a for a in plan.assignments if a.model == model]
             if not placed:
-                self._restore(before)
                 raise self._no_room(spec, plan, hosts)
+            self.placement.share([spec])  # a resolved reference: every host learns its spec
+            changed = self.desired.deploy(model, replicas, node, chat_template)
             # deployed so already, but failed here (a pull that failed, say): load it again
             retry = not changed and any(t.model == model and t.state == "failed" for t in self.routes.local())
             if changed:
-                self.desired.save()
-                log.info("deploying %s on %s", model, ", ".join(a.node for a in placed),
-                         extra=fields(model=model, node=placed[0].node))
+                log.info("deploying %s (planned on %s): recorded by %s", model, ", ".join(a.node for a in placed),
+                         self.name, extra=fields(model=model, node=placed[0].node))
             if changed or retry:
                 await self.cluster.replan()
+        in_force = [a for a in self.cluster.plan.assignments if a.model == model]
         status = "deploying" if changed else "retrying" if retry else "unchanged"
-        out = {"model": model, "status": status, "replicas": replicas,
-               "node": node, "placement": [a.to_dict() for a in placed], "reason": placed[0].reason}
+        shown = in_force or placed
+        out = {"model": model, "status": status, "replicas": replicas, "node": node,
+               "placement": [a.to_dict() for a in shown], "reason": shown[0].reason, "planner": self.cluster.planner}
         if retry:
             out["message"] = f"'{model}' had failed on {self.name}: loading it again"
         elif not changed:
             out["message"] = f"'{model}' is already deployed with these settings"
-        elif len(placed) < replicas:
-            out["message"] = (f"{len(placed)} of {replicas} replicas placed: the other hosts have no room "
+        elif not in_force:
+            out["message"] = (f"recorded on {self.name}; the planner ({self.cluster.planner or 'none yet'}) has not "
+                              "planned it yet: the placement shown is this host's own plan")
+        elif len(in_force) < replicas:
+            out["message"] = (f"{len(in_force)} of {replicas} replicas placed: the other hosts have no room "
                               "(more are placed when hosts join)")
         return out
 
     async def remove(self, model: str) -> dict[str, Any]:
-        client = self.cluster.planner_client()
-        if client is not None:
-            out: dict[str, Any] = await client.call("models.remove", {"model": model},
-                                                    timeout=self.settings.request_timeout_s)
-            return out
         async with self._lock:
             if model not in self.desired:
                 raise ModelNotFound(model, self.desired.models())
             self.desired.remove(model)
-            self.desired.save()
-            log.info("removing %s", model, extra=fields(model=model))
+            log.info("removing %s: recorded by %s", model, self.name, extra=fields(model=model))
             await self.cluster.replan()
-        return {"model": model, "status": "removing", "models": self.desired.models()}
-
-    def _restore(self, before: dict[str, Any]) -> None:
-        self.desired.deployed = {m: Deployment(**d) for m, d in before["deployed"].items()}
-        self.desired.removed = set(before["removed"])
+        return {"model": model, "status": "removing", "models": self.desired.models(),
+                "planner": self.cluster.planner}
 
     def _no_room(self, spec: ModelSpec, plan: Plan, hosts: dict[str, HostProfile]) -> NoRoom:
         from ..vram import estimate

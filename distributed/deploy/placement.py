@@ -1,7 +1,8 @@
 """``Placement``: which models the cluster serves, and the plan that places them.
 
 The one place that turns the desired set (``state.DesiredSet``: ``TARS_MODELS``, else the
-catalog's defaults, plus runtime deploys, less removals) into a plan over some hosts:
+catalog's defaults, plus runtime deploys, less removals — a view of the cluster's
+replicated state, ``cluster_state.py``) into a plan over some hosts:
 the planner, then the models pinned to a host (``deploy --node``), then the extra copies
 of a replicated model (``deploy --replicas N``). The node plans for itself with it
 (``Node.plan_alone``), the cluster over every live host (``Cluster._replan``), and the
@@ -15,10 +16,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..catalog import Catalog
+from ..cluster_state import ClusterState
 from ..domain import HostProfile, ModelSpec, Plan, Unplaced
 from ..errors import ConfigError
-from ..logs import get_logger
-from ..modelref import carry
+from ..logs import fields, get_logger
+from ..modelref import carry, plan_specs
 from ..settings import Settings
 from ..store import ModelStore
 from .state import DesiredSet
@@ -27,26 +29,42 @@ log = get_logger(__name__)
 
 
 class Placement:
-    def __init__(self, settings: Settings, catalog: Catalog, store: ModelStore) -> None:
+    """``state``: the node's copy of the cluster's replicated state (``service.build`` shares
+    it with the cluster); a bare node opens its own."""
+
+    def __init__(self, settings: Settings, catalog: Catalog, store: ModelStore,
+                 state: ClusterState | None = None) -> None:
         self.settings = settings
         self.catalog = catalog
         self.store = store
+        self.state = state if state is not None else ClusterState.for_settings(settings)
         base = list(settings.models) or [s.id for s in catalog.defaults()]
-        self.desired = DesiredSet(settings.models_dir, base)
+        self.desired = DesiredSet(self.state, base, explicit=bool(settings.models), legacy_dir=settings.models_dir)
+        self._skipped: set[str] = set()
 
     # ------------------------------------------------------------------ the desired set
     def specs(self) -> list[ModelSpec]:
-        """The desired models as catalog specs (a runtime deploy whose id left the catalog is skipped)."""
+        """The desired models as catalog specs (a runtime deploy whose id left the catalog is
+        skipped); the hub references another host resolved are learned from the cluster first."""
+        self.catalog.learn(self.desired.specs())
         out = []
         for model in self.desired.models():
             if model in self.catalog:
                 out.append(self.catalog.get(model))
-            elif model in self.desired.base and self.settings.models:
+            elif model in self.settings.models:  # this host's own TARS_MODELS: a typo to fix
                 raise ConfigError(f"TARS_MODELS names unknown model '{model}'; known models: "
                                   f"{', '.join(self.catalog.ids())}", variable="TARS_MODELS")
-            else:
-                log.warning("deployed model %s is no longer in the catalog: skipped", model)
+            elif model not in self._skipped:
+                self._skipped.add(model)
+                log.warning("desired model %s is not in this host's catalog: skipped", model)
         return out
+
+    def share(self, specs: list[ModelSpec]) -> None:
+        """Put the hub references resolved here among ``specs`` into the cluster's state
+        (``DesiredSet.note_spec``), so the planner and every other host learn them."""
+        for model, data in plan_specs(specs).items():
+            if self.desired.note_spec(model, data):
+                log.info("resolved reference %s shared with the cluster", model, extra=fields(model=model))
 
     def model_paths(self, specs: list[ModelSpec]) -> dict[str, Path]:
         """Where each model's file is on this host (those on disk), so the planner reads

@@ -8,7 +8,10 @@ process without sockets, ``httpx.MockTransport`` scripts a peer in unit tests.
 httpx exceptions never leave this module; they are translated here, at the
 boundary:
 
-    connect error, timeouts, a dropped connection → PeerUnavailable (503) naming the peer
+    connect error, timeouts, a dropped connection → PeerUnavailable (503) naming the peer,
+                                                    ``details["phase"]``: "connect" or "link" (the
+                                                    call never reached the peer: serve it elsewhere)
+                                                    or "answer" (it may have)
     an answer that is not JSON-RPC                → PeerError (502) naming the peer
     HTTP 401                                      → Unauthorized (token mismatch)
     a JSON-RPC error object                       → the TarsError it encodes (protocol.error_from_rpc)
@@ -21,12 +24,22 @@ An ``https://`` peer with ``pins`` (``tls.Pins``) is pinned: before the first ca
 the client reads the peer's certificate in a handshake that sends nothing and
 trusts exactly that certificate if its SHA-256 fingerprint is pinned (no CA, no
 host name check); a different certificate fails before the token is sent.
+
+Sized for a LAN: a connection must open within ``connect_timeout`` (TARS_CONNECT_TIMEOUT_S,
+1 s), and on Linux the sockets carry ``TCP_USER_TIMEOUT`` of the same length, so data the
+peer's kernel does not acknowledge in that time (a pulled cable, a host that vanished
+behind a kept-alive connection) fails the call then, with phase "link", instead of
+waiting for the answer's timeout. A long generation is not cut by it: once the request is
+acknowledged, nothing is outstanding while the peer computes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
+import os
+import socket
 from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +52,25 @@ if TYPE_CHECKING:
     from ..tls import Pins
 
 _HEADERS = {"content-type": "application/json", "accept": f"application/json, {p.NDJSON}"}
+_LINK_ERRNOS = {errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN}
+
+
+def _link_options(timeout_s: float) -> list[tuple[int, int, int]]:
+    """Socket options bounding unacknowledged data to ``timeout_s`` (Linux; elsewhere none)."""
+    opt = getattr(socket, "TCP_USER_TIMEOUT", None)
+    return [(socket.IPPROTO_TCP, opt, max(1, int(timeout_s * 1000)))] if opt is not None else []
+
+
+def _link_errno(exc: BaseException) -> int | None:
+    """The errno of the OSError behind an httpx error, when it says the link is down."""
+    seen: BaseException | None = exc
+    for _ in range(6):
+        if seen is None:
+            return None
+        if isinstance(seen, OSError) and seen.errno in _LINK_ERRNOS:
+            return seen.errno
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 class PeerClient:
@@ -48,23 +80,29 @@ class PeerClient:
     def __init__(self, base_url: str, token: str, *, transport: httpx.AsyncBaseTransport | None = None,
                  timeout: float = 5.0, long_timeout: float = 300.0, name: str | None = None,
                  retries: int = 3, backoff_s: float = 0.1, max_backoff_s: float = 2.0,
-                 max_connections: int = 64, pins: "Pins | None" = None) -> None:
+                 max_connections: int = 64, pins: "Pins | None" = None, connect_timeout: float = 1.0) -> None:
         self.base_url = base_url.rstrip("/")
         self.name = name or self.base_url
         self.timeout = timeout
+        self.connect_timeout = connect_timeout
         self.long_timeout = long_timeout
         self.retries = retries
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         self._ids = itertools.count(1)
         self._pinned = pins.context() if pins and self.base_url.startswith("https://") else None
+        verify = self._pinned.ssl if self._pinned is not None else True
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        if transport is None:  # ours: the LAN-sized link timeout on every socket (tests inject theirs)
+            transport = httpx.AsyncHTTPTransport(verify=verify, limits=limits,
+                                                 socket_options=_link_options(connect_timeout))
         self._client = httpx.AsyncClient(
-            verify=self._pinned.ssl if self._pinned is not None else True,
+            verify=verify,
             base_url=self.base_url,
             transport=transport,
             timeout=httpx.Timeout(timeout),
             headers={"authorization": f"Bearer {token}", **_HEADERS},
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            limits=limits,
         )
 
     async def aclose(self) -> None:
@@ -78,20 +116,25 @@ class PeerClient:
     def _timeout(self, timeout: float | None, long: bool = False) -> httpx.Timeout:
         if timeout is None:
             timeout = self.long_timeout if long else self.timeout
-        # Connecting is always quick or never: a dead peer is found in `self.timeout` at most.
-        return httpx.Timeout(timeout, connect=min(timeout, self.timeout))
+        # Connecting is quick on a LAN or never: a lost peer is found in `connect_timeout` at most.
+        return httpx.Timeout(timeout, connect=min(timeout, self.timeout, self.connect_timeout))
 
     # ------------------------------------------------------------ errors
     def translate(self, exc: httpx.HTTPError, method: str) -> TarsError:
         """httpx exception → our tree. The message names the peer and what failed.
         ``details["phase"]`` says whether the call can have reached the peer:
-        "connect" (it did not: safe to serve elsewhere) or "answer"."""
+        "connect" or "link" (it did not: safe to serve elsewhere) or "answer"."""
         who = f"peer {self.name}" + ("" if self.name == self.base_url else f" ({self.base_url})")
         if isinstance(exc, httpx.ConnectError):
             return PeerUnavailable(f"{who} is unreachable: {exc or 'connection refused'}", peer=self.name,
                                    phase="connect")
         if isinstance(exc, (httpx.ConnectTimeout, httpx.PoolTimeout)):
             return PeerUnavailable(f"{who} did not connect in time ({method})", peer=self.name, phase="connect")
+        code = _link_errno(exc)
+        if isinstance(exc, (httpx.WriteError, httpx.WriteTimeout)) or code is not None:
+            why = os.strerror(code) if code is not None else "the request could not be sent"
+            return PeerUnavailable(f"{who} cannot be reached: {why} during {method} (the link is down?)",
+                                   peer=self.name, phase="link")
         if isinstance(exc, httpx.TimeoutException):
             return PeerUnavailable(f"{who} did not answer in time ({method})", peer=self.name, phase="answer")
         if isinstance(exc, (httpx.RemoteProtocolError, httpx.NetworkError)):

@@ -1,5 +1,6 @@
-"""``models.deploy`` / ``models.remove``: a worker forwards a runtime deploy to the planning
-host (``deploy/manager.py``). Registered on the ``RpcServer`` by ``register_deploy``."""
+"""``models.deploy`` / ``models.remove``: a runtime deploy or removal, recorded in the
+replicated desired set by the host that gets it (``deploy/manager.py``; any host takes
+it). Registered on the ``RpcServer`` by ``register_deploy``."""
 
 from __future__ import annotations
 

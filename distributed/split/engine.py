@@ -21,8 +21,18 @@ restarts it; meanwhile a watcher probes each worker through the relay. A worker 
 does not answer is *missing*: the engine is restarted without it — on this host alone
 with as many layers on its GPU as fit beside its other models, the rest in RAM
 (``alone``) — or, when it does not fit here at all, the model is ``failed`` and every
-request gets a 503 that names the missing host (``down``). Requests in flight end with a
-clean 503; nothing else on this host restarts.
+request gets a 503 that names the missing host (``down``). Nothing else on this host
+restarts.
+
+What a request sees. One whose engine died under it finds out why at once (the peer's
+liveness, else a probe of each worker through the relay): a lost worker host makes the
+target degrade then and there, and the request is sent again to the engine that now runs
+alone — waiting for it to come up, at most ``RESTART_WAIT_S`` — or, when the model does not
+fit here alone, answered with a 503 ``PeerUnavailable`` that names the lost host. A stream
+that had already sent tokens cannot be sent again: it ends with that 503 naming the host
+(the next request is served alone). Requests that arrive while the engine restarts wait
+for it the same way instead of failing. An engine that died with every worker still there
+(a crash of its own) is waited for and tried once more too; its supervisor restarts it.
 
 **Restore, make before break.** While a host is missing, every ``RESTORE_EVERY_S`` the
 watcher asks it for its worker again. Once every worker answers, a second engine with the
@@ -34,23 +44,26 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from ..domain import Assignment, ModelSpec
+from ..domain import Assignment, Completion, GenerateRequest, ModelSpec, TokenChunk
 from ..engine.config import EngineConfig
 from ..engine.supervisor import ChildState, Supervisor
 from ..engine.target import EngineTarget, free_port
-from ..errors import PeerUnavailable, TarsError
+from ..errors import ModelFailed, PeerUnavailable, TarsError
 from ..logs import fields, get_logger
 from ..metrics import Metrics
 from ..targets.base import TargetState
+from .alone import fit_alone, overlap_fits
 from .relay import open_channel
 from .service import SplitService
 
 log = get_logger(__name__)
+
+__all__ = ["PeerLink", "SplitEngineTarget", "fit_alone", "overlap_fits", "split_engine_target"]
 
 KEEP_OUTPUT_HERE = r"^(output|token_embd)\.weight$=CPU"
 Alone = Callable[[], "tuple[int | None, str]"]  # → (n_gpu_layers on this host alone | None, why)
@@ -100,6 +113,7 @@ class SplitEngineTarget(EngineTarget):
     RESTORE_EVERY_S = 3.0
     PROBE_TIMEOUT_S = 2.0
     WORKER_TIMEOUT_S = 120.0
+    RESTART_WAIT_S = 60.0  # the longest a request waits for the engine to come back (alone, or split again)
 
     def __init__(self, spec: ModelSpec, assignment: Assignment, config: EngineConfig, *, service: SplitService,
                  link: Any, alone: Alone, overlap: Callable[[int], bool] = lambda n: True,
@@ -118,6 +132,8 @@ class SplitEngineTarget(EngineTarget):
         self._watch: asyncio.Task[None] | None = None
         self._last_restore = 0.0
         self._last_probe = 0.0
+        self._alone_why = ""
+        self._degrading = asyncio.Lock()  # one degrade at a time (the watcher's, or a request's)
 
     # ----------------------------------------------------------------- argv
     def _argv_for(self, path: Path, mode: str, port: int) -> list[str]:
@@ -201,6 +217,7 @@ class SplitEngineTarget(EngineTarget):
 
     def _choose_degraded(self) -> None:
         n, why = self._alone()
+        self._alone_why = why
         hosts = ", ".join(f"{h} ({w})" for h, w in sorted(self.missing.items()))
         if n is None:
             self.mode = "down"
@@ -231,14 +248,16 @@ class SplitEngineTarget(EngineTarget):
             await asyncio.sleep(0.5)
             try:
                 if self.mode == "split":
-                    gone = {n: why for s in self.remote if (why := self.link.gone(n := s["node"]))}
+                    gone = self._gone_hosts()
                     sup = self.supervisor
                     engine_down = sup is not None and sup.state in (ChildState.RESTARTING, ChildState.FAILED)
                     if not gone and engine_down and time.monotonic() - self._last_probe >= 1.0:
                         self._last_probe = time.monotonic()
                         gone = await self._probe()  # did the engine die because a worker went away?
                     if gone and not self.served.closed:
-                        await self._degrade(gone)
+                        async with self._degrading:
+                            if self.mode == "split":
+                                await self._degrade(gone)
                 elif time.monotonic() - self._last_restore >= self.RESTORE_EVERY_S:
                     self._last_restore = time.monotonic()
                     await self._try_restore()
@@ -304,6 +323,89 @@ class SplitEngineTarget(EngineTarget):
             old.on_state = None
             await old.stop()
 
+    # ----------------------------------------------------------------- requests around a lost host
+    def _gone_hosts(self) -> dict[str, str]:
+        """Worker hosts the cluster holds for dead or gone, with why."""
+        return {n: why for s in self.remote if (why := self.link.gone(n := s["node"]))}
+
+    def _gone(self, exc: Exception) -> ModelFailed:
+        err = super()._gone(exc)
+        err.details["engine_died"] = True  # the request may be sent again once the engine runs
+        return err
+
+    def _lost_error(self, *, mid_answer: bool = False) -> PeerUnavailable:
+        host, why = sorted(self.missing.items())[0] if self.missing else ("a worker host", "unknown")
+        hosts = ", ".join(s["node"] for s in self.assignment.split or [])
+        if mid_answer:
+            msg = (f"model '{self.model}' is split across {hosts}; {host} went away mid-answer ({why}): send the "
+                   f"request again" + (f" ({self.node} serves it alone now)" if self.mode == "alone" else ""))
+        else:
+            msg = (f"model '{self.model}' is split across {hosts}; {host} is gone ({why}) and the model does not "
+                   f"fit {self.node} alone ({self._alone_why}); it is served again when {host} is back")
+        return PeerUnavailable(msg, peer=host, model=self.model, missing=dict(self.missing))
+
+    async def _after_death(self) -> None:
+        """The engine died under a request: was it a worker host? Degrade now (not at the
+        watcher's next round), so the request can be sent again or told which host is gone."""
+        async with self._degrading:
+            if self.mode == "split" and not self.served.closed:
+                gone = self._gone_hosts() or await self._probe()
+                if gone:
+                    await self._degrade(gone)
+        if self.mode == "down":
+            raise self._lost_error()
+
+    async def _engine_ready(self) -> None:
+        """Wait (at most ``RESTART_WAIT_S``) while the engine restarts, alone or split again;
+        a model that is down for a lost host is a 503 naming it. A first load is not waited
+        for: it answers "loading" as always."""
+        if self.mode == "down":
+            raise self._lost_error()
+        if not self._ever_ready or self.served.state == "ready":
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.RESTART_WAIT_S
+        while self.served.state != "ready" and self.mode != "down" and not self.served.closed \
+                and loop.time() < deadline:
+            await asyncio.sleep(0.1)
+        if self.mode == "down":
+            raise self._lost_error()
+
+    async def generate(self, req: GenerateRequest) -> Completion:
+        await self._engine_ready()
+        try:
+            return await EngineTarget.generate(self, req)
+        except ModelFailed as exc:
+            if not exc.details.get("engine_died"):
+                raise
+        await self._after_death()
+        await self._engine_ready()
+        return await EngineTarget.generate(self, req)  # once more, on the engine that runs now
+
+    async def stream(self, req: GenerateRequest) -> AsyncIterator[TokenChunk | Completion]:
+        await self._engine_ready()
+        sent = False
+        for attempt in (1, 2):
+            inner = EngineTarget.stream(self, req)
+            try:
+                async for item in inner:
+                    sent = sent or isinstance(item, TokenChunk)
+                    yield item
+                return
+            except ModelFailed as exc:
+                if attempt == 2 or not exc.details.get("engine_died"):
+                    raise
+                await self._after_death()
+                if sent:  # tokens are out: the answer cannot be sent again from its start
+                    if self.missing:
+                        raise self._lost_error(mid_answer=True) from None
+                    raise
+                await self._engine_ready()
+            finally:
+                aclose = getattr(inner, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+
     async def close(self) -> None:
         self.served.close()
         watch, self._watch = self._watch, None
@@ -342,48 +444,3 @@ def split_engine_target(spec: ModelSpec, a: Assignment, config: EngineConfig, *,
     ``fit_alone``) and whether both engines fit at once (``overlap``: ``overlap_fits``)."""
     return SplitEngineTarget(spec, a, config, service=service, link=PeerLink(node, peers), alone=alone,
                              overlap=overlap, model_path=model_path, node=node, metrics=metrics)
-
-
-def fit_alone(node: Any, spec: ModelSpec, a: Assignment) -> tuple[int | None, str]:
-    """Where the model goes on ``node`` without its worker hosts: ``n_gpu_layers`` (-1 all,
-    0 CPU) on its planned GPU beside the other models planned there, else None — with why."""
-    from ..planner import ram_budget_mb
-    from ..vram import estimate, layers_that_fit
-
-    s = node.settings
-    try:
-        path = node.store.path_for(spec)
-    except TarsError:
-        path = None
-    est = estimate(spec, s.context, path)
-    others = [o for o in node.plan.for_node(node.name) if o.model != a.model]
-    gpu = next((g for g in (node.profile.gpus if node.profile else []) if f"cuda:{g.index}" == a.device), None)
-    ram_free = ram_budget_mb(node.profile) - sum(o.ram_mb for o in others) if node.profile else 0
-    if gpu is not None:
-        free = gpu.vram_total_mb - s.vram_reserve_mb - sum(o.vram_mb for o in others if o.device == a.device)
-        n = layers_that_fit(est, free)
-        if n == -1:
-            return -1, f"all {est.n_layers} layers fit its GPU"
-        if n > 0 and est.ram_for_layers(n) <= ram_free:
-            return n, f"{n} of {est.n_layers} layers on its GPU, the rest in RAM"
-    if est.ram_mb <= ram_free:
-        return 0, f"on its CPU ({est.ram_mb} MB of RAM)"
-    return None, f"needs {est.total_mb} MB of VRAM or {est.ram_mb} MB of RAM; {max(0, ram_free)} MB of RAM free"
-
-
-def overlap_fits(node: Any, spec: ModelSpec, a: Assignment, n_alone: int) -> bool:
-    """Do the single-host engine (``n_alone`` GPU layers) and this host's split share fit
-    its GPU at once (what a make-before-break restore needs)?"""
-    from ..vram import estimate
-
-    s = node.settings
-    gpu = next((g for g in (node.profile.gpus if node.profile else []) if f"cuda:{g.index}" == a.device), None)
-    if gpu is None:
-        return True
-    try:
-        path = node.store.path_for(spec)
-    except TarsError:
-        path = None
-    others = sum(o.vram_mb for o in node.plan.for_node(node.name) if o.model != a.model and o.device == a.device)
-    alone_mb = estimate(spec, s.context, path).vram_for_layers(n_alone)
-    return alone_mb + a.vram_mb <= gpu.vram_total_mb - s.vram_reserve_mb - others

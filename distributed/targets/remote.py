@@ -14,11 +14,12 @@ The node routes to it like to any ``Target``; it forwards over the peer's
   owner of target swaps) does, through ``hold``, ``release_standin`` and
   ``drop_standin``.
 * **Failover.** After the first failure of its peer (the peer declared dead, or a
-  connection refused, which marks the peer unreachable until it answers again) a
+  call that failed on the link — refused, not connected within TARS_CONNECT_TIMEOUT_S, or
+  never acknowledged — which marks the peer unreachable until it answers again) a
   request does not go to the peer: it asks its ``failover`` callback (the cluster,
   which asks ``Routes.fallback``) for the one stand-in of the model; the callback
   raises ``PeerUnavailable`` naming the peer when fallback is off or the model does
-  not fit. A refused connection fails over at once.
+  not fit. A call that fails on the link fails over at once.
 * **Draining.** A dropped stand-in, and the target itself when it is replaced,
   finish the requests they are computing (up to ``DRAIN_S``) before unloading.
 * **Embedding coalescing.** Concurrent embedding requests share channel calls
@@ -199,9 +200,10 @@ class RemoteTarget(Target):
         return None  # up (the peer answers why when it is loading or failed)
 
     def _refused(self, exc: PeerUnavailable) -> bool:
-        """Did the call fail before reaching the peer? Then the peer is unreachable until
-        it answers again, and this request (and the next ones) go elsewhere."""
-        if exc.details.get("phase") != "connect":
+        """Did the call fail before reaching the peer (refused, not connected in time, never
+        acknowledged: phase "connect" or "link")? Then the peer is unreachable until it
+        answers again, and this request (and the next ones) go elsewhere."""
+        if exc.details.get("phase") not in ("connect", "link"):
             return False
         self.peer.failed(exc.message)
         return True

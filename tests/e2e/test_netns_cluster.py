@@ -10,11 +10,17 @@ client/LAN observer. In order:
 * discovery: both nodes are found over mDNS multicast across the bridge, with the
   cluster's name and never the token; a second cluster makes ``find`` list both;
 * a partition: PC1's link set down (carrier lost, packets vanish) — PC2 serves chat
-  itself (fallback), then the link comes back and PC2 routes to PC1 again;
-* a flapping link (down/up every 5 s): the cluster converges once it stops.
+  itself within 3 s, each side takes a change to the desired set, then the link comes back:
+  one planner, one placement, one desired set on both;
+* a flapping link (down/up every 5 s): no storm of re-plans (counted), and the cluster
+  converges once it stops;
+* the planner host killed (with a third host, PC3, that finds the cluster over mDNS and
+  proves the token by joining): PC2 plans within 10 s, the survivors
+  serve chat, and both take deploys and removals; PC1 restarted without TARS_PEERS finds
+  them through its known peers, adopts their newer desired set and plans again.
 
 The times are printed (pytest -s) and measured properly in benchmarks/bench_netns.py
-(docs/BENCHMARKS.md); the asserts here are functional, with generous bounds.
+(docs/BENCHMARKS.md); the asserts here are functional, with bounds from the issue.
 """
 
 from __future__ import annotations
@@ -24,7 +30,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -41,7 +46,7 @@ if REASON is not None:
     pytest.skip(f"no network namespaces: {REASON}", allow_module_level=True)
 
 TOKEN = "netns-e2e-token"
-CHAT, EMB = "gemma-3-270m", "all-MiniLM-L6-v2"
+CHAT, EMB, RR = "gemma-3-270m", "all-MiniLM-L6-v2", "ms-marco-MiniLM-L-6-v2"
 BASE_ENV = {"TARS_BACKEND_OVERRIDE": "fake", "TARS_CLUSTER_TOKEN": TOKEN, "TARS_MODELS": f"{CHAT},{EMB}",
             "TARS_CLUSTER_NAME": "home"}
 
@@ -109,8 +114,15 @@ def _discover(host: netns.Host, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_discovery_finds_the_cluster_across_namespaces_and_never_the_token(cluster: dict[str, Any]) -> None:
     h3 = cluster["h3"]
+
+    def found_now() -> list[dict[str, Any]]:
+        r = _discover(h3, "browse", "--json")
+        assert r.returncode == 0, r.stderr
+        return [json.loads(line) for line in r.stdout.splitlines()]
+
+    # the record says "planner" once the node plans (a node with mDNS on first asks the LAN: ~3 s)
+    until(lambda: any(f["node"] == "pc1" and f["planner"] for f in found_now()), 30, "pc1 advertised as the planner")
     r = _discover(h3, "browse", "--json")
-    assert r.returncode == 0, r.stderr
     found = [json.loads(line) for line in r.stdout.splitlines()]
     by_node = {f["node"]: f for f in found}
     assert set(by_node) == {"pc1", "pc2"}, r.stdout
@@ -146,6 +158,7 @@ def test_a_second_cluster_makes_find_list_both(cluster: dict[str, Any]) -> None:
                                                           "TARS_CLUSTER_TOKEN": "another-token"})
     with other:
         nc.start(other, h4)
+        until(lambda: _discover(h3, "find").returncode == 4, 30, "both clusters' planners advertised", other)
         r = _discover(h3, "find")
         assert r.returncode == 4, r.stdout + r.stderr
         rows = sorted(line.split("\t")[:2] for line in r.stdout.splitlines())
@@ -155,7 +168,7 @@ def test_a_second_cluster_makes_find_list_both(cluster: dict[str, Any]) -> None:
     until(lambda: _discover(h3, "find").returncode == 0, 30, "lab1's goodbye (its record withdrawn)")
 
 
-def test_partition_the_survivor_serves_around_the_lost_host_then_heals(cluster: dict[str, Any]) -> None:
+def test_partition_the_survivor_serves_around_the_lost_host_then_heals_to_one_placement(cluster) -> None:
     lan, h1, h2, pc1, pc2 = (cluster[k] for k in ("lan", "h1", "h2", "pc1", "pc2"))
     until(lambda: chat(h2, pc2).json()["node"] == "pc1", 30, "chat through pc2 computed on pc1", pc1, pc2)
     traffic = nc.Traffic(h2, pc2.url, timeout=60).start()
@@ -168,6 +181,11 @@ def test_partition_the_survivor_serves_around_the_lost_host_then_heals(cluster: 
         served = traffic.first_ok_after(cut)
         r = chat(h2, pc2)
         assert r.status_code == 200 and r.json()["fallback"] and r.json()["node"] == "pc2"
+        # each side takes a change while they cannot talk
+        r = nc.post(h2, pc2.url + "/models", timeout=20, json={"model": RR})
+        assert r.status_code == 202, r.text
+        r = nc.delete(h1, pc1.url + f"/models/{EMB}", timeout=20)
+        assert r.status_code == 202, r.text
         lan.link_up(h1)
         healed = time.monotonic()
         until(lambda: traffic.first_ok_after(healed, node="pc1") is not None, 60, "chat computed on pc1 again",
@@ -175,8 +193,13 @@ def test_partition_the_survivor_serves_around_the_lost_host_then_heals(cluster: 
         back = traffic.first_ok_after(healed, node="pc1")
     finally:
         traffic.stop()
-    print(f"\npartition: pc2 served chat itself {served:.1f} s after pc1's link went down; "
-          f"heal: computed on pc1 again {back:.1f} s after the link came up")
+    until(lambda: nc.one_placement((h1, pc1), (h2, pc2)), 60, "one placement on both after the heal", pc1, pc2)
+    took = time.monotonic() - healed
+    v1, v2 = nc.control(h1, pc1), nc.control(h2, pc2)
+    assert v1["planner"] == "pc1" and v1["placed"] == v2["placed"] == sorted([CHAT, RR])  # both changes kept
+    print(f"\npartition: pc2 served chat itself {served:.1f} s after pc1's link went down; heal: computed on pc1 "
+          f"again {back:.1f} s after the link came up, one placement after {took:.1f} s (term {v1['term']})")
+    assert served <= 3.0, f"served around the lost host after {served:.1f} s (issue 19: within 3 s)"
     until(lambda: peer_state(h1, pc1, "pc2") == "alive" and peer_state(h2, pc2, "pc1") == "alive", 60,
           "both alive again", pc1, pc2)
 
@@ -196,10 +219,52 @@ def test_a_link_flapping_every_5_s_and_the_cluster_converges_after(cluster: dict
     finally:
         traffic.stop()
     minutes = (time.monotonic() - t0) / 60
+    counts = {n.name: nc.events(n.log_text()[marks[n.name]:]) for n in (pc1, pc2)}
     until(lambda: peer_state(h2, pc2, "pc1") == "alive" and peer_state(h1, pc1, "pc2") == "alive", 60,
           "both alive after the flapping", pc1, pc2)
     until(lambda: chat(h2, pc2).json()["node"] == "pc1", 60, "chat on pc1 after the flapping", pc1, pc2)
-    counts = {n.name: nc.events(n.log_text()[marks[n.name]:]) for n in (pc1, pc2)}
+    until(lambda: nc.one_placement((h1, pc1), (h2, pc2)), 60, "one placement after the flapping", pc1, pc2)
     ok = sum(1 for o in traffic.outcomes if o.status == 200)
-    print(f"\nflapping for {minutes:.2f} min: {counts} ; {ok} of {len(traffic.outcomes)} chat requests answered")
-    assert ok > 0
+    replans = sum(c["replan"] for c in counts.values()) / minutes
+    print(f"\nflapping for {minutes:.2f} min: {replans:.1f} re-plans per minute; {counts} ; {ok} of "
+          f"{len(traffic.outcomes)} chat requests answered")
+    assert replans <= 4, f"{replans:.1f} re-plans per minute under a link flapping every 5 s"
+    assert ok >= 0.8 * len(traffic.outcomes)
+
+
+def test_the_planner_host_killed_another_plans_and_the_survivors_take_changes(cluster) -> None:
+    lan, h1, h2, pc1, pc2, logs = (cluster[k] for k in ("lan", "h1", "h2", "pc1", "pc2", "logs"))
+    h4 = lan.add_host("pc3")
+    pc3 = nc.node_on(h4, "pc3", log_dir=logs, env={**BASE_ENV, "TARS_GPU_PROFILE": "gtx1660s-6gb",
+                                                    "TARS_MODELS_DIR": str(logs / "m3")})  # no TARS_PEERS: mDNS
+    with pc3:
+        nc.start(pc3, h4)
+        trio = ((h1, pc1), (h2, pc2), (h4, pc3))
+        until(lambda: nc.one_placement(*trio) and len(nc.control(h4, pc3)["members"]) == 3, 60, "three hosts, one plan",
+              pc1, pc2, pc3)
+        assert "over mDNS: joining it (it must prove the cluster token)" in pc3.log_text()  # a hint, then the token
+        pc1.kill()  # the planning host dies: no goodbye
+        killed = time.monotonic()
+        until(lambda: nc.control(h2, pc2)["planner"] == "pc2" and nc.control(h4, pc3)["planner"] == "pc2", 30,
+              "pc2 taking the planner's role", pc2, pc3)
+        took = time.monotonic() - killed
+        until(lambda: nc.one_placement((h2, pc2), (h4, pc3)) and nc.control(h2, pc2)["plan_by"] == "pc2", 30,
+              "pc2's plan in force on both survivors", pc2, pc3)
+        for h, n in ((h2, pc2), (h4, pc3)):  # the survivors serve what the desired set holds
+            r = chat(h, n)
+            assert r.status_code == 200 and r.json()["node"] in ("pc2", "pc3"), r.text
+        r = nc.post(h4, pc3.url + "/models", timeout=20, json={"model": EMB})  # asked of a host that does not plan
+        assert r.status_code == 202 and r.json()["planner"] == "pc2", r.text
+        r = nc.delete(h2, pc2.url + f"/models/{RR}", timeout=20)
+        assert r.status_code == 202, r.text
+        until(lambda: nc.one_placement((h2, pc2), (h4, pc3)) and nc.control(h4, pc3)["placed"] == sorted([CHAT, EMB]),
+              30, "the deploy and the removal applied on both survivors", pc2, pc3)
+        print(f"\nplanner killed: pc2 planned {took:.1f} s later (term {nc.control(h2, pc2)['term']})")
+        assert took <= 10.0, f"the next planner took over after {took:.1f} s (issue 19: within 10 s)"
+        # pc1 back, without TARS_PEERS: its known peers bring it in; it adopts the newer desired set
+        pc1.env.pop("TARS_PEERS", None)
+        nc.start(pc1, h1)
+        until(lambda: nc.one_placement(*trio) and nc.control(h1, pc1)["planner"] == "pc1", 60,
+              "pc1 back in charge, one placement", pc1, pc2, pc3)
+        assert nc.control(h1, pc1)["placed"] == sorted([CHAT, EMB])  # the cluster's, not its stale file's
+        assert "joined pc2 at" in pc1.log_text() or "joined pc3 at" in pc1.log_text()

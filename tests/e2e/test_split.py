@@ -7,7 +7,8 @@ PC2's relay (cluster token first), and ``ggml-rpc-server`` on PC2's 127.0.0.1.
 
 Checked: the plan splits; both hosts answer chat with sensible text; nothing PC2 listens
 on outside loopback answers raw RPC (the relay answers nothing at all); PC2 killed
-mid-stream → the stream ends within seconds, PC1 serves alone; PC2 back → the split is
+mid-stream → the stream ends within seconds, requests sent right after wait for PC1 alone
+(or get a 503 naming PC2, never a bare "stopped answering"), PC1 serves alone; PC2 back → the split is
 restored while PC1 keeps answering (make before break); no process is left behind.
 """
 
@@ -199,9 +200,22 @@ def test_split_serves_behind_the_token_survives_the_worker_host_and_comes_back(p
     wait_until(lambda: "first" in ended, 60, "the first streamed token", pc1)
     killed = time.monotonic()
     pc2.kill()
+    # requests sent right after: they wait for PC1 alone (or get a 503 naming PC2), never a bare
+    # "the engine stopped answering"
+    answers: list[httpx.Response] = []
+    askers = [threading.Thread(target=lambda: answers.append(pc1.complete(max_tokens=4))) for _ in range(3)]
+    for a in askers:
+        a.start()
     th.join(timeout=30)
     assert not th.is_alive(), "the stream hung after the worker host died"
     assert ended["status"] == 200
+    for a in askers:
+        a.join(timeout=150)
+    assert len(answers) == 3
+    for r in answers:
+        assert r.status_code == 200 or (r.status_code == 503 and "pc2" in r.json()["error"]["message"]), r.text
+        assert "stopped answering" not in r.text, r.text
+    served_alone = sum(r.status_code == 200 for r in answers)
     wait_until(lambda: pc1.model().get("state") == "ready" and pc1.model().get("split_mode") == "alone", 60,
                "pc1 serving alone", pc1)
     alone_after = time.monotonic() - killed
@@ -224,8 +238,8 @@ def test_split_serves_behind_the_token_survives_the_worker_host_and_comes_back(p
     assert not failures, failures
     r = pc2.complete()
     assert r.status_code == 200 and "France" in r.json()["choices"][0]["text"]
-    print(f"\nworker host killed → pc1 alone after {alone_after:.1f} s; {answered} requests answered "
-          f"during the restore, none refused")
+    print(f"\nworker host killed → pc1 alone after {alone_after:.1f} s ({served_alone} of 3 requests sent right "
+          f"after the kill waited and were served alone); {answered} requests answered during the restore, none refused")
 
 
 def test_no_process_left_behind(pair) -> None:

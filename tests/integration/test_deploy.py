@@ -126,8 +126,8 @@ async def test_deploys_and_removals_survive_a_restart(tmp_path):
         assert (await client.post("/models", json={"model": RR})).status_code == 202
         assert (await client.delete(f"/models/{EMB}", headers=JSON_CT)).status_code == 202  # a TARS_MODELS model
         await wait_state(client, RR, "ready")
-    saved = json.loads((tmp_path / "tars-deployments.json").read_text())
-    assert RR in saved["deployed"] and saved["removed"] == [EMB]
+    saved = {e["k"]: e["v"] for e in json.loads((tmp_path / "tars-state-pc1.json").read_text())["entries"]}
+    assert saved[f"desired:{RR}"] == {"replicas": 1, "node": None} and saved[f"desired:{EMB}"] is None  # removed
     async with serve(tmp_path) as (client, node):  # same TARS_MODELS, same models folder
         await wait_state(client, RR, "ready")
         assert set(node.targets) == {CHAT, RR}
@@ -150,7 +150,7 @@ async def test_deploy_on_a_worker_places_and_routes_across_the_cluster(tmp_path)
                        and h.node.targets[model].state == "ready" for h in (pc1, pc2))
 
         await until(lambda: routed(EMB, "pc2") and routed(CHAT, "pc1"), what="the first plan applied")
-        r = await pc2.http.post("/models", json={"model": RR})  # asked on the worker: the server plans
+        r = await pc2.http.post("/models", json={"model": RR})  # asked on pc2: recorded there, pc1 plans it
         assert r.status_code == 202, r.text
         assert r.json()["placement"][0]["node"] == "pc2" and r.json()["via"] == "pc2"
         await until(lambda: routed(RR, "pc2"), what="the reranker routed on both hosts")
@@ -165,8 +165,10 @@ async def test_deploy_on_a_worker_places_and_routes_across_the_cluster(tmp_path)
         r = await pc2.http.delete(f"/models/{RR}", headers=JSON_CT)
         assert r.status_code == 202
         await until(lambda: all(RR not in h.node.targets for h in (pc1, pc2)), what="the reranker gone everywhere")
-        assert json.loads((Path(d1) / "tars-deployments.json").read_text())["deployed"] == \
-            {"phi-2": {"replicas": 1, "node": "pc1"}}  # the server keeps the cluster's desired set
+        for h, d in ((pc1, d1), (pc2, d2)):  # every host keeps the cluster's desired set (replicated)
+            saved = {e["k"]: e["v"] for e in json.loads((Path(d) / f"tars-state-{h.name}.json").read_text())["entries"]}
+            assert saved["desired:phi-2"] == {"replicas": 1, "node": "pc1"} and saved[f"desired:{RR}"] is None
+            assert h.node.placement.desired.models() == [CHAT, EMB, "phi-2"]
     finally:
         await pc2.stop()
         await pc1.stop()

@@ -143,10 +143,26 @@ async def test_embedding_inputs_are_bounded(tmp_path):
         assert (await c.post("/v1/embeddings", json={"input": ["a"] * 8})).status_code == 200
 
 
+_STATES: dict[str, Any] = {}
+
+
+def _ctl(name: str) -> dict[str, Any]:
+    """The signed control envelope a node of that name sends (cluster_state.py), one run per name."""
+    from distributed.cluster_state import ClusterState
+
+    state = _STATES.setdefault(name, ClusterState(name.replace("\n", " "), TOKEN))
+    return state.seal({"term": 0, "digest": state.digest(), "held": None, "held_by": ""})
+
+
 def _join(name: str, url: str) -> dict[str, Any]:
     profile = {"hostname": name, "cpu_model": "cpu", "cpu_cores": 2, "ram_total_mb": 8000, "ram_free_mb": 4000}
     return {"jsonrpc": "2.0", "method": "cluster.join", "id": 1,
-            "params": {"name": name, "url": url, "profile": profile}}
+            "params": {"name": name, "url": url, "profile": profile, "ctl": _ctl(name)}}
+
+
+def _plan_of(result: dict[str, Any]) -> dict[str, Any]:
+    """The plan a join answer carries (in its envelope, signed by the planner)."""
+    return result["ctl"]["plan"]["plan"]
 
 
 async def test_join_checks_name_url_and_origin(tmp_path):
@@ -160,7 +176,7 @@ async def test_join_checks_name_url_and_origin(tmp_path):
             assert r["error"]["code"] == -32602 and r["error"]["data"]["details"]["field"] == field, r
         assert node.peers is not None and not node.peers.peers
         r = (await c.post("/rpc", json=_join("pc2", "http://192.168.1.20:8000"), headers=auth)).json()
-        assert r["result"]["server"] == "pc1" and node.peers.get("pc2") is not None
+        assert r["result"]["name"] == "pc1" and node.peers.get("pc2") is not None
         beat = {"jsonrpc": "2.0", "method": "cluster.heartbeat", "id": 2, "params": {"name": "bad name!"}}
         r = (await c.post("/rpc", json=beat, headers=auth)).json()
         assert r["error"]["code"] == -32602
@@ -183,12 +199,12 @@ async def test_a_host_claiming_more_vram_than_it_reports_gets_no_models(tmp_path
         join["params"]["profile"] = _gpu_profile("pc2", 81920)
         join["params"]["gpus"] = [{"index": 0, "name": "Claimed GPU", "vram_total_mb": 6144, "vram_used_mb": 100}]
         r = (await c.post("/rpc", json=join, headers=auth)).json()
-        assert {a["node"] for a in r["result"]["plan"]["assignments"]} == {"pc1"}  # the figures disagree
+        assert {a["node"] for a in _plan_of(r["result"])["assignments"]} == {"pc1"}  # the figures disagree
 
         def beat(vram: int) -> dict[str, Any]:
             gpus = [{"index": 0, "name": "Claimed GPU", "vram_total_mb": vram, "vram_used_mb": 100}]
             return {"jsonrpc": "2.0", "method": "cluster.heartbeat", "id": 3,
-                    "params": {"name": "pc2", "url": "http://127.0.0.3:18999", "gpus": gpus}}
+                    "params": {"name": "pc2", "url": "http://127.0.0.3:18999", "gpus": gpus, "ctl": _ctl("pc2")}}
 
         assert "result" in (await c.post("/rpc", json=beat(6144), headers=auth)).json()
         for _ in range(100):
@@ -207,7 +223,7 @@ async def test_a_host_claiming_more_vram_than_it_reports_gets_no_models(tmp_path
         join3 = _join("pc3", "http://127.0.0.4:18998")
         join3["params"]["profile"] = _gpu_profile("pc3", 81920)
         r = (await c.post("/rpc", json=join3, headers=auth)).json()
-        assert node.peers.peers["pc3"].vram_doubt is None and "pc3" in {a["node"] for a in r["result"]["plan"]["assignments"]}
+        assert node.peers.peers["pc3"].vram_doubt is None and "pc3" in {a["node"] for a in _plan_of(r["result"])["assignments"]}
 
 
 def test_transient_503s_say_when_to_retry():

@@ -68,7 +68,7 @@ async def test_a_reference_is_pulled_only_where_it_runs(hub, smollm2_gguf: Path,
             "model": ref, "max_tokens": 6, "temperature": 0, "messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code == 200 and r.json()["model"] == ref, r.text
         assert (r.json()["node"], r.json()["via"]) == ("pc2", "pc1")
-        # resolved once, on the planning host; pulled only on the host that runs it
+        # resolved once, on the host asked (pc2, not the planner); pulled only on the host that runs it
         assert [r for r in hub.log if "/tree/" in r["path"]] and len([r for r in hub.log if "/tree/" in r["path"]]) == 1
         assert (d2 / "hub" / SMOL_REPO / "SmolLM2-135M-Instruct-Q4_1.gguf").is_file()
         assert not (d1 / "hub").exists()

@@ -25,11 +25,6 @@ pytestmark = pytest.mark.anyio
 CHAT, EMBED = "smollm2-135m-instruct", "all-MiniLM-L6-v2"
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @contextlib.asynccontextmanager
 async def serve(tmp_path, **overrides: Any) -> AsyncIterator[tuple[httpx.AsyncClient, Any, Node]]:
     settings = load_settings(None, **{"node_name": "pc1", "backend_override": "fake", "models_dir": tmp_path,

@@ -20,11 +20,6 @@ PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(24)).decode()
 DATA_URL = f"data:image/png;base64,{PNG}"
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def _bodies(model: str) -> dict[str, tuple[str, dict[str, Any]]]:
     return {
         "openai": ("/v1/chat/completions", {"model": model, "max_tokens": 3, "messages": [{"role": "user", "content": [

@@ -91,5 +91,18 @@ def test_for_settings_keeps_the_file_in_the_models_folder(tmp_path: Path) -> Non
 
     s = load_settings(None, models_dir=tmp_path, node_name="pc1")
     store = KnownPeers.for_settings(s)
-    assert store.path == tmp_path / known_peers.FILE_NAME and store.cluster == "tars" and store.me == "pc1"
+    assert store.path == tmp_path / "tars-known-peers-pc1.json" and store.cluster == "tars" and store.me == "pc1"
+
+
+def test_nodes_that_share_a_models_folder_keep_their_peers_apart(tmp_path: Path) -> None:
+    """Two nodes on one machine, one folder (the tests' shared one): pc2's peers are not a
+    third node's, which would otherwise join them at its start and wait for their plan."""
+    from distributed.settings import load_settings
+
+    pc2 = KnownPeers.for_settings(load_settings(None, models_dir=tmp_path, node_name="pc2"))
+    assert pc2.remember("pc1", "http://127.0.0.2:18651")
+    assert KnownPeers.for_settings(load_settings(None, models_dir=tmp_path, node_name="sdn")).seeds() == []
+    assert KnownPeers.for_settings(load_settings(None, models_dir=tmp_path, node_name="pc2")).seeds() == [
+        "http://127.0.0.2:18651"]
+    assert KnownPeers(pc2.path, "sdn", "tars").seeds() == []  # another node's file, however it is named
     _ = os

@@ -67,14 +67,14 @@ def test_node_cluster_and_deployer_plan_with_the_same_numbers(node: Node) -> Non
     assert expected.where(LLAMA2).slots == 3 and "3 of 4 slots" in expected.where(LLAMA2).reason
     assert node.plan_alone() == expected
     cluster = Cluster(node, node.settings)
-    assert cluster._replan() == expected
+    assert cluster.control.proposal() == expected
     deployer = Deployer(node.settings, node.placement, node.routes, cluster)  # runtime deploys: the same placement
     assert deployer.placement.plan({"pc1": node.profile}) == expected
-    assert node.plan_alone() == expected and cluster._replan() == expected
+    assert node.plan_alone() == expected and cluster.control.proposal() == expected
 
 
 def test_failover_fits_here_counts_the_slots_as_the_cluster_does(node: Node) -> None:
-    cluster_plan = Cluster(node, node.settings)._replan()
+    cluster_plan = Cluster(node, node.settings).control.proposal()
     node.plan = Plan(assignments=[a for a in cluster_plan.assignments if a.model != LLAMA2])  # it ran elsewhere
     a, why = failover.fits_here(node, node.settings, CATALOG.get(LLAMA2))
     assert why == "" and a == cluster_plan.where(LLAMA2)

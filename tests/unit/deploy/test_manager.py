@@ -1,6 +1,7 @@
-"""``Deployer`` (deploy/manager.py) on its own: the real desired set, placement and planner
-over simulated hosts, this host's real ``Routes``, and a scripted cluster (``PlanningCluster``)
-that counts re-plans or stands for a worker that forwards to its server."""
+"""``Deployer`` (deploy/manager.py) on its own: the real desired set (over a real cluster
+state), placement and planner over simulated hosts, this host's real ``Routes``, and a
+scripted cluster (``PlanningCluster``) that counts re-plans — on the planner or on a host
+that does not plan (it records the change all the same)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ from typing import Any
 import pytest
 
 from distributed.catalog import load_catalog
+from distributed.cluster_state import ClusterState
 from distributed.deploy.manager import Deployer
 from distributed.deploy.placement import Placement
-from distributed.deploy.state import STATE_FILE
-from distributed.domain import Assignment, HostProfile
-from distributed.errors import ConfigError, ModelNotFound, NoRoom, ValidationFailed
+from distributed.domain import Assignment, HostProfile, Plan
+from distributed.errors import ModelNotFound, NoRoom, ValidationFailed
 from distributed.profiler import profile_host
 from distributed.settings import load_settings
 from distributed.store import ModelStore
@@ -26,15 +27,7 @@ pytestmark = pytest.mark.anyio
 CHAT, EMB, RR, BIG = "smollm2-135m-instruct", "all-MiniLM-L6-v2", "ms-marco-MiniLM-L-6-v2", "mistral-7b-instruct"
 
 
-class Server:
-    """The planning host's client as a worker sees it: records what is forwarded."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, dict[str, Any]]] = []
-
-    async def call(self, method: str, params: dict[str, Any], **kw: Any) -> dict[str, Any]:
-        self.sent.append((method, params))
-        return {"model": params["model"], "status": "forwarded"}
+STATE_FILE = "tars-state-pc1.json"
 
 
 class Cluster:
@@ -42,23 +35,19 @@ class Cluster:
 
     def __init__(self, hosts: dict[str, HostProfile], *, planner: bool = True) -> None:
         self._hosts = hosts
-        self.is_planner = planner
-        self.server = Server()
+        self.planner = "pc1" if planner else "pc2"
+        self.plan = Plan()
         self.replans = 0
-        self.joined = True
-
-    def planner_client(self) -> Any:
-        if self.is_planner:
-            return None
-        if not self.joined:
-            raise ConfigError("pc2 is a worker that has not joined its server yet; retry shortly")
-        return self.server
+        self.placement: Placement | None = None
 
     def hosts(self) -> dict[str, HostProfile]:
         return self._hosts
 
     async def replan(self) -> None:
+        """The planner plans the desired set at once; elsewhere the plan comes later."""
         self.replans += 1
+        if self.planner == "pc1" and self.placement is not None:
+            self.plan = self.placement.plan(self._hosts)
 
 
 def deployer(tmp_path: Path, hosts: dict[str, HostProfile] | None = None, *, planner: bool = True,
@@ -68,6 +57,7 @@ def deployer(tmp_path: Path, hosts: dict[str, HostProfile] | None = None, *, pla
     catalog = load_catalog()
     placement = Placement(settings, catalog, ModelStore(tmp_path, catalog))
     cluster = Cluster(hosts or {"pc1": profile_host("rtx3060-12gb", "pc1")}, planner=planner)
+    cluster.placement = placement
     return Deployer(settings, placement, routes or Routes("pc1"), cluster), cluster
 
 
@@ -114,7 +104,7 @@ async def test_an_unknown_model_is_a_404_listing_the_catalog(tmp_path):
     with pytest.raises(ModelNotFound) as ei:
         await d.remove(RR)  # not deployed: the error lists what is
     assert CHAT in ei.value.message and EMB in ei.value.message
-    assert cluster.replans == 0 and not (tmp_path / STATE_FILE).exists()
+    assert cluster.replans == 0 and saved(tmp_path).desired.models() == [CHAT, EMB]
 
 
 async def test_no_room_says_what_it_needs_and_restores_the_desired_set(tmp_path):
@@ -166,24 +156,22 @@ async def test_pinned_to_a_host_it_is_placed_there(tmp_path):
 async def test_remove_persists_and_applies(tmp_path):
     d, cluster = deployer(tmp_path)
     out = await d.remove(EMB)
-    assert out == {"model": EMB, "status": "removing", "models": [CHAT]} and cluster.replans == 1
+    assert out == {"model": EMB, "status": "removing", "models": [CHAT], "planner": "pc1"} and cluster.replans == 1
     assert saved(tmp_path).desired.models() == [CHAT]  # a model of TARS_MODELS stays removed
     out = await d.deploy(EMB)  # and comes back when deployed again
     assert out["status"] == "deploying" and saved(tmp_path).desired.models() == [CHAT, EMB]
 
 
-async def test_a_worker_forwards_to_the_planning_host(tmp_path):
+async def test_a_host_that_does_not_plan_records_the_change_and_asks_the_cluster(tmp_path):
     d, cluster = deployer(tmp_path, planner=False)
-    assert (await d.deploy(RR, replicas=2, node="pc1"))["status"] == "forwarded"
-    assert (await d.remove(RR))["status"] == "forwarded"
-    assert cluster.server.sent == [("models.deploy", {"model": RR, "replicas": 2, "node": "pc1"}),
-                                   ("models.remove", {"model": RR})]
-    assert cluster.replans == 0 and not (tmp_path / STATE_FILE).exists()  # the server owns the set
-    with pytest.raises(ModelNotFound):  # an unknown id is refused here, before forwarding
+    out = await d.deploy(RR, replicas=1, node="pc1")
+    assert out["status"] == "deploying" and out["planner"] == "pc2" and cluster.replans == 1
+    assert "has not planned it yet" in out["message"] and [a["node"] for a in out["placement"]] == ["pc1"]
+    assert saved(tmp_path).desired.models() == [CHAT, EMB, RR]  # recorded here, replicated from here
+    out = await d.remove(RR)
+    assert out["status"] == "removing" and cluster.replans == 2 and saved(tmp_path).desired.models() == [CHAT, EMB]
+    with pytest.raises(ModelNotFound):  # an unknown id is refused here
         await d.deploy("gpt-5")
-    cluster.joined = False
-    with pytest.raises(ConfigError, match="not joined"):
-        await d.deploy(RR)
 
 
 # ---------------------------------------------------------------------- issue 20: references and chat templates
@@ -202,7 +190,7 @@ async def test_a_deploys_chat_template_is_kept_planned_and_compared(tmp_path):
     d, cluster = deployer(tmp_path)
     out = await d.deploy(RR, chat_template="chatml-tools")
     assert out["status"] == "deploying" and out["placement"][0]["chat_template"] == "chatml-tools"
-    assert saved(tmp_path).desired.get(RR).chat_template == "chatml-tools"  # in the desired-set file
+    assert saved(tmp_path).desired.get(RR).chat_template == "chatml-tools"  # in the replicated state's file
     plan = d.placement.plan(cluster.hosts())
     assert plan.where(RR).chat_template == "chatml-tools" and plan.where(CHAT).chat_template is None
     assert (await d.deploy(RR, chat_template="chatml-tools"))["status"] == "unchanged"
@@ -215,17 +203,31 @@ async def test_a_template_that_does_not_ship_is_refused_before_anything(tmp_path
     with pytest.raises(ValidationFailed) as ei:
         await d.deploy(RR, chat_template="/etc/passwd")  # over the network a template is named, never a path
     assert ei.value.details["field"] == "chat_template" and "chatml-tools" in ei.value.message
-    assert cluster.server.sent == [] and cluster.replans == 0
+    assert cluster.replans == 0 and RR not in d.desired and saved(tmp_path).desired.models() == [CHAT, EMB]
 
 
-async def test_a_worker_forwards_a_reference_unresolved_with_its_template(tmp_path):
+async def test_a_host_that_does_not_plan_resolves_a_reference_and_shares_its_spec(tmp_path):
     d, cluster = deployer(tmp_path, planner=False)
-    await d.deploy(REF, chat_template="chatml-tools")  # no hub here: the planning host resolves it
-    assert cluster.server.sent == [("models.deploy", {"model": REF, "replicas": None, "node": None,
-                                                      "chat_template": "chatml-tools"})]
+    d.placement.catalog.remember(_ref_spec())  # resolved here (modelref.resolve leaves it so; no hub in a unit test)
+    out = await d.deploy(REF, chat_template="chatml-tools")
+    assert out["status"] == "deploying" and out["model"] == REF and cluster.replans == 1
+    assert d.desired.specs()[REF]["revision"] == "a" * 40  # spec:<ref> in the replicated state
+    # the planner (another host, a catalog that never resolved it) learns the spec from the state
+    settings = load_settings(None, node_name="pc2", backend_override="fake", models=[CHAT, EMB],
+                             models_dir=tmp_path / "pc2")
+    catalog = load_catalog()
+    state = ClusterState.for_settings(settings)
+    other = Placement(settings, catalog, ModelStore(tmp_path / "pc2", catalog), state=state)
+    assert REF not in catalog
+    merged = state.merge(d.placement.state.wire(), "pc1")
+    assert not merged.refused and {f"spec:{REF}", f"desired:{REF}"} <= set(merged.changed)
+    plan = other.plan(cluster.hosts())
+    assert plan.where(REF) is not None and plan.where(REF).chat_template == "chatml-tools"
+    assert catalog.get(REF).file == "tiny-Q4_K_M.gguf" and list(plan.specs) == [REF]
+    assert d.desired.note_spec(REF, d.desired.specs()[REF]) is False  # the same spec again writes nothing
     with pytest.raises(ValidationFailed) as ei:  # a malformed reference: refused where it arrives
         await d.deploy("hf.co/not a repo")
-    assert ei.value.details["field"] == "model" and len(cluster.server.sent) == 1
+    assert ei.value.details["field"] == "model" and cluster.replans == 1
 
 
 async def test_the_plan_carries_the_spec_of_a_resolved_reference(tmp_path):
@@ -235,7 +237,6 @@ async def test_the_plan_carries_the_spec_of_a_resolved_reference(tmp_path):
     assert out["status"] == "deploying" and out["model"] == REF
     plan = d.placement.plan(cluster.hosts())
     assert list(plan.specs) == [REF] and plan.specs[REF]["revision"] == "a" * 40  # catalog ids travel as ids
-    from distributed.catalog import load_catalog
     from distributed.domain import Plan
 
     other = load_catalog()  # a worker's catalog: it never resolved the reference

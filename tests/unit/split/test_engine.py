@@ -165,3 +165,168 @@ def test_a_changed_split_is_another_placement() -> None:
     shares[1]["layers"] += 1
     assert same_placement(a, dataclasses.replace(a))
     assert not same_placement(a, dataclasses.replace(a, split=shares))  # the engine must restart with it
+
+
+# ----------------------------------------------------------------------------- requests when a worker host is lost
+class _Link:
+    """The cluster's word on the worker hosts: ``dead`` maps a host to why it is gone."""
+
+    def __init__(self) -> None:
+        self.dead: dict[str, str] = {}
+
+    def gone(self, name: str) -> str | None:
+        return self.dead.get(name)
+
+
+class _Supervisor:
+    """The engine's supervisor: a restart comes up ``after`` seconds later."""
+
+    def __init__(self, t: SplitEngineTarget, after: float = 0.2) -> None:
+        self.t, self.after, self.starts = t, after, 0
+        from distributed.engine.supervisor import ChildState
+
+        self.state = ChildState.READY
+
+    async def stop(self) -> None:
+        pass
+
+    async def start(self) -> None:
+        import asyncio
+
+        self.starts += 1
+        asyncio.get_running_loop().call_later(self.after, self.t.served.ready)
+
+
+def _serving(link: _Link) -> SplitEngineTarget:
+    async def no_tunnel(key: str) -> None:
+        pass
+
+    t = target("cuda")
+    t.link = link
+    t.service = SimpleNamespace(version="0.3.36", token="t", close_tunnel=no_tunnel)
+    t.supervisor = _Supervisor(t)  # type: ignore[assignment]
+    t._ever_ready = True
+    t.served.ready()
+    return t
+
+
+def _engine(monkeypatch, script: list[str]) -> list[str]:
+    """EngineTarget's own request paths, scripted: "die" (the engine stopped answering), "ok"."""
+    from distributed.domain import Completion, TokenChunk
+    from distributed.engine.target import EngineTarget
+
+    calls: list[str] = []
+
+    async def generate(self, req):  # noqa: ANN001, ANN202
+        self._check_ready()
+        step = script[len(calls)]
+        calls.append(f"generate:{self.mode}")
+        if step == "die":
+            raise self._gone(ConnectionResetError("reset by peer"))
+        return Completion(model=self.model, node=self.node, text="ok", finish_reason="stop")
+
+    async def stream(self, req):  # noqa: ANN001, ANN202
+        self._check_ready()
+        step = script[len(calls)]
+        calls.append(f"stream:{self.mode}")
+        if step == "token-then-die":
+            yield TokenChunk(text="Once")
+            raise self._gone(ConnectionResetError("reset by peer"))
+        if step == "die":
+            raise self._gone(ConnectionResetError("reset by peer"))
+        yield TokenChunk(text="ok")
+        yield Completion(model=self.model, node=self.node, text="", finish_reason="stop")
+
+    monkeypatch.setattr(EngineTarget, "generate", generate)
+    monkeypatch.setattr(EngineTarget, "stream", stream)
+    return calls
+
+
+async def _drain(agen):  # noqa: ANN001, ANN202
+    return [x async for x in agen]
+
+
+def test_a_request_whose_engine_died_with_the_worker_host_is_served_alone(monkeypatch) -> None:
+    import asyncio
+
+    from distributed.domain import GenerateRequest
+
+    link = _Link()
+    t = _serving(link)
+    calls = _engine(monkeypatch, ["die", "ok"])
+    link.dead["pc2"] = "pc2 is dead (missed heartbeats)"
+    out = asyncio.run(t.generate(GenerateRequest(prompt="hi")))
+    assert out.text == "ok" and t.mode == "alone" and "pc2" in t.missing
+    assert calls == ["generate:split", "generate:alone"]  # sent again once the engine ran alone
+
+
+def test_a_lost_worker_host_found_by_a_probe_and_no_room_alone_is_a_503_naming_it(monkeypatch) -> None:
+    import asyncio
+
+    import pytest
+
+    from distributed.domain import GenerateRequest
+    from distributed.errors import PeerUnavailable
+
+    t = _serving(_Link())  # the heartbeats have not noticed yet: the probe through the relay does
+
+    async def probe() -> dict[str, str]:
+        return {"pc2": "split relay at 127.0.0.3:18001 unreachable: connection refused"}
+
+    t._probe = probe  # type: ignore[method-assign]
+    t._alone = lambda: (None, "needs 14115 MB of VRAM or 13949 MB of RAM; 2048 MB of RAM free")
+    _engine(monkeypatch, ["die"])
+    with pytest.raises(PeerUnavailable) as ei:
+        asyncio.run(t.generate(GenerateRequest(prompt="hi")))
+    err = ei.value
+    assert err.http_status == 503 and err.details["peer"] == "pc2" and t.mode == "down"
+    assert "pc2 is gone (split relay at 127.0.0.3:18001 unreachable" in err.message
+    assert "stopped answering" not in err.message and "2048 MB of RAM free" in err.message
+    with pytest.raises(PeerUnavailable, match="pc2 is gone"):  # and so is every later request, at once
+        asyncio.run(t.generate(GenerateRequest(prompt="again")))
+
+
+def test_a_stream_cut_after_its_first_tokens_names_the_lost_host(monkeypatch) -> None:
+    import asyncio
+
+    import pytest
+
+    from distributed.domain import GenerateRequest
+    from distributed.errors import PeerUnavailable
+
+    link = _Link()
+    t = _serving(link)
+    _engine(monkeypatch, ["token-then-die", "ok"])
+    link.dead["pc2"] = "pc2 is dead (missed heartbeats)"
+    with pytest.raises(PeerUnavailable) as ei:
+        asyncio.run(_drain(t.stream(GenerateRequest(prompt="hi", stream=True))))
+    assert "pc2 went away mid-answer" in ei.value.message and "pc1 serves it alone now" in ei.value.message
+    t = _serving(link)
+    calls = _engine(monkeypatch, ["die", "ok"])  # one cut before its first token is sent again
+    items = asyncio.run(_drain(t.stream(GenerateRequest(prompt="hi", stream=True))))
+    assert items[0].text == "ok" and calls == ["stream:split", "stream:alone"]
+
+
+def test_requests_during_a_restart_wait_for_the_engine_bounded(monkeypatch) -> None:
+    import asyncio
+    import time
+
+    import pytest
+
+    from distributed.domain import GenerateRequest
+    from distributed.errors import ModelLoading
+
+    t = _serving(_Link())
+    _engine(monkeypatch, ["ok", "ok"])
+
+    async def restarting(after: float) -> float:
+        t.served.state = "loading"  # the supervisor restarts the engine
+        asyncio.get_running_loop().call_later(after, t.served.ready)
+        t0 = time.monotonic()
+        await t.generate(GenerateRequest(prompt="hi"))
+        return time.monotonic() - t0
+
+    assert asyncio.run(restarting(0.3)) >= 0.25  # waited, then answered
+    t.RESTART_WAIT_S = 0.2
+    with pytest.raises(ModelLoading, match="restarting its engine"):  # longer than the bound: 503 loading
+        asyncio.run(restarting(5.0))
