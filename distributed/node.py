@@ -170,7 +170,8 @@ class Node:
             # TARS_THREADS=0 leaves the choice to the backend (llama.cpp: the physical
             # cores this process may use); see LlamaCppBackend.threads.
             threads = s.threads
-            options = BackendOptions(context=context, threads=threads, batch_size=s.embed_max_batch, extra=extra)
+            options = BackendOptions(context=context, threads=threads, batch_size=s.embed_max_batch, extra=extra,
+                                     runtime=s.embed_runtime, runtime_dir=s.models_dir / "runtimes")
             path = None if fake else fetch(self.store, spec, made[0] if made else None)  # pulls when not on disk
             return create_backend(spec, a, options, path, backend=s.backend_override or None)
 

@@ -235,7 +235,8 @@ def _torch_gpus() -> list[GPUInfo]:
 
 
 # --------------------------------------------------------------------------- CPU
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name ("AMD Ryzen 5 3600 6-Core Processor"; the machine type where unknown)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.lower().startswith(("model name", "hardware", "cpu model")):
@@ -249,7 +250,7 @@ def _cpu_profile(hostname: str) -> HostProfile:
     psutil = require("psutil", "psutil", "reading CPU cores and RAM")
     vm = psutil.virtual_memory()
     cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    return HostProfile(hostname=hostname, cpu_model=_cpu_model(), cpu_cores=int(cores),
+    return HostProfile(hostname=hostname, cpu_model=cpu_model(), cpu_cores=int(cores),
                        ram_total_mb=int(vm.total // MIB), ram_free_mb=int(vm.available // MIB), source="cpu")
 
 

@@ -106,6 +106,10 @@ class Settings(BaseSettings):
                             "(TARS_PARALLEL=1; see docs/BENCHMARKS.md).")
     fake_token_delay_s: float = Field(0.0, ge=0, le=10, description="With TARS_BACKEND_OVERRIDE=fake: seconds each "
                                       "generated token takes, so fake models keep a host busy (tests of load balancing).")
+    embed_runtime: Literal["auto", "torch", "onnx", "openvino"] = Field(
+        "auto", description="Runtime of embedding and rerank models: torch, onnx (ONNX Runtime), openvino, or auto (each "
+                            "measured on this host at a model's first load, the fastest kept whose output matches "
+                            "torch's, cosine >= 0.999; exports and the choice are cached under TARS_MODELS_DIR/runtimes).")
 
     # --- cluster timing
     heartbeat_s: float = Field(2.0, gt=0, le=300, description="Seconds between heartbeats (>0).")

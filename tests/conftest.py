@@ -17,6 +17,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Embedding models load on torch unless a test is about the runtime choice (it says which):
+# "auto", the default, exports and measures each runtime at a model's first load in every
+# fresh models folder — seconds per node on a 2-core machine. tests/unit/backends/test_runtime.py,
+# test_st_base.py and tests/integration/test_embed_runtime.py cover it.
+os.environ.setdefault("TARS_EMBED_RUNTIME", "torch")
 
 CACHE = Path(os.environ.get("TARS_TEST_CACHE", Path(__file__).resolve().parent.parent / ".test-cache"))
 
@@ -119,6 +124,16 @@ def _tiny_cross_encoder(transformers: Any) -> tuple[Any, Any]:
     cfg = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                   intermediate_size=64, max_position_embeddings=128, num_labels=1)
     return transformers.BertForSequenceClassification(cfg), fast
+
+
+@pytest.fixture(scope="session")
+def minilm_cross_encoder_dir(minilm_dir: Path) -> Path:
+    """A MiniLM-sized cross-encoder with a random head (tests/support_models.py): real size and
+    shape for the runtime exports, not a trained reranker (none is on disk offline)."""
+    pytest.importorskip("transformers")
+    from tests.support_models import minilm_cross_encoder
+
+    return minilm_cross_encoder(CACHE / "minilm-cross-encoder", minilm_dir)
 
 
 @pytest.fixture(scope="session")

@@ -37,6 +37,10 @@ class BackendOptions:
     threads: int = 0  # 0 = library default
     batch_size: int = 64  # embedding encode batch
     extra: dict[str, Any] = field(default_factory=dict)
+    # embedding/rerank models: "auto" | "torch" | "onnx" | "openvino" (TARS_EMBED_RUNTIME), and
+    # the folder their exports and measured choices live in (<models dir>/runtimes)
+    runtime: str = "torch"
+    runtime_dir: Path | None = None
 
 
 class Backend(ABC):
@@ -81,6 +85,11 @@ class Backend(ABC):
     def memory_mb(self) -> dict[str, float]:
         """Memory this model holds now: {"vram_mb": .., "ram_mb": ..} (best effort)."""
         return {"vram_mb": 0.0, "ram_mb": 0.0}
+
+    def runtime_info(self) -> dict[str, Any] | None:
+        """The runtime the loaded model runs on and why ({"name", "why", ...}; shown in
+        /models), where there is a choice (embedding and rerank models); else None."""
+        return None
 
 
 # The optional parts of the OpenAI chat surface, by the request fields that ask for them.

@@ -9,22 +9,17 @@ model: ``LocalTarget`` puts it behind the same ``MicroBatcher``, whose items her
 embeddings; ``dim`` is 1. A one-label model's score goes through a sigmoid (the
 library's default for one label), so scores lie in 0..1 like Cohere's relevance_score.
 
-Local folders load offline (``local_files_only``), as the sentence backend does.
+Local folders load offline (``local_files_only``), as the sentence backend does, and on the
+runtime ``TARS_EMBED_RUNTIME`` settles (``st_base.py``: the same choice as embeddings).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ..errors import ModelFailed
-from ..logs import fields, get_logger
-from ..optional import require
 from .base import EmbedBackend
-from .devices import apply_cuda_tuning, pick_device, wants_fp16
-
-log = get_logger(__name__)
-
-_PURPOSE = "rerank models (cross_encoder backend)"
+from .runtime import PROBE_SENTENCES
+from .st_base import STBackend
 
 
 class Pair(tuple):
@@ -40,59 +35,36 @@ class Pair(tuple):
         return len(self[0]) + len(self[1])
 
 
-class CrossEncoderBackend(EmbedBackend):
+class CrossEncoderBackend(STBackend):
     """``kind = "rerank"`` models. ``embed(pairs)`` → scores, shape (len(pairs),)."""
 
     name = "cross_encoder"
     kind = "rerank"  # type: ignore[assignment]
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._model: Any = None
-        self._np: Any = None
-        self._counter: Any = None
-        self._device = "cpu"
-
-    def load(self) -> None:
-        source, local = self.model_source()
-        self._np = require("numpy", purpose=_PURPOSE)
-        torch = require("torch", purpose=_PURPOSE)
-        st = require("sentence_transformers", "sentence-transformers", _PURPOSE)
-        self._device = pick_device(torch, self.assignment.device, self.spec.id, self.notes, log)
-        apply_cuda_tuning(torch, self._device, self.options.extra)
+    def open_model(self, st: Any, source: str, device: str, local: bool) -> Any:
         max_length = min(self.spec.context, 512) if self.spec.context else None
-        try:
-            model = st.CrossEncoder(source, device=self._device, max_length=max_length, local_files_only=local)
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise ModelFailed(f"model '{self.spec.id}' failed to load from {source}: {exc}", path=source) from exc
-        if wants_fp16(self._device, self.options.extra):
-            model.model.half()
-        model.model.eval()
-        self._model = model
-        self._counter = self._make_counter(model)
-        log.info("loaded reranker", extra=fields(model=self.spec.id, device=self._device,
-                                                 max_length=self.max_seq_length))
+        return st.CrossEncoder(source, device=device, max_length=max_length, local_files_only=local)
 
-    def _make_counter(self, model: Any) -> Any:
-        backend_tok = getattr(getattr(model, "tokenizer", None), "backend_tokenizer", None)
-        if backend_tok is None:
-            return None
-        tokenizers = require("tokenizers", purpose=_PURPOSE)
-        counter = tokenizers.Tokenizer.from_str(backend_tok.to_str())  # private copy: see sentence.py
-        counter.no_padding()
-        counter.enable_truncation(max_length=self.max_seq_length)
-        return counter
+    def infer(self, model: Any, items: list[Any], normalize: bool) -> Any:
+        """Scores of ``items`` — (query, document) pairs — as float32, shape (n,)."""
+        np = self._np
+        pairs = [[str(q), str(d)] for q, d in items]
+        scores = model.predict(pairs, batch_size=self.options.batch_size, show_progress_bar=False,
+                               convert_to_numpy=True)
+        scores = np.asarray(scores, dtype=np.float32)
+        if scores.ndim > 1:  # a multi-label model: the last label is "relevant"
+            scores = scores[:, -1]
+        return scores
+
+    def probe_items(self) -> list[Any]:
+        n = len(PROBE_SENTENCES)
+        return [Pair(PROBE_SENTENCES[i], PROBE_SENTENCES[(i * 5 + 3) % n]) for i in range(n)]
+
+    def empty(self) -> Any:
+        return self._np.zeros((0,), dtype=self._np.float32)
 
     def warmup(self) -> None:
         self.embed([Pair("warm up", "a document")], normalize=False)
-
-    def unload(self) -> None:
-        model, self._model = self._model, None
-        self._counter = None
-        if model is not None and self._device.startswith("cuda"):
-            del model
-            torch = require("torch", purpose=_PURPOSE)
-            torch.cuda.empty_cache()
 
     @property
     def dim(self) -> int:
@@ -104,22 +76,6 @@ class CrossEncoderBackend(EmbedBackend):
         length = getattr(model, "max_length", None) if model is not None else None
         return int(length or 512)
 
-    def embed(self, texts: list[Any], normalize: bool = True) -> Any:
-        """Scores of ``texts`` — (query, document) pairs — as float32, shape (n,)."""
-        model = self._model
-        if model is None:
-            raise ModelFailed(f"model '{self.spec.id}' is not loaded")
-        np = self._np
-        if not texts:
-            return np.zeros((0,), dtype=np.float32)
-        pairs = [[str(q), str(d)] for q, d in texts]
-        scores = model.predict(pairs, batch_size=self.options.batch_size, show_progress_bar=False,
-                               convert_to_numpy=True)
-        scores = np.asarray(scores, dtype=np.float32)
-        if scores.ndim > 1:  # a multi-label model: the last label is "relevant"
-            scores = scores[:, -1]
-        return scores
-
     def count_tokens(self, texts: list[Any]) -> int:
         return sum(self.count_tokens_each(texts))
 
@@ -127,13 +83,6 @@ class CrossEncoderBackend(EmbedBackend):
         if self._counter is None:
             return [len(str(q).split()) + len(str(d).split()) for q, d in texts]
         return [len(e.ids) for e in self._counter.encode_batch([(str(q), str(d)) for q, d in texts])]
-
-    def memory_mb(self) -> dict[str, float]:
-        if self._model is None:
-            return {"vram_mb": 0.0, "ram_mb": 0.0}
-        nbytes = sum(p.numel() * p.element_size() for p in self._model.model.parameters())
-        mb = round(nbytes / 2**20, 1)
-        return {"vram_mb": mb, "ram_mb": 0.0} if self._device.startswith("cuda") else {"vram_mb": 0.0, "ram_mb": mb}
 
 
 class FakeRerankBackend(EmbedBackend):

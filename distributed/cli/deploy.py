@@ -49,6 +49,15 @@ def speculative(m: dict[str, Any]) -> str:
     return what + (f" ({rate:.0%} accepted)" if isinstance(rate, (int, float)) else "")
 
 
+def runtime_cell(m: dict[str, Any]) -> str:
+    """An embedding/rerank model's runtime with its measured speed-up ("openvino 3.1x"), else "–"."""
+    rt = m.get("runtime") or {}
+    if not rt.get("name"):
+        return "–"
+    speedup = rt.get("speedup")
+    return f"{rt['name']} {speedup:.1f}x" if speedup and rt["name"] != "torch" else str(rt["name"])
+
+
 def wait_ready(url: str, api_key: str, model: str, timeout: float, interval: float = 0.5,
                echo: Any = None) -> dict[str, Any]:
     """Poll GET /models until ``model`` is ready everywhere it is routed (or failed)."""
@@ -114,7 +123,9 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def ps(url: str = URL_OPT, api_key: str = KEY_OPT,
            json_out: bool = typer.Option(False, "--json", help="Print GET /models as JSON.")) -> None:
-        """The models of the cluster: host, state (pulling with its percent), queue and requests."""
+        """The models of the cluster: host, state (pulling with its percent), runtime (embeddings and
+        rerank: torch, onnx or openvino, with the speed-up measured over torch; --json says why),
+        queue and requests."""
         rows = models(url, api_key)
         if json_out:
             typer.echo(json.dumps(rows, indent=2))
@@ -123,10 +134,10 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         t = Table(box=None, pad_edge=False)
-        for col in ("model", "kind", "host", "state", "queue", "requests", "speculative"):
+        for col in ("model", "kind", "host", "state", "runtime", "queue", "requests", "speculative"):
             t.add_column(col)
         for m in rows:
             kind = str(m.get("kind", "–")) + (" +vision" if m.get("vision") else "")  # sees images
-            t.add_row(str(m.get("id")), kind, str(m.get("node", "–")), _state(m),
+            t.add_row(str(m.get("id")), kind, str(m.get("node", "–")), _state(m), runtime_cell(m),
                       str(m.get("queue_depth", 0)), str(m.get("requests", 0)), speculative(m))
         Console(file=sys.stdout, soft_wrap=False).print(t)

@@ -230,6 +230,9 @@ class LocalTarget(Target):
                 out["dim"] = b.dim
             if getattr(b, "notes", None):
                 out["notes"] = list(b.notes)
+            runtime = b.runtime_info()
+            if runtime is not None:
+                out["runtime"] = runtime  # embeddings/rerank: torch, onnx or openvino, and why
             try:
                 out["memory"] = b.memory_mb()
             except Exception:  # noqa: BLE001 - best effort figure

@@ -418,7 +418,7 @@ class RemoteTarget(Target):
         if self.kind == "embed":
             out["channel_calls"] = self._coalescer.calls  # < forwarded: requests were coalesced
         for key in ("embeddings", "dim", "context", "error", "split", "split_mode", "missing", "progress",
-                    "speculative", "vision"):
+                    "runtime", "speculative", "vision"):
             if key in remote:
                 out[key] = remote[key]
         if remote.get("state") == "pulling" and out["state"] == TargetState.LOADING:
