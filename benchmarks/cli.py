@@ -26,9 +26,9 @@ def flags(ap: argparse.ArgumentParser, **helps: str) -> None:
         ap.add_argument("--" + name.replace("_", "-"), action="store_true", help=text)
 
 
-def json_option(ap: argparse.ArgumentParser, text: str | None = "also write the results here") -> None:
+def json_option(ap: argparse.ArgumentParser) -> None:
     """``--json PATH``: where :func:`report` also writes the results."""
-    ap.add_argument("--json", type=Path, default=None, help=text)
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
 
 
 def report(results: dict[str, Any], path: Path | None) -> None:
