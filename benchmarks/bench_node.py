@@ -34,7 +34,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import httpx
 import orjson
@@ -86,9 +86,24 @@ class RawStream:
                 if event.startswith(b"data: "):
                     yield event[6:]
 
+    def chat_content(self, body: bytes) -> Iterator[dict[str, Any]]:
+        """Each chunk of a streamed /v1/chat/completions that carries content, read to the end."""
+        for data in self.post_stream("/v1/chat/completions", body):
+            if data == b"[DONE]":
+                continue  # read on to the end of the chunked body
+            chunk = orjson.loads(data)
+            if chunk.get("choices") and (chunk["choices"][0].get("delta") or {}).get("content"):
+                yield chunk
+
     def close(self) -> None:
         self.rf.close()
         self.sock.close()
+
+    def __enter__(self) -> RawStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def http_chat(port: int, prompt: str, n_tokens: int) -> dict[str, float]:
@@ -102,14 +117,10 @@ def http_chat(port: int, prompt: str, n_tokens: int) -> dict[str, float]:
     t0 = time.perf_counter()
     first = None
     n = 0
-    for data in client.post_stream("/v1/chat/completions", body):
-        if data == b"[DONE]":
-            continue  # read on to the end of the chunked body
-        chunk = orjson.loads(data)
-        if chunk["choices"] and chunk["choices"][0].get("delta", {}).get("content"):
-            n += 1
-            if first is None:
-                first = time.perf_counter()
+    for _chunk in client.chat_content(body):
+        n += 1
+        if first is None:
+            first = time.perf_counter()
     end = time.perf_counter()
     client.close()
     assert first is not None, "no content streamed"
