@@ -42,7 +42,7 @@ from typing import Any
 import httpx
 import orjson
 
-from benchmarks.bench_node import sentences
+from benchmarks.bench_node import post_embeddings, sentences
 from benchmarks.inprocess import st_encode
 from benchmarks.soak import rss_mb
 from tests.support import ROOT, ServerFailed, ServerProcess
@@ -58,34 +58,6 @@ def node(runtime: str, models_dir: Path, extra_env: dict[str, str]) -> ServerPro
     env = {"TARS_MODELS": EMBED, "TARS_EMBED_RUNTIME": runtime, "TARS_GPU_PROFILE": "cpu", **extra_env}
     return ServerProcess(f"embed-{runtime}", HOST, ports=range(18550, 18600), env=env,
                          args=["--models-dir", str(models_dir), "--log-level", "warning"])
-
-
-async def post_all(port: int, bodies: list[bytes], clients: int) -> float:
-    """Seconds ``clients`` keep-alive connections take to post every body to /v1/embeddings."""
-    it = iter(bodies)
-    errors: list[str] = []
-
-    async def conn() -> None:
-        reader, writer = await asyncio.open_connection(HOST, port)
-        try:
-            for body in it:
-                writer.write(b"POST /v1/embeddings HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\n"
-                             b"content-length: %d\r\n\r\n%s" % (len(body), body))
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = next(int(line[15:]) for line in head.split(b"\r\n")
-                              if line[:15].lower() == b"content-length:")
-                data = await reader.readexactly(length)
-                if head[9:12] != b"200":
-                    errors.append(data.decode()[:200])
-        finally:
-            writer.close()
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(conn() for _ in range(clients)))
-    took = time.perf_counter() - t0
-    if errors:
-        raise SystemExit(f"{len(errors)} embedding requests failed on port {port}, e.g. {errors[0]}")
-    return took
 
 
 def bodies_for(texts: list[str], per_request: int) -> list[bytes]:
@@ -107,7 +79,7 @@ def run(ports: dict[str, int], texts: list[str], rounds: int, baseline_batch: in
     for name, (clients, per) in WORKLOADS.items():
         bodies = bodies_for(texts, per)
         for port in ports.values():  # warm each node on this shape
-            runner(post_all(port, bodies[:clients * 2], clients))
+            runner(post_embeddings(HOST, port, bodies[:clients * 2], clients))
         rates: dict[str, list[float]] = {s: [] for s in sides}
         for r in range(rounds):
             order = sides[r % len(sides):] + sides[:r % len(sides)]
@@ -115,7 +87,7 @@ def run(ports: dict[str, int], texts: list[str], rounds: int, baseline_batch: in
                 if side == "in-process torch":
                     rates[side].append(st_encode(texts, batch_size=baseline_batch))
                 else:
-                    rates[side].append(len(texts) / runner(post_all(ports[side], bodies, clients)))
+                    rates[side].append(len(texts) / runner(post_embeddings(HOST, ports[side], bodies, clients)))
             print(f"  {name} round {r + 1}: " + " | ".join(f"{s} {rates[s][-1]:.0f}/s" for s in sides), flush=True)
         base = rates["in-process torch"]
         out[name] = {"clients": clients, "per_request": per, "sentences": len(texts),

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import signal
 import socket
@@ -45,6 +44,8 @@ from typing import Any
 
 import httpx
 import orjson
+
+from benchmarks.cli import THREADS_HELP, flags, json_option, numbers, report
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAT = "gemma-3-270m"
@@ -167,19 +168,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gguf", type=Path, default=None, help="GGUF file (default: the embedded Gemma 3 270M)")
     ap.add_argument("--models-dir", type=Path, default=ROOT / ".test-cache" / "models")
-    ap.add_argument("--parallel", type=int, default=4)
-    ap.add_argument("--context", type=int, default=1024)
-    ap.add_argument("--threads", type=int, default=0, help="0 = the physical cores (the node's default)")
-    ap.add_argument("--streams", type=int, default=4)
-    ap.add_argument("--per-client", type=int, default=2)
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
-    ap.add_argument("--forwarded", action="store_true",
-                    help="also a second node (127.0.0.3) joined to the first: chat forwarded PC2 → PC1's engine "
-                         "(simulated GPU profiles place the chat model on the first node)")
-    ap.add_argument("--inprocess", action="store_true",
-                    help="also a node with TARS_CHAT_ENGINE=inprocess (llama-cpp-python, one request at a time)")
+    numbers(ap, parallel=4, context=1024, threads=(0, THREADS_HELP), streams=4, per_client=2, max_tokens=64, rounds=3)
+    json_option(ap)
+    flags(ap, forwarded="also a second node (127.0.0.3) joined to the first: chat forwarded PC2 → PC1's engine "
+                        "(simulated GPU profiles place the chat model on the first node)",
+          inprocess="also a node with TARS_CHAT_ENGINE=inprocess (llama-cpp-python, one request at a time)")
     args = ap.parse_args()
 
     from distributed.engine.binary import locate
@@ -224,11 +217,11 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))  # stop both on TERM too
     die = _die_with_parent(os.getpid())  # and both die with this process even on SIGKILL
-    with bare_log.open("wb") as out:
-        bare = subprocess.Popen(bare_cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+    with bare_log.open("wb") as sink:
+        bare = subprocess.Popen(bare_cmd, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
                                 preexec_fn=die)
-    with node_log.open("wb") as out:
-        node = subprocess.Popen(node_cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+    with node_log.open("wb") as sink:
+        node = subprocess.Popen(node_cmd, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT,
                                 start_new_session=True, preexec_fn=die)
     inproc = fwd = None
     if args.forwarded:
@@ -237,8 +230,8 @@ def main() -> None:
         fwd_log = logs / "node-pc2.log"
         fwd_cmd = [sys.executable, "-m", "distributed", "serve", "--host", fwd_host, "--port", str(fwd_port),
                    "--name", "bench-pc2", "--models-dir", str(args.models_dir)]
-        with fwd_log.open("wb") as out:
-            fwd = subprocess.Popen(fwd_cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        with fwd_log.open("wb") as sink:
+            fwd = subprocess.Popen(fwd_cmd, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
                                    preexec_fn=die, env={**env, "TARS_GPU_PROFILE": "gtx1660s-6gb",
                                                         "TARS_PEERS": f"http://{node_host}:{node_port}"})
     if args.inprocess:
@@ -246,8 +239,8 @@ def main() -> None:
         ip_log = logs / "node-inprocess.log"
         ip_cmd = [*node_cmd[:node_cmd.index("--port") + 1], str(ip_port), "--name", "bench-inprocess",
                   "--models-dir", str(args.models_dir)]
-        with ip_log.open("wb") as out:
-            inproc = subprocess.Popen(ip_cmd, cwd=ROOT, env={**env, "TARS_CHAT_ENGINE": "inprocess"}, stdout=out,
+        with ip_log.open("wb") as sink:
+            inproc = subprocess.Popen(ip_cmd, cwd=ROOT, env={**env, "TARS_CHAT_ENGINE": "inprocess"}, stdout=sink,
                                       stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die)
     try:
         wait_health(f"http://127.0.0.1:{bare_port}", bare, bare_log)
@@ -296,9 +289,9 @@ def main() -> None:
     finally:
         stop(node)
         stop(bare)
-        for extra in (inproc, fwd):
-            if extra is not None:
-                stop(extra)
+        for proc in (inproc, fwd):
+            if proc is not None:
+                stop(proc)
 
     def med(side: str, n: int, key: str) -> float:
         return statistics.median(x[key] for x in results[side][n])
@@ -328,10 +321,7 @@ def main() -> None:
         f"node_ttft_{s}_vs_1": round(med("node", s, "ttft_p50_ms") / med("node", 1, "ttft_p50_ms"), 3),
         f"node_ttft_{s}_limit_ms": round(2 * med("node", 1, "ttft_p50_ms") + 50, 2),
     }
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text)
+    report(out, args.json)
 
 
 if __name__ == "__main__":

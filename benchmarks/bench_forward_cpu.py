@@ -70,18 +70,8 @@ def stream(url: str, tokens: int) -> int:
     host, port = url.split("//", 1)[1].rsplit(":", 1)
     body = orjson.dumps({"model": CHAT, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": tokens,
                          "temperature": 0.0, "seed": 1, "stream": True})
-    client = RawStream(host, int(port))
-    n = 0
-    try:
-        for data in client.post_stream("/v1/chat/completions", body):
-            if data == b"[DONE]":
-                continue
-            chunk = orjson.loads(data)
-            if chunk["choices"] and chunk["choices"][0].get("delta", {}).get("content"):
-                n += 1
-    finally:
-        client.close()
-    return n
+    with RawStream(host, int(port)) as client:
+        return sum(1 for _chunk in client.chat_content(body))
 
 
 def idle_rates(pids: dict[str, int], seconds: float = 5.0) -> dict[str, float]:

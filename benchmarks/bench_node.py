@@ -34,7 +34,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import httpx
 import orjson
@@ -86,9 +86,24 @@ class RawStream:
                 if event.startswith(b"data: "):
                     yield event[6:]
 
+    def chat_content(self, body: bytes) -> Iterator[dict[str, Any]]:
+        """Each chunk of a streamed /v1/chat/completions that carries content, read to the end."""
+        for data in self.post_stream("/v1/chat/completions", body):
+            if data == b"[DONE]":
+                continue  # read on to the end of the chunked body
+            chunk = orjson.loads(data)
+            if chunk.get("choices") and (chunk["choices"][0].get("delta") or {}).get("content"):
+                yield chunk
+
     def close(self) -> None:
         self.rf.close()
         self.sock.close()
+
+    def __enter__(self) -> RawStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def http_chat(port: int, prompt: str, n_tokens: int) -> dict[str, float]:
@@ -102,14 +117,10 @@ def http_chat(port: int, prompt: str, n_tokens: int) -> dict[str, float]:
     t0 = time.perf_counter()
     first = None
     n = 0
-    for data in client.post_stream("/v1/chat/completions", body):
-        if data == b"[DONE]":
-            continue  # read on to the end of the chunked body
-        chunk = orjson.loads(data)
-        if chunk["choices"] and chunk["choices"][0].get("delta", {}).get("content"):
-            n += 1
-            if first is None:
-                first = time.perf_counter()
+    for _chunk in client.chat_content(body):
+        n += 1
+        if first is None:
+            first = time.perf_counter()
     end = time.perf_counter()
     client.close()
     assert first is not None, "no content streamed"
@@ -154,9 +165,9 @@ def sentences(n: int, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(words) for _ in range(rng.randint(6, 20))).capitalize() + "." for _ in range(n)]
 
 
-async def _load(host: str, port: int, texts: list[str], clients: int, fmt: str) -> float:
-    """Requests/s of ``clients`` keep-alive connections, one sentence per request."""
-    bodies = [orjson.dumps({"model": EMBED, "input": t, "encoding_format": fmt}) for t in texts]
+async def post_embeddings(host: str, port: int, bodies: list[bytes], clients: int) -> float:
+    """Seconds ``clients`` keep-alive connections take to post every body to /v1/embeddings
+    (a minimal HTTP/1.1 client: it shares the CPU with the server, so it must be cheap)."""
     it = iter(bodies)
     errors: list[str] = []
 
@@ -167,10 +178,8 @@ async def _load(host: str, port: int, texts: list[str], clients: int, fmt: str) 
                 writer.write(b"POST /v1/embeddings HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\n"
                              b"content-length: %d\r\n\r\n%s" % (len(body), body))
                 head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line[:15].lower() == b"content-length:":
-                        length = int(line[15:])
+                length = next(int(line[15:]) for line in head.split(b"\r\n")
+                              if line[:15].lower() == b"content-length:")
                 data = await reader.readexactly(length)
                 if head[9:12] != b"200":
                     errors.append(data.decode()[:200])
@@ -179,10 +188,16 @@ async def _load(host: str, port: int, texts: list[str], clients: int, fmt: str) 
 
     t0 = time.perf_counter()
     await asyncio.gather(*(conn() for _ in range(clients)))
-    dt = time.perf_counter() - t0
+    took = time.perf_counter() - t0
     if errors:
-        raise SystemExit(f"{len(errors)} embedding requests failed, e.g. {errors[0]}")
-    return len(texts) / dt
+        raise SystemExit(f"{len(errors)} embedding requests failed on port {port}, e.g. {errors[0]}")
+    return took
+
+
+async def _load(host: str, port: int, texts: list[str], clients: int, fmt: str) -> float:
+    """Requests/s of ``clients`` keep-alive connections, one sentence per request."""
+    bodies = [orjson.dumps({"model": EMBED, "input": t, "encoding_format": fmt}) for t in texts]
+    return len(texts) / await post_embeddings(host, port, bodies, clients)
 
 
 def bench_embed(port: int, n: int, clients: int, rounds: int) -> dict:

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import signal
@@ -59,6 +58,7 @@ import httpx
 import orjson
 
 from benchmarks.bench_engine import free_port, stop, wait_health
+from benchmarks.cli import THREADS_HELP, json_option, numbers, report
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAT = "smollm2-135m-instruct"
@@ -227,14 +227,9 @@ async def level(host: str, port: int, workload: str, streams: int, per_client: i
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--settings", default="off,ngram,auto", help="TARS_SPECULATIVE values, one node each")
-    ap.add_argument("--parallel", type=int, default=4, help="TARS_PARALLEL of every node")
-    ap.add_argument("--context", type=int, default=2048)
-    ap.add_argument("--threads", type=int, default=0, help="0 = the physical cores (the node's default)")
-    ap.add_argument("--streams", type=int, default=4)
-    ap.add_argument("--per-client", type=int, default=2)
-    ap.add_argument("--max-tokens", type=int, default=256)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    numbers(ap, parallel=(4, "TARS_PARALLEL of every node"), context=2048, threads=(0, THREADS_HELP), streams=4,
+            per_client=2, max_tokens=256, rounds=3)
+    json_option(ap)
     args = ap.parse_args()
     sides = [s.strip() for s in args.settings.split(",") if s.strip()]
     if "off" not in sides:
@@ -262,10 +257,10 @@ def main() -> None:
     try:
         for side in sides:
             port, log = free_port(host), logs / f"node-{side}.log"
-            with log.open("wb") as out:
+            with log.open("wb") as sink:
                 procs[side] = (port, subprocess.Popen(
                     [sys.executable, "-m", "distributed", "serve", "--host", host, "--port", str(port), "--name",
-                     f"spec-{side}", "--models-dir", str(logs / f"models-{side}")], cwd=ROOT, stdout=out,
+                     f"spec-{side}", "--models-dir", str(logs / f"models-{side}")], cwd=ROOT, stdout=sink,
                     stderr=subprocess.STDOUT, env={**env, "TARS_SPECULATIVE": side}, start_new_session=True,
                     preexec_fn=die), log)
         kinds: dict[str, Any] = {}
@@ -330,10 +325,7 @@ def main() -> None:
     out = {"binary": binary.to_dict(), "threads": threads, "parallel": args.parallel, "context": args.context,
            "streams": args.streams, "per_client": args.per_client, "max_tokens": args.max_tokens,
            "rounds": args.rounds, "speculation": kinds, "load_average_per_round": loads, "results": summary}
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text)
+    report(out, args.json)
 
 
 if __name__ == "__main__":

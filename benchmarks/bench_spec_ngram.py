@@ -85,21 +85,14 @@ def server(binary: Path, gguf: Path, port: int, context: int, threads: int, extr
 def one_stream(port: int, prompt: str, tokens: int, out: list[dict[str, float]]) -> None:
     body = orjson.dumps({"model": "smollm2", "messages": [{"role": "user", "content": prompt}],
                          "max_tokens": tokens, "temperature": 0.0, "seed": 1, "stream": True})
-    client = RawStream("127.0.0.1", port)
     first = last = None
     n = 0
-    try:
-        for data in client.post_stream("/v1/chat/completions", body):
-            if data == b"[DONE]":
-                continue
-            chunk = orjson.loads(data)
-            if chunk.get("choices") and (chunk["choices"][0].get("delta") or {}).get("content"):
-                now = time.perf_counter()
-                first = first or now
-                last = now
-                n += 1
-    finally:
-        client.close()
+    with RawStream("127.0.0.1", port) as client:
+        for _chunk in client.chat_content(body):
+            now = time.perf_counter()
+            first = first or now
+            last = now
+            n += 1
     out.append({"tokens": n, "first": first or 0.0, "last": last or 0.0})
 
 

@@ -57,6 +57,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.cli import flags, numbers  # noqa: E402
+
 TOKEN = "bench-split-token"
 STARTS = ["Once upon a time", "In a small village", "The old lighthouse", "Long ago, in a city",
           "On a cold morning", "Far beyond the hills", "Every summer", "At the edge of the sea"]
@@ -147,17 +149,13 @@ def complete(url: str, prompt: str, max_tokens: int, at: Place | None = None) ->
 
 
 def main() -> None:
-    # Option declarations: alike in shape with soak.py's, nothing to share.
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--layers", type=int, default=10, help="-ngl: layers on the worker (blocks from the end + output)")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--output-on-worker", action="store_true",
-                    help="leave the output layer on the worker (llama.cpp's default for -ngl): the logits then "
-                         "cross the link every token; by default it stays here (-ot ...=CPU), as on a CUDA engine host")
-    ap.add_argument("--netns", action="store_true",
-                    help="the two hosts in network namespaces on a bridge, links at 1 Gbit/s (tbf); needs root")
+    numbers(ap, rounds=5, max_tokens=64, layers=(10, "-ngl: layers on the worker (blocks from the end + output)"),
+            threads=1)
+    flags(ap, output_on_worker="leave the output layer on the worker (llama.cpp's default for -ngl): the logits then "
+                               "cross the link every token; by default it stays here (-ot ...=CPU), as on a CUDA "
+                               "engine host",
+          netns="the two hosts in network namespaces on a bridge, links at 1 Gbit/s (tbf); needs root")
     args = ap.parse_args()
 
     from contextlib import ExitStack

@@ -27,7 +27,9 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 
@@ -62,6 +64,36 @@ def webui_process(owui: Path, node_url: str, connection: str, data: Path, log_di
     return ServerProcess("open-webui", "127.0.0.1", port=port, env=env, log_dir=log_dir, address_env=False,
                          command=[str(owui / "bin" / "open-webui"), "serve", "--host", "127.0.0.1",
                                   "--port", str(port)])
+
+
+def owui_installed(owui: Path) -> bool:
+    """Whether Open WebUI is installed in the virtual environment ``owui``; says how to install it when not."""
+    if (owui / "bin" / "open-webui").exists():
+        return True
+    print(f"Open WebUI is not installed in {owui}: python3 -m venv {owui} && {owui}/bin/pip install open-webui",
+          file=sys.stderr)
+    return False
+
+
+@contextmanager
+def running_webui(owui: Path, node_url: str, connection: str, work: Path) -> Iterator[ServerProcess]:
+    """Open WebUI (:func:`webui_process`, data and logs in ``work``) started and answering /health."""
+    with webui_process(owui, node_url, connection, work / "owui-data", work) as webui:
+        webui.start(timeout=900, ready=lambda: httpx.get(f"{webui.url}/health", timeout=5).status_code == 200,
+                    what="Open WebUI's /health")
+        yield webui
+
+
+def tools_dropped(log: str) -> list[str]:
+    """The node log's "answering without the N tools" lines (api/tool_drop.py), what follows those words."""
+    return [line.split("answering without", 1)[1].strip() for line in log.splitlines() if "answering without" in line]
+
+
+def answered(result: dict) -> bool:
+    """The check's verdict on :func:`chat_in_browser`'s result: the answer streamed in (its text grew
+    in two steps or more), ends non-empty, and no error was shown."""
+    streamed = len([s for s in result["steps"] if s[1] > 0]) >= 2
+    return bool(result["text"].strip()) and streamed and not result["error"]
 
 
 def chat_in_browser(url: str, timeout_s: float, shot: Path) -> dict:
@@ -114,9 +146,7 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=1200.0, help="seconds the answer may take")
     ap.add_argument("--keep", action="store_true", help="keep the logs folder")
     args = ap.parse_args()
-    if not (args.owui / "bin" / "open-webui").exists():
-        print(f"Open WebUI is not installed in {args.owui}: python3 -m venv {args.owui} && "
-              f"{args.owui}/bin/pip install open-webui", file=sys.stderr)
+    if not owui_installed(args.owui):
         return 2
     work = Path(tempfile.mkdtemp(prefix="owui-check-"))
     node = None if args.node_url else node_process(work)
@@ -125,19 +155,14 @@ def main() -> int:
         if node is not None:
             node.start(timeout=600)
         node_url = args.node_url or node.url  # type: ignore[union-attr]
-        webui = webui_process(args.owui, node_url, args.connection, work / "owui-data", work)
-        with webui:
-            webui.start(timeout=900, ready=lambda: httpx.get(f"{webui.url}/health", timeout=5).status_code == 200,
-                        what="Open WebUI's /health")
+        with running_webui(args.owui, node_url, args.connection, work) as webui:
             ready_s = round(time.monotonic() - t_start, 1)
             result = chat_in_browser(webui.url, args.timeout, work / "open-webui.png")
         log = node.log_text() if node is not None else ""
-        dropped = [line.split("answering without", 1)[1].strip() for line in log.splitlines()
-                   if "answering without" in line]
+        dropped = tools_dropped(log)
         # llama-server's own timing lines (at debug level): the prompts Open WebUI's requests made
         prompts = [int(m.group(1)) for m in re.finditer(r"prompt eval time =.*?/\s*(\d+) tokens", log)]
-        streamed = len([s for s in result["steps"] if s[1] > 0]) >= 2
-        ok = bool(result["text"].strip()) and streamed and not result["error"]
+        ok = answered(result)
         report = {"connection": args.connection, "passed": ok, "streamed_steps": len(result["steps"]),
                   "answer": result["text"][:300], "answer_done_s": result["done_s"],
                   "first_text_s": next((s[0] for s in result["steps"] if s[1]), None), "ready_s": ready_s,

@@ -4,7 +4,7 @@ with what the Ollama connection needs and checks of its own.
 
 Apps that speak only Ollama send no API key (Open WebUI's Ollama connection sends none by
 default), so the node here has none, as on a home PC's 127.0.0.1. It serves the default
-models with the llama-server engine; Open WebUI (``check_open_webui.webui_process``,
+models with the llama-server engine; Open WebUI (``check_open_webui.running_webui``,
 ``--connection ollama``: only its Ollama connection, offline, no auth) points at it, and
 ``check_open_webui.chat_in_browser`` sends "Name three colours." in headless Chromium and
 watches the answer grow. It passes when the answer streams in (several growing steps, ends
@@ -35,7 +35,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.check_open_webui import CHAT, chat_in_browser, webui_process  # noqa: E402
+from benchmarks.check_open_webui import (CHAT, answered, chat_in_browser, owui_installed,  # noqa: E402
+                                         running_webui, tools_dropped)
 from tests.support import ServerProcess  # noqa: E402
 
 
@@ -55,9 +56,7 @@ def main() -> int:
     ap.add_argument("--owui", type=Path, default=Path("/tmp/owui-venv"), help="Open WebUI's virtual environment")
     ap.add_argument("--timeout", type=float, default=1200.0, help="seconds the answer may take (a 2-core box is slow)")
     args = ap.parse_args()
-    if not (args.owui / "bin" / "open-webui").exists():
-        print(f"Open WebUI is not installed in {args.owui}: python3 -m venv {args.owui} && "
-              f"{args.owui}/bin/pip install open-webui", file=sys.stderr)
+    if not owui_installed(args.owui):
         return 2
     work = Path(tempfile.mkdtemp(prefix="owui-ollama-"))
     node = ServerProcess("node", "127.0.0.2", ports=range(19400, 19420), log_dir=work,
@@ -66,17 +65,13 @@ def main() -> int:
                          args=["--models-dir", str(work / "models")])
     with node:
         node.start(timeout=600)
-        with webui_process(args.owui, node.url, "ollama", work / "owui-data", work) as webui:
-            webui.start(timeout=900, ready=lambda: httpx.get(f"{webui.url}/health", timeout=5).status_code == 200,
-                        what="Open WebUI's /health")
+        with running_webui(args.owui, node.url, "ollama", work) as webui:
             result = chat_in_browser(webui.url, args.timeout, work / "open-webui-ollama.png")
         counts = requests_by_endpoint(node.url)
-        dropped = [ln.split("answering without", 1)[1].strip() for ln in node.log_text().splitlines()
-                   if "answering without" in ln]
+        dropped = tools_dropped(node.log_text())
     api_chat = sum(v for k, v in counts.items() if k.startswith("/api/chat 200"))
     v1 = sum(v for k, v in counts.items() if k.startswith("/v1/"))
-    streamed = len([s for s in result["steps"] if s[1] > 0]) >= 2
-    ok = bool(result["text"].strip()) and streamed and not result["error"] and api_chat >= 1 and v1 == 0
+    ok = answered(result) and api_chat >= 1 and v1 == 0
     print(json.dumps({"connection": "ollama", "passed": ok, "streamed_steps": len(result["steps"]),
                       "steps": result["steps"][:12], "answer": result["text"][:300], "answer_done_s": result["done_s"],
                       "first_text_s": next((s[0] for s in result["steps"] if s[1]), None),

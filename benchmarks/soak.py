@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import statistics
@@ -42,6 +41,7 @@ from typing import Any
 
 import httpx
 
+from benchmarks.cli import numbers, report
 from tests.support import ServerProcess, wait_until
 
 TOKEN = "soak-token"
@@ -156,12 +156,8 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def main() -> int:
-    # Option declarations: alike in shape with the other benchmarks' (bench_split), nothing to share.
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--minutes", type=float, default=10.0)
-    ap.add_argument("--clients", type=int, default=32)
-    ap.add_argument("--down-s", type=float, default=20.0, help="seconds PC2 stays dead each time")
-    ap.add_argument("--slow-s", type=float, default=30.0)
+    numbers(ap, minutes=10.0, clients=32, down_s=(20.0, "seconds PC2 stays dead each time"), slow_s=30.0)
     ap.add_argument("--backend", default="", help="TARS_BACKEND_OVERRIDE for both nodes (e.g. fake)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--pin", action="store_true", help="PC1 on one CPU, PC2 on another (two hosts, a core each)")
@@ -235,10 +231,7 @@ def main() -> int:
                  "rss_within_10pct": growth is not None and abs(growth) <= 0.10},
         "logs": str(logdir),
     }
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text)
+    report(out, args.json)
     return 0 if all(out["pass"].values()) else 1
 
 

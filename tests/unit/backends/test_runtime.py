@@ -4,6 +4,7 @@ fake outputs for the cosine, fake failures."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +18,11 @@ REF = np.random.default_rng(0).normal(size=(16, 8)).astype(np.float32)
 log = logging.getLogger("test.runtime")
 
 
+@dataclass
 class Clock:
-    def __init__(self) -> None:
-        self.t = 0.0
+    """A fake clock: the fake candidates move it on by each round's seconds."""
+
+    t: float = 0.0
 
     def __call__(self) -> float:
         return self.t
