@@ -132,16 +132,13 @@ async def test_a_prompt_over_the_context_is_a_400_with_the_limit(binary, gemma_g
 
 
 async def test_an_answer_past_the_request_timeout_is_a_504_and_the_model_stays_ready(binary, gemma_gguf):
-    t = await _engine(binary, gemma_gguf, slots=1, timeout_s=0.3)  # the engine's read deadline
-    try:
+    async with _engine(binary, gemma_gguf, slots=1, timeout_s=0.3) as t:  # the engine's read deadline
         assert await t.wait_loaded(120) == "ready", t.error
         with pytest.raises(RequestTimeout, match="TARS_REQUEST_TIMEOUT_S") as exc:  # ~400 tokens: seconds here
             await t.generate(GenerateRequest(prompt="Write a long story about a cat:", max_tokens=400,
                                              temperature=0.0, sampling={"ignore_eos": True}))
         assert exc.value.http_status == 504
         assert t.state == "ready" and t.info()["engine"]["restarts"] == 0  # slow is not dead
-    finally:
-        await t.close()
 
 
 async def test_engine_killed_mid_stream_ends_the_stream_with_an_error_then_serves_again(binary, gemma_gguf):

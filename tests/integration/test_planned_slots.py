@@ -27,7 +27,12 @@ SPEC = load_catalog().get("gemma-3-270m")
 CONTEXT = 512
 
 
-async def test_a_node_starts_its_engine_with_the_slots_the_plan_gave(gemma_gguf: Path, models_dir: Path) -> None:
+async def test_a_node_starts_its_engine_with_the_slots_the_plan_gave(gemma_gguf: Path, tmp_path: Path) -> None:
+    # a models folder of its own: the shared test cache holds other tests' node state (tars-state-pc1.json,
+    # remembered peers), which a node named pc1 would adopt and wait on
+    models_dir = tmp_path / "models"
+    models_dir.mkdir()
+    (models_dir / gemma_gguf.name).symlink_to(gemma_gguf)
     engine_bin = os.environ.get("TARS_ENGINE_BIN", "")
     if locate(engine_bin) is None:
         pytest.skip("no llama-server built (scripts/build_engine.sh)")
