@@ -24,6 +24,7 @@ import argparse
 import json
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -137,7 +138,14 @@ def chat_in_browser(url: str, timeout_s: float, shot: Path) -> dict:
     return {"text": text, "steps": steps, "done_s": done_at, "error": error_text}
 
 
+def stop_cleanly_on_sigterm() -> None:
+    """SIGTERM (``timeout``, a closed terminal) unwinds like Ctrl-C, so the node, Open WebUI and
+    the browser this check started are stopped by their ``with`` blocks instead of orphaned."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
 def main() -> int:
+    stop_cleanly_on_sigterm()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--connection", choices=("openai", "ollama"), default="openai")
     ap.add_argument("--owui", type=Path, default=Path("/work/owui-venv"), help="Open WebUI's virtual environment")

@@ -35,7 +35,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.check_open_webui import (CHAT, answered, chat_in_browser, owui_installed,  # noqa: E402
+from benchmarks.check_open_webui import (CHAT, answered, chat_in_browser, owui_installed, stop_cleanly_on_sigterm,  # noqa: E402
                                          running_webui, tools_dropped)
 from tests.support import ServerProcess  # noqa: E402
 
@@ -52,6 +52,7 @@ def requests_by_endpoint(node_url: str) -> dict[str, int]:
 
 
 def main() -> int:
+    stop_cleanly_on_sigterm()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--owui", type=Path, default=Path("/tmp/owui-venv"), help="Open WebUI's virtual environment")
     ap.add_argument("--timeout", type=float, default=1200.0, help="seconds the answer may take (a 2-core box is slow)")
