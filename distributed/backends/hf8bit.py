@@ -153,6 +153,8 @@ class HF8BitBackend(ChatBackend):
         return ids
 
     def warmup(self) -> None:
+        # two greedy tokens, as llama_cpp.py's warm-up: alike by design (`duplicates` pairs them); not a
+        # ChatBackend default, because the fake engine must not generate at load
         for _ in self.stream(GenerateRequest(prompt="Hello", max_tokens=2, temperature=0.0), threading.Event()):
             pass
 

@@ -263,6 +263,8 @@ class LlamaCppBackend(ChatBackend):
         self._chat_format = chat_format
 
     def warmup(self) -> None:
+        # two greedy tokens, as hf8bit.py's warm-up: alike by design (`duplicates` pairs them); not a
+        # ChatBackend default, because the fake engine must not generate at load
         for _ in self.stream(GenerateRequest(prompt="Hello", max_tokens=2, temperature=0.0), threading.Event()):
             pass
 
