@@ -16,7 +16,8 @@ the dashboard, and peers through heartbeats).
 Each refusal is a ``ValidationFailed`` naming the field (``messages[1].content[0].image_url``).
 The adapters call it with the resolved target: ``check_images(t.model, sees_images(t), ...)``
 (``api/dialect.py``'s ``check_images(request, model, messages, images)`` does both, resolving
-the target only when the request carries an image).
+the target only when the request carries an image: ``image_fields`` once, then
+``refuse_if_blind(model, vision, found)``, so each image is decoded once).
 
 Images reach the engine in OpenAI's shape, whatever the dialect: a user message whose
 ``content`` is a list of ``{"type": "text", "text"}`` and ``{"type": "image_url",
@@ -114,24 +115,29 @@ def image_fields(messages: list[Any] | None, images: list[Any] | None = None) ->
                         _image_url(part, where)
                     found.append(where)
         for k, data in enumerate(msg.get("images") or []):  # Ollama: base64 strings on the message
-            where = f"messages[{i}].images[{k}]"
-            if not isinstance(data, str) or not data:
-                raise ValidationFailed(f"{where}: an image must be a base64 string", field=where)
-            check_base64(data, where)
-            found.append(where)
+            found.append(_base64_image(data, f"messages[{i}].images[{k}]"))
     for k, data in enumerate(images or []):  # Ollama /api/generate: base64 strings on the request
-        where = f"images[{k}]"
-        if not isinstance(data, str) or not data:
-            raise ValidationFailed(f"{where}: an image must be a base64 string", field=where)
-        check_base64(data, where)
-        found.append(where)
+        found.append(_base64_image(data, f"images[{k}]"))
     return found
+
+
+def _base64_image(data: Any, where: str) -> str:
+    """An Ollama image (a base64 string) checked for its form; its field path."""
+    if not isinstance(data, str) or not data:
+        raise ValidationFailed(f"{where}: an image must be a base64 string", field=where)
+    check_base64(data, where)
+    return where
 
 
 def check_images(model: str, vision: bool, messages: list[Any] | None = None, images: list[Any] | None = None) -> int:
     """Refuse images a model cannot see, and images in a form the node does not take; returns
     how many images the request carries (0: nothing to check)."""
-    found = image_fields(messages, images)
+    return refuse_if_blind(model, vision, image_fields(messages, images))
+
+
+def refuse_if_blind(model: str, vision: bool, found: list[str]) -> int:
+    """``found`` (``image_fields``' answer, already checked for form) refused where the model
+    cannot see images; how many there are."""
     if found and not vision:
         raise ValidationFailed(f"model '{model}' has no vision: it cannot read images ({found[0]}); use a model "
                                "with a vision projector (a repo with an mmproj-*.gguf, run by llama-server): "

@@ -82,10 +82,11 @@ def check_images(request: Request, model: str | None, messages: list[Any] | None
     client's field): each image's form first (inline base64 only; an http(s) URL is refused),
     then, only when there is one, the chat model ``model`` resolves to (404 if unknown) must
     see images (a 400 saying it has no vision). Returns how many images there are."""
-    if not vision.image_fields(messages, images):
+    found = vision.image_fields(messages, images)  # each image decoded once, here
+    if not found:
         return 0
     target = request.app.state.node.resolve(model, "chat")
-    return vision.check_images(target.model, vision.sees_images(target), messages, images)
+    return vision.refuse_if_blind(target.model, vision.sees_images(target), found)
 
 
 async def answer(request: Request, req: GenerateRequest, stream: Callable[[str], Any],
