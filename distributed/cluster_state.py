@@ -41,7 +41,7 @@ does not verify (forged), one from an older incarnation of its sender, and one w
 sequence number it has seen (replayed; a window of ``REPLAY_WINDOW`` allows messages that
 overtake each other), and logs why.
 
-**Files.** ``TARS_MODELS_DIR/tars-state-<node>.json`` (atomic writes, fsync, 0600) keeps the
+**Files.** ``TARS_STATE_DIR/tars-state-<node>.json`` (default: ``TARS_MODELS_DIR``) (atomic writes, fsync, 0600) keeps the
 clock's floor, the incarnation, a few local facts (``remember``/``recall``) and the
 persistent entries (``desired:``, ``spec:`` and ``base``; membership is learned again at each start).
 """
@@ -259,7 +259,7 @@ class ClusterState:
     def for_settings(cls, settings: Any) -> "ClusterState":
         name = settings.node_name
         return cls(name, settings.cluster_token.get_secret_value(),
-                   Path(settings.models_dir) / f"tars-state-{name}.json")
+                   Path(settings.state_folder) / f"tars-state-{name}.json")
 
     # ------------------------------------------------------------------ reading
     def entry(self, key: str) -> Entry | None:

@@ -1,4 +1,4 @@
-"""The peers a node has seen, remembered across restarts (``TARS_MODELS_DIR/tars-known-peers-<node>.json``).
+"""The peers a node has seen, remembered across restarts (``TARS_STATE_DIR/tars-known-peers-<node>.json``).
 
 A node restarted without ``TARS_PEERS`` (PC1, say) still knows where its cluster's other
 hosts were: ``KnownPeers.seeds()`` lists their URLs, most recently seen first, for the
@@ -61,7 +61,7 @@ class KnownPeers:
 
     @classmethod
     def for_settings(cls, settings: Any, **kw: Any) -> "KnownPeers":
-        return cls(Path(settings.models_dir) / FILE_NAME.format(node=settings.node_name), settings.node_name,
+        return cls(Path(settings.state_folder) / FILE_NAME.format(node=settings.node_name), settings.node_name,
                    settings.cluster_name, **kw)
 
     # ------------------------------------------------------------------ reading

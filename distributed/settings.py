@@ -12,7 +12,7 @@ import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .errors import ConfigError
@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     # --- hardware and models
     gpu_profile: str = Field("", description="Simulated hardware: a preset (rtx3060-12gb, gtx1660s-6gb, cpu, ...) or a path to a JSON profile. Empty = detect.")
     models_dir: Path = Field(DEFAULT_MODELS_DIR, description="Folder where pulled and assembled models live.")
+    state_dir: Path | None = Field(
+        None, description="Folder for this node's replicated cluster state and the peers it remembers "
+                          "(tars-state-<node>.json, tars-known-peers-<node>.json); empty = TARS_MODELS_DIR.")
     models: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Comma-separated model ids this cluster serves; empty = the embedded defaults.")
@@ -165,10 +168,12 @@ class Settings(BaseSettings):
             out.append(hexfp)
         return out
 
-    @field_validator("models_dir")
+    @field_validator("models_dir", "state_dir", mode="before")
     @classmethod
-    def _expand_home(cls, v: Path) -> Path:
-        return v.expanduser()  # "~/models" in an env file means the user's home
+    def _expand_home(cls, v: Any, info: ValidationInfo) -> Any:
+        if v is None or (isinstance(v, str) and not v.strip()):  # set but empty: the default
+            return DEFAULT_MODELS_DIR if info.field_name == "models_dir" else None
+        return Path(v).expanduser()  # "~/models" in an env file means the user's home  # "~/models" in an env file means the user's home
 
     @field_validator("log_level", "log_format", "role", "split", "chat_engine", "discovery", "speculative",
                      mode="before")
@@ -183,6 +188,11 @@ class Settings(BaseSettings):
             return self.advertise_url.rstrip("/")
         host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
         return f"http://{host}:{self.port}"
+
+    @property
+    def state_folder(self) -> Path:
+        """Where this node's own state files live (TARS_STATE_DIR, else TARS_MODELS_DIR)."""
+        return self.state_dir if self.state_dir is not None else self.models_dir
 
     @property
     def relay_port(self) -> int:

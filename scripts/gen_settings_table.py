@@ -42,7 +42,7 @@ def _default(name: str, field: Any) -> str:
         return f"`{str(value).lower()}`"
     if isinstance(value, list):
         value = ",".join(value)
-    if value == "":
+    if value == "" or value is None:
         return "*(empty)*"
     return f"`{value}`"
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,26 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TARS_EMBED_RUNTIME", "torch")
 
 CACHE = Path(os.environ.get("TARS_TEST_CACHE", Path(__file__).resolve().parent.parent / ".test-cache"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Nodes a module's fixtures build in process keep their cluster state and known peers in
+    a folder of the module's (TARS_STATE_DIR), never in a models folder another module shares:
+    a node named pc1 must not adopt the desired set an earlier test's pc1 left behind."""
+    with pytest.MonkeyPatch.context() as mp:
+        folder = tmp_path_factory.mktemp("state")
+        mp.setenv("TARS_STATE_DIR", str(folder))
+        yield folder
+
+
+@pytest.fixture(autouse=True)
+def state_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test's own TARS_STATE_DIR (see ``_module_state_dir``); a test that reads a node's
+    state file finds it here."""
+    folder = tmp_path_factory.mktemp("state")
+    monkeypatch.setenv("TARS_STATE_DIR", str(folder))
+    return folder
 
 
 @pytest.fixture(scope="module")

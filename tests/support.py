@@ -183,7 +183,8 @@ class ServerProcess:
       (``retries`` times). A restart keeps the port the last run had.
     - environment: this process's, less every inherited ``TARS_*`` variable (unless
       ``inherit_tars``), plus offline model hubs and ``env``; with ``address_env`` (default:
-      for the default command) also ``TARS_NODE_NAME``/``TARS_HOST``/``TARS_PORT`` — a
+      for the default command) also ``TARS_NODE_NAME``/``TARS_HOST``/``TARS_PORT`` and
+      ``TARS_STATE_DIR`` (``log_dir/state``) — a
       launcher with its own env file gets only what ``env`` says. ``args`` end the command.
     - output: ``log_dir/<name>-<run>.log`` (``self.log``, ``tail()``).
     - stop: SIGTERM to the process group, SIGKILL to what is left after ``grace_s``,
@@ -208,6 +209,9 @@ class ServerProcess:
         base.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
         if self.address_env:
             base["TARS_NODE_NAME"] = name
+            # its cluster state and known peers beside its logs (a restart keeps them), never in
+            # a models folder other tests' nodes of the same name share
+            base["TARS_STATE_DIR"] = str(self.log_dir / "state")
         self.env: dict[str, str] = {**base, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self.log: Path = self.log_dir / f"{name}.log"

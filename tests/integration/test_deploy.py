@@ -121,12 +121,12 @@ async def test_bad_deploys_say_why(tmp_path):
             assert r.status_code == 400 and r.json()["error"]["details"]["field"] == field, (body, r.text)
 
 
-async def test_deploys_and_removals_survive_a_restart(tmp_path):
+async def test_deploys_and_removals_survive_a_restart(tmp_path, state_dir):
     async with serve(tmp_path) as (client, _):
         assert (await client.post("/models", json={"model": RR})).status_code == 202
         assert (await client.delete(f"/models/{EMB}", headers=JSON_CT)).status_code == 202  # a TARS_MODELS model
         await wait_state(client, RR, "ready")
-    saved = {e["k"]: e["v"] for e in json.loads((tmp_path / "tars-state-pc1.json").read_text())["entries"]}
+    saved = {e["k"]: e["v"] for e in json.loads((state_dir / "tars-state-pc1.json").read_text())["entries"]}
     assert saved[f"desired:{RR}"] == {"replicas": 1, "node": None} and saved[f"desired:{EMB}"] is None  # removed
     async with serve(tmp_path) as (client, node):  # same TARS_MODELS, same models folder
         await wait_state(client, RR, "ready")
@@ -139,7 +139,7 @@ async def test_deploys_and_removals_survive_a_restart(tmp_path):
 
 
 # ----------------------------------------------------------------------------- two nodes
-async def test_deploy_on_a_worker_places_and_routes_across_the_cluster(tmp_path):
+async def test_deploy_on_a_worker_places_and_routes_across_the_cluster(tmp_path, state_dir):
     net = Net()
     d1, d2 = tmp_path / "pc1", tmp_path / "pc2"
     pc1 = await Host(net, "pc1", PC1_URL, "rtx3060-12gb", models=[CHAT, EMB], models_dir=d1).start()
@@ -165,8 +165,8 @@ async def test_deploy_on_a_worker_places_and_routes_across_the_cluster(tmp_path)
         r = await pc2.http.delete(f"/models/{RR}", headers=JSON_CT)
         assert r.status_code == 202
         await until(lambda: all(RR not in h.node.targets for h in (pc1, pc2)), what="the reranker gone everywhere")
-        for h, d in ((pc1, d1), (pc2, d2)):  # every host keeps the cluster's desired set (replicated)
-            saved = {e["k"]: e["v"] for e in json.loads((Path(d) / f"tars-state-{h.name}.json").read_text())["entries"]}
+        for h in (pc1, pc2):  # every host keeps the cluster's desired set (replicated)
+            saved = {e["k"]: e["v"] for e in json.loads((state_dir / f"tars-state-{h.name}.json").read_text())["entries"]}
             assert saved["desired:phi-2"] == {"replicas": 1, "node": "pc1"} and saved[f"desired:{RR}"] is None
             assert h.node.placement.desired.models() == [CHAT, EMB, "phi-2"]
     finally:

@@ -36,7 +36,7 @@ async def test_a_draft_with_another_vocabulary_is_refused_naming_draft(with_gemm
         assert f"desired:{CHAT}" not in node.placement.desired.state.entries  # nothing recorded
 
 
-async def test_a_draft_sharing_the_vocabulary_is_kept(with_gemma):
+async def test_a_draft_sharing_the_vocabulary_is_kept(with_gemma, state_dir):
     async with serve(with_gemma) as (client, node):
         r = await client.post("/models", json={"model": CHAT, "draft": CHAT}, headers=JSON_CT)
         assert r.status_code == 202, r.text
@@ -45,7 +45,7 @@ async def test_a_draft_sharing_the_vocabulary_is_kept(with_gemma):
         assert node.placement.specs()[0].draft == CHAT  # the spec the planner sees names it
         again = await client.post("/models", json={"model": CHAT, "draft": CHAT}, headers=JSON_CT)
         assert again.status_code == 200 and again.json()["status"] == "unchanged"
-    saved = {e["k"]: e["v"] for e in json.loads((with_gemma / "tars-state-pc1.json").read_text())["entries"]}
+    saved = {e["k"]: e["v"] for e in json.loads((state_dir / "tars-state-pc1.json").read_text())["entries"]}
     assert saved[f"desired:{CHAT}"] == {"replicas": 1, "node": None, "draft": CHAT}
     async with serve(with_gemma) as (_client, node):  # after a restart
         assert node.placement.desired.get(CHAT).draft == CHAT

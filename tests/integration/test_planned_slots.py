@@ -27,12 +27,10 @@ SPEC = load_catalog().get("gemma-3-270m")
 CONTEXT = 512
 
 
-async def test_a_node_starts_its_engine_with_the_slots_the_plan_gave(gemma_gguf: Path, tmp_path: Path) -> None:
-    # a models folder of its own: the shared test cache holds other tests' node state (tars-state-pc1.json,
-    # remembered peers), which a node named pc1 would adopt and wait on
-    models_dir = tmp_path / "models"
-    models_dir.mkdir()
-    (models_dir / gemma_gguf.name).symlink_to(gemma_gguf)
+async def test_a_node_starts_its_engine_with_the_slots_the_plan_gave(gemma_gguf: Path) -> None:
+    # the shared models folder: the node's state and remembered peers live in this test's own
+    # TARS_STATE_DIR (tests/conftest.py), so another test's "pc1" cannot leave it a cluster to wait on
+    models_dir = gemma_gguf.parent
     engine_bin = os.environ.get("TARS_ENGINE_BIN", "")
     if locate(engine_bin) is None:
         pytest.skip("no llama-server built (scripts/build_engine.sh)")

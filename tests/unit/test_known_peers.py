@@ -86,10 +86,10 @@ def test_a_folder_that_cannot_be_written_is_logged_not_raised(tmp_path: Path, ca
     assert "could not write the known-peers file" in caplog.text
 
 
-def test_for_settings_keeps_the_file_in_the_models_folder(tmp_path: Path) -> None:
+def test_for_settings_keeps_the_file_in_the_state_folder(tmp_path: Path) -> None:
     from distributed.settings import load_settings
 
-    s = load_settings(None, models_dir=tmp_path, node_name="pc1")
+    s = load_settings(None, models_dir=tmp_path / "models", state_dir=tmp_path, node_name="pc1")
     store = KnownPeers.for_settings(s)
     assert store.path == tmp_path / "tars-known-peers-pc1.json" and store.cluster == "tars" and store.me == "pc1"
 

@@ -130,3 +130,19 @@ def test_pc1_and_pc2_examples_fit_together() -> None:
     assert (pc1.node_name, pc1.host, pc1.port, pc1.peers, pc1.effective_role) == ("pc1", "0.0.0.0", 8000, [], "server")
     assert (pc2.node_name, pc2.port, pc2.peers, pc2.effective_role) == ("pc2", 8001, ["http://PC1_ADDRESS:8000"], "worker")
     pc2.check_for_serving()  # a token is set
+
+
+def test_state_folder_is_the_models_folder_unless_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from distributed.cluster_state import ClusterState
+    from distributed.known_peers import KnownPeers
+
+    monkeypatch.delenv("TARS_STATE_DIR", raising=False)
+    s = load_settings(None, node_name="pc1", models_dir=tmp_path / "m")
+    assert s.state_folder == tmp_path / "m"
+    monkeypatch.setenv("TARS_STATE_DIR", "")  # set but empty: the default
+    assert load_settings(None, models_dir=tmp_path / "m").state_folder == tmp_path / "m"
+    monkeypatch.setenv("TARS_STATE_DIR", str(tmp_path / "st"))
+    s = load_settings(None, node_name="pc1", models_dir=tmp_path / "m")
+    assert s.state_folder == tmp_path / "st"
+    assert ClusterState.for_settings(s).path == tmp_path / "st" / "tars-state-pc1.json"
+    assert KnownPeers.for_settings(s).path == tmp_path / "st" / "tars-known-peers-pc1.json"
