@@ -107,18 +107,18 @@ async def test_an_unknown_model_is_a_404_listing_the_catalog(tmp_path):
     assert cluster.replans == 0 and saved(tmp_path).desired.models() == [CHAT, EMB]
 
 
-async def test_no_room_says_what_it_needs_and_restores_the_desired_set(tmp_path):
+async def test_no_room_says_what_it_needs_and_restores_the_desired_set(tmp_path, state_dir):
     small = HostProfile(hostname="box", cpu_model="cpu", cpu_cores=4, ram_total_mb=3000, ram_free_mb=2000)
     d, cluster = deployer(tmp_path, {"pc1": small})
     await d.deploy(RR)
-    before = (tmp_path / STATE_FILE).read_text()
+    before = (state_dir / STATE_FILE).read_text()
     with pytest.raises(NoRoom) as ei:
         await d.deploy(BIG)
     err = ei.value
     assert "needs about" in err.message and "pc1: no GPU" in err.message and "2000 MB RAM free" in err.message
     assert err.details["needs_mb"] > 4000 and err.details["hosts"]["pc1"]["ram_free_mb"] == 2000
     assert BIG not in d.desired.models() and d.desired.models() == [CHAT, EMB, RR]  # restored in memory
-    assert (tmp_path / STATE_FILE).read_text() == before and cluster.replans == 1  # nothing written or applied
+    assert (state_dir / STATE_FILE).read_text() == before and cluster.replans == 1  # nothing written or applied
     with pytest.raises(NoRoom):  # pinned to a host that has no room: the same, and restored
         await d.deploy(BIG, node="pc1")
     assert d.desired.get(BIG).node is None and BIG not in d.desired.models()
