@@ -142,7 +142,7 @@ class Routes:
             replicas = self.replicas.get(model)
             if replicas is not None:
                 extra = replicas.info()
-                row["replicas"], row["retried"] = extra["replicas"], extra["retried"]
+                row["replicas"], row["retried"], row["routing"] = extra["replicas"], extra["retried"], extra["routing"]
             rows.append(row)
         return rows
 
