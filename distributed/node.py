@@ -73,7 +73,8 @@ class Node:
         self.metrics = metrics or Metrics(self.name)
         self.metrics.bind(queue_depths=self._queue_depths, gpus=self.live_gpus, models=lambda: self.targets)
         self.backend_extra = dict(backend_extra or {})
-        self.routes = Routes(self.name)  # the one owner of which target serves each model
+        # the one owner of which target serves each model
+        self.routes = Routes(self.name, routing=settings.routing, slack=settings.cache_route_slack)
         self.plan = Plan()
         self.started_at = time.monotonic()
         self._started = False

@@ -129,6 +129,14 @@ class Settings(BaseSettings):
                                           "how long slots have recently been held) is refused at once with 429 and "
                                           "Retry-After instead of queued; 0 = no bound but TARS_QUEUE_SIZE.")
     request_timeout_s: float = Field(300.0, gt=0, le=86400, description="Longest a request may take, seconds.")
+    routing: Literal["cache", "least-loaded"] = Field(
+        "cache", description="How a model with several replicas picks one: cache (a request whose prompt starts as a recent "
+                             "one's goes to the replica that computed it, and to the same llama-server slot, so its prefill "
+                             "is reused) or least-loaded (the replica with the least in flight; llama-server picks the slot).")
+    cache_route_slack: int = Field(
+        2, ge=0, le=10000, description="TARS_ROUTING=cache: the replica holding a prompt's start is passed over when it has "
+                                       "more than this many requests in flight beyond the least loaded one (a wait for a "
+                                       "slot, or a crowded replica, costs more than one prefill).")
     embed_max_batch: int = Field(64, ge=1, le=4096, description="Most sentences in one embedding batch.")
     embed_max_wait_ms: float = Field(2.0, ge=0, le=1000, description="Longest an embedding waits for its batch to fill, ms.")
     rerank_max_documents: int = Field(1000, ge=1, le=100000, description="Most documents one rerank request may send (more: 400).")

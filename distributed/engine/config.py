@@ -9,6 +9,8 @@ engine options, and the command line those options give.
 - threads (``-t``): ``TARS_THREADS``, else the physical cores this process may use;
 - the placement (``-ngl``, ``-sm none -mg N`` on the planned GPU) from the assignment;
 - ``--cache-ram`` (``TARS_ENGINE_CACHE_MB``), the queue bounds and the request timeout;
+- slot affinity (``TARS_ROUTING=cache``): each request pinned to the free slot that holds its
+  prompt's start (``prefix.SlotPins``);
 - speculative decoding (``TARS_SPECULATIVE`` and the plan's ``Assignment.draft``, decided by
   ``speculative.decide`` with the slots above): ``--spec-type ngram-mod`` for n-gram (shorter
   drafts unless every layer is on a GPU), or
@@ -59,6 +61,7 @@ class EngineConfig:
     chat_template: Path | None = None  # --chat-template-file: in place of the GGUF's own template
     mmproj: str | None = None  # the vision projector: an absolute path, or a file of the model's repo
     model_file: str | None = None  # the GGUF's path in its repo (finds the repo folder from the model path)
+    slot_affinity: bool = True  # pick each request's id_slot by its prompt's prefix (TARS_ROUTING=cache)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "slots", max(1, int(self.slots)))
@@ -74,7 +77,8 @@ class EngineConfig:
             context=min(settings.context, spec.context), n_gpu_layers=a.n_gpu_layers, device=a.device,
             threads=threads, cache_mb=settings.engine_cache_mb, queue_size=settings.queue_size,
             queue_max_wait_s=settings.queue_max_wait_s, timeout_s=settings.request_timeout_s,
-            chat_template=templates.path_for(spec), mmproj=spec.mmproj, model_file=spec.file)
+            chat_template=templates.path_for(spec), mmproj=spec.mmproj, model_file=spec.file,
+            slot_affinity=getattr(settings, "routing", "cache") == "cache")
         options.update(overrides)
         if "speculation" not in overrides:  # decided for the slots the engine really gets
             options["speculation"] = decide(getattr(settings, "speculative", "off"), spec, int(options["slots"]),

@@ -11,7 +11,8 @@ with ``-np`` slots and ``-c slots × context`` (the context stays per request), 
 --slots --metrics``; the state is "loading" until the engine's own ``/health`` answers 200.
 
 Requests: ``SlotQueue`` admits up to ``slots`` at once (the engine batches them itself,
-continuously), the rest wait in the bounded queue, past it 429. Each request is one
+continuously), the rest wait in the bounded queue, past it 429. Each admitted request is
+pinned to a free slot (``id_slot``) whose last prompt shares its start (``prefix.SlotPins``). Each request is one
 HTTP call to the engine (``wire.py`` maps it both ways). A refusal of the engine becomes
 our error (context too long → 400 ``InputTooLong``); an engine that dies mid-request ends
 the request with a 503 ``ModelFailed`` (the supervisor restarts the engine; meanwhile the
@@ -36,6 +37,7 @@ from ..domain import (Assignment, Completion, EmbedRequest, Embeddings, Generate
 from ..errors import ModelFailed, RequestTimeout, TarsError, ToolsUnsupported, ValidationFailed
 from ..logs import fields, get_logger
 from ..metrics import Metrics
+from ..prefix import SlotPins
 from ..speculative import DraftStats
 from ..targets.base import Target, TargetState
 from ..targets.served import Served, clamp_notes, served_attr
@@ -67,6 +69,7 @@ class EngineTarget(Target):
         self.port = 0  # the port of the engine's current life (a fresh one per start)
         self.slots = SlotQueue(config.slots, max_waiting=config.queue_size, timeout_s=config.timeout_s, name=spec.id,
                                max_wait_s=config.queue_max_wait_s, on_change=self._slots_changed)
+        self.pins = SlotPins(config.slots, enabled=config.slot_affinity)  # which slot (id_slot) runs each request
         self.supervisor: Supervisor | None = None
         self._client: Any = None
         self._boot_task: asyncio.Task[None] | None = None
@@ -211,7 +214,7 @@ class EngineTarget(Target):
         path, body = wire.payload(req, self.model, self.template_caps)
         body["stream"] = False
         self.served.requests += 1
-        async with self.slots.slot(bounded=not req.choice):
+        async with self.slots.slot(bounded=not req.choice), self.pins.pin(req, body):
             try:
                 resp = await self._client.post(self.base_url + path, content=orjson.dumps(body),
                                                headers={"Content-Type": "application/json"})
@@ -246,7 +249,7 @@ class EngineTarget(Target):
         n = 0
         first: float | None = None
         try:
-            async with self.slots.slot(bounded=not req.choice):
+            async with self.slots.slot(bounded=not req.choice), self.pins.pin(req, body):
                 try:
                     async with SseStream(self.config.host, self.port, path, orjson.dumps(body), self._key) as events:
                         async for data in events:
@@ -313,7 +316,7 @@ class EngineTarget(Target):
                        "state": sup.state.value if sup is not None else "stopped",
                        "restarts": max(0, sup.starts - 1) if sup is not None else 0,
                        "template_caps": self.template_caps},
-            "speculative": {**self.config.speculation.info(), **self.drafts.info()}}
+            "speculative": {**self.config.speculation.info(), **self.drafts.info()}, "slot_affinity": self.pins.info()}
         if sup is not None and sup.running and sup.pid:
             try:
                 import psutil

@@ -1,4 +1,5 @@
-"""``ReplicaSet``: one model on several hosts, each request to the least busy live copy.
+"""``ReplicaSet``: one model on several hosts, each request to the copy that has its prompt's
+start cached, else to the least busy live copy.
 
 A plan may hold several assignments of one model (``deploy --replicas N``). ``Routes``
 then installs a ``ReplicaSet`` for that model (``Routes.replicate``): its members are the
@@ -15,6 +16,15 @@ retried on the next member, so no request fails while one replica lives. What a 
 says about the request itself (a 400, a 401, too long) is not retried: another replica
 would refuse it too.
 
+Cache-aware routing (``TARS_ROUTING=cache``, the default): a chat request whose prompt
+starts as a recent request's did (the next turn of a conversation: ``prefix.Prefix``) goes
+to the live member that request went to — its engine still holds that prefix's state, so the
+prefill is skipped — unless that member's load exceeds the least loaded live member's by more
+than ``TARS_CACHE_ROUTE_SLACK`` requests: then the least-loaded rule decides (a queue wait or a
+crowded replica costs more than one prefill). Every request records where it went
+(``prefix.PrefixIndex``, per set: the index lives on the host the client calls).
+``least-loaded`` keeps the rule above alone. ``info()`` counts hits, misses and overrides.
+
 A call a peer forwarded here is computed by the copy here, never forwarded again:
 ``Routes.resolve(model, here=True)`` returns ``local_member()``, not the set.
 """
@@ -27,6 +37,7 @@ from typing import Any, ClassVar, TypeVar
 from ..domain import Completion, EmbedRequest, Embeddings, GenerateRequest, ModelKind, TokenChunk
 from ..errors import InputTooLong, PayloadTooLarge, PeerUnavailable, TarsError, Unauthorized, ValidationFailed
 from ..logs import fields, get_logger
+from ..prefix import Prefix, PrefixIndex
 from .base import Target, TargetState
 from .remote import RemoteTarget
 
@@ -48,9 +59,11 @@ def _elsewhere(m: Target, exc: TarsError) -> bool:
 class ReplicaSet(Target):
     local: ClassVar[bool] = False
 
-    def __init__(self, model: str, kind: ModelKind, here: str, local: Callable[[], Target | None]) -> None:
+    def __init__(self, model: str, kind: ModelKind, here: str, local: Callable[[], Target | None], *,
+                 routing: str = "cache", slack: int = 2) -> None:
         """``local()``: the node's current target of ``model`` (it may be swapped; only a
-        local one counts as the copy here)."""
+        local one counts as the copy here). ``routing`` / ``slack``: ``TARS_ROUTING`` and
+        ``TARS_CACHE_ROUTE_SLACK`` (the module doc)."""
         self.model = model
         self.kind = kind
         self.here = here
@@ -60,6 +73,10 @@ class ReplicaSet(Target):
         self._turn = 0  # rotates among equally idle remote members
         self.requests = 0
         self.retried = 0
+        self.routing = routing
+        self.slack = slack
+        self.prefixes = PrefixIndex()
+        self.cache = {"hits": 0, "misses": 0, "overridden": 0}  # cache-aware picks, by outcome
 
     @property
     def node(self) -> str:  # type: ignore[override]
@@ -85,13 +102,26 @@ class ReplicaSet(Target):
         own = self.sent.get(m.node, 0)
         return max(own, m.queue_depth) if m.local else own
 
-    def pick(self, exclude: frozenset[str] | set[str] = frozenset()) -> Target | None:
-        """The live member with the least work in flight: the copy here first on a tie, else
-        the tied peers in turn."""
+    def pick(self, exclude: frozenset[str] | set[str] = frozenset(), prefix: Prefix | None = None) -> Target | None:
+        """The live member holding ``prefix``'s longest recorded start, unless its load is
+        over the least's + ``slack``; else the live member with the least work in flight:
+        the copy here first on a tie, else the tied peers in turn."""
         live = [m for m in self.members() if m.node not in exclude and self.live(m)]
         if not live:
             return None
         least = min(self.load(m) for m in live)
+        if prefix is not None and self.routing == "cache":
+            by_node = {m.node: m for m in live}
+            found = self.prefixes.longest(prefix, by_node.__contains__)
+            if found is None:
+                self.cache["misses"] += 1
+            elif self.load(by_node[found[0]]) - least <= self.slack:
+                self.cache["hits"] += 1
+                return by_node[found[0]]
+            else:
+                self.cache["overridden"] += 1
+                log.debug("%s: %s holds the prompt's start but is busy (%d in flight, least %d): least loaded instead",
+                          self.model, found[0], self.load(by_node[found[0]]), least, extra=fields(model=self.model))
         tied = sorted((m for m in live if self.load(m) == least), key=lambda m: (not m.local, m.node))
         if tied[0].local:
             return tied[0]
@@ -116,12 +146,14 @@ class ReplicaSet(Target):
             return TargetState.LOADING
         return TargetState.UNAVAILABLE
 
-    def _next(self, tried: set[str]) -> Target:
+    def _next(self, tried: set[str], prefix: Prefix | None = None) -> Target:
         """The member for the next try, counted in flight (``_done`` ends it); none left → 503."""
-        m = self.pick(tried)
+        m = self.pick(tried, prefix)
         if m is None:
             raise self._none_left(tried)
         self.sent[m.node] = self.sent.get(m.node, 0) + 1
+        if prefix is not None and self.routing == "cache":
+            self.prefixes.record(prefix, m.node)  # its engine computes (so caches) this prompt now
         return m
 
     def _done(self, m: Target) -> None:
@@ -137,13 +169,16 @@ class ReplicaSet(Target):
                  extra=fields(model=self.model, peer=m.node))
 
     # ------------------------------------------------------------------ requests
-    async def call_replica(self, fn: Callable[[Target], Awaitable[T]]) -> T:
-        """``await fn(member)`` on the least busy live member, retried on the next one as the
+    def _prefix(self, req: GenerateRequest) -> Prefix | None:
+        return Prefix.of(req) if self.routing == "cache" else None
+
+    async def call_replica(self, fn: Callable[[Target], Awaitable[T]], prefix: Prefix | None = None) -> T:
+        """``await fn(member)`` on the member ``pick`` gives, retried on the next one as the
         module doc says (generate and embed go through it; rerank.py scores a reranker so)."""
         self.requests += 1
         tried: set[str] = set()
         while True:
-            m = self._next(tried)
+            m = self._next(tried, prefix)
             try:
                 return await fn(m)
             except TarsError as exc:
@@ -152,7 +187,7 @@ class ReplicaSet(Target):
                 self._done(m)
 
     async def generate(self, req: GenerateRequest) -> Completion:
-        return await self.call_replica(lambda m: m.generate(req))
+        return await self.call_replica(lambda m: m.generate(req), self._prefix(req))
 
     async def embed(self, req: EmbedRequest) -> Embeddings:
         return await self.call_replica(lambda m: m.embed(req))
@@ -160,8 +195,9 @@ class ReplicaSet(Target):
     async def stream(self, req: GenerateRequest) -> AsyncIterator[TokenChunk | Completion]:
         self.requests += 1
         tried: set[str] = set()
+        prefix = self._prefix(req)
         while True:
-            m = self._next(tried)
+            m = self._next(tried, prefix)
             started = False
             items = m.stream(req)
             try:
@@ -187,6 +223,7 @@ class ReplicaSet(Target):
     def info(self) -> dict[str, Any]:
         return {"id": self.model, "kind": self.kind, "node": self.node, "state": self.state, "local": False,
                 "requests": self.requests, "retried": self.retried, "queue_depth": self.queue_depth,
+                "routing": {"rule": self.routing, "slack": self.slack, **self.cache},
                 "replicas": [{"node": m.node, "state": self._member_state(m), "in_flight": self.load(m)}
                              for m in self.members()]}
 

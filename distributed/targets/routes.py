@@ -23,7 +23,8 @@ The changes it makes, all make before break:
   never drops a stand-in, so failover does not thrash.
 * ``replicate(assignments, peer_of, make_remote)`` — a model the plan puts on several
   hosts is served by a ``ReplicaSet`` (targets/replicas.py): the copy here, if any, and a
-  RemoteTarget per other host; requests go to the least busy live one.
+  RemoteTarget per other host; a request goes to the replica that has its prompt's start
+  cached, else to the least busy live one (``TARS_ROUTING``).
 * ``set``/``remove`` — direct installs (tests, runtime deploys).
 
 The one routing question, ``resolve(model, here=False)``: the target that serves
@@ -84,8 +85,9 @@ def _draft(a: Assignment) -> tuple[str, str] | None:
 class Routes:
     """The routing table of one node and the one place that changes it."""
 
-    def __init__(self, node: str) -> None:
+    def __init__(self, node: str, *, routing: str = "cache", slack: int = 2) -> None:
         self.node = node
+        self.routing, self.slack = routing, slack  # how a ReplicaSet picks (TARS_ROUTING, TARS_CACHE_ROUTE_SLACK)
         self.targets: dict[str, Target] = {}
         self.replicas: dict[str, ReplicaSet] = {}  # models on several hosts (replicate)
         self._incoming: dict[str, Target] = {}  # copies loading here while a peer still serves the model
@@ -140,7 +142,7 @@ class Routes:
             replicas = self.replicas.get(model)
             if replicas is not None:
                 extra = replicas.info()
-                row["replicas"], row["retried"] = extra["replicas"], extra["retried"]
+                row["replicas"], row["retried"], row["routing"] = extra["replicas"], extra["retried"], extra["routing"]
             rows.append(row)
         return rows
 
@@ -283,7 +285,8 @@ class Routes:
         for model, al in replicated.items():
             rs = self.replicas.get(model)
             if rs is None:
-                rs = ReplicaSet(model, al[0].kind, self.node, partial(self.targets.get, model))
+                rs = ReplicaSet(model, al[0].kind, self.node, partial(self.targets.get, model), routing=self.routing,
+                                slack=self.slack)
                 self.replicas[model] = rs
             wanted = {a.node: a for a in al if a.node != self.node}
             for name in [n for n in rs.remotes if n not in wanted]:

@@ -107,3 +107,31 @@ async def test_least_work_in_flight_wins_and_the_copy_here_first_on_a_tie(trio):
     await until(lambda: replica_set(pc1, BASE) is None and sum(
         1 for h in trio if BASE in h.node.targets and h.node.targets[BASE].local) == 1, timeout=10,
         what="one copy left")
+
+
+async def test_a_conversations_next_turn_goes_to_the_replica_that_has_its_start(trio):
+    """Cache-aware routing (TARS_ROUTING=cache, the default) through the real app: six
+    conversations, each with its own long system prompt, sent to pc1 at once spread over the
+    three replicas; every later turn of each goes where its first went."""
+    pc1 = trio[0]
+    r = await pc1.http.post("/models", json={"model": BASE, "replicas": 3})
+    assert r.status_code == 202, r.text
+    await until(lambda: all(live_members(h, BASE) == {"pc1", "pc2", "pc3"} for h in trio), timeout=10,
+                what="every host routing to three ready replicas")
+    chats = [[{"role": "system", "content": f"Conversation {i}: " + "answer briefly and kindly. " * 20}]
+             for i in range(6)]
+    where: dict[int, list[str]] = collections.defaultdict(list)
+
+    async def turn(i: int, n: int) -> None:
+        chats[i].append({"role": "user", "content": f"question {n}"})
+        resp = await pc1.http.post("/inference", json={"model": BASE, "messages": chats[i], "max_tokens": 8})
+        assert resp.status_code == 200, resp.text
+        chats[i].append({"role": "assistant", "content": resp.json()["text"]})
+        where[i].append(resp.json()["node"])
+
+    for n in range(3):
+        await asyncio.gather(*(turn(i, n) for i in range(6)))
+    assert {nodes[0] for nodes in where.values()} == {"pc1", "pc2", "pc3"}, where  # the first turns spread
+    assert all(len(set(nodes)) == 1 for nodes in where.values()), where  # and each conversation stayed
+    rows = {m["id"]: m for m in (await pc1.http.get("/models")).json()["models"]}
+    assert rows[BASE]["routing"] == {"rule": "cache", "slack": 2, "hits": 12, "misses": 6, "overridden": 0}

@@ -293,3 +293,74 @@ async def test_close_closes_the_peer_members_not_the_copy_here():
     remotes = list(rs.remotes.values())
     await rs.close()
     assert rs.remotes == {} and rs.members() == [here] and all(r.standin is None for r in remotes)
+
+
+# ----------------------------------------------------------------------------- cache-aware routing
+SYSTEM = {"role": "system", "content": "You are a careful assistant. " * 20}
+
+
+def turn(n: int, system: dict[str, Any] = SYSTEM) -> GenerateRequest:
+    """Turn ``n`` of a conversation: the messages of every earlier turn, then a new question."""
+    messages = [system]
+    for i in range(1, n + 1):
+        messages.append({"role": "user", "content": f"question {i}"})
+        if i < n:
+            messages.append({"role": "assistant", "content": f"answer {i}"})
+    return GenerateRequest(model="m", messages=messages, max_tokens=4)
+
+
+async def test_the_next_turn_goes_where_the_conversation_went_even_when_another_replica_is_idler():
+    rs, here, _ = replicas()
+    here.depth = 1  # the copy here busy: the first turn goes to a peer
+    first = (await rs.generate(turn(1))).node
+    assert first in ("pc2", "pc3")
+    here.depth = 0
+    rs.sent[first] = 2  # now the least loaded is pc1 (0), the conversation's replica has 2: within the slack
+    for n in (2, 3, 4):
+        assert rs.pick(prefix=rs._prefix(turn(n))).node == first
+    assert rs.cache["hits"] == 3 and rs.cache["misses"] == 1
+    other = {"role": "system", "content": "Another conversation entirely. " * 20}
+    assert rs.pick(prefix=rs._prefix(turn(2, other))).node == "pc1"  # no match: least loaded
+    assert rs.cache["misses"] == 2
+    assert rs.info()["routing"] == {"rule": "cache", "slack": 2, "hits": 3, "misses": 2, "overridden": 0}
+
+
+async def test_a_replica_loaded_past_the_slack_is_passed_over_for_the_least_loaded():
+    rs, here, _ = replicas(local=False)
+    first = (await rs.generate(turn(1))).node
+    other = "pc3" if first == "pc2" else "pc2"
+    rs.sent[first] = 3  # 3 over the least (0) > slack 2
+    assert rs.pick(prefix=rs._prefix(turn(2))).node == other
+    assert rs.cache["overridden"] == 1
+    rs.sent[first] = 2
+    assert rs.pick(prefix=rs._prefix(turn(2))).node == first
+
+
+async def test_a_down_replica_holding_the_prefix_is_not_picked():
+    rs, _, peers = replicas(local=False)
+    first = (await rs.generate(turn(1))).node
+    peers[first].state = "dead"
+    assert (await rs.generate(turn(2))).node != first
+
+
+async def test_streams_follow_the_conversation_too():
+    rs, here, _ = replicas()
+    here.depth = 3
+    items = [i async for i in rs.stream(turn(1))]
+    first = items[-1].node
+    assert first != "pc1"
+    here.depth = 0
+    items = [i async for i in rs.stream(turn(2))]
+    assert items[-1].node == first and rs.cache["hits"] == 1
+
+
+async def test_least_loaded_routing_ignores_prefixes():
+    here = Here()
+    rs = ReplicaSet("m", "chat", "pc1", lambda: here, routing="least-loaded")
+    for name in ("pc2", "pc3"):
+        rs.remotes[name] = RemoteTarget("m", "chat", Peer(name), failover=None)
+    here.depth = 1
+    first = (await rs.generate(turn(1))).node
+    here.depth = 0
+    assert (await rs.generate(turn(2))).node == "pc1"  # least loaded, not the conversation's replica
+    assert rs.cache == {"hits": 0, "misses": 0, "overridden": 0} and len(rs.prefixes) == 0 and first != "pc1"
