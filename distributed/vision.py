@@ -100,8 +100,9 @@ def _image_url(part: dict[str, Any], where: str) -> None:
     check_base64(url[m.end():], where)
 
 
-def image_fields(messages: list[Any] | None, images: list[Any] | None = None) -> list[str]:
-    """Where the images of a request are (field paths), each checked for its form."""
+def image_fields(messages: list[Any] | None, images: list[Any] | None = None, where: str = "messages") -> list[str]:
+    """Where the images of a request are (field paths under ``where``, the client's name for its
+    messages: ``input`` for the Responses API), each checked for its form."""
     found: list[str] = []
     for i, msg in enumerate(messages or []):
         if not isinstance(msg, dict):
@@ -110,12 +111,12 @@ def image_fields(messages: list[Any] | None, images: list[Any] | None = None) ->
         if isinstance(content, list):
             for j, part in enumerate(content):
                 if isinstance(part, dict) and part.get("type") in ("image_url", "input_image", "image"):
-                    where = f"messages[{i}].content[{j}]"
-                    if part.get("type") == "image_url":
-                        _image_url(part, where)
-                    found.append(where)
+                    at = f"{where}[{i}].content[{j}]"
+                    if part.get("type") in ("image_url", "input_image"):
+                        _image_url(part, at)
+                    found.append(at)
         for k, data in enumerate(msg.get("images") or []):  # Ollama: base64 strings on the message
-            found.append(_base64_image(data, f"messages[{i}].images[{k}]"))
+            found.append(_base64_image(data, f"{where}[{i}].images[{k}]"))
     for k, data in enumerate(images or []):  # Ollama /api/generate: base64 strings on the request
         found.append(_base64_image(data, f"images[{k}]"))
     return found

@@ -77,12 +77,12 @@ def model_of(request: Request, req: GenerateRequest, first: Any) -> str:
 
 
 def check_images(request: Request, model: str | None, messages: list[Any] | None,
-                 images: list[Any] | None = None) -> int:
+                 images: list[Any] | None = None, where: str = "messages") -> int:
     """``vision.check_images`` on the request as the client sent it (so a refusal names the
     client's field): each image's form first (inline base64 only; an http(s) URL is refused),
     then, only when there is one, the chat model ``model`` resolves to (404 if unknown) must
     see images (a 400 saying it has no vision). Returns how many images there are."""
-    found = vision.image_fields(messages, images)  # each image decoded once, here
+    found = vision.image_fields(messages, images, where)  # each image decoded once, here
     if not found:
         return 0
     target = request.app.state.node.resolve(model, "chat")

@@ -19,7 +19,7 @@ from ..domain import Completion
 from . import responses_wire as rw
 from . import schemas as s
 from . import tool_drop
-from .dialect import answer, body_doc, log_labels, read
+from .dialect import answer, body_doc, check_images, log_labels, read
 
 router = APIRouter(prefix="/v1")
 
@@ -29,6 +29,7 @@ router = APIRouter(prefix="/v1")
 async def responses(request: Request) -> Response:
     r, req = await read(request, rw.ResponsesRequest)
     log_labels(req.model, {k: v for k in rw.LABELS if (v := getattr(r, k, None))})
+    check_images(request, req.model, r.input if isinstance(r.input, list) else None, where="input")  # input_image
     rid, created = rw.new_id("resp"), s.now()
 
     def whole(c: Completion, dropped: str | None) -> dict[str, Any]:

@@ -11,7 +11,8 @@ Translation (what Codex and the ``openai`` SDK send):
   ``content`` a string or ``input_text`` / ``output_text`` parts), ``function_call`` (→ the
   assistant's ``tool_calls``), ``function_call_output`` (→ a tool message), ``reasoning``
   (dropped: nothing here reads an earlier turn's reasoning). ``instructions`` → a system
-  message first. Images, files, audio → 400 (no vision); items that need stored state
+  message first. ``input_image`` (a ``data:`` URL) → an ``image_url`` part, for a model that
+  sees images (the route checks); files, audio, ``file_id`` → 400; items that need stored state
   (``item_reference``) or hosted tools → 400 naming ``input[i].type``.
 - ``tools``: function tools (``name``, ``parameters``); hosted tools (web search, file
   search, computer, MCP, …) → 400 naming ``tools[i].type``. ``tool_choice`` auto / none /
@@ -37,6 +38,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..domain import Completion, GenerateRequest, TokenChunk
+from .. import vision
 from ..errors import TarsError, ValidationFailed
 from ..requests import MaxTokens, ReasoningEffort, Temperature, TopP
 from . import chat_messages
@@ -142,24 +144,36 @@ class ResponsesRequest(BaseModel):
 # =========================================================================== translation
 # Alike in shape with anthropic_wire._text_of (text or a list of typed parts), not in logic:
 # the part types, the refusal parts of an assistant and the errors are the Responses API's.
-def _parts(content: Any, at: str, role: str) -> str:
+def _parts(content: Any, at: str, role: str) -> str | list[dict[str, Any]]:
+    """A message's content: its text, or, with ``input_image`` parts, OpenAI chat parts in order
+    (the route checks each image's form, and that the model sees images: ``check_images``)."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
         raise ValidationFailed(f"'{at}' must be text or a list of content parts", field=at)
-    texts = []
+    texts: list[str] = []
+    parts: list[dict[str, Any]] = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind in ("input_text", "output_text", "text") and isinstance(part.get("text"), str):
             texts.append(part["text"])
+            parts.append({"type": "text", "text": part["text"]})
         elif kind == "refusal" and role == "assistant" and isinstance(part.get("refusal"), str):
             texts.append(part["refusal"])
+            parts.append({"type": "text", "text": part["refusal"]})
+        elif kind == "input_image" and role == "user":
+            if part.get("file_id") is not None and part.get("image_url") is None:
+                raise ValidationFailed(f"'{at}[{j}].file_id': there is no Files API here; send the image inline as "
+                                       "'image_url': \"data:image/png;base64,...\"", field=f"{at}[{j}].file_id")
+            parts.append(vision.image_part(part.get("image_url")))  # its form: the route's check_images
         elif kind in ("input_image", "input_file", "input_audio"):
-            raise ValidationFailed(f"'{at}[{j}]': {kind} is not supported: the models here read text only "
-                                   "(no vision)", field=f"{at}[{j}]")
+            what = "only a user message may carry an image" if kind == "input_image" else \
+                f"{kind} is not supported: the models here read text and, with a vision projector, images"
+            raise ValidationFailed(f"'{at}[{j}]': {what}", field=f"{at}[{j}]")
         else:
-            raise ValidationFailed(f"'{at}[{j}]' must be an input_text or output_text part", field=f"{at}[{j}]")
-    return "".join(texts)
+            raise ValidationFailed(f"'{at}[{j}]' must be an input_text, input_image or output_text part",
+                                   field=f"{at}[{j}]")
+    return parts if len(parts) > len(texts) else "".join(texts)
 
 
 def _messages(r: ResponsesRequest) -> list[dict[str, Any]]:

@@ -203,6 +203,19 @@ def test_responses_create_stream_and_tools(oai):
     assert follow.status in ("completed", "incomplete")
 
 
+def test_responses_input_image_to_a_model_without_vision_is_a_400_naming_the_part(oai):
+    import base64
+
+    import openai
+
+    png = base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(24)).decode()
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.responses.create(model=CHAT, max_output_tokens=16, input=[{"role": "user", "content": [
+            {"type": "input_text", "text": "What is this?"},
+            {"type": "input_image", "image_url": f"data:image/png;base64,{png}", "detail": "auto"}]}])
+    assert "has no vision" in err.value.message and err.value.body["param"] == "input[0].content[1]"
+
+
 # ---------------------------------------------------------------------------- Anthropic
 def test_anthropic_messages_stream_tools_and_count(claude):
     msg = claude.messages.create(model=CHAT, max_tokens=30, system="Be brief.",

@@ -1,5 +1,6 @@
 """Images in requests (issue 20, vision): on /v1/chat/completions (image_url parts), Ollama's
-/api/chat and /api/generate (``images``) and Anthropic's /v1/messages (image blocks) they reach
+/api/chat and /api/generate (``images``), Anthropic's /v1/messages (image blocks) and the Responses
+API's /v1/responses (``input_image`` parts) they reach
 only a model that sees images, in OpenAI's image_url shape; anything else is a 400 saying the
 model has no vision, and http(s) image URLs are refused. In process, over the fake backend:
 a model "sees" here when its target reports ``vision`` (what a llama-server engine started with
@@ -31,6 +32,8 @@ def _bodies(model: str) -> dict[str, tuple[str, dict[str, Any]]]:
         "anthropic": ("/v1/messages", {"model": model, "max_tokens": 3, "messages": [{"role": "user", "content": [
             {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG}},
             {"type": "text", "text": "what is this?"}]}]}),
+        "responses": ("/v1/responses", {"model": model, "max_output_tokens": 16, "input": [{"role": "user", "content": [
+            {"type": "input_text", "text": "what is this?"}, {"type": "input_image", "image_url": DATA_URL}]}]}),
     }
 
 
@@ -67,6 +70,10 @@ async def test_image_urls_are_not_fetched_and_bad_images_are_named(tmp_path):
         r = await raw.post("/v1/messages", json={"model": CHAT, "max_tokens": 3, "messages": [{"role": "user", "content": [
             {"type": "image", "source": {"type": "url", "url": "https://example.org/a.png"}}]}]})
         assert r.status_code == 400 and "not fetched" in r.json()["error"]["message"]
+        r = await raw.post("/v1/responses", json={"model": CHAT, "input": [{"role": "user", "content": [
+            {"type": "input_image", "image_url": "https://example.org/a.png", "detail": "auto"}]}]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "input[0].content[0].image_url"
+        assert "not fetched" in r.json()["error"]["message"]
         r = await raw.post("/v1/chat/completions", json={"model": CHAT, "messages": [{"role": "assistant", "content": [
             {"type": "image_url", "image_url": {"url": DATA_URL}}]}, {"role": "user", "content": "x"}]})
         assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content[0]"
