@@ -76,6 +76,7 @@ class Node:
         # the one owner of which target serves each model
         self.routes = Routes(self.name, routing=settings.routing, slack=settings.cache_route_slack)
         self.plan = Plan()
+        self.planned = False  # a plan applied here yet (a node with peers waits for the cluster's first)
         self.started_at = time.monotonic()
         self._started = False
 
@@ -141,6 +142,7 @@ class Node:
         self.catalog.learn(plan.specs)  # hub references the planning host resolved (modelref.py)
         await self.routes.apply_local(
             mine, lambda a: self.local_target(with_template(self.catalog.get(a.model), a.chat_template), a))
+        self.planned = True
 
     def local_target(self, spec: ModelSpec, a: Assignment) -> LocalTarget:
         """A LocalTarget for ``spec`` placed as ``a``, not started (``.start()`` loads it in the

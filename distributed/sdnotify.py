@@ -118,6 +118,9 @@ class HealthSource(Protocol):
     def models(self) -> list[dict[str, Any]]: ...
 
 
+WAITING_FOR_PLAN = "starting: waiting for the cluster's first plan (the peers' answers, or a few seconds)"
+
+
 def _one_line(text: str) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= STATUS_MAX else text[: STATUS_MAX - 1] + "…"
@@ -173,6 +176,7 @@ class Lifecycle:
         self.clock = clock
         self.ready = False
         self._node_started = False
+        self._planned: Callable[[], bool] = lambda: True
         self._status = ""
         self._extended_at = -1e18
         self._pinged_at = -1e18
@@ -197,9 +201,13 @@ class Lifecycle:
         self.notifier.send(*lines)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="sdnotify")
 
-    def started(self) -> None:
-        """The node has started (planned, loading in the background): READY may follow."""
+    def started(self, planned: Callable[[], bool] | None = None) -> None:
+        """The node has started (loading in the background): READY may follow, once
+        ``planned()`` (a node with peers waits for the cluster's first plan: until then it
+        would report "serving 0 models")."""
         self._node_started = True
+        if planned is not None:
+            self._planned = planned
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -236,11 +244,17 @@ class Lifecycle:
         lines: list[str] = []
         try:
             ok, body = self.node.health()
-            status = status_line(ok, body, self.node.models()) if self._node_started else self._status
+            planned = self._node_started and self._planned()
+            if planned:
+                status = status_line(ok, body, self.node.models())
+            elif self._node_started:
+                status = WAITING_FOR_PLAN
+            else:
+                status = self._status
             if status != self._status:
                 lines.append(f"STATUS={status}")
                 self._status = status
-            if not self.ready and self._node_started:
+            if not self.ready and planned:
                 if ok and await self._accepting():
                     lines.insert(0, "READY=1")
                     self.ready = True

@@ -57,7 +57,7 @@ class Service:
     async def start(self) -> None:
         await self.notify.start()
         await self.node.start(load=not self.cluster.waits_for_peers)  # else the cluster's plan comes first
-        self.notify.started()
+        self.notify.started(planned=lambda: self.node.planned)
         log.info("node %s started (role %s)", self.node.name, self.node.role)
         await self.cluster.start()
         if self.settings.discovery == "on":

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from distributed.sdnotify import EXTEND_S, Lifecycle, Notifier, status_line
+from distributed.sdnotify import EXTEND_S, WAITING_FOR_PLAN, Lifecycle, Notifier, status_line
 
 
 class Listener:
@@ -280,3 +280,23 @@ def test_a_full_manager_queue_never_blocks_the_loop_and_ready_is_sent_again(tmp_
             break
     assert any("READY=1" in g for g in got)
     slow.close()
+
+
+def test_a_node_waiting_for_the_clusters_first_plan_is_not_ready(listener: Listener) -> None:
+    node = Accepting()  # healthy with no model: what a node with peers reports before the first plan
+    plan = {"applied": False}
+
+    async def main() -> None:
+        life = Lifecycle(Notifier(listener.address), node, poll_s=0.02)
+        await life.start()
+        life.started(planned=lambda: plan["applied"])
+        await _until(lambda: any(m.get("STATUS") == WAITING_FOR_PLAN for _, m in listener.messages()))
+        await asyncio.sleep(0.2)
+        assert "READY" not in listener.keys()
+        plan["applied"] = True
+        await _until(lambda: "READY" in listener.keys())
+        await life.stop()
+
+    asyncio.run(main())
+    ready = next(m for _, m in listener.messages() if "READY" in m)
+    assert ready["STATUS"] == "serving 0 model(s) here"  # planned: this host serves nothing, and says so
