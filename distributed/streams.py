@@ -16,16 +16,24 @@ is its one-choice case.
 A generation must stop when its client goes away. uvicorn (ASGI spec 2.3) does not
 fail ``send`` after a disconnect — it silently drops the bytes — so the only signal
 is an ``http.disconnect`` message from ``receive``: ``until_disconnect`` awaits some
-work unless that message comes first (then cancels the work: ``ClientGone``).
+work unless that message comes first (then cancels the work: ``ClientGone``), and
+``ByteStream`` sends a stream's bytes unless it comes first (then cancels the sending,
+which closes the node stream: its generation stops, its slot is freed).
+
+``ByteStream`` is the lean streamed answer of SSE (api/streaming.py ``EventStream``), Ollama's
+NDJSON and ``/rpc``'s ``inference.stream``: one ``send`` per item straight to the server, where
+Starlette's ``StreamingResponse`` adds an anyio task group and a cancel scope per stream and
+an ``await`` per chunk through its wrappers (issue 18.4: the node's CPU per streamed token).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
-from starlette.types import Receive
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from .domain import Completion, TokenChunk
 from .errors import TarsError
@@ -168,3 +176,47 @@ async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
     except BaseException:  # noqa: BLE001 - the work was cancelled on purpose
         pass
     raise ClientGone()
+
+
+class ByteStream(Response):
+    """A streamed answer from an async iterator of ready-made bytes (see the module doc)."""
+
+    media_type = "application/octet-stream"
+
+    def __init__(self, chunks: AsyncIterator[bytes], headers: Mapping[str, str] | None = None,
+                 media_type: str | None = None) -> None:
+        self.events = chunks
+        self.status_code = 200
+        self.background = None
+        if media_type is not None:
+            self.media_type = media_type
+        self.init_headers(headers)
+
+    async def _pump(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        async for chunk in self.events:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        pump = asyncio.ensure_future(self._pump(send))
+        listener = asyncio.ensure_future(wait_disconnect(receive))
+        try:
+            await asyncio.wait((pump, listener), return_when=asyncio.FIRST_COMPLETED)
+            if not pump.done():  # the client went away: stop generating
+                log.info("client disconnected during a stream; cancelling its generation",
+                         extra={"path": scope.get("path")})
+                pump.cancel()
+                try:
+                    await pump
+                except asyncio.CancelledError:
+                    pass
+            else:
+                pump.result()  # re-raise a failure of the pump itself
+        finally:
+            listener.cancel()
+            if not pump.done():
+                pump.cancel()
+            aclose: Any = getattr(self.events, "aclose", None)
+            if aclose is not None:
+                await aclose()
