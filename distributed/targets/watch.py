@@ -69,9 +69,9 @@ class GoneWatch:
 
     def _withdraw(self) -> None:
         self._fired = False
-        task = asyncio.current_task()
-        if task is not None:
-            task.uncancel()
+        uncancel = getattr(asyncio.current_task(), "uncancel", None)  # Python >= 3.11 counts cancellations
+        if uncancel is not None:
+            uncancel()
 
     def close(self) -> None:
         self._waiter.cancel()
