@@ -215,8 +215,11 @@ class ByteStream(Response):
                 pump.result()  # re-raise a failure of the pump itself
         finally:
             listener.cancel()
-            if not pump.done():
+            if not pump.done():  # we were cancelled: the pump stops before its stream is closed
                 pump.cancel()
+                await asyncio.wait({pump})
+                if not pump.cancelled():
+                    pump.exception()  # retrieved: no "never retrieved" warning
             aclose: Any = getattr(self.events, "aclose", None)
             if aclose is not None:
                 await aclose()

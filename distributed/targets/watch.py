@@ -5,8 +5,8 @@ The one-shot way (``RemoteTarget._watch``) runs the call in a task of its own an
 it and on the event together: a task, a waiter and ``asyncio.wait``'s callbacks per await,
 tens of microseconds — per token, on a forwarded stream (issue 18.4). ``GoneWatch`` instead
 arms a callback on one waiter for the whole stream: while a step is being awaited, the
-event being set cancels the awaiting task, and the step raises ``PeerGone`` (the task's
-cancellation is withdrawn: it was ours, not the caller's). Between steps (the stream's
+event being set cancels the awaiting task, and the step raises ``PeerGone`` whatever the
+cancelled step raised (the task's cancellation is withdrawn: it was ours, not the caller's). Between steps (the stream's
 consumer is sending the token) the callback does nothing; the next step sees the event.
 A cancellation from elsewhere passes through unchanged.
 
@@ -55,7 +55,7 @@ class GoneWatch:
         self._task = asyncio.current_task()
         try:
             result = await aw
-        except asyncio.CancelledError:
+        except BaseException:  # once we cancelled, whatever the step raises is the cancellation's doing
             if not self._fired:
                 raise
             self._withdraw()
