@@ -134,13 +134,15 @@ class StreamedPost:
         self._moved()
         return data
 
-    async def body(self) -> AsyncIterator[bytes]:
+    def body(self) -> AsyncIterator[bytes]:
         """The body as it comes: each read's complete chunks joined (a chunked answer ended
-        without its last chunk raises IncompleteReadError)."""
-        if self.headers.get("transfer-encoding", "").lower().find("chunked") >= 0:
-            async for data in self._chunked():
-                yield data
-            return
+        without its last chunk raises IncompleteReadError). The reading generator itself, not
+        one that passes its items on: one layer less per token."""
+        if "chunked" in self.headers.get("transfer-encoding", "").lower():
+            return self._chunked()
+        return self._plain()
+
+    async def _plain(self) -> AsyncIterator[bytes]:
         left = int(self.headers["content-length"]) if "content-length" in self.headers else None
         while left is None or left > 0:
             data = await self._read()
