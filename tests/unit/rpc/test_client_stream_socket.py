@@ -15,7 +15,8 @@ import httpx
 import pytest
 import uvicorn
 
-from distributed.errors import ModelNotFound, Overloaded, PeerUnavailable, Unauthorized
+from distributed import tls
+from distributed.errors import ModelNotFound, Overloaded, PeerUnavailable, TarsError, Unauthorized
 from distributed.rpc import protocol as p
 from distributed.rpc.client import PeerClient
 
@@ -32,8 +33,15 @@ def free_port() -> int:
 
 @pytest.fixture
 async def live(rpc_app: Any) -> AsyncIterator[str]:
+    async for url in serve(rpc_app):
+        yield url
+
+
+async def serve(app: Any, **tls: Any) -> AsyncIterator[str]:
+    """``app`` served by uvicorn on loopback in this event loop (``tls``: its certificate files)."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(rpc_app, host="127.0.0.1", port=port, log_config=None, access_log=False))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False,
+                                           **tls))
     task = asyncio.ensure_future(server.serve())
     for _ in range(500):
         if server.started:
@@ -41,7 +49,7 @@ async def live(rpc_app: Any) -> AsyncIterator[str]:
         await asyncio.sleep(0.01)
     assert server.started
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, 10)
@@ -86,6 +94,19 @@ async def test_leaving_early_closes_the_peers_stream(live, node):
     await stream.aclose()
     await asyncio.wait_for(node.stream_closed.wait(), 10)  # the generation stopped, its slot is free
     await c.aclose()
+
+
+async def test_over_pinned_tls_and_a_wrong_pin_fails_before_connecting(rpc_app, tmp_path):
+    fp = tls.generate(tmp_path / "pc1.crt", tmp_path / "pc1.key", ["pc1"], ["127.0.0.1"])
+    async for url in serve(rpc_app, ssl_certfile=str(tmp_path / "pc1.crt"), ssl_keyfile=str(tmp_path / "pc1.key")):
+        c = PeerClient(url, TOKEN, name="pc1", pins=tls.Pins([fp]))
+        got = await collect(c, {"prompt": "hi", "max_tokens": 3})
+        assert [g.get("text") for g in got[:-1]] == ["t0 ", "t1 ", "t2 "] and got[-1]["result"]["node"] == "pc1"
+        await c.aclose()
+        wrong = PeerClient(url, TOKEN, name="pc1", pins=tls.Pins(["ab" * 32]))
+        with pytest.raises(TarsError):
+            await collect(wrong, {"prompt": "hi", "max_tokens": 3})
+        await wrong.aclose()
 
 
 async def test_nothing_listening_is_a_connect_failure():
