@@ -1,21 +1,27 @@
-"""Where a node's CPU goes per streamed chat token, straight and forwarded (issue 18.4, measured
-before any change).
+"""Where a node's CPU goes per streamed chat token, straight and forwarded (issue 18.4).
 
 Starts two real nodes on loopback — PC1 (127.0.0.2, simulated RTX 3060: runs the chat model
 in its llama-server engine) and PC2 (127.0.0.3, simulated GTX 1660 SUPER, joined to PC1) —
 and streams ``/v1/chat/completions`` (temperature 0, ``--tokens`` tokens) straight to PC1 and
-through PC2, alternating. For each stream it reads the CPU time (user + system, /proc) the
-node *processes* spent — PC1's node without its llama-server child, and PC2's node — and
+through PC2, alternating. For each stream it reads the CPU time (the scheduler's run time of
+every thread, /proc/<pid>/task/*/schedstat, in nanoseconds) the node *processes* spent — PC1's node without its llama-server child, and PC2's node — and
 divides by the tokens streamed: the node's own cost per token, apart from decoding.
 
 Each node's idle CPU (heartbeats, health checks: measured for 5 s before the streams) is
-subtracted. With ``--py-spy`` it then samples both node processes with py-spy
+subtracted; ``kernel_share`` is the system part of each node's CPU (/proc/<pid>/stat ticks,
+summed over the rounds). With ``--py-spy`` it then samples both node processes with py-spy
 (``--nonblocking``; idle threads left out, so every sample is CPU; a sample whose innermost
 Python frame is the event loop's ``run`` is time in uvloop's C code: socket reads and writes,
 callbacks) during forwarded streams and sums the samples by where they were spent: the
 engine's stream (``engine/sse.py`` read + ``engine/wire.py`` folding), JSON decode/encode,
 the ``/rpc`` NDJSON hop (``rpc/``, ``targets/remote.py``), the API's SSE writing, uvicorn /
 asyncio, and the rest. Shares are of the samples that landed in Python code of the node.
+Caveat, seen on the shared 2-core machine: py-spy counts a thread that is runnable but not
+running (preempted right after its socket write woke the reader, or waiting for a core) as
+active, so under load most samples land on the event loop's ``run`` and on uvicorn's
+``transport.write`` — several times the CPU the node really used. The per-token CPU above
+(schedstat) is the measure; ``benchmarks/bench_forward_parts.py`` times the re-parse and
+re-encode steps alone, and ``perf record`` splits the CPU by library (docs/BENCHMARKS.md).
 
 Each round streams once straight and once forwarded (the order alternates); the decode
 ratio forwarded / straight (tokens/s, wall time of the whole stream as the client sees it)
