@@ -65,23 +65,41 @@ async def drain_choices(firsts: Sequence[TokenChunk | Completion | None], agens:
                         fmts: Sequence[WireFormat],
                         end: Callable[[list[Completion]], bytes] | None = None) -> AsyncIterator[bytes]:
     """Wire bytes for the node streams of the choices of one request (see the module doc);
-    ``firsts[i]``: the item already read from ``agens[i]``, or None."""
+    ``firsts[i]``: the item already read from ``agens[i]``, or None. One choice (nearly
+    every stream) is read in this loop itself, no generator between it and the node stream:
+    one layer less per token (issue 18.4)."""
     n = len(agens)
     done: dict[int, Completion] = {}
-    items = _one(firsts[0], agens[0]) if n == 1 else _interleave(firsts, agens)
+    items = _interleave(firsts, agens) if n > 1 else None
     try:
         for fmt in fmts:
             head = fmt.start()
             if head:
                 yield head
-        async for i, item in items:
-            if isinstance(item, Completion):
-                done[i] = item
-                yield fmts[i].done(item)
-                continue
-            data = fmts[i].token(item)
-            if data:  # a piece may carry nothing to send (e.g. an empty text)
-                yield data
+        if items is None:  # one choice
+            fmt, item = fmts[0], firsts[0]
+            while True:
+                if isinstance(item, Completion):
+                    done[0] = item
+                    yield fmt.done(item)
+                    break
+                if item is not None:
+                    data = fmt.token(item)
+                    if data:  # a piece may carry nothing to send (e.g. an empty text)
+                        yield data
+                try:
+                    item = await agens[0].__anext__()
+                except StopAsyncIteration:
+                    break
+        else:
+            async for i, item in items:
+                if isinstance(item, Completion):
+                    done[i] = item
+                    yield fmts[i].done(item)
+                    continue
+                data = fmts[i].token(item)
+                if data:
+                    yield data
         if len(done) < n:
             yield fmts[0].error(TarsError("the stream ended without a final result"))
         elif end is not None:
@@ -92,22 +110,10 @@ async def drain_choices(firsts: Sequence[TokenChunk | Completion | None], agens:
         log.exception("stream failed after its first token")
         yield fmts[0].error(None)
     finally:
-        await items.aclose()
+        if items is not None:
+            await items.aclose()
         for agen in agens:  # the caller left, or we finished: stop the generations now
             await agen.aclose()
-
-
-async def _one(first: Any, agen: Any) -> AsyncGenerator[tuple[int, Any], None]:
-    """One stream's items up to its Completion, as (0, item)."""
-    item = first
-    while True:
-        yield 0, item
-        if isinstance(item, Completion):
-            return
-        try:
-            item = await agen.__anext__()
-        except StopAsyncIteration:
-            return
 
 
 async def _interleave(firsts: Sequence[Any], agens: Sequence[Any]) -> AsyncGenerator[tuple[int, Any], None]:
