@@ -4,9 +4,10 @@ Two streams of one small event per token use it: the engine's SSE (engine/sse.py
 llama-server on loopback) and a peer's NDJSON ``inference.stream`` (rpc/client.py). A
 general client spends tens to hundreds of microseconds of Python per event (httpx: h11
 parsing, an anyio cancel scope per read, text decoding and line splitting) — CPU a 2-core
-host takes from the engine itself (issue 18.4). This reads the socket with asyncio's stream
-reader, takes whatever has arrived in one read, de-chunks it in one pass and hands out the
-body bytes of all the chunks it held. One connection per request (``Connection: close``);
+host takes from the engine itself (issue 18.4). This reads the socket with a bare asyncio
+protocol (what arrived is kept as it came, one future wakes the reader: none of the stream
+reader's buffer copying and bookkeeping per arrival), takes whatever has arrived, de-chunks
+it in one pass and hands out the body bytes of all the chunks it held. One connection per request (``Connection: close``);
 closing it early (the client went away) makes the server stop that answer.
 
 API::
@@ -32,7 +33,7 @@ import ssl as ssl_
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
-_READ = 1 << 16
+_MAX_HEAD = 1 << 16  # the status line and headers of an answer, at most
 
 
 class ConnectTimeout(Exception):
@@ -41,6 +42,55 @@ class ConnectTimeout(Exception):
 
 class ReadTimeout(Exception):
     """Nothing arrived for ``read_timeout`` seconds."""
+
+
+class _Inbox(asyncio.Protocol):
+    """What the socket delivered, kept as it came, and one waiter for the reader."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.chunks: list[bytes] = []
+        self.waiter: asyncio.Future[None] | None = None
+        self.closed = False
+        self.exc: BaseException | None = None
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        self.chunks.append(data)
+        self._wake()
+
+    def eof_received(self) -> bool | None:
+        self.closed = True
+        self._wake()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.exc = exc
+        self._wake()
+
+    async def read(self) -> bytes:
+        """What has arrived since the last read, waiting for something; b"" at the end (or the
+        connection's error)."""
+        chunks = self.chunks
+        if not chunks:
+            if not self.closed:
+                self.waiter = self.loop.create_future()
+                try:
+                    await self.waiter
+                finally:
+                    self.waiter = None
+            if not chunks:
+                if self.exc is not None:
+                    raise self.exc
+                return b""
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        return data
 
 
 class StreamedPost:
@@ -55,8 +105,9 @@ class StreamedPost:
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._options = list(socket_options)
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
+        self._inbox: _Inbox | None = None
+        self._transport: asyncio.Transport | None = None
+        self._rest = b""  # body bytes that came with the headers
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # set while a read timeout is kept
         self._deadline = 0.0
@@ -67,32 +118,39 @@ class StreamedPost:
 
     async def open(self) -> None:
         host, port = self._addr
-        connect = asyncio.open_connection(host, port, limit=1 << 20, ssl=self._ssl,
-                                          server_hostname=host if self._ssl is not None else None)
+        loop = asyncio.get_running_loop()
+        inbox = _Inbox(loop)
+        connect = loop.create_connection(lambda: inbox, host, port, ssl=self._ssl,
+                                         server_hostname=host if self._ssl is not None else None)
         try:
-            reader, writer = await asyncio.wait_for(connect, self._connect_timeout)
+            transport, _ = await asyncio.wait_for(connect, self._connect_timeout)
         except asyncio.TimeoutError:
             raise ConnectTimeout(f"no connection to {host}:{port} within {self._connect_timeout:g} s") from None
-        self._reader, self._writer = reader, writer
+        self._inbox, self._transport = inbox, transport
         self.connected = True
-        sock = writer.get_extra_info("socket")
+        sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             for level, opt, setting in self._options:
                 sock.setsockopt(level, opt, setting)
         if self._read_timeout is not None:
-            self._loop = loop = asyncio.get_running_loop()
+            self._loop = loop
             self._deadline = loop.time() + self._read_timeout
             self._timer = loop.call_at(self._deadline, self._check)
-        writer.write(self._req)
-        await writer.drain()
-        status_line = await self._line()
-        parts = status_line.split(None, 2)
+        transport.write(self._req)
+        buf = b""
+        while (end := buf.find(b"\r\n\r\n")) < 0:
+            if len(buf) > _MAX_HEAD:
+                raise asyncio.IncompleteReadError(buf[:100], None)  # not an HTTP answer we can read
+            data = await self._read()
+            if not data:
+                self._ended()
+            buf += data
+        lines = buf[:end].split(b"\r\n")
+        self._rest = buf[end + 4:]
+        parts = lines[0].split(None, 2)
         self.status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
-        while True:
-            line = await self._line()
-            if line in (b"\r\n", b"\n"):
-                break
+        for line in lines[1:]:
             name, _, value = line.partition(b":")
             self.headers[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
 
@@ -104,20 +162,8 @@ class StreamedPost:
             self._timer = loop.call_at(self._deadline, self._check)
             return
         self.timed_out = True
-        if self._writer is not None:
-            self._writer.transport.abort()  # the pending read ends (EOF): reported as ReadTimeout
-
-    def _moved(self) -> None:
-        if self._loop is not None and self._read_timeout is not None:
-            self._deadline = self._loop.time() + self._read_timeout
-
-    async def _line(self) -> bytes:
-        assert self._reader is not None
-        line = await self._reader.readline()
-        if not line.endswith(b"\n"):
-            self._ended()
-        self._moved()
-        return line
+        if self._transport is not None:
+            self._transport.abort()  # the pending read ends: reported as ReadTimeout
 
     def _ended(self) -> None:
         if self.timed_out:
@@ -125,13 +171,19 @@ class StreamedPost:
         raise asyncio.IncompleteReadError(b"", None)
 
     async def _read(self) -> bytes:
-        assert self._reader is not None
-        data = await self._reader.read(_READ)
+        assert self._inbox is not None
+        try:
+            data = await self._inbox.read()
+        except OSError:
+            if self.timed_out:
+                self._ended()
+            raise
         if not data:
             if self.timed_out:
                 self._ended()
             return b""
-        self._moved()
+        if self._loop is not None and self._read_timeout is not None:
+            self._deadline = self._loop.time() + self._read_timeout
         return data
 
     def body(self) -> AsyncIterator[bytes]:
@@ -144,24 +196,23 @@ class StreamedPost:
 
     async def _plain(self) -> AsyncIterator[bytes]:
         left = int(self.headers["content-length"]) if "content-length" in self.headers else None
+        data, self._rest = self._rest, b""
         while left is None or left > 0:
-            data = await self._read()
             if not data:
-                if left is not None:
-                    self._ended()
-                return
+                data = await self._read()
+                if not data:
+                    if left is not None:
+                        self._ended()
+                    return
             if left is not None:
                 data = data[:left]
                 left -= len(data)
             yield data
+            data = b""
 
     async def _chunked(self) -> AsyncIterator[bytes]:
-        buf = b""
+        buf, self._rest = self._rest, b""
         while True:
-            data = await self._read()
-            if not data:
-                self._ended()
-            buf += data
             out: list[bytes] = []
             pos, last = 0, False
             while True:
@@ -182,6 +233,10 @@ class StreamedPost:
                 yield out[0] if len(out) == 1 else b"".join(out)
             if last:
                 return
+            data = await self._read()
+            if not data:
+                self._ended()
+            buf += data
 
     async def read_all(self) -> bytes:
         return b"".join([data async for data in self.body()])
@@ -190,13 +245,9 @@ class StreamedPost:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        writer, self._writer = self._writer, None
-        if writer is not None:
-            writer.close()
-            try:
-                await writer.wait_closed()
-            except (OSError, asyncio.CancelledError):
-                pass
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            transport.close()
 
     async def __aenter__(self) -> "StreamedPost":
         try:
