@@ -34,6 +34,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
 _MAX_HEAD = 1 << 16  # the status line and headers of an answer, at most
+_HELD = 1 << 20  # bytes read ahead of the reader before the socket is paused
 
 
 class ConnectTimeout(Exception):
@@ -50,9 +51,15 @@ class _Inbox(asyncio.Protocol):
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.chunks: list[bytes] = []
+        self.size = 0  # bytes held; past _HELD the socket is not read until the reader catches up
+        self.transport: asyncio.Transport | None = None
+        self.paused = False
         self.waiter: asyncio.Future[None] | None = None
         self.closed = False
         self.exc: BaseException | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
 
     def _wake(self) -> None:
         waiter = self.waiter
@@ -61,6 +68,10 @@ class _Inbox(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.chunks.append(data)
+        self.size += len(data)
+        if self.size > _HELD and not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()  # a slow reader holds the sender back, as TCP would
         self._wake()
 
     def eof_received(self) -> bool | None:
@@ -90,6 +101,10 @@ class _Inbox(asyncio.Protocol):
                 return b""
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
+        self.size = 0
+        if self.paused and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
         return data
 
 
