@@ -13,6 +13,10 @@ PC2 (the forwarding host):
     ``targets/remote.py``);
   * JSON re-encoding for the client: a TokenChunk → its OpenAI SSE event
     (``api/chat_surface.py`` ``ChunkEncoder.piece``).
+And the whole Python path of a token on PC1 without its socket I/O: engine bytes → loads →
+feed → TokenChunk → a node-stream generator → ``streams.drain`` → NDJSON line → an ASGI
+``send`` that does nothing, in one event loop, hot — what a token costs before the event
+loop's wakeup, uvicorn's send and the kernel.
 
     .venv/bin/python -m benchmarks.bench_forward_parts [--n 200000]
 """
@@ -20,6 +24,7 @@ PC2 (the forwarding host):
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import time
 from collections.abc import Callable
@@ -31,7 +36,9 @@ from distributed.api.chat_surface import ChunkEncoder
 from distributed.domain import TokenChunk
 from distributed.engine.wire import StreamState
 from distributed.rpc import protocol as p
+from distributed.domain import Completion
 from distributed.rpc.server import NdjsonFormat
+from distributed.streams import drain
 
 ENGINE_CHUNK = (b'{"choices":[{"finish_reason":null,"index":0,"delta":{"content":" the"}}],"created":1765000000,'
                 b'"id":"chatcmpl-3bq0Zk1cWmM2yB8p9sQ2","model":"smollm2-135m-instruct",'
@@ -45,6 +52,32 @@ def per_call_us(fn: Callable[[], Any], n: int) -> float:
     for _ in range(n):
         fn()
     return (time.process_time() - t0) / n * 1e6
+
+
+async def _pipeline(n: int) -> float:
+    """CPU seconds for ``n`` tokens through the PC1 path without sockets (see the module doc)."""
+    state = StreamState()
+
+    async def engine() -> Any:  # EngineTarget.stream's loop over the engine's events
+        for _ in range(n):
+            piece = state.feed(orjson.loads(ENGINE_CHUNK))
+            if piece is not None:
+                yield piece
+        yield Completion(model="m", node="pc1", text="", finish_reason="length")
+
+    async def node(items: Any) -> Any:  # Node.stream's layer
+        async for item in items:
+            yield item
+
+    async def send(message: dict[str, Any]) -> None:
+        return None
+
+    agen = node(engine())
+    first = await agen.__anext__()
+    t0 = time.process_time()
+    async for line in drain(first, agen, NdjsonFormat(7)):
+        await send({"type": "http.response.body", "body": line, "more_body": True})
+    return time.process_time() - t0
 
 
 def main() -> None:
@@ -74,9 +107,10 @@ def main() -> None:
         "pc1 NDJSON encoding, after (envelope once per stream)": per_call_us(lambda: fmt.token(piece), n),
         "pc2 /rpc hop read (NDJSON line -> TokenChunk)": per_call_us(rpc_read, n),
         "pc2 OpenAI SSE encoding (ChunkEncoder.piece)": per_call_us(lambda: enc.piece(piece), n),
+        "pc1 whole Python path without I/O (engine bytes -> drain -> send)": asyncio.run(_pipeline(n)) / n * 1e6,
     }
     for name, us in rows.items():
-        print(f"  {name:62} {us:6.2f} us/token")
+        print(f"  {name:66} {us:6.2f} us/token")
     print(json.dumps({k: round(v, 2) for k, v in rows.items()}, indent=2))
 
 
