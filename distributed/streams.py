@@ -16,16 +16,24 @@ is its one-choice case.
 A generation must stop when its client goes away. uvicorn (ASGI spec 2.3) does not
 fail ``send`` after a disconnect — it silently drops the bytes — so the only signal
 is an ``http.disconnect`` message from ``receive``: ``until_disconnect`` awaits some
-work unless that message comes first (then cancels the work: ``ClientGone``).
+work unless that message comes first (then cancels the work: ``ClientGone``), and
+``ByteStream`` sends a stream's bytes unless it comes first (then cancels the sending,
+which closes the node stream: its generation stops, its slot is freed).
+
+``ByteStream`` is the lean streamed answer of SSE (api/streaming.py ``EventStream``), Ollama's
+NDJSON and ``/rpc``'s ``inference.stream``: one ``send`` per item straight to the server, where
+Starlette's ``StreamingResponse`` adds an anyio task group and a cancel scope per stream and
+an ``await`` per chunk through its wrappers (issue 18.4: the node's CPU per streamed token).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
-from starlette.types import Receive
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from .domain import Completion, TokenChunk
 from .errors import TarsError
@@ -57,23 +65,41 @@ async def drain_choices(firsts: Sequence[TokenChunk | Completion | None], agens:
                         fmts: Sequence[WireFormat],
                         end: Callable[[list[Completion]], bytes] | None = None) -> AsyncIterator[bytes]:
     """Wire bytes for the node streams of the choices of one request (see the module doc);
-    ``firsts[i]``: the item already read from ``agens[i]``, or None."""
+    ``firsts[i]``: the item already read from ``agens[i]``, or None. One choice (nearly
+    every stream) is read in this loop itself, no generator between it and the node stream:
+    one layer less per token (issue 18.4)."""
     n = len(agens)
     done: dict[int, Completion] = {}
-    items = _one(firsts[0], agens[0]) if n == 1 else _interleave(firsts, agens)
+    items = _interleave(firsts, agens) if n > 1 else None
     try:
         for fmt in fmts:
             head = fmt.start()
             if head:
                 yield head
-        async for i, item in items:
-            if isinstance(item, Completion):
-                done[i] = item
-                yield fmts[i].done(item)
-                continue
-            data = fmts[i].token(item)
-            if data:  # a piece may carry nothing to send (e.g. an empty text)
-                yield data
+        if items is None:  # one choice
+            fmt, item = fmts[0], firsts[0]
+            while True:
+                if isinstance(item, Completion):
+                    done[0] = item
+                    yield fmt.done(item)
+                    break
+                if item is not None:
+                    data = fmt.token(item)
+                    if data:  # a piece may carry nothing to send (e.g. an empty text)
+                        yield data
+                try:
+                    item = await agens[0].__anext__()
+                except StopAsyncIteration:
+                    break
+        else:
+            async for i, item in items:
+                if isinstance(item, Completion):
+                    done[i] = item
+                    yield fmts[i].done(item)
+                    continue
+                data = fmts[i].token(item)
+                if data:
+                    yield data
         if len(done) < n:
             yield fmts[0].error(TarsError("the stream ended without a final result"))
         elif end is not None:
@@ -84,22 +110,10 @@ async def drain_choices(firsts: Sequence[TokenChunk | Completion | None], agens:
         log.exception("stream failed after its first token")
         yield fmts[0].error(None)
     finally:
-        await items.aclose()
+        if items is not None:
+            await items.aclose()
         for agen in agens:  # the caller left, or we finished: stop the generations now
             await agen.aclose()
-
-
-async def _one(first: Any, agen: Any) -> AsyncGenerator[tuple[int, Any], None]:
-    """One stream's items up to its Completion, as (0, item)."""
-    item = first
-    while True:
-        yield 0, item
-        if isinstance(item, Completion):
-            return
-        try:
-            item = await agen.__anext__()
-        except StopAsyncIteration:
-            return
 
 
 async def _interleave(firsts: Sequence[Any], agens: Sequence[Any]) -> AsyncGenerator[tuple[int, Any], None]:
@@ -168,3 +182,50 @@ async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
     except BaseException:  # noqa: BLE001 - the work was cancelled on purpose
         pass
     raise ClientGone()
+
+
+class ByteStream(Response):
+    """A streamed answer from an async iterator of ready-made bytes (see the module doc)."""
+
+    media_type = "application/octet-stream"
+
+    def __init__(self, chunks: AsyncIterator[bytes], headers: Mapping[str, str] | None = None,
+                 media_type: str | None = None) -> None:
+        self.events = chunks
+        self.status_code = 200
+        self.background = None
+        if media_type is not None:
+            self.media_type = media_type
+        self.init_headers(headers)
+
+    async def _pump(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        async for chunk in self.events:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        pump = asyncio.ensure_future(self._pump(send))
+        listener = asyncio.ensure_future(wait_disconnect(receive))
+        try:
+            await asyncio.wait((pump, listener), return_when=asyncio.FIRST_COMPLETED)
+            if not pump.done():  # the client went away: stop generating
+                log.info("client disconnected during a stream; cancelling its generation",
+                         extra={"path": scope.get("path")})
+                pump.cancel()
+                try:
+                    await pump
+                except asyncio.CancelledError:
+                    pass
+            else:
+                pump.result()  # re-raise a failure of the pump itself
+        finally:
+            listener.cancel()
+            if not pump.done():  # we were cancelled: the pump stops before its stream is closed
+                pump.cancel()
+                await asyncio.wait({pump})
+                if not pump.cancelled():
+                    pump.exception()  # retrieved: no "never retrieved" warning
+            aclose: Any = getattr(self.events, "aclose", None)
+            if aclose is not None:
+                await aclose()

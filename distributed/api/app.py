@@ -264,7 +264,7 @@ def create_app(service: "Service") -> FastAPI:
     app.state.cluster = service.cluster  # /status "cluster": the planner, the term, the plan in force
     _add_error_handlers(app, node.name)
 
-    from ..rpc.server import build_rpc_router
+    from ..rpc.server import build_rpc_router, rpc_server_of
 
     rpc = build_rpc_router(settings, node, service.cluster, deployer=service.deployer, split=service.split)
     routers = [native.router, openai.router, anthropic.router, responses.router, ollama.router, rerank.router,
@@ -282,6 +282,7 @@ def create_app(service: "Service") -> FastAPI:
             ("POST", "/v1/chat/completions"): openai.chat_completions, ("POST", "/v1/completions"): openai.completions,
             ("POST", "/v1/embeddings"): openai.embeddings, ("GET", "/health"): native.health,
             ("POST", "/v1/messages"): anthropic.messages, ("POST", "/v1/responses"): responses.responses,
+            ("POST", "/rpc"): rpc_server_of(rpc.routes).handle,  # a forwarded stream's every token
             **ollama.FAST}
     app.add_middleware(Edge, node=node, api_key=ApiKey(settings.api_key.get_secret_value()),
                        max_body=settings.max_body_bytes, endpoints=endpoints, fast=fast)

@@ -40,12 +40,14 @@ import errno
 import itertools
 import os
 import socket
+import ssl
 from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from ..errors import PeerError, PeerUnavailable, TarsError, Unauthorized
+from ..http1 import ConnectTimeout, ReadTimeout, StreamedPost
 from . import protocol as p
 
 if TYPE_CHECKING:
@@ -93,9 +95,14 @@ class PeerClient:
         self._pinned = pins.context() if pins and self.base_url.startswith("https://") else None
         verify = self._pinned.ssl if self._pinned is not None else True
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        # streams on a socket of their own (``stream``): the headers they send, or None with an
+        # injected transport (in-process peers, scripted ones in tests), which they go through
+        self._direct: dict[str, str] | None = None
         if transport is None:  # ours: the LAN-sized link timeout on every socket (tests inject theirs)
             transport = httpx.AsyncHTTPTransport(verify=verify, limits=limits,
                                                  socket_options=_link_options(connect_timeout))
+            self._direct = {"Authorization": f"Bearer {token}", "Content-Type": "application/json",
+                            "Accept": p.NDJSON}
         self._client = httpx.AsyncClient(
             verify=verify,
             base_url=self.base_url,
@@ -144,14 +151,17 @@ class PeerClient:
 
     def _decode(self, resp: httpx.Response, rid: Any, method: str) -> Any:
         """One HTTP answer → the call's result, or raise the error it carries."""
-        if resp.status_code == 401:
+        return self._decode_body(resp.status_code, resp.content, rid, method)
+
+    def _decode_body(self, status: int, content: bytes, rid: Any, method: str) -> Any:
+        if status == 401:
             return self._raise(Unauthorized(
                 f"peer {self.name} rejected this node's cluster token; TARS_CLUSTER_TOKEN must be the same on both hosts"))
         try:
-            body = p.loads(resp.content)
+            body = p.loads(content)
         except ValueError:
             return self._raise(PeerError(
-                f"peer {self.name} answered {method} with HTTP {resp.status_code} that is not JSON-RPC", peer=self.name))
+                f"peer {self.name} answered {method} with HTTP {status} that is not JSON-RPC", peer=self.name))
         if not isinstance(body, dict) or body.get("jsonrpc") != p.JSONRPC:
             return self._raise(PeerError(f"peer {self.name} answered {method} with a non-JSON-RPC body", peer=self.name))
         if "error" in body:
@@ -249,33 +259,112 @@ class PeerClient:
         """``inference.stream``: yields each token notification's params
         (``{"id","text",["finish_reason"]}``), then ``{"result": completion}`` last.
         A peer that dies mid-stream ends it with PeerUnavailable, never a hang
-        (the read timeout bounds a silent peer; the cluster can also cancel)."""
+        (the read timeout bounds a silent peer; the cluster can also cancel).
+
+        On a real socket (no injected transport) the stream is read by ``http1.StreamedPost``
+        on a connection of its own, not through httpx: a token costs one read and one
+        ``orjson.loads``, not httpx's per-event Python (issue 18.4)."""
         rid = next(self._ids)
         body = p.dumps(p.request(p.STREAM_METHOD, params, rid))
-        method = p.STREAM_METHOD
         await self._pin()
+        lines = self._direct_lines(body, rid, timeout) if self._direct else self._httpx_lines(body, rid, timeout)
+        try:
+            async for line in lines:
+                if not line:
+                    continue
+                try:
+                    msg = p.loads(line)
+                except ValueError:
+                    raise PeerError(f"peer {self.name} sent a broken stream line", peer=self.name) from None
+                if msg.get("method") == p.TOKEN_METHOD:
+                    yield msg.get("params") or {}
+                elif "error" in msg:
+                    raise p.error_from_rpc(msg["error"], self.name)
+                elif "result" in msg:
+                    yield {"result": msg["result"]}
+                    return
+            raise PeerUnavailable(f"peer {self.name} ended the stream without a final result (did it stop?)",
+                                  peer=self.name)
+        finally:
+            await lines.aclose()
+
+    async def _httpx_lines(self, body: bytes, rid: Any, timeout: float | None) -> AsyncGenerator[bytes, None]:
+        """The answer's lines through httpx (an injected transport: in-process peers, tests);
+        a JSON answer (an error before the first token) as one line."""
+        method = p.STREAM_METHOD
         try:
             async with self._client.stream("POST", "/rpc", content=body,
                                            timeout=self._timeout(timeout, long=True)) as resp:
                 if p.NDJSON not in resp.headers.get("content-type", ""):
                     await resp.aread()
-                    yield {"result": self._decode(resp, rid, method)}
+                    yield p.dumps({"result": self._decode(resp, rid, method)})
                     return
                 async for line in resp.aiter_lines():
-                    if not line:
-                        continue
-                    try:
-                        msg = p.loads(line)
-                    except ValueError:
-                        raise PeerError(f"peer {self.name} sent a broken stream line", peer=self.name) from None
-                    if msg.get("method") == p.TOKEN_METHOD:
-                        yield msg.get("params") or {}
-                    elif "error" in msg:
-                        raise p.error_from_rpc(msg["error"], self.name)
-                    elif "result" in msg:
-                        yield {"result": msg["result"]}
-                        return
-                raise PeerUnavailable(f"peer {self.name} ended the stream without a final result (did it stop?)",
-                                      peer=self.name)
+                    yield line.encode()
         except httpx.HTTPError as exc:
             raise self.translate(exc, method) from None
+
+    async def _direct_lines(self, body: bytes, rid: Any, timeout: float | None) -> AsyncGenerator[bytes, None]:
+        """The answer's lines read straight from the socket (``http1.StreamedPost``)."""
+        method = p.STREAM_METHOD
+        assert self._direct is not None
+        url = httpx.URL(self.base_url)
+        tls = self._pinned.ssl if self._pinned is not None else (_default_tls() if url.scheme == "https" else None)
+        post = StreamedPost(url.host, url.port or (443 if url.scheme == "https" else 80), "/rpc", body,
+                            self._direct, ssl=tls, connect_timeout=min(self.timeout, self.connect_timeout),
+                            read_timeout=self.long_timeout if timeout is None else timeout,
+                            socket_options=_link_options(self.connect_timeout))
+        try:
+            try:
+                await post.open()
+            except (OSError, ConnectTimeout) as exc:
+                if post.connected:
+                    raise
+                raise self._connect_failed(exc, method) from None
+            if p.NDJSON not in post.headers.get("content-type", ""):
+                yield p.dumps({"result": self._decode_body(post.status, await post.read_all(), rid, method)})
+                return
+            pending = b""
+            async for data in post.body():
+                pending += data
+                cut = pending.rfind(b"\n")
+                if cut >= 0:
+                    for line in pending[:cut].split(b"\n"):
+                        yield line
+                    pending = pending[cut + 1:]
+            if pending:
+                yield pending
+        except (OSError, ReadTimeout, asyncio.IncompleteReadError) as exc:
+            raise self._broke(exc, method) from None
+        finally:
+            await post.aclose()
+
+    def _who(self) -> str:
+        return f"peer {self.name}" + ("" if self.name == self.base_url else f" ({self.base_url})")
+
+    def _connect_failed(self, exc: Exception, method: str) -> PeerUnavailable:
+        if isinstance(exc, ConnectTimeout):
+            return PeerUnavailable(f"{self._who()} did not connect in time ({method})", peer=self.name, phase="connect")
+        return PeerUnavailable(f"{self._who()} is unreachable: {exc or 'connection refused'}", peer=self.name,
+                               phase="connect")
+
+    def _broke(self, exc: Exception, method: str) -> PeerUnavailable:
+        """A failure after the connection opened, as ``translate`` words it for httpx."""
+        code = exc.errno if isinstance(exc, OSError) and exc.errno in _LINK_ERRNOS else None
+        if code is not None:
+            return PeerUnavailable(f"{self._who()} cannot be reached: {os.strerror(code)} during {method} "
+                                   "(the link is down?)", peer=self.name, phase="link")
+        if isinstance(exc, ReadTimeout):
+            return PeerUnavailable(f"{self._who()} did not answer in time ({method})", peer=self.name, phase="answer")
+        return PeerUnavailable(f"connection to {self._who()} broke during {method} (did it stop?)", peer=self.name,
+                               phase="answer")
+
+
+_TLS: list[ssl.SSLContext] = []
+
+
+def _default_tls() -> ssl.SSLContext:
+    """The system's CA-verifying context for an https peer without pins (made once)."""
+    if not _TLS:
+        _TLS.append(ssl.create_default_context())
+    return _TLS[0]

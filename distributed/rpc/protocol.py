@@ -185,6 +185,14 @@ def token_notification(id: Any, text: str) -> dict[str, Any]:
     return {"jsonrpc": JSONRPC, "method": TOKEN_METHOD, "params": {"id": id, "text": text}}
 
 
+def token_line_parts(id: Any) -> tuple[bytes, bytes]:
+    """(head, tail) of a plain token's NDJSON line in stream ``id``: ``head + dumps(text) + tail``
+    is byte for byte ``dumps_line(token_notification(id, text))``, with the envelope encoded once."""
+    line = dumps_line(token_notification(id, ""))
+    cut = line.rindex(b'"text":""') + len(b'"text":')
+    return line[:cut], line[cut + 2:]
+
+
 _KEYS = frozenset({"jsonrpc", "method", "params", "id"})
 
 

@@ -23,7 +23,10 @@ What this module adds around jsonrpcserver's dispatcher:
 * a single ``inference.generate`` whose caller disconnects is cancelled (its
   generation stops and frees its slot), as on REST;
 * ``inference.stream``: an ``application/x-ndjson`` answer, one JSON-RPC
-  notification object per token, then the final response object (``streams.drain``).
+  notification object per token, then the final response object (``streams.drain``),
+  sent by ``streams.ByteStream``; a plain text token's line is the envelope encoded once
+  per stream around the text (``protocol.token_line_parts``): the same bytes as encoding
+  the whole notification.
 
 Methods are thin: they validate params, then call the node or the cluster.
 """
@@ -36,7 +39,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from jsonrpcserver import Error, Success, async_dispatch_to_serializable
 from pydantic import BaseModel
 
@@ -49,7 +52,7 @@ from ..requests import (EmbedParams, GenerateParams, HeartbeatParams, JoinParams
                         NoParams, parse_params)
 from ..seams import ClusterView, ServiceNode
 from ..settings import Settings
-from ..streams import ClientGone, drain, until_disconnect
+from ..streams import ByteStream, ClientGone, drain, until_disconnect
 from . import protocol as p
 from .deploy_methods import register_deploy
 from .registry import Handler
@@ -285,7 +288,7 @@ class RpcServer:
         except Exception:  # noqa: BLE001
             log.exception("rpc inference.stream failed before the first token")
             return _json(p.failure(rid, p.spec_error_object(p.INTERNAL_ERROR)))
-        return StreamingResponse(self._lines(rid, first, agen), media_type=p.NDJSON)
+        return ByteStream(self._lines(rid, first, agen), media_type=p.NDJSON)
 
     def _lines(self, rid: Any, first: Any, agen: AsyncIterator[Any]) -> AsyncIterator[bytes]:
         return drain(first, agen, NdjsonFormat(rid))
@@ -296,11 +299,15 @@ class NdjsonFormat:
 
     def __init__(self, rid: Any) -> None:
         self.rid = rid
+        self._head, self._tail = p.token_line_parts(rid)
 
     def start(self) -> bytes | None:
         return None
 
     def token(self, chunk: TokenChunk) -> bytes:
+        if not (chunk.finish_reason or chunk.logprobs or chunk.tool_calls or chunk.reasoning):
+            # a plain piece of text, the common case: the envelope is encoded once per stream
+            return self._head + p.dumps(chunk.text) + self._tail
         params: dict[str, Any] = {"id": self.rid, "text": chunk.text}
         if chunk.finish_reason:
             params["finish_reason"] = chunk.finish_reason
@@ -308,7 +315,7 @@ class NdjsonFormat:
             params["logprobs"] = chunk.logprobs
         if chunk.tool_calls:
             params["tool_calls"] = chunk.tool_calls
-        if getattr(chunk, "reasoning", None):
+        if chunk.reasoning:
             params["reasoning"] = chunk.reasoning
         return p.dumps_line({"jsonrpc": p.JSONRPC, "method": p.TOKEN_METHOD, "params": params})
 

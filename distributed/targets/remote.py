@@ -37,6 +37,7 @@ from ..domain import Completion, EmbedRequest, Embeddings, GenerateRequest, Mode
 from ..errors import PeerUnavailable
 from ..logs import fields, get_logger
 from ..rpc.coalescer import Coalescer
+from .watch import GoneWatch, PeerGone
 from ..tasks import TaskSet
 from .base import Target, TargetState
 
@@ -255,23 +256,21 @@ class RemoteTarget(Target):
         result.fallback = fallback
         return result
 
-    async def _watch(self, aw: Awaitable[Any], gone: asyncio.Future[Any] | None = None) -> Any:
-        """Await ``aw`` unless the peer is declared dead first. A stream passes one
-        ``gone`` waiter for all its tokens instead of making one per token."""
+    async def _watch(self, aw: Awaitable[Any]) -> Any:
+        """Await ``aw`` unless the peer is declared dead first (a one-shot call; a stream
+        watches with ``GoneWatch``)."""
         task = asyncio.ensure_future(aw)
         if self.peer.gone.is_set():
             await _cancel(task)
             raise self._gone()
-        own = gone is None
-        waiter = asyncio.ensure_future(self.peer.gone.wait()) if gone is None else gone
+        waiter = asyncio.ensure_future(self.peer.gone.wait())
         try:
             done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
         except BaseException:
             await _cancel(task)
             raise
         finally:
-            if own:
-                waiter.cancel()
+            waiter.cancel()
         if task in done:
             return task.result()
         await _cancel(task)
@@ -336,15 +335,18 @@ class RemoteTarget(Target):
                 await here.aclose()
 
     async def _forward_stream(self, req: GenerateRequest) -> AsyncGenerator[TokenChunk | Completion, None]:
-        """The peer's stream; ``_Refused`` when its connection is refused before any token."""
+        """The peer's stream; ``_Refused`` when its connection is refused before any token.
+        Each message is read in the caller's own task (``GoneWatch``: no task per token)."""
         self.forwarded += 1
         agen = self.peer.client.stream(self._params(req))
-        gone = asyncio.ensure_future(self.peer.gone.wait())
+        gone = GoneWatch(self.peer.gone)
         started = False
         try:
             while True:
                 try:
-                    msg = await self._watch(agen.__anext__(), gone)
+                    msg = await gone.step(agen.__anext__())
+                except PeerGone:
+                    raise self._gone() from None
                 except StopAsyncIteration:
                     raise PeerUnavailable(f"peer {self.peer.name} ended the stream early",
                                           peer=self.peer.name) from None
@@ -360,7 +362,7 @@ class RemoteTarget(Target):
                                  logprobs=msg.get("logprobs"), tool_calls=msg.get("tool_calls"),
                                  reasoning=msg.get("reasoning"))
         finally:
-            gone.cancel()
+            gone.close()
             try:
                 await agen.aclose()  # our caller left: closing the connection stops the peer
             except RuntimeError:  # still unwinding from a cancellation

@@ -44,6 +44,14 @@ class FakeClient:
             raise self.error
         return Completion(model="m", node="pc2", text="remote", finish_reason="stop").to_dict()
 
+    async def stream(self, params: Any) -> Any:
+        """Two tokens, then a hang until ``block`` is set (the peer stops answering), then the result."""
+        yield {"id": 1, "text": "a"}
+        yield {"id": 1, "text": "b"}
+        self.block.clear()
+        await self.block.wait()
+        yield {"result": Completion(model="m", node="pc2", text="", finish_reason="stop").to_dict()}
+
     async def embed(self, texts, model, normalize, groups=None):
         if self.error:
             raise self.error
@@ -169,6 +177,45 @@ async def test_peer_declared_dead_mid_call_ends_it_at_once():
     peer.gone.set()
     with pytest.raises(PeerUnavailable, match="stopped answering"):
         await asyncio.wait_for(task, 1.0)
+
+
+async def test_peer_declared_dead_mid_stream_ends_it_and_leaves_the_consumer_uncancelled():
+    peer = FakePeer()
+    t = target(peer)
+    got: list[str] = []
+
+    async def consume() -> str:
+        try:
+            async for item in t.stream(GenerateRequest(prompt="x")):
+                got.append(item.text)
+        except PeerUnavailable as exc:
+            await asyncio.sleep(0)  # the task was not left cancelled: it can still await
+            return str(exc)
+        return "ended"
+
+    task = asyncio.ensure_future(consume())
+    await until(lambda: got == ["a", "b"])
+    await spin()
+    assert not task.done()
+    peer.state = "dead"
+    peer.gone.set()
+    assert "stopped answering" in await asyncio.wait_for(task, 1.0)
+
+
+async def test_a_stream_whose_consumer_is_cancelled_is_cancelled_not_peer_unavailable():
+    peer = FakePeer()
+    t = target(peer)
+    got: list[str] = []
+
+    async def consume() -> None:
+        async for item in t.stream(GenerateRequest(prompt="x")):
+            got.append(item.text)
+
+    task = asyncio.ensure_future(consume())
+    await until(lambda: got == ["a", "b"])
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
 
 
 async def test_embed_through_the_coalescer_and_fallback_when_the_peer_dies():
