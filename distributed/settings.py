@@ -105,8 +105,8 @@ class Settings(BaseSettings):
         "auto", description="Speculative decoding of llama-server chat engines (greedy output is unchanged): ngram "
                             "(draftless: guesses from text already in the context, no extra memory), draft (the "
                             "model's draft model, a catalog field or POST /models option, planned beside it), off, "
-                            "or auto: the draft where one is planned, else n-gram where it pays: engines with 1 slot "
-                            "(TARS_PARALLEL=1; see docs/BENCHMARKS.md).")
+                            "or auto: the draft where one is planned, else n-gram (it paid at 1 and 4 slots on a quiet "
+                            "host; a CPU host busy with other work may prefer off: docs/BENCHMARKS.md).")
     fake_token_delay_s: float = Field(0.0, ge=0, le=10, description="With TARS_BACKEND_OVERRIDE=fake: seconds each "
                                       "generated token takes, so fake models keep a host busy (tests of load balancing).")
     embed_runtime: Literal["auto", "torch", "onnx", "openvino"] = Field(

@@ -21,34 +21,32 @@ batch: docs/BENCHMARKS.md). The guesses come from
 - ``off``: none; ``ngram``: n-gram for every GGUF chat engine; ``draft``: the planned
   draft where the model has one, else none;
 - ``auto`` (default): the planned draft where the model has one (its user asked for it);
-  else n-gram for an engine with **one slot**, none with more (``AUTO_MAX_SLOTS``).
+  else n-gram for every GGUF chat engine, whatever its slots.
 
-Why one slot. llama-server speculates per slot inside the one batch it decodes for all its
-slots: at N streams every slot's draft joins that batch, so a step with drafts takes longer
-for every stream, and a rejected draft of one stream slows the others. On a CPU a verified
-token costs about half a decode step (SmolLM2-135M, 1 thread: prompt 90-105 tokens/s vs
-decode 40-58), so a rejected draft costs much of what an accepted one gains. Measured
-through the node on the 2-core dev VM (``benchmarks/bench_spec.py``, docs/BENCHMARKS.md,
-medians of 4-5 rounds, load average 4-9, round-to-round swings ±40 %):
+Why at any number of slots. llama-server speculates per slot inside the one batch it
+decodes for all its slots: at N streams every slot's draft joins that batch, so a step with
+drafts takes longer for every stream, and on a CPU a verified token costs about half a
+decode step. Measured through the node on the 2-core dev VM (``benchmarks/bench_spec.py``,
+docs/BENCHMARKS.md, runs E-G), on a quiet machine n-gram paid everywhere:
 
-- 4 slots, 4 streams: aggregate tokens/s 0.87× of off for copy-heavy prompts in two runs
-  (decode per stream 1.07-1.19×), free-form 1.20-1.25×; engine CPU per token 0.95-0.92× of
-  off's — less work, yet the streams wait on each other's drafts;
-- 4 slots, 1 stream: copy-heavy 0.97-1.49× (decode), free-form 0.93-1.26×;
-- 1 slot (auto on), two runs, medians / paired per round: copy-heavy 1.28× / 1.16× and
-  1.33× / 0.97×, free-form 1.29× / 1.19× and 1.04× / 1.24×, engine CPU per token 1.04-1.10×
-  less, every answer (90) equal to off's.
+- 1 slot: copy-heavy 1.62× (medians) / 1.63× (paired), free-form 1.17× / 1.19×, 4 queued
+  free-form streams 1.02× / 1.01×;
+- 4 slots, two runs: 1 stream copy-heavy 1.77-1.82×, free-form 1.03-1.09×; 4 streams
+  aggregate tokens/s copy-heavy 1.08-1.18×, free-form 1.08-1.18×, every round at or
+  above off's; engine CPU per token lower at every level.
 
-So auto keeps n-gram to the engines where nothing else shares the batch. A GPU host, where
-verifying a draft costs about one decode step at any length, likely gains at several slots
-too: measure it there with ``bench_spec`` and set ``TARS_SPECULATIVE=ngram`` where it pays.
+Under heavy outside load (load average 4-9 on the 2 cores) two earlier runs lost aggregate
+throughput with 4 copy-heavy streams (0.87×): other processes preempted the engine's
+threads in the middle of its longer verifying batches. A host whose CPU is that busy with
+other work can set ``TARS_SPECULATIVE=off``; ``auto`` follows the quiet measurements. A GPU,
+where a 16-token batch costs about one decode step, gains more.
 n-gram drafts are ``CPU_NGRAM`` long (8-16 tokens) unless every layer is on a GPU: with
 llama.cpp's 48-64, copy-heavy answers at 1 stream went 0.82× through the node and 0.83-1.18×
 on the bare engine; with 8-16, 1.13-1.14× on the bare engine (paired medians of 8-12 prompts).
 
 API::
 
-    decide(mode, spec, slots, draft=None) -> Speculation   # the kind one engine runs, and why
+    decide(mode, spec, draft=None) -> Speculation          # the kind one engine runs, and why
     Speculation.argv(draft_path, device, whole_on_gpu=) -> [flags]   # llama-server's flags for it
     read_vocab(path) -> Vocab                               # from the GGUF header (cached)
     vocab_mismatch(target, draft) -> str | None             # what differs, as llama.cpp checks
@@ -76,9 +74,8 @@ DRAFT_TYPE = "draft-simple"  # llama-server's --spec-type for a standalone draft
 # costs in proportion to its length, and a rejected 48-64-token draft (llama.cpp's lengths, made
 # for GPUs) cost more than the accepted ones gained (docs/BENCHMARKS.md, speculative decoding)
 CPU_NGRAM = ("--spec-ngram-mod-n-min", "8", "--spec-ngram-mod-n-max", "16")
-AUTO_MAX_SLOTS = 1  # auto: n-gram only for engines with at most this many slots (see the module doc)
-AUTO_RULE = ("n-gram where the engine has 1 slot: with several slots llama-server verifies every slot's draft "
-             "in the one batch it decodes, so the streams wait on each other's drafts (docs/BENCHMARKS.md)")
+AUTO_RULE = ("n-gram for every GGUF chat engine: it paid at 1 and 4 slots, 1 and 4 streams, copy-heavy and "
+             "free-form, on a quiet host (docs/BENCHMARKS.md)")
 
 
 @dataclass(frozen=True)
@@ -115,9 +112,9 @@ class Speculation:
                 "reason": self.reason}
 
 
-def decide(mode: str, spec: ModelSpec, slots: int, draft: dict[str, Any] | None = None) -> Speculation:
-    """The speculation of ``spec``'s engine under ``TARS_SPECULATIVE=mode`` with ``slots``
-    slots; ``draft``: the plan's ``Assignment.draft`` (the draft it found room for)."""
+def decide(mode: str, spec: ModelSpec, draft: dict[str, Any] | None = None) -> Speculation:
+    """The speculation of ``spec``'s engine under ``TARS_SPECULATIVE=mode``; ``draft``: the
+    plan's ``Assignment.draft`` (the draft it found room for)."""
     if not has_slots(spec):
         return Speculation("off", "not a GGUF chat model on llama-server")
     if mode == "off":
@@ -130,9 +127,7 @@ def decide(mode: str, spec: ModelSpec, slots: int, draft: dict[str, Any] | None 
     if mode == "draft":
         why = "no draft planned (out of room)" if spec.draft else "the model names no draft"
         return Speculation("off", f"TARS_SPECULATIVE=draft but {why}")
-    if slots <= AUTO_MAX_SLOTS:
-        return Speculation("ngram", f"TARS_SPECULATIVE=auto: {AUTO_RULE}")
-    return Speculation("off", f"TARS_SPECULATIVE=auto: off with {slots} slots ({AUTO_RULE})")
+    return Speculation("ngram", f"TARS_SPECULATIVE=auto: {AUTO_RULE}")
 
 
 # --------------------------------------------------------------------------- vocabulary

@@ -80,9 +80,8 @@ class EngineConfig:
             chat_template=templates.path_for(spec), mmproj=spec.mmproj, model_file=spec.file,
             slot_affinity=getattr(settings, "routing", "cache") == "cache")
         options.update(overrides)
-        if "speculation" not in overrides:  # decided for the slots the engine really gets
-            options["speculation"] = decide(getattr(settings, "speculative", "off"), spec, int(options["slots"]),
-                                            getattr(a, "draft", None))
+        if "speculation" not in overrides:
+            options["speculation"] = decide(getattr(settings, "speculative", "off"), spec, getattr(a, "draft", None))
         return cls(**options)
 
     def argv(self, path: Path, port: int) -> list[str]:

@@ -52,13 +52,14 @@ def test_ngram_adds_the_draftless_type_whatever_the_slots():
     assert flags(partial.argv(MODEL, 9000)) == ["--spec-type", "ngram-mod", *CPU_NGRAM]
 
 
-def test_auto_follows_the_slots_the_engine_really_gets():
+def test_auto_is_ngram_at_any_number_of_slots():
     s = load_settings(speculative="auto", parallel=4)
-    assert EngineConfig.of(s, SMOL, assignment(), BIN).speculation.kind == "off"  # 4 slots
+    assert EngineConfig.of(s, SMOL, assignment(), BIN).speculation.kind == "ngram"  # 4 slots
     assert EngineConfig.of(s, SMOL, assignment(slots=1), BIN).speculation.kind == "ngram"  # the plan lowered them
-    assert EngineConfig.of(s, SMOL, assignment(), BIN, slots=1).speculation.kind == "ngram"  # an override too
     assert EngineConfig.of(load_settings(speculative="auto", parallel=1), SMOL, assignment(), BIN) \
         .argv(MODEL, 9000)[-6:] == ["--spec-type", "ngram-mod", *CPU_NGRAM]
+    assert EngineConfig.of(load_settings(speculative="off", parallel=4), SMOL, assignment(), BIN) \
+        .speculation.kind == "off"
 
 
 def test_a_planned_draft_gives_its_file_and_device_once_fetched(tmp_path):
