@@ -84,6 +84,12 @@ class EngineConfig:
             options["speculation"] = decide(getattr(settings, "speculative", "off"), spec, getattr(a, "draft", None))
         return cls(**options)
 
+    @property
+    def speculates(self) -> bool:
+        """Whether the engine runs speculative decoding (a draft counts once its file is here)."""
+        kind = self.speculation.kind
+        return kind == "ngram" or (kind == "draft" and self.draft_path is not None)
+
     def argv(self, path: Path, port: int) -> list[str]:
         """The engine's command line for one life on ``port``."""
         argv = [str(self.binary.server), "-m", str(path), "-a", self.model, "--host", self.host,

@@ -177,6 +177,13 @@ class EngineTarget(Target):
         self._check_ready()
         if not req.messages and not (req.prompt or "").strip():
             raise ValidationFailed("the prompt is empty; send a non-empty 'prompt' or 'messages'", field="prompt")
+        if req.logprobs and self.config.speculates:
+            # llama-server leaves the probabilities of tokens it accepted from a draft unset
+            # (logprob 0, no alternatives): refused by name rather than answered wrong
+            raise ValidationFailed(f"'logprobs': model '{self.model}' on {self.node} runs speculative decoding "
+                                   f"({self.config.speculation.kind}), and its engine does not report the "
+                                   "log-probabilities of guessed tokens; set TARS_SPECULATIVE=off on that host to "
+                                   "get them", field="logprobs", model=self.model)
         caps = self.template_caps
         if getattr(req, "tools", None) and caps is not None and not caps.get("supports_tool_calls"):
             raise ToolsUnsupported(f"model '{self.model}': its chat template cannot do tool calls; send the "

@@ -59,7 +59,8 @@ def _smollm2_or_skip() -> None:
 async def _serve(tmp: Any, name: str, engine: str, **extra: Any) -> Any:
     settings = load_settings(None, node_name=name, models_dir=tmp, context=CONTEXT, threads=2, models=[CHAT],
                              chat_engine=engine, parallel=2, request_timeout_s=900, cluster_token=TOKEN,
-                             queue_max_wait_s=0)  # a loaded 2-core machine: no admission by expected wait
+                             queue_max_wait_s=0,  # a loaded 2-core machine: no admission by expected wait
+                             speculative="off")  # logprobs of every token (a speculating engine refuses them)
     profile = HostProfile(hostname=name, cpu_model="test cpu", cpu_cores=2, ram_total_mb=16000, ram_free_mb=12000)
     service = build(settings, profile=profile, backend_extra=extra or None)
     return service.node, create_app(service)
@@ -292,6 +293,13 @@ async def test_openai_client_json_mode_schema_and_logprobs(api):
         with pytest.raises(openai.BadRequestError) as err:
             await client.chat.completions.create(model=CHAT, messages=ask, logit_bias={"1": 5})
         assert err.value.param == "logit_bias"
+        if api.engine == "server":  # llama-server refuses logprobs with tools in a stream: a 400, the model ready
+            tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+            with pytest.raises(openai.BadRequestError) as err:
+                await client.chat.completions.create(model=CHAT, messages=ask, max_tokens=4, tools=tools,
+                                                     logprobs=True, stream=True)
+            assert "refused" in err.value.message
+            assert (await http.get("http://surface/health")).json()["models"][CHAT] == "ready"
     finally:
         await http.aclose()
 

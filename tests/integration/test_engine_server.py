@@ -22,6 +22,7 @@ from distributed.engine.target import EngineTarget
 from distributed.errors import InputTooLong, ModelFailed, ModelLoading, Overloaded, RequestTimeout
 from distributed.metrics import Metrics
 from distributed.settings import load_settings
+from distributed.speculative import Speculation
 from tests.support import alive
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -226,7 +227,9 @@ async def test_openai_extras_reach_the_engine_json_schema_logprobs_and_refusals(
     spec = load_catalog().get("smollm2-135m-instruct")
     a = Assignment(model=spec.id, kind="chat", node="n1", device="cpu", quant=spec.quant, n_gpu_layers=0, vram_mb=0,
                    reason="test", backend="llama_cpp")
-    async with _engine(binary, smollm2_gguf, spec=spec, assign=a, slots=1, context=1024) as t:
+    # speculation off: a speculating engine refuses logprobs (tests/integration/test_engine_speculative.py)
+    async with _engine(binary, smollm2_gguf, spec=spec, assign=a, slots=1, context=1024,
+                       speculation=Speculation("off")) as t:
         assert await t.wait_loaded(120) == "ready", t.error
         msgs = [{"role": "user", "content": "Give me a JSON object with a key 'name' set to a fruit."}]
         c = await t.generate(GenerateRequest(messages=msgs, max_tokens=48, temperature=0,

@@ -16,6 +16,7 @@ from distributed.catalog import load_catalog
 from distributed.domain import Assignment, Completion, GenerateRequest, TokenChunk
 from distributed.engine.config import EngineConfig
 from distributed.engine.target import EngineTarget
+from distributed.errors import ValidationFailed
 from distributed.settings import load_settings
 from distributed.store import ModelStore
 from tests.integration.test_engine_server import binary  # noqa: F401  (a fixture)
@@ -67,6 +68,11 @@ async def _answers(binary, path: Path, mode: str, draft: dict | None = None) -> 
             else:
                 whole = await t.generate(req)
                 out.append((whole.text, whole.logprobs))
+        if mode != "off":  # llama-server leaves a guessed token's probabilities unset: refused by name
+            with pytest.raises(ValidationFailed) as err:
+                await t.generate(GenerateRequest(messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=4,
+                                                 logprobs=True))
+            assert err.value.field == "logprobs" and "TARS_SPECULATIVE=off" in err.value.message
         slots = (await t._client.get(t.base_url + "/slots", timeout=10)).json()
         assert all(s["speculative"] is (mode != "off") for s in slots), slots
         return out, t.info()["speculative"], list(t.supervisor.argv)
