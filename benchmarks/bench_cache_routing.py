@@ -75,6 +75,7 @@ def models_dir(logdir: Path) -> Path:
 def start_cluster(routing: str, threads: int, context: int, logdir: Path) -> list[ServerProcess]:
     common = {"TARS_CLUSTER_TOKEN": TOKEN, "TARS_ROUTING": routing, "TARS_THREADS": str(threads),
               "TARS_CONTEXT": str(context), "TARS_PARALLEL": "4", "TARS_CHAT_ENGINE": "server",
+              "TARS_SPECULATIVE": "off",  # as measured in docs/BENCHMARKS.md (routing, not decoding)
               "TARS_MODELS": "gemma-3-270m", "TARS_LOG_LEVEL": "info", "TARS_HEARTBEAT_S": "0.5",
               "TARS_MODELS_DIR": str(models_dir(logdir))}
     if os.environ.get("TARS_ENGINE_BIN"):

@@ -203,6 +203,7 @@ def main() -> None:
     env.update({"HF_HUB_OFFLINE": "1", "TARS_MODELS": CHAT, "TARS_CHAT_ENGINE": "server",
                 "TARS_PARALLEL": str(args.parallel), "TARS_CONTEXT": str(args.context), "TARS_THREADS": str(threads),
                 "TARS_LOG_LEVEL": "warning", "TARS_QUEUE_SIZE": "64",
+                "TARS_SPECULATIVE": "off",  # the node's own cost against the same bare engine (bench_spec measures it)
                 # throughput, not admission: the in-process side (one request at a time) would refuse
                 # the 4th stream at once when it expects to wait past the default 10 s bound
                 "TARS_QUEUE_MAX_WAIT_S": "0"})

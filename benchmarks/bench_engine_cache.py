@@ -39,7 +39,8 @@ def engine_rss(node: ServerProcess) -> float:
 def run(cache_mb: int, requests: int, every: int) -> list[tuple[int, float]]:
     node = ServerProcess("pc1", "127.0.0.2", ports=range(19600, 19700),
                          env={"TARS_CLUSTER_TOKEN": "bench-cache", "TARS_MODELS": CHAT, "TARS_CHAT_ENGINE": "server",
-                              "TARS_ENGINE_CACHE_MB": str(cache_mb), "TARS_LOG_LEVEL": "warning"})
+                              "TARS_ENGINE_CACHE_MB": str(cache_mb), "TARS_LOG_LEVEL": "warning",
+                              "TARS_SPECULATIVE": "off"})
     rnd = random.Random(cache_mb)
     with node:
         node.start(timeout=300)

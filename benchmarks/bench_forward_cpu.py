@@ -164,7 +164,8 @@ def main() -> None:
     logdir = Path(tempfile.mkdtemp(prefix="bench-forward-"))
     common = {"TARS_MODELS_DIR": args.models_dir, "TARS_MODELS": CHAT, "TARS_CLUSTER_TOKEN": args.token,
               "TARS_LOG_LEVEL": "warning", "TARS_CHAT_ENGINE": "server", "TARS_QUEUE_MAX_WAIT_S": "0",
-              "TARS_THREADS": str(args.threads)}
+              "TARS_THREADS": str(args.threads),
+              "TARS_SPECULATIVE": "off"}  # one token per engine event, as measured in docs/BENCHMARKS.md
     pc1 = ServerProcess("pc1", "127.0.0.2", ports=range(18600, 18620), log_dir=logdir,
                         env={**common, "TARS_GPU_PROFILE": "rtx3060-12gb"})
     pc2 = ServerProcess("pc2", "127.0.0.3", ports=range(18620, 18640), log_dir=logdir,

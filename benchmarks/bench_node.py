@@ -50,7 +50,8 @@ CHAT, EMBED = "gemma-3-270m", "all-MiniLM-L6-v2"
 def node_process(models_dir: Path, threads: int, context: int, extra_env: dict[str, str] | None = None) -> ServerProcess:
     """The node under test: the embedded models on a free port of 18450-18499, with
     ``threads`` llama.cpp threads (TARS_THREADS), or 0: none set, the node's own default."""
-    env = {**(extra_env or {}), "TARS_CONTEXT": str(context), "TARS_MODELS": f"{CHAT},{EMBED}"}
+    env = {"TARS_SPECULATIVE": "off",  # the node against the library, like for like (bench_spec measures it)
+           **(extra_env or {}), "TARS_CONTEXT": str(context), "TARS_MODELS": f"{CHAT},{EMBED}"}
     if threads:
         env["TARS_THREADS"] = str(threads)
     return ServerProcess("bench", HOST, ports=range(18450, 18500), env=env,
