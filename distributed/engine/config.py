@@ -12,7 +12,7 @@ engine options, and the command line those options give.
 - slot affinity (``TARS_ROUTING=cache``): each request pinned to the free slot that holds its
   prompt's start (``prefix.SlotPins``);
 - speculative decoding (``TARS_SPECULATIVE`` and the plan's ``Assignment.draft``, decided by
-  ``speculative.decide`` with the slots above): ``--spec-type ngram-mod`` for n-gram (shorter
+  ``speculative.decide``; ``speculates``: whether the engine really guesses): ``--spec-type ngram-mod`` for n-gram (shorter
   drafts unless every layer is on a GPU), or
   ``--spec-type draft-simple -md DRAFT -ngld N [-devd CUDAk]`` for a draft model, whose file
   (``draft_path``) is set once it is fetched (``engine/choice.with_draft``);

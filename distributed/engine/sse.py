@@ -2,8 +2,8 @@
 
 Why not httpx here: a streamed answer is one small event per token, and httpx spends a
 few hundred microseconds of Python per event (h11 parsing, decoding, line splitting) —
-CPU a 2-core host takes from the engine itself. ``StreamedPost`` reads the socket with
-asyncio's stream reader and de-chunks whatever one read brought; this splits it into the
+CPU a 2-core host takes from the engine itself. ``StreamedPost`` reads the socket with a
+bare asyncio protocol and de-chunks whatever one read brought; this splits it into the
 SSE ``data:`` payloads, as bytes. One connection per request (``Connection: close``);
 closing it early (the client went away) makes llama-server cancel that task and free its slot.
 

@@ -12,8 +12,8 @@ with ``-np`` slots and ``-c slots × context`` (the context stays per request), 
 
 Requests: ``SlotQueue`` admits up to ``slots`` at once (the engine batches them itself,
 continuously), the rest wait in the bounded queue, past it 429. Each admitted request is
-pinned to a free slot (``id_slot``) whose last prompt shares its start (``prefix.SlotPins``). Each request is one
-HTTP call to the engine (``wire.py`` maps it both ways). A refusal of the engine becomes
+pinned to a free slot (``id_slot``) whose last prompt shares its start (``prefix.SlotPins``).
+Each request is one HTTP call to the engine (``wire.py`` maps it both ways). A refusal of the engine becomes
 our error (context too long → 400 ``InputTooLong``); an engine that dies mid-request ends
 the request with a 503 ``ModelFailed`` (the supervisor restarts the engine; meanwhile the
 state is "loading"); a crash loop leaves the model "failed" with the engine's last lines.

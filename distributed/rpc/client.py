@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import itertools
 import os
 import socket
@@ -131,23 +132,32 @@ class PeerClient:
         """httpx exception → our tree. The message names the peer and what failed.
         ``details["phase"]`` says whether the call can have reached the peer:
         "connect" or "link" (it did not: safe to serve elsewhere) or "answer"."""
-        who = f"peer {self.name}" + ("" if self.name == self.base_url else f" ({self.base_url})")
         if isinstance(exc, httpx.ConnectError):
-            return PeerUnavailable(f"{who} is unreachable: {exc or 'connection refused'}", peer=self.name,
-                                   phase="connect")
+            return self._unavailable("refused", method, str(exc))
         if isinstance(exc, (httpx.ConnectTimeout, httpx.PoolTimeout)):
-            return PeerUnavailable(f"{who} did not connect in time ({method})", peer=self.name, phase="connect")
+            return self._unavailable("connect-timeout", method)
         code = _link_errno(exc)
         if isinstance(exc, (httpx.WriteError, httpx.WriteTimeout)) or code is not None:
-            why = os.strerror(code) if code is not None else "the request could not be sent"
-            return PeerUnavailable(f"{who} cannot be reached: {why} during {method} (the link is down?)",
-                                   peer=self.name, phase="link")
+            return self._unavailable("link", method,
+                                     os.strerror(code) if code is not None else "the request could not be sent")
         if isinstance(exc, httpx.TimeoutException):
-            return PeerUnavailable(f"{who} did not answer in time ({method})", peer=self.name, phase="answer")
+            return self._unavailable("timeout", method)
         if isinstance(exc, (httpx.RemoteProtocolError, httpx.NetworkError)):
-            return PeerUnavailable(f"connection to {who} broke during {method} (did it stop?)", peer=self.name,
-                                   phase="answer")
-        return PeerError(f"{who} failed during {method}: {type(exc).__name__}", peer=self.name)
+            return self._unavailable("broke", method)
+        return PeerError(f"{self._who()} failed during {method}: {type(exc).__name__}", peer=self.name)
+
+    def _unavailable(self, kind: str, method: str, why: str = "") -> PeerUnavailable:
+        """The one wording of each way a call to this peer fails (httpx's errors and the direct
+        stream's alike), with its phase."""
+        who = self._who()
+        text, phase = {
+            "refused": (f"{who} is unreachable: {why or 'connection refused'}", "connect"),
+            "connect-timeout": (f"{who} did not connect in time ({method})", "connect"),
+            "link": (f"{who} cannot be reached: {why} during {method} (the link is down?)", "link"),
+            "timeout": (f"{who} did not answer in time ({method})", "answer"),
+            "broke": (f"connection to {who} broke during {method} (did it stop?)", "answer"),
+        }[kind]
+        return PeerUnavailable(text, peer=self.name, phase=phase)
 
     def _decode(self, resp: httpx.Response, rid: Any, method: str) -> Any:
         """One HTTP answer → the call's result, or raise the error it carries."""
@@ -344,27 +354,18 @@ class PeerClient:
 
     def _connect_failed(self, exc: Exception, method: str) -> PeerUnavailable:
         if isinstance(exc, ConnectTimeout):
-            return PeerUnavailable(f"{self._who()} did not connect in time ({method})", peer=self.name, phase="connect")
-        return PeerUnavailable(f"{self._who()} is unreachable: {exc or 'connection refused'}", peer=self.name,
-                               phase="connect")
+            return self._unavailable("connect-timeout", method)
+        return self._unavailable("refused", method, str(exc))
 
     def _broke(self, exc: Exception, method: str) -> PeerUnavailable:
-        """A failure after the connection opened, as ``translate`` words it for httpx."""
+        """A failure after the connection opened, worded as ``translate`` words httpx's."""
         code = exc.errno if isinstance(exc, OSError) and exc.errno in _LINK_ERRNOS else None
         if code is not None:
-            return PeerUnavailable(f"{self._who()} cannot be reached: {os.strerror(code)} during {method} "
-                                   "(the link is down?)", peer=self.name, phase="link")
-        if isinstance(exc, ReadTimeout):
-            return PeerUnavailable(f"{self._who()} did not answer in time ({method})", peer=self.name, phase="answer")
-        return PeerUnavailable(f"connection to {self._who()} broke during {method} (did it stop?)", peer=self.name,
-                               phase="answer")
+            return self._unavailable("link", method, os.strerror(code))
+        return self._unavailable("timeout" if isinstance(exc, ReadTimeout) else "broke", method)
 
 
-_TLS: list[ssl.SSLContext] = []
-
-
+@functools.cache
 def _default_tls() -> ssl.SSLContext:
     """The system's CA-verifying context for an https peer without pins (made once)."""
-    if not _TLS:
-        _TLS.append(ssl.create_default_context())
-    return _TLS[0]
+    return ssl.create_default_context()

@@ -37,9 +37,9 @@ from ..domain import Completion, EmbedRequest, Embeddings, GenerateRequest, Mode
 from ..errors import PeerUnavailable
 from ..logs import fields, get_logger
 from ..rpc.coalescer import Coalescer
-from .watch import GoneWatch, PeerGone
 from ..tasks import TaskSet
 from .base import Target, TargetState
+from .watch import GoneWatch, PeerGone
 
 if TYPE_CHECKING:
     from ..rpc.client import PeerClient
@@ -111,15 +111,6 @@ class Inflight:
         finally:
             for w in waits:
                 w.cancel()
-
-
-async def _cancel(task: asyncio.Future[Any]) -> None:
-    """Cancel and give it a moment to unwind (closing its connection), without
-    letting its CancelledError pass for ours."""
-    task.cancel()
-    await asyncio.wait({task}, timeout=1.0)
-    if task.done() and not task.cancelled():
-        task.exception()  # retrieved: no "never retrieved" warning
 
 
 class _Refused(Exception):
@@ -257,24 +248,14 @@ class RemoteTarget(Target):
         return result
 
     async def _watch(self, aw: Awaitable[Any]) -> Any:
-        """Await ``aw`` unless the peer is declared dead first (a one-shot call; a stream
-        watches with ``GoneWatch``)."""
-        task = asyncio.ensure_future(aw)
-        if self.peer.gone.is_set():
-            await _cancel(task)
-            raise self._gone()
-        waiter = asyncio.ensure_future(self.peer.gone.wait())
+        """Await ``aw`` unless the peer is declared dead first (``GoneWatch``, as a stream's steps)."""
+        gone = GoneWatch(self.peer.gone)
         try:
-            done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:
-            await _cancel(task)
-            raise
+            return await gone.step(aw)
+        except PeerGone:
+            raise self._gone() from None
         finally:
-            waiter.cancel()
-        if task in done:
-            return task.result()
-        await _cancel(task)
-        raise self._gone()
+            gone.close()
 
     def _gone(self) -> PeerUnavailable:
         return PeerUnavailable(f"peer {self.peer.name} stopped answering while computing '{self.model}'",

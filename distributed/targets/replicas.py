@@ -156,6 +156,12 @@ class ReplicaSet(Target):
             self.prefixes.record(prefix, m.node)  # its engine computes (so caches) this prompt now
         return m
 
+    def drop(self, host: str) -> RemoteTarget:
+        """Take ``host``'s member out (Routes, when the plan no longer puts a copy there); the
+        prompts it held are forgotten, so a copy placed there again starts with no claims."""
+        self.prefixes.forget(host)
+        return self.remotes.pop(host)
+
     def _done(self, m: Target) -> None:
         self.sent[m.node] = max(0, self.sent.get(m.node, 0) - 1)
 

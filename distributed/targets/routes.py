@@ -290,7 +290,7 @@ class Routes:
                 self.replicas[model] = rs
             wanted = {a.node: a for a in al if a.node != self.node}
             for name in [n for n in rs.remotes if n not in wanted]:
-                self._tasks.spawn(rs.remotes.pop(name).close())
+                self._tasks.spawn(rs.drop(name).close())
             for name, a in wanted.items():
                 peer = peer_of(name)
                 current = rs.remotes.get(name)

@@ -1,10 +1,10 @@
 """``GoneWatch``: await the steps of a stream in the caller's own task, unless an event
 (a peer declared dead) is set first.
 
-The one-shot way (``RemoteTarget._watch``) runs the call in a task of its own and waits on
-it and on the event together: a task, a waiter and ``asyncio.wait``'s callbacks per await,
-tens of microseconds — per token, on a forwarded stream (issue 18.4). ``GoneWatch`` instead
-arms a callback on one waiter for the whole stream: while a step is being awaited, the
+Running each step in a task of its own and waiting on it and on the event together costs a
+task, a waiter and ``asyncio.wait``'s callbacks per await, tens of microseconds — per token,
+on a forwarded stream (issue 18.4). ``GoneWatch`` instead arms a callback on one waiter for
+the whole stream (and for a one-shot call, ``RemoteTarget._watch``, the same way): while a step is being awaited, the
 event being set cancels the awaiting task, and the step raises ``PeerGone`` whatever the
 cancelled step raised (the task's cancellation is withdrawn: it was ours, not the caller's). Between steps (the stream's
 consumer is sending the token) the callback does nothing; the next step sees the event.
