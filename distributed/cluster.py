@@ -253,6 +253,7 @@ class Cluster:
         if new:
             self.control.want(f"joined {name}")
         self.control.take(peer, ctl)
+        self.applier.met(peer)
         self.applier.settle(peer)
 
     # ----------------------------------------------------------------- RPC handlers
@@ -301,6 +302,7 @@ class Cluster:
         if not known:
             self.control.want(f"{name} joined")
         self.control.take(peer, opened)
+        self.applier.met(peer)
         self.applier.settle(peer)
         await self.control.reconsider()  # the planner plans now, so the answer carries the plan
         return {"name": self.name, "role": self.role, "url": self.settings.base_url, "version": __version__,

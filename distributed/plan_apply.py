@@ -47,6 +47,7 @@ class PlanApplier:
         self.failover = failover
         self.name = node.name
         self.plan_id = ""  # of the plan applied here last
+        self.plan: Plan | None = None  # that plan
         self.settle_s = 2 * float(settings.heartbeat_s)
         self.lock = asyncio.Lock()
 
@@ -58,29 +59,50 @@ class PlanApplier:
             if pid == self.plan_id and not force:
                 return False
             self.plan_id = pid
+            self.plan = plan
             for a in plan.for_node(self.name):
                 routes.adopt_standin(a)
-            hosts_of: dict[str, set[str]] = {}
-            for a in plan.assignments:
-                hosts_of.setdefault(a.model, set()).add(a.node)
-            routed: set[str] = set()
-            for a in plan.assignments:
-                if a.node == self.name:
-                    continue
-                if len(hosts_of[a.model]) > 1 and (self.name in hosts_of[a.model] or a.model in routed):
-                    continue  # replicas: their ReplicaSet routes among them (below); the table keeps one
-                routed.add(a.model)
-                peer = self.table.get(a.node) or self.learn(a.node)
-                if peer is None:
-                    log.warning("plan puts %s on %s, a host this node does not know yet", a.model, a.node)
-                    continue
-                routes.route_to_peer(a, peer, partial(self._remote, a, peer))
+            self._route_to_peers(plan, warn=True)
             await self.node.apply_plan(plan)
-            routes.replicate(plan.assignments, self.table.get, self._replica)
+            routes.replicate(plan.assignments, self._peer, self._replica)
             routes.forget_unplanned({a.model for a in plan.assignments})
             for peer in self.table:
                 self.settle(peer)
         return True
+
+    def met(self, peer: Peer) -> None:
+        """``peer`` joined (or rejoined): the models the plan in force puts on it are routed
+        to it now. A plan applied before this node knew the host skipped them (a replica
+        member, a model only that host serves), and no later plan may come to add them."""
+        plan = self.plan
+        if plan is None or not any(a.node == peer.name for a in plan.assignments):
+            return
+        self._route_to_peers(plan, warn=False)
+        self.node.routes.replicate(plan.assignments, self._peer, self._replica)
+
+    def _peer(self, name: str) -> Peer | None:
+        return self.table.get(name) or self.learn(name)
+
+    def _route_to_peers(self, plan: Plan, *, warn: bool) -> None:
+        """Route each model the plan puts only on other hosts to its host (replicas of a model
+        also planned here are routed by their ReplicaSet; the table keeps one)."""
+        hosts_of: dict[str, set[str]] = {}
+        for a in plan.assignments:
+            hosts_of.setdefault(a.model, set()).add(a.node)
+        routed: set[str] = set()
+        for a in plan.assignments:
+            if a.node == self.name:
+                continue
+            if len(hosts_of[a.model]) > 1 and (self.name in hosts_of[a.model] or a.model in routed):
+                continue
+            routed.add(a.model)
+            peer = self._peer(a.node)
+            if peer is None:
+                if warn:
+                    log.warning("plan puts %s on %s, a host this node does not know yet: routed there once it "
+                                "joins", a.model, a.node)
+                continue
+            self.node.routes.route_to_peer(a, peer, partial(self._remote, a, peer))
 
     def settle(self, peer: Peer) -> None:
         """``peer`` answered with a fresh report: once steady, its models leave their stand-ins."""

@@ -275,7 +275,8 @@ class Routes:
         """Serve each model the plan puts on several hosts through its ``ReplicaSet``: the copy
         here (``targets``, loaded by ``apply_local``) and a RemoteTarget per other host, built
         by ``make_remote(a, peer)`` (no failover: the other replicas are). A host this node does
-        not know yet (``peer_of(name)`` is None) joins the set with a later plan."""
+        not know yet (``peer_of(name)`` is None) joins the set when it joins (``PlanApplier.met``
+        calls this again)."""
         by_model: dict[str, list[Assignment]] = {}
         for a in assignments:
             by_model.setdefault(a.model, []).append(a)
