@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import templates
 from ..cpus import physical_cores
@@ -37,6 +37,9 @@ from ..domain import Assignment, ModelSpec
 from ..speculative import Speculation, decide
 from ..store import projector_path
 from .binary import EngineBinary
+
+if TYPE_CHECKING:
+    from ..settings import Settings
 
 
 @dataclass(frozen=True)
@@ -67,9 +70,10 @@ class EngineConfig:
         object.__setattr__(self, "slots", max(1, int(self.slots)))
 
     @classmethod
-    def of(cls, settings: Any, spec: ModelSpec, a: Assignment, binary: EngineBinary, **overrides: Any) -> EngineConfig:
+    def of(cls, settings: Settings, spec: ModelSpec, a: Assignment, binary: EngineBinary,
+           **overrides: Any) -> EngineConfig:
         """The options of ``spec`` placed as ``a`` under ``settings`` (see the module doc)."""
-        planned = int(getattr(a, "slots", 0) or 0)
+        planned = a.slots or 0
         slots = planned if planned > 0 else settings.parallel
         threads = settings.threads or physical_cores()
         options: dict[str, Any] = dict(
@@ -78,10 +82,10 @@ class EngineConfig:
             threads=threads, cache_mb=settings.engine_cache_mb, queue_size=settings.queue_size,
             queue_max_wait_s=settings.queue_max_wait_s, timeout_s=settings.request_timeout_s,
             chat_template=templates.path_for(spec), mmproj=spec.mmproj, model_file=spec.file,
-            slot_affinity=getattr(settings, "routing", "cache") == "cache")
+            slot_affinity=settings.routing == "cache")
         options.update(overrides)
         if "speculation" not in overrides:
-            options["speculation"] = decide(getattr(settings, "speculative", "off"), spec, getattr(a, "draft", None))
+            options["speculation"] = decide(settings.speculative, spec, a.draft)
         return cls(**options)
 
     @property
