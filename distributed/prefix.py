@@ -29,9 +29,12 @@ import hashlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
+
+if TYPE_CHECKING:
+    from .domain import GenerateRequest
 
 BLOCK_CHARS = 512  # a raw prompt's parts
 MAX_PARTS = 256  # parts fingerprinted at most (a longer request matches on its first ones)
@@ -51,11 +54,11 @@ class Prefix:
     chars: tuple[int, ...] = ()
 
     @classmethod
-    def of(cls, req: Any) -> Prefix:
+    def of(cls, req: GenerateRequest) -> Prefix:
         """The fingerprints of a ``GenerateRequest`` (see the module doc)."""
         if req.messages is not None:
-            head = {"model": req.model, "tools": req.tools, "kwargs": getattr(req, "chat_template_kwargs", None),
-                    "effort": getattr(req, "reasoning_effort", None)}
+            head = {"model": req.model, "tools": req.tools, "kwargs": req.chat_template_kwargs,
+                    "effort": req.reasoning_effort}
             parts = [_canonical(head)] + [_canonical(m) for m in req.messages[:MAX_PARTS - 1]]
         else:
             text = (req.prompt or "").encode("utf-8", "surrogatepass")
@@ -166,7 +169,7 @@ class SlotPins:
             self.busy.discard(slot)
 
     @asynccontextmanager
-    async def pin(self, req: Any, body: dict[str, Any]) -> AsyncIterator[int | None]:
+    async def pin(self, req: GenerateRequest, body: dict[str, Any]) -> AsyncIterator[int | None]:
         """Hold a slot for ``req`` while the block runs and send it in ``body`` (``id_slot``,
         with ``cache_prompt`` on: the slot keeps and reuses the prompt's state)."""
         slot = self.take(Prefix.of(req)) if self.enabled else None

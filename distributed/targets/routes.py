@@ -285,6 +285,7 @@ class Routes:
             self._tasks.spawn(self.replicas.pop(model).close())
         for model, al in replicated.items():
             rs = self.replicas.get(model)
+            changed = rs is None
             if rs is None:
                 rs = ReplicaSet(model, al[0].kind, self.node, partial(self.targets.get, model), routing=self.routing,
                                 slack=self.slack)
@@ -292,6 +293,7 @@ class Routes:
             wanted = {a.node: a for a in al if a.node != self.node}
             for name in [n for n in rs.remotes if n not in wanted]:
                 self._tasks.spawn(rs.drop(name).close())
+                changed = True
             for name, a in wanted.items():
                 peer = peer_of(name)
                 current = rs.remotes.get(name)
@@ -300,8 +302,11 @@ class Routes:
                 if current is not None:
                     self._tasks.spawn(current.close())
                 rs.remotes[name] = make_remote(a, peer)
-            log.info("%s runs on %d hosts: %s", model, len(al), ", ".join(a.node for a in al),
-                     extra=fields(model=model))
+                changed = True
+            if changed:  # called again by every plan and every join: said when the set changes
+                log.info("%s runs on %d hosts: %s (members known here: %s)", model, len(al),
+                         ", ".join(a.node for a in al), ", ".join(m.node for m in rs.members()),
+                         extra=fields(model=model))
 
     async def fallback(self, remote: RemoteTarget, load: Callable[[], Target]) -> Target:
         """The one stand-in of ``remote.model`` while its peer is down: the copy it already
